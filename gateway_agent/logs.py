@@ -1,0 +1,106 @@
+"""structlog set-up, done once at start-up: JSON lines for services, colour on a terminal; PHI scrubbed."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Literal
+
+import structlog
+
+__all__ = ["configure", "get_logger", "register_phi", "short_hash"]
+
+_PHI_VALUES: set[str] = set()
+_PHI_RE: re.Pattern[str] | None = None
+
+
+def short_hash(value: str) -> str:
+    """A 12-hex-digit SHA-256 prefix: lets logs correlate a value without carrying it."""
+    return hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:12]
+
+
+def register_phi(*values: str) -> None:
+    """Add known PHI values (e.g. planted test markers) that the scrubber must never let through."""
+    global _PHI_RE
+    for v in values:
+        if v and len(v) >= 3:
+            _PHI_VALUES.add(v)
+    if _PHI_VALUES:
+        _PHI_RE = re.compile("|".join(re.escape(v) for v in sorted(_PHI_VALUES, key=len, reverse=True)))
+
+
+def _scrub_value(value: Any) -> Any:
+    if isinstance(value, str) and _PHI_RE is not None:
+        return _PHI_RE.sub("[scrubbed]", value)
+    return value
+
+
+_FORBIDDEN_KEYS = frozenset(
+    {"patient_name", "patient_id", "birth_date", "path", "filename", "file_name", "src", "source"}
+)
+
+
+def scrub_phi(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Second line of defence: drop keys that name inbox paths or patient fields, mask known PHI."""
+    for key in list(event_dict):
+        if key in _FORBIDDEN_KEYS:
+            event_dict[key] = "[scrubbed]"
+        else:
+            event_dict[key] = _scrub_value(event_dict[key])
+    return event_dict
+
+
+_configured = False
+
+
+def configure(
+    fmt: Literal["auto", "json", "console"] = "auto", level: str = "info", *, stream: Any = None
+) -> None:
+    """Configure structlog and route stdlib logging (httpx, watchdog, pydicom) through it."""
+    global _configured
+    out = stream or sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        scrub_phi,
+    ]
+    renderer: Any
+    if use_json:
+        renderer = structlog.processors.JSONRenderer()
+        shared_tail: list[Any] = [structlog.processors.dict_tracebacks]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        shared_tail = []
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    structlog.configure(
+        processors=[*shared, *shared_tail, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(lvl)
+    # Third-party chatter: httpx logs full URLs at INFO, pydicom warns with values.
+    for noisy in ("httpx", "httpcore", "watchdog", "pydicom", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    _configured = True
+
+
+def get_logger(**initial: Any) -> Any:
+    """A structlog logger; modules call this, never ``configure``."""
+    return structlog.get_logger(**initial)
