@@ -1,11 +1,11 @@
-"""Settings: defaults < TOML file < GATEWAY_* environment (nested with ``__``) < command-line flags."""
+"""Settings: defaults < TOML file < GATEWAY_* environment (nested ``__``) < command-line flags."""
 
 from __future__ import annotations
 
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -53,7 +53,8 @@ class DeidSettings(_Section):
         default=None, max_length=16, description="StationName written into outputs (SH, ≤16)."
     )
     secret_file: Path | None = Field(
-        default=None, description="Site secret (mode 0600, created on first use); default state/secret.key"
+        default=None,
+        description="Site secret (mode 0600, created on first use); default state/secret.key",
     )
 
     @model_validator(mode="after")
@@ -69,7 +70,9 @@ class DestinationSettings(_Section):
 
     kind: Literal["folder", "dicomweb"] = "folder"
     folder: Path = Path("destination")
-    url: str | None = Field(default=None, description="DICOMweb base, e.g. http://127.0.0.1:8042/dicom-web")
+    url: str | None = Field(
+        default=None, description="DICOMweb base, e.g. http://127.0.0.1:8042/dicom-web"
+    )
     auth: Literal["none", "basic", "bearer"] = "none"
     username: str | None = None
     password: SecretStr | None = None
@@ -186,7 +189,7 @@ class Settings(BaseSettings):
 class _OverridesSource(PydanticBaseSettingsSource):
     """Command-line flags: the highest precedence, set through ``load_settings(overrides=...)``."""
 
-    current: dict[str, Any] = {}
+    current: ClassVar[dict[str, Any]] = {}
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return self.current.get(field_name), field_name, False

@@ -1,4 +1,4 @@
-"""structlog set-up, done once at start-up: JSON lines for services, colour on a terminal; PHI scrubbed."""
+"""structlog set-up, once at start-up: JSON for services, colour on a terminal, PHI scrubbed."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def register_phi(*values: str) -> None:
         if v and len(v) >= 3:
             _PHI_VALUES.add(v)
     if _PHI_VALUES:
-        _PHI_RE = re.compile("|".join(re.escape(v) for v in sorted(_PHI_VALUES, key=len, reverse=True)))
+        _PHI_RE = re.compile(
+            "|".join(re.escape(v) for v in sorted(_PHI_VALUES, key=len, reverse=True))
+        )
 
 
 def _scrub_value(value: Any) -> Any:

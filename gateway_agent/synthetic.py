@@ -1,4 +1,4 @@
-"""Realistic synthetic DICOM (CT phantoms with planted PHI) for tests, benchmarks and the walkthrough."""
+"""Realistic synthetic DICOM (CT phantoms with planted PHI) for tests, benchmarks, walkthrough."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
 )
 
 __all__ = [
@@ -78,7 +78,9 @@ def ct_phantom_hu(rows: int = 512, cols: int = 512) -> tuple[np.ndarray, np.ndar
     labels[body_outer] = 2
     labels[body_inner] = 3
     for side in (-1, 1):
-        lung = ((yy - cy * 0.95) / (ry * 0.55)) ** 2 + ((xx - cx - side * rx * 0.42) / (rx * 0.3)) ** 2 <= 1
+        lung = ((yy - cy * 0.95) / (ry * 0.55)) ** 2 + (
+            (xx - cx - side * rx * 0.42) / (rx * 0.3)
+        ) ** 2 <= 1
         labels[lung] = 1
     spine = ((yy - (cy + ry * 0.62)) / (ry * 0.16)) ** 2 + ((xx - cx) / (rx * 0.12)) ** 2 <= 1
     labels[spine] = 4
@@ -110,7 +112,9 @@ def make_ct_slice(
     names and IDs, free text, a nested request sequence, a private block and the preamble.
     """
     patient = patient or Patient()
-    rng = np.random.default_rng(seed if seed is not None else instance_number + 1000 * series_number)
+    rng = np.random.default_rng(
+        seed if seed is not None else instance_number + 1000 * series_number
+    )
     hu, _ = ct_phantom_hu(rows, cols)
     hu = hu + rng.normal(0.0, noise_sd, hu.shape).astype(np.float32)
     hu[hu <= -990] += air_offset
@@ -129,7 +133,9 @@ def make_ct_slice(
 
     ds = Dataset()
     ds.file_meta = meta
-    ds.preamble = (b"PHIPREAMBLE " + patient.name.encode() + b"\0" * 128)[:128] if plant_phi else None
+    ds.preamble = (
+        (b"PHIPREAMBLE " + patient.name.encode() + b"\0" * 128)[:128] if plant_phi else None
+    )
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.SOPClassUID = CTImageStorage
