@@ -103,6 +103,20 @@ class DestinationSettings(_Section):
             raise ValueError("destination.url must start with http:// or https://")
         return self
 
+    @model_validator(mode="after")
+    def _auth(self) -> DestinationSettings:
+        for name in ("password", "token"):
+            if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
+                raise ValueError(f"set destination.{name} or destination.{name}_file, not both")
+        if self.auth == "basic" and not (self.username and (self.password or self.password_file)):
+            raise ValueError(
+                'destination.auth = "basic" needs destination.username and '
+                "destination.password (or password_file)"
+            )
+        if self.auth == "bearer" and not (self.token or self.token_file):
+            raise ValueError('destination.auth = "bearer" needs destination.token (or token_file)')
+        return self
+
 
 class QCSettings(_Section):
     """Periodic QC inside the agent."""
@@ -119,6 +133,15 @@ class MetricsSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9464, ge=0, le=65535)
+    ready_upload_window_seconds: float = Field(
+        default=900.0, gt=0, description="/readyz: an upload this recent means reachable."
+    )
+    ready_max_waiting: int = Field(
+        default=10000, ge=0, description="/readyz: else ready while at most this many wait."
+    )
+    ready_max_waiting_age_seconds: float = Field(
+        default=3600.0, gt=0, description="/readyz: ... and the oldest is younger than this."
+    )
 
 
 class DiskSettings(_Section):
@@ -126,6 +149,9 @@ class DiskSettings(_Section):
 
     min_free_mb: float = Field(default=500.0, ge=0)
     sent_retention_hours: float = Field(default=24.0, ge=0)
+    check_interval_seconds: float = Field(
+        default=10.0, gt=0, description="Disk guard re-check period while idle."
+    )
 
 
 class LogSettings(_Section):
@@ -216,6 +242,42 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
+_SECRET_PARTS = ("password", "token", "secret", "key")
+
+
+def _describe_error(err: Any, toml: dict[str, Any], flags: dict[str, Any]) -> str:
+    """One line: which key, what was wrong (what is allowed), the value given and where from."""
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(settings)"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        model: Any = Settings
+        for part in loc[:-1]:
+            model = getattr(model.model_fields.get(part), "annotation", None)
+        allowed = ", ".join(getattr(model, "model_fields", {})) or "none"
+        msg = f"unknown setting (allowed here: {allowed})"
+    value = err.get("input")
+    if isinstance(value, str | int | float | bool) and loc and err["type"] != "extra_forbidden":
+        shown = "***" if any(s in loc[-1] for s in _SECRET_PARTS) else repr(value)[:60]
+        msg += f" (got {shown})"
+
+    def has(tree: dict[str, Any]) -> bool:
+        for part in loc:
+            if not isinstance(tree, dict) or part not in tree:
+                return False
+            tree = tree[part]
+        return bool(loc)
+
+    env = "GATEWAY_" + "__".join(loc).upper()
+    if has(flags):
+        msg += " [from the command line]"
+    elif any(k.upper() == env for k in os.environ):
+        msg += f" [from {env}]"
+    elif has(toml):
+        msg += " [from the config file]"
+    return f"{key}: {msg}"
+
+
 def load_settings(
     config_file: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Settings:
@@ -237,10 +299,7 @@ def load_settings(
     try:
         return Settings(**toml)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(settings)"
-            lines.append(f"{loc}: {err['msg']}")
+        lines = [_describe_error(err, toml, flags) for err in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     finally:
         _OverridesSource.current = {}

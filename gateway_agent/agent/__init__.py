@@ -1,1 +1,1 @@
-"""The daemon: watcher, intake, SQLite outbox, uploader and destinations, QC job, health and metrics."""
+"""The daemon: watcher, intake, SQLite outbox, uploader, destinations, QC job, health, metrics."""

@@ -6,16 +6,22 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError
-from ..config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 __all__ = ["main", "settings_from_args"]
 
 
-def settings_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
+def settings_from_args(
+    args: argparse.Namespace, overrides: dict[str, Any] | None = None
+) -> Settings:
     """Load Settings with the global ``--config`` and the command's own flag overrides."""
+    from ..config import load_settings  # pydantic costs ~0.3 s; only commands that need it pay
+
     config: Path | None = getattr(args, "config", None)
     return load_settings(config, overrides)
 
@@ -29,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edge gateway for medical images: de-identify, queue, upload, QC.",
     )
     parser.add_argument(
-        "--config", type=Path, default=None, help="TOML config file (default /etc/gateway-agent/config.toml)"
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML config file (default /etc/gateway-agent/config.toml)",
     )
     parser.add_argument(
         "--log-format", choices=["auto", "json", "console"], default=None, help="log renderer"

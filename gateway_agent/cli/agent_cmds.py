@@ -1,11 +1,296 @@
-"""Subcommands of the agent group (placeholder until that group lands)."""
+"""The agent commands: ``run`` (the daemon), ``status`` (outbox, destination, quarantine), retry."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sqlite3
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..config import Settings
+from ..logs import configure
+from . import settings_from_args
 
 __all__ = ["register"]
 
 
+def _add_config(p: argparse.ArgumentParser) -> None:
+    # Also accepted after the subcommand; SUPPRESS keeps the global value when absent here.
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="TOML config file",
+    )
+
+
+def _add_state_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=None, help="state folder (default ./state)")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this group's subcommands to the parser."""
+    """Add ``run``, ``status`` and ``retry``."""
+    run = sub.add_parser(
+        "run",
+        help="run the agent: watch the inbox, de-identify, queue durably, upload",
+        description=(
+            "Watch the inbox, de-identify every complete DICOM file into the outbox, upload it, "
+            "and quarantine what cannot be processed. With no configuration: inbox ./inbox, "
+            "state ./state, destination folder ./destination. SIGTERM/SIGINT stop gracefully."
+        ),
+    )
+    _add_config(run)
+    run.add_argument("--inbox", type=Path, default=None, help="watched folder (default ./inbox)")
+    _add_state_dir(run)
+    dest = run.add_mutually_exclusive_group()
+    dest.add_argument("--destination-folder", type=Path, default=None, help="folder destination")
+    dest.add_argument("--destination-url", default=None, help="DICOMweb base URL (STOW-RS)")
+    run.add_argument("--settle-seconds", type=float, default=None, help="settle time (default 2)")
+    run.add_argument("--workers", type=int, default=None, help="de-identification processes")
+    run.add_argument(
+        "--originals", choices=["delete", "archive", "keep"], default=None, help="after commit"
+    )
+    run.add_argument("--archive-dir", type=Path, default=None, help="for --originals archive")
+    run.add_argument("--metrics-port", type=int, default=None, help="0 picks a free port")
+    run.add_argument("--no-metrics", action="store_true", help="no health/metrics HTTP server")
+    run.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=None, help="log level"
+    )
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser(
+        "status",
+        help="outbox counts, throughput, destination errors, quarantine",
+        description="What the agent holds: read from the state folder (works while it runs).",
+    )
+    _add_config(status)
+    _add_state_dir(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--latest", type=int, default=5, help="how many recent entries to list")
+    status.set_defaults(func=cmd_status)
+
+    retry = sub.add_parser(
+        "retry",
+        help="dead rows back to the queue; quarantined files back into the inbox",
+        description=(
+            "Without flags: dead rows are queued again and every waiting row is due now "
+            "(use after fixing the destination or credentials). --quarantine moves quarantined "
+            "originals back into the inbox, where the running agent takes them again."
+        ),
+    )
+    _add_config(retry)
+    _add_state_dir(retry)
+    retry.add_argument("--inbox", type=Path, default=None, help="inbox (for --quarantine)")
+    retry.add_argument("--dead", action="store_true", help="requeue dead outbox rows")
+    retry.add_argument("--quarantine", action="store_true", help="release quarantined files")
+    retry.add_argument("--reason", default=None, help="only quarantine entries with this reason")
+    retry.add_argument("ids", nargs="*", help="outbox row ids (numbers) or quarantine ids")
+    retry.set_defaults(func=cmd_retry)
+
+
+# --------------------------------------------------------------------------------------- run
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT."""
+    overrides: dict[str, Any] = {
+        "inbox": args.inbox,
+        "state_dir": args.state_dir,
+        "settle_seconds": args.settle_seconds,
+        "intake_workers": args.workers,
+        "originals": args.originals,
+        "archive_dir": args.archive_dir,
+        "metrics.port": args.metrics_port,
+        "log.level": args.log_level,
+        "log.format": args.log_format,
+    }
+    if args.destination_folder is not None:
+        overrides["destination.kind"] = "folder"
+        overrides["destination.folder"] = args.destination_folder
+    if args.destination_url is not None:
+        overrides["destination.kind"] = "dicomweb"
+        overrides["destination.url"] = args.destination_url
+    if args.no_metrics:
+        overrides["metrics.enabled"] = False
+    settings = settings_from_args(args, overrides)
+    configure(settings.log.format, settings.log.level)
+    from ..agent.daemon import Daemon
+
+    status: int = Daemon(settings).run_forever()
+    return status
+
+
+# ------------------------------------------------------------------------------------ status
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides: dict[str, Any] = {"state_dir": args.state_dir, **extra}
+    return settings_from_args(args, overrides)
+
+
+def _when(ts: float | None) -> str | None:
+    if not ts:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _sent_since(db: Path, seconds: float) -> int:
+    """Rows acknowledged in the last ``seconds`` (read-only query on the outbox file)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)
+    try:
+        row = conn.execute(
+            "select count(*) from outbox where state = 'sent' and sent_at >= ?",
+            (time.time() - seconds,),
+        ).fetchone()
+    finally:
+        conn.close()
+    return int(row[0])
+
+
+def _dead_rows(outbox: Any, limit: int) -> list[dict[str, Any]]:
+    rows = outbox.rows("dead", limit=100_000)
+    return [
+        {"id": r.id, "sop_instance_uid": r.sop_instance_uid, "last_error": r.last_error}
+        for r in rows[-limit:][::-1]
+    ]
+
+
+def _destination_label(settings: Settings) -> str:
+    d = settings.destination
+    if d.kind == "folder":
+        return f"folder {Path(d.folder).resolve()}"
+    parts = urlsplit(d.url or "")
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"dicomweb {parts.scheme}://{host}{port}{parts.path}"  # never the userinfo
+
+
+def collect_status(settings: Settings, latest: int = 5) -> dict[str, Any]:
+    """Everything ``status`` prints, as a dict (also used by tests)."""
+    from ..agent.daemon import StatePaths
+    from ..agent.quarantine import Quarantine
+
+    paths = StatePaths(settings.state_dir)
+    out: dict[str, Any] = {
+        "state_dir": str(paths.root),
+        "outbox": None,
+        "destination": {"target": _destination_label(settings)},
+        "quarantine": Quarantine(paths.quarantine).summary(latest),
+    }
+    if not paths.outbox_db.exists():
+        return out
+    from ..agent.outbox import Outbox
+
+    outbox = Outbox(paths.outbox_db)
+    try:
+        counts = outbox.counts()
+        out["outbox"] = {
+            "counts": counts,
+            "waiting": counts.get("queued", 0) + counts.get("sending", 0),
+            "oldest_waiting_seconds": outbox.oldest_waiting_age(),
+            "sent_last_minute": _sent_since(paths.outbox_db, 60),
+            "sent_last_hour": _sent_since(paths.outbox_db, 3600),
+            "dead_latest": _dead_rows(outbox, latest),
+        }
+        dest = dict(outbox.destination_status())
+        out["destination"].update(dest)
+    finally:
+        outbox.close()
+    return out
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    w = sys.stdout.write
+    w(f"state: {st['state_dir']}\n")
+    ob = st["outbox"]
+    if ob is None:
+        w("outbox: empty (the agent has not run with this state folder)\n")
+    else:
+        c = ob["counts"]
+        w("outbox: " + ", ".join(f"{k} {c[k]}" for k in ("queued", "sending", "sent", "dead")))
+        w("\n")
+        age = ob["oldest_waiting_seconds"]
+        w(f"oldest waiting: {'-' if age is None else f'{age:.0f} s'}\n")
+        w(
+            f"throughput: {ob['sent_last_minute']} sent in the last minute, "
+            f"{ob['sent_last_hour']} in the last hour\n"
+        )
+        for d in ob["dead_latest"]:
+            w(f"  dead #{d['id']} {d['sop_instance_uid']}: {d['last_error']}\n")
+    d = st["destination"]
+    w(f"destination: {d['target']}\n")
+    if d.get("auth_failing"):
+        w("  AUTHENTICATION FAILING: fix the credentials, restart, then `gateway-agent retry`\n")
+    if d.get("last_error"):
+        w(f"  last error ({_when(d.get('last_error_at'))}): {d['last_error']}\n")
+        if d.get("consecutive_failures"):
+            w(f"  consecutive failures: {d['consecutive_failures']}")
+            blocked = d.get("blocked_until")
+            if blocked and blocked > time.time():
+                w(f", next attempt in {blocked - time.time():.0f} s")
+            w("\n")
+    if d.get("last_success_at"):
+        w(f"  last success: {_when(d['last_success_at'])}\n")
+    q = st["quarantine"]
+    reasons = ", ".join(f"{k} {v}" for k, v in q["by_reason"].items())
+    w(f"quarantine: {q['count']} file(s)" + (f" ({reasons})" if reasons else "") + "\n")
+    for e in q["latest"]:
+        w(f"  {e['id']} {e['reason']}: {e['detail']}\n")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the agent's state; works while the daemon runs (SQLite WAL readers)."""
+    st = collect_status(_settings(args), latest=max(0, args.latest))
+    if args.json:
+        json.dump(st, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+    else:
+        _print_status(st)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- retry
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Requeue dead rows (and make waiting rows due), or release quarantined files."""
+    from ..agent.daemon import StatePaths
+    from ..agent.quarantine import Quarantine
+
+    settings = _settings(args, inbox=args.inbox)
+    paths = StatePaths(settings.state_dir)
+    do_dead = args.dead or not args.quarantine
+    row_ids = [int(i) for i in args.ids if i.isdigit()]
+    q_ids = [i for i in args.ids if not i.isdigit()]
+    status = 0
+    if do_dead:
+        if paths.outbox_db.exists():
+            from ..agent.outbox import Outbox
+
+            outbox = Outbox(paths.outbox_db)
+            try:
+                n = outbox.retry_dead(row_ids or None)
+                due = outbox.retry_now()
+            finally:
+                outbox.close()
+            print(f"requeued {n} dead row(s); {due} waiting row(s) due now")
+        else:
+            print("outbox: nothing to retry")
+    if args.quarantine:
+        quarantine = Quarantine(paths.quarantine)
+        entries = quarantine.entries()
+        if q_ids:
+            wanted = set(q_ids)
+            unknown = wanted - {e.id for e in entries}
+            for u in sorted(unknown):
+                print(f"no quarantine entry {u}", file=sys.stderr)
+                status = 1
+            entries = [e for e in entries if e.id in wanted]
+        if args.reason:
+            entries = [e for e in entries if e.reason == args.reason]
+        inbox = Path(settings.inbox)
+        released = 0
+        for e in entries:
+            quarantine.release(e.id, inbox)
+            released += 1
+        print(f"released {released} quarantined file(s) into the inbox")
+    return status

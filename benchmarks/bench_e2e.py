@@ -1,0 +1,361 @@
+"""End to end on loopback: CT slices dropped into a running agent's inbox -> stored by Orthanc.
+
+Prints, as a table:
+  * agent throughput (files/s, drop -> stored in Orthanc) next to the best direct STOW-RS upload of
+    the same, already de-identified files to a fresh Orthanc in the same run (4 modes);
+  * the drop-to-acknowledged latency of one file (renamed in, and written in place);
+  * peak RSS of the agent with N files queued (destination down), main process and workers;
+  * idle CPU of the agent (process + workers) over a quiet period.
+
+Usage (from the repository root)::
+
+    uv run python benchmarks/bench_e2e.py     # 1000 x 512x512, 10,000 queued, 60 s idle
+    uv run python benchmarks/bench_e2e.py --files 200 --queued 2000 --idle-seconds 10   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway_agent.config import DeidSettings  # noqa: E402
+from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret  # noqa: E402
+from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
+from tests._orthanc import OrthancServer, orthanc_available  # noqa: E402
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------- corpus
+def make_corpus(directory: Path, n: int, size: int, seed: str) -> list[Path]:
+    paths: list[Path] = []
+    per = 100
+    for i in range(0, n, per):
+        dss = make_ct_series(min(per, n - i), rows=size, cols=size, study_seed=f"{seed}-{i // per}")
+        paths += write_series(dss, directory / f"s{i // per:03d}")
+    return paths
+
+
+def deidentify_all(paths: Sequence[Path], secret: bytes, out: Path) -> list[Path]:
+    engine = Deidentifier(secret, DeidOptions.from_settings(DeidSettings()))
+    out.mkdir(parents=True, exist_ok=True)
+    return [engine.deidentify_file(p, out).path for p in paths]
+
+
+# ----------------------------------------------------------------------------- direct STOW
+def _multipart(files: Sequence[Path], boundary: str) -> Iterator[bytes]:
+    for f in files:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        yield f.read_bytes()
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def stow(client: httpx.Client, url: str, files: Sequence[Path]) -> None:
+    boundary = uuid.uuid4().hex
+    r = client.post(
+        url + "/studies",
+        content=_multipart(files, boundary),
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        },
+    )
+    r.raise_for_status()
+
+
+def direct_upload(server: OrthancServer, files: list[Path], per_post: int, clients: int) -> float:
+    """Files/s of a plain STOW-RS upload (fresh server, files read inside the timed region)."""
+    batches = [files[i : i + per_post] for i in range(0, len(files), per_post)]
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with httpx.Client(auth=server.auth, timeout=120.0) as c:
+            while True:
+                with lock:
+                    if not batches:
+                        return
+                    batch = batches.pop()
+                stow(c, server.dicomweb_url, batch)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    assert server.count_instances() == len(files)
+    return len(files) / dt
+
+
+# ----------------------------------------------------------------------------- the agent
+class AgentProc:
+    def __init__(self, work: Path, url: str, auth: tuple[str, str]) -> None:
+        self.work = work
+        self.inbox = work / "inbox"
+        self.state = work / "state"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env.update(
+            {
+                "GATEWAY_DESTINATION__AUTH": "basic",
+                "GATEWAY_DESTINATION__USERNAME": auth[0],
+                "GATEWAY_DESTINATION__PASSWORD": auth[1],
+                "GATEWAY_DESTINATION__BACKOFF_CAP_SECONDS": "5",
+                "GATEWAY_DISK__MIN_FREE_MB": "1",
+            }
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "gateway_agent",
+            "--log-format",
+            "json",
+            "run",
+            "--inbox",
+            str(self.inbox),
+            "--state-dir",
+            str(self.state),
+            "--destination-url",
+            url,
+            "--no-metrics",
+            "--log-level",
+            "warning",
+        ]
+        self.log = (work / "agent.log").open("wb")
+        self.proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=self.log, stderr=self.log)
+
+    def wait_ready(self) -> None:
+        wait(lambda: (self.state / "outbox.db").exists() and len(self.family()) >= 2, 60)
+        time.sleep(1.0)
+
+    def family(self) -> list[int]:
+        kids: dict[int, list[int]] = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                kids.setdefault(ppid, []).append(int(d.name))
+        out, stack = [self.proc.pid], [self.proc.pid]
+        while stack:
+            for c in kids.get(stack.pop(), []):
+                out.append(c)
+                stack.append(c)
+        return out
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        for pid in self.family():
+            try:
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(f[11]) + int(f[12])
+        return total / CLK
+
+    def rss_mb(self, field: str = "VmRSS") -> tuple[float, float]:
+        """(main process, sum of children) in MB."""
+        main = kids = 0.0
+        for pid in self.family():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(field + ":"):
+                        kb = float(line.split()[1]) / 1024
+                        if pid == self.proc.pid:
+                            main = kb
+                        else:
+                            kids += kb
+            except OSError:
+                continue
+        return main, kids
+
+    def counts(self) -> dict[str, int]:
+        db = self.state / "outbox.db"
+        if not db.exists():
+            return {}
+        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            return dict(c.execute("select state, count(*) from outbox group by state").fetchall())
+        except sqlite3.Error:
+            return {}
+        finally:
+            c.close()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=60)
+        self.log.close()
+        return rc
+
+
+def wait(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    raise TimeoutError("condition not reached")
+
+
+def drop(src_dir: Path, inbox: Path, name: str) -> None:
+    """Copy next to the inbox (untimed), then rename in: the timed drop is one rename."""
+    staged = inbox.parent / f"staged-{name}"
+    shutil.copytree(src_dir, staged)
+    staged.rename(inbox / name)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--files", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--queued", type=int, default=10_000, help="files queued for the RSS test")
+    ap.add_argument("--queued-size", type=int, default=64, help="matrix of the queued files")
+    ap.add_argument("--idle-seconds", type=float, default=60.0)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not orthanc_available():
+        print("Orthanc with the DICOMweb plugin is required", file=sys.stderr)
+        return 1
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, str, str]] = []
+    try:
+        print(f"generating {args.files} CT slices {args.size}x{args.size} ...", file=sys.stderr)
+        corpus = make_corpus(work / "corpus", args.files, args.size, "bench")
+        mb = sum(p.stat().st_size for p in corpus) / 1e6
+        secret = load_or_create_secret(work / "secret.key")
+        deid = deidentify_all(corpus, secret, work / "deid")
+
+        # Direct STOW of the de-identified files, 4 ways, each on a fresh Orthanc.
+        best = 0.0
+        for label, per_post, clients in (
+            ("direct STOW, 1 file/POST, 1 client", 1, 1),
+            ("direct STOW, 25 files/POST, 1 client", 25, 1),
+            ("direct STOW, 1 file/POST, 4 clients", 1, 4),
+            ("direct STOW, 25 files/POST, 4 clients", 25, 4),
+        ):
+            with OrthancServer() as server:
+                fps = direct_upload(server, deid, per_post, clients)
+            best = max(best, fps)
+            rows.append((label, f"{fps:.0f} files/s", f"{fps * mb / len(deid):.0f} MB/s"))
+            print(rows[-1], file=sys.stderr)
+
+        # The agent: drop -> all stored in Orthanc.
+        with OrthancServer() as server:
+            agent_dir = work / "agent"
+            agent = AgentProc(agent_dir, server.dicomweb_url, server.auth)
+            try:
+                agent.wait_ready()
+                staged = agent_dir / "staged"
+                shutil.copytree(work / "corpus", staged)
+                t0 = time.perf_counter()
+                staged.rename(agent.inbox / "drop")
+                wait(lambda: server.count_instances() >= len(corpus), 1800, 0.1)
+                dt = time.perf_counter() - t0
+                wait(lambda: agent.counts().get("sent", 0) >= len(corpus), 120)
+                fps = len(corpus) / dt
+                rows.append(
+                    (
+                        "agent: drop -> stored in Orthanc",
+                        f"{fps:.0f} files/s",
+                        f"{fps / best:.2f} x best direct ({best:.0f} files/s)",
+                    )
+                )
+                print(rows[-1], file=sys.stderr)
+
+                # One file: drop-to-acknowledged latency.
+                one = make_corpus(work / "one", 2, args.size, "latency")
+                for how, path in (("renamed in", one[0]), ("written in place", one[1])):
+                    before = agent.counts().get("sent", 0)
+                    t0 = time.perf_counter()
+                    if how == "renamed in":
+                        tmp = agent.inbox / f".{path.name}.partial"
+                        shutil.copyfile(path, tmp)
+                        t0 = time.perf_counter()
+                        tmp.rename(agent.inbox / path.name)
+                    else:
+                        shutil.copyfile(path, agent.inbox / path.name)
+                    wait(lambda b=before: agent.counts().get("sent", 0) > b, 60, 0.002)
+                    lat = time.perf_counter() - t0
+                    rows.append((f"latency, one file {how}", f"{lat * 1000:.0f} ms", "to ack"))
+                    print(rows[-1], file=sys.stderr)
+
+                # Idle CPU.
+                time.sleep(2.0)
+                c0, t0 = agent.cpu_seconds(), time.perf_counter()
+                time.sleep(args.idle_seconds)
+                idle = (agent.cpu_seconds() - c0) / (time.perf_counter() - t0) * 100
+                rows.append(
+                    (f"idle CPU over {args.idle_seconds:.0f} s", f"{idle:.3f} %", "agent + workers")
+                )
+                print(rows[-1], file=sys.stderr)
+            finally:
+                agent.stop()
+
+        # Peak RSS with many files queued: destination down, everything waits in the outbox.
+        q_dir = work / "queued-corpus"
+        print(f"generating {args.queued} small files ...", file=sys.stderr)
+        make_corpus(q_dir, args.queued, args.queued_size, "queued")
+        down = OrthancServer()  # never started: connection refused
+        agent_dir = work / "agent-queued"
+        agent = AgentProc(agent_dir, down.dicomweb_url, down.auth)
+        try:
+            agent.wait_ready()
+            drop(q_dir, agent.inbox, "drop")
+            peak_main = peak_kids = 0.0
+
+            def queued() -> bool:
+                nonlocal peak_main, peak_kids
+                m, k = agent.rss_mb()
+                peak_main, peak_kids = max(peak_main, m), max(peak_kids, k)
+                return agent.counts().get("queued", 0) + agent.counts().get(
+                    "sending", 0
+                ) >= args.queued and not any(agent.inbox.rglob("*.dcm"))
+
+            wait(queued, 1800, 0.2)
+            hwm_main, _ = agent.rss_mb("VmHWM")
+            rows.append(
+                (
+                    f"peak RSS, {args.queued} files queued",
+                    f"{max(hwm_main, peak_main):.0f} MB agent",
+                    f"+ {peak_kids:.0f} MB in de-id workers (sampled)",
+                )
+            )
+            print(rows[-1], file=sys.stderr)
+        finally:
+            agent.stop()
+            down.close()
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\n{args.files} CT slices {args.size}x{args.size} ({mb:.0f} MB), Orthanc on loopback")
+    print(f"| {'measure':44} | {'value':>16} | {'note':40} |")
+    print(f"|{'-' * 46}|{'-' * 18}|{'-' * 42}|")
+    for a, b, c in rows:
+        print(f"| {a:44} | {b:>16} | {c:40} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

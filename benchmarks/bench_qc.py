@@ -1,0 +1,172 @@
+"""Per-slice cost of QC and imaging on 512x512 CT: features, windowing, clustering, tissue map.
+
+Run::
+
+    uv run python benchmarks/bench_qc.py [--repeat 30] [--files 200] [--size 512]
+
+Prints a Markdown table of per-slice wall time (median and p90 over ``--repeat`` runs, one
+thread, warm caches) for each step on one synthetic CT slice, then the throughput of
+``run_qc`` on ``--files`` slices written to a temporary folder with 1 and 2 worker threads
+(read + features + fleet model), and its CPU time per slice; finally the periodic QC job's
+CPU share while rows arrive in a real Outbox (SQLite file) as fast as it commits them
+(``--job-seconds``, ``--job-interval``; default sampling of 3 slices per series).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+
+from gateway_agent.imaging import cluster_scan, hu_from_dataset, tissue_map, window_from_dataset
+from gateway_agent.qc import features_from_dataset, features_from_file, run_qc
+from gateway_agent.synthetic import make_ct_series, make_ct_slice, write_series
+
+__all__ = ["main"]
+
+
+def _time(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
+    fn()  # warm-up (imports, first allocation)
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return statistics.median(samples), samples[min(len(samples) - 1, int(0.9 * len(samples)))]
+
+
+def bench_job(size: int, seconds: float, interval: float, slices_per_series: int) -> None:
+    """The QC job's CPU share while rows arrive in a real Outbox as fast as it takes them."""
+    from gateway_agent.agent.outbox import Outbox
+    from gateway_agent.agent.qcjob import QCJob
+    from gateway_agent.config import QCSettings
+
+    with tempfile.TemporaryDirectory(prefix="bench-qcjob-") as tmp:
+        state = Path(tmp) / "state"
+        # 40 real files; rows point at them in turn under new series/instance UIDs.
+        files = write_series(
+            make_ct_series(40, study_seed="job", rows=size, cols=size, plant_phi=False),
+            state / "outbox",
+        )
+        outbox = Outbox(state / "outbox.db")
+        job = QCJob(
+            outbox,
+            state,
+            QCSettings(interval_seconds=interval, slices_per_series=slices_per_series),
+        )
+        stop = threading.Event()
+        added = 0
+
+        def ingest() -> None:
+            nonlocal added
+            while not stop.is_set():
+                path = files[added % len(files)]
+                outbox.add(
+                    sop_instance_uid=f"2.25.{10**20 + added}",
+                    study_instance_uid="2.25.1",
+                    series_instance_uid=f"2.25.{10**19 + added // 100}",  # 100 slices a series
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    path=path,
+                    size=path.stat().st_size,
+                    audit={},
+                )
+                added += 1
+
+        feeder = threading.Thread(target=ingest, name="ingest")
+        t0 = time.perf_counter()
+        feeder.start()
+        job.start()
+        time.sleep(seconds)
+        stop.set()
+        feeder.join()
+        wall = time.perf_counter() - t0
+        job.stop()
+        outbox.close()
+        runs = int(job.stats["runs"])
+        cpu = job.stats["cpu_seconds"]
+        print(
+            f"\n## QC job during ingest ({size}x{size}, {seconds:.0f} s, interval {interval:g} s)\n"
+        )
+        print("| rows ingested/s | series | QC runs | sampled | QC CPU s | CPU share of one core |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        print(
+            f"| {added / wall:.0f} | {added // 100 + 1} | {runs} | {int(job.stats['sampled'])} "
+            f"| {cpu:.2f} | {100 * cpu / wall:.2f} % |"
+        )
+        per_run = cpu / max(runs, 1)
+        print(
+            f"\nper run: {per_run:.2f} s CPU; at the default interval (300 s) that is "
+            f"{100 * per_run / 300:.2f} % of a core plus ~{slices_per_series} slices per series."
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--files", type=int, default=200)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--job-seconds", type=float, default=30.0, help="0 skips the QC job part")
+    parser.add_argument("--job-interval", type=float, default=5.0)
+    args = parser.parse_args(argv)
+
+    ds = make_ct_slice(rows=args.size, cols=args.size, noise_sd=15.0)
+    with tempfile.TemporaryDirectory(prefix="bench-qc-") as tmp:
+        one = write_series([ds], Path(tmp) / "one")[0]
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("read file (dcmread + pixels)", lambda: hu_from_dataset(pydicom.dcmread(one))),
+            ("HU (modality LUT)", lambda: hu_from_dataset(ds)),
+            ("window (soft_tissue preset)", lambda: window_from_dataset(ds, "soft_tissue")),
+            ("features (from dataset)", lambda: features_from_dataset(ds)),
+            ("features (from file)", lambda: features_from_file(one)),
+            ("cluster_scan k=3 (+ silhouette)", lambda: cluster_scan(ds, 3)),
+            ("tissue map (HU ranges)", lambda: tissue_map(ds)),
+        ]
+        print(f"## Per slice, {args.size}x{args.size} CT, {args.repeat} runs, one thread\n")
+        print("| step | median ms | p90 ms |")
+        print("|---|---:|---:|")
+        for name, fn in steps:
+            med, p90 = _time(fn, args.repeat)
+            print(f"| {name} | {med * 1000:.1f} | {p90 * 1000:.1f} |")
+
+        folder = Path(tmp) / "fleet"
+        per_series = 20
+        for s in range(max(1, args.files // per_series)):
+            series = make_ct_series(
+                per_series,
+                study_seed=f"bench-{s}",
+                rows=args.size,
+                cols=args.size,
+                station_name=f"EDGE{s % 4:02d}",
+                plant_phi=False,
+            )
+            write_series(series, folder / f"s{s:03d}")
+        n = sum(1 for _ in folder.rglob("*.dcm"))
+        print(
+            f"\n## run_qc on {n} files ({args.size}x{args.size}), read + features + fleet model\n"
+        )
+        print("| workers | wall s | slices/s | CPU ms per slice |")
+        print("|---:|---:|---:|---:|")
+        for workers in (1, 2):
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            records, _m, _l, _s = run_qc(folder, workers=workers, progress=False)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            assert len(records) == n
+            print(f"| {workers} | {wall:.2f} | {n / wall:.0f} | {cpu / n * 1000:.1f} |")
+    if args.job_seconds > 0:
+        bench_job(args.size, args.job_seconds, args.job_interval, 3)
+    versions = f"python {sys.version.split()[0]}, pydicom {pydicom.__version__}"
+    print(f"\n(cpu count {os.cpu_count()}, {versions})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""gateway-agent's public API: de-identification, imaging, QC, exceptions (loaded lazily)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._exceptions import (
+        ConfigError,
+        DeidError,
+        GatewayError,
+        IngestError,
+        PermanentUploadError,
+        QCError,
+        RetryableUploadError,
+        UploadError,
+    )
+    from .config import Settings, load_settings
+    from .deid import (
+        TAGS_TO_REMOVE,
+        Deidentifier,
+        DeidOptions,
+        DeidResult,
+        anonymize_dataset,
+        load_or_create_secret,
+    )
+
+__version__ = "0.1.0"
+
+# name -> submodule that defines it. Loading is lazy: the CLI's hot paths (``anonymize``) must not
+# pay for numpy, pydantic, scikit-learn or matplotlib when they do not use them.
+_EXPORTS: dict[str, str] = {
+    "ConfigError": "._exceptions",
+    "DeidError": "._exceptions",
+    "GatewayError": "._exceptions",
+    "IngestError": "._exceptions",
+    "PermanentUploadError": "._exceptions",
+    "QCError": "._exceptions",
+    "RetryableUploadError": "._exceptions",
+    "UploadError": "._exceptions",
+    "Settings": ".config",
+    "load_settings": ".config",
+    "TAGS_TO_REMOVE": ".deid",
+    "DeidOptions": ".deid",
+    "DeidResult": ".deid",
+    "Deidentifier": ".deid",
+    "anonymize_dataset": ".deid",
+    "load_or_create_secret": ".deid",
+}
+
+__all__ = [
+    "ConfigError",
+    "DeidError",
+    "DeidOptions",
+    "DeidResult",
+    "Deidentifier",
+    "GatewayError",
+    "IngestError",
+    "PermanentUploadError",
+    "QCError",
+    "RetryableUploadError",
+    "Settings",
+    "TAGS_TO_REMOVE",
+    "UploadError",
+    "__version__",
+    "anonymize_dataset",
+    "load_or_create_secret",
+    "load_settings",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gateway_agent' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,339 @@
+"""The daemon: wires outbox, uploader, intake, watcher and service plumbing; stops gracefully."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+from .._exceptions import ConfigError
+from ..config import Settings
+from ..deid import Deidentifier, DeidOptions, load_or_create_secret
+from ..logs import get_logger
+from .destinations import destination_from_settings
+from .intake import Intake
+from .outbox import Outbox
+from .quarantine import Quarantine
+from .service import start_service_plumbing
+from .uploader import Uploader
+from .watcher import InboxWatcher
+
+__all__ = ["Component", "Daemon", "StatePaths"]
+
+log = get_logger()
+
+#: Seconds SIGTERM/SIGINT leave in-flight work to finish before it is released.
+STOP_DEADLINE_SECONDS = 10.0
+#: How often the daemon's own housekeeping runs (sent-file retention, WAL checkpoint, liveness).
+HOUSEKEEPING_SECONDS = 300.0
+_TEMP_SUFFIXES = (".tmp", ".partial", ".part")
+
+
+class Component(Protocol):
+    """Something the daemon starts after its core and stops before it (e.g. a QC job)."""
+
+    def start(self) -> Any: ...
+
+    def stop(self) -> Any: ...
+
+
+class StatePaths:
+    """Where the daemon keeps its state under ``state_dir``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = Path(state_dir).resolve()
+        self.outbox_db = self.root / "outbox.db"
+        self.outbox_files = self.root / "outbox"
+        self.quarantine = self.root / "quarantine"
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """True if ``a`` is ``b`` or below it."""
+    try:
+        a.relative_to(b)
+    except ValueError:
+        return False
+    return True
+
+
+def check_layout(settings: Settings) -> None:
+    """Refuse folder layouts where the agent would ingest its own output."""
+    inbox = Path(settings.inbox).resolve()
+    others = {"state_dir": Path(settings.state_dir).resolve()}
+    if settings.destination.kind == "folder":
+        others["destination.folder"] = Path(settings.destination.folder).resolve()
+    if settings.originals == "archive" and settings.archive_dir is not None:
+        others["archive_dir"] = Path(settings.archive_dir).resolve()
+    for name, path in others.items():
+        if _inside(path, inbox) or _inside(inbox, path):
+            raise ConfigError(f"{name} and inbox must not contain each other")
+
+
+class Daemon:
+    """The long-running agent.
+
+    ``start()`` opens the outbox (``state_dir/outbox.db``), requeues rows left ``sending``,
+    reconciles files and rows, then starts the uploader, the intake pool and the inbox watcher
+    (whose start-up scan takes files that arrived while the agent was down), then the service
+    plumbing (health/metrics, disk guard, systemd notify) and any extra ``components``.
+    ``stop()`` reverses that: no new files are taken, in-flight de-identifications commit,
+    in-flight uploads finish or are released, all within ``stop_deadline`` seconds.
+
+    Parameters
+    ----------
+    settings
+        The loaded settings.
+    components
+        Factories called with the daemon after the core started; each returns a
+        :class:`Component` (started at once, stopped first on the way out).
+    service
+        Start the health/metrics server, disk guard and systemd notify (``agent.service``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        components: list[Callable[[Daemon], Component]] | None = None,
+        service: bool = True,
+        stop_deadline: float = STOP_DEADLINE_SECONDS,
+    ) -> None:
+        self.settings = settings
+        self.paths = StatePaths(settings.state_dir)
+        self.inbox = Path(settings.inbox).resolve()
+        self.stop_deadline = stop_deadline
+        self._factories = list(components or [])
+        self._want_service = service
+        self.components: list[Component] = []
+        self.outbox: Outbox | None = None
+        self.uploader: Uploader | None = None
+        self.intake: Intake | None = None
+        self.watcher: InboxWatcher | None = None
+        self.quarantine = Quarantine(self.paths.quarantine)
+        self.service: Any = None
+        self._stop_event = threading.Event()
+        self._hk_stop = threading.Event()
+        self._started = False
+        self._housekeeping: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- start
+    def start(self) -> None:
+        """Open state, start every stage; raise ConfigError for unusable settings."""
+        from .outbox import Outbox
+        from .uploader import Uploader
+
+        s = self.settings
+        check_layout(s)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.paths.root.chmod(0o700)
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        secret = load_or_create_secret(s.secret_file)
+        engine = Deidentifier(
+            secret, DeidOptions.from_settings(s.deid), station_name=s.station_name
+        )
+
+        self.outbox = Outbox(self.paths.outbox_db)
+        self.outbox.requeue_stale()
+        self.paths.outbox_files.mkdir(parents=True, exist_ok=True)
+        self._remove_temp_files(self.paths.outbox_files)
+        self.outbox.reconcile(self.paths.outbox_files)
+        self.quarantine.ensure()
+        self.quarantine.cleanup()
+
+        if s.destination.kind == "folder":
+            self._remove_temp_files(Path(s.destination.folder))
+        destination = destination_from_settings(s.destination)
+        self.uploader = Uploader(self.outbox, destination, s.destination)
+        self.uploader.start()
+
+        if self._want_service:
+            self.service = self._start_service()
+
+        gate = self.service.intake_allowed if self.service is not None else None
+        self.intake = Intake(
+            inbox=self.inbox,
+            out_dir=self.paths.outbox_files,
+            engine=engine,
+            outbox=self.outbox,
+            quarantine=self.quarantine,
+            originals=s.originals,
+            archive_dir=s.archive_dir,
+            workers=s.intake_workers,
+            on_committed=self.uploader.wake,
+            gate=gate,
+            state_dir=self.paths.root,
+            resettle=self._resettle,
+        )
+        self.intake.start()
+        self.watcher = InboxWatcher(self.inbox, self.intake.submit, settle_seconds=s.settle_seconds)
+        self.watcher.start()
+
+        for factory in self._factories:
+            component = factory(self)
+            component.start()
+            self.components.append(component)
+        self._started = True
+        self._hk_stop.clear()
+        self._housekeeping = threading.Thread(
+            target=self._housekeeping_loop, name="housekeeping", daemon=True
+        )
+        self._housekeeping.start()
+        if self.service is not None:
+            self.service.ready()
+        log.info(
+            "agent_started",
+            destination=s.destination.kind,
+            workers=s.intake_workers,
+            settle_seconds=s.settle_seconds,
+            originals=s.originals,
+        )
+
+    def _start_service(self) -> Any:
+        outbox = self.outbox
+        assert outbox is not None
+        return start_service_plumbing(
+            self.settings,
+            outbox_counts=outbox.counts,
+            oldest_age=outbox.oldest_waiting_age,
+            threads_alive=self.threads_alive,
+            dest_status=outbox.destination_status,
+            outbox_db=self.paths.outbox_db,
+            on_disk_change=self._disk_changed,
+        )
+
+    def _resettle(self, path: Path) -> None:
+        if self.watcher is not None:
+            self.watcher.resettle(path)
+
+    def _disk_changed(self, paused: bool) -> None:
+        log.warning("intake_paused_low_disk" if paused else "intake_resumed")
+        if not paused and self.watcher is not None:
+            self.watcher.rescan()  # files that waited in the inbox meanwhile
+
+    @staticmethod
+    def _remove_temp_files(directory: Path) -> None:
+        """Temporaries of interrupted atomic writes (``.*`` / ``*.tmp``); run before the writers
+        (engine, folder destination) start."""
+        removed = 0
+        for dirpath, _dirs, names in os.walk(directory):
+            for name in names:
+                if name.startswith(".") or name.endswith(_TEMP_SUFFIXES):
+                    with contextlib.suppress(OSError):
+                        (Path(dirpath) / name).unlink()
+                        removed += 1
+        if removed:
+            log.info("outbox_temp_removed", files=removed)
+
+    # ----------------------------------------------------------------- status
+    def threads_alive(self) -> dict[str, bool]:
+        """Liveness of each worker thread (for /healthz and the systemd watchdog)."""
+        return {
+            "watcher": bool(self.watcher and self.watcher.alive()),
+            "intake": bool(self.intake and self.intake.alive()),
+            "uploader": bool(self.uploader and self.uploader.alive()),
+        }
+
+    def drained(self) -> bool:
+        """Inbox work done and nothing waiting in the outbox (used by tests and benchmarks)."""
+        if self.intake is None or self.watcher is None or self.outbox is None:
+            return False
+        if not self.intake.idle() or self.watcher.pending_count():
+            return False
+        counts = self.outbox.counts()
+        return bool(counts.get("queued", 0) == 0 and counts.get("sending", 0) == 0)
+
+    # ----------------------------------------------------------------- stop
+    def request_stop(self) -> None:
+        """Ask :meth:`run_forever` to return (safe from signal handlers)."""
+        self._stop_event.set()
+
+    def stop(self) -> None:
+        """Stop intake, let in-flight work finish or release it within the deadline."""
+        self._stop_event.set()
+        self._hk_stop.set()
+        deadline = time.monotonic() + self.stop_deadline
+
+        def left() -> float:
+            return max(0.5, deadline - time.monotonic())
+
+        for component in reversed(self.components):
+            try:
+                component.stop()
+            except Exception:
+                log.exception("component_stop_failed", component=type(component).__name__)
+        self.components.clear()
+        if self.service is not None:
+            try:
+                self.service.stop()
+            except Exception:
+                log.exception("service_stop_failed")
+            self.service = None
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        if self.intake is not None:
+            self.intake.stop(left())
+        if self.uploader is not None:
+            self.uploader.stop(max(deadline, time.monotonic() + 0.5))  # absolute monotonic
+            with contextlib.suppress(Exception):
+                self.uploader.destination.close()
+        if self._housekeeping is not None:
+            self._housekeeping.join(1.0)
+            self._housekeeping = None
+        if self.outbox is not None:
+            with contextlib.suppress(Exception):
+                self.outbox.checkpoint()
+            self.outbox.close()
+            self.outbox = None
+        self.intake = None
+        self.uploader = None
+        self._started = False
+        log.info("agent_stopped")
+
+    def run_forever(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop gracefully; return the exit status (0)."""
+        previous: dict[int, Any] = {}
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("agent_signal", signal=signal.Signals(signum).name)
+            self._stop_event.set()
+
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, on_signal)
+        try:
+            self.start()
+            while not self._stop_event.wait(5.0):
+                pass
+        finally:
+            self.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return 0
+
+    # ----------------------------------------------------------------- housekeeping
+    def _housekeeping_loop(self) -> None:
+        reported: set[str] = set()
+        while not self._hk_stop.wait(HOUSEKEEPING_SECONDS):
+            outbox = self.outbox
+            if outbox is None:
+                return
+            try:
+                hours = self.settings.disk.sent_retention_hours
+                purged = outbox.purge_sent_files(hours * 3600.0)
+                if purged:
+                    log.info("outbox_retention", files=purged)
+                outbox.checkpoint()
+            except Exception:
+                log.exception("housekeeping_failed")
+            for name, ok in self.threads_alive().items():
+                if not ok and name not in reported:
+                    log.error("thread_dead", thread=name)
+                    reported.add(name)

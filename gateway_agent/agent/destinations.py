@@ -1,0 +1,554 @@
+"""Destinations: DICOMweb STOW-RS (httpx) and a local folder, behind one two-method contract.
+
+``send(items)`` returns a :class:`SendResult` (SOP Instance UIDs acknowledged, and per-instance
+failures as ``uid -> (permanent, reason)``) or raises for a failure of the whole request:
+
+* :class:`RetryableUploadError`: network error, timeout, 408, 429, 5xx (``retry_after`` set from
+  the server's ``Retry-After``);
+* :class:`PermanentUploadError`: 401/403 (``status`` set: the uploader treats these like an outage
+  and reports ``auth_failing``), 3xx (redirects are never followed), 404, 415 and other 4xx.
+
+httpx exceptions are translated to that tree in one place (:func:`translate_httpx_error`).
+Reasons are short slugs with the HTTP status; they never carry a credential or a header value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import os
+import re
+import secrets
+import ssl
+import time
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+
+from .._exceptions import ConfigError, PermanentUploadError, RetryableUploadError, UploadError
+from ..config import DestinationSettings
+from ..logs import get_logger
+from .outbox import OutboxRow
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "BearerAuth",
+    "DicomWebDestination",
+    "Destination",
+    "FolderDestination",
+    "SendResult",
+    "destination_from_settings",
+    "translate_httpx_error",
+]
+
+log = get_logger()
+
+#: Connect fast, but give a large batch time to be written and stored.
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+_CHUNK = 1 << 20
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_REFERENCED_SOP_SEQ = "00081199"
+_FAILED_SOP_SEQ = "00081198"
+_REFERENCED_SOP_UID = "00081155"
+_FAILURE_REASON = "00081197"
+#: Statuses whose body may list per-instance results, and where splitting the batch can help.
+_SPLITTABLE = frozenset({400, 409, 413})
+
+
+@dataclass
+class SendResult:
+    """What one ``send`` achieved: ``sent`` SOP UIDs and ``failed`` uid -> (permanent?, reason)."""
+
+    sent: list[str] = field(default_factory=list)
+    failed: dict[str, tuple[bool, str]] = field(default_factory=dict)
+
+
+class Destination(Protocol):
+    """Where de-identified instances go."""
+
+    name: str
+
+    def send(self, items: Sequence[OutboxRow]) -> SendResult: ...
+
+    def close(self) -> None: ...
+
+
+# -- local folder -------------------------------------------------------------------------------
+class FolderDestination:
+    """Atomic copies to ``root/<study>/<series>/<sop>.dcm`` (temp + fsync + rename); idempotent."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.name = "folder"
+
+    def target(self, row: OutboxRow) -> Path:
+        return (
+            self.root
+            / row.study_instance_uid
+            / row.series_instance_uid
+            / f"{row.sop_instance_uid}.dcm"
+        )
+
+    def send(self, items: Sequence[OutboxRow]) -> SendResult:
+        result = SendResult()
+        touched: set[Path] = set()
+        for row in items:
+            uids = (row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid)
+            if not all(_UID_RE.match(u) and len(u) <= 64 for u in uids):
+                result.failed[row.sop_instance_uid] = (True, "invalid_uid")
+                continue
+            try:
+                src = row.path.open("rb")
+            except FileNotFoundError:
+                result.failed[row.sop_instance_uid] = (True, "file_missing")
+                continue
+            except OSError as exc:
+                result.failed[row.sop_instance_uid] = (False, f"file_unreadable: {exc.strerror}")
+                continue
+            target = self.target(row)
+            try:
+                with src:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = target.parent / f".{row.sop_instance_uid}.{secrets.token_hex(4)}.tmp"
+                    try:
+                        with tmp.open("xb") as dst:
+                            while chunk := src.read(_CHUNK):
+                                dst.write(chunk)
+                            dst.flush()
+                            os.fsync(dst.fileno())
+                        tmp.replace(target)
+                    finally:
+                        tmp.unlink(missing_ok=True)
+            except OSError as exc:
+                # The folder itself is failing (full, read-only, unmounted): an outage, not the row.
+                raise RetryableUploadError(
+                    f"folder_error: {exc.strerror or type(exc).__name__}"
+                ) from exc
+            touched.add(target.parent)
+            result.sent.append(row.sop_instance_uid)
+        for d in touched:
+            _fsync_dir(d)
+        return result
+
+    def close(self) -> None:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- DICOMweb STOW-RS ---------------------------------------------------------------------------
+class BearerAuth(httpx.Auth):
+    """``Authorization: Bearer <token>``; the token never appears in ``repr``."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        yield request
+
+    def __repr__(self) -> str:
+        return "BearerAuth(<redacted>)"
+
+
+def translate_httpx_error(exc: httpx.HTTPError) -> UploadError:
+    """The one place where httpx exceptions become upload errors (most specific match first)."""
+    detail = _safe_detail(exc)
+    if isinstance(exc, httpx.TimeoutException):
+        return RetryableUploadError(f"timeout: {type(exc).__name__}")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return RetryableUploadError(f"protocol_error: {detail}")
+    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
+        return PermanentUploadError(f"request_error: {type(exc).__name__}")
+    if isinstance(exc, httpx.TransportError):  # ConnectError, ReadError, WriteError, ProxyError...
+        return RetryableUploadError(f"network_error: {type(exc).__name__}: {detail}")
+    if isinstance(exc, httpx.HTTPStatusError):
+        return error_for_status(exc.response)
+    return RetryableUploadError(f"http_error: {type(exc).__name__}")
+
+
+def _safe_detail(exc: BaseException) -> str:
+    """A short description without URLs (which might carry user:password@)."""
+    text = str(exc) or type(exc).__name__
+    text = re.sub(r"\w+://\S+", "<url>", text)
+    return text[:160]
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` value (delta-seconds or an HTTP date); None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def error_for_status(response: httpx.Response) -> UploadError:
+    """The whole-request error for a status that carries no per-instance result."""
+    status = response.status_code
+    phrase = response.reason_phrase.lower().replace(" ", "_") if response.reason_phrase else ""
+    reason = f"http_{status}" + (f" {phrase}" if phrase else "")
+    if status in (408, 429) or status >= 500:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        return RetryableUploadError(reason, status=status, retry_after=retry_after)
+    if 300 <= status < 400:
+        return PermanentUploadError(f"http_{status} redirect_not_followed", status=status)
+    if 400 <= status < 500:
+        return PermanentUploadError(reason, status=status)
+    return RetryableUploadError(reason, status=status)
+
+
+def _sequence_uids(doc: dict[str, Any], tag: str) -> list[tuple[str, int | None]]:
+    out: list[tuple[str, int | None]] = []
+    seq = doc.get(tag)
+    if not isinstance(seq, dict):
+        return out
+    for item in seq.get("Value") or []:
+        if not isinstance(item, dict):
+            continue
+        uid_el = item.get(_REFERENCED_SOP_UID) or {}
+        uids = uid_el.get("Value") if isinstance(uid_el, dict) else None
+        if not uids:
+            continue
+        reason_el = item.get(_FAILURE_REASON) or {}
+        codes = reason_el.get("Value") if isinstance(reason_el, dict) else None
+        code = int(codes[0]) if codes else None
+        out.append((str(uids[0]), code))
+    return out
+
+
+def parse_stow_response(
+    response: httpx.Response,
+) -> tuple[list[str], list[tuple[str, int | None]]]:
+    """``(referenced uids, [(failed uid, FailureReason)])`` from a DICOM JSON STOW-RS reply.
+
+    The Content-Type is not trusted (Orthanc sends none with 400); an unreadable body lists nothing.
+    """
+    try:
+        doc = response.json()
+    except ValueError:
+        return [], []
+    if isinstance(doc, list):
+        doc = doc[0] if doc and isinstance(doc[0], dict) else {}
+    if not isinstance(doc, dict):
+        return [], []
+    referenced = [uid for uid, _ in _sequence_uids(doc, _REFERENCED_SOP_SEQ)]
+    return referenced, _sequence_uids(doc, _FAILED_SOP_SEQ)
+
+
+def _failure_is_permanent(code: int | None) -> bool:
+    """FailureReason 0xA7xx (out of resources) is worth retrying; the rest will not change."""
+    return not (code is not None and 0xA700 <= code <= 0xA7FF)
+
+
+@dataclass
+class _Part:
+    row: OutboxRow
+    fh: BinaryIO
+    size: int
+
+
+def _ssl_context(verify: bool | str, cert: Any) -> ssl.SSLContext | bool:
+    """Verified TLS by default (certifi, or the given CA bundle); an optional client certificate."""
+    if verify is False and cert is None:
+        return False
+    if isinstance(verify, str):
+        ctx = ssl.create_default_context(cafile=verify)
+    else:
+        import certifi
+
+        ctx = ssl.create_default_context(cafile=certifi.where())
+        if verify is False:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+    if cert is not None:
+        if isinstance(cert, (tuple, list)):
+            ctx.load_cert_chain(str(cert[0]), str(cert[1]) if len(cert) > 1 and cert[1] else None)
+        else:
+            ctx.load_cert_chain(str(cert))
+    return ctx
+
+
+class DicomWebDestination:
+    """STOW-RS ``POST {base}/studies``, streamed ``multipart/related; type="application/dicom"``.
+
+    Parameters
+    ----------
+    base_url
+        The DICOMweb root, e.g. ``http://127.0.0.1:8042/dicom-web``.
+    client
+        An ``httpx.Client`` to use (tests inject one with a ``MockTransport``); else one is made
+        with the TLS, timeout and connection settings given here.
+    auth
+        ``httpx.BasicAuth`` or :class:`BearerAuth`; applied per request, never logged.
+    confirm_storage
+        After a 200, confirm each acknowledged instance with QIDO (servers with filters may
+        acknowledge and drop).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        client: httpx.Client | None = None,
+        auth: httpx.Auth | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        verify: bool | str = True,
+        cert: Any = None,
+        confirm_storage: bool = False,
+        max_connections: int = 8,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError('Argument "base_url" must start with http:// or https://.')
+        parts = urlsplit(base_url)
+        if parts.username or parts.password:
+            raise ValueError('Argument "base_url" must not carry credentials; use "auth".')
+        self.base_url = base_url.rstrip("/")
+        self.name = f"dicomweb:{parts.hostname}:{parts.port or ''}".rstrip(":")
+        self._auth = auth
+        self._own_client = client is None
+        self._client = client or httpx.Client(
+            timeout=timeout,
+            verify=_ssl_context(verify, cert),
+            follow_redirects=False,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+        self.confirm_storage = confirm_storage
+
+    def close(self) -> None:
+        if self._own_client:
+            self._client.close()
+
+    def __enter__(self) -> DicomWebDestination:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one request -------------------------------------------------------------------------
+    def _body(self, parts: Sequence[_Part], boundary: str) -> Iterator[bytes]:
+        head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        for part in parts:
+            part.fh.seek(0)
+            yield head
+            remaining = part.size
+            while remaining > 0:
+                chunk = part.fh.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise RetryableUploadError("file_changed_during_upload")
+                remaining -= len(chunk)
+                yield chunk
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+
+    def _post(self, parts: Sequence[_Part]) -> httpx.Response:
+        boundary = "gw" + secrets.token_hex(16)
+        length = sum(
+            len(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n") + p.size + 2
+            for p in parts
+        )
+        length += len(f"--{boundary}--\r\n")
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Content-Length": str(length),
+            "Accept": "application/dicom+json",
+        }
+        auth: Any = self._auth if self._auth is not None else httpx.USE_CLIENT_DEFAULT
+        url = self.base_url + "/studies"
+        for attempt in (1, 2):
+            try:
+                return self._client.post(
+                    url,
+                    content=self._body(parts, boundary),
+                    headers=headers,
+                    auth=auth,
+                    follow_redirects=False,
+                )
+            except httpx.RemoteProtocolError as exc:
+                # A keep-alive connection closed by the server under us (or a lost reply): the
+                # request is idempotent per SOP UID, so try once more on a fresh connection.
+                if attempt == 2:
+                    raise translate_httpx_error(exc) from exc
+            except httpx.HTTPError as exc:
+                raise translate_httpx_error(exc) from exc
+        raise AssertionError("unreachable")
+
+    def _post_and_classify(self, parts: Sequence[_Part], result: SendResult) -> None:
+        response = self._post(parts)
+        status = response.status_code
+        if not (200 <= status < 300 or status in _SPLITTABLE):
+            raise error_for_status(response)
+        by_uid = {p.row.sop_instance_uid: p for p in parts}
+        referenced, failed = parse_stow_response(response)
+        acked = [u for u in dict.fromkeys(referenced) if u in by_uid]
+        if 200 <= status < 300 and self.confirm_storage and acked:
+            acked = self._confirm(acked, by_uid, result)
+        result.sent.extend(acked)
+        listed = set(referenced)
+        for uid, code in failed:
+            if uid in by_uid and uid not in listed:
+                listed.add(uid)
+                reason = f"failure_reason_{code:#06x}" if code is not None else "failed"
+                result.failed[uid] = (_failure_is_permanent(code), f"http_{status} {reason}")
+        rest = [p for p in parts if p.row.sop_instance_uid not in listed]
+        if not rest:
+            return
+        if 200 <= status < 300:
+            for p in rest:
+                result.failed[p.row.sop_instance_uid] = (False, f"http_{status} not_acknowledged")
+        elif len(rest) == 1:
+            result.failed[rest[0].row.sop_instance_uid] = (True, _rejected_reason(response))
+        else:
+            # A batch-level 400/409/413 that does not say which instance: split and send the halves.
+            mid = len(rest) // 2
+            self._post_and_classify(rest[:mid], result)
+            self._post_and_classify(rest[mid:], result)
+
+    def _confirm(self, uids: list[str], by_uid: dict[str, _Part], result: SendResult) -> list[str]:
+        auth: Any = self._auth if self._auth is not None else httpx.USE_CLIENT_DEFAULT
+        confirmed = []
+        for uid in uids:
+            study = by_uid[uid].row.study_instance_uid
+            try:
+                r = self._client.get(
+                    f"{self.base_url}/studies/{study}/instances",
+                    params={"SOPInstanceUID": uid},
+                    headers={"Accept": "application/dicom+json"},
+                    auth=auth,
+                    follow_redirects=False,
+                )
+            except httpx.HTTPError as exc:
+                raise translate_httpx_error(exc) from exc
+            if r.status_code == 200 and _nonempty_json_list(r):
+                confirmed.append(uid)
+            elif r.status_code in (200, 204, 404):
+                result.failed[uid] = (True, "not_stored_after_ack")
+            else:
+                raise error_for_status(r)
+        return confirmed
+
+    # -- the contract ------------------------------------------------------------------------
+    def send(self, items: Sequence[OutboxRow]) -> SendResult:
+        result = SendResult()
+        parts: list[_Part] = []
+        try:
+            for row in items:
+                try:
+                    fh = row.path.open("rb")
+                except FileNotFoundError:
+                    result.failed[row.sop_instance_uid] = (True, "file_missing")
+                    continue
+                except OSError as exc:
+                    result.failed[row.sop_instance_uid] = (
+                        False,
+                        f"file_unreadable: {exc.strerror}",
+                    )
+                    continue
+                parts.append(_Part(row, fh, os.fstat(fh.fileno()).st_size))
+            if parts:
+                self._post_and_classify(parts, result)
+        finally:
+            for p in parts:
+                with contextlib.suppress(OSError):
+                    p.fh.close()
+        return result
+
+
+def _nonempty_json_list(r: httpx.Response) -> bool:
+    try:
+        doc = r.json()
+    except ValueError:
+        return False
+    return isinstance(doc, list) and len(doc) > 0
+
+
+def _rejected_reason(response: httpx.Response) -> str:
+    status = response.status_code
+    if status == 413:
+        return "http_413 too_large"
+    if status == 409:
+        return "http_409 conflict"
+    return f"http_{status} rejected"
+
+
+# -- from settings ------------------------------------------------------------------------------
+def _read_secret_file(path: Path, what: str) -> str:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"destination.{what}: cannot read the file ({exc.strerror})") from None
+    if not value:
+        raise ConfigError(f"destination.{what}: the file is empty")
+    return value
+
+
+def destination_from_settings(
+    s: DestinationSettings, *, client: httpx.Client | None = None
+) -> Destination:
+    """Build the configured destination. Credentials come from the settings (which read
+    ``GATEWAY_DESTINATION__PASSWORD``/``__TOKEN``) or from a file; they are never logged."""
+    if s.kind == "folder":
+        return FolderDestination(s.folder)
+    assert s.url is not None  # the settings validator requires it for dicomweb
+    auth: httpx.Auth | None = None
+    if s.auth == "basic":
+        if not s.username:
+            raise ConfigError('destination.username is required when destination.auth = "basic"')
+        if s.password_file is not None:
+            password = _read_secret_file(s.password_file, "password_file")
+        elif s.password is not None:
+            password = s.password.get_secret_value()
+        else:
+            raise ConfigError(
+                "destination.password (or GATEWAY_DESTINATION__PASSWORD) or"
+                " destination.password_file is required for basic auth"
+            )
+        auth = httpx.BasicAuth(s.username, password)
+    elif s.auth == "bearer":
+        if s.token_file is not None:
+            token = _read_secret_file(s.token_file, "token_file")
+        elif s.token is not None:
+            token = s.token.get_secret_value()
+        else:
+            raise ConfigError(
+                "destination.token (or GATEWAY_DESTINATION__TOKEN) or destination.token_file"
+                " is required for bearer auth"
+            )
+        auth = BearerAuth(token)
+    verify: bool | str = str(s.ca_bundle) if s.ca_bundle is not None else s.verify_tls
+    cert: Any = None
+    if s.client_cert is not None:
+        cert = (str(s.client_cert), str(s.client_key)) if s.client_key else str(s.client_cert)
+    try:
+        return DicomWebDestination(
+            s.url,
+            client=client,
+            auth=auth,
+            timeout=httpx.Timeout(s.timeout_seconds, connect=min(10.0, s.timeout_seconds)),
+            verify=verify,
+            cert=cert,
+            confirm_storage=s.confirm_storage,
+            max_connections=s.parallel_requests + 2,
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"destination TLS files: {exc.strerror or type(exc).__name__}") from None
+    except ValueError as exc:
+        raise ConfigError(f"destination.url: {exc}") from None

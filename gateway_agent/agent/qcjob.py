@@ -1,0 +1,306 @@
+"""The periodic QC job: features of newly de-identified instances, the fleet model, the report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from .._exceptions import QCError
+from ..config import QCSettings
+from ..logs import get_logger
+from ..qc import ScanFeatures, analyse_fleet, features_from_file, write_report
+from ..qc import latest_outliers as _outliers_in
+
+__all__ = ["QCJob", "latest_outliers", "qc_component", "qc_report_dir"]
+
+log = get_logger()
+
+#: Fleet model size: the newest this many stored feature rows.
+MAX_FLEET_RECORDS = 5000
+#: Outbox rows read per query while catching up, and at most per pass (the rest waits).
+BATCH_ROWS = 1000
+MAX_ROWS_PER_RUN = 50_000
+#: Nice increment of the QC thread (Linux threads have their own nice value).
+NICE_INCREMENT = 10
+
+_SCHEMA = (
+    """
+    create table if not exists qc_features (
+        id integer primary key,
+        outbox_id integer not null unique,
+        sop_instance_uid text not null,
+        series_instance_uid text not null,
+        device text not null,
+        created_at real not null,
+        features text not null
+    )
+    """,
+    "create index if not exists qc_features_series on qc_features (series_instance_uid)",
+    """
+    create table if not exists qc_state (
+        id integer primary key check (id = 1),
+        last_outbox_id integer not null default 0
+    )
+    """,
+    "insert or ignore into qc_state (id) values (1)",
+)
+
+
+class _Row(Protocol):
+    id: int
+    series_instance_uid: str
+    sop_instance_uid: str
+    path: Path
+    created_at: float
+
+
+class _Outbox(Protocol):
+    db_path: Path | None
+
+    def rows_since(self, last_id: int, limit: int = ...) -> Sequence[Any]: ...
+
+
+def qc_report_dir(state_dir: Path) -> Path:
+    """Where the job writes ``report.json``, ``fleet.png`` and ``features.csv``."""
+    return Path(state_dir) / "qc"
+
+
+def latest_outliers(state_dir: Path) -> list[dict[str, Any]]:
+    """Outliers of the latest QC report in ``state_dir`` (``[]`` before the first report).
+
+    Each item has ``file``, ``sop_instance_uid``, ``series_instance_uid``, ``device``,
+    ``timestamp``, ``group``, ``isolation_score`` and ``reasons`` (list of text); no PHI.
+    """
+    return _outliers_in(qc_report_dir(state_dir))
+
+
+def _pick(rows: list[Any], k: int) -> list[Any]:
+    """``k`` rows spread over the series' new rows (ends avoided: the middle is more typical)."""
+    if k <= 0:
+        return []
+    if len(rows) <= k:
+        return rows
+    step = len(rows) / (k + 1)
+    return [rows[min(len(rows) - 1, int(step * (j + 1)))] for j in range(k)]
+
+
+class QCJob:
+    """Periodic QC inside the daemon, on its own low-priority thread.
+
+    :meth:`run_once` reads outbox rows added since the last run, samples
+    ``settings.slices_per_series`` instances per series, stores their features in the
+    ``qc_features`` table of the outbox database (its own connection), refits the fleet model on
+    the newest :data:`MAX_FLEET_RECORDS` rows and writes ``state_dir/qc/{report.json, fleet.png,
+    features.csv}``. Errors are logged and counted, never raised into the agent. Timestamps are
+    the outbox rows' intake times, so "per device over time" shows real time on the box.
+
+    Parameters
+    ----------
+    outbox
+        The agent's :class:`~gateway_agent.agent.outbox.Outbox` (``rows_since``, ``db_path``).
+    state_dir
+        The agent's state folder.
+    settings
+        ``settings.qc``: ``interval_seconds``, ``slices_per_series``, ``n_clusters``.
+    """
+
+    def __init__(
+        self,
+        outbox: _Outbox,
+        state_dir: Path,
+        settings: QCSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        nice: int = NICE_INCREMENT,
+    ) -> None:
+        self.outbox = outbox
+        self.state_dir = Path(state_dir)
+        self.settings = settings
+        self.report_dir = qc_report_dir(self.state_dir)
+        self._clock = clock
+        self._nice = nice
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        db = outbox.db_path if outbox.db_path is not None else self.report_dir / "qc.db"
+        Path(db).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            str(db), isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        self._conn.execute("pragma busy_timeout = 30000")
+        with self._tx() as c:
+            for ddl in _SCHEMA:
+                c.execute(ddl)
+        #: Counters since start: runs, rows_seen, sampled, failed, errors, cpu_seconds, ...
+        self.stats: dict[str, float] = defaultdict(float)
+
+    # ------------------------------------------------------------------ plumbing
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("begin immediate")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("rollback")
+                raise
+            self._conn.execute("commit")
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self._conn.execute(sql, params).fetchall())
+
+    @property
+    def last_outbox_id(self) -> int:
+        return int(self._query("select last_outbox_id from qc_state where id = 1")[0][0])
+
+    def stored(self) -> int:
+        """Feature rows stored so far."""
+        return int(self._query("select count(*) from qc_features")[0][0])
+
+    # ------------------------------------------------------------------ work
+    def run_once(self) -> dict[str, Any]:
+        """One QC pass; returns a summary. Never raises (errors are logged and counted)."""
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
+        summary: dict[str, Any] = {"rows": 0, "sampled": 0, "failed": 0, "outliers": None}
+        try:
+            self._ingest(summary)
+            if summary["sampled"] or not (self.report_dir / "report.json").exists():
+                summary["outliers"] = self._refresh()
+        except Exception as exc:  # a QC failure must never stop the agent
+            self.stats["errors"] += 1
+            summary["error"] = type(exc).__name__
+            log.error("qc_run_failed", error=type(exc).__name__, exc_info=True)
+        cpu = time.thread_time() - cpu0
+        self.stats["runs"] += 1
+        self.stats["cpu_seconds"] += cpu
+        self.stats["wall_seconds"] += time.perf_counter() - wall0
+        summary["cpu_seconds"] = round(cpu, 4)
+        log.info("qc_run", **{k: v for k, v in summary.items() if v is not None})
+        return summary
+
+    def _ingest(self, summary: dict[str, Any]) -> None:
+        last = self.last_outbox_id
+        while not self._stop.is_set() and summary["rows"] < MAX_ROWS_PER_RUN:
+            rows = list(self.outbox.rows_since(last, BATCH_ROWS))
+            if not rows:
+                break
+            by_series: dict[str, list[Any]] = defaultdict(list)
+            for row in rows:
+                by_series[row.series_instance_uid].append(row)
+            chosen: list[Any] = []
+            for series, members in by_series.items():
+                have = int(
+                    self._query(
+                        "select count(*) from qc_features where series_instance_uid = ?", (series,)
+                    )[0][0]
+                )
+                chosen.extend(_pick(members, self.settings.slices_per_series - have))
+            stored: list[tuple[Any, ...]] = []
+            failed = 0
+            for row in sorted(chosen, key=lambda r: r.id):
+                if self._stop.is_set():
+                    return  # nothing committed for this batch; the next run redoes it
+                record = self._measure(row)
+                if record is None:
+                    failed += 1
+                    continue
+                stored.append(
+                    (
+                        row.id,
+                        row.sop_instance_uid,
+                        row.series_instance_uid,
+                        record.device,
+                        row.created_at,
+                        json.dumps(record.as_json()),
+                    )
+                )
+                # Give the GIL back between slices: intake and upload threads come first.
+                time.sleep(0.001)
+            last = max(r.id for r in rows)
+            with self._tx() as c:
+                c.executemany(
+                    "insert or ignore into qc_features (outbox_id, sop_instance_uid,"
+                    " series_instance_uid, device, created_at, features) values (?, ?, ?, ?, ?, ?)",
+                    stored,
+                )
+                c.execute("update qc_state set last_outbox_id = ? where id = 1", (last,))
+            summary["rows"] += len(rows)
+            summary["sampled"] += len(stored)
+            summary["failed"] += failed
+            self.stats["rows_seen"] += len(rows)
+            self.stats["sampled"] += len(stored)
+            self.stats["failed"] += failed
+            if len(rows) < BATCH_ROWS:
+                break  # caught up
+
+    def _measure(self, row: _Row) -> ScanFeatures | None:
+        path = Path(row.path)
+        try:
+            record = features_from_file(path)
+        except (QCError, OSError) as exc:
+            log.info("qc_skipped", sop_uid=row.sop_instance_uid, reason=type(exc).__name__)
+            return None
+        record.file = path.name
+        record.timestamp = datetime.fromtimestamp(row.created_at).isoformat(timespec="seconds")
+        return record
+
+    def _refresh(self) -> int:
+        rows = self._query(
+            "select features from qc_features order by id desc limit ?", (MAX_FLEET_RECORDS,)
+        )
+        records = [ScanFeatures.from_json(json.loads(r[0])) for r in reversed(rows)]
+        if not records:
+            return 0
+        _matrix, labels, silhouette = analyse_fleet(records, self.settings.n_clusters)
+        write_report(records, labels, silhouette, self.report_dir)
+        outliers = sum(1 for r in records if r.outlier)
+        with contextlib.suppress(Exception):  # metrics are optional here
+            from .metrics import QC_OUTLIERS
+
+            QC_OUTLIERS.set(outliers)
+        sil = None if math.isnan(silhouette) else round(silhouette, 3)
+        log.info("qc_report", scans=len(records), outliers=outliers, silhouette=sil)
+        return outliers
+
+    # ------------------------------------------------------------------ thread
+    def start(self) -> QCJob:
+        """Start the thread (first run after ``min(interval, 30 s)``); a no-op when disabled."""
+        if not self.settings.enabled or (self._thread is not None and self._thread.is_alive()):
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="qc-job", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        if self._nice:
+            with contextlib.suppress(OSError):
+                os.nice(self._nice)  # this thread only, on Linux
+        delay = min(self.settings.interval_seconds, 30.0)
+        while not self._stop.wait(delay):
+            self.run_once()
+            delay = self.settings.interval_seconds
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread (an in-progress pass stops between slices) and close the connection."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            self._conn.close()
+
+
+def qc_component(daemon: Any) -> QCJob:
+    """Factory for ``Daemon(components=[qc_component])``: the job on the daemon's outbox."""
+    return QCJob(daemon.outbox, daemon.settings.state_dir, daemon.settings.qc)

@@ -1,0 +1,227 @@
+"""Service plumbing for the daemon: health/metrics server, disk guard, systemd notify."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..config import Settings
+from ..logs import get_logger
+from .diskguard import DiskGuard, free_bytes
+from .health import CheckResult, HealthServer, sqlite_writable
+from .metrics import REGISTRY
+from .notify import Notifier
+
+__all__ = ["ServicePlumbing", "start_service_plumbing", "status_line"]
+
+log = get_logger()
+
+MB = 1024 * 1024
+_WAITING = ("queued", "sending")
+
+
+def status_line(counts: Mapping[str, int] | None, paused: bool = False) -> str:
+    """The one-line ``STATUS=`` text: outbox depth by state and whether intake runs."""
+    parts = [f"{k}={counts[k]}" for k in sorted(counts)] if counts else []
+    depth = " ".join(parts) if parts else "empty"
+    return f"outbox {depth}; intake {'paused (low disk)' if paused else 'running'}"
+
+
+class ServicePlumbing:
+    """What the daemon holds: call :meth:`ready` once running, :meth:`stop` on the way out."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        outbox_counts: Callable[[], Mapping[str, int]],
+        oldest_age: Callable[[], float | None],
+        threads_alive: Callable[[], Mapping[str, bool]],
+        dest_status: Callable[[], Mapping[str, Any]] | None = None,
+        outbox_db: Path | None = None,
+        on_disk_change: Callable[[bool], None] | None = None,
+        free: Callable[[Path], int] = free_bytes,
+        env: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self._counts = outbox_counts
+        self._oldest = oldest_age
+        self._threads_alive = threads_alive
+        self._dest_status = dest_status
+        self._outbox_db = outbox_db
+        self._clock = clock
+        self._on_disk_change = on_disk_change
+        self._last_status: str | None = None
+        self.notifier = Notifier(env)
+        self.disk_guard = DiskGuard(
+            settings.state_dir,
+            int(settings.disk.min_free_mb * MB),
+            free=free,
+            interval=settings.disk.check_interval_seconds,
+            on_change=self._disk_changed,
+        )
+        self.server: HealthServer | None = None
+        if settings.metrics.enabled:
+            self.server = HealthServer(
+                settings.metrics.host,
+                settings.metrics.port,
+                threads_alive=self._all_threads,
+                checks={
+                    "outbox": self._check_outbox,
+                    "disk": self._check_disk,
+                    "destination": self._check_destination,
+                },
+                outbox_counts=outbox_counts,
+                oldest_age=oldest_age,
+                disk_free=self._disk_free,
+            )
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> ServicePlumbing:
+        """Measure the disk, start the guard's timer and the HTTP server."""
+        self.disk_guard.start()
+        if self.server is not None:
+            self.server.start()
+        return self
+
+    @property
+    def port(self) -> int | None:
+        """The metrics/health port actually bound, or None when metrics are disabled."""
+        return self.server.port if self.server is not None else None
+
+    def ready(self, status: str | None = None) -> None:
+        """Tell systemd start-up is done (``READY=1``) and start feeding its watchdog."""
+        text = status or self._status_text()
+        self._last_status = text
+        self.notifier.ready(text)
+        self.notifier.start_watchdog(self._threads_ok, on_tick=self._refresh_status)
+        log.info("service_ready", metrics_port=self.port, watchdog=self.notifier.watchdog_seconds)
+
+    def status(self, text: str | None = None) -> None:
+        """Send ``STATUS=`` (default: the outbox depth line)."""
+        text = text or self._status_text()
+        self._last_status = text
+        self.notifier.status(text)
+
+    def intake_allowed(self) -> bool:
+        """Per-file gate for intake: False while the disk guard has paused it."""
+        return self.disk_guard.allow_intake()
+
+    def stop(self) -> None:
+        """``STOPPING=1``, then stop the watchdog, the disk guard and the HTTP server."""
+        self.notifier.stopping("stopping")
+        self.notifier.close()
+        self.disk_guard.stop()
+        if self.server is not None:
+            self.server.stop()
+
+    # --- probes --------------------------------------------------------------------------------
+
+    def _all_threads(self) -> dict[str, bool]:
+        return {str(k): bool(v) for k, v in self._threads_alive().items()}
+
+    def _threads_ok(self) -> bool:
+        threads = dict(self._threads_alive())
+        if self.server is not None:
+            threads["health-http"] = self.server.alive
+        return all(threads.values())
+
+    def _status_text(self) -> str:
+        try:
+            counts: Mapping[str, int] | None = self._counts()
+        except Exception:
+            counts = None
+        return status_line(counts, self.disk_guard.paused)
+
+    def _refresh_status(self) -> None:
+        text = self._status_text()
+        if text != self._last_status:
+            self.status(text)
+
+    def _disk_changed(self, paused: bool) -> None:
+        if self._last_status is not None:  # after READY only
+            self._refresh_status()
+        if self._on_disk_change is not None:
+            self._on_disk_change(paused)
+
+    def _disk_free(self) -> int | None:
+        # A fresh measurement per scrape (one statvfs); also keeps the guard's view current.
+        self.disk_guard.check()
+        return self.disk_guard.last_free_bytes
+
+    def _check_outbox(self) -> CheckResult:
+        if self._outbox_db is not None:
+            return sqlite_writable(self._outbox_db)
+        self._counts()  # raises when the outbox cannot be read
+        return CheckResult(True, "outbox readable")
+
+    def _check_disk(self) -> CheckResult:
+        allowed = self.disk_guard.check()
+        free = self.disk_guard.last_free_bytes
+        free_txt = "unknown" if free is None else f"{free / MB:.0f} MB"
+        threshold = f"{self.disk_guard.min_free_bytes / MB:.0f} MB"
+        if allowed:
+            return CheckResult(True, f"free {free_txt}, threshold {threshold}")
+        return CheckResult(False, f"intake paused: free {free_txt}, threshold {threshold}")
+
+    def _check_destination(self) -> CheckResult:
+        m = self.settings.metrics
+        last = REGISTRY.get_sample_value("gateway_last_upload_success_timestamp_seconds") or 0.0
+        if self._dest_status is not None:
+            try:
+                status = self._dest_status()
+            except Exception:
+                status = {}
+            if status.get("auth_failing"):
+                return CheckResult(False, "destination rejects the agent's credentials")
+            value = status.get("last_success_at") or status.get("last_success")
+            if isinstance(value, int | float) and value > last:
+                last = float(value)
+        if last and self._clock() - last <= m.ready_upload_window_seconds:
+            return CheckResult(True, f"last upload {self._clock() - last:.0f} s ago")
+        counts = self._counts()
+        waiting = sum(int(counts.get(s, 0)) for s in _WAITING)
+        age = self._oldest() or 0.0
+        if waiting <= m.ready_max_waiting and age <= m.ready_max_waiting_age_seconds:
+            return CheckResult(True, f"no recent upload; {waiting} waiting, oldest {age:.0f} s")
+        return CheckResult(
+            False,
+            f"no upload in {m.ready_upload_window_seconds:.0f} s and outbox over limits: "
+            f"{waiting} waiting (max {m.ready_max_waiting}), oldest {age:.0f} s "
+            f"(max {m.ready_max_waiting_age_seconds:.0f} s)",
+        )
+
+
+def start_service_plumbing(
+    settings: Settings,
+    *,
+    outbox_counts: Callable[[], Mapping[str, int]],
+    oldest_age: Callable[[], float | None],
+    threads_alive: Callable[[], Mapping[str, bool]],
+    dest_status: Callable[[], Mapping[str, Any]] | None = None,
+    outbox_db: Path | None = None,
+    on_disk_change: Callable[[bool], None] | None = None,
+    free: Callable[[Path], int] = free_bytes,
+    env: Mapping[str, str] | None = None,
+) -> ServicePlumbing:
+    """Start the health/metrics server and the disk guard; return the handle the daemon keeps.
+
+    The daemon calls ``plumbing.ready()`` once the outbox is open and the watcher runs,
+    ``plumbing.intake_allowed()`` before taking each file, and ``plumbing.stop()`` on shutdown.
+    ``on_disk_change(paused)`` lets it rescan the inbox when intake resumes.
+    """
+    return ServicePlumbing(
+        settings,
+        outbox_counts=outbox_counts,
+        oldest_age=oldest_age,
+        threads_alive=threads_alive,
+        dest_status=dest_status,
+        outbox_db=outbox_db,
+        on_disk_change=on_disk_change,
+        free=free,
+        env=env,
+    ).start()

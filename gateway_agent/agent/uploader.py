@@ -1,0 +1,323 @@
+"""The upload workers: claim due outbox rows, send them to the destination, record the outcome.
+
+Each worker repeats one step (:meth:`Uploader.loop_once`): ask the destination circuit whether it
+may send, claim a batch (``batch_max_instances`` / ``batch_max_mb``), send it, and map the outcome:
+
+* acknowledged instances → ``sent``;
+* a per-instance permanent failure → ``dead`` with the server's reason;
+* a per-instance transient failure → ``queued`` with the row's own backoff;
+* a whole-request retriable failure (network, timeout, 408, 429, 5xx) or an authentication failure
+  (401/403, a redirect) → the destination circuit opens: one probe at a time, exponential backoff
+  with full jitter (``Retry-After`` honoured); the rows wait without burning their attempts once the
+  outage is known;
+* a whole-request permanent failure (400 for a single instance, 404, 415, ...) → ``dead``.
+
+Rows whose attempts or age are exhausted go to ``dead``. Workers sleep on an Event between due
+times (no busy polling); :meth:`wake` is called by intake after adding rows.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from .._exceptions import PermanentUploadError, RetryableUploadError
+from ..config import DestinationSettings
+from ..logs import get_logger
+from . import metrics
+from .destinations import Destination, SendResult
+from .outbox import Outbox, OutboxRow
+
+__all__ = ["Uploader", "full_jitter"]
+
+log = get_logger()
+
+#: Longest sleep between checks when idle (new rows wake the workers earlier).
+IDLE_MAX_SECONDS = 30.0
+#: Longest wait honoured from a Retry-After header.
+RETRY_AFTER_MAX_SECONDS = 3600.0
+#: Statuses that mean "the destination refuses us" rather than "this batch is bad".
+_AUTH_STATUSES = frozenset({401, 403, 301, 302, 303, 307, 308})
+
+
+def full_jitter(rng: random.Random, attempt: int, base: float, cap: float) -> float:
+    """AWS "full jitter": uniform in ``[0, min(cap, base * 2**attempt)]``."""
+    return rng.uniform(0.0, min(cap, base * (2.0 ** min(attempt, 60))))
+
+
+class Uploader:
+    """Upload workers over one outbox and one destination.
+
+    Parameters
+    ----------
+    outbox, destination
+        Where rows come from and where they go.
+    settings
+        Batch sizes, parallel requests, attempts, age and backoff (``DestinationSettings``).
+    clock
+        Wall clock (must be the outbox's clock too).
+    rng
+        Source of jitter (seeded in tests).
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destination: Destination,
+        settings: DestinationSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.destination = destination
+        self.settings = settings
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._rng_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._in_flight: dict[int, list[int]] = {}
+        self._in_flight_lock = threading.Lock()
+        self.max_bytes = max(1, int(settings.batch_max_mb * 1024 * 1024))
+        # A lease long enough for a batch and its split retries; claim() reclaims expired ones.
+        self.lease_seconds = settings.timeout_seconds * 8 + 60.0
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._threads:
+            raise RuntimeError("Uploader already started")
+        self._stopping.clear()
+        for i in range(self.settings.parallel_requests):
+            t = threading.Thread(target=self._run, name=f"uploader-{i}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        log.info("uploader_started", workers=len(self._threads), destination=self.destination.name)
+
+    def wake(self) -> None:
+        """New rows are due: wake idle workers."""
+        self._wake.set()
+
+    def alive(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def stop(self, deadline: float) -> None:
+        """Stop claiming; let in-flight requests finish until ``deadline``, then release the rest.
+
+        ``deadline`` is an absolute ``time.monotonic()`` instant (a ``time.time()`` instant is
+        recognised too). Released rows go back to ``queued`` without penalty.
+        """
+        self._stopping.set()
+        self._wake.set()
+        for t in self._threads:
+            now_ref = time.time() if deadline > 1e9 else time.monotonic()
+            t.join(timeout=max(0.0, deadline - now_ref))
+        with self._in_flight_lock:
+            leftover = [i for ids in self._in_flight.values() for i in ids]
+            self._in_flight.clear()
+        if leftover:
+            self.outbox.release(leftover)
+            log.warning("uploader_released_in_flight", rows=len(leftover))
+        self._threads = [t for t in self._threads if t.is_alive()]
+        log.info("uploader_stopped", still_running=len(self._threads))
+
+    # -- the worker loop ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                handled, wait = self._step()
+            except Exception:  # never let a worker die: log and back off a little
+                log.exception("uploader_step_failed")
+                self._stopping.wait(1.0)
+                continue
+            if handled:
+                continue
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _idle_wait(self) -> float:
+        due = self.outbox.next_due_at()
+        if due is None:
+            return IDLE_MAX_SECONDS
+        return min(IDLE_MAX_SECONDS, max(0.01, due - self._clock()))
+
+    def loop_once(self) -> int:
+        """One step in the calling thread (circuit, claim, send, record); returns rows handled."""
+        return self._step()[0]
+
+    def _step(self) -> tuple[int, float]:
+        wait, probing = self.outbox.circuit_acquire(probe_lease=self.lease_seconds)
+        if wait > 0:
+            return 0, min(IDLE_MAX_SECONDS, wait)
+        if self._stopping.is_set() and self._threads:
+            if probing:
+                self.outbox.circuit_release_probe()
+            return 0, IDLE_MAX_SECONDS
+        rows = self.outbox.claim(
+            max_items=self.settings.batch_max_instances,
+            max_bytes=self.max_bytes,
+            lease_seconds=self.lease_seconds,
+        )
+        if not rows:
+            if probing:
+                self.outbox.circuit_release_probe()
+            return 0, self._idle_wait()
+        key = threading.get_ident()
+        with self._in_flight_lock:
+            self._in_flight[key] = [r.id for r in rows]
+        try:
+            self._send(rows, probing=probing)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.pop(key, None)
+        if probing:
+            self._wake.set()  # the probe is over (either way): the others re-check the circuit
+        return len(rows), 0.0
+
+    # -- one batch ---------------------------------------------------------------------------
+    def _jitter(self, attempt: int) -> float:
+        with self._rng_lock:
+            return full_jitter(
+                self._rng,
+                attempt,
+                self.settings.backoff_base_seconds,
+                self.settings.backoff_cap_seconds,
+            )
+
+    def _send(self, rows: list[OutboxRow], *, probing: bool) -> None:
+        started = self._clock()
+        t0 = time.monotonic()
+        try:
+            result = self.destination.send(rows)
+        except RetryableUploadError as exc:
+            self._outage(rows, str(exc), exc.retry_after, started, probing=probing, auth=False)
+            return
+        except PermanentUploadError as exc:
+            if exc.status in _AUTH_STATUSES:
+                self._outage(rows, str(exc), None, started, probing=probing, auth=True)
+            else:
+                self._dead(rows, str(exc))
+                self._healthy()  # the server answered: it is not down
+            return
+        except Exception as exc:  # a bug or an unexpected library error: retry the rows later
+            log.exception("upload_unexpected_error", rows=len(rows))
+            self._retry_rows(rows, f"internal_error: {type(exc).__name__}")
+            return
+        finally:
+            metrics.UPLOAD_SECONDS.observe(time.monotonic() - t0)
+        self._record(rows, result)
+
+    def _record(self, rows: list[OutboxRow], result: SendResult) -> None:
+        by_uid = {r.sop_instance_uid: r for r in rows}
+        sent = [by_uid[u] for u in dict.fromkeys(result.sent) if u in by_uid]
+        if sent:
+            self.outbox.mark_sent([r.id for r in sent])
+            metrics.UPLOAD_ATTEMPTS.labels(result="sent").inc(len(sent))
+            metrics.BYTES_SENT.inc(sum(r.size for r in sent))
+            metrics.LAST_UPLOAD_SUCCESS.set(time.time())
+        dead: dict[str, list[OutboxRow]] = {}
+        retry: dict[str, list[OutboxRow]] = {}
+        sent_ids = {r.id for r in sent}
+        for uid, (permanent, reason) in result.failed.items():
+            row = by_uid.get(uid)
+            if row is None or row.id in sent_ids:
+                continue
+            (dead if permanent else retry).setdefault(reason, []).append(row)
+        for reason, group in dead.items():
+            self._dead(group, reason)
+        for reason, group in retry.items():
+            self._retry_rows(group, reason)
+        handled = sent_ids | {r.id for g in (*dead.values(), *retry.values()) for r in g}
+        unanswered = [r for r in rows if r.id not in handled]
+        if unanswered:  # a destination that says nothing about an instance: try it again later
+            self._retry_rows(unanswered, "not_acknowledged")
+        self._healthy()
+        log.info(
+            "upload_batch",
+            destination=self.destination.name,
+            rows=len(rows),
+            sent=len(sent),
+            dead=sum(len(g) for g in dead.values()),
+            retry=sum(len(g) for g in retry.values()) + len(unanswered),
+            bytes=sum(r.size for r in sent),
+        )
+
+    def _healthy(self) -> None:
+        if self.outbox.circuit_success():
+            log.info("destination_recovered", destination=self.destination.name)
+            self._wake.set()
+
+    def _exhausted(self, row: OutboxRow, now: float) -> bool:
+        return (
+            row.attempts >= self.settings.max_attempts
+            or now - row.created_at >= self.settings.max_age_hours * 3600.0
+        )
+
+    def _dead(self, rows: Sequence[OutboxRow], reason: str) -> None:
+        self.outbox.mark_dead([r.id for r in rows], error=reason)
+        metrics.UPLOAD_ATTEMPTS.labels(result="dead").inc(len(rows))
+        log.warning(
+            "upload_dead",
+            rows=len(rows),
+            reason=reason,
+            sop_uids=[r.sop_instance_uid for r in rows][:5],
+        )
+
+    def _retry_rows(self, rows: Sequence[OutboxRow], reason: str) -> None:
+        """Per-row backoff (a transient failure of these instances, not of the destination)."""
+        now = self._clock()
+        gone = [r for r in rows if self._exhausted(r, now)]
+        if gone:
+            self._dead(gone, f"gave_up after {max(r.attempts for r in gone)} attempts: {reason}")
+        for r in rows:
+            if r not in gone:
+                self.outbox.mark_retry([r.id], error=reason, delay=self._jitter(r.attempts))
+        if len(gone) < len(rows):
+            metrics.UPLOAD_ATTEMPTS.labels(result="retry").inc(len(rows) - len(gone))
+
+    def _outage(
+        self,
+        rows: list[OutboxRow],
+        reason: str,
+        retry_after: float | None,
+        started: float,
+        *,
+        probing: bool,
+        auth: bool,
+    ) -> None:
+        """The destination failed as a whole: open (or keep open) the circuit; rows wait for it."""
+        failures = self.outbox.consecutive_failures()
+        if retry_after is not None:
+            delay = min(max(0.0, retry_after), RETRY_AFTER_MAX_SECONDS)
+        else:
+            delay = self._jitter(failures + 1)
+        known = self.outbox.circuit_failure(
+            reason, delay=delay, started_at=started, auth=auth, probing=probing
+        )
+        # Attempts count only for the request that found an outage; credentials/redirect
+        # problems never burn them (they are not the rows' fault). Age always applies.
+        refund = probing or known or auth
+        now = self._clock()
+        max_age = self.settings.max_age_hours * 3600.0
+        gone = [
+            r
+            for r in rows
+            if (not refund and self._exhausted(r, now)) or now - r.created_at >= max_age
+        ]
+        if gone:
+            self._dead(gone, f"gave_up: {reason}")
+        waiting = [r.id for r in rows if r not in gone]
+        if waiting:
+            self.outbox.mark_retry(waiting, error=reason, delay=delay, refund_attempt=refund)
+            metrics.UPLOAD_ATTEMPTS.labels(result="retry").inc(len(waiting))
+        log.warning(
+            "destination_failing",
+            destination=self.destination.name,
+            reason=reason,
+            auth=auth,
+            retry_in=round(delay, 3),
+            consecutive_failures=failures + (0 if known else 1),
+        )

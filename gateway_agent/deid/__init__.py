@@ -1,0 +1,270 @@
+"""De-identification (PS3.15 Annex E 2024e): options, file and Dataset entry points, site secret.
+
+The hot path (:meth:`Deidentifier.deidentify_file`) never imports pydicom: it parses the header
+with :mod:`gateway_agent.dicom`, rewrites it and copies the pixel data element byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._exceptions import DeidError
+from ..dicom.codec import Element, encode_dataset, parse_dataset
+from ..dicom.files import SourceFile, write_part10
+from .engine import METHOD, SAFE_PRIVATE, Engine, Outcome
+from .keys import Keys, load_or_create_secret
+from .profile import EDITION, DeidOptions, load_rows, profile_for
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pydicom.tag import BaseTag
+
+__all__ = [
+    "EDITION",
+    "IMPLEMENTATION_CLASS_UID",
+    "METHOD",
+    "SAFE_PRIVATE",
+    "TAGS_TO_REMOVE",
+    "DeidError",
+    "DeidOptions",
+    "DeidResult",
+    "Deidentifier",
+    "anonymize_dataset",
+    "load_or_create_secret",
+]
+
+#: Our Implementation Class UID (file meta), derived once from the product name.
+IMPLEMENTATION_CLASS_UID = "2.25." + str(
+    int.from_bytes(hashlib.sha256(b"gateway-agent implementation").digest()[:16], "big")
+)
+IMPLEMENTATION_VERSION_NAME = "GATEWAY_AGENT_1"
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+
+
+@dataclass(frozen=True)
+class DeidResult:
+    """One de-identified instance written to disk (all values are output values: no PHI)."""
+
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    size: int
+    audit: dict[str, Any]
+
+
+def _even(raw: bytes, pad: bytes) -> bytes:
+    return raw + pad if len(raw) % 2 else raw
+
+
+class Deidentifier:
+    """De-identifies files and datasets with one site secret and one set of options.
+
+    Picklable (only the secret, options and station name travel), so it can be handed to
+    ``ProcessPoolExecutor`` workers.
+
+    Parameters
+    ----------
+    secret
+        The site secret (at least 16 bytes); see :func:`load_or_create_secret`.
+    options
+        Annex E options and the burned-in policy; default :class:`DeidOptions`.
+    station_name
+        Written into StationName (SH, at most 16 characters) when given.
+    """
+
+    def __init__(
+        self, secret: bytes, options: DeidOptions | None = None, *, station_name: str | None = None
+    ) -> None:
+        if options is not None and not isinstance(options, DeidOptions):
+            raise TypeError('Argument "options" must be a DeidOptions.')
+        if station_name is not None and (
+            len(station_name) > 16
+            or not station_name.isascii()
+            or "\\" in station_name
+            or not station_name.isprintable()
+        ):
+            raise ValueError('Argument "station_name" must be SH: at most 16 ASCII characters.')
+        self._secret = bytes(secret)
+        self.options = options or DeidOptions()
+        self.station_name = station_name
+        self._engine = Engine(Keys(self._secret), profile_for(self.options), station_name)
+
+    def __getstate__(self) -> tuple[bytes, DeidOptions, str | None]:
+        return self._secret, self.options, self.station_name
+
+    def __setstate__(self, state: tuple[bytes, DeidOptions, str | None]) -> None:
+        self.__init__(state[0], state[1], station_name=state[2])  # type: ignore[misc]
+
+    def __repr__(self) -> str:  # never the secret
+        return f"Deidentifier(options={self.options!r}, station_name={self.station_name!r})"
+
+    # -- files ------------------------------------------------------------------------------
+    def deidentify_file(self, src: Path, out_dir: Path, *, fsync: bool = True) -> DeidResult:
+        """De-identify one part-10 file into ``out_dir/<new SOP Instance UID>.dcm``.
+
+        Only the header is parsed; the pixel data element is copied byte for byte (deflated
+        files are inflated, rewritten and deflated again). The output is written to a temp
+        file in ``out_dir``, fsynced (unless ``fsync=False``), renamed, and the folder fsynced.
+        Same input and secret give a byte-identical file at the same path.
+
+        Raises
+        ------
+        DeidError
+            The input cannot be de-identified safely; ``reason`` is one of ``not_dicom``,
+            ``empty_file``, ``truncated``, ``unreadable``, ``unreadable_header``,
+            ``no_sop_instance_uid``, ``unsupported_transfer_syntax``, ``burned_in_annotation``,
+            ``dicomdir``, ``internal_error``. Messages never carry values from the input.
+        OSError
+            Writing the output failed (e.g. disk full): not the input's fault.
+        """
+        src = Path(src)
+        out_dir = Path(out_dir)
+        with SourceFile(src) as source:
+            try:
+                header = source.read_header()
+                meta_class = (
+                    next((e.raw for e in header.meta if e.tag == 0x00020002), b"")
+                    .decode("latin-1")
+                    .strip("\0 ")
+                )
+                if meta_class == _DICOMDIR_CLASS:
+                    raise DeidError("dicomdir", "DICOMDIR is a media index, not an instance")
+                outcome = self._engine.run(header.elements)
+                enc = header.encoding
+                body = encode_dataset(outcome.elements, enc.implicit, enc.little)
+                if enc.deflated:
+                    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+                    body = _even(packer.compress(body) + packer.flush(), b"\0")
+                meta = self._file_meta(outcome, header.transfer_syntax, meta_class)
+            except DeidError:
+                raise
+            except (MemoryError, RecursionError, ValueError, LookupError, TypeError) as exc:
+                raise DeidError("internal_error", type(exc).__name__) from None
+            uids = outcome.uids
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"{uids['sop_instance_uid']}.dcm"
+            pixels = (source.fd, header.pixels) if header.pixels is not None else None
+            size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
+        audit = self._engine.audit(outcome, header.transfer_syntax)
+        audit["trailing_elements_dropped"] = header.trailing_dropped
+        return DeidResult(
+            path=path,
+            sop_instance_uid=uids["sop_instance_uid"],
+            sop_class_uid=uids["sop_class_uid"],
+            study_instance_uid=uids["study_instance_uid"],
+            series_instance_uid=uids["series_instance_uid"],
+            modality=_modality(outcome),
+            size=size,
+            audit=audit,
+        )
+
+    @staticmethod
+    def _file_meta(outcome: Outcome, transfer_syntax: str, meta_class: str) -> list[Element]:
+        sop_class = outcome.uids["sop_class_uid"] or meta_class
+        return [
+            Element(0x00020001, "OB", b"\x00\x01"),
+            Element(0x00020002, "UI", _even(sop_class.encode(), b"\0")),
+            Element(0x00020003, "UI", _even(outcome.uids["sop_instance_uid"].encode(), b"\0")),
+            Element(0x00020010, "UI", _even(transfer_syntax.encode(), b"\0")),
+            Element(0x00020012, "UI", _even(IMPLEMENTATION_CLASS_UID.encode(), b"\0")),
+            Element(0x00020013, "SH", _even(IMPLEMENTATION_VERSION_NAME.encode(), b" ")),
+        ]
+
+    # -- pydicom datasets -------------------------------------------------------------------
+    def deidentify_dataset(self, ds: Dataset) -> dict[str, Any]:
+        """De-identify a pydicom Dataset in place; return the audit record.
+
+        The dataset is encoded (explicit VR little endian), run through the same engine as
+        files, and decoded back into ``ds``; ``ds.file_meta`` and ``ds.preamble`` follow.
+        """
+        from pydicom.dataset import Dataset as _Dataset
+        from pydicom.filebase import DicomBytesIO
+        from pydicom.filereader import read_dataset
+        from pydicom.filewriter import correct_ambiguous_vr, write_dataset
+
+        if not isinstance(ds, _Dataset):
+            raise TypeError('Argument "ds" must be a pydicom Dataset.')
+        buf = DicomBytesIO()
+        buf.is_little_endian = True
+        buf.is_implicit_VR = False
+        try:
+            correct_ambiguous_vr(ds, True)
+            write_dataset(buf, ds)
+        except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+            raise DeidError(
+                "unreadable_header", f"cannot encode dataset ({type(exc).__name__})"
+            ) from None
+        data = buf.getvalue()
+        elements, _ = parse_dataset(data, len(data), 0, False, True)
+        outcome = self._engine.run(elements)
+        encoded = encode_dataset(outcome.elements, False, True)
+        new = read_dataset(io.BytesIO(encoded), is_implicit_VR=False, is_little_endian=True)
+        ds.clear()
+        for elem in new:
+            ds.add(elem)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            meta.MediaStorageSOPInstanceUID = outcome.uids["sop_instance_uid"]
+            for tag in (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102):
+                if tag in meta:
+                    del meta[tag]
+        if getattr(ds, "preamble", None) is not None:
+            ds.preamble = b"\0" * 128
+        audit = self._engine.audit(outcome, "")
+        audit.pop("transfer_syntax")
+        return audit
+
+
+def _modality(outcome: Outcome) -> str:
+    for el in outcome.elements:
+        if el.tag == 0x00080060:
+            return el.raw.decode("latin-1").strip("\0 ")
+        if el.tag > 0x00080060:
+            break
+    return ""
+
+
+def anonymize_dataset(
+    ds: Dataset, station_name: str = "EDGE01", *, secret: bytes | None = None, **options: Any
+) -> Dataset:
+    """De-identify ``ds`` in place (prototype-compatible) and return it.
+
+    Afterwards ``ds.PatientIdentityRemoved == "YES"``, ``ds.StationName == station_name`` and
+    ``ds.DeidentificationMethod`` names the profile edition and options. ``options`` are the
+    :class:`DeidOptions` fields (``retain_uids=True``, ``burned_in="allow"``...). Without a
+    ``secret`` a random one is used, so outputs of separate calls are unlinkable.
+    """
+    key = secret if secret is not None else os.urandom(32)
+    Deidentifier(
+        key, DeidOptions.from_kwargs(**options), station_name=station_name
+    ).deidentify_dataset(ds)
+    return ds
+
+
+def _tags_to_remove() -> frozenset[BaseTag]:
+    from pydicom.tag import BaseTag
+
+    out = set()
+    for row in load_rows():
+        tag = row.exact_tag
+        if tag is not None and row.basic == "X":
+            out.add(BaseTag(tag))
+    return frozenset(out)
+
+
+def __getattr__(name: str) -> Any:
+    # TAGS_TO_REMOVE needs pydicom's BaseTag; built on first use so the CLI stays light.
+    if name == "TAGS_TO_REMOVE":
+        value = _tags_to_remove()
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,476 @@
+"""The de-identification engine: applies a resolved Annex E profile to raw elements, every depth."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .._exceptions import DeidError
+from ..dicom.codec import Element, decode_text, text_codec
+from ..dicom.dictionary import is_known, vr_of
+from .keys import Keys, shift_da, shift_dt
+from .pixels import burned_in_risk
+from .profile import (
+    DUMMY,
+    EDITION,
+    EMPTY,
+    KEEP,
+    OP_LETTER,
+    OPTION_COLUMNS,
+    PSEUDONYM,
+    REMOVE,
+    SCRUB,
+    SEQ,
+    SEQ_CLEAN,
+    SEQ_DUMMY,
+    SEQ_EMPTY,
+    SHIFT,
+    UID,
+    Profile,
+)
+from .text import Scrubber, date_forms, identifier_tokens
+
+__all__ = ["METHOD", "SAFE_PRIVATE", "Engine", "Outcome"]
+
+METHOD = f"PS3.15 E.1-1 {EDITION}"
+
+# Walk modes: inside a D sequence free text becomes a dummy; inside a C sequence it is scrubbed.
+NORMAL, DUMMY_MODE, STRICT_MODE, CLEAN_MODE = 0, 1, 2, 3
+PRIVATE_KEEP = 100
+
+#: D sequences whose codes themselves identify a person or an institution.
+_STRICT_SEQUENCES = frozenset({0x00401101, 0x00080082, 0x00081072})
+#: Coded-entry attributes kept inside dummy / cleaned sequences (they carry concepts, not people).
+_CODE_TAGS = frozenset(
+    {
+        0x00080100,  # CodeValue
+        0x00080102,  # CodingSchemeDesignator
+        0x00080103,  # CodingSchemeVersion
+        0x00080104,  # CodeMeaning
+        0x00080105,  # MappingResource
+        0x00080106,  # ContextGroupVersion
+        0x00080107,  # ContextGroupLocalVersion
+        0x0008010B,  # ContextGroupExtensionFlag
+        0x0008010F,  # ContextIdentifier
+        0x00080117,  # ContextUID
+        0x00080118,  # MappingResourceUID
+        0x00080119,  # LongCodeValue
+        0x00080120,  # URNCodeValue
+        0x00080122,  # MappingResourceName
+        0x0040A040,  # ValueType
+        0x0040A010,  # RelationshipType
+    }
+)
+_FREE_TEXT = frozenset({"LO", "SH", "ST", "LT", "UT", "UC"})
+_SOURCE_VRS = frozenset({"PN", "LO", "SH", "AE", "UC"})
+_BINARY_ZERO = {
+    "US": b"\0\0",
+    "SS": b"\0\0",
+    "UL": b"\0" * 4,
+    "SL": b"\0" * 4,
+    "FL": b"\0" * 4,
+    "FD": b"\0" * 8,
+    "SV": b"\0" * 8,
+    "UV": b"\0" * 8,
+}
+_DUMMY = {
+    "AE": b"ANONYMOUS ",
+    "AS": b"000Y",
+    "CS": b"ANONYMIZED",
+    "DA": b"19000101",
+    "DT": b"19000101000000",
+    "TM": b"000000",
+    "DS": b"0 ",
+    "IS": b"0 ",
+    "LO": b"ANONYMIZED",
+    "LT": b"ANONYMIZED",
+    "PN": b"ANONYMIZED",
+    "SH": b"ANONYMIZED",
+    "ST": b"ANONYMIZED",
+    "UC": b"ANONYMIZED",
+    "UT": b"ANONYMIZED",
+    **_BINARY_ZERO,
+}
+
+#: Retain Safe Private: (private creator, group, element offset) known to hold no identity.
+#: Deliberately short; extend only with attributes documented as numeric acquisition values.
+SAFE_PRIVATE: frozenset[tuple[str, int, int]] = frozenset(
+    {
+        ("GEMS_PARM_01", 0x0043, 0x27),  # scan pitch ratio
+        ("GEMS_PARM_01", 0x0043, 0x39),  # slop_int_6..9 (diffusion b-value)
+        ("SIEMENS MR HEADER", 0x0019, 0x0C),  # B_value
+        ("SIEMENS MR HEADER", 0x0019, 0x0D),  # DiffusionDirectionality
+        ("SIEMENS MR HEADER", 0x0019, 0x0E),  # DiffusionGradientDirection
+        ("Philips PET Private Group", 0x7053, 0x00),  # SUV factor
+        ("Philips PET Private Group", 0x7053, 0x09),  # activity concentration scale factor
+    }
+)
+
+
+def _text(s: str) -> bytes:
+    raw = s.encode("ascii")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def _uid_bytes(s: str) -> bytes:
+    raw = s.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def _ascii(raw: bytes) -> str:
+    return raw.decode("latin-1").strip("\0 ")
+
+
+class Outcome:
+    """What one run produced: the new elements and the audit facts (no PHI)."""
+
+    __slots__ = ("burned_in_allowed", "counts", "elements", "private_removed", "uids")
+
+    def __init__(self) -> None:
+        self.elements: list[Element] = []
+        self.counts: Counter[str] = Counter()
+        self.private_removed = 0
+        self.uids: dict[str, str] = {}
+        self.burned_in_allowed = False
+
+
+class _Run:
+    """State of one data set: keyed values, deferred scrubbing, counters."""
+
+    def __init__(self, engine: Engine, codec: str | None) -> None:
+        self.engine = engine
+        self.profile = engine.profile
+        self.keys = engine.keys
+        self.codec = codec
+        self.counts: Counter[str] = Counter()
+        self.private_removed = 0
+        self.days = 0
+        self.pseudonyms: tuple[str, str] | None = None
+        self.words: set[str] = set()
+        self.literals: set[str] = set()
+        self.jobs: list[tuple[Element, str]] = []
+
+    # -- sources of identifiers for Clean Descriptors ---------------------------------------
+    def collect(self, el: Element) -> None:
+        vr = el.vr
+        value = el.value
+        if isinstance(value, list):
+            for item in value:
+                for sub in item:
+                    if sub.tag not in _CODE_TAGS:
+                        self.collect(sub)
+            return
+        if vr == "UN":
+            vr = vr_of(el.tag)
+        if vr in _SOURCE_VRS and value:
+            text = decode_text(value, self.codec)
+            self.words.update(identifier_tokens(text, person_name=vr == "PN"))
+        elif el.tag == 0x00100030 and value:
+            self.literals.update(date_forms(_ascii(value)))
+
+    # -- the walk ---------------------------------------------------------------------------
+    def walk(self, elements: list[Element], mode: int) -> list[Element]:
+        ops = self.profile.ops
+        engine = self.engine
+        counts = self.counts
+        out: list[Element] = []
+        keep_private: set[int] | None = None
+        for el in elements:
+            tag = el.tag
+            op = ops.get(tag)
+            if op is None:
+                op = engine.unlisted_op(tag, el.vr, mode)
+                if op == REMOVE and (tag >> 16) & 1:
+                    if self.profile.keep_safe_private:
+                        if keep_private is None:
+                            keep_private = _safe_private_tags(elements, self.codec)
+                        if tag in keep_private:
+                            out.append(el)
+                            counts["C"] += 1
+                            continue
+                    self.private_removed += 1
+                    continue
+                letter = "X" if op == REMOVE else None
+            else:
+                letter = OP_LETTER[op]
+            if letter is not None:
+                counts[letter] += 1
+            if op == KEEP:
+                out.append(el)
+            elif op == REMOVE:
+                self.collect(el)
+            elif op == UID:
+                out.append(self.map_uids(el))
+            elif op == SHIFT:
+                out.append(self.shift(el))
+            elif op in (SEQ, SEQ_DUMMY, SEQ_CLEAN):
+                if op == SEQ_DUMMY:
+                    sub_mode = STRICT_MODE if tag in _STRICT_SEQUENCES else max(mode, DUMMY_MODE)
+                elif op == SEQ_CLEAN:
+                    sub_mode = mode if mode in (DUMMY_MODE, STRICT_MODE) else CLEAN_MODE
+                else:
+                    sub_mode = mode
+                items = [self.walk(item, sub_mode) for item in el.items]
+                out.append(Element(tag, "SQ", items))
+            elif op == SCRUB:
+                if self.codec is None:
+                    out.append(self.dummy(el))
+                else:
+                    new = Element(tag, self.vr(el), el.value)
+                    self.jobs.append((new, new.vr))
+                    out.append(new)
+            elif op == EMPTY:
+                self.collect(el)
+                out.append(Element(tag, self.vr(el), b""))
+            elif op == SEQ_EMPTY:
+                self.collect(el)
+                out.append(Element(tag, "SQ", []))
+            elif op == DUMMY:
+                self.collect(el)
+                out.append(self.dummy(el))
+            elif op == PSEUDONYM:
+                self.collect(el)
+                if self.pseudonyms is None:
+                    out.append(Element(tag, self.vr(el), b""))
+                else:
+                    name, pid = self.pseudonyms
+                    out.append(Element(tag, self.vr(el), _text(name if tag == 0x00100010 else pid)))
+        return out
+
+    @staticmethod
+    def vr(el: Element) -> str:
+        return vr_of(el.tag) if el.vr == "UN" else el.vr
+
+    def dummy(self, el: Element) -> Element:
+        vr = self.vr(el)
+        if vr == "UI":
+            return self.map_uids(el)
+        if vr == "SQ":
+            return Element(el.tag, "SQ", [])
+        return Element(el.tag, vr, _DUMMY.get(vr, b""))
+
+    def map_uids(self, el: Element) -> Element:
+        raw = el.raw
+        if not raw:
+            return Element(el.tag, "UI", b"")
+        uid = self.keys.uid
+        values = [
+            uid(v) if v else v for v in (s.strip("\0 ") for s in raw.decode("latin-1").split("\\"))
+        ]
+        return Element(el.tag, "UI", _uid_bytes("\\".join(values)))
+
+    def shift(self, el: Element) -> Element:
+        vr = self.vr(el)
+        raw = el.raw
+        if not raw:
+            return Element(el.tag, vr, b"")
+        fn = shift_da if vr == "DA" else shift_dt
+        out = []
+        for part in _ascii(raw).split("\\"):
+            part = part.strip()
+            shifted = fn(part, self.days) if part else ""
+            if shifted is None:
+                return Element(el.tag, vr, b"")
+            out.append(shifted)
+        return Element(el.tag, vr, _text("\\".join(out)))
+
+    def finish_scrubbing(self) -> None:
+        if not self.jobs:
+            return
+        codec = self.codec or "latin-1"
+        scrub = Scrubber(self.words, self.literals)
+        for el, vr in self.jobs:
+            text = decode_text(el.raw, codec)
+            if not text:
+                continue
+            cleaned = scrub(text, vr).encode(codec, "replace")
+            el.value = cleaned + b" " if len(cleaned) % 2 else cleaned
+
+
+def _safe_private_tags(elements: list[Element], codec: str | None) -> set[int]:
+    creators: dict[tuple[int, int], str] = {}
+    for el in elements:
+        group, elem = el.tag >> 16, el.tag & 0xFFFF
+        if group & 1 and 0x10 <= elem <= 0xFF:
+            creators[(group, elem)] = decode_text(el.raw, codec)
+    keep: set[int] = set()
+    for el in elements:
+        group, elem = el.tag >> 16, el.tag & 0xFFFF
+        if not group & 1 or elem < 0x1000:
+            continue
+        creator = creators.get((group, elem >> 8))
+        if creator is not None and (creator, group, elem & 0xFF) in SAFE_PRIVATE:
+            keep.add(el.tag)
+            keep.add(group << 16 | elem >> 8)
+    return keep
+
+
+def _top(elements: list[Element], tag: int) -> Element | None:
+    for el in elements:
+        if el.tag == tag:
+            return el
+        if el.tag > tag:
+            return None
+    return None
+
+
+class Engine:
+    """Applies one profile with one key; cheap to keep per worker process."""
+
+    def __init__(self, keys: Keys, profile: Profile, station_name: str | None) -> None:
+        self.keys = keys
+        self.profile = profile
+        self.station_name = station_name
+        self._unlisted: dict[tuple[int, str, int], int] = {}
+
+    def unlisted_op(self, tag: int, vr: str, mode: int) -> int:
+        """Operation for an attribute the table does not list (cached)."""
+        key = (tag, vr, mode)
+        op = self._unlisted.get(key)
+        if op is None:
+            op = self._decide_unlisted(tag, vr, mode)
+            self._unlisted[key] = op
+        return op
+
+    def _decide_unlisted(self, tag: int, vr: str, mode: int) -> int:
+        group, elem = tag >> 16, tag & 0xFFFF
+        prof = self.profile
+        if group & 1:
+            return REMOVE  # private: removed (Retain Safe Private handled by the caller)
+        if group in (0x0000, 0x0002, 0x0004) or elem == 0:
+            return REMOVE  # command, file meta, DICOMDIR groups and group lengths
+        if group & 0xFF00 == 0x5000:
+            if prof.curve_op == REMOVE:
+                return REMOVE
+            return SCRUB if vr_of(tag) in _FREE_TEXT else KEEP
+        if group & 0xFF00 == 0x6000:
+            return prof.overlay_comment_op if elem == 0x4000 else prof.overlay_op
+        if not is_known(tag):
+            return REMOVE  # not a standard attribute: nobody can say it is safe
+        dvr = vr_of(tag)
+        if vr == "SQ" or dvr == "SQ":
+            return SEQ
+        if dvr == "PN":
+            return REMOVE if mode == NORMAL else DUMMY
+        if dvr in ("DA", "DT"):
+            if tag in _CODE_TAGS:
+                return KEEP
+            opts = prof.options
+            if opts.retain_long_full_dates:
+                return KEEP
+            return SHIFT if opts.retain_long_modified_dates else DUMMY
+        if mode != NORMAL and dvr in _FREE_TEXT and (mode == STRICT_MODE or tag not in _CODE_TAGS):
+            return DUMMY if mode in (DUMMY_MODE, STRICT_MODE) else SCRUB
+        return KEEP
+
+    def run(self, elements: list[Element]) -> Outcome:
+        """De-identify a top-level data set (raw elements); raises DeidError on refusal."""
+        sop = _top(elements, 0x00080018)
+        if sop is None or not _ascii(sop.raw):
+            raise DeidError("no_sop_instance_uid")
+        charset = _top(elements, 0x00080005)
+        codec = text_codec(charset.raw if charset else None)
+        outcome = Outcome()
+        self._check_pixels(elements, outcome)
+
+        run = _Run(self, codec)
+        patient_key = self._patient_key(elements)
+        if patient_key:
+            run.days = self.keys.day_offset(patient_key)
+            run.pseudonyms = self.keys.patient_pseudonyms(patient_key)
+        out = run.walk(elements, NORMAL)
+        run.finish_scrubbing()
+        out = [e for e in out if e.tag not in _ADDED]
+        out.extend(self._method_elements())
+        if self.station_name is not None:
+            out = [e for e in out if e.tag != 0x00081010]
+            out.append(Element(0x00081010, "SH", _text(self.station_name)))
+        out.sort(key=_tag_of)
+        outcome.elements = out
+        outcome.counts = run.counts
+        outcome.private_removed = run.private_removed
+        for key, tag in (
+            ("sop_instance_uid", 0x00080018),
+            ("sop_class_uid", 0x00080016),
+            ("study_instance_uid", 0x0020000D),
+            ("series_instance_uid", 0x0020000E),
+        ):
+            found = _top(out, tag)
+            outcome.uids[key] = _ascii(found.raw) if found is not None else ""
+        return outcome
+
+    def _check_pixels(self, elements: list[Element], outcome: Outcome) -> None:
+        def get(tag: int) -> str:
+            el = _top(elements, tag)
+            return _ascii(el.raw) if el is not None else ""
+
+        risk = burned_in_risk(get(0x00080060), get(0x00080016), get(0x00280301), get(0x00280302))
+        if risk is None:
+            return
+        if self.profile.options.burned_in != "allow":
+            raise DeidError("burned_in_annotation", risk)
+        outcome.burned_in_allowed = True
+
+    @staticmethod
+    def _patient_key(elements: list[Element]) -> bytes:
+        pid = _top(elements, 0x00100020)
+        issuer = _top(elements, 0x00100021)
+        pid_raw = pid.raw.strip(b"\0 ") if pid is not None else b""
+        if pid_raw:
+            return b"id|" + pid_raw + b"|" + (issuer.raw.strip(b"\0 ") if issuer else b"")
+        name = _top(elements, 0x00100010)
+        birth = _top(elements, 0x00100030)
+        name_raw = name.raw.strip(b"\0 ") if name is not None else b""
+        if name_raw:
+            return b"name|" + name_raw + b"|" + (birth.raw.strip(b"\0 ") if birth else b"")
+        return b""
+
+    def _method_elements(self) -> list[Element]:
+        opts = self.profile.options
+        enabled = opts.enabled()
+        method = [f"{METHOD} Basic Profile"] + [OPTION_COLUMNS[n][2] for n in enabled]
+        codes = [("113100", "Basic Application Confidentiality Profile")] + [
+            (OPTION_COLUMNS[n][1], OPTION_COLUMNS[n][2]) for n in enabled
+        ]
+        items = [
+            [
+                Element(0x00080100, "SH", _text(value)),
+                Element(0x00080102, "SH", _text("DCM")),
+                Element(0x00080104, "LO", _text(meaning)),
+            ]
+            for value, meaning in codes
+        ]
+        if opts.retain_long_full_dates:
+            longitudinal = "UNMODIFIED"
+        elif opts.retain_long_modified_dates:
+            longitudinal = "MODIFIED"
+        else:
+            longitudinal = "REMOVED"
+        return [
+            Element(0x00120062, "CS", _text("YES")),
+            Element(0x00120063, "LO", _text("\\".join(method))),
+            Element(0x00120064, "SQ", items),
+            Element(0x00280303, "CS", _text(longitudinal)),
+        ]
+
+    def audit(self, outcome: Outcome, transfer_syntax: str) -> dict[str, Any]:
+        """The JSON-able audit record: counts, options, edition, output UIDs; never a value."""
+        opts = self.profile.options
+        return {
+            "profile": METHOD,
+            "edition": EDITION,
+            "options": opts.enabled(),
+            "burned_in_policy": opts.burned_in,
+            "burned_in_allowed": outcome.burned_in_allowed,
+            "actions": dict(sorted(outcome.counts.items())),
+            "private_removed": outcome.private_removed,
+            "transfer_syntax": transfer_syntax,
+            **outcome.uids,
+        }
+
+
+_ADDED = frozenset({0x00120062, 0x00120063, 0x00120064, 0x00280303})
+
+
+def _tag_of(el: Element) -> int:
+    return el.tag

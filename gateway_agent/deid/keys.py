@@ -1,0 +1,135 @@
+"""The site secret and everything keyed by it: UIDs, patient pseudonyms, per-patient date shift."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+from datetime import date, timedelta
+from pathlib import Path
+
+from .._exceptions import ConfigError
+
+__all__ = ["Keys", "load_or_create_secret", "shift_da", "shift_dt"]
+
+_MIN_SECRET = 16
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """Read the site secret, creating it (32 random bytes, hex, mode 0600) on first use.
+
+    Parent folders are created with mode 0700. The secret is never logged; losing it makes
+    later outputs unlinkable to earlier ones (new UIDs, pseudonyms and date offsets).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        value = secrets.token_hex(32).encode() + b"\n"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # created concurrently: use theirs
+            return load_or_create_secret(path)
+        try:
+            os.write(fd, value)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        data = value.strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the site secret file ({type(exc).__name__})") from None
+    if len(data) < _MIN_SECRET:
+        raise ConfigError(f"the site secret file holds fewer than {_MIN_SECRET} bytes")
+    return data
+
+
+class Keys:
+    """Keyed, deterministic replacements (HMAC-SHA256 with the site secret)."""
+
+    __slots__ = ("_secret", "_uids")
+
+    def __init__(self, secret: bytes) -> None:
+        if not isinstance(secret, bytes | bytearray) or len(secret) < _MIN_SECRET:
+            raise ValueError(f'Argument "secret" must be at least {_MIN_SECRET} bytes.')
+        self._secret = bytes(secret)
+        self._uids: dict[str, str] = {}
+
+    def __getstate__(self) -> bytes:
+        return self._secret
+
+    def __setstate__(self, state: bytes) -> None:
+        self._secret = state
+        self._uids = {}
+
+    def digest(self, purpose: bytes, value: bytes) -> bytes:
+        """HMAC-SHA256 of ``purpose | value``."""
+        return hmac.new(self._secret, purpose + b"|" + value, hashlib.sha256).digest()
+
+    def uid(self, uid: str) -> str:
+        """``2.25.<decimal of the first 192 bits of HMAC(uid)>`` (at most 63 characters)."""
+        found = self._uids.get(uid)
+        if found is None:
+            number = int.from_bytes(self.digest(b"uid", uid.encode("ascii", "replace"))[:24], "big")
+            found = f"2.25.{number}"
+            if len(self._uids) > 100_000:
+                self._uids.clear()
+            self._uids[uid] = found
+        return found
+
+    def patient_pseudonyms(self, patient_key: bytes) -> tuple[str, str]:
+        """``(PatientName, PatientID)`` pseudonyms for a patient key."""
+        h = self.digest(b"patient", patient_key).hex().upper()
+        return f"ANON^{h[:12]}", f"GA{h[12:28]}"
+
+    def day_offset(self, patient_key: bytes) -> int:
+        """The keyed per-patient date shift in days, within -365..-1."""
+        n = int.from_bytes(self.digest(b"dates", patient_key)[:8], "big")
+        return -(1 + n % 365)
+
+
+def shift_da(value: str, days: int) -> str | None:
+    """Shift a DA value (``YYYYMMDD``, also ranges ``A-B``); None when it is not a valid date."""
+    out = []
+    for part in value.split("-"):
+        if not part:
+            out.append("")
+            continue
+        if len(part) != 8 or not part.isdigit():
+            return None
+        try:
+            d = date(int(part[:4]), int(part[4:6]), int(part[6:8])) + timedelta(days=days)
+        except (ValueError, OverflowError):
+            return None
+        out.append(f"{d.year:04d}{d.month:02d}{d.day:02d}")
+    return "-".join(out)
+
+
+def shift_dt(value: str, days: int) -> str | None:
+    """Shift the date part of a DT value, keeping time, fraction and offset."""
+    if len(value) < 4 or not value[:4].isdigit():
+        return None
+    digits = len(value)
+    for i, ch in enumerate(value):
+        if not ch.isdigit():
+            digits = i
+            break
+    head = value[: min(8, digits)]
+    rest = value[len(head) :]
+    if len(head) == 8:
+        shifted = shift_da(head, days)
+        return None if shifted is None else shifted + rest
+    # Year or year-month precision: move the first day of the period, keep the precision.
+    padded = (head + "0101")[:8] if len(head) == 4 else (head + "01")[:8]
+    if len(head) not in (4, 6):
+        return None
+    shifted = shift_da(padded, days)
+    return None if shifted is None else shifted[: len(head)] + rest

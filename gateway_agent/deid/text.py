@@ -1,0 +1,88 @@
+"""Clean Descriptors: keep free text, scrub identifiers found in the same object and look-alikes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+
+__all__ = ["MAX_CHARS", "Scrubber", "date_forms", "identifier_tokens"]
+
+#: Maximum characters per value of text VRs (PS3.5 Table 6.2-1); cleaned values are cut to fit.
+MAX_CHARS = {
+    "AE": 16,
+    "CS": 16,
+    "LO": 64,
+    "LT": 10240,
+    "PN": 64,
+    "SH": 16,
+    "ST": 1024,
+    "UC": 1 << 30,
+    "UT": 1 << 30,
+}
+
+REPLACEMENT = "***"
+
+# Look-alike patterns scrubbed whatever the object holds: dates, long digit runs (IDs, phone
+# numbers), e-mail addresses.
+_GENERIC = (
+    r"\d{4}[-./]\d{1,2}[-./]\d{1,2}",
+    r"\d{1,2}[-./]\d{1,2}[-./]\d{2,4}",
+    r"\d{5,}",
+    r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",
+)
+_TOKEN_SPLIT = re.compile(r"[^0-9A-Za-z\u00C0-\uFFFF]+")
+
+
+def identifier_tokens(value: str, *, person_name: bool = False) -> Iterable[str]:
+    """Words of an identifying value worth scrubbing elsewhere (names: 2+ chars, else 3+)."""
+    minimum = 2 if person_name else 3
+    for token in _TOKEN_SPLIT.split(value):
+        if len(token) >= minimum:
+            yield token
+
+
+def date_forms(da: str) -> Iterable[str]:
+    """Spellings of a DA value (birth date) as people type it."""
+    if len(da) != 8 or not da.isdigit():
+        return
+    y, m, d = da[:4], da[4:6], da[6:]
+    yield from (da, f"{y}-{m}-{d}", f"{d}.{m}.{y}", f"{d}/{m}/{y}", f"{m}/{d}/{y}", f"{y}/{m}/{d}")
+
+
+@lru_cache(maxsize=256)
+def _compile(words: frozenset[str], literals: frozenset[str]) -> re.Pattern[str]:
+    parts = []
+    if words:
+        alt = "|".join(re.escape(w) for w in sorted(words, key=lambda w: (-len(w), w)))
+        parts.append(rf"(?<![0-9A-Za-z])(?:{alt})(?![0-9A-Za-z])")
+    parts.extend(re.escape(w) for w in sorted(literals, key=lambda w: (-len(w), w)))
+    parts.extend(_GENERIC)
+    return re.compile("|".join(parts), re.IGNORECASE)
+
+
+class Scrubber:
+    """Replaces known identifiers (whole words) and look-alike patterns with ``***``."""
+
+    def __init__(self, words: Iterable[str] = (), literals: Iterable[str] = ()) -> None:
+        self._pattern = _compile(frozenset(words), frozenset(literals))
+
+    def __call__(self, text: str, vr: str = "LT") -> str:
+        cleaned = self._pattern.sub(REPLACEMENT, text)
+        limit = MAX_CHARS.get(vr)
+        if limit is not None and vr != "PN":
+            cleaned = (
+                "\\".join(v[:limit] for v in cleaned.split("\\"))
+                if vr
+                in (
+                    "AE",
+                    "CS",
+                    "LO",
+                    "SH",
+                    "UC",
+                )
+                else cleaned[:limit]
+            )
+        if vr == "CS":
+            cleaned = re.sub(r"[^A-Z0-9 _\\]", "_", cleaned.upper())
+        return cleaned

@@ -1,0 +1,176 @@
+"""QC report files (features.csv, report.json, fleet.png) and the one-screen text summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..imaging.figures import save_figure
+from .features import NUMERIC_FEATURES, ScanFeatures
+from .plots import plot_fleet_qc
+
+__all__ = ["build_report", "latest_outliers", "summary_text", "write_report"]
+
+_SUMMARY_OUTLIERS = 8
+
+
+def _num(value: float) -> float | None:
+    return None if not math.isfinite(value) else round(float(value), 4)
+
+
+def build_report(
+    records: Sequence[ScanFeatures],
+    labels: Sequence[int] | np.ndarray,
+    silhouette: float,
+    failures: Sequence[tuple[str, str]] = (),
+) -> dict[str, Any]:
+    """The report as a JSON-safe dict: groups, silhouette, devices, outliers with reasons."""
+    labels = np.asarray(labels, dtype=np.int64)
+    groups = []
+    for g in sorted({int(v) for v in labels}):
+        members = [r for r, lab in zip(records, labels, strict=True) if lab == g]
+        means = {}
+        for name in NUMERIC_FEATURES:
+            vals = np.asarray([getattr(r, name) for r in members], dtype=np.float64)
+            vals = vals[np.isfinite(vals)]
+            means[name] = _num(float(vals.mean())) if vals.size else None
+        groups.append({"group": g, "scans": len(members), "mean": means})
+    devices: dict[str, dict[str, Any]] = {}
+    for r in records:
+        d = devices.setdefault(
+            r.device or "(unnamed)",
+            {
+                "manufacturer": r.manufacturer,
+                "model": r.model,
+                "modality": r.modality,
+                "scans": 0,
+                "outliers": 0,
+            },
+        )
+        d["scans"] += 1
+        d["outliers"] += int(r.outlier)
+    outliers = [
+        {
+            "file": r.file,
+            "sop_instance_uid": r.sop_instance_uid,
+            "series_instance_uid": r.series_instance_uid,
+            "device": r.device,
+            "timestamp": r.timestamp,
+            "group": r.group,
+            "isolation_score": None if r.isolation_score is None else round(r.isolation_score, 4),
+            "reasons": list(r.reasons),
+        }
+        for r in records
+        if r.outlier
+    ]
+    return {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "scans": len(records),
+        "failed": [{"file": f, "reason": why} for f, why in failures],
+        "not_deidentified": sum(1 for r in records if not r.deidentified),
+        "silhouette": _num(silhouette),
+        "groups": groups,
+        "devices": devices,
+        "outliers": outliers,
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def write_report(
+    records: Sequence[ScanFeatures],
+    labels: Sequence[int] | np.ndarray,
+    silhouette: float,
+    out_dir: Path,
+    failures: Sequence[tuple[str, str]] = (),
+) -> dict[str, Path]:
+    """Write ``features.csv``, ``report.json`` and ``fleet.png`` into ``out_dir`` atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=ScanFeatures.field_names(), lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        writer.writerow(r.as_row())
+    paths = {
+        "features": out_dir / "features.csv",
+        "report": out_dir / "report.json",
+        "plot": out_dir / "fleet.png",
+    }
+    _atomic_write(paths["features"], buf.getvalue())
+    report = build_report(records, labels, silhouette, failures)
+    _atomic_write(paths["report"], json.dumps(report, indent=2) + "\n")
+    fig = plot_fleet_qc(records, labels, silhouette)
+    tmp_png = out_dir / ".fleet.png.tmp"
+    save_figure(fig, tmp_png)
+    tmp_png.replace(paths["plot"])
+    return paths
+
+
+def summary_text(
+    records: Sequence[ScanFeatures],
+    labels: Sequence[int] | np.ndarray,
+    silhouette: float,
+    failures: Sequence[tuple[str, str]] = (),
+) -> str:
+    """A one-screen summary: counts, groups, devices, and the outliers with their first reasons."""
+    labels = np.asarray(labels, dtype=np.int64)
+    sil = "undefined" if math.isnan(silhouette) else f"{silhouette:.2f}"
+    outliers = [r for r in records if r.outlier]
+    lines = [
+        f"QC: {len(records)} images measured, {len(failures)} skipped, "
+        f"{len(outliers)} outliers; silhouette {sil}",
+    ]
+    if records:
+        counts = Counter(int(v) for v in labels)
+        lines.append("groups:  " + ", ".join(f"{g}: {n} scans" for g, n in sorted(counts.items())))
+        per_device = Counter(r.device or "(unnamed)" for r in records)
+        bad_device = Counter(r.device or "(unnamed)" for r in outliers)
+        shown = ", ".join(
+            f"{d} {n}" + (f" ({bad_device[d]} outl.)" if bad_device[d] else "")
+            for d, n in per_device.most_common(6)
+        )
+        more = len(per_device) - 6
+        lines.append("devices: " + shown + (f", +{more} more" if more > 0 else ""))
+    not_deid = sum(1 for r in records if not r.deidentified)
+    if not_deid:
+        lines.append(
+            f"warning: {not_deid} images are not marked de-identified (PatientIdentityRemoved)"
+        )
+    for r in outliers[:_SUMMARY_OUTLIERS]:
+        lines.append(f"  ! {r.device or '(unnamed)'} {r.file}")
+        for reason in r.reasons[:2]:
+            lines.append(f"      {reason}")
+        if len(r.reasons) > 2:
+            lines.append(f"      (+{len(r.reasons) - 2} more reasons)")
+    if len(outliers) > _SUMMARY_OUTLIERS:
+        lines.append(
+            f"  ... and {len(outliers) - _SUMMARY_OUTLIERS} more outliers (see report.json)"
+        )
+    return "\n".join(lines)
+
+
+def latest_outliers(report_dir: Path) -> list[dict[str, Any]]:
+    """Outliers of the report in ``report_dir`` (``[]`` when there is none or it is unreadable)."""
+    try:
+        data = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    outliers = data.get("outliers", []) if isinstance(data, dict) else []
+    return [o for o in outliers if isinstance(o, dict)]

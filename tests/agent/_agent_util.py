@@ -1,0 +1,153 @@
+"""Helpers for the agent tests: settings in tmp_path, an in-process daemon, expected outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from gateway_agent.config import Settings, load_settings
+from gateway_agent.synthetic import PHI_MARKERS, Patient, make_ct_series, write_series
+
+PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+#: Inbox names carry a planted marker: no log line, output name or status line may show it.
+NAME_MARKER = PHI_MARKERS[0]
+
+
+def agent_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings with everything under ``tmp_path``, fast settle, no metrics port."""
+    base: dict[str, Any] = {
+        "inbox": tmp_path / "inbox",
+        "state_dir": tmp_path / "state",
+        "destination.kind": "folder",
+        "destination.folder": tmp_path / "destination",
+        "settle_seconds": 0.3,
+        "intake_workers": 2,
+        "metrics.enabled": False,
+        "disk.min_free_mb": 1.0,
+    }
+    base.update(overrides)
+    return load_settings(None, base)
+
+
+def dicomweb_overrides(server: Any) -> dict[str, Any]:
+    """Settings overrides for a ``tests._orthanc.OrthancServer``."""
+    user, password = server.auth
+    return {
+        "destination.kind": "dicomweb",
+        "destination.url": server.dicomweb_url,
+        "destination.auth": "basic",
+        "destination.username": user,
+        "destination.password": password,
+        "destination.backoff_base_seconds": 0.2,
+        "destination.backoff_cap_seconds": 2.0,
+        "destination.timeout_seconds": 10.0,
+    }
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 60.0, step: float = 0.1) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
+@contextlib.contextmanager
+def running_daemon(settings: Settings, **kwargs: Any) -> Iterator[Any]:
+    from gateway_agent.agent.daemon import Daemon
+
+    d = Daemon(settings, **kwargs)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def write_synthetic(
+    directory: Path, n: int, *, seed: str = "study-1", size: int = 64
+) -> list[Path]:
+    """``n`` synthetic CT slices with planted PHI, named with a PHI marker."""
+    return write_series(
+        make_ct_series(n, rows=size, cols=size, study_seed=seed, patient=Patient()),
+        directory,
+        prefix=f"{NAME_MARKER}_{seed}_",
+    )
+
+
+def copy_pydicom_test_files(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in sorted(PYDICOM_TEST_FILES.glob("*.dcm")):
+        dst = directory / src.name
+        shutil.copyfile(src, dst)
+        out.append(dst)
+    return out
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def sop_uid_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def expected_outputs(
+    secret_file: Path, settings: Settings, inputs: list[Path], scratch: Path
+) -> tuple[set[str], list[Path]]:
+    """Run the engine directly (same secret and options): output SOP UIDs and the refused inputs."""
+    from gateway_agent._exceptions import IngestError
+    from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret
+
+    engine = Deidentifier(
+        load_or_create_secret(secret_file),
+        DeidOptions.from_settings(settings.deid),
+        station_name=settings.station_name,
+    )
+    scratch.mkdir(parents=True, exist_ok=True)
+    uids: set[str] = set()
+    refused: list[Path] = []
+    for p in inputs:
+        if p.name.upper() == "DICOMDIR":
+            refused.append(p)
+            continue
+        try:
+            uids.add(engine.deidentify_file(p, scratch).sop_instance_uid)
+        except IngestError:
+            refused.append(p)
+    return uids, refused
+
+
+def assert_no_phi_bytes(paths: list[Path]) -> None:
+    markers = [m.encode() for m in PHI_MARKERS]
+    for p in paths:
+        data = p.read_bytes()
+        for m in markers:
+            assert m not in data, f"PHI marker {m!r} in output {p.name}"
+        assert NAME_MARKER not in str(p), "inbox name leaked into an output path"
+
+
+def no_temp_files(root: Path) -> list[Path]:
+    """Leftover temporaries (hidden, *.tmp, *.partial) under ``root``."""
+    if not root.exists():
+        return []
+    return [
+        p
+        for p in root.rglob("*")
+        if p.is_file() and (p.name.startswith(".") or p.name.endswith((".tmp", ".partial")))
+    ]
+
+
+def set_old_mtime(paths: list[Path]) -> None:
+    t = time.time() - 3600
+    for p in paths:
+        os.utime(p, (t, t))

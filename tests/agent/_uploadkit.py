@@ -1,0 +1,102 @@
+"""Helpers for outbox/uploader/destination tests: files, rows, fake clock, counting transport."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydicom import dcmread
+
+from gateway_agent.agent.outbox import Outbox
+from gateway_agent.synthetic import make_ct_series, write_series
+
+__all__ = [
+    "CountingTransport",
+    "FakeClock",
+    "add_files",
+    "make_files",
+    "wait_for",
+]
+
+
+class FakeClock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_files(directory: Path, n: int, *, seed: str = "study-1") -> list[Path]:
+    """``n`` small (64x64) synthetic CT files of one series."""
+    return write_series(make_ct_series(n, study_seed=seed, rows=64, cols=64), directory)
+
+
+def add_files(outbox: Outbox, paths: list[Path]) -> list[str]:
+    """Queue files as intake would (header read without pixels); returns their SOP UIDs."""
+    uids = []
+    for p in paths:
+        ds = dcmread(p, stop_before_pixels=True)
+        outbox.add(
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            path=p,
+            size=p.stat().st_size,
+            audit={"test": True},
+        )
+        uids.append(str(ds.SOPInstanceUID))
+    return uids
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 30.0, step: float = 0.05) -> Any:
+    """Poll ``pred`` until truthy (returned) or the timeout passes (the last value is returned)."""
+    end = time.monotonic() + timeout
+    value = pred()
+    while not value and time.monotonic() < end:
+        time.sleep(step)
+        value = pred()
+    return value
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """The real HTTP transport, recording (monotonic time, method, path) of every request."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.requests: list[tuple[float, str, str]] = []
+        #: (start, end) of every POST, to check that requests during an outage do not overlap
+        self.spans: list[tuple[float, float]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        start = time.monotonic()
+        with self._lock:
+            self.requests.append((start, request.method, request.url.path))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            response = super().handle_request(request)
+            response.read()
+            return response
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                if request.method == "POST":
+                    self.spans.append((start, time.monotonic()))
+
+    def posts(self) -> int:
+        with self._lock:
+            return sum(1 for _, m, _ in self.requests if m == "POST")

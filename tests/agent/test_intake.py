@@ -1,0 +1,192 @@
+"""Intake with the real engine, a real SQLite outbox and real files: order, originals, reasons."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway_agent.agent.intake import Intake
+from gateway_agent.agent.outbox import Outbox
+from gateway_agent.agent.quarantine import ORIGINAL_NAME, REASON_FILE, Quarantine
+from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret
+from gateway_agent.synthetic import make_ct_slice
+
+from ._agent_util import (
+    agent_settings,
+    files_under,
+    running_daemon,
+    wait_until,
+    write_synthetic,
+)
+
+
+class CrashingEngine:
+    """The real engine, except that a file named ``*CRASH*`` kills the worker process and a file
+    named ``*BUG*`` raises an unexpected exception (what a bug in the engine would do)."""
+
+    def __init__(self, engine: Deidentifier) -> None:
+        self.engine = engine
+
+    def deidentify_file(self, src: Path, out_dir: Path) -> Any:
+        if "CRASH" in src.name:
+            os._exit(3)
+        if "BUG" in src.name:
+            raise RuntimeError("engine bug")
+        return self.engine.deidentify_file(src, out_dir)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Deidentifier:
+    secret = load_or_create_secret(tmp_path / "secret.key")
+    return Deidentifier(secret, DeidOptions.from_settings(agent_settings(tmp_path).deid))
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    ob = Outbox(tmp_path / "state" / "outbox.db")
+    yield ob
+    with contextlib.suppress(Exception):
+        ob.close()
+
+
+def _intake(tmp_path: Path, engine: Any, outbox: Outbox, **kw: Any) -> Intake:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    it = Intake(
+        inbox=inbox,
+        out_dir=tmp_path / "state" / "outbox",
+        engine=engine,
+        outbox=outbox,
+        quarantine=Quarantine(tmp_path / "state" / "quarantine"),
+        workers=kw.pop("workers", 1),
+        state_dir=tmp_path / "state",
+        **kw,
+    )
+    it.start()
+    return it
+
+
+def _run(it: Intake, paths: list[Path], timeout: float = 60) -> None:
+    for p in paths:
+        it.submit(p)
+    assert wait_until(it.idle, timeout=timeout)
+
+
+def test_commit_then_delete(tmp_path: Path, engine: Deidentifier, outbox: Outbox) -> None:
+    woken: list[int] = []
+    it = _intake(tmp_path, engine, outbox, on_committed=lambda: woken.append(1))
+    try:
+        paths = write_synthetic(tmp_path / "inbox" / "s", 5)
+        _run(it, paths)
+    finally:
+        it.stop()
+    assert not any(p.exists() for p in paths)
+    rows = outbox.rows()
+    assert len(rows) == 5 and {r.state for r in rows} == {"queued"}
+    assert all(r.path.is_file() and r.path.parent == tmp_path / "state" / "outbox" for r in rows)
+    assert len(woken) == 5
+
+
+def test_outbox_failure_keeps_the_original(
+    tmp_path: Path, engine: Deidentifier, outbox: Outbox
+) -> None:
+    """If the row cannot be committed, the original must stay (design invariant 1)."""
+    outbox.close()  # every add() now fails like a broken database would
+    it = _intake(tmp_path, engine, outbox)
+    try:
+        paths = write_synthetic(tmp_path / "inbox" / "s", 3)
+        before = [p.read_bytes() for p in paths]
+        _run(it, paths)
+    finally:
+        it.stop()
+    assert [p.read_bytes() for p in paths] == before
+    assert not (tmp_path / "state" / "quarantine").exists() or not any(
+        (tmp_path / "state" / "quarantine").iterdir()
+    )
+
+
+def test_quarantine_layout_and_reason(tmp_path: Path, engine: Deidentifier, outbox: Outbox) -> None:
+    it = _intake(tmp_path, engine, outbox)
+    inbox = tmp_path / "inbox"
+    bad = inbox / "sub" / "report.txt"
+    bad.parent.mkdir()
+    bad.write_text("hello")
+    dicomdir = inbox / "DICOMDIR"
+    dicomdir.write_bytes(b"DICM")
+    try:
+        _run(it, [bad, dicomdir])
+    finally:
+        it.stop()
+    assert not bad.exists() and not dicomdir.exists()
+    q = Quarantine(tmp_path / "state" / "quarantine")
+    entries = {e.reason: e for e in q.entries()}
+    assert set(entries) >= {"dicomdir"} and len(entries) == 2
+    other = next(e for r, e in entries.items() if r != "dicomdir")
+    assert other.original_name == "sub/report.txt"
+    assert other.original_size == 5
+    assert (other.path / ORIGINAL_NAME).read_text() == "hello"
+    assert stat.S_IMODE(other.path.stat().st_mode) == 0o700
+    assert stat.S_IMODE((other.path / ORIGINAL_NAME).stat().st_mode) == 0o600
+    assert stat.S_IMODE((other.path / REASON_FILE).stat().st_mode) == 0o600
+    info = json.loads((other.path / REASON_FILE).read_text())
+    assert set(info) >= {"reason", "detail", "time", "original_size", "original_name"}
+    # What status shows carries no original name.
+    assert "report" not in json.dumps(q.summary())
+    assert outbox.counts()["queued"] == 0
+
+
+def test_worker_crash_and_engine_bug_are_quarantined(
+    tmp_path: Path, engine: Deidentifier, outbox: Outbox
+) -> None:
+    it = _intake(tmp_path, CrashingEngine(engine), outbox, workers=2)
+    inbox = tmp_path / "inbox"
+    good = write_synthetic(inbox / "good", 6)
+    crash = inbox / "CRASH.dcm"
+    bug = inbox / "BUG.dcm"
+    make_ct_slice(rows=32, cols=32, study_seed="c").save_as(crash, enforce_file_format=True)
+    make_ct_slice(rows=32, cols=32, study_seed="b").save_as(bug, enforce_file_format=True)
+    try:
+        _run(it, [crash, *good, bug], timeout=120)
+        assert it.alive()
+    finally:
+        it.stop()
+    reasons = sorted(e.reason for e in Quarantine(tmp_path / "state" / "quarantine").entries())
+    assert reasons == ["internal_error", "internal_error"]
+    assert outbox.counts()["queued"] == 6, "innocent files in flight with the crasher survive"
+    assert not any(p.exists() for p in [*good, crash, bug])
+
+
+def test_archive_originals(tmp_path: Path) -> None:
+    settings = agent_settings(tmp_path, originals="archive", archive_dir=tmp_path / "archive")
+    with running_daemon(settings) as d:
+        paths = write_synthetic(settings.inbox / "study", 4)
+        assert wait_until(lambda: d.drained() and not files_under(settings.inbox), 60)
+    archived = files_under(tmp_path / "archive")
+    assert sorted(p.relative_to(tmp_path / "archive") for p in archived) == sorted(
+        p.relative_to(settings.inbox) for p in paths
+    )
+    assert len(files_under(settings.destination.folder)) == 4
+
+
+def test_keep_originals_are_not_reprocessed(tmp_path: Path) -> None:
+    settings = agent_settings(tmp_path, originals="keep")
+    paths = write_synthetic(tmp_path / "inbox" / "study", 4)
+    with running_daemon(settings) as d:
+        assert wait_until(lambda: d.drained() and d.outbox.counts()["sent"] == 4, 60)
+        assert d.intake is not None
+        assert d.intake.committed == 4
+    assert all(p.exists() for p in paths)
+    with running_daemon(settings) as d:
+        time.sleep(1.0)  # start-up scan sees the kept files again
+        assert wait_until(d.drained, 30)
+        assert d.intake is not None
+        assert d.intake.committed == 0
+        assert d.outbox.counts()["sent"] == 4

@@ -1,0 +1,103 @@
+"""``gateway-agent anonymize`` and ``inspect`` end to end (real files, real worker processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from gateway_agent.cli import main
+from gateway_agent.synthetic import PHI_MARKERS, make_ct_series, write_series
+
+
+def test_anonymize_folder_in_parallel(
+    tmp_path: Path, ct_series_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nested = ct_series_dir / "sub"
+    write_series(make_ct_series(3, rows=16, cols=16, study_seed="other"), nested, prefix="PHIDOE")
+    out = tmp_path / "out"
+    secret = tmp_path / "state" / "secret.key"
+    audit = tmp_path / "audit.jsonl"
+    argv = [
+        "anonymize",
+        str(ct_series_dir),
+        "-o",
+        str(out),
+        "-j",
+        "2",
+        "--secret-file",
+        str(secret),
+    ]
+    assert main([*argv, "--audit", str(audit)]) == 0
+    text = capsys.readouterr().out
+    assert "anonymized 13 of 13 files" in text
+    files = sorted(out.iterdir())
+    assert len(files) == 13
+    ds = pydicom.dcmread(files[0])
+    assert ds.StationName == "EDGE01"
+    assert len(audit.read_text().splitlines()) == 13
+    first = {p.name: p.read_bytes() for p in files}
+    # idempotent: the same secret gives the same files again
+    assert main(argv) == 0
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == first
+    for marker in PHI_MARKERS:
+        assert marker not in text
+        assert all(marker not in name for name in first)
+
+
+def test_anonymize_reports_rejections_by_reason(
+    tmp_path: Path, ct_series_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (ct_series_dir / "PHIDOE_notes.txt").write_text("PHIDOE PHIMRN4711")
+    first = sorted(ct_series_dir.glob("*.dcm"))[0]
+    (ct_series_dir / "PHIDOE_cut.dcm").write_bytes(first.read_bytes()[:-10])
+    out = tmp_path / "out"
+    status = main(
+        [
+            "anonymize",
+            str(ct_series_dir),
+            "-o",
+            str(out),
+            "-j",
+            "1",
+            "--secret-file",
+            str(tmp_path / "s.key"),
+            "--no-clean-descriptors",
+            "--retain-uids",
+        ]
+    )
+    assert status == 1
+    text = capsys.readouterr().out
+    assert "quarantined: 2" in text and "not_dicom: 1" in text and "truncated: 1" in text
+    assert "PHIDOE" not in text
+    ds = pydicom.dcmread(next(out.iterdir()))
+    assert "StudyDescription" not in ds  # --no-clean-descriptors: descriptions removed
+    originals = {pydicom.dcmread(p).SOPInstanceUID for p in ct_series_dir.glob("IMG*.dcm")}
+    assert ds.SOPInstanceUID in originals  # --retain-uids
+
+
+def test_inspect_marks_identifying_attributes(
+    ct_series_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = sorted(ct_series_dir.glob("*.dcm"))[0]
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["patient"]["PatientID"] == "PHIMRN4711"
+    assert info["series"]["Modality"] == "CT"
+    assert info["file"]["transfer_syntax"] == "1.2.840.10008.1.2.1"
+    assert info["instance"]["Rows"] == 64
+    marks = {a["keyword"]: a["identifying"] for a in info["attributes"]}
+    assert marks["PatientName"] and marks["StudyInstanceUID"] and marks["Private"]
+    assert not marks["Rows"] and not marks["Modality"]
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "Transfer" in text and "* (0010,0010)" in text
+
+
+def test_inspect_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "x.dcm"
+    bad.write_bytes(b"nope")
+    assert main(["inspect", str(bad)]) == 1
+    assert "not_dicom" in capsys.readouterr().err

@@ -1,0 +1,677 @@
+"""Shared helpers of the reliability suite: sizes, agent processes, PHI scans, test servers."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from gateway_agent.synthetic import PHI_MARKERS
+
+__all__ = [
+    "FULL",
+    "AgentProcess",
+    "Recorder",
+    "free_port",
+    "http_server",
+    "make_self_signed",
+    "phi_hits",
+    "scan_names",
+    "scan_tree_bytes",
+    "sha256_file",
+    "size",
+    "wait_until",
+    "write_config",
+]
+
+#: ``GATEWAY_RELIABILITY_FULL=1`` runs the README sizes; otherwise CI sizes.
+FULL = os.environ.get("GATEWAY_RELIABILITY_FULL", "") not in ("", "0")
+REPO = Path(__file__).resolve().parents[2]
+_FIGURES = os.environ.get("GATEWAY_RELIABILITY_FIGURES")
+
+
+def size(ci: int, full: int) -> int:
+    """The CI size, or the full size under ``GATEWAY_RELIABILITY_FULL=1``."""
+    return full if FULL else ci
+
+
+def record_figures(case: str, figures: dict[str, Any]) -> None:
+    """Append one case's figures (JSON line) to ``$GATEWAY_RELIABILITY_FIGURES`` if set."""
+    print(f"\nFIGURES {case}: {json.dumps(figures, sort_keys=True)}")
+    if _FIGURES:
+        with Path(_FIGURES).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"case": case, "full": FULL, **figures}, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------- PHI
+
+
+_MARKERS_B = tuple(m.encode() for m in PHI_MARKERS)
+_MARKERS_LOWER = tuple(m.lower() for m in _MARKERS_B)
+
+
+def phi_hits(data: bytes | str) -> list[str]:
+    """The planted PHI markers found in ``data`` (case-insensitive, also UTF-16-LE encoded)."""
+    raw = data.encode("utf-8", "replace") if isinstance(data, str) else data
+    low = raw.lower()
+    hits = [m.decode() for m in _MARKERS_LOWER if m in low]
+    u16 = raw.replace(b"\0", b"").lower() if b"\0" in raw[:4096] else b""
+    hits += [m.decode() + "(utf16)" for m in _MARKERS_LOWER if u16 and m in u16 and m not in low]
+    return hits
+
+
+def scan_names(*roots: Path) -> list[str]:
+    """Paths under ``roots`` whose names carry a PHI marker."""
+    bad = []
+    for root in roots:
+        if not root.exists():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                if phi_hits(name):
+                    bad.append(str(Path(dirpath, name)))
+    return bad
+
+
+def scan_tree_bytes(root: Path, *, skip: Callable[[Path], bool] = lambda p: False) -> list[str]:
+    """``path: markers`` for every file under ``root`` whose bytes carry a PHI marker."""
+    bad = []
+    if not root.exists():
+        return bad
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        if skip(path):
+            continue
+        hits = phi_hits(path.read_bytes())
+        if hits:
+            bad.append(f"{path}: {hits}")
+    return bad
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float,
+    *,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> None:
+    """Poll ``predicate`` until true; raise AssertionError naming ``what`` after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- the agent process
+
+
+def write_config(path: Path, settings: dict[str, Any]) -> Path:
+    """Write a TOML config from a nested dict of plain values (str, int, float, bool)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        return json.dumps(str(v))
+
+    top = [f"{k} = {value(v)}" for k, v in settings.items() if not isinstance(v, dict)]
+    lines = [*top]
+    for section, body in settings.items():
+        if isinstance(body, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in body.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@dataclass
+class AgentProcess:
+    """``gateway-agent run`` as a child process; stdout+stderr appended to ``log_path``.
+
+    ``kill9()`` sends SIGKILL to the recorded PID only; ``peak_rss_mb`` is the largest VmHWM seen
+    over every incarnation (sampled by :meth:`sample` and just before each kill or stop).
+    """
+
+    config: Path
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    argv_prefix: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    peak_rss_mb: float = 0.0
+    exit_codes: list[int] = field(default_factory=list)
+    orphans: int = 0
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        env = dict(os.environ, **self.env)
+        env.pop("CI_NO_SUCH", None)
+        cmd = [
+            *self.argv_prefix,
+            sys.executable,
+            "-m",
+            "gateway_agent",
+            "--config",
+            str(self.config),
+            "--log-format",
+            "json",
+            "run",
+        ]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.config.parent,
+                start_new_session=True,
+            )
+        self.starts += 1
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def sample(self) -> float:
+        """Largest VmHWM (peak RSS) of the agent or any of its workers; keep the maximum."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.peak_rss_mb
+        _total, hwm = tree_rss_mb(self.proc.pid)
+        self.peak_rss_mb = max(self.peak_rss_mb, hwm)
+        return self.peak_rss_mb
+
+    def kill9(self) -> None:
+        """SIGKILL the agent's main process only (``kill -9 PID``), then check that its
+        worker processes die with it within 15 s (``orphans`` counts those that did not);
+        leftovers are then killed through the process group (its own session)."""
+        if self.proc is None:
+            return
+        self.sample()
+        family = descendants(self.proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.exit_codes.append(self.proc.wait(timeout=30))
+        end = time.monotonic() + 15
+        while any(_alive(p) for p in family) and time.monotonic() < end:
+            time.sleep(0.05)
+        left = [p for p in family if _alive(p)]
+        self.orphans += len(left)
+        if left:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def target_pid(self) -> int:
+        """The agent's own PID: the child of the wrapper (strace) when there is one."""
+        assert self.proc is not None
+        if not self.argv_prefix:
+            return self.proc.pid
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+                return int(text.split()[0])
+            time.sleep(0.05)
+        raise RuntimeError("the wrapped agent process did not appear")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait (graceful shutdown); SIGKILL if it does not exit in ``timeout``."""
+        if self.proc is None:
+            return 0
+        self.sample()
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.target_pid(), signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+                return -9
+        rc = self.proc.returncode
+        self.exit_codes.append(rc)
+        return int(rc)
+
+    def log_lines(self) -> list[str]:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+
+def descendants(pid: int) -> set[int]:
+    """All processes below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int(stat_path.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat_path.parent.name))
+    out: set[int] = set()
+    stack = [pid]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            if c not in out:
+                out.add(c)
+                stack.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+# --------------------------------------------------------------------------- small servers
+
+
+@dataclass
+class Recorder:
+    """What a test server saw: one ``(method, path, headers)`` per request."""
+
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, method: str, path: str, headers: dict[str, str]) -> None:
+        with self.lock:
+            self.requests.append((method, path, headers))
+
+
+_STOW_OK = json.dumps({"00081198": {"vr": "SQ"}, "00081199": {"vr": "SQ", "Value": []}}).encode()
+
+
+def _handler(
+    rec: Recorder, reply: Callable[[str, str], tuple[int, dict[str, str], bytes]]
+) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _any(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            elif "chunked" in (self.headers.get("Transfer-Encoding") or ""):
+                while True:
+                    n = int(self.rfile.readline().strip() or b"0", 16)
+                    self.rfile.read(n + 2)
+                    if n == 0:
+                        break
+            rec.add(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+            status, headers, body = reply(self.command, self.path)
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = _any  # noqa: N815
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@contextlib.contextmanager
+def http_server(
+    host: str = "127.0.0.1",
+    *,
+    reply: Callable[[str, str], tuple[int, dict[str, str], bytes]] | None = None,
+    tls: tuple[Path, Path] | None = None,
+) -> Iterator[tuple[str, Recorder]]:
+    """A threaded HTTP(S) server on ``host``:free port; yields ``(base_url, recorder)``.
+
+    The default reply is a STOW-RS-like 200 with DICOM JSON. ``tls`` is ``(cert, key)``.
+    """
+    rec = Recorder()
+
+    def ok(_m: str, _p: str) -> tuple[int, dict[str, str], bytes]:
+        return 200, {"Content-Type": "application/dicom+json"}, _STOW_OK
+
+    server = ThreadingHTTPServer((host, 0), _handler(rec, reply or ok))
+    server.daemon_threads = True
+    if tls is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    scheme = "https" if tls else "http"
+    try:
+        yield f"{scheme}://{host}:{server.server_address[1]}", rec
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def make_self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for ``host`` (IP SAN) made with ``openssl``; ``(cert, key)``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "server.crt", directory / "server.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={host}",
+            "-addext", f"subjectAltName=IP:{host}",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+# --------------------------------------------------------------------------- one agent run
+
+
+def tree_rss_mb(pid: int) -> tuple[float, float]:
+    """``(sum of RSS, largest VmHWM)`` over ``pid`` and all its descendants, in MiB."""
+    total, hwm = 0.0, 0.0
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+                elif line.startswith("VmHWM:"):
+                    hwm = max(hwm, int(line.split()[1]) / 1024)
+        except OSError:
+            continue
+    return total, hwm
+
+
+class AgentRun:
+    """Folders, config and the agent process of one reliability run under ``root``.
+
+    ``inbox/``, ``state/``, ``destination/`` (folder sink) and ``staging/`` (where inputs are
+    written before an atomic rename into the inbox, as a scanner's copy tool would).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        destination: dict[str, Any] | None = None,
+        overrides: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        argv_prefix: list[str] | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.root = root
+        self.inbox = root / "inbox"
+        self.state = state_dir or root / "state"
+        self.dest = root / "destination"
+        self.staging = root / "staging"
+        for d in (self.inbox, self.staging):
+            d.mkdir(parents=True, exist_ok=True)
+        settings: dict[str, Any] = {
+            "inbox": str(self.inbox),
+            "state_dir": str(self.state),
+            "settle_seconds": 0.3,
+            "intake_workers": 2,
+            "destination": destination or {"kind": "folder", "folder": str(self.dest)},
+            "qc": {"enabled": False},
+            "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
+            "disk": {"min_free_mb": 0},
+            "log": {"level": "info", "format": "json"},
+        }
+        for key, value in (overrides or {}).items():
+            if isinstance(value, dict):
+                settings.setdefault(key, {}).update(value)
+            else:
+                settings[key] = value
+        self.settings = settings
+        self.config = write_config(root / "config.toml", settings)
+        self.agent = AgentProcess(
+            self.config, root / "agent.log", env=env or {}, argv_prefix=argv_prefix or []
+        )
+        self.peak_tree_rss_mb = 0.0
+
+    # -- process -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.agent.start()
+
+    def sample(self) -> None:
+        if self.agent.alive():
+            total, _hwm = tree_rss_mb(self.agent.pid)
+            self.peak_tree_rss_mb = max(self.peak_tree_rss_mb, total)
+            self.agent.sample()
+
+    @property
+    def peak_rss_mb(self) -> float:
+        """The largest peak RSS of any one agent process (main or intake worker)."""
+        return self.agent.peak_rss_mb
+
+    def load_settings(self) -> Any:
+        from gateway_agent.config import load_settings
+
+        # The agent's GATEWAY_* environment (e.g. the password), as dotted overrides.
+        overrides = {
+            k.removeprefix("GATEWAY_").lower().replace("__", "."): v
+            for k, v in self.agent.env.items()
+            if k.startswith("GATEWAY_")
+        }
+        return load_settings(self.config, overrides)
+
+    def engine(self) -> Any:
+        """The same Deidentifier the agent builds (same secret file, options, station name)."""
+        from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret
+
+        s = self.load_settings()
+        self.state.mkdir(parents=True, exist_ok=True)
+        secret = load_or_create_secret(s.secret_file)
+        return Deidentifier(secret, DeidOptions.from_settings(s.deid), station_name=s.station_name)
+
+    # -- inputs --------------------------------------------------------------------------------
+    def drop(self, name: str, data: bytes | None = None, *, src: Path | None = None) -> Path:
+        """Make ``inbox/name`` appear atomically (write in staging, then rename)."""
+        staged = self.staging / name
+        if src is not None:
+            os.replace(src, staged) if src.parent == self.staging else staged.write_bytes(
+                src.read_bytes()
+            )
+        elif data is not None:
+            staged.write_bytes(data)
+        target = self.inbox / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, target)
+        return target
+
+    def inbox_files(self) -> list[Path]:
+        return [p for p in self.inbox.rglob("*") if p.is_file() or p.is_symlink()]
+
+    # -- state ---------------------------------------------------------------------------------
+    def outbox_rows(self) -> list[tuple[str, str, str, int]]:
+        """``(sop_instance_uid, state, path, size)`` of every row (read-only connection)."""
+        import sqlite3
+
+        db = self.state / "outbox.db"
+        if not db.exists():
+            return []
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            return [
+                (str(r[0]), str(r[1]), str(r[2]), int(r[3]))
+                for r in conn.execute("select sop_instance_uid, state, path, size from outbox")
+            ]
+        finally:
+            conn.close()
+
+    def outbox_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _sop, state, _p, _s in self.outbox_rows():
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
+    def quarantined(self) -> dict[str, Path]:
+        """sha256 of each quarantined original -> its entry folder."""
+        root = self.state / "quarantine"
+        out: dict[str, Path] = {}
+        if root.is_dir():
+            for entry in root.iterdir():
+                original = entry / "original"
+                if original.is_file():
+                    out[sha256_file(original)] = entry
+        return out
+
+    def delivered_uids(self) -> set[str]:
+        """SOP Instance UIDs in the folder destination (``<study>/<series>/<sop>.dcm``)."""
+        if not self.dest.is_dir():
+            return set()
+        return {p.stem for p in self.dest.rglob("*.dcm") if not p.name.startswith(".")}
+
+    def metrics_port(self) -> int | None:
+        for line in reversed(self.agent.log_lines()):
+            if '"service_ready"' in line:
+                with contextlib.suppress(ValueError):
+                    port = json.loads(line).get("metrics_port")
+                    return int(port) if port else None
+        return None
+
+    def metrics_text(self) -> str:
+        import httpx
+
+        port = self.metrics_port()
+        if port is None:
+            return ""
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+    def temp_files(self) -> list[str]:
+        """Leftovers of interrupted writes anywhere in state, destination and inbox."""
+        left = []
+        for root in (self.state, self.dest, self.inbox):
+            if not root.exists():
+                continue
+            for p in root.rglob("*"):
+                n = p.name
+                if p.is_file() and (
+                    n.endswith((".tmp", ".partial", ".part"))
+                    or (n.startswith(".") and "quarantine" not in p.parts)
+                ):
+                    left.append(str(p.relative_to(self.root)))
+        return left
+
+
+# --------------------------------------------------------------------------- PHI audit
+
+
+def orthanc_files(base_url: str, auth: tuple[str, str]) -> Iterator[bytes]:
+    """Every stored instance's bytes, pulled back from Orthanc (``/instances/{id}/file``)."""
+    import httpx
+
+    with httpx.Client(auth=auth, timeout=60) as client:
+        ids = client.get(base_url + "/instances").json()
+        for oid in ids:
+            yield client.get(f"{base_url}/instances/{oid}/file").content
+
+
+def _mode_problems(quarantine: Path) -> list[str]:
+    problems = []
+    if not quarantine.exists():
+        return problems
+    for p in [quarantine, *quarantine.rglob("*")]:
+        mode = p.stat().st_mode & 0o777
+        want = 0o700 if p.is_dir() else 0o600
+        if mode != want:
+            problems.append(f"{p.relative_to(quarantine.parent)} mode {oct(mode)} != {oct(want)}")
+    return problems
+
+
+def phi_audit(
+    run: AgentRun,
+    *,
+    orthanc: Any = None,
+    metrics: str = "",
+    known_leak: Callable[[Path], bool] | None = None,
+) -> dict[str, Any]:
+    """Planted PHI anywhere it must not be, after a run; plus quarantine modes.
+
+    Uploaded bytes (pulled back from Orthanc, or the folder destination), the outbox files, all
+    agent log lines, the metrics text (taken by the caller while the agent ran), and every file
+    name in outbox, quarantine and destination. Quarantine *contents* hold PHI by nature and
+    are only checked for modes. ``known_leak(path)`` lets a caller set apart output files whose
+    leak is an already reported issue (counted as ``uploaded_known_issue``, not as a hit).
+    """
+    uploaded_hits: list[str] = []
+    known: list[str] = []
+    n_uploaded = 0
+    if orthanc is not None:
+        for i, data in enumerate(orthanc_files(orthanc.base_url, orthanc.auth)):
+            n_uploaded += 1
+            if hits := phi_hits(data):
+                uploaded_hits.append(f"orthanc instance {i}: {hits}")
+    for root in (run.dest, run.state / "outbox"):
+        if not root.exists():
+            continue
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+            n_uploaded += root == run.dest
+            if hits := phi_hits(path.read_bytes()):
+                entry = f"{path.relative_to(run.root)}: {hits}"
+                (known if known_leak and known_leak(path) else uploaded_hits).append(entry)
+    log_hits = [line[:300] for line in run.agent.log_lines() if phi_hits(line)]
+    metrics_hits = phi_hits(metrics)
+    name_hits = scan_names(run.state / "outbox", run.state / "quarantine", run.dest)
+    modes = _mode_problems(run.state / "quarantine")
+    return {
+        "uploaded_checked": n_uploaded,
+        "uploaded_bytes_hits": len(uploaded_hits),
+        "uploaded_known_issue": len(known),
+        "log_lines": len(run.agent.log_lines()),
+        "log_hits": len(log_hits),
+        "metrics_checked": bool(metrics),
+        "metrics_hits": len(metrics_hits),
+        "name_hits": len(name_hits),
+        "mode_problems": len(modes),
+        "details": (uploaded_hits + log_hits + metrics_hits + name_hits + modes)[:20],
+    }
+
+
+def assert_no_phi(case: str, audit: dict[str, Any]) -> None:
+    """Record the audit's figures under ``phi`` and fail on any hit."""
+    figures = {k: v for k, v in audit.items() if k != "details"}
+    record_figures("phi", {"run": case, **figures})
+    bad = {
+        k: audit[k]
+        for k in ("uploaded_bytes_hits", "log_hits", "metrics_hits", "name_hits", "mode_problems")
+        if audit[k]
+    }
+    assert not bad, f"PHI/mode problems after {case}: {bad}\n" + "\n".join(audit["details"])
