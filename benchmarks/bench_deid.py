@@ -30,6 +30,7 @@ What it does, in one run on the same files:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -115,9 +116,9 @@ def build_tools(workdir: Path, jobs: int, cert: Path | None, peers_ok: bool) -> 
                     "-j",
                     str(jobs),
                 ],
-                f"`gateway-agent anonymize SRC -o OUT -j {jobs}`: Annex E 2024e basic profile + "
-                "Clean Descriptors (defaults), keyed UIDs, private tags removed, preamble zeroed, "
-                "names from the new SOP Instance UID",
+                f"`gateway-agent anonymize SRC -o OUT -j {jobs}`: its defaults (Annex E 2024e "
+                "basic profile + Clean Descriptors + Modified Dates; keyed UIDs, private tags "
+                "removed, preamble zeroed, names from the new SOP Instance UID, no fsync)",
                 env={"GATEWAY_STATE_DIR": str(state)},
             )
         )
@@ -579,6 +580,28 @@ def _pf(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def machine() -> str:
+    """CPU model, cores, kernel, Python and gdcmanon versions, for the record."""
+    import platform
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gdcm = "absent"
+    if shutil.which("gdcmanon"):
+        done = subprocess.run(
+            ["gdcmanon", "--version"], capture_output=True, text=True, check=False
+        )
+        gdcm = " ".join(done.stdout.split()[1:3])
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, {gdcm}"
+    )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -660,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{load_after[0]:.1f} after (other work on the box slows every tool alike); "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}"
     )
+    print(f"Machine: {machine()}")
     print()
     print(table(results, n, mbytes))
     print()
@@ -684,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
+        "machine": machine(),
         "files": n,
         "megabytes": mbytes,
         "repeat": args.repeat,

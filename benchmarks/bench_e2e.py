@@ -107,7 +107,9 @@ def direct_upload(server: OrthancServer, files: list[Path], per_post: int, clien
 
 # ----------------------------------------------------------------------------- the agent
 class AgentProc:
-    def __init__(self, work: Path, url: str, auth: tuple[str, str]) -> None:
+    def __init__(
+        self, work: Path, url: str, auth: tuple[str, str], env_extra: dict[str, str]
+    ) -> None:
         self.work = work
         self.inbox = work / "inbox"
         self.state = work / "state"
@@ -120,6 +122,7 @@ class AgentProc:
                 "GATEWAY_DESTINATION__PASSWORD": auth[1],
                 "GATEWAY_DESTINATION__BACKOFF_CAP_SECONDS": "5",
                 "GATEWAY_DISK__MIN_FREE_MB": "1",
+                **env_extra,
             }
         )
         cmd = [
@@ -232,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--queued-size", type=int, default=64, help="matrix of the queued files")
     ap.add_argument("--idle-seconds", type=float, default=60.0)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument(
+        "--parallel", type=int, default=None, help="destination.parallel_requests (default: ours)"
+    )
     args = ap.parse_args(argv)
     if not orthanc_available():
         print("Orthanc with the DICOMweb plugin is required", file=sys.stderr)
@@ -239,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
+    env_extra = {}
+    if args.parallel is not None:
+        env_extra["GATEWAY_DESTINATION__PARALLEL_REQUESTS"] = str(args.parallel)
     try:
         print(f"generating {args.files} CT slices {args.size}x{args.size} ...", file=sys.stderr)
         corpus = make_corpus(work / "corpus", args.files, args.size, "bench")
@@ -263,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The agent: drop -> all stored in Orthanc.
         with OrthancServer() as server:
             agent_dir = work / "agent"
-            agent = AgentProc(agent_dir, server.dicomweb_url, server.auth)
+            agent = AgentProc(agent_dir, server.dicomweb_url, server.auth, env_extra)
             try:
                 agent.wait_ready()
                 staged = agent_dir / "staged"
@@ -318,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_corpus(q_dir, args.queued, args.queued_size, "queued")
         down = OrthancServer()  # never started: connection refused
         agent_dir = work / "agent-queued"
-        agent = AgentProc(agent_dir, down.dicomweb_url, down.auth)
+        agent = AgentProc(agent_dir, down.dicomweb_url, down.auth, env_extra)
         try:
             agent.wait_ready()
             drop(q_dir, agent.inbox, "drop")

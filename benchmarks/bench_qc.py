@@ -8,8 +8,10 @@ Prints a Markdown table of per-slice wall time (median and p90 over ``--repeat``
 thread, warm caches) for each step on one synthetic CT slice, then the throughput of
 ``run_qc`` on ``--files`` slices written to a temporary folder with 1 and 2 worker threads
 (read + features + fleet model), and its CPU time per slice; finally the periodic QC job's
-CPU share while rows arrive in a real Outbox (SQLite file) as fast as it commits them
-(``--job-seconds``, ``--job-interval``; default sampling of 3 slices per series).
+CPU share (its thread's CPU time / wall time) while rows arrive in a real Outbox (SQLite file)
+at ``--ingest-rate`` rows/s (300/s: about the uploader's measured ceiling on this VM), for
+series of 100 slices (CT) and of 1 instance (CR/DX: every instance is a sampling candidate),
+with the default sampling and CPU budget.
 """
 
 from __future__ import annotations
@@ -44,8 +46,13 @@ def _time(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
     return statistics.median(samples), samples[min(len(samples) - 1, int(0.9 * len(samples)))]
 
 
-def bench_job(size: int, seconds: float, interval: float, slices_per_series: int) -> None:
-    """The QC job's CPU share while rows arrive in a real Outbox as fast as it takes them."""
+def bench_job(
+    size: int, seconds: float, interval: float, rate: float, series_slices: int
+) -> tuple[float, float, int, int, int, float]:
+    """The QC job's CPU while rows arrive in a real Outbox at ``rate`` rows/s.
+
+    Returns ``(rows/s, CPU share of one core, runs, sampled, skipped_budget, CPU s per run)``.
+    """
     from gateway_agent.agent.outbox import Outbox
     from gateway_agent.agent.qcjob import QCJob
     from gateway_agent.config import QCSettings
@@ -58,22 +65,23 @@ def bench_job(size: int, seconds: float, interval: float, slices_per_series: int
             state / "outbox",
         )
         outbox = Outbox(state / "outbox.db")
-        job = QCJob(
-            outbox,
-            state,
-            QCSettings(interval_seconds=interval, slices_per_series=slices_per_series),
-        )
+        job = QCJob(outbox, state, QCSettings(interval_seconds=interval))  # default sampling
         stop = threading.Event()
         added = 0
 
         def ingest() -> None:
             nonlocal added
+            start = time.perf_counter()
             while not stop.is_set():
+                due = start + added / rate
+                if due > time.perf_counter():
+                    stop.wait(due - time.perf_counter())
+                    continue
                 path = files[added % len(files)]
                 outbox.add(
                     sop_instance_uid=f"2.25.{10**20 + added}",
                     study_instance_uid="2.25.1",
-                    series_instance_uid=f"2.25.{10**19 + added // 100}",  # 100 slices a series
+                    series_instance_uid=f"2.25.{10**19 + added // series_slices}",
                     sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                     path=path,
                     size=path.stat().st_size,
@@ -93,19 +101,13 @@ def bench_job(size: int, seconds: float, interval: float, slices_per_series: int
         outbox.close()
         runs = int(job.stats["runs"])
         cpu = job.stats["cpu_seconds"]
-        print(
-            f"\n## QC job during ingest ({size}x{size}, {seconds:.0f} s, interval {interval:g} s)\n"
-        )
-        print("| rows ingested/s | series | QC runs | sampled | QC CPU s | CPU share of one core |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        print(
-            f"| {added / wall:.0f} | {added // 100 + 1} | {runs} | {int(job.stats['sampled'])} "
-            f"| {cpu:.2f} | {100 * cpu / wall:.2f} % |"
-        )
-        per_run = cpu / max(runs, 1)
-        print(
-            f"\nper run: {per_run:.2f} s CPU; at the default interval (300 s) that is "
-            f"{100 * per_run / 300:.2f} % of a core plus ~{slices_per_series} slices per series."
+        return (
+            added / wall,
+            cpu / wall,
+            runs,
+            int(job.stats["sampled"]),
+            int(job.stats["skipped_budget"]),
+            cpu / max(runs, 1),
         )
 
 
@@ -114,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--job-seconds", type=float, default=30.0, help="0 skips the QC job part")
-    parser.add_argument("--job-interval", type=float, default=5.0)
+    parser.add_argument("--job-seconds", type=float, default=130.0, help="0 skips the job part")
+    parser.add_argument("--job-interval", type=float, default=60.0)
+    parser.add_argument("--ingest-rate", type=float, default=300.0, help="outbox rows/s")
     args = parser.parse_args(argv)
 
     ds = make_ct_slice(rows=args.size, cols=args.size, noise_sd=15.0)
@@ -162,7 +165,22 @@ def main(argv: list[str] | None = None) -> int:
             assert len(records) == n
             print(f"| {workers} | {wall:.2f} | {n / wall:.0f} | {cpu / n * 1000:.1f} |")
     if args.job_seconds > 0:
-        bench_job(args.size, args.job_seconds, args.job_interval, 3)
+        print(
+            f"\n## QC job during ingest: {args.size}x{args.size}, {args.job_seconds:.0f} s, "
+            f"interval {args.job_interval:g} s, default sampling (3 slices/series, 5 % budget)\n"
+        )
+        print(
+            "| series size | rows/s | QC runs | sampled | over budget | CPU s/run | QC CPU share |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for series_slices in (100, 1):
+            rate, share, runs, sampled, skipped, per_run = bench_job(
+                args.size, args.job_seconds, args.job_interval, args.ingest_rate, series_slices
+            )
+            print(
+                f"| {series_slices} | {rate:.0f} | {runs} | {sampled} | {skipped} "
+                f"| {per_run:.2f} | {100 * share:.1f} % of one core |"
+            )
     versions = f"python {sys.version.split()[0]}, pydicom {pydicom.__version__}"
     print(f"\n(cpu count {os.cpu_count()}, {versions})")
     return 0

@@ -125,6 +125,13 @@ class QCSettings(_Section):
     interval_seconds: float = Field(default=300.0, gt=0)
     slices_per_series: int = Field(default=3, ge=1)
     n_clusters: int = Field(default=2, ge=1, le=20)
+    max_cpu_fraction: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="CPU budget of one QC pass as a fraction of interval_seconds on one core; "
+        "instances beyond it are passed over (counted as skipped_budget).",
+    )
 
 
 class MetricsSettings(_Section):

@@ -33,7 +33,7 @@ from ..logs import get_logger, short_hash
 from .metrics import DEID_SECONDS, DEIDENTIFIED, FILES_RECEIVED, INTAKE_PAUSED
 from .quarantine import Quarantine, move_file
 
-__all__ = ["DICOMDIR_NAME", "Intake", "OutboxSink"]
+__all__ = ["DICOMDIR_NAME", "Intake", "OutboxSink", "describe_error"]
 
 log = get_logger()
 
@@ -42,6 +42,17 @@ DICOMDIR_NAME = "DICOMDIR"
 MAX_WORKER_CRASHES = 2
 #: While intake is paused by its gate (disk guard), re-check the gate this often.
 GATE_RECHECK_SECONDS = 5.0
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as its type and errno name only: OS error messages carry inbox paths."""
+    name = type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{name} {errno.errorcode.get(exc.errno, exc.errno)}"
+    if isinstance(exc, OSError):
+        return name
+    # sqlite3 and our own errors carry no paths; keep their text, but short.
+    return f"{name}: {str(exc)[:200]}"
 
 
 class OutboxSink(Protocol):
@@ -184,7 +195,7 @@ class Intake:
     originals, archive_dir
         What to do with an original after its row is committed: ``delete``, ``archive``, ``keep``.
     workers
-        Worker processes; at most ``2 * workers`` files are in flight.
+        Worker processes; at most ``4 * workers`` files are in flight.
     on_committed
         Called after each committed row (the daemon wakes the uploader).
     gate
@@ -224,7 +235,8 @@ class Intake:
         self._originals = originals
         self._archive_dir = Path(archive_dir) if archive_dir is not None else None
         self._workers = workers
-        self._max_inflight = 2 * workers
+        # A few per worker: workers stay busy while the dispatcher commits rows.
+        self._max_inflight = 4 * workers
         self._on_committed = on_committed
         self._gate = gate
         self._resettle = resettle
@@ -329,8 +341,8 @@ class Intake:
             return True
         try:
             return bool(self._gate())
-        except Exception:
-            log.exception("intake_gate_failed")
+        except Exception as exc:
+            log.error("intake_gate_failed", error=describe_error(exc))
             return True
 
     def _run(self) -> None:
@@ -358,8 +370,10 @@ class Intake:
             for path in launch:
                 try:
                     self._launch(path)
-                except Exception:
-                    log.exception("intake_launch_failed", file=short_hash(path))
+                except Exception as exc:
+                    log.error(
+                        "intake_launch_failed", file=short_hash(path), error=describe_error(exc)
+                    )
 
     def _take_batch(self) -> list[str]:
         """Dequeue what fits in the pool; a file that crashed a worker runs alone (caller locks)."""
@@ -430,9 +444,9 @@ class Intake:
     def _finish_safely(self, job: _Job) -> None:
         try:
             self._finish(job)
-        except Exception:
+        except Exception as exc:
             # Unexpected here (outbox, file system): keep the original; the next scan retries it.
-            log.exception("intake_commit_failed", file=short_hash(job.path))
+            log.error("intake_commit_failed", file=short_hash(job.path), error=describe_error(exc))
         finally:
             with self._cond:
                 if self._inflight.get(job.path) is job:
@@ -512,8 +526,8 @@ class Intake:
         if self._on_committed is not None:
             try:
                 self._on_committed()
-            except Exception:
-                log.exception("intake_on_committed_failed")
+            except Exception as err:
+                log.error("intake_on_committed_failed", error=describe_error(err))
 
     def _dispose(self, job: _Job, rel: str) -> None:
         src = Path(job.path)

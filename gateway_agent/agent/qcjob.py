@@ -98,7 +98,8 @@ class QCJob:
     """Periodic QC inside the daemon, on its own low-priority thread.
 
     :meth:`run_once` reads outbox rows added since the last run, samples
-    ``settings.slices_per_series`` instances per series, stores their features in the
+    ``settings.slices_per_series`` instances per series (within a CPU budget of
+    ``max_cpu_fraction * interval_seconds`` per pass), stores their features in the
     ``qc_features`` table of the outbox database (its own connection), refits the fleet model on
     the newest :data:`MAX_FLEET_RECORDS` rows and writes ``state_dir/qc/{report.json, fleet.png,
     features.csv}``. Errors are logged and counted, never raised into the agent. Timestamps are
@@ -111,7 +112,12 @@ class QCJob:
     state_dir
         The agent's state folder.
     settings
-        ``settings.qc``: ``interval_seconds``, ``slices_per_series``, ``n_clusters``.
+        ``settings.qc``: ``interval_seconds``, ``slices_per_series``, ``n_clusters``,
+        ``max_cpu_fraction``.
+    nice
+        Nice increment of the job's thread (0 keeps the caller's priority).
+    cpu_clock
+        CPU-time source of the budget (this thread's CPU time; injected by tests).
     """
 
     def __init__(
@@ -120,14 +126,14 @@ class QCJob:
         state_dir: Path,
         settings: QCSettings,
         *,
-        clock: Callable[[], float] = time.time,
         nice: int = NICE_INCREMENT,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.outbox = outbox
         self.state_dir = Path(state_dir)
         self.settings = settings
         self.report_dir = qc_report_dir(self.state_dir)
-        self._clock = clock
+        self._cpu_clock = cpu_clock
         self._nice = nice
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -171,17 +177,25 @@ class QCJob:
     # ------------------------------------------------------------------ work
     def run_once(self) -> dict[str, Any]:
         """One QC pass; returns a summary. Never raises (errors are logged and counted)."""
-        cpu0, wall0 = time.thread_time(), time.perf_counter()
-        summary: dict[str, Any] = {"rows": 0, "sampled": 0, "failed": 0, "outliers": None}
+        cpu0, wall0 = self._cpu_clock(), time.perf_counter()
+        summary: dict[str, Any] = {
+            "rows": 0,
+            "sampled": 0,
+            "failed": 0,
+            "skipped_budget": 0,
+            "outliers": None,
+        }
         try:
-            self._ingest(summary)
+            self._ingest(summary, cpu0)
             if summary["sampled"] or not (self.report_dir / "report.json").exists():
                 summary["outliers"] = self._refresh()
         except Exception as exc:  # a QC failure must never stop the agent
             self.stats["errors"] += 1
             summary["error"] = type(exc).__name__
             log.error("qc_run_failed", error=type(exc).__name__, exc_info=True)
-        cpu = time.thread_time() - cpu0
+        if summary["skipped_budget"]:
+            log.warning("qc_budget_exhausted", skipped=summary["skipped_budget"])
+        cpu = self._cpu_clock() - cpu0
         self.stats["runs"] += 1
         self.stats["cpu_seconds"] += cpu
         self.stats["wall_seconds"] += time.perf_counter() - wall0
@@ -189,7 +203,8 @@ class QCJob:
         log.info("qc_run", **{k: v for k, v in summary.items() if v is not None})
         return summary
 
-    def _ingest(self, summary: dict[str, Any]) -> None:
+    def _ingest(self, summary: dict[str, Any], cpu0: float) -> None:
+        budget = self.settings.max_cpu_fraction * self.settings.interval_seconds
         last = self.last_outbox_id
         while not self._stop.is_set() and summary["rows"] < MAX_ROWS_PER_RUN:
             rows = list(self.outbox.rows_since(last, BATCH_ROWS))
@@ -207,10 +222,13 @@ class QCJob:
                 )
                 chosen.extend(_pick(members, self.settings.slices_per_series - have))
             stored: list[tuple[Any, ...]] = []
-            failed = 0
+            failed = skipped = 0
             for row in sorted(chosen, key=lambda r: r.id):
                 if self._stop.is_set():
                     return  # nothing committed for this batch; the next run redoes it
+                if self._cpu_clock() - cpu0 > budget:
+                    skipped += 1  # over this pass's CPU budget: the sample thins out
+                    continue
                 record = self._measure(row)
                 if record is None:
                     failed += 1
@@ -238,6 +256,8 @@ class QCJob:
             summary["rows"] += len(rows)
             summary["sampled"] += len(stored)
             summary["failed"] += failed
+            summary["skipped_budget"] += skipped
+            self.stats["skipped_budget"] += skipped
             self.stats["rows_seen"] += len(rows)
             self.stats["sampled"] += len(stored)
             self.stats["failed"] += failed
@@ -262,7 +282,12 @@ class QCJob:
         records = [ScanFeatures.from_json(json.loads(r[0])) for r in reversed(rows)]
         if not records:
             return 0
-        _matrix, labels, silhouette = analyse_fleet(records, self.settings.n_clusters)
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+
+        # One thread for scikit-learn's OpenMP/BLAS pools: QC stays on its own (niced) thread,
+        # and its CPU time is what time.thread_time() counts.
+        with threadpool_limits(limits=1):
+            _matrix, labels, silhouette = analyse_fleet(records, self.settings.n_clusters)
         write_report(records, labels, silhouette, self.report_dir)
         outliers = sum(1 for r in records if r.outlier)
         with contextlib.suppress(Exception):  # metrics are optional here

@@ -88,8 +88,8 @@ class _Handler(FileSystemEventHandler):
                 w._request_scan(_fs(event.src_path))
             elif isinstance(event, DirMovedEvent):
                 w._request_scan(_fs(event.dest_path))
-        except Exception:  # never let one event kill the observer thread
-            log.exception("watcher_event_failed", event=type(event).__name__)
+        except Exception as exc:  # never let one event kill the observer thread
+            log.error("watcher_event_failed", event=type(event).__name__, error=type(exc).__name__)
 
 
 def _fs(p: bytes | str) -> str:
@@ -235,8 +235,8 @@ class InboxWatcher:
     def _hand_over(self, path: str) -> None:
         try:
             self._on_ready(Path(path))
-        except Exception:
-            log.exception("watcher_handover_failed")
+        except Exception as exc:
+            log.error("watcher_handover_failed", error=type(exc).__name__)
 
     # ----------------------------------------------------------------- timer thread
     def _run(self) -> None:

@@ -6,25 +6,17 @@ import argparse
 import math
 import sys
 from pathlib import Path
-
-import pydicom
-from pydicom.dataset import Dataset
+from typing import TYPE_CHECKING
 
 from .._exceptions import GatewayError
-from ..imaging import (
-    WINDOW_PRESETS,
-    cluster_figure,
-    cluster_scan,
-    frame_count,
-    is_hu,
-    save_figure,
-    save_gray_png,
-    tissue_map,
-    window_from_dataset,
-    window_panel,
-)
+from ..imaging.presets import WINDOW_PRESETS
 from ..logs import configure
-from ..qc import analyse_fleet, scan_directory, summary_text, write_report
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+# numpy, pydicom, scikit-learn and matplotlib are imported inside the handlers: the parser is
+# built for every command, and these imports cost about a second.
 
 __all__ = ["register"]
 
@@ -93,6 +85,8 @@ def _fail(command: str, message: str) -> int:
 
 
 def _read(path: Path) -> Dataset:
+    import pydicom
+
     if not path.is_file():
         raise GatewayError("FILE does not exist or is not a file")
     try:
@@ -107,6 +101,8 @@ def _quiet_logs(args: argparse.Namespace) -> None:
 
 def cmd_window(args: argparse.Namespace) -> int:
     """``gateway-agent window``: one PNG at native size, or a titled panel of presets."""
+    from ..imaging import frame_count, save_figure, save_gray_png, window_from_dataset, window_panel
+
     _quiet_logs(args)
     if (args.center is None) != (args.width is None):
         return _fail("window", "--center and --width go together")
@@ -137,6 +133,8 @@ def cmd_window(args: argparse.Namespace) -> int:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     """``gateway-agent cluster``: windowed image | cluster map (| CT tissue map)."""
+    from ..imaging import cluster_figure, cluster_scan, frame_count, is_hu, save_figure, tissue_map
+
     _quiet_logs(args)
     if args.clusters < 1:
         return _fail("cluster", "--clusters must be at least 1")
@@ -164,6 +162,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 def cmd_qc(args: argparse.Namespace) -> int:
     """``gateway-agent qc``: features, groups and outliers of a folder; report files + summary."""
+    from ..qc import analyse_fleet, scan_directory, summary_text, write_report
+
     _quiet_logs(args)
     if not args.directory.is_dir():
         return _fail("qc", "DIR is not a folder")

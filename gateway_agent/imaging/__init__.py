@@ -1,28 +1,37 @@
-"""Imaging: stored values to HU, VOI windowing and presets, intensity clustering, CT tissue map."""
+"""Imaging: stored values to HU, VOI windowing and presets, intensity clustering, CT tissue map.
+
+Names load lazily (PEP 562): importing this package costs nothing until a name is used, so the
+command line and the de-identification path do not pay for numpy, scikit-learn or matplotlib.
+"""
 
 from __future__ import annotations
 
-from .cluster import (
-    SILHOUETTE_SAMPLE,
-    TISSUE_CLASSES,
-    cluster_scan,
-    dice_per_class,
-    kmeans_1d,
-    sampled_silhouette,
-    tissue_map,
-)
-from .figures import cluster_figure, save_figure, save_gray_png, window_panel
-from .lut import (
-    WINDOW_PRESETS,
-    VOIFunction,
-    apply_window,
-    dataset_window,
-    frame_count,
-    hu_from_dataset,
-    is_hu,
-    modality_lut,
-    window_from_dataset,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .presets import WINDOW_PRESETS
+
+if TYPE_CHECKING:
+    from .cluster import (
+        SILHOUETTE_SAMPLE,
+        TISSUE_CLASSES,
+        cluster_scan,
+        dice_per_class,
+        kmeans_1d,
+        sampled_silhouette,
+        tissue_map,
+    )
+    from .figures import cluster_figure, save_figure, save_gray_png, window_panel
+    from .lut import (
+        VOIFunction,
+        apply_window,
+        dataset_window,
+        frame_count,
+        hu_from_dataset,
+        is_hu,
+        modality_lut,
+        window_from_dataset,
+    )
 
 __all__ = [
     "SILHOUETTE_SAMPLE",
@@ -46,3 +55,45 @@ __all__ = [
     "window_from_dataset",
     "window_panel",
 ]
+
+_WHERE = {
+    **dict.fromkeys(
+        (
+            "SILHOUETTE_SAMPLE",
+            "TISSUE_CLASSES",
+            "cluster_scan",
+            "dice_per_class",
+            "kmeans_1d",
+            "sampled_silhouette",
+            "tissue_map",
+        ),
+        "cluster",
+    ),
+    **dict.fromkeys(("cluster_figure", "save_figure", "save_gray_png", "window_panel"), "figures"),
+    **dict.fromkeys(
+        (
+            "VOIFunction",
+            "apply_window",
+            "dataset_window",
+            "frame_count",
+            "hu_from_dataset",
+            "is_hu",
+            "modality_lut",
+            "window_from_dataset",
+        ),
+        "lut",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,12 +1,25 @@
-"""Fleet QC: per-scan features, the fleet model (groups, outliers, reasons), plots and reports."""
+"""Fleet QC: per-scan features, the fleet model (groups, outliers, reasons), plots and reports.
+
+Names load lazily (PEP 562), so importing the package is free until a name is used.
+"""
 
 from __future__ import annotations
 
-from .features import NUMERIC_FEATURES, ScanFeatures, features_from_dataset, features_from_file
-from .fleet import FEATURE_SCALES, OutlierSettings, cluster_fleet, detect_outliers, feature_matrix
-from .plots import plot_fleet_qc
-from .report import build_report, latest_outliers, summary_text, write_report
-from .run import analyse_fleet, find_dicom_files, run_qc, scan_directory
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .features import NUMERIC_FEATURES, ScanFeatures, features_from_dataset, features_from_file
+    from .fleet import (
+        FEATURE_SCALES,
+        OutlierSettings,
+        cluster_fleet,
+        detect_outliers,
+        feature_matrix,
+    )
+    from .plots import plot_fleet_qc
+    from .report import build_report, latest_outliers, summary_text, write_report
+    from .run import analyse_fleet, find_dicom_files, run_qc, scan_directory
 
 __all__ = [
     "FEATURE_SCALES",
@@ -28,3 +41,30 @@ __all__ = [
     "summary_text",
     "write_report",
 ]
+
+_WHERE = {
+    **dict.fromkeys(
+        ("NUMERIC_FEATURES", "ScanFeatures", "features_from_dataset", "features_from_file"),
+        "features",
+    ),
+    **dict.fromkeys(
+        ("FEATURE_SCALES", "OutlierSettings", "cluster_fleet", "detect_outliers", "feature_matrix"),
+        "fleet",
+    ),
+    "plot_fleet_qc": "plots",
+    **dict.fromkeys(("build_report", "latest_outliers", "summary_text", "write_report"), "report"),
+    **dict.fromkeys(("analyse_fleet", "find_dicom_files", "run_qc", "scan_directory"), "run"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

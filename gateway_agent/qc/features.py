@@ -252,9 +252,9 @@ def _robust_noise(image: np.ndarray, tissue: np.ndarray, quantum: float | None) 
 def _image_features(image: np.ndarray, hu: bool, quantum: float | None) -> dict[str, float]:
     finite = np.isfinite(image)
     if not finite.all():
-        image = np.where(finite, image, np.nanmin(image) if finite.any() else 0.0).astype(
-            np.float32
-        )
+        # Float pixel data may hold NaN/inf: treat them as the lowest finite value (background).
+        fill = float(image[finite].min()) if finite.any() else 0.0
+        image = np.where(finite, image, np.float32(fill)).astype(np.float32)
     out = dict.fromkeys(NUMERIC_FEATURES, _NAN)
     out["body_fraction"] = 0.0
     threshold = _CT_BODY_HU if hu else _otsu(image)

@@ -115,8 +115,8 @@ def test_close_after_write_is_taken_once(
     inbox: Path, run_watcher: Callable[..., InboxWatcher]
 ) -> None:
     c = Collector()
-    run_watcher(inbox, c, settle=30.0)  # only the close event can make it ready in time
     (inbox / "study").mkdir()
+    run_watcher(inbox, c, settle=30.0)  # only the close event can make it ready in time
     (inbox / "study" / "IMG1.dcm").write_bytes(b"d" * 1000)
     assert c.wait_for({"IMG1.dcm"}) == {"IMG1.dcm"}
     time.sleep(0.5)

@@ -123,3 +123,14 @@ def test_numeric_feature_names_exist() -> None:
     names = set(ScanFeatures.field_names())
     assert set(NUMERIC_FEATURES) <= names
     assert pydicom.__version__.startswith("3.")
+
+
+def test_non_finite_float_pixels_are_background() -> None:
+    from gateway_agent.qc.features import _image_features
+
+    image = np.zeros((32, 32), np.float32)
+    image[8:24, 8:24] = 100.0
+    image[0, 0], image[0, 1] = np.nan, np.inf
+    out = _image_features(image, hu=False, quantum=None)
+    assert out["avg_density"] == pytest.approx(100.0)
+    assert out["air_mean"] == pytest.approx(0.0)

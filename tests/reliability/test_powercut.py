@@ -43,8 +43,7 @@ def test_fsync_ordering_before_original_unlink(tmp_path: Path, agent_run) -> Non
     run.start()
     try:
         for name in [*expected, *bad]:
-            run.drop(name, (run.staging / name).read_bytes())
-            (run.staging / name).unlink(missing_ok=True)
+            run.feed(name)
         wait_until(
             lambda: not run.inbox_files() and len(run.outbox_rows()) == n,
             timeout=size(120, 900),
