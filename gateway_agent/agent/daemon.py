@@ -19,6 +19,7 @@ from ..logs import get_logger
 from .destinations import destination_from_settings
 from .intake import Intake
 from .outbox import Outbox
+from .qcjob import qc_component
 from .quarantine import Quarantine
 from .service import start_service_plumbing
 from .uploader import Uploader
@@ -108,7 +109,8 @@ class Daemon:
         self.paths = StatePaths(settings.state_dir)
         self.inbox = Path(settings.inbox).resolve()
         self.stop_deadline = stop_deadline
-        self._factories = list(components or [])
+        # Periodic QC runs alongside by default (it does nothing when qc.enabled is false).
+        self._factories = [qc_component] if components is None else list(components)
         self._want_service = service
         self.components: list[Component] = []
         self.outbox: Outbox | None = None
@@ -171,6 +173,9 @@ class Daemon:
             resettle=self._resettle,
         )
         self.intake.start()
+        intake = self.intake
+        # Batches fill while intake is busy; a lone file is sent as soon as it is committed.
+        self.uploader.more_coming = lambda: not intake.idle()
         self.watcher = InboxWatcher(self.inbox, self.intake.submit, settle_seconds=s.settle_seconds)
         self.watcher.start()
 

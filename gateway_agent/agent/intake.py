@@ -42,6 +42,10 @@ DICOMDIR_NAME = "DICOMDIR"
 MAX_WORKER_CRASHES = 2
 #: While intake is paused by its gate (disk guard), re-check the gate this often.
 GATE_RECHECK_SECONDS = 5.0
+#: Group commit: completions arriving within this long share one outbox transaction ...
+GROUP_LINGER_SECONDS = 0.003
+#: ... up to this many rows.
+GROUP_MAX = 64
 
 
 def describe_error(exc: BaseException) -> str:
@@ -146,6 +150,7 @@ class _Job:
     mtime_ns: int
     future: Future[_JobResult] | None = None
     started: float = field(default_factory=time.perf_counter)
+    rel: str | None = None  # the inbox-relative name, checked when the job was launched
 
 
 class _KeptIndex:
@@ -365,8 +370,7 @@ class Intake:
                 self._done.clear()
                 if not self._stopping and self._gate_open():
                     launch = self._take_batch()
-            for job in done:
-                self._finish_safely(job)
+            # Keep the workers busy first; then commit everything that completed as one group.
             for path in launch:
                 try:
                     self._launch(path)
@@ -374,6 +378,13 @@ class Intake:
                     log.error(
                         "intake_launch_failed", file=short_hash(path), error=describe_error(exc)
                     )
+            if done:
+                group = self._linger(done)
+                try:
+                    self._finish_group(group)
+                except Exception as exc:  # never let the dispatcher die; originals stay
+                    log.error("intake_commit_failed", files=len(group), error=describe_error(exc))
+                    self._release(group)
 
     def _take_batch(self) -> list[str]:
         """Dequeue what fits in the pool; a file that crashed a worker runs alone (caller locks)."""
@@ -409,7 +420,7 @@ class Intake:
             # A media directory lists patients; it is not an instance to upload.
             self._to_quarantine(path, rel, "dicomdir", "DICOMDIR media index is not uploaded")
             return
-        job = _Job(path, st.st_size, st.st_mtime_ns)
+        job = _Job(path, st.st_size, st.st_mtime_ns, rel=rel)
         with self._cond:
             self._inflight[path] = job
         assert self._pool is not None
@@ -441,17 +452,115 @@ class Intake:
         if old is not None:
             old.shutdown(wait=False, cancel_futures=True)
 
-    def _finish_safely(self, job: _Job) -> None:
-        try:
-            self._finish(job)
-        except Exception as exc:
-            # Unexpected here (outbox, file system): keep the original; the next scan retries it.
-            log.error("intake_commit_failed", file=short_hash(job.path), error=describe_error(exc))
-        finally:
-            with self._cond:
+    def _linger(self, done: list[_Job]) -> list[_Job]:
+        """Under load, wait a moment (at most ``GROUP_LINGER_SECONDS``) so more completions
+        share one commit. Not when nothing else is in flight (a lone file commits at once)."""
+        deadline = time.monotonic() + GROUP_LINGER_SECONDS
+        with self._cond:
+            while (
+                not self._stopping
+                and len(done) + len(self._done) < GROUP_MAX
+                and len(self._inflight) > len(done) + len(self._done)
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            done.extend(self._done)
+            self._done.clear()
+        return done
+
+    def _release(self, jobs: list[_Job]) -> None:
+        with self._cond:
+            for job in jobs:
                 if self._inflight.get(job.path) is job:
                     del self._inflight[job.path]
-                self._cond.notify_all()
+            self._cond.notify_all()
+
+    def _finish_group(self, jobs: list[_Job]) -> None:
+        """Classify completed jobs; commit the good ones in ONE outbox transaction; dispose.
+
+        Invariant 1 holds per file: every output was made durable by its worker (temp, fsync,
+        rename, folder fsync) before the job completed; the group's rows are committed (one
+        ``BEGIN IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``) before any original of the
+        group is removed. A failed commit keeps every original of the group.
+        """
+        ready: list[tuple[_Job, str, Any, float]] = []
+        handled: list[_Job] = []
+        for job in jobs:
+            try:
+                item = self._prepare(job)
+            except Exception as exc:
+                # Unexpected (file system): keep the original; the next scan retries it.
+                log.error(
+                    "intake_commit_failed", file=short_hash(job.path), error=describe_error(exc)
+                )
+                item = None
+            if item is None:
+                handled.append(job)
+            else:
+                ready.append((job, *item))
+        committed = 0
+        if ready:
+            try:
+                added = self._add_rows([r[2] for r in ready])
+            except Exception as exc:
+                for job, *_ in ready:
+                    log.error(
+                        "intake_commit_failed",
+                        file=short_hash(job.path),
+                        error=describe_error(exc),
+                    )
+                ready = []
+                added = []
+            # Only now, with the rows committed, may the originals go.
+            for (job, rel, result, seconds), new in zip(ready, added, strict=True):
+                try:
+                    self._dispose(job, rel)
+                except Exception as exc:
+                    log.error(
+                        "intake_commit_failed",
+                        file=short_hash(job.path),
+                        error=describe_error(exc),
+                    )
+                    continue
+                committed += 1
+                self.committed += 1
+                DEIDENTIFIED.inc()
+                DEID_SECONDS.observe(seconds)
+                self._crashes.pop(job.path, None)
+                log.debug(
+                    "deidentified",
+                    sop_instance_uid=result.sop_instance_uid,
+                    new=new,
+                    seconds=round(seconds, 4),
+                )
+        self._release(handled + [r[0] for r in ready])
+        # After the release, so a woken uploader sees this intake's backlog already shrunk.
+        if self._on_committed is not None:
+            for _ in range(committed):
+                try:
+                    self._on_committed()
+                except Exception as err:
+                    log.error("intake_on_committed_failed", error=describe_error(err))
+
+    def _add_rows(self, results: list[Any]) -> list[bool]:
+        rows = [
+            {
+                "sop_instance_uid": r.sop_instance_uid,
+                "study_instance_uid": r.study_instance_uid,
+                "series_instance_uid": r.series_instance_uid,
+                "sop_class_uid": r.sop_class_uid,
+                "path": r.path,
+                "size": r.size,
+                "audit": r.audit,
+            }
+            for r in results
+        ]
+        add_many = getattr(self._outbox, "add_many", None)
+        if add_many is not None:
+            return list(add_many(rows))
+        return [self._outbox.add(**row) for row in rows]  # a sink without group commit
 
     def _unchanged(self, job: _Job) -> bool:
         try:
@@ -465,12 +574,14 @@ class Intake:
             if not self._stopping:
                 self._queue[path] = None
 
-    def _finish(self, job: _Job) -> None:
+    def _prepare(self, job: _Job) -> tuple[str, Any, float] | None:
+        """Deal with a completed job, except its commit: ``(rel, result, seconds)`` when it is
+        to be committed, None when it was handled here (crash, error, deferred, changed)."""
         assert job.future is not None
         exc = job.future.exception()
         if isinstance(exc, BrokenProcessPool):
             if self._stopping:
-                return  # shutting down: the original stays in the inbox
+                return None  # shutting down: the original stays in the inbox
             n = self._crashes.get(job.path, 0) + 1
             self._crashes[job.path] = n
             if self._pool is not None and getattr(self._pool, "_broken", False):
@@ -478,18 +589,18 @@ class Intake:
             log.error("intake_worker_died", file=short_hash(job.path), crashes=n)
             if n <= MAX_WORKER_CRASHES:
                 self._requeue(job.path)
-                return
-            rel = self._relative(job.path) or Path(job.path).name
+                return None
+            rel = job.rel or self._relative(job.path) or Path(job.path).name
             self._crashes.pop(job.path, None)
             self._to_quarantine(job.path, rel, "internal_error", "worker process died")
-            return
+            return None
         if exc is not None:
             raise exc
         kind, payload, detail, seconds = job.future.result()
-        rel = self._relative(job.path) or Path(job.path).name
+        rel = job.rel or self._relative(job.path) or Path(job.path).name
         if kind == "transient":
             log.error("intake_deferred", file=short_hash(job.path), cause=detail)
-            return  # the original stays; the watcher's periodic scan offers it again
+            return None  # the original stays; the watcher's periodic scan offers it again
         if not self._unchanged(job):
             # Rewritten (or removed) while we read it: never act on bytes we did not process;
             # let it settle again.
@@ -497,37 +608,11 @@ class Intake:
                 self._resettle(Path(job.path))
             else:
                 self._requeue(job.path)
-            return
+            return None
         if kind == "error":
             self._to_quarantine(job.path, rel, str(payload), detail)
-            return
-        result = payload
-        added = self._outbox.add(
-            sop_instance_uid=result.sop_instance_uid,
-            study_instance_uid=result.study_instance_uid,
-            series_instance_uid=result.series_instance_uid,
-            sop_class_uid=result.sop_class_uid,
-            path=result.path,
-            size=result.size,
-            audit=result.audit,
-        )
-        # Only now, with the row committed, may the original go.
-        self._dispose(job, rel)
-        self.committed += 1
-        DEIDENTIFIED.inc()
-        DEID_SECONDS.observe(seconds)
-        self._crashes.pop(job.path, None)
-        log.debug(
-            "deidentified",
-            sop_instance_uid=result.sop_instance_uid,
-            new=added,
-            seconds=round(seconds, 4),
-        )
-        if self._on_committed is not None:
-            try:
-                self._on_committed()
-            except Exception as err:
-                log.error("intake_on_committed_failed", error=describe_error(err))
+            return None
+        return rel, payload, seconds
 
     def _dispose(self, job: _Job, rel: str) -> None:
         src = Path(job.path)

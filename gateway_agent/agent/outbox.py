@@ -24,7 +24,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,30 +208,60 @@ class Outbox:
         audit: dict[str, Any],
     ) -> bool:
         """Insert a queued row, durable on return; False if the SOP UID was already there."""
-        if not sop_instance_uid:
-            raise ValueError('Argument "sop_instance_uid" must not be empty.')
-        if size < 0:
-            raise ValueError('Argument "size" must be >= 0.')
-        now = self._clock()
-        with self._tx() as c:
-            cur = c.execute(
-                "insert or ignore into outbox (sop_instance_uid, study_instance_uid,"
-                " series_instance_uid, sop_class_uid, path, size, state, attempts,"
-                " next_attempt_at, created_at, audit)"
-                " values (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
+        return self.add_many(
+            [
+                {
+                    "sop_instance_uid": sop_instance_uid,
+                    "study_instance_uid": study_instance_uid,
+                    "series_instance_uid": series_instance_uid,
+                    "sop_class_uid": sop_class_uid,
+                    "path": path,
+                    "size": size,
+                    "audit": audit,
+                }
+            ]
+        )[0]
+
+    def add_many(self, items: Sequence[Mapping[str, Any]]) -> list[bool]:
+        """Insert queued rows in ONE transaction (a group commit: one WAL sync for the group).
+
+        Each item holds the keyword arguments of :meth:`add`. All or nothing: either every row
+        is committed and durable on return, or (an exception) none is. Returns, per item, False
+        if its SOP UID was already there (or earlier in ``items``).
+        """
+        params = []
+        for item in items:
+            uid = item["sop_instance_uid"]
+            if not uid:
+                raise ValueError('Argument "sop_instance_uid" must not be empty.')
+            if int(item["size"]) < 0:
+                raise ValueError('Argument "size" must be >= 0.')
+            params.append(
                 (
-                    sop_instance_uid,
-                    study_instance_uid,
-                    series_instance_uid,
-                    sop_class_uid,
-                    str(path),
-                    int(size),
-                    now,
-                    now,
-                    json.dumps(audit, sort_keys=True, default=str),
-                ),
+                    uid,
+                    item["study_instance_uid"],
+                    item["series_instance_uid"],
+                    item["sop_class_uid"],
+                    str(item["path"]),
+                    int(item["size"]),
+                    json.dumps(item.get("audit") or {}, sort_keys=True, default=str),
+                )
             )
-            return cur.rowcount == 1
+        if not params:
+            return []
+        now = self._clock()
+        added: list[bool] = []
+        with self._tx() as c:
+            for p in params:
+                cur = c.execute(
+                    "insert or ignore into outbox (sop_instance_uid, study_instance_uid,"
+                    " series_instance_uid, sop_class_uid, path, size, state, attempts,"
+                    " next_attempt_at, created_at, audit)"
+                    " values (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
+                    (*p[:6], now, now, p[6]),
+                )
+                added.append(cur.rowcount == 1)
+        return added
 
     def get(self, sop_instance_uid: str) -> OutboxRow | None:
         rows = self._query(_SELECT_ROWS + " where sop_instance_uid = ?", (sop_instance_uid,))
@@ -366,6 +396,15 @@ class Outbox:
                 "update destination_state set blocked_until = 0, probe_until = 0 where id = 1"
             )
         return int(n)
+
+    def due_summary(self, limit: int) -> tuple[int, int]:
+        """``(rows, bytes)`` of the first ``limit`` queued rows due now (a read, no write)."""
+        rows = self._query(
+            "select count(*), coalesce(sum(size), 0) from (select size from outbox"
+            " where state = 'queued' and next_attempt_at <= ? order by id limit ?)",
+            (self._clock(), int(limit)),
+        )
+        return int(rows[0][0]), int(rows[0][1])
 
     def next_due_at(self) -> float | None:
         """When the earliest queued row becomes due (None: nothing queued)."""

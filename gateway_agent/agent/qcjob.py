@@ -268,8 +268,9 @@ class QCJob:
         path = Path(row.path)
         try:
             record = features_from_file(path)
-        except (QCError, OSError) as exc:
-            log.info("qc_skipped", sop_uid=row.sop_instance_uid, reason=type(exc).__name__)
+        except Exception as exc:  # QCError, OSError (file gone), anything else: skip the row
+            level = log.info if isinstance(exc, QCError | OSError) else log.warning
+            level("qc_skipped", sop_uid=row.sop_instance_uid, reason=type(exc).__name__)
             return None
         record.file = path.name
         record.timestamp = datetime.fromtimestamp(row.created_at).isoformat(timespec="seconds")

@@ -11,7 +11,6 @@ from ..config import Settings
 from ..logs import get_logger
 from .diskguard import DiskGuard, free_bytes
 from .health import CheckResult, HealthServer, sqlite_writable
-from .metrics import REGISTRY
 from .notify import Notifier
 
 __all__ = ["ServicePlumbing", "start_service_plumbing", "status_line"]
@@ -170,7 +169,9 @@ class ServicePlumbing:
 
     def _check_destination(self) -> CheckResult:
         m = self.settings.metrics
-        last = REGISTRY.get_sample_value("gateway_last_upload_success_timestamp_seconds") or 0.0
+        # The outbox's persisted last_success_at is the truth; the process-global gauge is not
+        # (several agents, or tests, can share one process).
+        last = 0.0
         if self._dest_status is not None:
             try:
                 status = self._dest_status()
@@ -179,7 +180,7 @@ class ServicePlumbing:
             if status.get("auth_failing"):
                 return CheckResult(False, "destination rejects the agent's credentials")
             value = status.get("last_success_at") or status.get("last_success")
-            if isinstance(value, int | float) and value > last:
+            if isinstance(value, int | float):
                 last = float(value)
         if last and self._clock() - last <= m.ready_upload_window_seconds:
             return CheckResult(True, f"last upload {self._clock() - last:.0f} s ago")

@@ -36,6 +36,9 @@ log = get_logger()
 
 #: Longest sleep between checks when idle (new rows wake the workers earlier).
 IDLE_MAX_SECONDS = 30.0
+#: While more rows are on their way (intake busy), a worker waits up to this long for a batch to
+#: fill before it claims; one worker fills at a time while the others send.
+BATCH_LINGER_SECONDS = 0.1
 #: Longest wait honoured from a Retry-After header.
 RETRY_AFTER_MAX_SECONDS = 3600.0
 #: Statuses that mean "the destination refuses us" rather than "this batch is bad".
@@ -60,6 +63,13 @@ class Uploader:
         Wall clock (must be the outbox's clock too).
     rng
         Source of jitter (seeded in tests).
+    more_coming
+        Optional: returns True while more rows are about to be added (intake busy). Then a
+        worker lingers up to ``linger_seconds`` for a full batch (``batch_max_instances`` or
+        ``batch_max_mb``) before claiming, instead of sending rows one by one as they trickle
+        in. Without it (the default) a worker claims whatever is due at once.
+    linger_seconds
+        The longest such wait.
     """
 
     def __init__(
@@ -70,6 +80,8 @@ class Uploader:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        more_coming: Callable[[], bool] | None = None,
+        linger_seconds: float = BATCH_LINGER_SECONDS,
     ) -> None:
         self.outbox = outbox
         self.destination = destination
@@ -82,6 +94,12 @@ class Uploader:
         self._threads: list[threading.Thread] = []
         self._in_flight: dict[int, list[int]] = {}
         self._in_flight_lock = threading.Lock()
+        self.more_coming = more_coming
+        self.linger_seconds = linger_seconds
+        # One worker at a time fills and claims a batch; the others send theirs meanwhile.
+        self._fill_lock = threading.Lock()
+        self._arrived = threading.Condition()
+        self._arrivals = 0
         self.max_bytes = max(1, int(settings.batch_max_mb * 1024 * 1024))
         # A lease long enough for a batch and its split retries; claim() reclaims expired ones.
         self.lease_seconds = settings.timeout_seconds * 8 + 60.0
@@ -98,8 +116,11 @@ class Uploader:
         log.info("uploader_started", workers=len(self._threads), destination=self.destination.name)
 
     def wake(self) -> None:
-        """New rows are due: wake idle workers."""
+        """New rows are due: wake idle workers (and a worker waiting for its batch to fill)."""
         self._wake.set()
+        with self._arrived:
+            self._arrivals += 1
+            self._arrived.notify_all()
 
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
@@ -111,7 +132,7 @@ class Uploader:
         recognised too). Released rows go back to ``queued`` without penalty.
         """
         self._stopping.set()
-        self._wake.set()
+        self.wake()
         for t in self._threads:
             now_ref = time.time() if deadline > 1e9 else time.monotonic()
             t.join(timeout=max(0.0, deadline - now_ref))
@@ -156,11 +177,14 @@ class Uploader:
             if probing:
                 self.outbox.circuit_release_probe()
             return 0, IDLE_MAX_SECONDS
-        rows = self.outbox.claim(
-            max_items=self.settings.batch_max_instances,
-            max_bytes=self.max_bytes,
-            lease_seconds=self.lease_seconds,
-        )
+        with self._fill_lock:
+            if not probing:
+                self._fill()
+            rows = self.outbox.claim(
+                max_items=self.settings.batch_max_instances,
+                max_bytes=self.max_bytes,
+                lease_seconds=self.lease_seconds,
+            )
         if not rows:
             if probing:
                 self.outbox.circuit_release_probe()
@@ -176,6 +200,36 @@ class Uploader:
         if probing:
             self._wake.set()  # the probe is over (either way): the others re-check the circuit
         return len(rows), 0.0
+
+    def _fill(self) -> None:
+        """Wait (bounded) until a full batch is due, or no more rows are coming, or time is up.
+
+        Rows arrive from intake a few at a time; claiming at once would send mostly one-instance
+        requests (four workers each grabbing a row), and a STOW request costs the same overhead
+        whatever its size. Waiting costs at most ``linger_seconds`` of latency, and only while
+        intake is busy: a lone file (intake idle after its commit) is claimed at once.
+        """
+        more = self.more_coming
+        if more is None or self.linger_seconds <= 0:
+            return
+        deadline = time.monotonic() + self.linger_seconds
+        while not self._stopping.is_set():
+            with self._arrived:
+                seen = self._arrivals
+            n, size = self.outbox.due_summary(self.settings.batch_max_instances)
+            if n >= self.settings.batch_max_instances or size >= self.max_bytes:
+                return
+            try:
+                if not more():
+                    return
+            except Exception:
+                return
+            with self._arrived:
+                while self._arrivals == seen and not self._stopping.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._arrived.wait(left)
 
     # -- one batch ---------------------------------------------------------------------------
     def _jitter(self, attempt: int) -> float:

@@ -26,10 +26,18 @@ def settings_from_args(
     return load_settings(config, overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser; each command module adds its subcommands through ``register``."""
-    from . import agent_cmds, config_cmds, deid_cmds, imaging_cmds
+#: Commands whose module is enough to parse them: ``main`` builds a parser with only that
+#: module (the others cost start-up time: structlog, imaging presets...). The parsed arguments
+#: are the same as with the full parser.
+_LEAN_COMMANDS = frozenset({"anonymize", "inspect"})
 
+
+def build_parser(*, only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; each command module adds its subcommands through ``register``.
+
+    ``only="deid"`` registers the de-identification commands alone (used by :func:`main` for
+    ``anonymize`` and ``inspect``, whose start-up time matters).
+    """
     parser = argparse.ArgumentParser(
         prog="gateway-agent",
         description="Edge gateway for medical images: de-identify, queue, upload, QC.",
@@ -44,15 +52,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", choices=["auto", "json", "console"], default=None, help="log renderer"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from . import deid_cmds
+
+    if only == "deid":
+        deid_cmds.register(sub)
+        return parser
+    from . import agent_cmds, config_cmds, imaging_cmds
+
     for module in (agent_cmds, deid_cmds, imaging_cmds, config_cmds):
         module.register(sub)
     return parser
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv`` when the global options before it are unambiguous."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "--log-format"):
+            i += 2
+        elif arg.startswith(("--config=", "--log-format=")):
+            i += 1
+        elif arg.startswith("-"):
+            return None  # -h, abbreviations, errors: leave them to the full parser
+        else:
+            return arg
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only="deid" if _command_of(words) in _LEAN_COMMANDS else None)
+    args = parser.parse_args(words)
     try:
         status: int = args.func(args)
     except ConfigError as exc:

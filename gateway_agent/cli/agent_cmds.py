@@ -9,12 +9,16 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ..config import Settings
-from ..logs import configure
 from . import settings_from_args
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+# The config (pydantic, ~0.1 s) and logs (structlog) are imported inside the handlers: the parser
+# is built for every command.
 
 __all__ = ["register"]
 
@@ -116,7 +120,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.no_metrics:
         overrides["metrics.enabled"] = False
     settings = settings_from_args(args, overrides)
-    configure(settings.log.format, settings.log.level)
+    from ..logs import configure
+
+    # Logs of the service go to stdout (journald, docker logs); --log-format wins over config.
+    configure(args.log_format or settings.log.format, settings.log.level, stream=sys.stdout)
     from ..agent.daemon import Daemon
 
     status: int = Daemon(settings).run_forever()
@@ -166,6 +173,12 @@ def _destination_label(settings: Settings) -> str:
     return f"dicomweb {parts.scheme}://{host}{port}{parts.path}"  # never the userinfo
 
 
+def _qc_outliers(settings: Settings, latest: int) -> list[dict[str, Any]]:
+    from ..agent.qcjob import latest_outliers
+
+    return latest_outliers(settings.state_dir)[:latest]
+
+
 def collect_status(settings: Settings, latest: int = 5) -> dict[str, Any]:
     """Everything ``status`` prints, as a dict (also used by tests)."""
     from ..agent.daemon import StatePaths
@@ -177,6 +190,7 @@ def collect_status(settings: Settings, latest: int = 5) -> dict[str, Any]:
         "outbox": None,
         "destination": {"target": _destination_label(settings)},
         "quarantine": Quarantine(paths.quarantine).summary(latest),
+        "qc_outliers": _qc_outliers(settings, latest),
     }
     if not paths.outbox_db.exists():
         return out
@@ -237,6 +251,11 @@ def _print_status(st: dict[str, Any]) -> None:
     w(f"quarantine: {q['count']} file(s)" + (f" ({reasons})" if reasons else "") + "\n")
     for e in q["latest"]:
         w(f"  {e['id']} {e['reason']}: {e['detail']}\n")
+    outliers = st.get("qc_outliers") or []
+    w(f"qc: {len(outliers)} outlier(s) in the latest fleet report\n")
+    for o in outliers:
+        reasons = "; ".join(o.get("reasons") or [])
+        w(f"  {o.get('device', '?')} {o.get('sop_instance_uid', '')}: {reasons}\n")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import struct
 import sys
@@ -11,7 +10,12 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..deid.profile import DeidOptions
+
+    _DeidSetup = tuple[DeidOptions, Path, str]
 
 __all__ = ["register"]
 
@@ -111,21 +115,22 @@ def _iter_files(sources: Iterable[Path]) -> Iterator[Path]:
 
 _WORKER: Any = None
 
+#: One result per input: (status, reason, output size, audit record as a JSON line or None).
+_Result = tuple[str, str, int, str | None]
+
 
 def _init_worker(deid: Any) -> None:
     global _WORKER
     _WORKER = deid
 
 
-def _process(
-    paths: list[str], out_dir: str, fsync: bool, with_audit: bool
-) -> list[tuple[str, str, int, dict[str, Any] | None]]:
-    """Worker: de-identify a chunk; returns (status, reason, size, audit) per input."""
+def _process(paths: list[str], out_dir: str, fsync: bool, with_audit: bool) -> list[_Result]:
+    """Worker: de-identify a chunk; returns (status, reason, size, audit JSON) per input."""
     from .._exceptions import DeidError
 
     deid = _WORKER
     out = Path(out_dir)
-    results: list[tuple[str, str, int, dict[str, Any] | None]] = []
+    results: list[_Result] = []
     for p in paths:
         try:
             r = deid.deidentify_file(Path(p), out, fsync=fsync)
@@ -138,7 +143,12 @@ def _process(
         except Exception as exc:  # never let one input stop the run; the name is not reported
             results.append(("failed", type(exc).__name__, 0, None))
         else:
-            results.append(("done", "", r.size, r.audit if with_audit else None))
+            audit = None
+            if with_audit:
+                import json
+
+                audit = json.dumps(r.audit, sort_keys=True)
+            results.append(("done", "", r.size, audit))
     return results
 
 
@@ -170,10 +180,71 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _anonymize(args: argparse.Namespace) -> int:
-    from ..deid import Deidentifier, DeidOptions, load_or_create_secret
+#: The defaults of ``Settings`` that ``anonymize`` reads (tests/deid/test_deid_fastpath.py checks
+#: them against ``gateway_agent.config``).
+DEFAULT_CONFIG_FILE = Path("/etc/gateway-agent/config.toml")
+DEFAULT_STATE_DIR = Path("state")
+DEFAULT_UNIT_NAME = "EDGE01"
+_STATE_DIR_VAR = "GATEWAY_STATE_DIR"
+
+
+def _default_settings(args: argparse.Namespace, overrides: dict[str, Any]) -> _DeidSetup | None:
+    """What ``anonymize`` needs from the settings, without pydantic, when that is certain.
+
+    That is when no config file is given or installed, no ``GATEWAY_*`` variable other than
+    ``GATEWAY_STATE_DIR`` is set, and every flag value is valid as it is; the result is then
+    what ``load_settings`` would give (pydantic costs about 0.1 s of start-up). Otherwise None:
+    the caller loads ``Settings`` (with its validation errors).
+    """
+    from ..deid.profile import DeidOptions
+
+    if getattr(args, "config", None) is not None or "gateway_agent.config" in sys.modules:
+        return None  # a config file, or pydantic already paid for: take the general path
+    state_dir = DEFAULT_STATE_DIR
+    for var, value in os.environ.items():
+        if var.upper().startswith("GATEWAY_"):
+            if var.upper() != _STATE_DIR_VAR or state_dir is not DEFAULT_STATE_DIR:
+                return None
+            state_dir = Path(value)
+    if DEFAULT_CONFIG_FILE.is_file():
+        return None
+    options: dict[str, Any] = {}
+    for key, value in overrides.items():
+        name = key.removeprefix("deid.")
+        if value is None:
+            continue
+        if name == "station_name":
+            if not isinstance(value, str) or len(value) > 16:
+                return None
+        elif name == "secret_file":
+            if not isinstance(value, Path):
+                return None
+        elif name == "burned_in":
+            if value not in ("quarantine", "allow"):
+                return None
+            options[name] = value
+        elif isinstance(value, bool):
+            options[name] = value
+        else:
+            return None
+    secret_file: Path = overrides.get("deid.secret_file") or state_dir / "secret.key"
+    station_name: str = overrides.get("deid.station_name") or DEFAULT_UNIT_NAME
+    return DeidOptions(**options), secret_file, station_name
+
+
+def _settings_for(args: argparse.Namespace, overrides: dict[str, Any]) -> _DeidSetup:
+    """(options, secret file, station name) from the configuration layers and the flags."""
+    fast = _default_settings(args, overrides)
+    if fast is not None:
+        return fast
+    from ..deid.profile import DeidOptions
     from . import settings_from_args
 
+    settings = settings_from_args(args, overrides)
+    return DeidOptions.from_settings(settings.deid), settings.secret_file, settings.station_name
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {
         f"deid.{field}": getattr(args, field) for field, _, _ in _OPTION_FLAGS
     }
@@ -181,10 +252,15 @@ def _anonymize(args: argparse.Namespace) -> int:
         overrides["deid.burned_in"] = "allow"
     overrides["deid.station_name"] = args.station_name
     overrides["deid.secret_file"] = args.secret_file
-    settings = settings_from_args(args, overrides)
-    options = DeidOptions.from_settings(settings.deid)
-    secret = load_or_create_secret(settings.secret_file)
-    deid = Deidentifier(secret, options, station_name=settings.station_name)
+    return overrides
+
+
+def _anonymize(args: argparse.Namespace) -> int:
+    from ..deid import Deidentifier, load_or_create_secret
+
+    options, secret_file, station_name = _settings_for(args, _overrides(args))
+    secret = load_or_create_secret(secret_file)
+    deid = Deidentifier(secret, options, station_name=station_name)
 
     files = [str(p) for p in _iter_files(args.src)]
     out_dir: Path = args.output
@@ -195,16 +271,16 @@ def _anonymize(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     progress = _Progress(len(files))
-    results: list[tuple[str, str, int, dict[str, Any] | None]] = []
+    _init_worker(deid)
+    results: list[_Result] = []
     if jobs == 1 or len(files) < 8:
-        _init_worker(deid)
         step = 16
         for i in range(0, len(files), step):
             chunk = _process(files[i : i + step], str(out_dir), args.fsync, with_audit)
             results.extend(chunk)
             progress.advance(len(chunk))
     else:
-        results = _run_pool(deid, files, out_dir, jobs, args.fsync, with_audit, progress)
+        results = _run_forked(files, str(out_dir), jobs, args.fsync, with_audit, progress)
     progress.close()
     elapsed = time.perf_counter() - started
 
@@ -212,7 +288,7 @@ def _anonymize(args: argparse.Namespace) -> int:
         with args.audit.open("w", encoding="utf-8") as fh:
             for _, _, _, audit in results:
                 if audit is not None:
-                    fh.write(json.dumps(audit, sort_keys=True) + "\n")
+                    fh.write(audit + "\n")
     status = Counter(r[0] for r in results)
     reasons = Counter((r[0], r[1]) for r in results if r[0] != "done")
     size = sum(r[2] for r in results)
@@ -230,41 +306,109 @@ def _anonymize(args: argparse.Namespace) -> int:
     return 0 if status["done"] == len(files) else 1
 
 
-def _run_pool(
-    deid: Any,
-    files: list[str],
-    out_dir: Path,
-    jobs: int,
-    fsync: bool,
-    with_audit: bool,
-    progress: _Progress,
-) -> list[tuple[str, str, int, dict[str, Any] | None]]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+_HEAD = struct.Struct("<II")  # chunk index, payload length
+_MAX_CHUNKS = 1024  # chunk indices (4 bytes each) must fit a pipe's minimum capacity (one page)
 
-    # Small chunks keep all workers busy to the end; big enough to amortise the IPC.
-    chunk = max(1, min(64, len(files) // (jobs * 6) or 1))
-    chunks = [files[i : i + chunk] for i in range(0, len(files), chunk)]
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    ordered: list[list[tuple[str, str, int, dict[str, Any] | None]]] = [[] for _ in chunks]
-    with ProcessPoolExecutor(
-        max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(deid,)
-    ) as pool:
-        futures = {
-            pool.submit(_process, c, str(out_dir), fsync, with_audit): i
-            for i, c in enumerate(chunks)
-        }
-        from concurrent.futures import as_completed
 
-        for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                ordered[i] = fut.result()
-            except Exception as exc:  # a worker died (e.g. killed): count its chunk as failed
-                ordered[i] = [("failed", type(exc).__name__, 0, None)] * len(chunks[i])
-            progress.advance(len(ordered[i]))
-    return [r for part in ordered for r in part]
+def _run_forked(
+    files: list[str], out_dir: str, jobs: int, fsync: bool, with_audit: bool, progress: _Progress
+) -> list[_Result]:
+    """De-identify ``files`` in ``jobs`` processes: this one and ``jobs - 1`` forked children.
+
+    The chunk indices sit in a pipe, so every process takes the next chunk when it is free
+    (no process waits for a slow one). A child sends each chunk's results back on its own pipe
+    (marshal). Forking shares the built profile and dictionary; nothing is pickled. The chunks
+    of a child that dies are counted as failed (``worker_died``).
+    """
+    import marshal
+    import select
+
+    size = max(1, min(64, len(files) // (jobs * 16)), -(-len(files) // _MAX_CHUNKS))
+    chunks = [files[i : i + size] for i in range(0, len(files), size)]
+    queue_r, queue_w = os.pipe()
+    os.write(queue_w, b"".join(struct.pack("<I", i) for i in range(len(chunks))))
+    os.close(queue_w)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    children: dict[int, int] = {}  # read end -> pid
+    results: list[list[_Result] | None] = [None] * len(chunks)
+    try:
+        for _ in range(jobs - 1):
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # child: never returns
+                code = 1
+                try:
+                    os.close(read_end)
+                    for fd in children:
+                        os.close(fd)
+                    for index, done in _take(queue_r, chunks, out_dir, fsync, with_audit):
+                        data = marshal.dumps(done)
+                        _write_all(write_end, _HEAD.pack(index, len(data)) + data)
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(write_end)
+            children[read_end] = pid
+        buffers = {fd: bytearray() for fd in children}
+        open_fds = set(children)
+
+        def drain(timeout: float | None) -> None:
+            ready, _, _ = select.select(list(open_fds), [], [], timeout)
+            for fd in ready:
+                data = os.read(fd, 1 << 20)
+                if not data:
+                    open_fds.discard(fd)
+                    continue
+                buf = buffers[fd]
+                buf += data
+                while len(buf) >= _HEAD.size:
+                    index, length = _HEAD.unpack_from(buf)
+                    if len(buf) < _HEAD.size + length:
+                        break
+                    payload = bytes(buf[_HEAD.size : _HEAD.size + length])
+                    done = marshal.loads(payload)  # noqa: S302 - written by our own child
+                    del buf[: _HEAD.size + length]
+                    results[index] = [tuple(r) for r in done]
+                    progress.advance(len(done))
+
+        for index, done in _take(queue_r, chunks, out_dir, fsync, with_audit):
+            results[index] = done
+            progress.advance(len(done))
+            if open_fds:
+                drain(0)
+        while open_fds:
+            drain(None)
+    finally:
+        os.close(queue_r)
+        for fd, pid in children.items():
+            os.close(fd)
+            os.waitpid(pid, 0)
+    out: list[_Result] = []
+    for index, part in enumerate(results):
+        if part is None:  # taken by a child that died before reporting it
+            part = [("failed", "worker_died", 0, None)] * len(chunks[index])
+            progress.advance(len(part))
+        out.extend(part)
+    return out
+
+
+def _take(
+    queue: int, chunks: list[list[str]], out_dir: str, fsync: bool, with_audit: bool
+) -> Iterator[tuple[int, list[_Result]]]:
+    """Take chunk indices from the shared pipe until it is empty; yield each chunk's results."""
+    while True:
+        word = os.read(queue, 4)
+        if len(word) < 4:
+            return
+        (index,) = struct.unpack("<I", word)
+        yield index, _process(chunks[index], out_dir, fsync, with_audit)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 # -- inspect -----------------------------------------------------------------------------------
@@ -312,6 +456,8 @@ def _display(el: Any, codec: str | None, little: bool) -> str | int | float | li
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    import json
+
     from .._exceptions import DeidError
     from ..deid.profile import DeidOptions, profile_for
     from ..dicom import SourceFile, keyword_of, name_of, text_codec

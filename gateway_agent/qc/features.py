@@ -359,4 +359,9 @@ def features_from_file(path: Path, *, root: Path | None = None) -> ScanFeatures:
         ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     name = str(path.relative_to(root)) if root is not None else path.name
-    return features_from_dataset(ds, file=name)
+    try:
+        return features_from_dataset(ds, file=name)
+    except QCError:
+        raise
+    except Exception as exc:  # malformed attributes (e.g. a non-numeric RescaleSlope)
+        raise QCError(f"cannot measure ({type(exc).__name__})") from None

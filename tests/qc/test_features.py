@@ -134,3 +134,14 @@ def test_non_finite_float_pixels_are_background() -> None:
     out = _image_features(image, hu=False, quantum=None)
     assert out["avg_density"] == pytest.approx(100.0)
     assert out["air_mean"] == pytest.approx(0.0)
+
+
+def test_malformed_attributes_raise_qcerror(tmp_path: Path) -> None:
+    path = tmp_path / "bad.dcm"
+    make_ct_slice(rows=32, cols=32).save_as(path, enforce_file_format=True)
+    slope = b"\x28\x00\x53\x10DS\x02\x001 "  # (0028,1053) Rescale Slope "1 "
+    raw = path.read_bytes()
+    assert raw.count(slope) == 1
+    path.write_bytes(raw.replace(slope, slope[:-2] + b"x "))  # as a broken writer might leave it
+    with pytest.raises(QCError, match="cannot measure"):
+        features_from_file(path)

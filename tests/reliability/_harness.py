@@ -558,12 +558,18 @@ class AgentRun:
             return set()
         return {p.stem for p in self.dest.rglob("*.dcm") if not p.name.startswith(".")}
 
-    def metrics_port(self) -> int | None:
-        for line in reversed(self.agent.log_lines()):
-            if '"service_ready"' in line:
-                with contextlib.suppress(ValueError):
-                    port = json.loads(line).get("metrics_port")
-                    return int(port) if port else None
+    def metrics_port(self, timeout: float = 30.0) -> int | None:
+        """The current incarnation's metrics port (from its ``service_ready`` log line)."""
+        end = time.monotonic() + timeout
+        while True:
+            ready = [ln for ln in self.agent.log_lines() if '"service_ready"' in ln]
+            if len(ready) >= self.agent.starts or time.monotonic() > end:
+                break
+            time.sleep(0.1)
+        for line in reversed(ready):
+            with contextlib.suppress(ValueError):
+                port = json.loads(line).get("metrics_port")
+                return int(port) if port else None
         return None
 
     def metrics_text(self) -> str:
