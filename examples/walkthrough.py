@@ -16,19 +16,14 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-try:  # the package root re-exports the public API
-    from gateway_agent import (  # type: ignore[attr-defined]
-        WINDOW_PRESETS,
-        anonymize_dataset,
-        cluster_scan,
-        plot_fleet_qc,
-        run_qc,
-        window_from_dataset,
-    )
-except ImportError:  # until the root is wired: the same names from their subpackages
-    from gateway_agent.deid import anonymize_dataset
-    from gateway_agent.imaging import WINDOW_PRESETS, cluster_scan, window_from_dataset
-    from gateway_agent.qc import plot_fleet_qc, run_qc
+from gateway_agent import (
+    WINDOW_PRESETS,
+    anonymize_dataset,
+    cluster_scan,
+    plot_fleet_qc,
+    run_qc,
+    window_from_dataset,
+)
 from gateway_agent.imaging import cluster_figure, save_figure, tissue_map, window_panel
 from gateway_agent.imaging.figures import new_figure
 from gateway_agent.qc import summary_text, write_report

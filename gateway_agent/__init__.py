@@ -16,6 +16,7 @@ if TYPE_CHECKING:
         RetryableUploadError,
         UploadError,
     )
+    from .agent.daemon import Daemon
     from .config import Settings, load_settings
     from .deid import (
         TAGS_TO_REMOVE,
@@ -25,6 +26,14 @@ if TYPE_CHECKING:
         anonymize_dataset,
         load_or_create_secret,
     )
+    from .imaging import (
+        WINDOW_PRESETS,
+        cluster_scan,
+        hu_from_dataset,
+        tissue_map,
+        window_from_dataset,
+    )
+    from .qc import ScanFeatures, plot_fleet_qc, run_qc
 
 __version__ = "0.1.0"
 
@@ -47,10 +56,20 @@ _EXPORTS: dict[str, str] = {
     "Deidentifier": ".deid",
     "anonymize_dataset": ".deid",
     "load_or_create_secret": ".deid",
+    "WINDOW_PRESETS": ".imaging",
+    "window_from_dataset": ".imaging",
+    "hu_from_dataset": ".imaging",
+    "cluster_scan": ".imaging",
+    "tissue_map": ".imaging",
+    "ScanFeatures": ".qc",
+    "run_qc": ".qc",
+    "plot_fleet_qc": ".qc",
+    "Daemon": ".agent.daemon",
 }
 
 __all__ = [
     "ConfigError",
+    "Daemon",
     "DeidError",
     "DeidOptions",
     "DeidResult",
@@ -60,13 +79,21 @@ __all__ = [
     "PermanentUploadError",
     "QCError",
     "RetryableUploadError",
+    "ScanFeatures",
     "Settings",
     "TAGS_TO_REMOVE",
     "UploadError",
+    "WINDOW_PRESETS",
     "__version__",
     "anonymize_dataset",
+    "cluster_scan",
+    "hu_from_dataset",
     "load_or_create_secret",
     "load_settings",
+    "plot_fleet_qc",
+    "run_qc",
+    "tissue_map",
+    "window_from_dataset",
 ]
 
 
