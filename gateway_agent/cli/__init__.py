@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from .._exceptions import ConfigError
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["main", "settings_from_args"]
+__all__ = ["HelpFormatter", "build_parser", "main", "settings_from_args"]
 
 
 def settings_from_args(
@@ -24,6 +25,40 @@ def settings_from_args(
 
     config: Path | None = getattr(args, "config", None)
     return load_settings(config, overrides)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, sized like ``shutil.get_terminal_size`` without importing shutil.
+
+    argparse imports shutil (and with it bz2, lzma, fnmatch) for every parser it builds just to
+    read the terminal width: about 2 ms of every ``anonymize`` run.
+    """
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, the same lookups and fallback (80)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            size = os.get_terminal_size(sys.__stdout__.fileno())  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            size = os.terminal_size((80, 24))
+        columns = size.columns or 80
+    return columns
 
 
 #: Commands whose module is enough to parse them: ``main`` builds a parser with only that
@@ -41,6 +76,7 @@ def build_parser(*, only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway-agent",
         description="Edge gateway for medical images: de-identify, queue, upload, QC.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--config",
@@ -83,7 +119,8 @@ def _command_of(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
     words = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(only="deid" if _command_of(words) in _LEAN_COMMANDS else None)
+    lean = _command_of(words) in _LEAN_COMMANDS
+    parser = build_parser(only="deid" if lean else None)
     args = parser.parse_args(words)
     try:
         status: int = args.func(args)
@@ -92,4 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    if argv is None and lean:
+        # The process ends now: move everything to the permanent generation so the collection at
+        # interpreter exit does not walk it (~10 ms of a 0.1 s ``anonymize`` run).
+        import gc
+
+        gc.freeze()
     return status

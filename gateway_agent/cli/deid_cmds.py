@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,8 +53,11 @@ _OPTION_FLAGS: tuple[tuple[str, str, str], ...] = (
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``anonymize`` and ``inspect``."""
+    from . import HelpFormatter
+
     p = sub.add_parser(
         "anonymize",
+        formatter_class=HelpFormatter,
         help="de-identify DICOM files and folders (PS3.15 Annex E) into a folder",
         description=(
             "De-identify files (folders recursively) into OUT/<new SOP Instance UID>.dcm. "
@@ -92,6 +96,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     q = sub.add_parser(
         "inspect",
+        formatter_class=HelpFormatter,
         help="show a DICOM file's key metadata; mark attributes that identify a person",
     )
     q.add_argument("file", type=Path, metavar="FILE")
@@ -188,7 +193,9 @@ DEFAULT_UNIT_NAME = "EDGE01"
 _STATE_DIR_VAR = "GATEWAY_STATE_DIR"
 
 
-def _default_settings(args: argparse.Namespace, overrides: dict[str, Any]) -> _DeidSetup | None:
+def _default_settings(
+    args: argparse.Namespace, overrides: dict[str, Any], environ: Mapping[str, str] = os.environ
+) -> _DeidSetup | None:
     """What ``anonymize`` needs from the settings, without pydantic, when that is certain.
 
     That is when no config file is given or installed, no ``GATEWAY_*`` variable other than
@@ -198,10 +205,10 @@ def _default_settings(args: argparse.Namespace, overrides: dict[str, Any]) -> _D
     """
     from ..deid.profile import DeidOptions
 
-    if getattr(args, "config", None) is not None or "gateway_agent.config" in sys.modules:
-        return None  # a config file, or pydantic already paid for: take the general path
+    if getattr(args, "config", None) is not None:
+        return None
     state_dir = DEFAULT_STATE_DIR
-    for var, value in os.environ.items():
+    for var, value in environ.items():
         if var.upper().startswith("GATEWAY_"):
             if var.upper() != _STATE_DIR_VAR or state_dir is not DEFAULT_STATE_DIR:
                 return None
@@ -213,6 +220,8 @@ def _default_settings(args: argparse.Namespace, overrides: dict[str, Any]) -> _D
         name = key.removeprefix("deid.")
         if value is None:
             continue
+        if name == key:
+            return None  # not a [deid] setting
         if name == "station_name":
             if not isinstance(value, str) or len(value) > 16:
                 return None
@@ -234,9 +243,11 @@ def _default_settings(args: argparse.Namespace, overrides: dict[str, Any]) -> _D
 
 def _settings_for(args: argparse.Namespace, overrides: dict[str, Any]) -> _DeidSetup:
     """(options, secret file, station name) from the configuration layers and the flags."""
-    fast = _default_settings(args, overrides)
-    if fast is not None:
-        return fast
+    # Once pydantic is imported anyway (the agent, tests), the general path costs nothing more.
+    if "gateway_agent.config" not in sys.modules:
+        fast = _default_settings(args, overrides)
+        if fast is not None:
+            return fast
     from ..deid.profile import DeidOptions
     from . import settings_from_args
 
@@ -273,14 +284,20 @@ def _anonymize(args: argparse.Namespace) -> int:
     progress = _Progress(len(files))
     _init_worker(deid)
     results: list[_Result] = []
-    if jobs == 1 or len(files) < 8:
-        step = 16
-        for i in range(0, len(files), step):
-            chunk = _process(files[i : i + step], str(out_dir), args.fsync, with_audit)
-            results.extend(chunk)
-            progress.advance(len(chunk))
-    else:
-        results = _run_forked(files, str(out_dir), jobs, args.fsync, with_audit, progress)
+    # What exists now (modules, the profile, the dictionary) lives until the end: keep it out of
+    # the garbage collector's passes, and out of forked workers' copy-on-write pages.
+    gc.freeze()
+    try:
+        if jobs == 1 or len(files) < 8:
+            step = 16
+            for i in range(0, len(files), step):
+                chunk = _process(files[i : i + step], str(out_dir), args.fsync, with_audit)
+                results.extend(chunk)
+                progress.advance(len(chunk))
+        else:
+            results = _run_forked(files, str(out_dir), jobs, args.fsync, with_audit, progress)
+    finally:
+        gc.unfreeze()
     progress.close()
     elapsed = time.perf_counter() - started
 
@@ -323,7 +340,7 @@ def _run_forked(
     import marshal
     import select
 
-    size = max(1, min(64, len(files) // (jobs * 16)), -(-len(files) // _MAX_CHUNKS))
+    size = max(1, min(64, len(files) // (jobs * 32)), -(-len(files) // _MAX_CHUNKS))
     chunks = [files[i : i + size] for i in range(0, len(files), size)]
     queue_r, queue_w = os.pipe()
     os.write(queue_w, b"".join(struct.pack("<I", i) for i in range(len(chunks))))

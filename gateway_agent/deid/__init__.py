@@ -6,7 +6,6 @@ with :mod:`gateway_agent.dicom`, rewrites it and copies the pixel data element b
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import zlib
@@ -18,7 +17,7 @@ from .._exceptions import DeidError
 from ..dicom.codec import Element, encode_dataset, parse_dataset
 from ..dicom.files import SourceFile, write_part10
 from .engine import METHOD, SAFE_PRIVATE, Engine, Outcome
-from .keys import Keys, load_or_create_secret
+from .keys import Keys, load_or_create_secret, sha256
 from .profile import EDITION, DeidOptions, load_rows, profile_for
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ __all__ = [
 
 #: Our Implementation Class UID (file meta), derived once from the product name.
 IMPLEMENTATION_CLASS_UID = "2.25." + str(
-    int.from_bytes(hashlib.sha256(b"gateway-agent implementation").digest()[:16], "big")
+    int.from_bytes(sha256(b"gateway-agent implementation").digest()[:16], "big")
 )
 IMPLEMENTATION_VERSION_NAME = "GATEWAY_AGENT_1"
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -150,7 +149,7 @@ class Deidentifier:
             except (MemoryError, RecursionError, ValueError, LookupError, TypeError) as exc:
                 raise DeidError("internal_error", type(exc).__name__) from None
             uids = outcome.uids
-            out_dir.mkdir(parents=True, exist_ok=True)
+            _ensure_dir(out_dir)
             path = out_dir / f"{uids['sop_instance_uid']}.dcm"
             pixels = (source.fd, header.pixels) if header.pixels is not None else None
             size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
@@ -222,6 +221,18 @@ class Deidentifier:
         audit = self._engine.audit(outcome, "")
         audit.pop("transfer_syntax")
         return audit
+
+
+def _ensure_dir(directory: Path) -> None:
+    """``directory.mkdir(parents=True, exist_ok=True)``, one system call when it exists."""
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        if directory.is_dir():
+            return
+        directory.mkdir(parents=True, exist_ok=True)  # raises as pathlib does
+    except OSError:
+        directory.mkdir(parents=True, exist_ok=True)
 
 
 def _modality(outcome: Outcome) -> str:

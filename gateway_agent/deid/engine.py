@@ -314,6 +314,40 @@ def _top(elements: list[Element], tag: int) -> Element | None:
     return None
 
 
+#: Top-level attributes :meth:`Engine.run` looks at before the walk.
+_LOOKUPS = frozenset(
+    {
+        0x00080005,  # SpecificCharacterSet
+        0x00080016,  # SOPClassUID
+        0x00080018,  # SOPInstanceUID
+        0x00080060,  # Modality
+        0x00100010,  # PatientName
+        0x00100020,  # PatientID
+        0x00100021,  # IssuerOfPatientID
+        0x00100030,  # PatientBirthDate
+        0x00280301,  # BurnedInAnnotation
+        0x00280302,  # RecognizableVisualFeatures
+    }
+)
+
+
+def _tops(elements: list[Element], tags: frozenset[int]) -> dict[int, Element]:
+    """``{tag: _top(elements, tag)}`` for every tag of ``tags`` found, in one pass.
+
+    ``_top`` finds the first element with the tag unless an element with a greater tag comes
+    before it (the list is meant to be sorted); so does this, by tracking the largest tag seen.
+    """
+    found: dict[int, Element] = {}
+    highest = -1
+    for el in elements:
+        tag = el.tag
+        if tag in tags and tag >= highest and tag not in found:
+            found[tag] = el
+        if tag > highest:
+            highest = tag
+    return found
+
+
 class Engine:
     """Applies one profile with one key; cheap to keep per worker process."""
 
@@ -365,16 +399,17 @@ class Engine:
 
     def run(self, elements: list[Element]) -> Outcome:
         """De-identify a top-level data set (raw elements); raises DeidError on refusal."""
-        sop = _top(elements, 0x00080018)
+        top = _tops(elements, _LOOKUPS)
+        sop = top.get(0x00080018)
         if sop is None or not _ascii(sop.raw):
             raise DeidError("no_sop_instance_uid")
-        charset = _top(elements, 0x00080005)
+        charset = top.get(0x00080005)
         codec = text_codec(charset.raw if charset else None)
         outcome = Outcome()
-        self._check_pixels(elements, outcome)
+        self._check_pixels(top, outcome)
 
         run = _Run(self, codec)
-        patient_key = self._patient_key(elements)
+        patient_key = self._patient_key(top)
         if patient_key:
             run.days = self.keys.day_offset(patient_key)
             run.pseudonyms = self.keys.patient_pseudonyms(patient_key)
@@ -399,9 +434,9 @@ class Engine:
             outcome.uids[key] = _ascii(found.raw) if found is not None else ""
         return outcome
 
-    def _check_pixels(self, elements: list[Element], outcome: Outcome) -> None:
+    def _check_pixels(self, top: dict[int, Element], outcome: Outcome) -> None:
         def get(tag: int) -> str:
-            el = _top(elements, tag)
+            el = top.get(tag)
             return _ascii(el.raw) if el is not None else ""
 
         risk = burned_in_risk(get(0x00080060), get(0x00080016), get(0x00280301), get(0x00280302))
@@ -412,14 +447,14 @@ class Engine:
         outcome.burned_in_allowed = True
 
     @staticmethod
-    def _patient_key(elements: list[Element]) -> bytes:
-        pid = _top(elements, 0x00100020)
-        issuer = _top(elements, 0x00100021)
+    def _patient_key(top: dict[int, Element]) -> bytes:
+        pid = top.get(0x00100020)
+        issuer = top.get(0x00100021)
         pid_raw = pid.raw.strip(b"\0 ") if pid is not None else b""
         if pid_raw:
             return b"id|" + pid_raw + b"|" + (issuer.raw.strip(b"\0 ") if issuer else b"")
-        name = _top(elements, 0x00100010)
-        birth = _top(elements, 0x00100030)
+        name = top.get(0x00100010)
+        birth = top.get(0x00100030)
         name_raw = name.raw.strip(b"\0 ") if name is not None else b""
         if name_raw:
             return b"name|" + name_raw + b"|" + (birth.raw.strip(b"\0 ") if birth else b"")

@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
+import importlib
 import os
-import secrets
+from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 from .._exceptions import ConfigError
 
-__all__ = ["Keys", "load_or_create_secret", "shift_da", "shift_dt"]
+__all__ = ["Keys", "load_or_create_secret", "sha256", "shift_da", "shift_dt"]
 
 _MIN_SECRET = 16
+
+
+def _sha256_constructor() -> Callable[..., Any]:
+    # The interpreter's own SHA-256 (no OpenSSL to load: ~2 ms of start-up per process);
+    # hashlib's where the build has none. Both give the same digests.
+    for name in ("_sha256", "_sha2"):
+        try:
+            constructor: Callable[..., Any] = importlib.import_module(name).sha256
+        except (ImportError, AttributeError):
+            continue
+        return constructor
+    import hashlib  # pragma: no cover - builds without the built-in hashes
+
+    return hashlib.sha256  # pragma: no cover
+
+
+#: ``sha256(data)`` -> a hash object (``update``, ``copy``, ``digest``), as ``hashlib.sha256``.
+sha256 = _sha256_constructor()
+_BLOCK = 64  # SHA-256 block size, for HMAC (RFC 2104)
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -27,6 +46,8 @@ def load_or_create_secret(path: Path) -> bytes:
     try:
         data = path.read_bytes().strip()
     except FileNotFoundError:
+        import secrets
+
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         value = secrets.token_hex(32).encode() + b"\n"
         try:
@@ -55,24 +76,36 @@ def load_or_create_secret(path: Path) -> bytes:
 class Keys:
     """Keyed, deterministic replacements (HMAC-SHA256 with the site secret)."""
 
-    __slots__ = ("_secret", "_uids")
+    __slots__ = ("_inner", "_outer", "_secret", "_uids")
 
     def __init__(self, secret: bytes) -> None:
         if not isinstance(secret, bytes | bytearray) or len(secret) < _MIN_SECRET:
             raise ValueError(f'Argument "secret" must be at least {_MIN_SECRET} bytes.')
-        self._secret = bytes(secret)
+        self._setup(bytes(secret))
+
+    def _setup(self, secret: bytes) -> None:
+        self._secret = secret
         self._uids: dict[str, str] = {}
+        # HMAC (RFC 2104) with the padded key's hash states computed once.
+        key = sha256(secret).digest() if len(secret) > _BLOCK else secret
+        key = key.ljust(_BLOCK, b"\0")
+        self._inner = sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = sha256(bytes(b ^ 0x5C for b in key))
 
     def __getstate__(self) -> bytes:
         return self._secret
 
     def __setstate__(self, state: bytes) -> None:
-        self._secret = state
-        self._uids = {}
+        self._setup(state)
 
     def digest(self, purpose: bytes, value: bytes) -> bytes:
         """HMAC-SHA256 of ``purpose | value``."""
-        return hmac.new(self._secret, purpose + b"|" + value, hashlib.sha256).digest()
+        inner = self._inner.copy()
+        inner.update(purpose + b"|" + value)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        digest: bytes = outer.digest()
+        return digest
 
     def uid(self, uid: str) -> str:
         """``2.25.<decimal of the first 192 bits of HMAC(uid)>`` (at most 63 characters)."""

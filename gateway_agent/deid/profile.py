@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from functools import cache
-from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..dicom.dictionary import vr_of
+from ..dicom.tablecache import cached_table
 
 if TYPE_CHECKING:
     from ..config import DeidSettings
@@ -133,11 +133,22 @@ class Row:
             return None
 
 
-@cache
-def load_rows() -> tuple[Row, ...]:
-    """The 621 rows of the packaged table."""
-    text = resources.files("gateway_agent.data").joinpath("annex_e_2024e.json").read_text("utf-8")
-    rows = []
+_TABLE = Path(__file__).resolve().parent.parent / "data" / "annex_e_2024e.json"
+
+_RawRow = tuple[str, str, str, str, dict[str, str]]
+
+
+def _parse_table() -> tuple[_RawRow, ...]:
+    import json
+
+    if _TABLE.is_file():
+        text = _TABLE.read_text("utf-8")
+    else:  # pragma: no cover - packaged in a zip: go through the resource API
+        from importlib import resources
+
+        data = resources.files("gateway_agent.data").joinpath(_TABLE.name)
+        text = data.read_text("utf-8")
+    rows: list[_RawRow] = []
     for raw in json.loads(text):
         opts = {k: v for k, v in raw.items() if k.endswith("Opt") and v}
         tag = raw["tag"]
@@ -149,8 +160,19 @@ def load_rows() -> tuple[Row, ...]:
             rid = "PRIVATE"
         else:
             rid = raw["id"].upper()
-        rows.append(Row(tag, rid, raw["name"].split("\n")[0].strip(), raw["basicProfile"], opts))
+        rows.append((tag, rid, raw["name"].split("\n")[0].strip(), raw["basicProfile"], opts))
     return tuple(rows)
+
+
+@cache
+def load_rows() -> tuple[Row, ...]:
+    """The 621 rows of the packaged table.
+
+    The parsed rows are cached on disk (:mod:`gateway_agent.dicom.tablecache`), keyed by the
+    JSON file and this module; parsing the JSON costs a few ms per process.
+    """
+    raw: tuple[_RawRow, ...] = cached_table("annex-e-rows", (_TABLE, Path(__file__)), _parse_table)
+    return tuple(Row(*r) for r in raw)
 
 
 def resolve_compound(action: str) -> str:

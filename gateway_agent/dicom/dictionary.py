@@ -7,19 +7,26 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
+from .tablecache import cached_table
+
 __all__ = ["is_known", "keyword_of", "name_of", "vr_of"]
 
 Entry = tuple[str, str, str, str, str]  # VR, VM, Name, Retired, Keyword
 
 
 @cache
-def _module() -> ModuleType:
-    # ``import pydicom`` costs about 0.45 s (numpy, pixel handlers); the dictionary is a plain
-    # module of dict literals, so load that one file (its cached bytecode) on its own.
+def _source() -> Path:
     spec = importlib.util.find_spec("pydicom")
     if spec is None or not spec.submodule_search_locations:  # pragma: no cover - pydicom is a dep
         raise ImportError("pydicom is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "_dicom_dict.py"
+    return Path(next(iter(spec.submodule_search_locations))) / "_dicom_dict.py"
+
+
+@cache
+def _module() -> ModuleType:
+    # ``import pydicom`` costs about 0.45 s (numpy, pixel handlers); the dictionary is a plain
+    # module of dict literals, so load that one file (its cached bytecode) on its own.
+    path = _source()
     mod_spec = importlib.util.spec_from_file_location("_gateway_agent_dicom_dict", path)
     if mod_spec is None or mod_spec.loader is None:  # pragma: no cover
         raise ImportError("cannot load the pydicom data dictionary")
@@ -40,6 +47,39 @@ def _tables() -> tuple[dict[int, Entry], list[tuple[int, int, Entry]]]:
     return main, repeaters
 
 
+def _build_vr_tables() -> tuple[dict[int, str], tuple[tuple[int, int, str], ...]]:
+    main, repeaters = _tables()
+    return (
+        {tag: entry[0] for tag, entry in main.items()},
+        tuple((mask, value, entry[0]) for mask, value, entry in repeaters),
+    )
+
+
+@cache
+def _vr_tables() -> tuple[dict[int, str], tuple[tuple[int, int, str], ...]]:
+    """tag -> dictionary VR and the repeating-group patterns: all the hot path needs.
+
+    Cached on disk (see :mod:`.tablecache`): executing pydicom's table costs a few ms per
+    process, reading the compact table about a tenth of that.
+    """
+    value: tuple[dict[int, str], tuple[tuple[int, int, str], ...]] = cached_table(
+        "dicom-vr", (_source(), Path(__file__)), _build_vr_tables
+    )
+    return value
+
+
+@cache
+def _vr_entry(tag: int) -> str | None:
+    main, repeaters = _vr_tables()
+    found = main.get(tag)
+    if found is not None:
+        return found
+    for mask, value, vr in repeaters:
+        if tag & mask == value:
+            return vr
+    return None
+
+
 @cache
 def _entry(tag: int) -> Entry | None:
     main, repeaters = _tables()
@@ -54,7 +94,7 @@ def _entry(tag: int) -> Entry | None:
 
 def is_known(tag: int) -> bool:
     """True when ``tag`` is a standard (public, dictionary) attribute."""
-    return _entry(tag) is not None
+    return _vr_entry(tag) is not None
 
 
 @cache
@@ -63,15 +103,14 @@ def vr_of(tag: int) -> str:
 
     Private creators (gggg,0010-00FF with gggg odd) are ``LO``.
     """
-    entry = _entry(tag)
-    if entry is None:
+    vr = _vr_entry(tag)
+    if vr is None:
         group, elem = tag >> 16, tag & 0xFFFF
         if group & 1 and 0x10 <= elem <= 0xFF:
             return "LO"
         if elem == 0:
             return "UL"
         return "UN"
-    vr = entry[0]
     if " or " in vr:
         # "US or SS", "OB or OW", "US or SS or OW": any choice encodes the same bytes.
         return vr.split(" or ")[0]
