@@ -120,6 +120,10 @@ def _die_with_agent(agent_pid: int) -> None:
     threading.Thread(target=watch, name="agent-watch", daemon=True).start()
 
 
+def _warm_up() -> None:
+    """A no-op job: makes the pool start its worker processes ahead of the first file."""
+
+
 def _deid_job(src: str, out_dir: str) -> _JobResult:
     """Run in a worker: de-identify one file. Never raises; errors come back as data.
 
@@ -267,6 +271,9 @@ class Intake:
         """Start the worker pool and the dispatcher thread."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._pool = self._new_pool()
+        # Start every worker now (engine unpickled, modules imported), not on the first files.
+        for _ in range(self._workers):
+            self._pool.submit(_warm_up)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
         self._thread.start()
@@ -511,6 +518,7 @@ class Intake:
                         file=short_hash(job.path),
                         error=describe_error(exc),
                     )
+                handled += [r[0] for r in ready]
                 ready = []
                 added = []
             # Only now, with the rows committed, may the originals go.
