@@ -24,8 +24,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 import sqlite_utils
 
 from ..logs import get_logger
+from ._sqlite import connect, query, transaction
 
 __all__ = ["STATES", "Outbox", "OutboxRow"]
 
@@ -145,23 +146,9 @@ class Outbox:
         self.db_path = Path(db_path) if str(db_path) != ":memory:" else None
         self._clock = clock
         self._lock = threading.RLock()
-        if self.db_path is not None:
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.db_path, os.O_CREAT | os.O_RDWR, 0o600)
-            os.close(fd)
-            self.db_path.chmod(0o600)
-        self._conn = sqlite3.connect(
-            str(self.db_path) if self.db_path is not None else ":memory:",
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=30.0,
-        )
+        self._conn = connect(self.db_path)
         self.db = sqlite_utils.Database(self._conn)
         with self._lock:
-            self._conn.execute("pragma busy_timeout = 30000")
-            if self.db_path is not None:
-                self._conn.execute("pragma journal_mode = wal")
-            self._conn.execute("pragma synchronous = full")
             self.initialize_schema()
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -170,21 +157,12 @@ class Outbox:
             for ddl in _SCHEMA:
                 c.execute(ddl)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … commit, or rollback and re-raise; holds the connection lock."""
-        with self._lock:
-            self._conn.execute("begin immediate")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("rollback")
-                raise
-            self._conn.execute("commit")
+        return transaction(self._conn, self._lock)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return list(self._conn.execute(sql, params).fetchall())
+        return query(self._conn, self._lock, sql, params)
 
     def close(self) -> None:
         with self._lock:

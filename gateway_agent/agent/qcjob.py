@@ -10,7 +10,8 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from ..config import QCSettings
 from ..logs import get_logger
 from ..qc import ScanFeatures, analyse_fleet, features_from_file, write_report
 from ..qc import latest_outliers as _outliers_in
+from ._sqlite import connect, query, transaction
 
 __all__ = ["QCJob", "latest_outliers", "qc_component", "qc_report_dir"]
 
@@ -140,10 +142,7 @@ class QCJob:
         self._lock = threading.Lock()
         db = outbox.db_path if outbox.db_path is not None else self.report_dir / "qc.db"
         Path(db).parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(
-            str(db), isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        self._conn.execute("pragma busy_timeout = 30000")
+        self._conn = connect(Path(db))
         with self._tx() as c:
             for ddl in _SCHEMA:
                 c.execute(ddl)
@@ -151,20 +150,11 @@ class QCJob:
         self.stats: dict[str, float] = defaultdict(float)
 
     # ------------------------------------------------------------------ plumbing
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("begin immediate")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("rollback")
-                raise
-            self._conn.execute("commit")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._conn, self._lock)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return list(self._conn.execute(sql, params).fetchall())
+        return query(self._conn, self._lock, sql, params)
 
     @property
     def last_outbox_id(self) -> int:
