@@ -42,7 +42,7 @@ class IngestError(GatewayError):
     """An input file cannot be processed; ``reason`` is a stable slug for the quarantine record.
 
     Reasons in use: ``not_dicom``, ``empty_file``, ``truncated``, ``unreadable_header``,
-    ``no_sop_instance_uid``, ``unsupported_transfer_syntax``, ``burned_in_annotation``,
+    ``no_sop_instance_uid``, ``missing_uid``, ``unsupported_transfer_syntax``, ``burned_in_annotation``,
     ``dicomdir``, ``too_large``, ``internal_error``.
     """
 

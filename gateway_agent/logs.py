@@ -76,7 +76,13 @@ def configure(
     renderer: Any
     if use_json:
         renderer = structlog.processors.JSONRenderer()
-        shared_tail: list[Any] = [structlog.processors.dict_tracebacks]
+        # Tracebacks as data, but without local variables: locals hold decoded values and
+        # inbox paths (PHI) that no scrubber could find.
+        shared_tail: list[Any] = [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        ]
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
         shared_tail = []

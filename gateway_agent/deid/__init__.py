@@ -120,7 +120,8 @@ class Deidentifier:
         DeidError
             The input cannot be de-identified safely; ``reason`` is one of ``not_dicom``,
             ``empty_file``, ``truncated``, ``unreadable``, ``unreadable_header``,
-            ``no_sop_instance_uid``, ``unsupported_transfer_syntax``, ``burned_in_annotation``,
+            ``no_sop_instance_uid``, ``missing_uid``, ``unsupported_transfer_syntax``,
+            ``burned_in_annotation``,
             ``dicomdir``, ``internal_error``. Messages never carry values from the input.
         OSError
             Writing the output failed (e.g. disk full): not the input's fault.
@@ -138,6 +139,11 @@ class Deidentifier:
                 if meta_class == _DICOMDIR_CLASS:
                     raise DeidError("dicomdir", "DICOMDIR is a media index, not an instance")
                 outcome = self._engine.run(header.elements)
+                for key in ("study_instance_uid", "series_instance_uid", "sop_class_uid"):
+                    # Validate early: an archive refuses such an instance, so it would only die
+                    # in the outbox later; refused here, the original goes to quarantine.
+                    if not outcome.uids[key]:
+                        raise DeidError("missing_uid", f"no {key}")
                 enc = header.encoding
                 body = encode_dataset(outcome.elements, enc.implicit, enc.little)
                 if enc.deflated:

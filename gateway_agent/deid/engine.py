@@ -63,6 +63,7 @@ _CODE_TAGS = frozenset(
 )
 _FREE_TEXT = frozenset({"LO", "SH", "ST", "LT", "UT", "UC"})
 _SOURCE_VRS = frozenset({"PN", "LO", "SH", "AE", "UC"})
+_IDENTITY_TAGS = (0x00100010, 0x00100020)  # PatientName, PatientID
 _BINARY_ZERO = {
     "US": b"\0\0",
     "SS": b"\0\0",
@@ -148,6 +149,10 @@ class _Run:
         self.pseudonyms: tuple[str, str] | None = None
         self.words: set[str] = set()
         self.literals: set[str] = set()
+        #: PatientName / PatientID seen with a value that decoded cleanly (see finish_scrubbing).
+        self.identity: dict[int, bool] = {}
+        #: The object declares only the default repertoire (ASCII): bytes >= 0x80 are invalid.
+        self.ascii_only = False
         self.jobs: list[tuple[Element, str]] = []
 
     # -- sources of identifiers for Clean Descriptors ---------------------------------------
@@ -164,7 +169,16 @@ class _Run:
             vr = vr_of(el.tag)
         if vr in _SOURCE_VRS and value:
             text = decode_text(value, self.codec)
-            self.words.update(identifier_tokens(text, person_name=vr == "PN"))
+            tokens = list(identifier_tokens(text, person_name=vr == "PN"))
+            self.words.update(tokens)
+            if el.tag in _IDENTITY_TAGS:
+                # U+FFFD: bytes the declared character set cannot decode (a mis-encoded name);
+                # high bytes under the default repertoire: a name we would tokenise wrongly.
+                self.identity[el.tag] = (
+                    bool(tokens)
+                    and "\ufffd" not in text
+                    and not (self.ascii_only and max(bytes(value)) >= 0x80)
+                )
         elif el.tag == 0x00100030 and value:
             self.literals.update(date_forms(_ascii(value)))
 
@@ -276,6 +290,14 @@ class _Run:
 
     def finish_scrubbing(self) -> None:
         if not self.jobs:
+            return
+        if not all(self.identity.get(tag, False) for tag in _IDENTITY_TAGS):
+            # Cleaning scrubs the identity this object declares. Without a cleanly decoded
+            # PatientName and PatientID (absent, cut off, mis-encoded) it cannot know what to
+            # scrub, so free text falls back to the basic profile's dummy value.
+            for el, vr in self.jobs:
+                el.value = _DUMMY.get(vr, b"")
+            self.counts["C_fallback"] += len(self.jobs)
             return
         codec = self.codec or "latin-1"
         scrub = Scrubber(self.words, self.literals)
@@ -409,6 +431,7 @@ class Engine:
         self._check_pixels(top, outcome)
 
         run = _Run(self, codec)
+        run.ascii_only = not (charset and _ascii(charset.raw).strip("\\ \0"))
         patient_key = self._patient_key(top)
         if patient_key:
             run.days = self.keys.day_offset(patient_key)

@@ -117,16 +117,32 @@ class SourceFile:
             if not inflater.eof:
                 raise DeidError("truncated", "deflated stream ends early")
             elements, _ = parse_dataset(data, len(data), 0, False, True)
+            if not any(e.tag in _PIXEL_TAGS for e in elements):
+                _refuse_image_without_pixels(elements)
             return Header(meta, transfer_syntax, enc, elements)
         elements, ppos = parse_dataset(
             buf, size, pos, enc.implicit, enc.little, stop_at_pixels=True
         )
         if ppos >= size:
+            _refuse_image_without_pixels(elements)
             return Header(meta, transfer_syntax, enc, elements)
         pixels = _pixel_range(buf, size, ppos, enc)
         return Header(
             meta, transfer_syntax, enc, elements, pixels, trailing_dropped=pixels.end < size
         )
+
+
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+
+
+def _refuse_image_without_pixels(elements: list[Element]) -> None:
+    """A data set with an Image Pixel module (Rows) but no pixel data is a half-copied file.
+
+    Its header can end cleanly at an element boundary, so only this tells it from a whole one;
+    uploading it would store a pixel-less instance under the real SOP Instance UID.
+    """
+    if any(e.tag == 0x00280010 for e in elements):
+        raise DeidError("truncated", "image attributes but no pixel data (file cut short?)")
 
 
 def _read_meta(buf: mmap.mmap, size: int) -> tuple[list[Element], int]:

@@ -37,6 +37,7 @@ REASONS = {
     "unreadable",
     "unreadable_header",
     "no_sop_instance_uid",
+    "missing_uid",
     "unsupported_transfer_syntax",
     "burned_in_annotation",
     "dicomdir",

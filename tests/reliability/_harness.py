@@ -29,6 +29,7 @@ __all__ = [
     "http_server",
     "make_self_signed",
     "phi_hits",
+    "reached",
     "scan_names",
     "scan_tree_bytes",
     "sha256_file",
@@ -126,6 +127,15 @@ def wait_until(
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def reached(predicate: Callable[[], bool], timeout: float, *, interval: float = 0.1) -> bool:
+    """Like :func:`wait_until`, but returns False on timeout (so figures can still be recorded)."""
+    try:
+        wait_until(predicate, timeout, interval=interval)
+    except AssertionError:
+        return False
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -621,47 +631,20 @@ def _mode_problems(quarantine: Path) -> list[str]:
     return problems
 
 
-#: The known log leak: structlog's dict_tracebacks renders each frame's local variables.
-LOCALS_LEAK = (
-    "logs.configure uses structlog.processors.dict_tracebacks, whose ExceptionDictTransformer "
-    "has show_locals=True: every log.exception() in JSON mode prints each frame's local "
-    "variables (inbox file names, decoded values); scrub_phi does not descend into them"
-)
-
-
-def _only_in_traceback_locals(line: str) -> bool:
-    """True if the PHI in a JSON log line sits only in traceback frames' ``locals``."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return False
-    exc = record.get("exception")
-    if not isinstance(exc, list):
-        return False
-    for item in exc:
-        for frame in item.get("frames", []) if isinstance(item, dict) else []:
-            if isinstance(frame, dict):
-                frame.pop("locals", None)
-    return not phi_hits(json.dumps(record))
-
-
 def phi_audit(
     run: AgentRun,
     *,
     orthanc: Any = None,
     metrics: str = "",
-    known_leak: Callable[[Path], bool] | None = None,
 ) -> dict[str, Any]:
     """Planted PHI anywhere it must not be, after a run; plus quarantine modes.
 
     Uploaded bytes (pulled back from Orthanc, or the folder destination), the outbox files, all
     agent log lines, the metrics text (taken by the caller while the agent ran), and every file
     name in outbox, quarantine and destination. Quarantine *contents* hold PHI by nature and
-    are only checked for modes. ``known_leak(path)`` lets a caller set apart output files whose
-    leak is an already reported issue (counted as ``uploaded_known_issue``, not as a hit).
+    are only checked for modes.
     """
     uploaded_hits: list[str] = []
-    known: list[str] = []
     n_uploaded = 0
     if orthanc is not None:
         for i, data in enumerate(orthanc_files(orthanc.base_url, orthanc.auth)):
@@ -674,22 +657,16 @@ def phi_audit(
         for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
             n_uploaded += root == run.dest
             if hits := phi_hits(path.read_bytes()):
-                entry = f"{path.relative_to(run.root)}: {hits}"
-                (known if known_leak and known_leak(path) else uploaded_hits).append(entry)
-    log_hits, log_known = [], []
-    for line in run.agent.log_lines():
-        if phi_hits(line):
-            (log_known if _only_in_traceback_locals(line) else log_hits).append(line[:300])
+                uploaded_hits.append(f"{path.relative_to(run.root)}: {hits}")
+    log_hits = [line[:300] for line in run.agent.log_lines() if phi_hits(line)]
     metrics_hits = phi_hits(metrics)
     name_hits = scan_names(run.state / "outbox", run.state / "quarantine", run.dest)
     modes = _mode_problems(run.state / "quarantine")
     return {
         "uploaded_checked": n_uploaded,
         "uploaded_bytes_hits": len(uploaded_hits),
-        "uploaded_known_issue": len(known),
         "log_lines": len(run.agent.log_lines()),
         "log_hits": len(log_hits),
-        "log_known_issue": len(log_known),
         "metrics_checked": bool(metrics),
         "metrics_hits": len(metrics_hits),
         "name_hits": len(name_hits),

@@ -9,7 +9,7 @@ from pathlib import Path
 __all__ = ["STRACE_CALLS", "Event", "durability_problems", "parse_strace", "strace_prefix"]
 
 #: The calls the power-cut check needs (``openat`` too, to see originals being read).
-STRACE_CALLS = "fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat,openat"
+STRACE_CALLS = "fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat,openat,pwrite64"
 
 
 def strace_prefix(out: Path) -> list[str]:
@@ -104,7 +104,7 @@ def _paths(call: str, args: list[str]) -> tuple[str, ...]:
         base = fd_path(dirfd)
         return f"{base}/{name}" if base else name
 
-    if call in ("fsync", "fdatasync"):
+    if call in ("fsync", "fdatasync", "pwrite64"):
         return (fd_path(args[0]) or "",) if args else ("",)
     if call in ("unlink", "rename"):
         return tuple(string(a) or "" for a in args[:2])
@@ -160,16 +160,15 @@ def durability_problems(
     ``originals`` maps an inbox path to the final outbox path of its de-identified copy. For
     each original unlinked in the trace, before that unlink there must be, in this order:
     an fsync of the temp file that is then renamed onto the outbox path, that rename, an fsync
-    of the outbox folder, and an fsync/fdatasync of the database or its WAL after both that
-    rename and the previous original's unlink (so it is this row's commit, not an earlier one).
+    of the outbox folder, and an fsync/fdatasync of the database or its WAL that follows both
+    the rename and the last write (``pwrite64``) to the database or WAL: at the moment of the
+    unlink no committed row is still only in the page cache. (A row never committed at all
+    before its original's unlink is not visible in syscalls; the crash test covers that.)
     Returns ``(problems, counts)``.
     """
     problems: list[str] = []
     counts = {"checked": 0, "unlinked": 0, "dir_fsync": 0, "db_sync": 0, "file_fsync": 0}
     ok_events = [e for e in events if e.ok]
-    unlink_seqs = sorted(
-        e.seq for e in ok_events if e.call in ("unlink", "unlinkat") and e.paths[0] in originals
-    )
     for original, output in originals.items():
         unlink = next(
             (e for e in ok_events if e.call in ("unlink", "unlinkat") and e.paths[0] == original),
@@ -198,12 +197,17 @@ def durability_problems(
             counts["dir_fsync"] += 1
         else:
             problems.append(f"{Path(original).name}: outbox folder not fsynced after the rename")
-        # The commit is this original's own: a sync after the rename *and* after the previous
-        # original's unlink (commits and unlinks alternate in the intake thread).
-        previous = max((u for u in unlink_seqs if u < unlink.seq), default=-1)
-        if any(e.paths[0] in db_files and e.seq > previous for e in after):
+        # The database: at the unlink, the last write to the database or its WAL (a commit,
+        # possibly of a group of rows) must be synced, by a sync that also follows the rename.
+        db_events = [e for e in before if e.paths and e.paths[0] in db_files]
+        last_write = max((e.seq for e in db_events if e.call == "pwrite64"), default=-1)
+        last_sync = max((e.seq for e in db_events if e.call != "pwrite64"), default=-1)
+        if last_sync > rename.seq and last_sync > last_write:
             counts["db_sync"] += 1
         else:
-            problems.append(f"{Path(original).name}: database not synced before the unlink")
+            problems.append(
+                f"{Path(original).name}: database not synced before the unlink"
+                f" (last write {last_write}, last sync {last_sync}, rename {rename.seq})"
+            )
         counts["checked"] += 1
     return problems, counts

@@ -25,9 +25,9 @@ from ._harness import (
     AgentRun,
     assert_no_phi,
     phi_audit,
+    reached,
     record_figures,
     size,
-    wait_until,
 )
 
 pytestmark = [pytest.mark.reliability, pytest.mark.orthanc, pytest.mark.slow]
@@ -66,11 +66,15 @@ def make_inputs(run: AgentRun, n: int, *, rows: int = 48) -> dict[str, str]:
 class Feeder(threading.Thread):
     """Moves staged files into the inbox in seeded bursts (an atomic rename each)."""
 
-    def __init__(self, run: AgentRun, names: list[str], rng: random.Random) -> None:
+    def __init__(
+        self, run: AgentRun, names: list[str], rng: random.Random, duration: float
+    ) -> None:
         super().__init__(daemon=True)
         self.run_ = run
         self.names = list(names)
         self.rng = rng
+        # Spread the inflow over the whole kill period (bursts of 13 files on average).
+        self.mean_wait = duration / max(1.0, len(names) / 13)
         self.fed = 0
         self.stop_event = threading.Event()
 
@@ -82,7 +86,7 @@ class Feeder(threading.Thread):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(self.run_.staging / name, target)
                 self.fed += 1
-            self.stop_event.wait(self.rng.uniform(0.0, 0.6))
+            self.stop_event.wait(self.rng.uniform(0.0, 2 * self.mean_wait))
 
 
 def _phase(run: AgentRun) -> str:
@@ -111,7 +115,8 @@ def test_kill9_crash_loop(tmp_path: Path, orthanc, agent_run) -> None:  # type: 
         env={"GATEWAY_DESTINATION__PASSWORD": orthanc.auth[1]},
     )
     expected = make_inputs(run, n_files)
-    feeder = Feeder(run, sorted(expected), rng)
+    # Kills come every ~1.4 s on average; keep files arriving until the last one.
+    feeder = Feeder(run, sorted(expected), random.Random(SEED + 1), duration=n_kills * 1.4)
     phases: collections.Counter[str] = collections.Counter()
     shutdown_kills = 0
     run.start()
@@ -141,7 +146,7 @@ def test_kill9_crash_loop(tmp_path: Path, orthanc, agent_run) -> None:  # type: 
                 counts.values()
             )
 
-        wait_until(done, timeout=size(240, 1200), what="inbox empty and outbox drained")
+        drained = reached(done, timeout=size(240, 1200))
         metrics = run.metrics_text()
         assert run.agent.alive(), "the agent died on its own"
     finally:
@@ -183,8 +188,10 @@ def test_kill9_crash_loop(tmp_path: Path, orthanc, agent_run) -> None:  # type: 
         "orphan_workers": run.agent.orphans,
         "peak_rss_mb": round(run.peak_rss_mb, 1),
         "final_exit": rc,
+        "drained": drained,
     }
     record_figures("crash", figures)
+    assert drained, ("inbox not empty or outbox not drained in time", figures)
     assert (lost, duplicated, originals_lost, temp_left) == ([], 0, [], []), figures
     assert quarantined == 0 and figures["dead"] == 0, figures
     assert run.agent.orphans == 0, ("worker processes outlived a killed agent", figures)

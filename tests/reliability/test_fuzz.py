@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,18 +54,20 @@ def test_fuzz_header_path_bounded(tmp_path: Path) -> None:
     )
     runs = next(
         (
-            ln.split(":")[1].strip()
+            ln.rsplit(":", 1)[1].strip()
             for ln in text.splitlines()
             if "stat::number_of_executed_units" in ln
         ),
         "?",
     )
+    cov = re.findall(r"\bcov: (\d+)", text)
     record_figures(
         "fuzz",
         {
             "engine": "atheris" if has_atheris else "plain",
             "seconds": seconds,
             "runs": runs,
+            "coverage_edges": int(cov[-1]) if cov else None,
             "crashes": len(crashes),
         },
     )

@@ -85,3 +85,45 @@ def test_fsync_ordering_before_original_unlink(tmp_path: Path, agent_run) -> Non
     assert counts["unlinked"] == n, (figures, "the trace did not show every original's unlink")
     assert problems == [], "\n".join(problems[:30])
     assert rc == 0
+
+
+_TOY = """
+import os, sqlite3, sys
+d = sys.argv[1]
+os.makedirs(d + "/inbox"); os.makedirs(d + "/outbox")
+open(d + "/inbox/a.dcm", "wb").write(b"x")
+c = sqlite3.connect(d + "/outbox.db", isolation_level=None)
+c.execute("pragma journal_mode=wal"); c.execute("pragma synchronous=" + sys.argv[2])
+c.execute("create table t(x)")
+with open(d + "/outbox/.o.tmp", "wb") as f:
+    f.write(b"y"); f.flush(); os.fsync(f.fileno())
+os.replace(d + "/outbox/.o.tmp", d + "/outbox/o.dcm")
+fd = os.open(d + "/outbox", os.O_RDONLY); os.fsync(fd); os.close(fd)
+c.execute("begin immediate"); c.execute("insert into t values (1)"); c.execute("commit")
+os.unlink(d + "/inbox/a.dcm")
+"""
+
+
+@pytest.mark.parametrize(("synchronous", "durable"), [("full", True), ("normal", False)])
+def test_the_checker_tells_a_synced_commit_from_an_unsynced_one(
+    tmp_path: Path, synchronous: str, durable: bool
+) -> None:
+    """The checker itself: WAL with synchronous=NORMAL does not sync a commit (not durable)."""
+    require(shutil.which("strace") is not None, "strace (apt-get install strace)")
+    import subprocess
+    import sys
+
+    work = tmp_path / "w"
+    trace = tmp_path / "trace.txt"
+    subprocess.run(
+        [*strace_prefix(trace), sys.executable, "-c", _TOY, str(work), synchronous],
+        check=True,
+        timeout=60,
+    )
+    problems, counts = durability_problems(
+        parse_strace(trace.read_text()),
+        {str(work / "inbox" / "a.dcm"): str(work / "outbox" / "o.dcm")},
+        (str(work / "outbox.db"), str(work / "outbox.db-wal")),
+    )
+    assert counts["unlinked"] == 1 and counts["file_fsync"] == 1 and counts["dir_fsync"] == 1
+    assert (problems == []) is durable, problems

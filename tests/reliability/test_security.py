@@ -24,7 +24,7 @@ from gateway_agent.agent.outbox import OutboxRow
 from gateway_agent.config import DestinationSettings
 from gateway_agent.synthetic import make_ct_slice
 
-from ._harness import LOCALS_LEAK, http_server, make_self_signed, record_figures, wait_until
+from ._harness import http_server, make_self_signed, record_figures, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -383,7 +383,6 @@ def test_state_not_readable_by_other_users(agent_run) -> None:  # type: ignore[n
 # --------------------------------------------------------------------------- logs
 
 
-@pytest.mark.xfail(strict=True, reason=LOCALS_LEAK)
 def test_logged_exception_does_not_print_local_values() -> None:
     import io
     import logging
