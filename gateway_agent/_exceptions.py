@@ -42,8 +42,8 @@ class IngestError(GatewayError):
     """An input file cannot be processed; ``reason`` is a stable slug for the quarantine record.
 
     Reasons in use: ``not_dicom``, ``empty_file``, ``truncated``, ``unreadable_header``,
-    ``no_sop_instance_uid``, ``missing_uid``, ``unsupported_transfer_syntax``, ``burned_in_annotation``,
-    ``dicomdir``, ``too_large``, ``internal_error``.
+    ``no_sop_instance_uid``, ``missing_uid``, ``unsupported_transfer_syntax``,
+    ``burned_in_annotation``, ``dicomdir``, ``too_large``, ``internal_error``.
     """
 
     def __init__(self, reason: str, detail: str = "") -> None:

@@ -156,6 +156,9 @@ class DiskSettings(_Section):
 
     min_free_mb: float = Field(default=500.0, ge=0)
     sent_retention_hours: float = Field(default=24.0, ge=0)
+    audit_retention_days: float = Field(
+        default=365.0, gt=0, description="Rows of sent instances are kept this long, then deleted."
+    )
     check_interval_seconds: float = Field(
         default=10.0, gt=0, description="Disk guard re-check period while idle."
     )

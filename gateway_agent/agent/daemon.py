@@ -17,7 +17,7 @@ from ..config import Settings
 from ..deid import Deidentifier, DeidOptions, load_or_create_secret
 from ..logs import get_logger
 from .destinations import destination_from_settings
-from .intake import Intake
+from .intake import OUTBOX_DIR_MODE, Intake
 from .outbox import Outbox
 from .qcjob import qc_component
 from .quarantine import Quarantine
@@ -142,7 +142,8 @@ class Daemon:
 
         self.outbox = Outbox(self.paths.outbox_db)
         self.outbox.requeue_stale()
-        self.paths.outbox_files.mkdir(parents=True, exist_ok=True)
+        self.paths.outbox_files.mkdir(mode=OUTBOX_DIR_MODE, parents=True, exist_ok=True)
+        self.paths.outbox_files.chmod(OUTBOX_DIR_MODE)  # also for a folder made by older versions
         self._remove_temp_files(self.paths.outbox_files)
         self.outbox.reconcile(self.paths.outbox_files)
         self.quarantine.ensure()
@@ -333,8 +334,10 @@ class Daemon:
             try:
                 hours = self.settings.disk.sent_retention_hours
                 purged = outbox.purge_sent_files(hours * 3600.0)
-                if purged:
-                    log.info("outbox_retention", files=purged)
+                days = self.settings.disk.audit_retention_days
+                compacted = outbox.compact(days * 86400.0)
+                if purged or compacted:
+                    log.info("outbox_retention", files=purged, rows=compacted)
                 outbox.checkpoint()
             except Exception:
                 log.exception("housekeeping_failed")

@@ -537,6 +537,21 @@ class Outbox:
             )
         return len(ids)
 
+    def compact(self, older_than_seconds: float) -> int:
+        """Audit retention: delete sent rows whose files are gone, sent over the age ago.
+
+        This bounds the database (SQLite reuses the freed pages). The newest row is never
+        deleted, so row ids keep growing and ``rows_since`` readers (the QC job) stay correct.
+        """
+        cutoff = self._clock() - older_than_seconds
+        with self._tx() as c:
+            cur = c.execute(
+                "delete from outbox where state = 'sent' and file_gone = 1 and sent_at <= ?"
+                " and id < (select max(id) from outbox)",
+                (cutoff,),
+            )
+            return int(cur.rowcount)
+
     def reconcile(self, files_dir: Path) -> dict[str, int]:
         """Start-up check between ``files_dir`` and the rows.
 

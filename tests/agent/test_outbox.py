@@ -186,6 +186,30 @@ def test_purge_sent_files_keeps_rows(outbox: Outbox, clock: FakeClock, tmp_path:
     assert outbox.purge_sent_files(older_than_seconds=50) == 0  # already gone: counted once
 
 
+def test_compact_deletes_old_sent_rows_but_never_the_newest(
+    outbox: Outbox, clock: FakeClock, tmp_path: Path
+) -> None:
+    files = [tmp_path / f"{i}.dcm" for i in range(4)]
+    for i, f in enumerate(files):
+        f.write_bytes(b"x")
+        _add(outbox, f"1.{i}", f)
+    rows = outbox.claim(max_items=4, max_bytes=10**9, lease_seconds=60)
+    outbox.mark_sent([r.id for r in rows[:3]])
+    clock.advance(100)
+    assert outbox.compact(older_than_seconds=50) == 0  # files not yet removed: kept
+    outbox.purge_sent_files(older_than_seconds=50)
+    assert outbox.compact(older_than_seconds=200) == 0  # not old enough
+    assert outbox.compact(older_than_seconds=50) == 3
+    assert outbox.counts() == {"queued": 0, "sending": 1, "sent": 0, "dead": 0}
+    # The newest row is kept even when it qualifies, so ids never restart below a reader.
+    outbox.mark_sent([rows[3].id])
+    clock.advance(100)
+    outbox.purge_sent_files(older_than_seconds=50)
+    assert outbox.compact(older_than_seconds=50) == 0
+    _add(outbox, "1.9", tmp_path / "late.dcm")
+    assert [r.sop_instance_uid for r in outbox.rows_since(rows[3].id)] == ["1.9"]
+
+
 def test_circuit_one_probe_at_a_time(outbox: Outbox, clock: FakeClock) -> None:
     assert outbox.circuit_acquire(probe_lease=60) == (0.0, False)
     started = clock.now
