@@ -33,7 +33,14 @@ from ..logs import get_logger, short_hash
 from .metrics import DEID_SECONDS, DEIDENTIFIED, FILES_RECEIVED, INTAKE_PAUSED
 from .quarantine import Quarantine, move_file
 
-__all__ = ["DICOMDIR_NAME", "Intake", "OutboxSink", "describe_error"]
+__all__ = [
+    "DICOMDIR_NAME",
+    "OUTBOX_DIR_MODE",
+    "OUTBOX_FILE_MODE",
+    "Intake",
+    "OutboxSink",
+    "describe_error",
+]
 
 log = get_logger()
 
@@ -42,6 +49,9 @@ DICOMDIR_NAME = "DICOMDIR"
 MAX_WORKER_CRASHES = 2
 #: While intake is paused by its gate (disk guard), re-check the gate this often.
 GATE_RECHECK_SECONDS = 5.0
+#: Mode of the de-identified copies in the outbox folder, and of that folder.
+OUTBOX_FILE_MODE = 0o600
+OUTBOX_DIR_MODE = 0o700
 #: Group commit: completions arriving within this long share one outbox transaction ...
 GROUP_LINGER_SECONDS = 0.003
 #: ... up to this many rows.
@@ -132,6 +142,9 @@ def _deid_job(src: str, out_dir: str) -> _JobResult:
     t0 = time.perf_counter()
     try:
         result = _ENGINE.deidentify_file(Path(src), Path(out_dir))
+        # The engine's atomic write leaves outputs 0644 (a general-purpose writer); outbox
+        # copies are the agent's own: 0600 (in a 0700 folder), before the row is committed.
+        Path(result.path).chmod(OUTBOX_FILE_MODE)
     except IngestError as exc:
         return "error", exc.reason, exc.detail, time.perf_counter() - t0
     except MemoryError:
@@ -269,7 +282,7 @@ class Intake:
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Start the worker pool and the dispatcher thread."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir.mkdir(mode=OUTBOX_DIR_MODE, parents=True, exist_ok=True)
         self._pool = self._new_pool()
         # Start every worker now (engine unpickled, modules imported), not on the first files.
         for _ in range(self._workers):

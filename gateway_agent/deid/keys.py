@@ -39,38 +39,82 @@ _BLOCK = 64  # SHA-256 block size, for HMAC (RFC 2104)
 def load_or_create_secret(path: Path) -> bytes:
     """Read the site secret, creating it (32 random bytes, hex, mode 0600) on first use.
 
-    Parent folders are created with mode 0700. The secret is never logged; losing it makes
-    later outputs unlinkable to earlier ones (new UIDs, pseudonyms and date offsets).
+    Parent folders are created with mode 0700. Creation is atomic: the key is written to a temp
+    file in the same folder (mode 0600) and fsynced, then hard-linked into place, which never
+    replaces an existing secret (another process that got there first wins, and its secret is
+    used); then the folder is fsynced. A kill at any instant leaves either no secret or a
+    complete one (and at worst a stray temp file, which is ignored). The secret is never logged
+    nor put in an error message; losing it makes later outputs unlinkable to earlier ones (new
+    UIDs, pseudonyms and date offsets).
     """
     path = Path(path)
-    try:
-        data = path.read_bytes().strip()
-    except FileNotFoundError:
-        import secrets
+    for _ in range(3):
+        try:
+            data = path.read_bytes().strip()
+        except FileNotFoundError:
+            try:
+                _create_secret(path)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot create the site secret file ({type(exc).__name__})"
+                ) from None
+            continue  # read back what is now in place (ours, or a concurrent creator's)
+        except OSError as exc:
+            raise ConfigError(f"cannot read the site secret file ({type(exc).__name__})") from None
+        if len(data) < _MIN_SECRET:
+            raise ConfigError(f"the site secret file holds fewer than {_MIN_SECRET} bytes")
+        return data
+    raise ConfigError(
+        "the site secret file is missing and cannot be put in place (a dangling link?)"
+    )
 
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        value = secrets.token_hex(32).encode() + b"\n"
+
+def _create_secret(path: Path) -> None:
+    """Put a new random secret at ``path`` atomically, unless one is there already."""
+    import secrets
+
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    value = secrets.token_hex(32).encode() + b"\n"
+    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # created concurrently: use theirs
-            return load_or_create_secret(path)
-        try:
-            os.write(fd, value)
+            os.fchmod(fd, 0o600)  # whatever the umask
+            view = memoryview(value)
+            while view:
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if a secret exists: never replaces one
+        except FileExistsError:
+            return  # created concurrently: use theirs
+        except OSError:
+            # No hard links on this file system: create-exclusive, then write in place.
+            _create_exclusive(path, value)
+    finally:
         with contextlib.suppress(OSError):
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        data = value.strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the site secret file ({type(exc).__name__})") from None
-    if len(data) < _MIN_SECRET:
-        raise ConfigError(f"the site secret file holds fewer than {_MIN_SECRET} bytes")
-    return data
+            tmp.unlink()
+    with contextlib.suppress(OSError):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _create_exclusive(path: Path, value: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.write(fd, value)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Keys:
