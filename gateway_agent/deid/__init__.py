@@ -126,8 +126,8 @@ class Deidentifier:
         OSError
             Writing the output failed (e.g. disk full): not the input's fault.
         """
-        src = Path(src)
-        out_dir = Path(out_dir)
+        if not isinstance(out_dir, Path):
+            out_dir = Path(out_dir)
         with SourceFile(src) as source:
             try:
                 header = source.read_header()
@@ -155,10 +155,15 @@ class Deidentifier:
             except (MemoryError, RecursionError, ValueError, LookupError, TypeError) as exc:
                 raise DeidError("internal_error", type(exc).__name__) from None
             uids = outcome.uids
-            _ensure_dir(out_dir)
             path = out_dir / f"{uids['sop_instance_uid']}.dcm"
             pixels = (source.fd, header.pixels) if header.pixels is not None else None
-            size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
+            try:
+                size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
+            except (FileNotFoundError, NotADirectoryError):
+                # The folder is missing (first file) or not a folder: create it, or raise as
+                # mkdir does. Trying first saves two system calls on every other file.
+                _ensure_dir(out_dir)
+                size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
         audit = self._engine.audit(outcome, header.transfer_syntax)
         audit["trailing_elements_dropped"] = header.trailing_dropped
         return DeidResult(
@@ -167,7 +172,7 @@ class Deidentifier:
             sop_class_uid=uids["sop_class_uid"],
             study_instance_uid=uids["study_instance_uid"],
             series_instance_uid=uids["series_instance_uid"],
-            modality=_modality(outcome),
+            modality=outcome.modality,
             size=size,
             audit=audit,
         )
@@ -239,15 +244,6 @@ def _ensure_dir(directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)  # raises as pathlib does
     except OSError:
         directory.mkdir(parents=True, exist_ok=True)
-
-
-def _modality(outcome: Outcome) -> str:
-    for el in outcome.elements:
-        if el.tag == 0x00080060:
-            return el.raw.decode("latin-1").strip("\0 ")
-        if el.tag > 0x00080060:
-            break
-    return ""
 
 
 def anonymize_dataset(

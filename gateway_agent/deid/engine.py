@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from operator import attrgetter
 from typing import Any
 
 from .._exceptions import DeidError
@@ -37,6 +38,21 @@ METHOD = f"PS3.15 E.1-1 {EDITION}"
 # Walk modes: inside a D sequence free text becomes a dummy; inside a C sequence it is scrubbed.
 NORMAL, DUMMY_MODE, STRICT_MODE, CLEAN_MODE = 0, 1, 2, 3
 PRIVATE_KEEP = 100
+#: Dispatch-table operation of an unlisted private attribute (removed unless safe-private).
+_PRIVATE_DROP = 101
+#: Dispatch-table key bit for an element parsed as a sequence (its operation may differ).
+_SQ_KEY = 1 << 32
+#: Entries per memo (values repeat across the files of a series); cleared when exceeded.
+_MEMO_MAX = 4096
+#: Longer values are not memoised (bounded memory: at most ~_MEMO_MAX x this per memo).
+_MEMO_VALUE_MAX = 256
+
+
+def _remember(memo: dict[Any, Any], key: object, value: object) -> None:
+    if len(memo) >= _MEMO_MAX:
+        memo.clear()
+    memo[key] = value
+
 
 #: D sequences whose codes themselves identify a person or an institution.
 _STRICT_SEQUENCES = frozenset({0x00401101, 0x00080082, 0x00081072})
@@ -125,7 +141,7 @@ def _ascii(raw: bytes) -> str:
 class Outcome:
     """What one run produced: the new elements and the audit facts (no PHI)."""
 
-    __slots__ = ("burned_in_allowed", "counts", "elements", "private_removed", "uids")
+    __slots__ = ("burned_in_allowed", "counts", "elements", "modality", "private_removed", "uids")
 
     def __init__(self) -> None:
         self.elements: list[Element] = []
@@ -133,6 +149,8 @@ class Outcome:
         self.private_removed = 0
         self.uids: dict[str, str] = {}
         self.burned_in_allowed = False
+        #: the output Modality value ("" when absent)
+        self.modality = ""
 
 
 class _Run:
@@ -144,6 +162,8 @@ class _Run:
         self.keys = engine.keys
         self.codec = codec
         self.counts: Counter[str] = Counter()
+        #: action letters in walk order, counted into ``counts`` after the walk
+        self.letters: list[str] = []
         self.private_removed = 0
         self.days = 0
         self.pseudonyms: tuple[str, str] | None = None
@@ -157,7 +177,6 @@ class _Run:
 
     # -- sources of identifiers for Clean Descriptors ---------------------------------------
     def collect(self, el: Element) -> None:
-        vr = el.vr
         value = el.value
         if isinstance(value, list):
             for item in value:
@@ -165,58 +184,83 @@ class _Run:
                     if sub.tag not in _CODE_TAGS:
                         self.collect(sub)
             return
-        if vr == "UN":
-            vr = vr_of(el.tag)
-        if vr in _SOURCE_VRS and value:
-            text = decode_text(value, self.codec)
-            tokens = list(identifier_tokens(text, person_name=vr == "PN"))
+        if not value:
+            return
+        memo = self.engine.memo_collect
+        key = (el.tag, el.vr, value, self.codec, self.ascii_only)
+        found = memo.get(key) if len(value) <= _MEMO_VALUE_MAX else None
+        if found is None:
+            found = self._collect_value(el.tag, el.vr, value)
+            if len(value) <= _MEMO_VALUE_MAX:
+                _remember(memo, key, found)
+        tokens, identity, literals = found
+        if tokens:
             self.words.update(tokens)
-            if el.tag in _IDENTITY_TAGS:
+        if identity is not None:
+            self.identity[el.tag] = identity
+        if literals:
+            self.literals.update(literals)
+
+    def _collect_value(
+        self, tag: int, vr: str, value: bytes
+    ) -> tuple[tuple[str, ...], bool | None, tuple[str, ...]]:
+        """(words, identity flag or None, literals) that one non-empty value contributes."""
+        if vr == "UN":
+            vr = vr_of(tag)
+        if vr in _SOURCE_VRS:
+            text = decode_text(value, self.codec)
+            tokens = tuple(identifier_tokens(text, person_name=vr == "PN"))
+            identity = None
+            if tag in _IDENTITY_TAGS:
                 # U+FFFD: bytes the declared character set cannot decode (a mis-encoded name);
                 # high bytes under the default repertoire: a name we would tokenise wrongly.
-                self.identity[el.tag] = (
+                identity = (
                     bool(tokens)
                     and "\ufffd" not in text
                     and not (self.ascii_only and max(bytes(value)) >= 0x80)
                 )
-        elif el.tag == 0x00100030 and value:
-            self.literals.update(date_forms(_ascii(value)))
+            return tokens, identity, ()
+        if tag == 0x00100030:
+            return (), None, tuple(date_forms(_ascii(value)))
+        return (), None, ()
 
     # -- the walk ---------------------------------------------------------------------------
     def walk(self, elements: list[Element], mode: int) -> list[Element]:
-        ops = self.profile.ops
         engine = self.engine
-        counts = self.counts
+        table = engine.dispatch[mode]
+        letters = self.letters
         out: list[Element] = []
+        append = out.append
         keep_private: set[int] | None = None
         for el in elements:
             tag = el.tag
-            op = ops.get(tag)
-            if op is None:
-                op = engine.unlisted_op(tag, el.vr, mode)
-                if op == REMOVE and (tag >> 16) & 1:
-                    if self.profile.keep_safe_private:
-                        if keep_private is None:
-                            keep_private = _safe_private_tags(elements, self.codec)
-                        if tag in keep_private:
-                            out.append(el)
-                            counts["C"] += 1
-                            continue
-                    self.private_removed += 1
-                    continue
-                letter = "X" if op == REMOVE else None
-            else:
-                letter = OP_LETTER[op]
-            if letter is not None:
-                counts[letter] += 1
+            entry = table.get(tag if el.vr != "SQ" else tag | _SQ_KEY)
+            if entry is None:
+                entry = engine.entry(tag, el.vr, mode)
+            op, letter = entry
             if op == KEEP:
-                out.append(el)
-            elif op == REMOVE:
+                if letter is not None:
+                    letters.append(letter)
+                append(el)
+                continue
+            if op == _PRIVATE_DROP:
+                if self.profile.keep_safe_private:
+                    if keep_private is None:
+                        keep_private = _safe_private_tags(elements, self.codec)
+                    if tag in keep_private:
+                        append(el)
+                        letters.append("C")
+                        continue
+                self.private_removed += 1
+                continue
+            if letter is not None:
+                letters.append(letter)
+            if op == REMOVE:
                 self.collect(el)
             elif op == UID:
-                out.append(self.map_uids(el))
+                append(self.map_uids(el))
             elif op == SHIFT:
-                out.append(self.shift(el))
+                append(self.shift(el))
             elif op in (SEQ, SEQ_DUMMY, SEQ_CLEAN):
                 if op == SEQ_DUMMY:
                     sub_mode = STRICT_MODE if tag in _STRICT_SEQUENCES else max(mode, DUMMY_MODE)
@@ -225,30 +269,30 @@ class _Run:
                 else:
                     sub_mode = mode
                 items = [self.walk(item, sub_mode) for item in el.items]
-                out.append(Element(tag, "SQ", items))
+                append(Element(tag, "SQ", items))
             elif op == SCRUB:
                 if self.codec is None:
-                    out.append(self.dummy(el))
+                    append(self.dummy(el))
                 else:
                     new = Element(tag, self.vr(el), el.value)
                     self.jobs.append((new, new.vr))
-                    out.append(new)
+                    append(new)
             elif op == EMPTY:
                 self.collect(el)
-                out.append(Element(tag, self.vr(el), b""))
+                append(Element(tag, self.vr(el), b""))
             elif op == SEQ_EMPTY:
                 self.collect(el)
-                out.append(Element(tag, "SQ", []))
+                append(Element(tag, "SQ", []))
             elif op == DUMMY:
                 self.collect(el)
-                out.append(self.dummy(el))
+                append(self.dummy(el))
             elif op == PSEUDONYM:
                 self.collect(el)
                 if self.pseudonyms is None:
-                    out.append(Element(tag, self.vr(el), b""))
+                    append(Element(tag, self.vr(el), b""))
                 else:
                     name, pid = self.pseudonyms
-                    out.append(Element(tag, self.vr(el), _text(name if tag == 0x00100010 else pid)))
+                    append(Element(tag, self.vr(el), _text(name if tag == 0x00100010 else pid)))
         return out
 
     @staticmethod
@@ -267,26 +311,44 @@ class _Run:
         raw = el.raw
         if not raw:
             return Element(el.tag, "UI", b"")
-        uid = self.keys.uid
-        values = [
-            uid(v) if v else v for v in (s.strip("\0 ") for s in raw.decode("latin-1").split("\\"))
-        ]
-        return Element(el.tag, "UI", _uid_bytes("\\".join(values)))
+        memo = self.engine.memo_uids
+        new = memo.get(raw)
+        if new is None:
+            uid = self.keys.uid
+            values = [
+                uid(v) if v else v
+                for v in (s.strip("\0 ") for s in raw.decode("latin-1").split("\\"))
+            ]
+            new = _uid_bytes("\\".join(values))
+            if len(raw) <= _MEMO_VALUE_MAX:
+                _remember(memo, raw, new)
+        return Element(el.tag, "UI", new)
 
     def shift(self, el: Element) -> Element:
         vr = self.vr(el)
         raw = el.raw
         if not raw:
             return Element(el.tag, vr, b"")
+        if len(raw) > _MEMO_VALUE_MAX:
+            return Element(el.tag, vr, self._shifted(raw, vr))
+        memo = self.engine.memo_shift
+        key = (raw, vr, self.days)
+        new = memo.get(key)
+        if new is None:
+            new = self._shifted(raw, vr)
+            _remember(memo, key, new)
+        return Element(el.tag, vr, new)
+
+    def _shifted(self, raw: bytes, vr: str) -> bytes:
         fn = shift_da if vr == "DA" else shift_dt
         out = []
         for part in _ascii(raw).split("\\"):
             part = part.strip()
             shifted = fn(part, self.days) if part else ""
             if shifted is None:
-                return Element(el.tag, vr, b"")
+                return b""
             out.append(shifted)
-        return Element(el.tag, vr, _text("\\".join(out)))
+        return _text("\\".join(out))
 
     def finish_scrubbing(self) -> None:
         if not self.jobs:
@@ -301,12 +363,27 @@ class _Run:
             return
         codec = self.codec or "latin-1"
         scrub = Scrubber(self.words, self.literals)
+        # Results hold for one pattern (one patient's identifiers): the memo keeps only the
+        # latest pattern's, so it keeps no old pattern alive. Read once: threads sharing an
+        # engine at worst replace each other's memo, never read another pattern's results.
+        pattern, memo = self.engine.memo_scrub
+        if pattern is not scrub.pattern:
+            memo = {}
+            self.engine.memo_scrub = (scrub.pattern, memo)
         for el, vr in self.jobs:
-            text = decode_text(el.raw, codec)
-            if not text:
-                continue
-            cleaned = scrub(text, vr).encode(codec, "replace")
-            el.value = cleaned + b" " if len(cleaned) % 2 else cleaned
+            raw = el.raw
+            key = (raw, vr, codec)
+            new = memo.get(key)
+            if new is None:
+                text = decode_text(raw, codec)
+                if not text:
+                    new = raw
+                else:
+                    cleaned = scrub(text, vr).encode(codec, "replace")
+                    new = cleaned + b" " if len(cleaned) % 2 else cleaned
+                if len(raw) <= _MEMO_VALUE_MAX:
+                    _remember(memo, key, new)
+            el.value = new
 
 
 def _safe_private_tags(elements: list[Element], codec: str | None) -> set[int]:
@@ -361,13 +438,26 @@ def _tops(elements: list[Element], tags: frozenset[int]) -> dict[int, Element]:
     """
     found: dict[int, Element] = {}
     highest = -1
+    last = max(tags)
     for el in elements:
         tag = el.tag
         if tag in tags and tag >= highest and tag not in found:
             found[tag] = el
         if tag > highest:
+            if tag > last:
+                break  # nothing after this can be found
             highest = tag
     return found
+
+
+#: Output attributes :meth:`Engine.run` reports (UIDs for the audit, and the modality).
+_OUTPUT_UIDS = (
+    ("sop_instance_uid", 0x00080018),
+    ("sop_class_uid", 0x00080016),
+    ("study_instance_uid", 0x0020000D),
+    ("series_instance_uid", 0x0020000E),
+)
+_OUTPUT_LOOKUPS = frozenset({tag for _, tag in _OUTPUT_UIDS} | {0x00080060})
 
 
 class Engine:
@@ -378,6 +468,35 @@ class Engine:
         self.profile = profile
         self.station_name = station_name
         self._unlisted: dict[tuple[int, str, int], int] = {}
+        #: per walk mode: tag (| _SQ_KEY for sequences) -> (operation, audit letter or None)
+        self.dispatch: tuple[dict[int, tuple[int, str | None]], ...] = ({}, {}, {}, {})
+        # Memos of pure functions of a value (per-series values repeat in every file).
+        self.memo_collect: dict[
+            tuple[int, str, bytes, str | None, bool],
+            tuple[tuple[str, ...], bool | None, tuple[str, ...]],
+        ] = {}
+        self.memo_uids: dict[bytes, bytes] = {}
+        self.memo_shift: dict[tuple[bytes, str, int], bytes] = {}
+        self.memo_scrub: tuple[object, dict[tuple[bytes, str, str], bytes]] = (None, {})
+        self.memo_patient: dict[bytes, tuple[int, tuple[str, str]]] = {}
+        self._method = self._method_elements()
+        self._station = (
+            Element(0x00081010, "SH", _text(station_name)) if station_name is not None else None
+        )
+
+    def entry(self, tag: int, vr: str, mode: int) -> tuple[int, str | None]:
+        """Operation and audit letter of ``tag`` in ``mode`` (cached in ``dispatch``)."""
+        op = self.profile.ops.get(tag)
+        if op is not None:
+            found: tuple[int, str | None] = (op, OP_LETTER[op])
+        else:
+            op = self.unlisted_op(tag, vr, mode)
+            if op == REMOVE and (tag >> 16) & 1:
+                found = (_PRIVATE_DROP, None)
+            else:
+                found = (op, "X" if op == REMOVE else None)
+        self.dispatch[mode][tag if vr != "SQ" else tag | _SQ_KEY] = found
+        return found
 
     def unlisted_op(self, tag: int, vr: str, mode: int) -> int:
         """Operation for an attribute the table does not list (cached)."""
@@ -434,27 +553,34 @@ class Engine:
         run.ascii_only = not (charset and _ascii(charset.raw).strip("\\ \0"))
         patient_key = self._patient_key(top)
         if patient_key:
-            run.days = self.keys.day_offset(patient_key)
-            run.pseudonyms = self.keys.patient_pseudonyms(patient_key)
+            keyed = self.memo_patient.get(patient_key)
+            if keyed is None:
+                keyed = (
+                    self.keys.day_offset(patient_key),
+                    self.keys.patient_pseudonyms(patient_key),
+                )
+                _remember(self.memo_patient, patient_key, keyed)
+            run.days, run.pseudonyms = keyed
         out = run.walk(elements, NORMAL)
+        run.counts.update(run.letters)
         run.finish_scrubbing()
-        out = [e for e in out if e.tag not in _ADDED]
-        out.extend(self._method_elements())
-        if self.station_name is not None:
-            out = [e for e in out if e.tag != 0x00081010]
-            out.append(Element(0x00081010, "SH", _text(self.station_name)))
-        out.sort(key=_tag_of)
+        station = self._station
+        if station is None:
+            out = [e for e in out if e.tag not in _ADDED]
+        else:
+            out = [e for e in out if e.tag not in _ADDED and e.tag != 0x00081010]
+            out.append(station)
+        out.extend(self._method)
+        out.sort(key=_tag_of)  # attrgetter("tag"): the sort key in C
         outcome.elements = out
         outcome.counts = run.counts
         outcome.private_removed = run.private_removed
-        for key, tag in (
-            ("sop_instance_uid", 0x00080018),
-            ("sop_class_uid", 0x00080016),
-            ("study_instance_uid", 0x0020000D),
-            ("series_instance_uid", 0x0020000E),
-        ):
-            found = _top(out, tag)
-            outcome.uids[key] = _ascii(found.raw) if found is not None else ""
+        found = _tops(out, _OUTPUT_LOOKUPS)
+        for key, tag in _OUTPUT_UIDS:
+            el = found.get(tag)
+            outcome.uids[key] = _ascii(el.raw) if el is not None else ""
+        modality = found.get(0x00080060)
+        outcome.modality = _ascii(modality.raw) if modality is not None else ""
         return outcome
 
     def _check_pixels(self, top: dict[int, Element], outcome: Outcome) -> None:
@@ -530,5 +656,4 @@ class Engine:
 _ADDED = frozenset({0x00120062, 0x00120063, 0x00120064, 0x00280303})
 
 
-def _tag_of(el: Element) -> int:
-    return el.tag
+_tag_of = attrgetter("tag")

@@ -69,6 +69,11 @@ class Scrubber:
     def __init__(self, words: Iterable[str] = (), literals: Iterable[str] = ()) -> None:
         self._pattern = _compile(frozenset(words), frozenset(literals))
 
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        """The compiled pattern (shared by scrubbers of equal words and literals)."""
+        return self._pattern
+
     def __call__(self, text: str, vr: str = "LT") -> str:
         cleaned = self._pattern.sub(REPLACEMENT, text)
         limit = MAX_CHARS.get(vr)

@@ -39,6 +39,15 @@ _VALID_VRS = frozenset(
     | LONG_VRS
 )
 
+#: Explicit VR bytes -> (VR, has a 4-byte length).
+_VR_INFO = {vr.encode(): (vr, vr in LONG_VRS) for vr in _VALID_VRS}
+_HEAD = {
+    (True, True): struct.Struct("<HHI"),  # implicit: group, element, length
+    (True, False): struct.Struct(">HHI"),
+    (False, True): struct.Struct("<HH2sH"),  # explicit: group, element, VR, short length
+    (False, False): struct.Struct(">HH2sH"),
+}
+
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQ_END = 0xFFFEE0DD
@@ -138,39 +147,41 @@ class _Parser:
             raise DeidError("unreadable_header", "sequences nested too deep")
         buf = self.buf
         size = self.size
-        tag_fmt = struct.Struct("<HH" if little else ">HH").unpack_from
+        head = _HEAD[implicit, little].unpack_from
         u32 = struct.Struct("<I" if little else ">I").unpack_from
-        u16 = struct.Struct("<H" if little else ">H").unpack_from
+        vr_info = _VR_INFO.get
         out: list[Element] = []
         append = out.append
         limit = size if end < 0 else end
         while pos < limit:
             if pos + 8 > size:
                 raise DeidError("truncated", "data set ends inside an element header")
-            group, elem = tag_fmt(buf, pos)  # type: ignore[arg-type]
+            if implicit:
+                group, elem, length = head(buf, pos)  # type: ignore[arg-type]
+                vrb = b""
+            else:
+                group, elem, vrb, length = head(buf, pos)  # type: ignore[arg-type]
             tag = group << 16 | elem
-            if tag == _ITEM_END:
-                if end < 0 and in_item:
-                    return out, pos + 8
-                raise DeidError("unreadable_header", "unexpected item delimiter")
             if group == 0xFFFE:
+                if tag == _ITEM_END:
+                    if end < 0 and in_item:
+                        return out, pos + 8
+                    raise DeidError("unreadable_header", "unexpected item delimiter")
                 raise DeidError("unreadable_header", f"unexpected item tag {tag:08X}")
             if implicit:
-                (length,) = u32(buf, pos + 4)  # type: ignore[arg-type]
                 vpos = pos + 8
                 vr = vr_of(tag)
             else:
-                vrb = bytes(buf[pos + 4 : pos + 6])  # type: ignore[index]
-                vr = vrb.decode("latin-1")
-                if vr not in _VALID_VRS:
+                info = vr_info(vrb)
+                if info is None:
                     raise DeidError("unreadable_header", f"invalid VR at {tag:08X}")
-                if vr in LONG_VRS:
+                vr, long = info
+                if long:
                     if pos + 12 > size:
                         raise DeidError("truncated", "data set ends inside an element header")
                     (length,) = u32(buf, pos + 8)  # type: ignore[arg-type]
                     vpos = pos + 12
                 else:
-                    (length,) = u16(buf, pos + 6)  # type: ignore[arg-type]
                     vpos = pos + 8
             if stop_at_pixels and tag in PIXEL_TAGS:
                 return out, pos
@@ -285,44 +296,54 @@ def encapsulated_end(buf: bytes | object, size: int, pos: int, little: bool = Tr
 def encode_dataset(elements: Sequence[Element], implicit: bool, little: bool) -> bytes:
     """Encode elements (in tag order) in the given encoding; sequences get undefined lengths."""
     out = bytearray()
-    _encode(out, elements, implicit, little)
+    _encode(out, elements, implicit, _PACKERS[little])
     return bytes(out)
 
 
-def _encode(out: bytearray, elements: Sequence[Element], implicit: bool, little: bool) -> None:
-    o = "<" if little else ">"
-    pack_tag = struct.Struct(o + "HH").pack
-    pack_u32 = struct.Struct(o + "I").pack
-    pack_u16 = struct.Struct(o + "H").pack
-    item_start = pack_tag(0xFFFE, 0xE000) + pack_u32(_UNDEFINED)
-    item_end = pack_tag(0xFFFE, 0xE00D) + pack_u32(0)
-    seq_end = pack_tag(0xFFFE, 0xE0DD) + pack_u32(0)
+class _Packers:
+    """Element header packers of one byte order (one ``pack`` call per element header)."""
+
+    def __init__(self, order: str) -> None:
+        self.implicit = struct.Struct(order + "HHI").pack  # group, element, length
+        self.short = struct.Struct(order + "HH2sH").pack  # ... VR, 2-byte length
+        self.long = struct.Struct(order + "HH2s2xI").pack  # ... VR, reserved, 4-byte length
+        self.item_start = self.implicit(0xFFFE, 0xE000, _UNDEFINED)
+        self.item_end = self.implicit(0xFFFE, 0xE00D, 0)
+        self.seq_end = self.implicit(0xFFFE, 0xE0DD, 0)
+
+
+_PACKERS = {True: _Packers("<"), False: _Packers(">")}
+
+
+def _encode(out: bytearray, elements: Sequence[Element], implicit: bool, p: _Packers) -> None:
+    pack_implicit = p.implicit
+    pack_short = p.short
+    pack_long = p.long
     for el in elements:
         tag = el.tag
-        out += pack_tag(tag >> 16, tag & 0xFFFF)
         value = el.value
         if isinstance(value, list):
             if implicit:
-                out += pack_u32(_UNDEFINED)
+                out += pack_implicit(tag >> 16, tag & 0xFFFF, _UNDEFINED)
             else:
-                out += b"SQ\0\0" + pack_u32(_UNDEFINED)
+                out += pack_long(tag >> 16, tag & 0xFFFF, b"SQ", _UNDEFINED)
             for item in value:
-                out += item_start
-                _encode(out, item, implicit, little)
-                out += item_end
-            out += seq_end
+                out += p.item_start
+                _encode(out, item, implicit, p)
+                out += p.item_end
+            out += p.seq_end
             continue
         n = _UNDEFINED if el.undefined else len(value)
         if implicit:
-            out += pack_u32(n)
+            out += pack_implicit(tag >> 16, tag & 0xFFFF, n)
         else:
             vr = el.vr
             if vr in LONG_VRS:
-                out += vr.encode() + b"\0\0" + pack_u32(n)
+                out += pack_long(tag >> 16, tag & 0xFFFF, vr.encode(), n)
             elif n > 0xFFFF:  # too long for its VR (malformed input): keep the bytes as UN
-                out += b"UN\0\0" + pack_u32(n)
+                out += pack_long(tag >> 16, tag & 0xFFFF, b"UN", n)
             else:
-                out += vr.encode() + pack_u16(n)
+                out += pack_short(tag >> 16, tag & 0xFFFF, vr.encode(), n)
         out += value
 
 

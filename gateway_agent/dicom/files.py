@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 _U32 = struct.Struct("<I")
+_META_HEAD = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length
 _COPY_CHUNK = 8 << 20
 
 
@@ -148,18 +149,18 @@ def _refuse_image_without_pixels(elements: list[Element]) -> None:
 def _read_meta(buf: mmap.mmap, size: int) -> tuple[list[Element], int]:
     pos = 132
     meta: list[Element] = []
+    head = _META_HEAD.unpack_from
     while pos + 8 <= size:
-        group, elem = struct.unpack_from("<HH", buf, pos)
+        group, elem, vrb, length = head(buf, pos)
         if group != 2:
             break
-        vr = bytes(buf[pos + 4 : pos + 6]).decode("latin-1")
+        vr = vrb.decode("latin-1")
         if vr in LONG_VRS:
             if pos + 12 > size:
                 raise DeidError("truncated", "file meta ends early")
             (length,) = _U32.unpack_from(buf, pos + 8)
             vpos = pos + 12
         elif vr.isalpha() and vr.isupper():
-            (length,) = struct.unpack_from("<H", buf, pos + 6)
             vpos = pos + 8
         else:
             raise DeidError("unreadable_header", "file meta is not explicit VR")
@@ -247,7 +248,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
-def fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """fsync a directory so a rename inside it survives a crash."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -256,13 +257,20 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _mkstemp(directory: Path) -> tuple[int, Path]:
+_TEMP_FLAGS = (
+    os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+def _mkstemp(directory: str) -> tuple[int, str]:
     """``tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=directory)`` without importing
-    tempfile (random, shutil...: ~2 ms of start-up): O_EXCL, mode 0600, random name."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    flags |= getattr(os, "O_CLOEXEC", 0)
+    tempfile (random, shutil...: ~2 ms of start-up): O_EXCL, mode 0600, random name.
+
+    Plain strings, not ``Path``: this runs for every file written."""
+    flags = _TEMP_FLAGS
     for _ in range(100):
-        path = directory / f".tmp-{os.urandom(6).hex()}.part"
+        name = f".tmp-{os.urandom(6).hex()}.part"
+        path = os.path.join(directory, name)  # noqa: PTH118 - hot path
         try:
             return os.open(path, flags, 0o600), path
         except FileExistsError:
@@ -271,7 +279,7 @@ def _mkstemp(directory: Path) -> tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def _temp_in(directory: Path) -> Iterator[tuple[int, Path]]:
+def _temp_in(directory: str) -> Iterator[tuple[int, str]]:
     fd, tmp_path = _mkstemp(directory)
     try:
         yield fd, tmp_path
@@ -279,28 +287,31 @@ def _temp_in(directory: Path) -> Iterator[tuple[int, Path]]:
         with contextlib.suppress(OSError):
             os.close(fd)
         with contextlib.suppress(OSError):
-            tmp_path.unlink()
+            os.unlink(tmp_path)  # noqa: PTH108 - hot path
         raise
 
 
-def atomic_write(path: Path, write: Callable[[int], None], *, fsync: bool = True) -> int:
+def atomic_write(path: Path, write: Callable[[int], int | None], *, fsync: bool = True) -> int:
     """Write ``path`` through a temp file in its folder: ``write(fd)``, fsync, rename, fsync dir.
 
-    No temp file survives an exception. Returns the size written.
+    ``write`` may return the number of bytes it wrote (saves a system call). No temp file
+    survives an exception. Returns the size written.
     """
-    directory = path.parent
+    target = os.fspath(path)
+    directory = os.path.dirname(target) or "."  # noqa: PTH120 - hot path
     with _temp_in(directory) as (fd, tmp_path):
-        write(fd)
-        size = os.lseek(fd, 0, os.SEEK_CUR)
+        size = write(fd)
+        if size is None:
+            size = os.lseek(fd, 0, os.SEEK_CUR)
         os.fchmod(fd, 0o644)
         if fsync:
             os.fsync(fd)
         os.close(fd)
         try:
-            tmp_path.replace(path)
+            os.replace(tmp_path, target)  # noqa: PTH105 - hot path
         except BaseException:
             with contextlib.suppress(OSError):
-                tmp_path.unlink()
+                os.unlink(tmp_path)  # noqa: PTH108 - hot path
             raise
     if fsync:
         fsync_dir(directory)
@@ -321,10 +332,12 @@ def write_part10(
     """
     head = b"\0" * 128 + b"DICM" + encode_file_meta(meta) + body
 
-    def write(fd: int) -> None:
+    def write(fd: int) -> int:
         _write_all(fd, head)
-        if pixels is not None:
-            src_fd, rng = pixels
-            copy_range(src_fd, fd, rng.start, rng.end)
+        if pixels is None:
+            return len(head)
+        src_fd, rng = pixels
+        copy_range(src_fd, fd, rng.start, rng.end)  # all of it, or it raises
+        return len(head) + rng.end - rng.start
 
     return atomic_write(path, write, fsync=fsync)
