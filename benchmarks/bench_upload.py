@@ -22,7 +22,6 @@ from pathlib import Path
 
 import httpx
 import structlog
-from pydicom import dcmread
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -83,16 +82,7 @@ def direct(per_post: int, clients: int) -> Callable[[OrthancServer, list[Path], 
 def _fill_outbox(work: Path, paths: list[Path]) -> Outbox:
     ob = Outbox(work / f"outbox-{secrets.token_hex(4)}.db")
     for p in paths:
-        ds = dcmread(p, stop_before_pixels=True)
-        ob.add(
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            path=p,
-            size=p.stat().st_size,
-            audit={},
-        )
+        ob.add_file(p, audit={})
     return ob
 
 

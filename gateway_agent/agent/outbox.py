@@ -35,7 +35,7 @@ import sqlite_utils
 from ..logs import get_logger
 from ._sqlite import connect, query, transaction
 
-__all__ = ["STATES", "Outbox", "OutboxRow"]
+__all__ = ["STATES", "Outbox", "OutboxRow", "row_from_file"]
 
 log = get_logger()
 
@@ -87,6 +87,25 @@ _SELECT_ROWS = (
 )
 
 _IGNORED_SUFFIXES = (".tmp", ".partial", ".part")
+
+
+def row_from_file(path: Path, audit: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``Outbox.add`` for a part-10 file, from its header alone.
+
+    Raises pydicom's ``InvalidDicomError``, ``AttributeError`` (a UID missing), ``OSError``.
+    """
+    from pydicom import dcmread  # only reconcile (and tests, benchmarks) read headers this way
+
+    ds = dcmread(path, stop_before_pixels=True)
+    return {
+        "sop_instance_uid": str(ds.SOPInstanceUID),
+        "study_instance_uid": str(ds.StudyInstanceUID),
+        "series_instance_uid": str(ds.SeriesInstanceUID),
+        "sop_class_uid": str(ds.SOPClassUID),
+        "path": path,
+        "size": path.stat().st_size,
+        "audit": audit,
+    }
 
 
 @dataclass(frozen=True)
@@ -552,6 +571,10 @@ class Outbox:
             )
             return int(cur.rowcount)
 
+    def add_file(self, path: Path, *, audit: dict[str, Any]) -> bool:
+        """``add`` a de-identified file, its UIDs read from its header (see ``row_from_file``)."""
+        return self.add(**row_from_file(path, audit))
+
     def reconcile(self, files_dir: Path) -> dict[str, int]:
         """Start-up check between ``files_dir`` and the rows.
 
@@ -561,7 +584,6 @@ class Outbox:
           (``missing``).
         Hidden and temporary files (``.*``, ``*.tmp``, ``*.partial``) are counted as ``temp``.
         """
-        from pydicom import dcmread  # the header reader is only needed here
         from pydicom.errors import InvalidDicomError
 
         result = {"added": 0, "missing": 0, "unreadable": 0, "temp": 0}
@@ -576,16 +598,7 @@ class Outbox:
                     if os.path.realpath(path) in known or not path.is_file():
                         continue
                     try:
-                        ds = dcmread(path, stop_before_pixels=True)
-                        added = self.add(
-                            sop_instance_uid=str(ds.SOPInstanceUID),
-                            study_instance_uid=str(ds.StudyInstanceUID),
-                            series_instance_uid=str(ds.SeriesInstanceUID),
-                            sop_class_uid=str(ds.SOPClassUID),
-                            path=path,
-                            size=path.stat().st_size,
-                            audit={"reconciled": True},
-                        )
+                        added = self.add_file(path, audit={"reconciled": True})
                     except (InvalidDicomError, AttributeError, OSError, ValueError):
                         result["unreadable"] += 1
                         continue

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydicom import dcmread
 
-from gateway_agent.agent.outbox import Outbox
+from gateway_agent.agent.outbox import Outbox, row_from_file
 from gateway_agent.synthetic import make_ct_series, write_series
 
 __all__ = [
@@ -45,17 +44,9 @@ def add_files(outbox: Outbox, paths: list[Path]) -> list[str]:
     """Queue files as intake would (header read without pixels); returns their SOP UIDs."""
     uids = []
     for p in paths:
-        ds = dcmread(p, stop_before_pixels=True)
-        outbox.add(
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            path=p,
-            size=p.stat().st_size,
-            audit={"test": True},
-        )
-        uids.append(str(ds.SOPInstanceUID))
+        row = row_from_file(p, {"test": True})
+        outbox.add(**row)
+        uids.append(row["sop_instance_uid"])
     return uids
 
 

@@ -26,6 +26,7 @@ from gateway_agent.agent.outbox import Outbox
 from gateway_agent.deid import load_or_create_secret
 from gateway_agent.synthetic import PHI_MARKERS
 from tests._orthanc import start_orthanc
+from tests._procs import alive, descendants
 
 from ._agent_util import (
     NAME_MARKER,
@@ -43,34 +44,6 @@ SEED = 20240611
 KILLS = 8
 SERIES = 4
 PER_SERIES = 50
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out: set[int] = set()
-    stack = [pid]
-    while stack:
-        for c in children.get(stack.pop(), []):
-            if c not in out:
-                out.add(c)
-                stack.append(c)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 class Agent:
@@ -97,10 +70,10 @@ class Agent:
 
     def kill9(self) -> None:
         assert self.proc is not None
-        family = _descendants(self.proc.pid)
+        family = descendants(self.proc.pid)
         self.proc.kill()
         self.proc.wait(timeout=20)
-        assert wait_until(lambda: not any(_alive(p) for p in family), timeout=15), (
+        assert wait_until(lambda: not any(alive(p) for p in family), timeout=15), (
             "worker processes outlived the killed agent"
         )
 

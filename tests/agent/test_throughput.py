@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
 
 from gateway_agent.agent.destinations import FolderDestination, SendResult
 from gateway_agent.agent.intake import Intake
-from gateway_agent.agent.outbox import Outbox, OutboxRow
+from gateway_agent.agent.outbox import Outbox, OutboxRow, row_from_file
 from gateway_agent.agent.quarantine import Quarantine
 from gateway_agent.agent.uploader import Uploader
 from gateway_agent.config import DestinationSettings
@@ -43,21 +42,7 @@ def _item(uid: str, path: Path, size: int = 10) -> dict[str, Any]:
 
 
 def _row_items(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    out = []
-    for p in paths:
-        ds = dcmread(p, stop_before_pixels=True)
-        out.append(
-            {
-                "sop_instance_uid": str(ds.SOPInstanceUID),
-                "study_instance_uid": str(ds.StudyInstanceUID),
-                "series_instance_uid": str(ds.SeriesInstanceUID),
-                "sop_class_uid": str(ds.SOPClassUID),
-                "path": p,
-                "size": p.stat().st_size,
-                "audit": {},
-            }
-        )
-    return out
+    return [row_from_file(p, {}) for p in paths]
 
 
 # -- Outbox.add_many ----------------------------------------------------------------------------

@@ -26,16 +26,8 @@ def _add_series(
     for ds in datasets:
         ds.PatientName = patient.name
         anonymize_dataset(ds, station_name=station, secret=b"qc-test-secret" * 2)
-    for path, ds in zip(write_series(datasets, root / name), datasets, strict=True):
-        outbox.add(
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            path=path,
-            size=path.stat().st_size,
-            audit={},
-        )
+    for path in write_series(datasets, root / name):
+        outbox.add_file(path, audit={})
         out.append(path)
     return out
 

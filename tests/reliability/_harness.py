@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway_agent.synthetic import PHI_MARKERS
+from tests._procs import alive, descendants
 
 __all__ = [
     "FULL",
@@ -240,9 +241,9 @@ class AgentProcess:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.exit_codes.append(self.proc.wait(timeout=30))
         end = time.monotonic() + 15
-        while any(_alive(p) for p in family) and time.monotonic() < end:
+        while any(alive(p) for p in family) and time.monotonic() < end:
             time.sleep(0.05)
-        left = [p for p in family if _alive(p)]
+        left = [p for p in family if alive(p)]
         self.orphans += len(left)
         if left:
             with contextlib.suppress(ProcessLookupError):
@@ -283,31 +284,6 @@ class AgentProcess:
             return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
         except FileNotFoundError:
             return []
-
-
-def descendants(pid: int) -> set[int]:
-    """All processes below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat_path in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            ppid = int(stat_path.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(stat_path.parent.name))
-    out: set[int] = set()
-    stack = [pid]
-    while stack:
-        for c in children.get(stack.pop(), []):
-            if c not in out:
-                out.add(c)
-                stack.append(c)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 # --------------------------------------------------------------------------- small servers

@@ -294,15 +294,7 @@ def test_row_whose_outcome_could_not_be_recorded_is_retried_soon(tmp_path: Path)
     ds = make_ct_slice(rows=16, cols=16, plant_phi=False)
     ds.save_as(src, enforce_file_format=True)
     real = Outbox(tmp_path / "outbox.db")
-    real.add(
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        study_instance_uid=str(ds.StudyInstanceUID),
-        series_instance_uid=str(ds.SeriesInstanceUID),
-        sop_class_uid=str(ds.SOPClassUID),
-        path=src,
-        size=src.stat().st_size,
-        audit={},
-    )
+    real.add_file(src, audit={})
     flaky = _FlakyOutbox(real)
     uploader = Uploader(
         flaky,  # type: ignore[arg-type]
