@@ -28,6 +28,7 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import SecretStr
 
 from .._exceptions import ConfigError, PermanentUploadError, RetryableUploadError, UploadError
 from ..config import DestinationSettings
@@ -500,6 +501,18 @@ def _read_secret_file(path: Path, what: str) -> str:
     return value
 
 
+def _credential(value: SecretStr | None, file: Path | None, key: str) -> str:
+    """A secret from ``destination.<key>_file`` (preferred) or ``destination.<key>``."""
+    if file is not None:
+        return _read_secret_file(file, f"{key}_file")
+    if value is not None:
+        return value.get_secret_value()
+    raise ConfigError(
+        f"destination.{key} (or GATEWAY_DESTINATION__{key.upper()}) or destination.{key}_file"
+        f" is required for destination.auth"
+    )
+
+
 def destination_from_settings(
     s: DestinationSettings, *, client: httpx.Client | None = None
 ) -> Destination:
@@ -512,27 +525,9 @@ def destination_from_settings(
     if s.auth == "basic":
         if not s.username:
             raise ConfigError('destination.username is required when destination.auth = "basic"')
-        if s.password_file is not None:
-            password = _read_secret_file(s.password_file, "password_file")
-        elif s.password is not None:
-            password = s.password.get_secret_value()
-        else:
-            raise ConfigError(
-                "destination.password (or GATEWAY_DESTINATION__PASSWORD) or"
-                " destination.password_file is required for basic auth"
-            )
-        auth = httpx.BasicAuth(s.username, password)
+        auth = httpx.BasicAuth(s.username, _credential(s.password, s.password_file, "password"))
     elif s.auth == "bearer":
-        if s.token_file is not None:
-            token = _read_secret_file(s.token_file, "token_file")
-        elif s.token is not None:
-            token = s.token.get_secret_value()
-        else:
-            raise ConfigError(
-                "destination.token (or GATEWAY_DESTINATION__TOKEN) or destination.token_file"
-                " is required for bearer auth"
-            )
-        auth = BearerAuth(token)
+        auth = BearerAuth(_credential(s.token, s.token_file, "token"))
     verify: bool | str = str(s.ca_bundle) if s.ca_bundle is not None else s.verify_tls
     cert: Any = None
     if s.client_cert is not None:
