@@ -514,10 +514,14 @@ class AgentRun:
             return []
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
         try:
-            return [
-                (str(r[0]), str(r[1]), str(r[2]), int(r[3]))
-                for r in conn.execute("select sop_instance_uid, state, path, size from outbox")
-            ]
+            rows = conn.execute("select sop_instance_uid, state, path, size from outbox")
+            return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+        except sqlite3.OperationalError as exc:
+            # The agent creates the file (mode 0600) before its schema: caught (or killed) in
+            # its first start-up, the database has no table yet, which means no rows.
+            if "no such table" in str(exc):
+                return []
+            raise
         finally:
             conn.close()
 
