@@ -15,13 +15,14 @@ What it does, in one run on the same files:
    every tool ``--repeat`` times (``--fast-repeat`` times for the sub-second ones) as a whole
    process, in interleaved and rotated order, with ``os.sync()`` before each run so one
    tool's write-back does not land on the next one's clock.
-4. Measures wall time (median), CPU time (user + sys of the whole tree) and peak memory:
-   ``peak RSS, largest process`` is the kernel's high-water mark reported by GNU
-   ``/usr/bin/time -f %M`` (max over the tool and every descendant it waited for; exact),
-   ``peak RSS, tree`` is the sum of RSS over the run's process group sampled every 10 ms from
-   ``/proc`` (what a multi-process tool costs the box at once; shared pages count in every
-   process, peaks shorter than 10 ms can be missed).
-5. Scans every output byte for the planted markers (files containing any, total occurrences),
+4. Measures wall time (median) and CPU time (user + sys of the whole tree) in timed runs: the
+   harness spawns the tool and blocks in ``wait4``, nothing else of it runs meanwhile. Peak
+   memory comes from one extra, untimed run per tool: ``peak RSS, largest process`` is the
+   kernel's high-water mark reported by GNU ``/usr/bin/time -f %M`` (max over the tool and
+   every descendant it waited for; exact), ``peak RSS, tree`` is the sum of RSS over the run's
+   process group sampled every 10 ms from ``/proc`` (what a multi-process tool costs the box at
+   once; shared pages count in every process, peaks shorter than 10 ms can be missed).
+5. Scans every output byte (of the memory run) for the planted markers (files containing any, total occurrences),
    and every output path for markers in names; counts output DICOM files and failures.
 6. Prints a Markdown table, the ratios gateway-agent/gdcmanon and gateway-agent/best Python
    peer, and gateway-agent's start-up cost and heavy imports; writes ``results.json``.
@@ -342,13 +343,20 @@ def _group_memory(pgid: int, skip: int) -> tuple[int, int]:
     return total, hwm
 
 
-def run_once(tool: Tool, src: Path, out: Path, logdir: Path, cwd: Path) -> Run:
+def run_once(
+    tool: Tool, src: Path, out: Path, logdir: Path, cwd: Path, *, sample: bool = False
+) -> Run:
     """Run ``tool`` once as a whole process tree, measuring it from spawn to reap.
 
-    Peak RSS of the largest process comes from GNU ``/usr/bin/time -f %M`` when installed: the
-    kernel's high-water mark of the tool, forked by a 2 MB process. (``os.wait4`` from this
+    A timed run (``sample=False``) spawns the tool itself and blocks in ``wait4``: the wall
+    time ends when the tool exits, and nothing of the harness runs meanwhile. A memory run
+    (``sample=True``) also samples the process group's RSS from ``/proc`` every 10 ms, and
+    takes the peak RSS of the largest process from GNU ``/usr/bin/time -f %M`` when installed:
+    the kernel's high-water mark of the tool, forked by a 2 MB process. (``os.wait4`` from this
     harness is wrong for it: a child's ru_maxrss starts at the RSS of whoever exec'd it, here
-    ~90 MB of Python.) Without GNU time, the largest VmHWM seen while sampling is used.
+    ~90 MB of Python.) Without GNU time, the largest VmHWM seen while sampling is used. Memory
+    runs are not timed: the sampler takes CPU from the tool (a whole core's share for a tool
+    that uses both), and the 10 ms polling adds up to 10 ms to its wall time.
     """
     shutil.rmtree(out, ignore_errors=True)
     if tool.precreate_out:
@@ -360,7 +368,7 @@ def run_once(tool: Tool, src: Path, out: Path, logdir: Path, cwd: Path) -> Run:
     argv = tool.argv(src, out)
     timefile = logdir / f"{stem}.maxrss"
     timefile.unlink(missing_ok=True)
-    if GNU_TIME:
+    if sample and GNU_TIME:
         argv = [GNU_TIME, "-f", "%M", "-o", str(timefile), "--", *argv]
     log = os.open(logdir / f"{stem}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
@@ -376,17 +384,21 @@ def run_once(tool: Tool, src: Path, out: Path, logdir: Path, cwd: Path) -> Run:
         os.close(log)
         os.close(null)
     tree_peak = hwm_peak = 0
-    while True:
-        done, status, usage = os.wait4(pid, os.WNOHANG)
-        if done:
-            wall = time.perf_counter() - t0
-            break
-        rss, hwm = _group_memory(pid, pid if GNU_TIME else -1)
-        tree_peak, hwm_peak = max(tree_peak, rss), max(hwm_peak, hwm)
-        time.sleep(0.01)
+    if not sample:
+        _, status, usage = os.wait4(pid, 0)
+        wall = time.perf_counter() - t0
+    else:
+        while True:
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                wall = float("nan")
+                break
+            rss, hwm = _group_memory(pid, pid if GNU_TIME else -1)
+            tree_peak, hwm_peak = max(tree_peak, rss), max(hwm_peak, hwm)
+            time.sleep(0.01)
     returncode = os.waitstatus_to_exitcode(status)
     maxrss = hwm_peak
-    if GNU_TIME and timefile.exists():
+    if sample and GNU_TIME and timefile.exists():
         # The last line is %M in KiB (GNU time writes "Command exited with ..." before it).
         maxrss = int(timefile.read_text().split()[-1]) * 1024
     return Run(
@@ -498,13 +510,18 @@ def startup_report(
 
 @dataclass
 class Result:
-    """All runs of one tool plus its leak scan."""
+    """All timed runs of one tool, its memory run and its leak scan."""
 
     tool: str
     config: str
     python_peer: bool
     runs: list[Run]
     leaks: Leaks
+    memory: Run
+
+    @property
+    def all_runs(self) -> list[Run]:
+        return [self.memory, *self.runs]
 
     def files_per_s(self, n: int) -> float:
         return n / self.wall
@@ -528,20 +545,20 @@ def table(results: list[Result], n: int, mbytes: float) -> str:
     )
     lines = [head, "|---|" + "--:|" * 12]
     for r in results:
-        bad_rc = sum(run.returncode != 0 for run in r.runs)
-        missing = max(n - run.dicom_out for run in r.runs)
+        bad_rc = sum(run.returncode != 0 for run in r.all_runs)
+        missing = max(n - run.dicom_out for run in r.all_runs)
         failures = []
         if bad_rc:
-            rcs = sorted({run.returncode for run in r.runs})
-            failures.append(f"exit {rcs} in {bad_rc}/{len(r.runs)} runs")
+            rcs = sorted({run.returncode for run in r.all_runs})
+            failures.append(f"exit {rcs} in {bad_rc}/{len(r.all_runs)} runs")
         if missing > 0:
             failures.append(f"{missing} files missing")
         lines.append(
             f"| {r.tool} | {n / r.wall:,.0f} | {mbytes / r.wall:,.0f} | {r.wall:.3f} "
             f"| {r.cpu:.2f} | {n / r.cpu:,.0f} "
-            f"| {max(x.maxrss_mb for x in r.runs):,.0f} "
-            f"| {max(x.tree_rss_mb for x in r.runs):,.0f} "
-            f"| {min(x.dicom_out for x in r.runs)} | {r.leaks.files_with_markers} "
+            f"| {r.memory.maxrss_mb:,.0f} "
+            f"| {r.memory.tree_rss_mb:,.0f} "
+            f"| {min(x.dicom_out for x in r.all_runs)} | {r.leaks.files_with_markers} "
             f"| {r.leaks.occurrences} | {r.leaks.names_with_markers} "
             f"| {'; '.join(failures) or '0'} |"
         )
@@ -645,8 +662,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     runs: dict[str, list[Run]] = {t.name: [] for t in tools}
+    memory: dict[str, Run] = {}
     leaks: dict[str, Leaks] = {}
     outdir = workdir / "out"
+    for tool in tools:  # one sampled run per tool: memory and the leak scan, not timed
+        out = outdir / re.sub(r"[^a-z0-9]+", "-", tool.name.lower()).strip("-")
+        memory[tool.name] = run = run_once(tool, src, out, workdir / "logs", workdir, sample=True)
+        print(
+            f"  [memory] {tool.name:18s} rc={run.returncode} out={run.dicom_out} "
+            f"peak RSS {run.maxrss_mb:.0f} MB",
+            file=sys.stderr,
+        )
+        leaks[tool.name] = scan_markers(out, PHI_MARKERS)
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
     rounds = max(args.repeat, args.fast_repeat)
     for rep in range(rounds):
         order = tools[rep % len(tools) :] + tools[: rep % len(tools)]
@@ -661,13 +690,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"rc={run.returncode} out={run.dicom_out}",
                 file=sys.stderr,
             )
-            if tool.name not in leaks:
-                leaks[tool.name] = scan_markers(out, PHI_MARKERS)
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
 
     load_after = os.getloadavg()
-    results = [Result(t.name, t.config, t.python_peer, runs[t.name], leaks[t.name]) for t in tools]
+    results = [
+        Result(t.name, t.config, t.python_peer, runs[t.name], leaks[t.name], memory[t.name])
+        for t in tools
+    ]
     ga = [t for t in tools if t.name == "gateway-agent"]
     startup = startup_report(
         next(p for p in sorted(src.iterdir()) if p.is_file()),
@@ -722,6 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "files_per_s": n / r.wall,
                 "mb_per_s": mbytes / r.wall,
                 "runs": [asdict(x) for x in r.runs],
+                "memory_run": asdict(r.memory),
                 "leaks": asdict(r.leaks),
             }
             for r in results

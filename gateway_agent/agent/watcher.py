@@ -7,6 +7,7 @@ import os
 import stat
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -92,6 +93,23 @@ class _Handler(FileSystemEventHandler):
             log.error("watcher_event_failed", event=type(event).__name__, error=type(exc).__name__)
 
 
+# When folders are created inside a new folder (mkdir -p), watchdog's recursive watch can add
+# the inner folder twice and warns that the callback "will be Overwritten" (with itself). That
+# is harmless, and a warning raised in the inotify thread must not end it.
+warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
+
+#: The event types ``_Handler`` acts on (``event_filter`` of the inotify watch).
+_EVENTS = (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+)
+
+
 def _fs(p: bytes | str) -> str:
     return os.fsdecode(p)
 
@@ -137,7 +155,11 @@ class InboxWatcher:
         """Start the inotify observer, then the timer thread (which does the start-up scan)."""
         self.inbox.mkdir(parents=True, exist_ok=True)
         observer = Observer()
-        observer.schedule(_Handler(self), str(self.inbox), recursive=True)
+        # Only the events the handler uses: without a filter inotify also reports IN_OPEN and
+        # IN_CLOSE_NOWRITE, two events per read of an inbox file by the de-id workers.
+        observer.schedule(
+            _Handler(self), str(self.inbox), recursive=True, event_filter=list(_EVENTS)
+        )
         observer.daemon = True
         observer.start()
         self._observer = observer

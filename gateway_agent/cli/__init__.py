@@ -7,11 +7,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError
 
+TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
 if TYPE_CHECKING:
+    from typing import Any
+
     from ..config import Settings
 
 __all__ = ["HelpFormatter", "build_parser", "main", "settings_from_args"]

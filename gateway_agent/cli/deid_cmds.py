@@ -11,9 +11,11 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
 if TYPE_CHECKING:
+    from typing import Any
+
     from ..deid.profile import DeidOptions
 
     _DeidSetup = tuple[DeidOptions, Path, str]

@@ -9,9 +9,7 @@ from __future__ import annotations
 import io
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from .._exceptions import DeidError
 from ..dicom.codec import Element, encode_dataset, parse_dataset
@@ -20,7 +18,10 @@ from .engine import METHOD, SAFE_PRIVATE, Engine, Outcome
 from .keys import Keys, load_or_create_secret, sha256
 from .profile import EDITION, DeidOptions, load_rows, profile_for
 
+TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
 if TYPE_CHECKING:
+    from typing import Any
+
     from pydicom.dataset import Dataset
     from pydicom.tag import BaseTag
 
@@ -46,18 +47,42 @@ IMPLEMENTATION_VERSION_NAME = "GATEWAY_AGENT_1"
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
 
-@dataclass(frozen=True)
 class DeidResult:
     """One de-identified instance written to disk (all values are output values: no PHI)."""
 
-    path: Path
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    modality: str
-    size: int
-    audit: dict[str, Any]
+    __slots__ = (
+        "audit",
+        "modality",
+        "path",
+        "series_instance_uid",
+        "size",
+        "sop_class_uid",
+        "sop_instance_uid",
+        "study_instance_uid",
+    )
+
+    def __init__(
+        self,
+        path: Path,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        modality: str,
+        size: int,
+        audit: dict[str, Any],
+    ) -> None:
+        self.path = path
+        self.sop_instance_uid = sop_instance_uid
+        self.sop_class_uid = sop_class_uid
+        self.study_instance_uid = study_instance_uid
+        self.series_instance_uid = series_instance_uid
+        self.modality = modality
+        self.size = size
+        self.audit = audit
+
+    def __repr__(self) -> str:
+        return f"DeidResult({self.sop_instance_uid}, {self.modality}, {self.size} bytes)"
 
 
 def _even(raw: bytes, pad: bytes) -> bytes:

@@ -8,9 +8,12 @@ import os
 from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
 
 from .._exceptions import ConfigError
+
+TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Keys", "load_or_create_secret", "sha256", "shift_da", "shift_dt"]
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .._exceptions import DeidError
 from .dictionary import vr_of
+
+TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = [
     "DEFLATED",
@@ -83,14 +85,24 @@ class Element:
         return f"Element({self.tag:08X}, {self.vr})"
 
 
-@dataclass(frozen=True)
 class Encoding:
     """How a data set is encoded: VR implicit or explicit, byte order, deflated or not."""
 
-    implicit: bool
-    little: bool
-    deflated: bool = False
-    encapsulated: bool = False
+    __slots__ = ("deflated", "encapsulated", "implicit", "little")
+
+    def __init__(
+        self, implicit: bool, little: bool, deflated: bool = False, encapsulated: bool = False
+    ) -> None:
+        self.implicit = implicit
+        self.little = little
+        self.deflated = deflated
+        self.encapsulated = encapsulated
+
+    def __repr__(self) -> str:
+        return (
+            f"Encoding(implicit={self.implicit}, little={self.little}, "
+            f"deflated={self.deflated}, encapsulated={self.encapsulated})"
+        )
 
 
 _NATIVE = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -16,7 +16,7 @@ Entry = tuple[str, str, str, str, str]  # VR, VM, Name, Retired, Keyword
 
 @cache
 def _source() -> Path:
-    spec = importlib.util.find_spec("pydicom")
+    spec = importlib.machinery.PathFinder.find_spec("pydicom")
     if spec is None or not spec.submodule_search_locations:  # pragma: no cover - pydicom is a dep
         raise ImportError("pydicom is not installed")
     return Path(next(iter(spec.submodule_search_locations))) / "_dicom_dict.py"
@@ -26,6 +26,8 @@ def _source() -> Path:
 def _module() -> ModuleType:
     # ``import pydicom`` costs about 0.45 s (numpy, pixel handlers); the dictionary is a plain
     # module of dict literals, so load that one file (its cached bytecode) on its own.
+    import importlib.util  # only when the table cache is rebuilt
+
     path = _source()
     mod_spec = importlib.util.spec_from_file_location("_gateway_agent_dicom_dict", path)
     if mod_spec is None or mod_spec.loader is None:  # pragma: no cover

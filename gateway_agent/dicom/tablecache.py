@@ -9,7 +9,10 @@ import sys
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["cache_dir", "cached_table"]
 

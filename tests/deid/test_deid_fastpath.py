@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -54,8 +53,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_option_defaults_match_the_settings() -> None:
     settings = config.DeidSettings()
-    for field in dataclasses.fields(DeidOptions):
-        assert getattr(DeidOptions(), field.name) == getattr(settings, field.name), field.name
+    assert set(DeidOptions.FIELDS) <= set(type(settings).model_fields)
+    for name in DeidOptions.FIELDS:
+        assert getattr(DeidOptions(), name) == getattr(settings, name), name
 
 
 def test_anonymize_defaults_match_the_settings(clean_env: None) -> None:
@@ -120,7 +120,10 @@ def test_unit_name_from_the_environment_reaches_the_output(
 
 
 def test_anonymize_process_stays_light(tmp_path: Path) -> None:
-    """The console command imports neither pydantic nor any other heavy library."""
+    """The console command imports neither pydantic nor any other heavy library.
+
+    Nor typing and dataclasses (with inspect): together ~9 ms of every run's start-up.
+    """
     if config.DEFAULT_CONFIG_FILE.is_file():
         pytest.skip("a system config file is installed")
     src = tmp_path / "in"
@@ -130,7 +133,8 @@ def test_anonymize_process_stays_light(tmp_path: Path) -> None:
         f"sys.argv = ['gateway-agent', 'anonymize', {str(src)!r}, '-o', {str(tmp_path / 'o')!r}]; "
         "status = main(); "
         "heavy = ('pydantic', 'pydantic_settings', 'structlog', 'numpy', 'pydicom', 'httpx', "
-        "'sklearn', 'matplotlib', 'scipy', 'multiprocessing', 'tempfile', 'hashlib', 'json'); "
+        "'sklearn', 'matplotlib', 'scipy', 'multiprocessing', 'tempfile', 'hashlib', 'json', "
+        "'typing', 'dataclasses', 'inspect'); "
         "print(status, [m for m in heavy if m in sys.modules])"
     )
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}

@@ -232,6 +232,71 @@ def test_rejections_by_reason(tmp_path: Path) -> None:
     assert [q for q in (tmp_path / "out").iterdir() if q.name.startswith(".")] == []
 
 
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+def test_headers_around_the_first_read(tmp_path: Path, syntax: str) -> None:
+    """The header is read with one 64 KiB pread; longer headers, a pixel data element that
+    straddles that boundary and cuts after it are all handled as with the whole file."""
+    from gateway_agent.dicom.files import _HEAD_READ
+
+    deid = _deid()
+    base = make_ct_slice(rows=64, cols=64)
+    base.file_meta.TransferSyntaxUID = syntax
+    probe = write_series([base], tmp_path / "probe")[0].read_bytes()
+    pixels_at = probe.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010), little endian
+    seen = set()
+    # Pad with a private OB value so the pixel data element starts around the boundary
+    # (every offset of its 8- or 12-byte header across it), and far past it.
+    for delta in [*range(-16, 6, 2), 40_000]:  # values have even lengths: even offsets
+        ds = make_ct_slice(rows=64, cols=64)
+        ds.file_meta.TransferSyntaxUID = syntax
+        target = _HEAD_READ + delta
+        # tag(4) + VR(2) + reserved(2) + length(4) in explicit VR, 8 in implicit; plus creator.
+        pad = target - pixels_at - (12 if syntax.endswith(".1") else 8) - 28
+        ds.add_new((0x0029, 0x0010), "LO", "PADDING CREATOR")
+        ds.add_new((0x0029, 0x1010), "OB", b"\0" * (pad + pad % 2))
+        src = write_series([ds], tmp_path / f"in{delta}")[0]
+        data = src.read_bytes()
+        start = data.rindex(b"\xe0\x7f\x10\x00")
+        seen.add(start - _HEAD_READ)
+        result = deid.deidentify_file(src, tmp_path / "out")
+        out = pydicom.dcmread(result.path)
+        assert out.PixelData == ds.PixelData
+        assert (0x0029, 0x1010) not in out  # the private padding was removed
+        # Cut inside the pixel data, past the first read: refused as truncated, not uploaded.
+        cut = tmp_path / f"cut{delta}.dcm"
+        cut.write_bytes(data[: len(data) - 100])
+        with pytest.raises(DeidError) as info:
+            deid.deidentify_file(cut, tmp_path / "out")
+        assert info.value.reason == "truncated"
+    straddling = [d for d in seen if -12 < d < 0]  # the element header crossed the boundary
+    assert len(straddling) >= 4 and max(seen) > 30_000, sorted(seen)
+
+
+def test_object_without_pixels_whose_element_ends_at_the_first_read(tmp_path: Path) -> None:
+    """A data set with no pixel data, cut by the 64 KiB read exactly between two elements, must
+    not pass for complete: what follows the boundary is still parsed (and kept)."""
+    from gateway_agent.dicom.files import _HEAD_READ
+
+    def sr(pad: int) -> Dataset:
+        ds = make_ct_slice(rows=8, cols=8)
+        for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored"):
+            delattr(ds, keyword)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+        ds.Modality = "SR"
+        ds.add_new((0x0029, 0x0010), "LO", "PADDING CREATOR")
+        ds.add_new((0x0029, 0x1010), "OB", b"\0" * pad)
+        ds.ValueType = "CONTAINER"
+        ds.CompletionFlag = "COMPLETE"
+        return ds
+
+    probe = write_series([sr(2)], tmp_path / "probe")[0].read_bytes()
+    at = probe.index(b"\x40\x00\x40\xa0")  # (0040,A040) ValueType, the first after the pad
+    src = write_series([sr(2 + _HEAD_READ - at)], tmp_path / "in")[0]
+    assert src.read_bytes().index(b"\x40\x00\x40\xa0") == _HEAD_READ
+    out = pydicom.dcmread(_deid().deidentify_file(src, tmp_path / "out").path)
+    assert out.ValueType == "CONTAINER" and out.CompletionFlag == "COMPLETE"
+
+
 def test_secret_file_created_private(tmp_path: Path) -> None:
     path = tmp_path / "state" / "deep" / "secret.key"
     first = load_or_create_secret(path)

@@ -222,3 +222,29 @@ def test_retain_safe_private_keeps_only_the_safe_list() -> None:
     assert out[0x00431027].raw == b"1.5 "
     assert 0x00430010 in out
     assert 0x00091001 not in out and 0x00090010 not in out
+
+
+def test_options_are_an_immutable_hashable_value() -> None:
+    """DeidOptions is a value: equal options are one profile, and nothing can change it later."""
+    import pickle
+
+    a = DeidOptions(retain_uids=True, burned_in="allow")
+    b = DeidOptions.from_kwargs(retain_uids=True, burned_in="allow")
+    assert a == b and hash(a) == hash(b) and a != DeidOptions()
+    assert profile_for(a) is profile_for(b)  # cached per value
+    assert pickle.loads(pickle.dumps(a)) == a  # noqa: S301 - our own bytes
+    with pytest.raises(AttributeError):
+        a.retain_uids = False
+    with pytest.raises(AttributeError):
+        del a.burned_in
+    assert "retain_uids=True" in repr(a) and "burned_in='allow'" in repr(a)
+    # Full Dates wins over Modified Dates (as in the settings); bad values are refused early.
+    both = DeidOptions(retain_long_full_dates=True, retain_long_modified_dates=True)
+    assert both.enabled().count("retain_long_full_dates") == 1
+    assert not both.retain_long_modified_dates
+    with pytest.raises(ValueError, match="burned_in"):
+        DeidOptions(burned_in="yes")
+    with pytest.raises(TypeError, match="unknown de-identification option"):
+        DeidOptions.from_kwargs(retain_everything=True)
+    with pytest.raises(TypeError):
+        DeidOptions(True)  # type: ignore[call-arg]  # keyword-only: eleven booleans in a row misread
