@@ -22,8 +22,9 @@ What it does, in one run on the same files:
    every descendant it waited for; exact), ``peak RSS, tree`` is the sum of RSS over the run's
    process group sampled every 10 ms from ``/proc`` (what a multi-process tool costs the box at
    once; shared pages count in every process, peaks shorter than 10 ms can be missed).
-5. Scans every output byte (of the memory run) for the planted markers (files containing any, total occurrences),
-   and every output path for markers in names; counts output DICOM files and failures.
+5. Scans every output byte of the memory run for the planted markers (files containing any,
+   total occurrences), and every output path for markers in names; counts output DICOM files
+   and failures.
 6. Prints a Markdown table, the ratios gateway-agent/gdcmanon and gateway-agent/best Python
    peer, and gateway-agent's start-up cost and heavy imports; writes ``results.json``.
 """

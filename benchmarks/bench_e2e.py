@@ -3,6 +3,12 @@
 Prints, as a table:
   * agent throughput (files/s, drop -> stored in Orthanc) next to the best direct STOW-RS upload of
     the same, already de-identified files to a fresh Orthanc in the same run (4 modes);
+  * the "durable floor": the best direct mode, but every file first copied durably (temp file,
+    fsync, rename, folder fsync: the least that invariant 1 asks of any agent before it may
+    delete an original). It does not de-identify, parse, queue or watch anything: about the
+    most an agent can reach on the same machine next to the same server;
+  * for each of those, the whole machine's CPU per file (/proc/stat: Orthanc, client or agent,
+    kernel write-back): on 2 cores shared with Orthanc this is what sets the ceilings;
   * the periodic QC job's CPU share of one core while the 1000 files are ingested (the job's
     thread CPU from drop until it has processed every new row; --qc-interval, default 10 s
     instead of 300 s, so that passes fall into the run), and how many instances it sampled;
@@ -14,6 +20,7 @@ Usage (from the repository root)::
 
     uv run python benchmarks/bench_e2e.py     # 1000 x 512x512, 10,000 queued, 60 s idle
     uv run python benchmarks/bench_e2e.py --files 200 --queued 2000 --idle-seconds 10   # quick
+    uv run python benchmarks/bench_e2e.py --pairs 5   # only: direct vs durable floor, 5 pairs
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
 import sqlite3
@@ -42,10 +50,19 @@ sys.path.insert(0, str(ROOT))
 from gateway_agent.agent.qcjob import NICE_INCREMENT  # noqa: E402
 from gateway_agent.config import DeidSettings  # noqa: E402
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret  # noqa: E402
+from gateway_agent.dicom.files import atomic_write, copy_range  # noqa: E402
 from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
 from tests._orthanc import OrthancServer, orthanc_available  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all cores, every process and kernel thread:
+    Orthanc, the client or agent, write-back), from ``/proc/stat``."""
+    with open("/proc/stat") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK  # minus idle and iowait
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -109,6 +126,130 @@ def direct_upload(server: OrthancServer, files: list[Path], per_post: int, clien
     dt = time.perf_counter() - t0
     assert server.count_instances() == len(files)
     return len(files) / dt
+
+
+def durable_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` as invariant 1 asks: temp file, fsync, rename, folder fsync."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+
+        def write(out: int) -> int:
+            copy_range(fd, out, 0, size)
+            return size
+
+        atomic_write(dst, write)
+    finally:
+        os.close(fd)
+
+
+def copy_all(
+    files: list[Path],
+    stage: Path,
+    threads: int,
+    on_copied: Callable[[Path], object] | None = None,
+) -> None:
+    """``durable_copy`` every file into ``stage`` with ``threads`` threads; ``on_copied(copy)``
+    as each one is durable."""
+    todo, lock = list(files), threading.Lock()
+
+    def copier() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                src = todo.pop()
+            durable_copy(src, stage / src.name)
+            if on_copied is not None:
+                on_copied(stage / src.name)
+
+    pool = [threading.Thread(target=copier) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+
+
+def durable_floor(server: OrthancServer, files: list[Path], stage: Path) -> float:
+    """Files/s of the best direct mode (25 per POST, 4 clients) fed by 4 threads that first
+    copy every file durably into ``stage`` (the project's ``atomic_write``: temp file, fsync,
+    rename, folder fsync), pipelined: a client posts 25 copies as soon as they are durable.
+
+    The cheapest pipeline that keeps invariant 1, with no de-identification, parsing, queue or
+    watcher at all: about what an ideal agent could reach on this machine next to this server.
+    """
+    stage.mkdir(parents=True, exist_ok=True)
+    done: queue.Queue[Path | None] = queue.Queue()
+    fill = threading.Lock()
+    state = {"open": True}
+
+    def copiers() -> None:
+        copy_all(files, stage, 4, done.put)
+        done.put(None)
+
+    def client() -> None:
+        with httpx.Client(auth=server.auth, timeout=120.0) as c:
+            while True:
+                batch: list[Path] = []
+                with fill:  # one client fills its batch at a time, as the agent's uploader
+                    while len(batch) < 25 and state["open"]:
+                        item = done.get()
+                        if item is None:
+                            state["open"] = False
+                        else:
+                            batch.append(item)
+                if batch:
+                    stow(c, server.dicomweb_url, batch)
+                if not state["open"] and not batch:
+                    return
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=copiers)]
+    threads += [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    assert server.count_instances() == len(files)
+    shutil.rmtree(stage)
+    return len(files) / dt
+
+
+def floor_pairs(
+    n: int, files: list[Path], work: Path, new_server: Callable[[], OrthancServer]
+) -> int:
+    """Print ``n`` pairs (best direct mode, durable floor) and the durable copy alone."""
+    print("| pair | direct 25/POST x 4 | CPU/file | durable floor | CPU/file | floor / direct |")
+    print("|--:|--:|--:|--:|--:|--:|")
+    for i in range(n):
+        with new_server() as server:
+            busy0 = machine_busy()
+            direct = direct_upload(server, files, 25, 4)
+            direct_cpu = (machine_busy() - busy0) / len(files) * 1000
+        with new_server() as server:
+            busy0 = machine_busy()
+            floor = durable_floor(server, files, work / "floor")
+            floor_cpu = (machine_busy() - busy0) / len(files) * 1000
+        print(
+            f"| {i + 1} | {direct:.0f} files/s | {direct_cpu:.2f} ms | {floor:.0f} files/s "
+            f"| {floor_cpu:.2f} ms | {floor / direct:.2f} x |",
+            flush=True,
+        )
+    for threads in (1, 4):
+        stage = work / "copy-alone"
+        stage.mkdir(parents=True, exist_ok=True)
+        os.sync()
+        busy0, t0 = machine_busy(), time.perf_counter()
+        copy_all(files, stage, threads)
+        os.sync()  # the write-back of the copies is part of their cost
+        dt, cpu = time.perf_counter() - t0, (machine_busy() - busy0) / len(files) * 1000
+        print(
+            f"- durable copy alone, {threads} thread(s): {len(files) / dt:.0f} files/s, "
+            f"{cpu:.2f} ms of the machine's CPU per file (write-back included)"
+        )
+        shutil.rmtree(stage)
+    return 0
 
 
 # ----------------------------------------------------------------------------- the agent
@@ -309,6 +450,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--parallel", type=int, default=None, help="destination.parallel_requests (default: ours)"
     )
     ap.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="only measure N pairs of (best direct mode, durable floor) on fresh servers, with "
+        "the machine's CPU per file, and the durable copy alone; then exit",
+    )
+    ap.add_argument(
         "--orthanc-storage",
         choices=["shm", "disk"],
         default="shm",
@@ -340,6 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         secret = load_or_create_secret(work / "secret.key")
         deid = deidentify_all(corpus, secret, work / "deid")
 
+        if args.pairs:
+            return floor_pairs(args.pairs, deid, work, new_server)
+
         # Direct STOW of the de-identified files, 4 ways, each on a fresh Orthanc.
         best = 0.0
         for label, per_post, clients in (
@@ -349,10 +500,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("direct STOW, 25 files/POST, 4 clients", 25, 4),
         ):
             with new_server() as server:
+                busy0 = machine_busy()
                 fps = direct_upload(server, deid, per_post, clients)
+                cpu = (machine_busy() - busy0) / len(deid) * 1000
             best = max(best, fps)
-            rows.append((label, f"{fps:.0f} files/s", f"{fps * mb / len(deid):.0f} MB/s"))
+            note = f"{fps * mb / len(deid):.0f} MB/s; {cpu:.2f} ms CPU/file"
+            rows.append((label, f"{fps:.0f} files/s", note))
             print(rows[-1], file=sys.stderr)
+        with new_server() as server:
+            busy0 = machine_busy()
+            fps = durable_floor(server, deid, work / "floor")
+            cpu = (machine_busy() - busy0) / len(deid) * 1000
+        rows.append(
+            (
+                "durable floor: 4 threads copy + fsync, 4 clients post 25",
+                f"{fps:.0f} files/s",
+                f"{fps / best:.2f} x best direct; {cpu:.2f} ms CPU/file",
+            )
+        )
+        print(rows[-1], file=sys.stderr)
 
         # The agent: drop -> all stored in Orthanc.
         with new_server() as server:
@@ -367,10 +533,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 skipped0 = len(agent.log_events("qc_budget_exhausted"))
                 qc0 = agent.qc_cpu_seconds()
                 t0 = time.perf_counter()
+                busy0 = machine_busy()
                 drop_wall = time.time()
                 staged.rename(agent.inbox / "drop")
                 wait(lambda: server.count_instances() >= len(corpus), 1800, 0.1)
                 dt = time.perf_counter() - t0
+                cpu = (machine_busy() - busy0) / len(corpus) * 1000
                 wait(lambda: agent.counts().get("sent", 0) >= len(corpus), 120)
                 t_ack = time.perf_counter()
                 fps = len(corpus) / dt
@@ -378,7 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     (
                         "agent: drop -> stored in Orthanc",
                         f"{fps:.0f} files/s",
-                        f"{fps / best:.2f} x best direct ({best:.0f} files/s)",
+                        f"{fps / best:.2f} x best direct ({best:.0f} files/s); "
+                        f"{cpu:.2f} ms CPU/file",
                     )
                 )
                 print(rows[-1], file=sys.stderr)

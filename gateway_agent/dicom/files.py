@@ -281,8 +281,8 @@ def copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
     """Copy ``src[start:end]`` to the current position of ``dst``, in chunks of 1 MiB.
 
     ``pread`` into a reused buffer and ``write``: on ext4 this costs less CPU than
-    ``copy_file_range`` or ``sendfile`` (which go through the page-by-page splice path), see
-    ``benchmarks/bench_deid.py``. Memory stays at one buffer per concurrent caller.
+    ``copy_file_range`` or ``sendfile`` (``benchmarks/bench_copy.py``). Memory stays at one
+    buffer per concurrent caller.
     """
     offset = start
     remaining = end - start
