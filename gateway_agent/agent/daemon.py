@@ -172,6 +172,7 @@ class Daemon:
             gate=gate,
             state_dir=self.paths.root,
             resettle=self._resettle,
+            retry_later=self._retry_later,
         )
         self.intake.start()
         intake = self.intake
@@ -216,6 +217,10 @@ class Daemon:
     def _resettle(self, path: Path) -> None:
         if self.watcher is not None:
             self.watcher.resettle(path)
+
+    def _retry_later(self, path: Path, delay: float) -> None:
+        if self.watcher is not None:
+            self.watcher.retry_later(path, delay)
 
     def _disk_changed(self, paused: bool) -> None:
         log.warning("intake_paused_low_disk" if paused else "intake_resumed")

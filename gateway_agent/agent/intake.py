@@ -56,6 +56,11 @@ OUTBOX_DIR_MODE = 0o700
 GROUP_LINGER_SECONDS = 0.003
 #: ... up to this many rows.
 GROUP_MAX = 64
+#: A file deferred for want of resources (disk full...) is offered again after this long,
+#: doubling per consecutive deferral up to ``DEFER_MAX_SECONDS``.
+DEFER_FIRST_SECONDS = 2.0
+DEFER_MAX_SECONDS = 60.0
+MAX_DEFERRALS_TRACKED = 100_000
 
 
 def describe_error(exc: BaseException) -> str:
@@ -227,6 +232,10 @@ class Intake:
     resettle
         Called with a file that changed while it was processed (the watcher settles it again);
         by default it is simply queued again.
+    retry_later
+        Called with a file that could not be processed for want of resources (disk full, quota,
+        no worker) and a delay: 2 s, doubling per consecutive deferral up to 60 s (the watcher
+        offers it again then). Without it, the watcher's periodic scan offers it again.
     """
 
     def __init__(
@@ -244,6 +253,7 @@ class Intake:
         gate: Callable[[], bool] | None = None,
         state_dir: Path | None = None,
         resettle: Callable[[Path], None] | None = None,
+        retry_later: Callable[[Path, float], None] | None = None,
     ) -> None:
         if originals == "archive" and archive_dir is None:
             raise ValueError('Argument "archive_dir" is required when originals is "archive".')
@@ -262,6 +272,8 @@ class Intake:
         self._on_committed = on_committed
         self._gate = gate
         self._resettle = resettle
+        self._retry_later = retry_later
+        self._deferrals: dict[str, int] = {}  # path -> consecutive deferrals (bounded, see _defer)
         self._kept = (
             _KeptIndex(Path(state_dir or out_dir.parent) / "intake.db")
             if originals == "keep"
@@ -445,10 +457,17 @@ class Intake:
             self._inflight[path] = job
         assert self._pool is not None
         try:
-            job.future = self._pool.submit(_deid_job, path, str(self.out_dir))
-        except BrokenProcessPool:
-            self._replace_pool()
-            job.future = self._pool.submit(_deid_job, path, str(self.out_dir))
+            try:
+                job.future = self._pool.submit(_deid_job, path, str(self.out_dir))
+            except BrokenProcessPool:
+                self._replace_pool()
+                job.future = self._pool.submit(_deid_job, path, str(self.out_dir))
+        except BaseException:
+            # No worker took it (e.g. none could be started on a full disk): it must not stay
+            # "in flight", where every later offer of the same file would be ignored.
+            self._release([job])
+            self._defer(path)
+            raise
         job.future.add_done_callback(functools.partial(self._completed, job))
 
     def _completed(self, job: _Job, _future: object = None) -> None:
@@ -547,6 +566,7 @@ class Intake:
                     continue
                 committed += 1
                 self.committed += 1
+                self._deferrals.pop(job.path, None)
                 DEIDENTIFIED.inc()
                 DEID_SECONDS.observe(seconds)
                 self._crashes.pop(job.path, None)
@@ -590,6 +610,20 @@ class Intake:
             return False
         return (st.st_size, st.st_mtime_ns) == (job.size, job.mtime_ns)
 
+    def _defer(self, path: str) -> None:
+        """Have ``path`` offered again after a backoff (2 s doubling to 60 s per consecutive
+        deferral), instead of waiting for the watcher's next full scan."""
+        if self._retry_later is None:
+            return
+        if len(self._deferrals) >= MAX_DEFERRALS_TRACKED:
+            self._deferrals.clear()  # bounded memory; the worst case is a shorter backoff
+        n = self._deferrals.get(path, 0)
+        self._deferrals[path] = n + 1
+        try:
+            self._retry_later(Path(path), min(DEFER_MAX_SECONDS, DEFER_FIRST_SECONDS * 2**n))
+        except Exception as exc:
+            log.error("intake_retry_later_failed", error=describe_error(exc))
+
     def _requeue(self, path: str) -> None:
         with self._cond:
             if not self._stopping:
@@ -621,7 +655,8 @@ class Intake:
         rel = job.rel or self._relative(job.path) or Path(job.path).name
         if kind == "transient":
             log.error("intake_deferred", file=short_hash(job.path), cause=detail)
-            return None  # the original stays; the watcher's periodic scan offers it again
+            self._defer(job.path)
+            return None  # the original stays and is offered again later
         if not self._unchanged(job):
             # Rewritten (or removed) while we read it: never act on bytes we did not process;
             # let it settle again.

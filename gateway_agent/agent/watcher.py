@@ -200,6 +200,22 @@ class InboxWatcher:
         self._forget(str(path))
         self._consider(str(path), complete=False)
 
+    def retry_later(self, path: Path, delay: float) -> None:
+        """Offer ``path`` again in ``delay`` seconds, if it is still there (a file intake could
+        not take for want of resources, e.g. a full disk). A change before then settles as usual.
+        """
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        key = str(path)
+        due = self._clock() + max(0.0, delay)
+        with self._cond:
+            # "since" is set so that, unchanged at the deadline, the file counts as settled.
+            obs = _Observation(st.st_size, st.st_mtime_ns, due - self._settle, due)
+            self._pending[key] = obs
+            self._push(due, key)
+
     def rescan(self) -> None:
         """Ask for a full scan of the inbox now (e.g. after ``retry --quarantine``)."""
         self._request_scan(str(self.inbox))

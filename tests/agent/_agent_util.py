@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import time
@@ -151,3 +152,17 @@ def set_old_mtime(paths: list[Path]) -> None:
     t = time.time() - 3600
     for p in paths:
         os.utime(p, (t, t))
+
+
+class EnospcEngine:
+    """A real Deidentifier that fails with ENOSPC while ``flag`` exists (picklable, so it runs
+    in the intake worker processes)."""
+
+    def __init__(self, inner: Any, flag: Path) -> None:
+        self.inner = inner
+        self.flag = flag
+
+    def deidentify_file(self, src: Path, out_dir: Path) -> Any:
+        if self.flag.exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.inner.deidentify_file(src, out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -16,10 +17,12 @@ import pytest
 from gateway_agent.agent.intake import Intake
 from gateway_agent.agent.outbox import Outbox
 from gateway_agent.agent.quarantine import ORIGINAL_NAME, REASON_FILE, Quarantine
+from gateway_agent.agent.watcher import InboxWatcher
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret
 from gateway_agent.synthetic import make_ct_slice
 
 from ._agent_util import (
+    EnospcEngine,
     agent_settings,
     files_under,
     running_daemon,
@@ -190,3 +193,67 @@ def test_keep_originals_are_not_reprocessed(tmp_path: Path) -> None:
         assert d.intake is not None
         assert d.intake.committed == 0
         assert d.outbox.counts()["sent"] == 4
+
+
+def test_a_job_no_worker_took_is_not_held(
+    tmp_path: Path, engine: Deidentifier, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the pool refuses a job (no worker could be started: ENOSPC, EMFILE...), the file
+    must not stay "in flight", where every later offer of it would be ignored for good."""
+    it = _intake(tmp_path, engine, outbox)
+    try:
+        (path,) = write_synthetic(tmp_path / "inbox" / "s", 1)
+        assert it._pool is not None
+        real_submit = it._pool.submit
+        refused: list[int] = []
+
+        def submit(*args: Any, **kwargs: Any) -> Any:
+            if not refused:
+                refused.append(1)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_submit(*args, **kwargs)
+
+        monkeypatch.setattr(it._pool, "submit", submit)
+        it.submit(path)
+        assert wait_until(lambda: bool(refused) and it.idle(), timeout=10)
+        assert path.exists()  # not taken, not lost
+        it.submit(path)  # the next offer (the watcher's retry or scan)
+        assert wait_until(lambda: not path.exists(), timeout=30)
+    finally:
+        it.stop()
+    assert len(outbox.rows()) == 1
+
+
+def test_deferred_files_are_offered_again_soon_not_at_the_next_scan(
+    tmp_path: Path, engine: Deidentifier, outbox: Outbox
+) -> None:
+    """A file deferred for want of space is retried after a short backoff (2 s, doubling) by the
+    real watcher, long before its periodic full scan (here 10 minutes away)."""
+    flag = tmp_path / "disk-is-full"
+    flag.touch()
+    offered: list[float] = []
+    watcher: InboxWatcher | None = None
+
+    def retry_later(path: Path, delay: float) -> None:
+        offered.append(delay)
+        assert watcher is not None
+        watcher.retry_later(path, delay)
+
+    it = _intake(tmp_path, EnospcEngine(engine, flag), outbox, retry_later=retry_later)
+    watcher = InboxWatcher(tmp_path / "inbox", it.submit, settle_seconds=0.2, rescan_seconds=600)
+    watcher.start()
+    try:
+        paths = write_synthetic(tmp_path / "staged", 3)
+        for p in paths:
+            p.rename(tmp_path / "inbox" / p.name)
+        assert wait_until(lambda: len(offered) >= 6, timeout=30)  # two rounds: 2 s, then 4 s
+        assert sorted(set(offered))[:2] == [2.0, 4.0]
+        assert all((tmp_path / "inbox" / p.name).exists() for p in paths)
+        flag.unlink()  # space is back
+        t0 = time.monotonic()
+        assert wait_until(lambda: len(outbox.rows()) == 3, timeout=30)
+        assert time.monotonic() - t0 < 20  # the backoff (at most 8 s here), not the 600 s scan
+        assert wait_until(lambda: not any((tmp_path / "inbox").iterdir()), timeout=10)
+    finally:
+        watcher.stop()
+        it.stop()

@@ -5,8 +5,6 @@ copy, and everything goes through once space returns."""
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import sqlite3
 import subprocess
 import time
@@ -17,6 +15,7 @@ from typing import Any
 import pytest
 
 from gateway_agent.synthetic import make_ct_slice
+from tests.agent._agent_util import EnospcEngine
 
 from ._harness import (
     AgentRun,
@@ -193,20 +192,6 @@ def _full_tmpfs_case(tmp_path: Path, mnt: Path, agent_run: Any, guard: str) -> N
 
 
 # --------------------------------------------------------------------------- injected ENOSPC
-
-
-class EnospcEngine:
-    """A real Deidentifier that fails with ENOSPC while ``flag`` exists (picklable, so it runs
-    in the intake worker processes)."""
-
-    def __init__(self, inner: Any, flag: Path) -> None:
-        self.inner = inner
-        self.flag = flag
-
-    def deidentify_file(self, src: Path, out_dir: Path) -> Any:
-        if self.flag.exists():
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self.inner.deidentify_file(src, out_dir)
 
 
 def test_injected_enospc_keeps_originals_and_recovers(tmp_path: Path, agent_run: Any) -> None:
