@@ -25,6 +25,7 @@ Instance UID). The rows' lease expiry remains the last resort.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import threading
@@ -292,14 +293,22 @@ class Uploader:
             if probing:
                 self.outbox.circuit_release_probe()
             return 0, IDLE_MAX_SECONDS
-        with self._fill_lock:
-            if not probing:
-                self._fill()
-            rows = self.outbox.claim(
-                max_items=self.settings.batch_max_instances,
-                max_bytes=self.max_bytes,
-                lease_seconds=self.lease_seconds,
-            )
+        try:
+            with self._fill_lock:
+                if not probing:
+                    self._fill()
+                rows = self.outbox.claim(
+                    max_items=self.settings.batch_max_instances,
+                    max_bytes=self.max_bytes,
+                    lease_seconds=self.lease_seconds,
+                )
+        except BaseException:
+            # The claim failed (database locked, disk full): a probe slot kept here would make
+            # every worker wait for its lease.
+            if probing:
+                with contextlib.suppress(Exception):
+                    self.outbox.circuit_release_probe()
+            raise
         if not rows:
             if probing:
                 self.outbox.circuit_release_probe()

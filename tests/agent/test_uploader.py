@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -468,3 +469,34 @@ def test_claimed_rows_are_sent_even_if_released_meanwhile(outbox: Outbox, tmp_pa
     outbox.mark_sent([row.id])  # the destination's acknowledgement is a fact
     sent: list[OutboxRow] = outbox.rows("sent")
     assert [r.id for r in sent] == [row.id]
+
+
+def test_a_probe_whose_claim_fails_frees_the_circuit_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an outage, the one probe that fails to claim (database locked, disk full) must hand
+    the probe back, not hold it for its lease while every worker waits."""
+    clock = FakeClock()
+    ob = Outbox(":memory:", clock=clock)
+    add_files(ob, make_files(tmp_path / "f", 2))
+    up = Uploader(
+        ob,
+        _mock_dest(lambda request: httpx.Response(503)),
+        _settings(backoff_cap_seconds=60),
+        clock=clock,
+        rng=random.Random(3),
+    )
+    up.loop_once()  # the outage is detected: the circuit opens
+    clock.advance(61)  # past the backoff: the next worker becomes the probe
+    real_claim = ob.claim
+
+    def locked(**kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(ob, "claim", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        up.loop_once()
+    monkeypatch.setattr(ob, "claim", real_claim)
+    wait, probing = ob.circuit_acquire(probe_lease=300)
+    assert (wait, probing) == (0, True)  # the next worker probes now, not in 300 s
+    assert ob.counts()["queued"] == 2  # nothing was claimed, nothing lost
