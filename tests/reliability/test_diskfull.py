@@ -161,6 +161,11 @@ def _full_tmpfs_case(tmp_path: Path, mnt: Path, agent_run: Any, guard: str) -> N
         at_recovery = run.outbox_counts()
         stuck_sending = at_recovery.get("sending", 0)
         all_accounted = at_recovery.get("sent", 0) + stuck_sending == n
+        # Those rows are recorded by the worker's retry (0.5 s doubling to 10 s), well before
+        # their lease (300 s) would requeue them.
+        t_rec = time.monotonic()
+        recorded = reached(lambda: run.outbox_counts().get("sending", 0) == 0, timeout=120)
+        recorded_s = round(time.monotonic() - t_rec, 1)
         metrics += run.metrics_text()
     finally:
         rc = run.agent.stop()
@@ -175,7 +180,8 @@ def _full_tmpfs_case(tmp_path: Path, mnt: Path, agent_run: Any, guard: str) -> N
         "integrity": integrity_full,
         "recovered": recovered_in_time and all_accounted,
         "left_in_inbox": len(run.inbox_files()),
-        "stuck_sending_until_lease": stuck_sending,
+        "sending_at_recovery": stuck_sending,
+        "sending_recorded_s": recorded_s if recorded else None,
         "recovery_s": recovered_s,
         "quarantined": len(run.quarantined()),
     }
@@ -187,6 +193,7 @@ def _full_tmpfs_case(tmp_path: Path, mnt: Path, agent_run: Any, guard: str) -> N
     assert integrity_full == "ok" and _integrity(run.state / "outbox.db") == "ok"
     assert figures["quarantined"] == 0, ("a full disk must not quarantine valid inputs", figures)
     assert figures["recovered"], figures
+    assert recorded, ("rows left in sending after recovery were not recorded", figures)
     assert rc == 0
     assert_no_phi(f"diskfull-{guard}", phi_audit(run, metrics=metrics))
 
