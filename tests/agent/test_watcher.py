@@ -230,3 +230,36 @@ def test_resettle_and_rescan(inbox: Path, run_watcher: Callable[..., InboxWatche
     assert len(c.paths) == 3
     assert w.pending_count() == 0
     assert w.alive()
+
+
+def test_folders_left_empty_are_removed_after_a_while(
+    tmp_path: Path, inbox: Path, run_watcher: Callable[..., InboxWatcher]
+) -> None:
+    """Study folders emptied by intake would pile up for ever (each costs an inotify watch and a
+    step of every scan): an inbox folder empty and unchanged for 10 minutes is removed at a scan.
+    A fresh empty folder (a writer may be about to fill it), a folder with a file, the inbox
+    itself and anything behind a symlink stay."""
+    old_empty = inbox / "study-done" / "series-1"
+    old_empty.mkdir(parents=True)
+    fresh_empty = inbox / "study-new"
+    fresh_empty.mkdir()
+    kept = inbox / "study-busy"
+    kept.mkdir()
+    (kept / "IMG.dcm.partial").write_bytes(b"half")  # ignored name: stays, and so does its folder
+    outside = tmp_path / "outside-empty"
+    outside.mkdir()
+    (inbox / "link").symlink_to(outside, target_is_directory=True)
+    for p in (old_empty, kept, outside):
+        _old(p)
+    c = Collector()
+    w = run_watcher(inbox, c, settle=0.2)
+    w.rescan()
+    end = time.monotonic() + 10
+    while time.monotonic() < end and old_empty.exists():
+        time.sleep(0.05)
+    assert not old_empty.exists()
+    assert fresh_empty.is_dir() and kept.is_dir() and inbox.is_dir()
+    assert outside.is_dir() and (inbox / "link").is_symlink()
+    # The parent, emptied just now, is young again: it goes at a later scan, not at once.
+    assert (inbox / "study-done").is_dir()
+    assert c.paths == []
