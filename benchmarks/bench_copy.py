@@ -11,11 +11,11 @@ round, and prints CPU and wall time per round (medians):
 
 Usage (from the repository root)::
 
-    uv run python benchmarks/bench_copy.py [--rounds 7] [--dir DIR]
+    uv run python benchmarks/bench_copy.py [--rounds 7] [--slices 200] [--workdir DIR]
 
-``--dir`` is where the outputs are written (default ``benchmarks/.bench-work/copy``, on the
-filesystem the de-identification benchmark writes to). The input is the one
-``benchmarks/bench_deid.py`` generates (it is generated here if missing).
+The input is the one ``benchmarks/bench_deid.py`` generates in the same ``--workdir`` (default
+``benchmarks/.bench-work``; generated here if missing); the copies go to ``WORKDIR/copy``, on
+the filesystem the de-identification benchmark writes to.
 """
 
 from __future__ import annotations
@@ -98,20 +98,22 @@ def one_round(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--dir", type=Path, default=ROOT / "benchmarks" / ".bench-work" / "copy")
+    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".bench-work")
     args = ap.parse_args(argv)
-    src = ensure_input(ROOT / "benchmarks" / ".bench-work", 200)
+    src = ensure_input(args.workdir, args.slices)
+    out = args.workdir / "copy"
     files = sorted(p for p in src.iterdir() if p.is_file())
     warm(src)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in MODES}
     names = list(MODES)
     for r in range(args.rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(one_round(files, args.dir, MODES[name]))
-    shutil.rmtree(args.dir, ignore_errors=True)
+            times[name].append(one_round(files, out, MODES[name]))
+    shutil.rmtree(out, ignore_errors=True)
     print(
         f"Copying {len(files)} files ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB) "
-        f"into {args.dir}, median of {args.rounds} interleaved rounds"
+        f"into {out}, median of {args.rounds} interleaved rounds"
     )
     print()
     print("| way | wall ms | CPU ms | CPU µs per file |")

@@ -1,0 +1,79 @@
+"""The benchmark scripts still run end to end (tiny sizes) and print the tables we quote."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._orthanc import orthanc_available
+from tests.conftest import require
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _run(script: str, *args: str, timeout: float = 300) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def _row(output: str, first_cell: str) -> list[str]:
+    """The cells of the Markdown table row whose first cell is ``first_cell``."""
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{output}")
+
+
+@pytest.mark.slow
+def test_bench_deid_table_and_leak_scan(tmp_path: Path) -> None:
+    out = _run(
+        "bench_deid.py",
+        "--slices", "12", "--repeat", "1", "--fast-repeat", "1", "--no-peers",
+        "--tools", "gateway-agent,cp", "--workdir", str(tmp_path),
+    )  # fmt: skip
+    ga, cp = _row(out, "gateway-agent"), _row(out, "cp -r")
+    # files out, files with markers, marker occurrences, names with markers, failures
+    assert ga[8:13] == ["12", "0", "0", "0", "0"], ga
+    assert cp[8] == "12" and int(cp[9]) == 12 and int(cp[11]) == 12, cp  # cp keeps the PHI
+    assert float(ga[3]) > 0 and "start-up" in out
+    assert not list(tmp_path.glob("out*/*")), "outputs must be deleted after the run"
+
+
+@pytest.mark.slow
+def test_bench_copy_prints_every_way(tmp_path: Path) -> None:
+    out = _run("bench_copy.py", "--rounds", "1", "--slices", "8", "--workdir", str(tmp_path))
+    for way in ("copy_file_range", "sendfile", "fallocate + pread + write (gateway-agent)"):
+        cells = _row(out, way)
+        assert float(cells[2]) > 0, cells  # CPU ms
+    assert not (tmp_path / "copy").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.orthanc
+def test_bench_e2e_pairs(tmp_path: Path) -> None:
+    require(orthanc_available(), "Orthanc with the DICOMweb plugin")
+    out = _run(
+        "bench_e2e.py", "--pairs", "1", "--files", "30", "--size", "64",
+        "--workdir", str(tmp_path),
+    )  # fmt: skip
+    pair = _row(out, "1")
+    assert pair[1].endswith("files/s") and pair[3].endswith("files/s"), pair
+    assert float(pair[5].rstrip(" x")) > 0, pair
+    assert out.count("durable copy alone") == 2
+    shutil.rmtree(tmp_path, ignore_errors=True)
