@@ -77,3 +77,29 @@ def test_bench_e2e_pairs(tmp_path: Path) -> None:
     assert float(pair[5].rstrip(" x")) > 0, pair
     assert out.count("durable copy alone") == 2
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.orthanc
+def test_bench_upload_modes() -> None:
+    require(orthanc_available(), "Orthanc with the DICOMweb plugin")
+    out = _run("bench_upload.py", "--n", "20", "--reps", "1")
+    for mode in ("direct: 4 clients x 25 files/POST", "Uploader (defaults: 25/POST, 4 workers)"):
+        assert int(_row(out, mode)[1]) > 0
+
+
+@pytest.mark.slow
+def test_bench_qc_steps() -> None:
+    out = _run(
+        "bench_qc.py", "--repeat", "2", "--files", "10", "--size", "64", "--job-seconds", "0"
+    )
+    assert float(_row(out, "features (from file)")[1]) > 0
+    assert int(_row(out, "1")[2]) > 0  # run_qc slices/s with one worker
+
+
+@pytest.mark.slow
+def test_bench_service_start_and_idle() -> None:
+    out = _run("bench_service.py", "--runs", "1", "--idle-seconds", "1")
+    ready = _row(out, "start-up to READY=1, median")[1]
+    assert ready.endswith(" s") and float(ready[:-2]) > 0
+    assert _row(out, "idle CPU over 1 s (agent + children)")[1].endswith("%")
