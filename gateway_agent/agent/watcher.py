@@ -28,7 +28,7 @@ from watchdog.observers.api import BaseObserver
 
 from ..logs import get_logger
 
-__all__ = ["IGNORED_SUFFIXES", "InboxWatcher", "is_ignored"]
+__all__ = ["IGNORED_SUFFIXES", "InboxWatcher", "inbox_backlog", "is_ignored"]
 
 log = get_logger()
 
@@ -59,6 +59,41 @@ def is_ignored(relative: PurePath) -> bool:
         return True
     name = relative.name.lower()
     return name.startswith("~$") or name.endswith(IGNORED_SUFFIXES)
+
+
+def inbox_backlog(inbox: Path, limit: int = 100_000) -> tuple[int, float | None]:
+    """Files in ``inbox`` the agent would take but has not (yet): their count (stopping at
+    ``limit``) and the oldest one's mtime (epoch seconds; None when there are none).
+
+    Counts what the watcher hands over (regular files, not hidden or temporary, symlinks never
+    followed), so a file the agent cannot take shows up here with its age.
+    """
+    root = Path(inbox)
+    count, oldest = 0, None
+    stack = [str(root)]
+    while stack and count < limit:
+        current = stack.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                rel = PurePath(entry.path).relative_to(root)
+            except ValueError:
+                continue
+            if is_ignored(rel):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                    count += 1
+                    oldest = mtime if oldest is None else min(oldest, mtime)
+            except OSError:
+                continue
+    return count, oldest
 
 
 @dataclass

@@ -69,11 +69,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     status = sub.add_parser(
         "status",
-        help="outbox counts, throughput, destination errors, quarantine",
-        description="What the agent holds: read from the state folder (works while it runs).",
+        help="inbox backlog, outbox counts, throughput, destination errors, quarantine",
+        description="What the agent holds: read from the state folder and the inbox (works "
+        "while it runs).",
     )
     _add_config(status)
     _add_state_dir(status)
+    status.add_argument("--inbox", type=Path, default=None, help="inbox (default: from config)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--latest", type=int, default=5, help="how many recent entries to list")
     status.set_defaults(func=cmd_status)
@@ -131,9 +133,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ status
+#: ``status`` stops counting inbox files here (a walk of the inbox, while the agent runs).
+INBOX_COUNT_LIMIT = 100_000
+#: An inbox file older than this is worth a hint (the settle time is seconds).
+STALE_INBOX_SECONDS = 120.0
+
+
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     overrides: dict[str, Any] = {"state_dir": args.state_dir, **extra}
     return settings_from_args(args, overrides)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _when(ts: float | None) -> str | None:
@@ -179,6 +195,21 @@ def _qc_outliers(settings: Settings, latest: int) -> list[dict[str, Any]]:
     return latest_outliers(settings.state_dir)[:latest]
 
 
+def _inbox_summary(settings: Settings) -> dict[str, Any]:
+    """Files in the inbox not taken yet, and the oldest one's age (not with ``keep``, where
+    processed originals stay)."""
+    from ..agent.watcher import inbox_backlog
+
+    summary: dict[str, Any] = {"path": str(settings.inbox), "originals": settings.originals}
+    if settings.originals == "keep":
+        return summary
+    count, oldest = inbox_backlog(settings.inbox, INBOX_COUNT_LIMIT)
+    summary["waiting"] = count
+    summary["waiting_capped"] = count >= INBOX_COUNT_LIMIT
+    summary["oldest_seconds"] = None if oldest is None else max(0.0, time.time() - oldest)
+    return summary
+
+
 def collect_status(settings: Settings, latest: int = 5) -> dict[str, Any]:
     """Everything ``status`` prints, as a dict (also used by tests)."""
     from ..agent.daemon import StatePaths
@@ -187,6 +218,7 @@ def collect_status(settings: Settings, latest: int = 5) -> dict[str, Any]:
     paths = StatePaths(settings.state_dir)
     out: dict[str, Any] = {
         "state_dir": str(paths.root),
+        "inbox": _inbox_summary(settings),
         "outbox": None,
         "destination": {"target": _destination_label(settings)},
         "quarantine": Quarantine(paths.quarantine).summary(latest),
@@ -217,6 +249,17 @@ def collect_status(settings: Settings, latest: int = 5) -> dict[str, Any]:
 def _print_status(st: dict[str, Any]) -> None:
     w = sys.stdout.write
     w(f"state: {st['state_dir']}\n")
+    inbox = st["inbox"]
+    if "waiting" not in inbox:
+        w(f"inbox: {inbox['path']} (originals kept: not counted)\n")
+    elif inbox["waiting"]:
+        more = "+" if inbox["waiting_capped"] else ""
+        age = inbox["oldest_seconds"]
+        w(f"inbox: {inbox['waiting']}{more} file(s) not taken yet, oldest {_age(age)}\n")
+        if age > STALE_INBOX_SECONDS:
+            w("  files that stay are deferred: see intake_deferred / intake_paused in the log\n")
+    else:
+        w("inbox: empty\n")
     ob = st["outbox"]
     if ob is None:
         w("outbox: empty (the agent has not run with this state folder)\n")
@@ -260,7 +303,7 @@ def _print_status(st: dict[str, Any]) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the agent's state; works while the daemon runs (SQLite WAL readers)."""
-    st = collect_status(_settings(args), latest=max(0, args.latest))
+    st = collect_status(_settings(args, inbox=args.inbox), latest=max(0, args.latest))
     if args.json:
         json.dump(st, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")

@@ -17,6 +17,7 @@ from gateway_agent._exceptions import ConfigError
 from gateway_agent.agent.daemon import Daemon
 from gateway_agent.agent.outbox import Outbox
 from gateway_agent.cli import main
+from gateway_agent.cli.agent_cmds import collect_status
 from gateway_agent.synthetic import make_ct_slice
 from tests._orthanc import start_orthanc
 
@@ -248,3 +249,29 @@ def test_wrong_credentials_wait_then_retry_delivers(
         assert all(server.lookup(u) for u in uids)
     finally:
         server.close()
+
+
+def test_status_counts_what_waits_in_the_inbox(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file the agent has not taken (stuck, deferred, or the agent down) is visible in
+    `status`, with its age; hidden, temporary and symlinked names are not counted."""
+    settings = agent_settings(tmp_path)
+    paths = write_synthetic(settings.inbox / "study", 3, seed="waiting")
+    old = time.time() - 3 * 3600
+    os.utime(paths[0], (old, old))
+    (settings.inbox / ".hidden.dcm").write_bytes(b"x")
+    (settings.inbox / "copying.dcm.partial").write_bytes(b"x")
+    (settings.inbox / "link.dcm").symlink_to(paths[1])
+    st = collect_status(settings)
+    assert st["inbox"]["waiting"] == 3
+    assert 3 * 3600 - 60 < st["inbox"]["oldest_seconds"] < 3 * 3600 + 60
+    argv = ["status", "--state-dir", str(settings.state_dir), "--inbox", str(settings.inbox)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "inbox: 3 file(s) not taken yet, oldest 3.0 h" in out
+    assert "intake_deferred" in out  # the hint for files that stay
+    with running_daemon(settings):
+        assert wait_until(lambda: collect_status(settings)["inbox"]["waiting"] == 0, 30)
+    assert main(argv) == 0
+    assert "inbox: empty" in capsys.readouterr().out
