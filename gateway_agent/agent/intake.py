@@ -618,7 +618,7 @@ class Intake:
         if len(self._deferrals) >= MAX_DEFERRALS_TRACKED:
             self._deferrals.clear()  # bounded memory; the worst case is a shorter backoff
         n = self._deferrals.get(path, 0)
-        self._deferrals[path] = n + 1
+        self._deferrals[path] = min(n + 1, 16)  # 2 s * 2**16 is far past the cap already
         try:
             self._retry_later(Path(path), min(DEFER_MAX_SECONDS, DEFER_FIRST_SECONDS * 2**n))
         except Exception as exc:

@@ -257,3 +257,18 @@ def test_deferred_files_are_offered_again_soon_not_at_the_next_scan(
     finally:
         watcher.stop()
         it.stop()
+
+
+def test_deferral_backoff_stays_at_its_cap(
+    tmp_path: Path, engine: Deidentifier, outbox: Outbox
+) -> None:
+    """A disk full for a day defers a file ~1,500 times: the delay stays at 60 s (no overflow)."""
+    delays: list[float] = []
+    it = _intake(tmp_path, engine, outbox, retry_later=lambda _p, d: delays.append(d))
+    try:
+        for _ in range(2000):
+            it._defer(str(tmp_path / "inbox" / "x.dcm"))
+    finally:
+        it.stop()
+    assert delays[:7] == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert len(delays) == 2000 and delays[-1] == 60.0
