@@ -160,9 +160,10 @@ def durability_problems(
     ``originals`` maps an inbox path to the final outbox path of its de-identified copy. For
     each original unlinked in the trace, before that unlink there must be, in this order:
     an fsync of the temp file that is then renamed onto the outbox path, that rename, an fsync
-    of the outbox folder, and an fsync/fdatasync of the database or its WAL that follows both
-    the rename and the last write (``pwrite64``) to the database or WAL: at the moment of the
-    unlink no committed row is still only in the page cache. (A row never committed at all
+    of the outbox folder, and an fsync/fdatasync of the database or its WAL, by the thread that
+    unlinks, that follows both the rename and that thread's last write (``pwrite64``) to the
+    database or WAL: at the moment of the unlink the row committed for it is not only in the
+    page cache. (A row never committed at all
     before its original's unlink is not visible in syscalls; the crash test covers that.)
     Returns ``(problems, counts)``.
     """
@@ -197,9 +198,15 @@ def durability_problems(
             counts["dir_fsync"] += 1
         else:
             problems.append(f"{Path(original).name}: outbox folder not fsynced after the rename")
-        # The database: at the unlink, the last write to the database or its WAL (a commit,
-        # possibly of a group of rows) must be synced, by a sync that also follows the rename.
-        db_events = [e for e in before if e.paths and e.paths[0] in db_files]
+        # The database: at the unlink, the last write to the database or its WAL by the thread
+        # that unlinks (intake commits a group of rows, then removes their originals, in one
+        # thread) must be synced by it, by a sync that also follows the rename. Writes of other
+        # threads or connections (the uploader's, the QC job's) may come and go in between: they
+        # are not this original's row, and counting them made the check fail on a commit by
+        # another thread between intake's sync and its unlink.
+        db_events = [
+            e for e in before if e.paths and e.paths[0] in db_files and e.pid == unlink.pid
+        ]
         last_write = max((e.seq for e in db_events if e.call == "pwrite64"), default=-1)
         last_sync = max((e.seq for e in db_events if e.call != "pwrite64"), default=-1)
         if last_sync > rename.seq and last_sync > last_write:

@@ -88,27 +88,37 @@ def test_fsync_ordering_before_original_unlink(tmp_path: Path, agent_run) -> Non
 
 
 _TOY = """
-import os, sqlite3, sys
+import os, sqlite3, sys, threading
 d = sys.argv[1]
 os.makedirs(d + "/inbox"); os.makedirs(d + "/outbox")
 open(d + "/inbox/a.dcm", "wb").write(b"x")
 c = sqlite3.connect(d + "/outbox.db", isolation_level=None)
 c.execute("pragma journal_mode=wal"); c.execute("pragma synchronous=" + sys.argv[2])
 c.execute("create table t(x)")
+c.execute("create table other(x)")
 with open(d + "/outbox/.o.tmp", "wb") as f:
     f.write(b"y"); f.flush(); os.fsync(f.fileno())
 os.replace(d + "/outbox/.o.tmp", d + "/outbox/o.dcm")
 fd = os.open(d + "/outbox", os.O_RDONLY); os.fsync(fd); os.close(fd)
 c.execute("begin immediate"); c.execute("insert into t values (1)"); c.execute("commit")
+if sys.argv[3] == "other":  # another thread's connection commits without a sync meanwhile
+    def other():
+        o = sqlite3.connect(d + "/outbox.db", isolation_level=None)
+        o.execute("pragma synchronous=off"); o.execute("insert into other values (1)"); o.close()
+    t = threading.Thread(target=other); t.start(); t.join()
 os.unlink(d + "/inbox/a.dcm")
 """
 
 
-@pytest.mark.parametrize(("synchronous", "durable"), [("full", True), ("normal", False)])
+@pytest.mark.parametrize(
+    ("synchronous", "other", "durable"),
+    [("full", "", True), ("normal", "", False), ("full", "other", True)],
+)
 def test_the_checker_tells_a_synced_commit_from_an_unsynced_one(
-    tmp_path: Path, synchronous: str, durable: bool
+    tmp_path: Path, synchronous: str, other: str, durable: bool
 ) -> None:
-    """The checker itself: WAL with synchronous=NORMAL does not sync a commit (not durable)."""
+    """The checker itself: WAL with synchronous=NORMAL does not sync a commit (not durable); an
+    unsynced commit by another thread between ours and the unlink is not ours (durable)."""
     require(shutil.which("strace") is not None, "strace (apt-get install strace)")
     import subprocess
     import sys
@@ -116,7 +126,7 @@ def test_the_checker_tells_a_synced_commit_from_an_unsynced_one(
     work = tmp_path / "w"
     trace = tmp_path / "trace.txt"
     subprocess.run(
-        [*strace_prefix(trace), sys.executable, "-c", _TOY, str(work), synchronous],
+        [*strace_prefix(trace), sys.executable, "-c", _TOY, str(work), synchronous, other or "-"],
         check=True,
         timeout=60,
     )
