@@ -131,6 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``gateway-agent inspect F | head``): not worth a traceback. Point
+        # stdout at /dev/null so the flush at exit does not raise again (Python's documented way).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a process killed by it
     if argv is None and lean:
         # The process ends now: move everything to the permanent generation so the collection at
         # interpreter exit does not walk it (~10 ms of a 0.1 s ``anonymize`` run).

@@ -101,3 +101,22 @@ def test_inspect_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
     bad.write_bytes(b"nope")
     assert main(["inspect", str(bad)]) == 1
     assert "not_dicom" in capsys.readouterr().err
+
+
+def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    """`gateway-agent inspect F | head -1`: the reader goes away; no traceback, status 141."""
+    import subprocess
+    import sys
+
+    (src,) = write_series(make_ct_series(1, rows=8, cols=8), tmp_path / "in")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway_agent", "inspect", str(src)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes anything
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
