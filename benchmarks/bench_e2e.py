@@ -117,15 +117,20 @@ def direct_upload(server: OrthancServer, files: list[Path], per_post: int, clien
                     batch = batches.pop()
                 stow(c, server.dicomweb_url, batch)
 
+    dt = run_threads([worker] * clients)
+    assert server.count_instances() == len(files)
+    return len(files) / dt
+
+
+def run_threads(targets: Sequence[Callable[[], object]]) -> float:
+    """Run each target in a thread of its own until all are done; the wall seconds it took."""
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    threads = [threading.Thread(target=target) for target in targets]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    dt = time.perf_counter() - t0
-    assert server.count_instances() == len(files)
-    return len(files) / dt
+    return time.perf_counter() - t0
 
 
 def durable_copy(src: Path, dst: Path) -> None:
@@ -163,11 +168,7 @@ def copy_all(
             if on_copied is not None:
                 on_copied(stage / src.name)
 
-    pool = [threading.Thread(target=copier) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    run_threads([copier] * threads)
 
 
 def durable_floor(server: OrthancServer, files: list[Path], stage: Path) -> float:
@@ -203,14 +204,7 @@ def durable_floor(server: OrthancServer, files: list[Path], stage: Path) -> floa
                 if not state["open"] and not batch:
                     return
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=copiers)]
-    threads += [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    dt = time.perf_counter() - t0
+    dt = run_threads([copiers] + [client] * 4)
     assert server.count_instances() == len(files)
     shutil.rmtree(stage)
     return len(files) / dt
