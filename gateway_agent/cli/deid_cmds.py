@@ -342,6 +342,8 @@ def _run_forked(
     import marshal
     import select
 
+    from ..dicom.files import write_all
+
     size = max(1, min(64, len(files) // (jobs * 32)), -(-len(files) // _MAX_CHUNKS))
     chunks = [files[i : i + size] for i in range(0, len(files), size)]
     queue_r, queue_w = os.pipe()
@@ -363,7 +365,7 @@ def _run_forked(
                         os.close(fd)
                     for index, done in _take(queue_r, chunks, out_dir, fsync, with_audit):
                         data = marshal.dumps(done)
-                        _write_all(write_end, _HEAD.pack(index, len(data)) + data)
+                        write_all(write_end, _HEAD.pack(index, len(data)) + data)
                     code = 0
                 finally:
                     os._exit(code)
@@ -422,12 +424,6 @@ def _take(
             return
         (index,) = struct.unpack("<I", word)
         yield index, _process(chunks[index], out_dir, fsync, with_audit)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 # -- inspect -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Part-10 files: header-only reads (mmap, pixels untouched); atomic header + raw pixel writes."""
+"""Part-10 files: header-only reads (pixels untouched); atomic header + raw pixel writes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import zlib
 from .._exceptions import DeidError
 from .codec import (
     LONG_VRS,
+    PIXEL_TAGS,
     Element,
     Encoding,
     encapsulated_end,
@@ -33,6 +34,7 @@ __all__ = [
     "copy_range",
     "encode_file_meta",
     "fsync_dir",
+    "write_all",
     "write_part10",
 ]
 
@@ -159,9 +161,7 @@ class SourceFile:
         ``None`` (or a "truncated" error) when ``partial`` and the start is not enough.
         """
         size = len(buf)
-        if size < 132 or buf[128:132] != b"DICM":
-            if partial and size < 132:
-                return None
+        if size < 132 or buf[128:132] != b"DICM":  # a partial read is 64 KiB: never too short
             raise DeidError("not_dicom", "no DICM prefix")
         meta, pos = _read_meta(buf, size)
         ts_raw = next((e.raw for e in meta if e.tag == 0x00020010), b"")
@@ -180,7 +180,7 @@ class SourceFile:
             if not inflater.eof:
                 raise DeidError("truncated", "deflated stream ends early")
             elements, _ = parse_dataset(data, len(data), 0, False, True)
-            if not any(e.tag in _PIXEL_TAGS for e in elements):
+            if not any(e.tag in PIXEL_TAGS for e in elements):
                 _refuse_image_without_pixels(elements)
             return Header(meta, transfer_syntax, enc, elements)
         elements, ppos = parse_dataset(
@@ -224,8 +224,6 @@ class SourceFile:
 
 
 _HEAD_READ = 64 << 10
-
-_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 
 def _refuse_image_without_pixels(elements: list[Element]) -> None:
@@ -296,7 +294,7 @@ def copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
             n = os.preadv(src_fd, [view[: min(remaining, _COPY_CHUNK)]], offset)
             if n <= 0:
                 raise DeidError("truncated", "source file shrank while copying pixel data")
-            _write_all(dst_fd, view[:n])
+            write_all(dst_fd, view[:n])
             offset += n
             remaining -= n
     finally:
@@ -322,7 +320,8 @@ def _preallocate(fd: int, size: int) -> None:
         raise
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until all of ``data`` is written (a write may be short)."""
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
@@ -415,12 +414,12 @@ def write_part10(
 
     def write(fd: int) -> int:
         if pixels is None:
-            _write_all(fd, head)
+            write_all(fd, head)
             return len(head)
         src_fd, rng = pixels
         size = len(head) + rng.end - rng.start
         _preallocate(fd, size)
-        _write_all(fd, head)
+        write_all(fd, head)
         copy_range(src_fd, fd, rng.start, rng.end)  # all of it, or it raises
         return size
 
