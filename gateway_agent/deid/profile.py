@@ -126,21 +126,9 @@ class DeidOptions:
             raise ValueError('Argument "burned_in" must be "quarantine" or "allow".')
         if retain_long_full_dates and retain_long_modified_dates:
             retain_long_modified_dates = False
-        values = (
-            retain_safe_private,
-            retain_uids,
-            retain_device_identity,
-            retain_institution_identity,
-            retain_patient_characteristics,
-            retain_long_full_dates,
-            retain_long_modified_dates,
-            clean_descriptors,
-            clean_structured_content,
-            clean_graphics,
-            burned_in,
-        )
-        for name, value in zip(self.FIELDS, values, strict=True):
-            object.__setattr__(self, name, value)
+        given = locals()  # the arguments by name, as FIELDS lists them
+        for name in self.FIELDS:
+            object.__setattr__(self, name, given[name])
 
     def _values(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self.FIELDS)
