@@ -8,7 +8,7 @@ import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -68,14 +68,40 @@ def inbox_backlog(inbox: Path, limit: int = 100_000) -> tuple[int, float | None]
     Counts what the watcher hands over (regular files, not hidden or temporary, symlinks never
     followed), so a file the agent cannot take shows up here with its age.
     """
-    root = Path(inbox)
     count, oldest = 0, None
-    stack = [str(root)]
-    while stack and count < limit:
+    for _path, st in _inbox_files(Path(inbox), str(inbox)):
+        count += 1
+        oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+        if count >= limit:
+            break
+    return count, oldest
+
+
+def _inbox_files(
+    root: Path,
+    start: str,
+    *,
+    on_empty_dir: Callable[[str], None] | None = None,
+    stopping: Callable[[], bool] | None = None,
+) -> Iterator[tuple[str, os.stat_result]]:
+    """``(path, lstat)`` of the files below ``start`` the watcher may take: regular files whose
+    path relative to ``root`` is not hidden or temporary, depth first, symlinks never followed.
+
+    ``on_empty_dir`` is called with every empty folder below ``root``; the walk ends early once
+    ``stopping()`` is true (checked per folder).
+    """
+    stack = [start]
+    while stack:
         current = stack.pop()
+        if stopping is not None and stopping():
+            return
         try:
             entries = list(os.scandir(current))
         except OSError:
+            continue
+        if not entries and current != str(root):
+            if on_empty_dir is not None:
+                on_empty_dir(current)
             continue
         for entry in entries:
             try:
@@ -88,12 +114,9 @@ def inbox_backlog(inbox: Path, limit: int = 100_000) -> tuple[int, float | None]
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
                 elif entry.is_file(follow_symlinks=False):
-                    mtime = entry.stat(follow_symlinks=False).st_mtime
-                    count += 1
-                    oldest = mtime if oldest is None else min(oldest, mtime)
+                    yield entry.path, entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-    return count, oldest
 
 
 @dataclass
@@ -232,18 +255,18 @@ class InboxWatcher:
 
     def resettle(self, path: Path) -> None:
         """Watch ``path`` again until it is unchanged for the settle time (it changed under us)."""
-        self._forget(str(path))
-        self._consider(str(path), complete=False)
+        self.retry_later(path, self._settle)
 
     def retry_later(self, path: Path, delay: float) -> None:
         """Offer ``path`` again in ``delay`` seconds, if it is still there (a file intake could
         not take for want of resources, e.g. a full disk). A change before then settles as usual.
         """
+        key = str(path)
         try:
             st = os.lstat(path)
         except OSError:
+            self._forget(key)  # gone: nothing to offer
             return
-        key = str(path)
         due = self._clock() + max(0.0, delay)
         with self._cond:
             # "since" is set so that, unchanged at the deadline, the file counts as settled.
@@ -373,39 +396,20 @@ class InboxWatcher:
     def _scan(self, directory: str) -> None:
         """Walk ``directory`` (never following symlinks); old files are ready, fresh ones settle."""
         ready = 0
-        stack = [directory]
         wall = time.time()
-        while stack:
-            current = stack.pop()
-            if self._stopping:
-                return
-            try:
-                entries = list(os.scandir(current))
-            except OSError:
-                continue
-            if not entries and current != str(self.inbox):
-                self._remove_if_stale_empty(current, wall)
-                continue
-            for entry in entries:
-                rel = self._relative(entry.path)
-                if rel is None or is_ignored(rel):
-                    continue
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                        continue
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if wall - st.st_mtime >= self._settle:
-                    # Unchanged for longer than the settle time already: complete.
-                    self._forget(entry.path)
-                    self._hand_over(entry.path)
-                    ready += 1
-                else:
-                    self._consider(entry.path, complete=False)
+        for path, st in _inbox_files(
+            self.inbox,
+            directory,
+            on_empty_dir=lambda folder: self._remove_if_stale_empty(folder, wall),
+            stopping=lambda: self._stopping,
+        ):
+            if wall - st.st_mtime >= self._settle:
+                # Unchanged for longer than the settle time already: complete.
+                self._forget(path)
+                self._hand_over(path)
+                ready += 1
+            else:
+                self._consider(path, complete=False)
         if ready:
             log.info("watcher_scan", ready=ready)
 
