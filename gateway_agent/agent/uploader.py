@@ -25,7 +25,6 @@ Instance UID). The rows' lease expiry remains the last resort.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import sqlite3
 import threading
@@ -293,6 +292,7 @@ class Uploader:
             if probing:
                 self.outbox.circuit_release_probe()
             return 0, IDLE_MAX_SECONDS
+        rows: list[OutboxRow] = []
         try:
             with self._fill_lock:
                 if not probing:
@@ -302,16 +302,12 @@ class Uploader:
                     max_bytes=self.max_bytes,
                     lease_seconds=self.lease_seconds,
                 )
-        except BaseException:
-            # The claim failed (database locked, disk full): a probe slot kept here would make
-            # every worker wait for its lease.
-            if probing:
-                with contextlib.suppress(Exception):
-                    self.outbox.circuit_release_probe()
-            raise
-        if not rows:
-            if probing:
+        finally:
+            if probing and not rows:
+                # Nothing claimed (none due, or the claim failed: database locked, disk full):
+                # hand the probe back, or every worker would wait for its lease.
                 self.outbox.circuit_release_probe()
+        if not rows:
             return 0, self._idle_wait()
         key = threading.get_ident()
         journal = _Journal([r.id for r in rows])
