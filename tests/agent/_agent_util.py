@@ -166,3 +166,25 @@ class EnospcEngine:
         if self.flag.exists():
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return self.inner.deidentify_file(src, out_dir)
+
+
+def start_intake(tmp_path: Path, engine: Any, outbox: Any, **kw: Any) -> Any:
+    """A started Intake on ``tmp_path/inbox`` with state under ``tmp_path/state`` (1 worker
+    unless ``workers`` says otherwise); other keyword arguments go to ``Intake``."""
+    from gateway_agent.agent.intake import Intake
+    from gateway_agent.agent.quarantine import Quarantine
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    it = Intake(
+        inbox=inbox,
+        out_dir=tmp_path / "state" / "outbox",
+        engine=engine,
+        outbox=outbox,
+        quarantine=Quarantine(tmp_path / "state" / "quarantine"),
+        workers=kw.pop("workers", 1),
+        state_dir=tmp_path / "state",
+        **kw,
+    )
+    it.start()
+    return it

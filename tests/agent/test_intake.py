@@ -26,6 +26,7 @@ from ._agent_util import (
     agent_settings,
     files_under,
     running_daemon,
+    start_intake,
     wait_until,
     write_synthetic,
 )
@@ -60,23 +61,6 @@ def outbox(tmp_path: Path) -> Iterator[Outbox]:
         ob.close()
 
 
-def _intake(tmp_path: Path, engine: Any, outbox: Outbox, **kw: Any) -> Intake:
-    inbox = tmp_path / "inbox"
-    inbox.mkdir(exist_ok=True)
-    it = Intake(
-        inbox=inbox,
-        out_dir=tmp_path / "state" / "outbox",
-        engine=engine,
-        outbox=outbox,
-        quarantine=Quarantine(tmp_path / "state" / "quarantine"),
-        workers=kw.pop("workers", 1),
-        state_dir=tmp_path / "state",
-        **kw,
-    )
-    it.start()
-    return it
-
-
 def _run(it: Intake, paths: list[Path], timeout: float = 60) -> None:
     for p in paths:
         it.submit(p)
@@ -85,7 +69,7 @@ def _run(it: Intake, paths: list[Path], timeout: float = 60) -> None:
 
 def test_commit_then_delete(tmp_path: Path, engine: Deidentifier, outbox: Outbox) -> None:
     woken: list[int] = []
-    it = _intake(tmp_path, engine, outbox, on_committed=lambda: woken.append(1))
+    it = start_intake(tmp_path, engine, outbox, on_committed=lambda: woken.append(1))
     try:
         paths = write_synthetic(tmp_path / "inbox" / "s", 5)
         _run(it, paths)
@@ -103,7 +87,7 @@ def test_outbox_failure_keeps_the_original(
 ) -> None:
     """If the row cannot be committed, the original must stay (design invariant 1)."""
     outbox.close()  # every add() now fails like a broken database would
-    it = _intake(tmp_path, engine, outbox)
+    it = start_intake(tmp_path, engine, outbox)
     try:
         paths = write_synthetic(tmp_path / "inbox" / "s", 3)
         before = [p.read_bytes() for p in paths]
@@ -117,7 +101,7 @@ def test_outbox_failure_keeps_the_original(
 
 
 def test_quarantine_layout_and_reason(tmp_path: Path, engine: Deidentifier, outbox: Outbox) -> None:
-    it = _intake(tmp_path, engine, outbox)
+    it = start_intake(tmp_path, engine, outbox)
     inbox = tmp_path / "inbox"
     bad = inbox / "sub" / "report.txt"
     bad.parent.mkdir()
@@ -149,7 +133,7 @@ def test_quarantine_layout_and_reason(tmp_path: Path, engine: Deidentifier, outb
 def test_worker_crash_and_engine_bug_are_quarantined(
     tmp_path: Path, engine: Deidentifier, outbox: Outbox
 ) -> None:
-    it = _intake(tmp_path, CrashingEngine(engine), outbox, workers=2)
+    it = start_intake(tmp_path, CrashingEngine(engine), outbox, workers=2)
     inbox = tmp_path / "inbox"
     good = write_synthetic(inbox / "good", 6)
     crash = inbox / "CRASH.dcm"
@@ -200,7 +184,7 @@ def test_a_job_no_worker_took_is_not_held(
 ) -> None:
     """When the pool refuses a job (no worker could be started: ENOSPC, EMFILE...), the file
     must not stay "in flight", where every later offer of it would be ignored for good."""
-    it = _intake(tmp_path, engine, outbox)
+    it = start_intake(tmp_path, engine, outbox)
     try:
         (path,) = write_synthetic(tmp_path / "inbox" / "s", 1)
         assert it._pool is not None
@@ -239,7 +223,7 @@ def test_deferred_files_are_offered_again_soon_not_at_the_next_scan(
         assert watcher is not None
         watcher.retry_later(path, delay)
 
-    it = _intake(tmp_path, EnospcEngine(engine, flag), outbox, retry_later=retry_later)
+    it = start_intake(tmp_path, EnospcEngine(engine, flag), outbox, retry_later=retry_later)
     watcher = InboxWatcher(tmp_path / "inbox", it.submit, settle_seconds=0.2, rescan_seconds=600)
     watcher.start()
     try:
@@ -264,7 +248,7 @@ def test_deferral_backoff_stays_at_its_cap(
 ) -> None:
     """A disk full for a day defers a file ~1,500 times: the delay stays at 60 s (no overflow)."""
     delays: list[float] = []
-    it = _intake(tmp_path, engine, outbox, retry_later=lambda _p, d: delays.append(d))
+    it = start_intake(tmp_path, engine, outbox, retry_later=lambda _p, d: delays.append(d))
     try:
         for _ in range(2000):
             it._defer(str(tmp_path / "inbox" / "x.dcm"))

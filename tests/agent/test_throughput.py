@@ -11,14 +11,12 @@ from typing import Any
 import pytest
 
 from gateway_agent.agent.destinations import FolderDestination, SendResult
-from gateway_agent.agent.intake import Intake
 from gateway_agent.agent.outbox import Outbox, OutboxRow, row_from_file
-from gateway_agent.agent.quarantine import Quarantine
 from gateway_agent.agent.uploader import Uploader
 from gateway_agent.config import DestinationSettings
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret
 
-from ._agent_util import agent_settings, wait_until, write_synthetic
+from ._agent_util import agent_settings, start_intake, wait_until, write_synthetic
 from ._uploadkit import make_files, wait_for
 
 
@@ -111,16 +109,7 @@ def test_intake_commits_groups_before_removing_originals(tmp_path: Path, outbox:
     recording = _RecordingOutbox(outbox)
     woken: list[int] = []
     inbox = tmp_path / "inbox"
-    it = Intake(
-        inbox=inbox,
-        out_dir=tmp_path / "state" / "outbox",
-        engine=engine,
-        outbox=recording,
-        quarantine=Quarantine(tmp_path / "state" / "quarantine"),
-        workers=2,
-        on_committed=lambda: woken.append(1),
-    )
-    it.start()
+    it = start_intake(tmp_path, engine, recording, workers=2, on_committed=lambda: woken.append(1))
     try:
         paths = write_synthetic(inbox / "s", 24)
         for p in paths:
