@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
 if TYPE_CHECKING:
+    import argparse
     from typing import Any
 
     from ..deid.profile import DeidOptions
 
     _DeidSetup = tuple[DeidOptions, Path, str]
 
-__all__ = ["register"]
+__all__ = ["parse_anonymize", "register"]
 
 #: The ten Annex E options: (settings field, flag, help).
 _OPTION_FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -55,7 +55,9 @@ _OPTION_FLAGS: tuple[tuple[str, str, str], ...] = (
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``anonymize`` and ``inspect``."""
-    from . import HelpFormatter
+    import argparse
+
+    from ._help import HelpFormatter
 
     p = sub.add_parser(
         "anonymize",
@@ -104,6 +106,79 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q.add_argument("file", type=Path, metavar="FILE")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=_inspect)
+
+
+#: ``anonymize`` options that take a value: flag -> (attribute, converter).
+_VALUE_FLAGS: dict[str, tuple[str, Any]] = {
+    "-o": ("output", Path),
+    "--output": ("output", Path),
+    "-j": ("jobs", int),
+    "--jobs": ("jobs", int),
+    "--secret-file": ("secret_file", Path),
+    "--station-name": ("station_name", str),
+    "--audit": ("audit", Path),
+}
+#: ``anonymize`` switches: flag -> (attribute, value).
+_SWITCHES: dict[str, tuple[str, bool]] = {
+    "--allow-burned-in": ("allow_burned_in", True),
+    "--fsync": ("fsync", True),
+    **{flag: (field, True) for field, flag, _ in _OPTION_FLAGS},
+    **{"--no-" + flag[2:]: (field, False) for field, flag, _ in _OPTION_FLAGS},
+}
+
+
+def parse_anonymize(words: Sequence[str]) -> argparse.Namespace | None:
+    """The arguments of ``anonymize WORDS`` as argparse parses them, without importing argparse.
+
+    Only for a plain command line: whole flag names, each value as the next word and not
+    starting with ``-``, the sources in one run, ``-o`` given. Anything else (help, ``--x=y``,
+    abbreviations, errors) gives None, and :func:`~gateway_agent.cli.main` leaves it to
+    argparse. tests/deid/test_deid_fastpath.py checks both give the same arguments.
+    """
+    from types import SimpleNamespace
+
+    values: dict[str, Any] = {
+        "config": None,
+        "log_format": None,
+        "command": "anonymize",
+        "src": [],
+        "output": None,
+        "jobs": None,
+        "secret_file": None,
+        **{field: None for field, _, _ in _OPTION_FLAGS},
+        "allow_burned_in": False,
+        "station_name": None,
+        "fsync": False,
+        "audit": None,
+        "func": _anonymize,
+    }
+    src: list[Path] = values["src"]
+    src_ended = False
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word and word[0] != "-":
+            if src_ended:
+                return None  # argparse takes one run of sources and refuses the rest
+            src.append(Path(word))
+            continue
+        src_ended = bool(src)
+        switch = _SWITCHES.get(word)
+        if switch is not None:
+            values[switch[0]] = switch[1]
+            continue
+        flag = _VALUE_FLAGS.get(word)
+        if flag is None or i == len(words) or words[i].startswith("-"):
+            return None
+        try:
+            values[flag[0]] = flag[1](words[i])
+        except ValueError:
+            return None
+        i += 1
+    if not src or values["output"] is None:
+        return None
+    return SimpleNamespace(**values)  # type: ignore[return-value]
 
 
 # -- anonymize ---------------------------------------------------------------------------------

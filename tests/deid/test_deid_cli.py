@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pydicom
@@ -120,3 +121,31 @@ def test_inspect_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
         err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_console_anonymize_reports_through_a_pipe_and_exits_with_its_status(
+    tmp_path: Path,
+) -> None:
+    """The console command ends without the interpreter's teardown: stdout must still arrive."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "in"
+    write_series(make_ct_series(3, rows=8, cols=8), src)
+    (src / "notes.txt").write_text("not dicom")
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
+    env.pop("PYTHONUNBUFFERED", None)  # block-buffered, as stdout into a pipe normally is
+    env["GATEWAY_STATE_DIR"] = str(tmp_path / "state")
+    argv = [sys.executable, "-m", "gateway_agent", "anonymize", str(src), "-o", str(tmp_path / "o")]
+    done = subprocess.run([*argv, "-j", "2"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.splitlines()[0].startswith("anonymized 3 of 4 files")
+    assert done.stdout.splitlines()[1] == "quarantined: 1 (not_dicom: 1)"
+    (src / "notes.txt").unlink()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the summary is written
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err, err
