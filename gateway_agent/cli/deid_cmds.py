@@ -197,7 +197,8 @@ def _iter_files(sources: Iterable[Path]) -> Iterator[Path]:
 
 _WORKER: Any = None
 
-#: One result per input: (status, reason, output size, audit record as a JSON line or None).
+#: One result per input: (status, reason or, when done, the output's file name, output size,
+#: audit record as a JSON line or None).
 _Result = tuple[str, str, int, str | None]
 
 
@@ -230,7 +231,7 @@ def _process(paths: list[str], out_dir: str, fsync: bool, with_audit: bool) -> l
                 import json
 
                 audit = json.dumps(r.audit, sort_keys=True)
-            results.append(("done", "", r.size, audit))
+            results.append(("done", r.path.name, r.size, audit))
     return results
 
 
@@ -386,6 +387,9 @@ def _anonymize(args: argparse.Namespace) -> int:
     status = Counter(r[0] for r in results)
     reasons = Counter((r[0], r[1]) for r in results if r[0] != "done")
     size = sum(r[2] for r in results)
+    # Inputs that carry the same SOP Instance UID (copies, the same image in two transfer
+    # syntaxes) have one output, the last written: say so, or the folder looks short.
+    shared = status["done"] - len({r[1] for r in results if r[0] == "done"})
     rate = len(files) / elapsed if elapsed > 0 else 0.0
     print(
         f"anonymized {status['done']} of {len(files)} files into {out_dir} "
@@ -397,6 +401,11 @@ def _anonymize(args: argparse.Namespace) -> int:
                 f"{reason}: {n}" for (k, reason), n in sorted(reasons.items()) if k == kind
             )
             print(f"{kind}: {status[kind]} ({detail})")
+    if shared:
+        print(
+            f"same SOP Instance UID as another input: {shared} (one output per instance, "
+            "the last written)"
+        )
     return 0 if status["done"] == len(files) else 1
 
 

@@ -48,6 +48,25 @@ def test_anonymize_folder_in_parallel(
         assert all(marker not in name for name in first)
 
 
+def test_anonymize_says_when_inputs_share_an_instance(
+    tmp_path: Path, ct_series_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two copies of one instance make one output: the summary says so, not a short folder."""
+    first = sorted(ct_series_dir.glob("*.dcm"))[0]
+    (ct_series_dir / "copy").mkdir()
+    (ct_series_dir / "copy" / "again.dcm").write_bytes(first.read_bytes())
+    out = tmp_path / "out"
+    argv = ["anonymize", str(ct_series_dir), "-o", str(out), "-j", "2"]
+    assert main([*argv, "--secret-file", str(tmp_path / "secret.key")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    total = len(list(ct_series_dir.rglob("*.dcm")))
+    assert lines[0].startswith(f"anonymized {total} of {total} files")
+    assert lines[1:] == [
+        "same SOP Instance UID as another input: 1 (one output per instance, the last written)"
+    ]
+    assert len(list(out.iterdir())) == total - 1
+
+
 def test_anonymize_reports_rejections_by_reason(
     tmp_path: Path, ct_series_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
