@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import zlib
-from pathlib import Path
 
 from .._exceptions import DeidError
 from ..dicom.codec import Element, encode_dataset, parse_dataset
@@ -20,6 +19,7 @@ from .profile import EDITION, DeidOptions, load_rows, profile_for
 
 TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
     from pydicom.dataset import Dataset
@@ -51,9 +51,9 @@ class DeidResult:
     """One de-identified instance written to disk (all values are output values: no PHI)."""
 
     __slots__ = (
+        "_path",
         "audit",
         "modality",
-        "path",
         "series_instance_uid",
         "size",
         "sop_class_uid",
@@ -63,7 +63,7 @@ class DeidResult:
 
     def __init__(
         self,
-        path: Path,
+        path: str | os.PathLike[str],
         sop_instance_uid: str,
         sop_class_uid: str,
         study_instance_uid: str,
@@ -72,7 +72,7 @@ class DeidResult:
         size: int,
         audit: dict[str, Any],
     ) -> None:
-        self.path = path
+        self._path = os.fspath(path)
         self.sop_instance_uid = sop_instance_uid
         self.sop_class_uid = sop_class_uid
         self.study_instance_uid = study_instance_uid
@@ -80,6 +80,18 @@ class DeidResult:
         self.modality = modality
         self.size = size
         self.audit = audit
+
+    @property
+    def path(self) -> Path:
+        """The output file."""
+        from pathlib import Path  # not imported on the command's path (~3 ms of start-up)
+
+        return Path(self._path)
+
+    @property
+    def name(self) -> str:
+        """The output file's name: ``<new SOP Instance UID>.dcm``."""
+        return os.path.basename(self._path)
 
     def __repr__(self) -> str:
         return f"DeidResult({self.sop_instance_uid}, {self.modality}, {self.size} bytes)"
@@ -132,7 +144,9 @@ class Deidentifier:
         return f"Deidentifier(options={self.options!r}, station_name={self.station_name!r})"
 
     # -- files ------------------------------------------------------------------------------
-    def deidentify_file(self, src: Path, out_dir: Path, *, fsync: bool = True) -> DeidResult:
+    def deidentify_file(
+        self, src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, fsync: bool = True
+    ) -> DeidResult:
         """De-identify one part-10 file into ``out_dir/<new SOP Instance UID>.dcm``.
 
         Only the header is parsed; the pixel data element is copied byte for byte (deflated
@@ -151,8 +165,6 @@ class Deidentifier:
         OSError
             Writing the output failed (e.g. disk full): not the input's fault.
         """
-        if not isinstance(out_dir, Path):
-            out_dir = Path(out_dir)
         with SourceFile(src) as source:
             try:
                 header = source.read_header()
@@ -180,7 +192,7 @@ class Deidentifier:
             except (MemoryError, RecursionError, ValueError, LookupError, TypeError) as exc:
                 raise DeidError("internal_error", type(exc).__name__) from None
             uids = outcome.uids
-            path = out_dir / f"{uids['sop_instance_uid']}.dcm"
+            path = os.path.join(out_dir, f"{uids['sop_instance_uid']}.dcm")
             pixels = (source.fd, header.pixels) if header.pixels is not None else None
             try:
                 size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
@@ -259,16 +271,16 @@ class Deidentifier:
         return audit
 
 
-def _ensure_dir(directory: Path) -> None:
-    """``directory.mkdir(parents=True, exist_ok=True)``, one system call when it exists."""
+def _ensure_dir(directory: str | os.PathLike[str]) -> None:
+    """``os.makedirs(directory, exist_ok=True)``, one system call when it exists."""
     try:
-        directory.mkdir()
+        os.mkdir(directory)
     except FileExistsError:
-        if directory.is_dir():
+        if os.path.isdir(directory):
             return
-        directory.mkdir(parents=True, exist_ok=True)  # raises as pathlib does
+        os.makedirs(directory, exist_ok=True)  # raises as makedirs does
     except OSError:
-        directory.mkdir(parents=True, exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
 
 
 def anonymize_dataset(

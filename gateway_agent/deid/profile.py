@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 from functools import cache
-from pathlib import Path
 
 from ..dicom.dictionary import vr_of
 from ..dicom.tablecache import cached_table
@@ -202,7 +202,9 @@ class Row:
             return None
 
 
-_TABLE = Path(__file__).resolve().parent.parent / "data" / "annex_e_2024e.json"
+_TABLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "data", "annex_e_2024e.json"
+)
 
 _RawRow = tuple[str, str, str, str, dict[str, str]]
 
@@ -210,12 +212,13 @@ _RawRow = tuple[str, str, str, str, dict[str, str]]
 def _parse_table() -> tuple[_RawRow, ...]:
     import json
 
-    if _TABLE.is_file():
-        text = _TABLE.read_text("utf-8")
+    if os.path.isfile(_TABLE):
+        with open(_TABLE, encoding="utf-8") as fh:
+            text = fh.read()
     else:  # pragma: no cover - packaged in a zip: go through the resource API
         from importlib import resources
 
-        data = resources.files("gateway_agent.data").joinpath(_TABLE.name)
+        data = resources.files("gateway_agent.data").joinpath(os.path.basename(_TABLE))
         text = data.read_text("utf-8")
     rows: list[_RawRow] = []
     for raw in json.loads(text):
@@ -240,7 +243,7 @@ def load_rows() -> tuple[Row, ...]:
     The parsed rows are cached on disk (:mod:`gateway_agent.dicom.tablecache`), keyed by the
     JSON file and this module; parsing the JSON costs a few ms per process.
     """
-    raw: tuple[_RawRow, ...] = cached_table("annex-e-rows", (_TABLE, Path(__file__)), _parse_table)
+    raw: tuple[_RawRow, ...] = cached_table("annex-e-rows", (_TABLE, __file__), _parse_table)
     return tuple(Row(*r) for r in raw)
 
 

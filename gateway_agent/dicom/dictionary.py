@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib.machinery
+import os
 from functools import cache
-from pathlib import Path
 from types import ModuleType
 
 from .tablecache import cached_table
@@ -15,11 +15,11 @@ Entry = tuple[str, str, str, str, str]  # VR, VM, Name, Retired, Keyword
 
 
 @cache
-def _source() -> Path:
+def _source() -> str:
     spec = importlib.machinery.PathFinder.find_spec("pydicom")
     if spec is None or not spec.submodule_search_locations:  # pragma: no cover - pydicom is a dep
         raise ImportError("pydicom is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "_dicom_dict.py"
+    return os.path.join(next(iter(spec.submodule_search_locations)), "_dicom_dict.py")
 
 
 @cache
@@ -65,7 +65,7 @@ def _vr_tables() -> tuple[dict[int, str], tuple[tuple[int, int, str], ...]]:
     process, reading the compact table about a tenth of that.
     """
     value: tuple[dict[int, str], tuple[tuple[int, int, str], ...]] = cached_table(
-        "dicom-vr", (_source(), Path(__file__)), _build_vr_tables
+        "dicom-vr", (_source(), __file__), _build_vr_tables
     )
     return value
 

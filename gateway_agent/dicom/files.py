@@ -24,7 +24,6 @@ from .codec import (
 TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-    from pathlib import Path
 
 __all__ = [
     "Header",
@@ -371,7 +370,9 @@ def _temp_in(directory: str) -> Iterator[tuple[int, str]]:
         raise
 
 
-def atomic_write(path: Path, write: Callable[[int], int | None], *, fsync: bool = True) -> int:
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[int], int | None], *, fsync: bool = True
+) -> int:
     """Write ``path`` through a temp file in its folder: ``write(fd)``, fsync, rename, fsync dir.
 
     ``write`` may return the number of bytes it wrote (saves a system call). No temp file
@@ -399,7 +400,7 @@ def atomic_write(path: Path, write: Callable[[int], int | None], *, fsync: bool 
 
 
 def write_part10(
-    path: Path,
+    path: str | os.PathLike[str],
     meta: list[Element],
     body: bytes,
     *,
