@@ -100,6 +100,14 @@ def test_transfer_syntaxes_keep_pixels(tmp_path: Path, name: str) -> None:
     assert out.Rows == original.Rows
 
 
+def test_paths_may_be_strings_and_the_result_names_the_output(tmp_path: Path) -> None:
+    result = _deid().deidentify_file(str(TEST_FILES / "CT_small.dcm"), str(tmp_path / "o"))
+    assert isinstance(result.path, Path)
+    assert result.path == tmp_path / "o" / result.name
+    assert result.name == f"{result.sop_instance_uid}.dcm"
+    assert result.path.is_file()
+
+
 def _planted_series(directory: Path, n: int = 3) -> list[Path]:
     dss = make_ct_series(n, rows=32, cols=32)
     for ds in dss:
