@@ -352,7 +352,7 @@ def _anonymize(args: argparse.Namespace) -> int:
     deid = Deidentifier(secret, options, station_name=station_name)
 
     files = list(_iter_files(args.src))
-    out_dir = os.path.normpath(args.output) if args.output else "."
+    out_dir = os.path.normpath(args.output)  # "" -> ".", as Path("") was
     os.makedirs(out_dir, exist_ok=True)
     jobs = max(1, args.jobs if args.jobs is not None else (os.cpu_count() or 1))
     jobs = min(jobs, max(1, len(files)))

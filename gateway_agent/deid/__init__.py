@@ -198,8 +198,8 @@ class Deidentifier:
                 size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
             except (FileNotFoundError, NotADirectoryError):
                 # The folder is missing (first file) or not a folder: create it, or raise as
-                # mkdir does. Trying first saves two system calls on every other file.
-                _ensure_dir(out_dir)
+                # makedirs does. Trying first saves two system calls on every other file.
+                os.makedirs(out_dir, exist_ok=True)
                 size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
         audit = self._engine.audit(outcome, header.transfer_syntax)
         audit["trailing_elements_dropped"] = header.trailing_dropped
@@ -269,18 +269,6 @@ class Deidentifier:
         audit = self._engine.audit(outcome, "")
         audit.pop("transfer_syntax")
         return audit
-
-
-def _ensure_dir(directory: str | os.PathLike[str]) -> None:
-    """``os.makedirs(directory, exist_ok=True)``, one system call when it exists."""
-    try:
-        os.mkdir(directory)
-    except FileExistsError:
-        if os.path.isdir(directory):
-            return
-        os.makedirs(directory, exist_ok=True)  # raises as makedirs does
-    except OSError:
-        os.makedirs(directory, exist_ok=True)
 
 
 def anonymize_dataset(
