@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -14,7 +14,7 @@ __all__ = ["connect", "query", "transaction"]
 
 
 def connect(db_path: Path | None) -> sqlite3.Connection:
-    """Open (creating with mode 0600) a database in autocommit mode; ``None`` means in memory.
+    """Open (created by SQLite, then made 0600) a database in autocommit mode; ``None``: in memory.
 
     WAL for files, ``synchronous=FULL`` (a committed row survives a power cut; NORMAL in WAL mode
     would not), a 30 s busy timeout. The connection may be used from several threads, always
@@ -22,8 +22,6 @@ def connect(db_path: Path | None) -> sqlite3.Connection:
     """
     if db_path is not None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(db_path, os.O_CREAT | os.O_RDWR, 0o600))
-        db_path.chmod(0o600)
     conn = sqlite3.connect(
         str(db_path) if db_path is not None else ":memory:",
         isolation_level=None,
@@ -32,9 +30,23 @@ def connect(db_path: Path | None) -> sqlite3.Connection:
     )
     conn.execute("pragma busy_timeout = 30000")
     if db_path is not None:
+        # Never open the database file outside SQLite: closing any descriptor of it drops every
+        # POSIX lock this process holds on it, and another process closing its connection then
+        # believes it was the last and deletes the WAL under us. SQLite creates the file; chmod
+        # works on the name, and the WAL and shared-memory files take the database's mode.
+        _owner_only(db_path)
         conn.execute("pragma journal_mode = wal")
+        for suffix in ("-wal", "-shm"):
+            _owner_only(db_path.with_name(db_path.name + suffix))
     conn.execute("pragma synchronous = full")
     return conn
+
+
+def _owner_only(path: Path) -> None:
+    """``chmod 0600`` by name (never through a descriptor); a missing file is left alone."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_mode & 0o777 != 0o600:
+            path.chmod(0o600)
 
 
 @contextmanager
