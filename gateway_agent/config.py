@@ -38,23 +38,70 @@ class _Section(BaseModel):
 class DeidSettings(_Section):
     """De-identification options: the ten PS3.15 Annex E options plus the pixel policy."""
 
-    retain_safe_private: bool = False
-    retain_uids: bool = False
-    retain_device_identity: bool = False
-    retain_institution_identity: bool = False
-    retain_patient_characteristics: bool = False
-    retain_long_full_dates: bool = False
-    retain_long_modified_dates: bool = True
-    clean_descriptors: bool = True
-    clean_structured_content: bool = False
-    clean_graphics: bool = False
-    burned_in: Literal["quarantine", "allow"] = "quarantine"
+    retain_safe_private: bool = Field(
+        default=False,
+        description="Retain Safe Private option: keep the private attributes on the documented "
+        "safe list (b-values, scan pitch, SUV factors); every other private attribute is removed.",
+    )
+    retain_uids: bool = Field(
+        default=False,
+        description="Retain UIDs option: keep the original UIDs instead of keyed 2.25.<hmac> UIDs.",
+    )
+    retain_device_identity: bool = Field(
+        default=False,
+        description="Retain Device Identity option: keep device serial numbers, station names "
+        "and the like.",
+    )
+    retain_institution_identity: bool = Field(
+        default=False,
+        description="Retain Institution Identity option: keep institution names and addresses.",
+    )
+    retain_patient_characteristics: bool = Field(
+        default=False,
+        description="Retain Patient Characteristics option: keep age, sex, size, weight and "
+        "similar.",
+    )
+    retain_long_full_dates: bool = Field(
+        default=False,
+        description="Retain Longitudinal Temporal Information with Full Dates: keep dates as "
+        "they are (wins over retain_long_modified_dates).",
+    )
+    retain_long_modified_dates: bool = Field(
+        default=True,
+        description="Retain Longitudinal Temporal Information with Modified Dates: keep dates, "
+        "shifted by a keyed per-patient offset of 1 to 365 days back.",
+    )
+    clean_descriptors: bool = Field(
+        default=True,
+        description="Clean Descriptors option: keep descriptions and comments, with identifying "
+        "words replaced by ***.",
+    )
+    clean_structured_content: bool = Field(
+        default=False,
+        description="Clean Structured Content option: keep structured report content, cleaned.",
+    )
+    clean_graphics: bool = Field(
+        default=False,
+        description="Clean Graphics option: keep curves and graphic annotations with their text "
+        'cleaned (overlay bitmaps only with burned_in = "allow").',
+    )
+    burned_in: Literal["quarantine", "allow"] = Field(
+        default="quarantine",
+        description="Images whose pixels may show patient data (BurnedInAnnotation YES, "
+        'ultrasound, secondary captures, photos, documents): "quarantine" holds them back, '
+        '"allow" sends them as they are.',
+    )
     station_name: str | None = Field(
-        default=None, max_length=16, description="StationName written into outputs (SH, ≤16)."
+        default=None,
+        max_length=16,
+        description="StationName written into every output (at most 16 characters). "
+        "Default: unit_name.",
     )
     secret_file: Path | None = Field(
         default=None,
-        description="Site secret (mode 0600, created on first use); default state/secret.key",
+        description="The site secret that keys UIDs, pseudonyms and date shifts; created with "
+        "mode 0600 on first use. Back it up: without it, re-sent studies get new UIDs. "
+        "Default: <state_dir>/secret.key.",
     )
 
     @model_validator(mode="after")
@@ -68,31 +115,85 @@ class DeidSettings(_Section):
 class DestinationSettings(_Section):
     """Where de-identified instances go."""
 
-    kind: Literal["folder", "dicomweb"] = "folder"
-    folder: Path = Path("destination")
-    url: str | None = Field(
-        default=None, description="DICOMweb base, e.g. http://127.0.0.1:8042/dicom-web"
+    kind: Literal["folder", "dicomweb"] = Field(
+        default="folder",
+        description='"folder": a local folder; "dicomweb": a DICOMweb server (STOW-RS), '
+        "such as Orthanc or a PACS.",
     )
-    auth: Literal["none", "basic", "bearer"] = "none"
-    username: str | None = None
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    token: SecretStr | None = None
-    token_file: Path | None = None
-    verify_tls: bool = True
-    ca_bundle: Path | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    timeout_seconds: float = Field(default=30.0, gt=0)
-    batch_max_instances: int = Field(default=25, ge=1, le=1000)
-    batch_max_mb: float = Field(default=16.0, gt=0)
-    parallel_requests: int = Field(default=4, ge=1, le=32)
-    max_attempts: int = Field(default=20, ge=1)
-    max_age_hours: float = Field(default=72.0, gt=0)
-    backoff_base_seconds: float = Field(default=1.0, gt=0)
-    backoff_cap_seconds: float = Field(default=300.0, gt=0)
+    folder: Path = Field(
+        default=Path("destination"),
+        description='Where kind = "folder" writes <study>/<series>/<instance>.dcm.',
+    )
+    url: str | None = Field(
+        default=None,
+        description="DICOMweb base URL, e.g. http://127.0.0.1:8042/dicom-web; required when "
+        'kind = "dicomweb".',
+    )
+    auth: Literal["none", "basic", "bearer"] = Field(
+        default="none",
+        description='"basic" (username and password) or "bearer" (token).',
+    )
+    username: str | None = Field(default=None, description='User name for auth = "basic".')
+    password: SecretStr | None = Field(
+        default=None,
+        description='Password for auth = "basic"; prefer password_file or '
+        "GATEWAY_DESTINATION__PASSWORD to the TOML file.",
+    )
+    password_file: Path | None = Field(
+        default=None, description="File holding the password (mode 0600), read at start-up."
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description='Token for auth = "bearer"; prefer token_file or '
+        "GATEWAY_DESTINATION__TOKEN to the TOML file.",
+    )
+    token_file: Path | None = Field(
+        default=None, description="File holding the token (mode 0600), read at start-up."
+    )
+    verify_tls: bool = Field(
+        default=True, description="Verify the server's TLS certificate (against ca_bundle if set)."
+    )
+    ca_bundle: Path | None = Field(
+        default=None, description="CA certificates (PEM) to verify the server against."
+    )
+    client_cert: Path | None = Field(
+        default=None, description="Client certificate (PEM) for servers that require one."
+    )
+    client_key: Path | None = Field(default=None, description="The client certificate's key.")
+    timeout_seconds: float = Field(
+        default=30.0, gt=0, description="Seconds before a request is abandoned (and retried)."
+    )
+    batch_max_instances: int = Field(
+        default=25, ge=1, le=1000, description="Instances per STOW-RS request, at most."
+    )
+    batch_max_mb: float = Field(
+        default=16.0, gt=0, description="Megabytes per STOW-RS request, at most."
+    )
+    parallel_requests: int = Field(
+        default=4, ge=1, le=32, description="Requests in flight at once."
+    )
+    max_attempts: int = Field(
+        default=20,
+        ge=1,
+        description="An instance goes to dead after this many failed attempts (attempts made "
+        "while the server is down or refuses the credentials do not count).",
+    )
+    max_age_hours: float = Field(
+        default=72.0,
+        gt=0,
+        description="An instance still not delivered after this many hours goes to dead.",
+    )
+    backoff_base_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="Retry delay: random up to min(backoff_cap_seconds, backoff_base_seconds "
+        "* 2^failures); a server's Retry-After is honoured.",
+    )
+    backoff_cap_seconds: float = Field(default=300.0, gt=0, description="The longest retry delay.")
     confirm_storage: bool = Field(
-        default=False, description="After a STOW 200, confirm each instance with QIDO."
+        default=False,
+        description="After a STOW-RS success, confirm every instance with a QIDO query before "
+        "counting it sent.",
     )
 
     @model_validator(mode="after")
@@ -121,10 +222,14 @@ class DestinationSettings(_Section):
 class QCSettings(_Section):
     """Periodic QC inside the agent."""
 
-    enabled: bool = True
-    interval_seconds: float = Field(default=300.0, gt=0)
-    slices_per_series: int = Field(default=3, ge=1)
-    n_clusters: int = Field(default=2, ge=1, le=20)
+    enabled: bool = Field(default=True, description="Run QC passes inside the agent.")
+    interval_seconds: float = Field(default=300.0, gt=0, description="Seconds between passes.")
+    slices_per_series: int = Field(
+        default=3, ge=1, description="Instances measured per series, spread over the series."
+    )
+    n_clusters: int = Field(
+        default=2, ge=1, le=20, description="Groups the fleet model sorts scans into."
+    )
     max_cpu_fraction: float = Field(
         default=0.05,
         gt=0,
@@ -137,9 +242,14 @@ class QCSettings(_Section):
 class MetricsSettings(_Section):
     """Prometheus metrics and health endpoints."""
 
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(default=9464, ge=0, le=65535)
+    enabled: bool = Field(
+        default=True, description="Serve /metrics, /healthz and /readyz over HTTP."
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on; keep loopback unless a scraper elsewhere needs it.",
+    )
+    port: int = Field(default=9464, ge=0, le=65535, description="Port; 0 picks a free one.")
     ready_upload_window_seconds: float = Field(
         default=900.0, gt=0, description="/readyz: an upload this recent means reachable."
     )
@@ -154,8 +264,17 @@ class MetricsSettings(_Section):
 class DiskSettings(_Section):
     """Operating limits on the state folder."""
 
-    min_free_mb: float = Field(default=500.0, ge=0)
-    sent_retention_hours: float = Field(default=24.0, ge=0)
+    min_free_mb: float = Field(
+        default=500.0,
+        ge=0,
+        description="Intake pauses below this much free space on the state folder's file "
+        "system (originals wait in the inbox) and resumes 10 % above it; 0 turns the guard off.",
+    )
+    sent_retention_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="Outbox files of delivered instances are removed after this many hours.",
+    )
     audit_retention_days: float = Field(
         default=365.0, gt=0, description="Rows of sent instances are kept this long, then deleted."
     )
@@ -167,8 +286,14 @@ class DiskSettings(_Section):
 class LogSettings(_Section):
     """Logging: JSON when not on a terminal, console on a terminal."""
 
-    format: Literal["auto", "json", "console"] = "auto"
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description='"auto": JSON lines when stdout is not a terminal (journald, Docker), '
+        "colour on a terminal.",
+    )
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Least severe level written."
+    )
 
 
 class Settings(BaseSettings):
@@ -181,13 +306,39 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    inbox: Path = Path("inbox")
-    state_dir: Path = Path("state")
-    unit_name: str = Field(default="EDGE01", max_length=16)
-    settle_seconds: float = Field(default=2.0, ge=0)
-    originals: Literal["delete", "archive", "keep"] = "delete"
-    archive_dir: Path | None = None
-    intake_workers: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
+    inbox: Path = Field(
+        default=Path("inbox"), description="The folder scanners drop DICOM files into."
+    )
+    state_dir: Path = Field(
+        default=Path("state"),
+        description="The agent's own state: outbox.db, outbox files, quarantine, QC reports and "
+        "the site secret (mode 0700).",
+    )
+    unit_name: str = Field(
+        default="EDGE01",
+        max_length=16,
+        description="Name of this edge box (at most 16 characters); the default StationName.",
+    )
+    settle_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="A file whose writer did not signal its end counts as complete once its "
+        "size and modification time stayed unchanged this long.",
+    )
+    originals: Literal["delete", "archive", "keep"] = Field(
+        default="delete",
+        description="What happens to an original once its de-identified copy is safe: "
+        '"delete", "archive" (moved to archive_dir) or "keep" (left in place and '
+        "remembered, for read-only inboxes).",
+    )
+    archive_dir: Path | None = Field(
+        default=None, description='Where originals go with originals = "archive".'
+    )
+    intake_workers: int = Field(
+        default_factory=lambda: max(1, os.cpu_count() or 1),
+        ge=1,
+        description="De-identification processes. Default: the number of CPUs.",
+    )
     deid: DeidSettings = DeidSettings()
     destination: DestinationSettings = DestinationSettings()
     qc: QCSettings = QCSettings()
