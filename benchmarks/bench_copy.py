@@ -5,8 +5,8 @@ element byte for byte. This times the candidate system-call sequences for that c
 benchmark's 200 CT slices (512 x 512, 525 kB each), interleaved, with ``os.sync()`` before each
 round, and prints CPU and wall time per round (medians):
 
-* ``copy_file_range`` (what gateway-agent used until the second session), ``sendfile``;
-* ``pread`` into a reused 1 MiB buffer + ``write`` (what it uses now);
+* ``copy_file_range``, ``sendfile``;
+* ``pread`` into a reused 1 MiB buffer + ``write`` (what gateway-agent uses);
 * each of those after one ``posix_fallocate`` of the whole output.
 
 Usage (from the repository root)::

@@ -461,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["shm", "disk"],
         default="shm",
         help="Orthanc's storage: tmpfs (CPU-bound server) or the work folder's disk "
-        "(as the issue's reference figures were measured)",
+        "(a disk-bound server, as on most real deployments)",
     )
     args = ap.parse_args(argv)
     if not orthanc_available():

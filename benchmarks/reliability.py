@@ -1,6 +1,6 @@
-"""Run the reliability suite and print its figures as a Markdown table (README "Reliability").
+"""Run the reliability suite and print its figures as a Markdown table (docs/reliability.md).
 
-    uv run python benchmarks/reliability.py --full          # README sizes (long: tens of minutes)
+    uv run python benchmarks/reliability.py --full          # full sizes (long: tens of minutes)
     uv run python benchmarks/reliability.py                 # CI sizes
     uv run python benchmarks/reliability.py --full -k crash # one case
 
@@ -99,7 +99,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--full", action="store_true", help="README sizes")
+    p.add_argument("--full", action="store_true", help="full sizes (docs/reliability.md)")
     p.add_argument("-k", default=None, help="pytest -k expression")
     p.add_argument("--figures", type=Path, default=None, help="keep the JSON lines here")
     args = p.parse_args()

@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,9 +120,7 @@ def test_readme_markers_and_commands_are_the_expected_ones() -> None:
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
-    env.update(
-        UV_PROJECT=str(ROOT), UV_FROZEN="1", UV_NO_SYNC="1", GATEWAY_METRICS__PORT="0"
-    )
+    env.update(UV_PROJECT=str(ROOT), UV_FROZEN="1", UV_NO_SYNC="1", GATEWAY_METRICS__PORT="0")
     return env
 
 
@@ -142,9 +141,9 @@ def _run_until_ok(command: str, cwd: Path, env: dict[str, str]) -> str:
         time.sleep(0.5)
 
 
-def _wait(condition: object, what: str, timeout: float = RETRY_SECONDS) -> None:
+def _wait(condition: Callable[[], bool], what: str, timeout: float = RETRY_SECONDS) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.2)
@@ -197,8 +196,10 @@ def test_readme_commands_work_as_written(tmp_path: Path) -> None:
         # The released text file is taken again and lands in the quarantine again.
         quarantine = tmp_path / "state" / "quarantine"
         _wait(
-            lambda: not list((tmp_path / "inbox").rglob("notes.txt"))
-            and len(list(quarantine.glob("*/reason.json"))) == 1,
+            lambda: (
+                not list((tmp_path / "inbox").rglob("notes.txt"))
+                and len(list(quarantine.glob("*/reason.json"))) == 1
+            ),
             "the released file to be quarantined again",
         )
         (reason,) = quarantine.glob("*/reason.json")

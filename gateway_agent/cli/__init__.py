@@ -116,8 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and lean:
         # The process ends now, and nothing is left open but stdio: outputs and the audit file
         # are closed, workers reaped. Skip the interpreter's teardown (module clean-up and a
-        # last collection, ~4 ms of a 0.1 s ``anonymize`` run; the collection alone used to
-        # cost ~10 ms before the heap was frozen).
+        # last collection: ~4 ms of a 0.1 s ``anonymize`` run).
         try:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -39,7 +39,7 @@ __all__ = [
     "write_config",
 ]
 
-#: ``GATEWAY_RELIABILITY_FULL=1`` runs the README sizes; otherwise CI sizes.
+#: ``GATEWAY_RELIABILITY_FULL=1`` runs the full sizes (docs/reliability.md); otherwise CI sizes.
 FULL = os.environ.get("GATEWAY_RELIABILITY_FULL", "") not in ("", "0")
 REPO = Path(__file__).resolve().parents[2]
 _FIGURES = os.environ.get("GATEWAY_RELIABILITY_FIGURES")

@@ -1,7 +1,7 @@
 """Hostile DICOM inputs: seeded mutants of real files (pydicom test files + synthetic CT).
 
 ``generate(count, seed)`` yields :class:`Mutant` objects lazily, so 10,000 of them never sit in
-memory at once. Kinds (the issue's list):
+memory at once. Kinds:
 
 * ``trunc``      the file cut at an element boundary (tag, length, value start, element end);
                  boundaries are enumerated seed by seed, so every boundary of the first seeds is hit
