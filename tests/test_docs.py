@@ -5,6 +5,8 @@ how the code was built (changes by version belong in CHANGELOG.md)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from importlib.machinery import SourceFileLoader
 from importlib.util import module_from_spec, spec_from_loader
@@ -118,3 +120,22 @@ def test_changelog_has_unreleased_and_the_current_version() -> None:
     assert re.search(rf"^## \[{re.escape(version)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", text, re.M), (
         f"CHANGELOG.md has no entry for version {version}"
     )
+
+
+def test_reference_names_every_flag_of_run() -> None:
+    """The flags the reference lists are exactly those of ``gateway-agent run`` (and the global
+    ``--log-format``), so a flag added or removed shows up here."""
+    helps = [
+        subprocess.run(
+            [sys.executable, "-m", "gateway_agent", *args, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for args in ([], ["run"])
+    ]
+    flags = {f for text in helps for f in re.findall(r"--[a-z][a-z-]+", text)}
+    flags -= {"--help", "--config"}
+    intro = _generator().INTRO
+    listed = set(re.findall(r"`(--[a-z][a-z-]+)`", intro[intro.index("**Flags**") :]))
+    assert listed == flags
