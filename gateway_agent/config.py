@@ -251,13 +251,20 @@ class MetricsSettings(_Section):
     )
     port: int = Field(default=9464, ge=0, le=65535, description="Port; 0 picks a free one.")
     ready_upload_window_seconds: float = Field(
-        default=900.0, gt=0, description="/readyz: an upload this recent means reachable."
+        default=900.0,
+        gt=0,
+        description="/readyz counts the destination as reachable when an upload was acknowledged "
+        "within this many seconds.",
     )
     ready_max_waiting: int = Field(
-        default=10000, ge=0, description="/readyz: else ready while at most this many wait."
+        default=10000,
+        ge=0,
+        description="Otherwise /readyz stays ready while at most this many rows wait...",
     )
     ready_max_waiting_age_seconds: float = Field(
-        default=3600.0, gt=0, description="/readyz: ... and the oldest is younger than this."
+        default=3600.0,
+        gt=0,
+        description="...and the oldest waiting row is younger than this many seconds.",
     )
 
 
@@ -276,10 +283,15 @@ class DiskSettings(_Section):
         description="Outbox files of delivered instances are removed after this many hours.",
     )
     audit_retention_days: float = Field(
-        default=365.0, gt=0, description="Rows of sent instances are kept this long, then deleted."
+        default=365.0,
+        gt=0,
+        description="Outbox rows of delivered instances (the audit trail) are kept this many days, "
+        "then deleted.",
     )
     check_interval_seconds: float = Field(
-        default=10.0, gt=0, description="Disk guard re-check period while idle."
+        default=10.0,
+        gt=0,
+        description="How often the disk guard measures free space while nothing arrives (seconds).",
     )
 
 
