@@ -47,7 +47,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway_agent.agent.qcjob import NICE_INCREMENT  # noqa: E402
+from gateway_agent.agent.service.qcjob import NICE_INCREMENT  # noqa: E402
 from gateway_agent.config import DeidSettings  # noqa: E402
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret  # noqa: E402
 from gateway_agent.dicom.files import atomic_write, copy_range  # noqa: E402

@@ -53,8 +53,8 @@ def bench_job(
 
     Returns ``(rows/s, CPU share of one core, runs, sampled, skipped_budget, CPU s per run)``.
     """
-    from gateway_agent.agent.outbox import Outbox
-    from gateway_agent.agent.qcjob import QCJob
+    from gateway_agent.agent.outbox.store import Outbox
+    from gateway_agent.agent.service.qcjob import QCJob
     from gateway_agent.config import QCSettings
 
     with tempfile.TemporaryDirectory(prefix="bench-qcjob-") as tmp:

@@ -25,9 +25,9 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway_agent.agent.destinations import DicomWebDestination
-from gateway_agent.agent.outbox import Outbox
-from gateway_agent.agent.uploader import Uploader
+from gateway_agent.agent.outbox.store import Outbox
+from gateway_agent.agent.upload.destinations.dicomweb import DicomWebDestination
+from gateway_agent.agent.upload.uploader import Uploader
 from gateway_agent.config import DestinationSettings
 from gateway_agent.synthetic import make_ct_slice
 from tests._orthanc import OrthancServer

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
         RetryableUploadError,
         UploadError,
     )
-    from .agent.daemon import Daemon
+    from .agent.service.daemon import Daemon
     from .config import Settings, load_settings
     from .deid import (
         TAGS_TO_REMOVE,
@@ -64,7 +64,7 @@ _EXPORTS: dict[str, str] = {
     "ScanFeatures": ".qc",
     "run_qc": ".qc",
     "plot_fleet_qc": ".qc",
-    "Daemon": ".agent.daemon",
+    "Daemon": ".agent.service.daemon",
 }
 
 __all__ = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import re
@@ -11,7 +12,7 @@ from typing import Any, Literal
 
 import structlog
 
-__all__ = ["configure", "get_logger", "register_phi", "short_hash"]
+__all__ = ["configure", "describe_error", "get_logger", "register_phi", "short_hash"]
 
 _PHI_VALUES: set[str] = set()
 _PHI_RE: re.Pattern[str] | None = None
@@ -20,6 +21,17 @@ _PHI_RE: re.Pattern[str] | None = None
 def short_hash(value: str) -> str:
     """A 12-hex-digit SHA-256 prefix: lets logs correlate a value without carrying it."""
     return hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:12]
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as its type and errno name only: OS error messages carry inbox paths."""
+    name = type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{name} {errno.errorcode.get(exc.errno, exc.errno)}"
+    if isinstance(exc, OSError):
+        return name
+    # sqlite3 and our own errors carry no paths; keep their text, but short.
+    return f"{name}: {str(exc)[:200]}"
 
 
 def register_phi(*values: str) -> None:

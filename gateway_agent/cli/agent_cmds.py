@@ -126,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Logs of the service go to stdout (journald, docker logs); --log-format wins over config.
     configure(args.log_format or settings.log.format, settings.log.level, stream=sys.stdout)
-    from ..agent.daemon import Daemon
+    from ..agent.service.daemon import Daemon
 
     status: int = Daemon(settings).run_forever()
     return status
@@ -190,7 +190,7 @@ def _destination_label(settings: Settings) -> str:
 
 
 def _qc_outliers(settings: Settings, latest: int) -> list[dict[str, Any]]:
-    from ..agent.qcjob import latest_outliers
+    from ..agent.service.qcjob import latest_outliers
 
     return latest_outliers(settings.state_dir)[:latest]
 
@@ -198,7 +198,7 @@ def _qc_outliers(settings: Settings, latest: int) -> list[dict[str, Any]]:
 def _inbox_summary(settings: Settings) -> dict[str, Any]:
     """Files in the inbox not taken yet, and the oldest one's age (not with ``keep``, where
     processed originals stay)."""
-    from ..agent.watcher import inbox_backlog
+    from ..agent.intake.watcher import inbox_backlog
 
     summary: dict[str, Any] = {"path": str(settings.inbox), "originals": settings.originals}
     if settings.originals == "keep":
@@ -212,8 +212,8 @@ def _inbox_summary(settings: Settings) -> dict[str, Any]:
 
 def collect_status(settings: Settings, latest: int = 5) -> dict[str, Any]:
     """Everything ``status`` prints, as a dict (also used by tests)."""
-    from ..agent.daemon import StatePaths
-    from ..agent.quarantine import Quarantine
+    from ..agent.intake.quarantine import Quarantine
+    from ..agent.service.paths import StatePaths
 
     paths = StatePaths(settings.state_dir)
     out: dict[str, Any] = {
@@ -226,7 +226,7 @@ def collect_status(settings: Settings, latest: int = 5) -> dict[str, Any]:
     }
     if not paths.outbox_db.exists():
         return out
-    from ..agent.outbox import Outbox
+    from ..agent.outbox.store import Outbox
 
     outbox = Outbox(paths.outbox_db)
     try:
@@ -315,8 +315,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------- retry
 def cmd_retry(args: argparse.Namespace) -> int:
     """Requeue dead rows (and make waiting rows due), or release quarantined files."""
-    from ..agent.daemon import StatePaths
-    from ..agent.quarantine import Quarantine
+    from ..agent.intake.quarantine import Quarantine
+    from ..agent.service.paths import StatePaths
 
     settings = _settings(args, inbox=args.inbox)
     paths = StatePaths(settings.state_dir)
@@ -326,7 +326,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     status = 0
     if do_dead:
         if paths.outbox_db.exists():
-            from ..agent.outbox import Outbox
+            from ..agent.outbox.store import Outbox
 
             outbox = Outbox(paths.outbox_db)
             try:

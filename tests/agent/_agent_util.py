@@ -63,7 +63,7 @@ def wait_until(pred: Callable[[], bool], timeout: float = 60.0, step: float = 0.
 
 @contextlib.contextmanager
 def running_daemon(settings: Settings, **kwargs: Any) -> Iterator[Any]:
-    from gateway_agent.agent.daemon import Daemon
+    from gateway_agent.agent.service.daemon import Daemon
 
     d = Daemon(settings, **kwargs)
     d.start()
@@ -171,8 +171,8 @@ class EnospcEngine:
 def start_intake(tmp_path: Path, engine: Any, outbox: Any, **kw: Any) -> Any:
     """A started Intake on ``tmp_path/inbox`` with state under ``tmp_path/state`` (1 worker
     unless ``workers`` says otherwise); other keyword arguments go to ``Intake``."""
-    from gateway_agent.agent.intake import Intake
-    from gateway_agent.agent.quarantine import Quarantine
+    from gateway_agent.agent.intake.pipeline import Intake
+    from gateway_agent.agent.intake.quarantine import Quarantine
 
     inbox = tmp_path / "inbox"
     inbox.mkdir(exist_ok=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from gateway_agent.agent.outbox import Outbox, row_from_file
+from gateway_agent.agent.outbox.store import Outbox, row_from_file
 from gateway_agent.synthetic import make_ct_series, write_series
 
 __all__ = [

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from gateway_agent.agent.outbox import Outbox
+from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.deid import load_or_create_secret
 from gateway_agent.synthetic import PHI_MARKERS
 from tests._orthanc import start_orthanc

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from gateway_agent._exceptions import ConfigError
-from gateway_agent.agent.daemon import Daemon
-from gateway_agent.agent.outbox import Outbox
+from gateway_agent.agent.outbox.store import Outbox
+from gateway_agent.agent.service.daemon import Daemon
 from gateway_agent.cli import main
 from gateway_agent.cli.agent_cmds import collect_status
 from gateway_agent.synthetic import make_ct_slice

@@ -20,15 +20,15 @@ from pydantic import SecretStr
 from pydicom import dcmread
 
 from gateway_agent._exceptions import ConfigError, PermanentUploadError, RetryableUploadError
-from gateway_agent.agent.destinations import (
+from gateway_agent.agent.outbox.store import Outbox, OutboxRow
+from gateway_agent.agent.upload.destinations import destination_from_settings
+from gateway_agent.agent.upload.destinations.dicomweb import (
     BearerAuth,
     DicomWebDestination,
-    FolderDestination,
-    destination_from_settings,
     parse_retry_after,
     translate_httpx_error,
 )
-from gateway_agent.agent.outbox import Outbox, OutboxRow
+from gateway_agent.agent.upload.destinations.folder import FolderDestination
 from gateway_agent.config import DestinationSettings, load_settings
 from tests._orthanc import OrthancServer, start_orthanc
 

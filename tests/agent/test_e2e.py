@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway_agent.agent.quarantine import ORIGINAL_NAME, REASON_FILE
+from gateway_agent.agent.intake.quarantine import ORIGINAL_NAME, REASON_FILE
 from gateway_agent.cli.agent_cmds import collect_status
 from gateway_agent.synthetic import PHI_MARKERS, make_ct_slice
 from tests._orthanc import OrthancServer, start_orthanc

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from gateway_agent.agent.intake import Intake
-from gateway_agent.agent.outbox import Outbox
-from gateway_agent.agent.quarantine import ORIGINAL_NAME, REASON_FILE, Quarantine
-from gateway_agent.agent.watcher import InboxWatcher
+from gateway_agent.agent.intake.pipeline import Intake
+from gateway_agent.agent.intake.quarantine import ORIGINAL_NAME, REASON_FILE, Quarantine
+from gateway_agent.agent.intake.watcher import InboxWatcher
+from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret
 from gateway_agent.synthetic import make_ct_slice
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_agent.agent.outbox import Outbox
+from gateway_agent.agent.outbox.store import Outbox
 
 from ._agent_util import agent_settings, files_under, wait_until, write_synthetic
 from .test_crash import Agent, _cli_args, _env

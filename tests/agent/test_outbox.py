@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_agent.agent.outbox import STATES, Outbox
+from gateway_agent.agent.outbox.store import STATES, Outbox
 
 from ._uploadkit import FakeClock, add_files, make_files
 
@@ -306,7 +306,7 @@ def test_two_connections_never_claim_the_same_row(tmp_path: Path) -> None:
 
 _CRASH_SCRIPT = """
 import os, sys
-from gateway_agent.agent.outbox import Outbox
+from gateway_agent.agent.outbox.store import Outbox
 ob = Outbox(sys.argv[1])
 rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=3600)
 print(len(rows), flush=True)

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from gateway_agent.agent.destinations import FolderDestination, SendResult
-from gateway_agent.agent.outbox import Outbox, OutboxRow, row_from_file
-from gateway_agent.agent.uploader import Uploader
+from gateway_agent.agent.outbox.store import Outbox, OutboxRow, row_from_file
+from gateway_agent.agent.upload.destinations import SendResult
+from gateway_agent.agent.upload.destinations.folder import FolderDestination
+from gateway_agent.agent.upload.uploader import Uploader
 from gateway_agent.config import DestinationSettings
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret
 
@@ -129,7 +130,7 @@ class _Recording:
 
     def __init__(self, root: Path) -> None:
         self.inner = FolderDestination(root)
-        self.name = "recording"
+        self.label = "recording"
         self.batches: list[int] = []
 
     def send(self, items: Sequence[OutboxRow]) -> SendResult:

@@ -18,13 +18,11 @@ from structlog.testing import capture_logs
 
 from gateway_agent._exceptions import RetryableUploadError
 from gateway_agent.agent import metrics
-from gateway_agent.agent.destinations import (
-    DicomWebDestination,
-    FolderDestination,
-    SendResult,
-)
-from gateway_agent.agent.outbox import Outbox, OutboxRow
-from gateway_agent.agent.uploader import IDLE_MAX_SECONDS, Uploader, full_jitter
+from gateway_agent.agent.outbox.store import Outbox, OutboxRow
+from gateway_agent.agent.upload.destinations import SendResult
+from gateway_agent.agent.upload.destinations.dicomweb import DicomWebDestination
+from gateway_agent.agent.upload.destinations.folder import FolderDestination
+from gateway_agent.agent.upload.uploader import IDLE_MAX_SECONDS, Uploader, full_jitter
 from gateway_agent.config import DestinationSettings
 from tests._faultproxy import FaultProxy, seeded_plan
 from tests._orthanc import OrthancServer
@@ -410,7 +408,7 @@ def test_permanent_request_error_goes_dead_with_reason(tmp_path: Path) -> None:
 class _Blocking:
     """A destination whose send blocks until released (to test shutdown with requests in flight)."""
 
-    name = "blocking"
+    label = "blocking"
 
     def __init__(self) -> None:
         self.entered = threading.Event()
@@ -438,7 +436,7 @@ def test_stop_releases_rows_still_in_flight(tmp_path: Path, outbox: Outbox) -> N
 
 
 class _Broken:
-    name = "broken"
+    label = "broken"
 
     def send(self, items: Any) -> SendResult:
         raise RuntimeError("bug")

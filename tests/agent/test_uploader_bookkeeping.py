@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway_agent.agent.destinations import FolderDestination
-from gateway_agent.agent.outbox import Outbox
-from gateway_agent.agent.uploader import Uploader
+from gateway_agent.agent.outbox.store import Outbox
+from gateway_agent.agent.upload.destinations.folder import FolderDestination
+from gateway_agent.agent.upload.uploader import Uploader
 from gateway_agent.config import DestinationSettings
 
 from ._uploadkit import add_files, make_files, wait_for

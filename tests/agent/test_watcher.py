@@ -10,7 +10,7 @@ from pathlib import Path, PurePath
 
 import pytest
 
-from gateway_agent.agent.watcher import InboxWatcher, is_ignored
+from gateway_agent.agent.intake.watcher import InboxWatcher, is_ignored
 
 
 class Collector:

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway_agent.agent.outbox import Outbox
-from gateway_agent.agent.qcjob import QCJob, latest_outliers, qc_component
+from gateway_agent.agent.outbox.store import Outbox
+from gateway_agent.agent.service.qcjob import QCJob, latest_outliers, qc_component
 from gateway_agent.config import QCSettings
 from gateway_agent.deid import anonymize_dataset
 from gateway_agent.synthetic import PHI_MARKERS, Patient, make_ct_series, write_series

@@ -204,9 +204,9 @@ def _full_tmpfs_case(tmp_path: Path, mnt: Path, agent_run: Any, guard: str) -> N
 def test_injected_enospc_keeps_originals_and_recovers(tmp_path: Path, agent_run: Any) -> None:
     """Where tmpfs cannot be mounted (containers): the same promises with ENOSPC injected at
     the engine's write, through the real Intake, Outbox and Quarantine."""
-    from gateway_agent.agent.intake import Intake
-    from gateway_agent.agent.outbox import Outbox
-    from gateway_agent.agent.quarantine import Quarantine
+    from gateway_agent.agent.intake.pipeline import Intake
+    from gateway_agent.agent.intake.quarantine import Quarantine
+    from gateway_agent.agent.outbox.store import Outbox
 
     n = size(20, 100)
     run = agent_run()
@@ -277,9 +277,9 @@ class _FlakyOutbox:
 
 
 def test_row_whose_outcome_could_not_be_recorded_is_retried_soon(tmp_path: Path) -> None:
-    from gateway_agent.agent.destinations import FolderDestination
-    from gateway_agent.agent.outbox import Outbox
-    from gateway_agent.agent.uploader import Uploader
+    from gateway_agent.agent.outbox.store import Outbox
+    from gateway_agent.agent.upload.destinations.folder import FolderDestination
+    from gateway_agent.agent.upload.uploader import Uploader
     from gateway_agent.config import DestinationSettings
 
     src = tmp_path / "one.dcm"

@@ -19,8 +19,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway_agent._exceptions import PermanentUploadError, RetryableUploadError, UploadError
-from gateway_agent.agent.destinations import destination_from_settings
-from gateway_agent.agent.outbox import OutboxRow
+from gateway_agent.agent.outbox.store import OutboxRow
+from gateway_agent.agent.upload.destinations import destination_from_settings
 from gateway_agent.config import DestinationSettings
 from gateway_agent.synthetic import make_ct_slice
 
@@ -235,7 +235,7 @@ def _others_can_read(path: Path) -> bool:
 
 
 def test_outbox_database_private(tmp_path: Path) -> None:
-    from gateway_agent.agent.outbox import Outbox
+    from gateway_agent.agent.outbox.store import Outbox
 
     old = os.umask(0o022)
     try:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway_agent.agent.diskguard import MB, DiskGuard, free_bytes
 from gateway_agent.agent.metrics import REGISTRY
+from gateway_agent.agent.service.diskguard import MB, DiskGuard, free_bytes
 
 
 def paused_gauge() -> float | None:

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway_agent.agent.diskguard import MB
-from gateway_agent.agent.health import CheckResult, HealthServer, sqlite_writable
-from gateway_agent.agent.service import start_service_plumbing, status_line
+from gateway_agent.agent.service.diskguard import MB
+from gateway_agent.agent.service.health import CheckResult, HealthServer, sqlite_writable
+from gateway_agent.agent.service.plumbing import start_service_plumbing, status_line
 from gateway_agent.config import load_settings
 
 

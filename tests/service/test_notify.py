@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_agent.agent.notify import Notifier, watchdog_interval
+from gateway_agent.agent.service.notify import Notifier, watchdog_interval
 
 
 class Listener:

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..logs import get_logger
-from .metrics import QUARANTINED
+from ...logs import get_logger
+from ..metrics import QUARANTINED
 
 __all__ = ["ORIGINAL_NAME", "REASON_FILE", "Quarantine", "QuarantineEntry", "move_file"]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import sqlite_utils
 
-from ..logs import get_logger
+from ...logs import get_logger
 from ._sqlite import connect, query, transaction
 
 __all__ = ["STATES", "Outbox", "OutboxRow", "row_from_file"]

@@ -7,7 +7,7 @@ import socket
 import threading
 from collections.abc import Callable, Mapping
 
-from ..logs import get_logger
+from ...logs import get_logger
 
 __all__ = ["Notifier", "watchdog_interval"]
 

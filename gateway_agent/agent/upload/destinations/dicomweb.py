@@ -1,7 +1,6 @@
-"""Destinations: DICOMweb STOW-RS (httpx) and a local folder, behind one two-method contract.
+"""The DICOMweb destination: STOW-RS over httpx, TLS, basic or bearer auth, optional QIDO check.
 
-``send(items)`` returns a :class:`SendResult` (SOP Instance UIDs acknowledged, and per-instance
-failures as ``uid -> (permanent, reason)``) or raises for a failure of the whole request:
+Whole-request failures map onto the destination contract (``destinations/__init__.py``):
 
 * :class:`RetryableUploadError`: network error, timeout, 408, 429, 5xx (``retry_after`` set from
   the server's ``Retry-After``);
@@ -22,27 +21,27 @@ import secrets
 import ssl
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import httpx
 from pydantic import SecretStr
 
-from .._exceptions import ConfigError, PermanentUploadError, RetryableUploadError, UploadError
-from ..config import DestinationSettings
-from ..logs import get_logger
-from .outbox import OutboxRow
+from ...._exceptions import ConfigError, PermanentUploadError, RetryableUploadError, UploadError
+from ....config import DestinationSettings
+from ....logs import get_logger
+from ...outbox.store import OutboxRow
+from . import SendResult
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "BearerAuth",
     "DicomWebDestination",
-    "Destination",
-    "FolderDestination",
-    "SendResult",
-    "destination_from_settings",
+    "dicomweb_from_settings",
+    "error_for_status",
+    "parse_retry_after",
     "translate_httpx_error",
 ]
 
@@ -52,7 +51,6 @@ log = get_logger()
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
 _CHUNK = 1 << 20
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _REFERENCED_SOP_SEQ = "00081199"
 _FAILED_SOP_SEQ = "00081198"
 _REFERENCED_SOP_UID = "00081155"
@@ -61,94 +59,6 @@ _FAILURE_REASON = "00081197"
 _SPLITTABLE = frozenset({400, 409, 413})
 
 
-@dataclass
-class SendResult:
-    """What one ``send`` achieved: ``sent`` SOP UIDs and ``failed`` uid -> (permanent?, reason)."""
-
-    sent: list[str] = field(default_factory=list)
-    failed: dict[str, tuple[bool, str]] = field(default_factory=dict)
-
-
-class Destination(Protocol):
-    """Where de-identified instances go."""
-
-    name: str
-
-    def send(self, items: Sequence[OutboxRow]) -> SendResult: ...
-
-    def close(self) -> None: ...
-
-
-# -- local folder -------------------------------------------------------------------------------
-class FolderDestination:
-    """Atomic copies to ``root/<study>/<series>/<sop>.dcm`` (temp + fsync + rename); idempotent."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.name = "folder"
-
-    def target(self, row: OutboxRow) -> Path:
-        return (
-            self.root
-            / row.study_instance_uid
-            / row.series_instance_uid
-            / f"{row.sop_instance_uid}.dcm"
-        )
-
-    def send(self, items: Sequence[OutboxRow]) -> SendResult:
-        result = SendResult()
-        touched: set[Path] = set()
-        for row in items:
-            uids = (row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid)
-            if not all(_UID_RE.match(u) and len(u) <= 64 for u in uids):
-                result.failed[row.sop_instance_uid] = (True, "invalid_uid")
-                continue
-            try:
-                src = row.path.open("rb")
-            except FileNotFoundError:
-                result.failed[row.sop_instance_uid] = (True, "file_missing")
-                continue
-            except OSError as exc:
-                result.failed[row.sop_instance_uid] = (False, f"file_unreadable: {exc.strerror}")
-                continue
-            target = self.target(row)
-            try:
-                with src:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = target.parent / f".{row.sop_instance_uid}.{secrets.token_hex(4)}.tmp"
-                    try:
-                        with tmp.open("xb") as dst:
-                            while chunk := src.read(_CHUNK):
-                                dst.write(chunk)
-                            dst.flush()
-                            os.fsync(dst.fileno())
-                        tmp.replace(target)
-                    finally:
-                        tmp.unlink(missing_ok=True)
-            except OSError as exc:
-                # The folder itself is failing (full, read-only, unmounted): an outage, not the row.
-                raise RetryableUploadError(
-                    f"folder_error: {exc.strerror or type(exc).__name__}"
-                ) from exc
-            touched.add(target.parent)
-            result.sent.append(row.sop_instance_uid)
-        for d in touched:
-            _fsync_dir(d)
-        return result
-
-    def close(self) -> None:
-        pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# -- DICOMweb STOW-RS ---------------------------------------------------------------------------
 class BearerAuth(httpx.Auth):
     """``Authorization: Bearer <token>``; the token never appears in ``repr``."""
 
@@ -321,7 +231,7 @@ class DicomWebDestination:
         if parts.username or parts.password:
             raise ValueError('Argument "base_url" must not carry credentials; use "auth".')
         self.base_url = base_url.rstrip("/")
-        self.name = f"dicomweb:{parts.hostname}:{parts.port or ''}".rstrip(":")
+        self.label = f"dicomweb:{parts.hostname}:{parts.port or ''}".rstrip(":")
         self._auth = auth
         self._own_client = client is None
         self._client = client or httpx.Client(
@@ -513,13 +423,11 @@ def _credential(value: SecretStr | None, file: Path | None, key: str) -> str:
     )
 
 
-def destination_from_settings(
+def dicomweb_from_settings(
     s: DestinationSettings, *, client: httpx.Client | None = None
-) -> Destination:
-    """Build the configured destination. Credentials come from the settings (which read
+) -> DicomWebDestination:
+    """Build the DICOMweb destination. Credentials come from the settings (which read
     ``GATEWAY_DESTINATION__PASSWORD``/``__TOKEN``) or from a file; they are never logged."""
-    if s.kind == "folder":
-        return FolderDestination(s.folder)
     assert s.url is not None  # the settings validator requires it for dicomweb
     auth: httpx.Auth | None = None
     if s.auth == "basic":

@@ -33,13 +33,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from .._exceptions import PermanentUploadError, RetryableUploadError
-from ..config import DestinationSettings
-from ..logs import get_logger
-from . import metrics
-from .destinations import Destination, SendResult
-from .intake import describe_error
-from .outbox import Outbox, OutboxRow
+from ..._exceptions import PermanentUploadError, RetryableUploadError
+from ...config import DestinationSettings
+from ...logs import describe_error, get_logger
+from .. import metrics
+from ..outbox.store import Outbox, OutboxRow
+from .destinations import REFUSAL_STATUSES, Destination, SendResult
 
 __all__ = ["Uploader", "full_jitter"]
 
@@ -52,8 +51,6 @@ IDLE_MAX_SECONDS = 30.0
 BATCH_LINGER_SECONDS = 0.1
 #: Longest wait honoured from a Retry-After header.
 RETRY_AFTER_MAX_SECONDS = 3600.0
-#: Statuses that mean "the destination refuses us" rather than "this batch is bad".
-_AUTH_STATUSES = frozenset({401, 403, 301, 302, 303, 307, 308})
 #: First wait before retrying an outcome that could not be recorded; doubles up to the max.
 RECORD_RETRY_FIRST_SECONDS = 0.5
 RECORD_RETRY_MAX_SECONDS = 10.0
@@ -180,7 +177,7 @@ class Uploader:
             t = threading.Thread(target=self._run, name=f"uploader-{i}", daemon=True)
             self._threads.append(t)
             t.start()
-        log.info("uploader_started", workers=len(self._threads), destination=self.destination.name)
+        log.info("uploader_started", workers=len(self._threads), destination=self.destination.label)
 
     def wake(self) -> None:
         """New rows are due: wake idle workers (and a worker waiting for its batch to fill)."""
@@ -373,7 +370,7 @@ class Uploader:
             self._outage(rows, j, str(exc), exc.retry_after, started, probing=probing, auth=False)
             return
         except PermanentUploadError as exc:
-            if exc.status in _AUTH_STATUSES:
+            if exc.status in REFUSAL_STATUSES:
                 self._outage(rows, j, str(exc), None, started, probing=probing, auth=True)
             else:
                 self._dead(rows, j, str(exc))
@@ -414,7 +411,7 @@ class Uploader:
         self._healthy(j)
         log.info(
             "upload_batch",
-            destination=self.destination.name,
+            destination=self.destination.label,
             rows=len(rows),
             sent=len(sent),
             dead=sum(len(g) for g in dead.values()),
@@ -424,7 +421,7 @@ class Uploader:
 
     def _healthy(self, j: _Journal) -> None:
         if j.call(self.outbox.circuit_success):
-            log.info("destination_recovered", destination=self.destination.name)
+            log.info("destination_recovered", destination=self.destination.label)
             self._wake.set()
 
     def _exhausted(self, row: OutboxRow, now: float) -> bool:
@@ -505,7 +502,7 @@ class Uploader:
             metrics.UPLOAD_ATTEMPTS.labels(result="retry").inc(len(waiting))
         log.warning(
             "destination_failing",
-            destination=self.destination.name,
+            destination=self.destination.label,
             reason=reason,
             auth=auth,
             retry_in=round(delay, 3),

@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import Settings
-from ..logs import get_logger
+from ...config import Settings
+from ...logs import get_logger
 from .diskguard import DiskGuard, free_bytes
 from .health import CheckResult, HealthServer, sqlite_writable
 from .notify import Notifier

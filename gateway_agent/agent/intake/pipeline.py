@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from .._exceptions import IngestError
-from ..logs import get_logger, short_hash
-from .metrics import DEID_SECONDS, DEIDENTIFIED, FILES_RECEIVED, INTAKE_PAUSED
+from ..._exceptions import IngestError
+from ...logs import describe_error, get_logger, short_hash
+from ..metrics import DEID_SECONDS, DEIDENTIFIED, FILES_RECEIVED, INTAKE_PAUSED
 from .quarantine import Quarantine, move_file
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "OUTBOX_FILE_MODE",
     "Intake",
     "OutboxSink",
-    "describe_error",
 ]
 
 log = get_logger()
@@ -61,17 +60,6 @@ GROUP_MAX = 64
 DEFER_FIRST_SECONDS = 2.0
 DEFER_MAX_SECONDS = 60.0
 MAX_DEFERRALS_TRACKED = 100_000
-
-
-def describe_error(exc: BaseException) -> str:
-    """An exception as its type and errno name only: OS error messages carry inbox paths."""
-    name = type(exc).__name__
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return f"{name} {errno.errorcode.get(exc.errno, exc.errno)}"
-    if isinstance(exc, OSError):
-        return name
-    # sqlite3 and our own errors carry no paths; keep their text, but short.
-    return f"{name}: {str(exc)[:200]}"
 
 
 class OutboxSink(Protocol):

@@ -16,12 +16,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from .._exceptions import QCError
-from ..config import QCSettings
-from ..logs import get_logger
-from ..qc import ScanFeatures, analyse_fleet, features_from_file, write_report
-from ..qc import latest_outliers as _outliers_in
-from ._sqlite import connect, query, transaction
+from ..._exceptions import QCError
+from ...config import QCSettings
+from ...logs import get_logger
+from ...qc import ScanFeatures, analyse_fleet, features_from_file, write_report
+from ...qc import latest_outliers as _outliers_in
+from ..outbox._sqlite import connect, query, transaction
 
 __all__ = ["QCJob", "latest_outliers", "qc_component", "qc_report_dir"]
 
@@ -282,7 +282,7 @@ class QCJob:
         write_report(records, labels, silhouette, self.report_dir)
         outliers = sum(1 for r in records if r.outlier)
         with contextlib.suppress(Exception):  # metrics are optional here
-            from .metrics import QC_OUTLIERS
+            from ..metrics import QC_OUTLIERS
 
             QC_OUTLIERS.set(outliers)
         sil = None if math.isnan(silhouette) else round(silhouette, 3)

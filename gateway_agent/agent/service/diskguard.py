@@ -10,8 +10,8 @@ from pathlib import Path
 
 from prometheus_client import Gauge
 
-from ..logs import get_logger
-from .metrics import INTAKE_PAUSED
+from ...logs import get_logger
+from ..metrics import INTAKE_PAUSED
 
 __all__ = ["DiskGuard", "free_bytes"]
 

@@ -19,8 +19,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from ..logs import get_logger
-from .metrics import REGISTRY
+from ...logs import get_logger
+from ..metrics import REGISTRY
 
 __all__ = [
     "Check",

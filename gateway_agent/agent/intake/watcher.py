@@ -26,7 +26,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from ..logs import get_logger
+from ...logs import get_logger
 
 __all__ = ["IGNORED_SUFFIXES", "InboxWatcher", "inbox_backlog", "is_ignored"]
 

@@ -12,20 +12,20 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from .._exceptions import ConfigError
-from ..config import Settings
-from ..deid import Deidentifier, DeidOptions, load_or_create_secret
-from ..logs import get_logger
-from .destinations import destination_from_settings
-from .intake import OUTBOX_DIR_MODE, Intake
-from .outbox import Outbox
+from ...config import Settings
+from ...deid import Deidentifier, DeidOptions, load_or_create_secret
+from ...logs import get_logger
+from ..intake.pipeline import OUTBOX_DIR_MODE, Intake
+from ..intake.quarantine import Quarantine
+from ..intake.watcher import InboxWatcher
+from ..outbox.store import Outbox
+from ..upload.destinations import destination_from_settings
+from ..upload.uploader import Uploader
+from .paths import StatePaths, check_layout
+from .plumbing import start_service_plumbing
 from .qcjob import qc_component
-from .quarantine import Quarantine
-from .service import start_service_plumbing
-from .uploader import Uploader
-from .watcher import InboxWatcher
 
-__all__ = ["Component", "Daemon", "StatePaths"]
+__all__ = ["Component", "Daemon"]
 
 log = get_logger()
 
@@ -42,38 +42,6 @@ class Component(Protocol):
     def start(self) -> Any: ...
 
     def stop(self) -> Any: ...
-
-
-class StatePaths:
-    """Where the daemon keeps its state under ``state_dir``."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.root = Path(state_dir).resolve()
-        self.outbox_db = self.root / "outbox.db"
-        self.outbox_files = self.root / "outbox"
-        self.quarantine = self.root / "quarantine"
-
-
-def _inside(a: Path, b: Path) -> bool:
-    """True if ``a`` is ``b`` or below it."""
-    try:
-        a.relative_to(b)
-    except ValueError:
-        return False
-    return True
-
-
-def check_layout(settings: Settings) -> None:
-    """Refuse folder layouts where the agent would ingest its own output."""
-    inbox = Path(settings.inbox).resolve()
-    others = {"state_dir": Path(settings.state_dir).resolve()}
-    if settings.destination.kind == "folder":
-        others["destination.folder"] = Path(settings.destination.folder).resolve()
-    if settings.originals == "archive" and settings.archive_dir is not None:
-        others["archive_dir"] = Path(settings.archive_dir).resolve()
-    for name, path in others.items():
-        if _inside(path, inbox) or _inside(inbox, path):
-            raise ConfigError(f"{name} and inbox must not contain each other")
 
 
 class Daemon:
@@ -127,9 +95,6 @@ class Daemon:
     # ----------------------------------------------------------------- start
     def start(self) -> None:
         """Open state, start every stage; raise ConfigError for unusable settings."""
-        from .outbox import Outbox
-        from .uploader import Uploader
-
         s = self.settings
         check_layout(s)
         self.paths.root.mkdir(parents=True, exist_ok=True)

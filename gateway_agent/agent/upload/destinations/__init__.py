@@ -1,0 +1,124 @@
+"""The destination contract: what every destination kind implements, and the factory by kind.
+
+One module per kind sits beside this one: :mod:`.folder` (a local folder), :mod:`.dicomweb`
+(STOW-RS over httpx). The uploader knows only this contract; it never imports a kind.
+
+The contract
+------------
+A destination is any object with::
+
+    label: str                                      # "folder", "dicomweb:pacs.example:443"
+    send(items: Sequence[OutboxRow]) -> SendResult  # one request (or one batch of work)
+    close() -> None                                 # release connections; idempotent
+
+``label``
+    A short description for status output and logs. It must never carry a credential, a
+    path component from the inbox or any other PHI (host and port are fine; user:password is not).
+``send(items)``
+    Receives claimed outbox rows (``path`` of the de-identified file, ``size``, and the study,
+    series and SOP Instance UIDs); it must not change them. It may be called from several upload
+    workers at once, and the same instance may be sent again after a crash: the destination must
+    be idempotent per SOP Instance UID. It returns a :class:`SendResult`:
+
+    * ``sent``: SOP Instance UIDs the destination acknowledged (and, where the kind can, proved it
+      stored: see *Confirming storage*) → ``sent``;
+    * ``failed[uid] = (True, reason)``: this instance will never be accepted → ``dead``;
+    * ``failed[uid] = (False, reason)``: this instance failed this time → retried with its own
+      backoff;
+    * an instance in neither → retried as ``not_acknowledged``.
+
+    A failure of the whole request is raised instead (the tree of ``gateway_agent._exceptions``):
+
+    ========================================== ===============================================
+    raised                                     what the uploader does
+    ========================================== ===============================================
+    ``RetryableUploadError``                   destination down or busy (network, timeout, 408,
+                                               429, 5xx, a full folder): the circuit opens, one
+                                               probe at a time, ``retry_after`` honoured; rows
+                                               wait without burning attempts once it is known
+    ``PermanentUploadError`` with ``status``   the destination refuses the agent (credentials,
+    in :data:`REFUSAL_STATUSES`                a redirect): as above, and ``auth_failing`` is
+                                               reported; attempts are never burned
+    ``PermanentUploadError``, other            these bytes will never be accepted: every row of
+                                               the batch → ``dead``
+    anything else                              a bug: logged with its traceback, rows retried
+    ========================================== ===============================================
+
+    A kind translates its library's exceptions into this tree in one place (as
+    :func:`.dicomweb.translate_httpx_error` does for httpx); a kind without HTTP statuses sets
+    ``status=401`` (or 403) for "refuses the agent". Reasons are short slugs (``http_409
+    conflict``, ``file_missing``) that never carry a credential, a header value or PHI.
+``close()``
+    Called once by the daemon on the way out.
+
+Confirming storage
+------------------
+An acknowledgement is only the destination's word. A kind that can check it (DICOMweb's
+``confirm_storage`` asks QIDO for each acknowledged instance) does so inside ``send`` before it
+lists a UID in ``sent``, and reports an instance acknowledged but not found as
+``failed[uid] = (True, "not_stored_after_ack")``.
+
+Adding a kind
+-------------
+Add a module here with a class that meets the contract and builds itself from
+``DestinationSettings`` (a ``*_from_settings`` function raising ``ConfigError`` for unusable
+settings), add the kind to ``DestinationSettings.kind`` and one branch to
+:func:`destination_from_settings`. Import the kind's library inside that branch only, so other
+kinds never pay for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from ...._exceptions import ConfigError
+from ....config import DestinationSettings
+from ...outbox.store import OutboxRow
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = ["REFUSAL_STATUSES", "Destination", "SendResult", "destination_from_settings"]
+
+#: ``PermanentUploadError.status`` values that mean "the destination refuses the agent" (bad
+#: credentials, a redirect never followed) rather than "this batch is bad".
+REFUSAL_STATUSES = frozenset({401, 403, 301, 302, 303, 307, 308})
+
+
+@dataclass
+class SendResult:
+    """What one ``send`` achieved: ``sent`` SOP UIDs and ``failed`` uid -> (permanent?, reason)."""
+
+    sent: list[str] = field(default_factory=list)
+    failed: dict[str, tuple[bool, str]] = field(default_factory=dict)
+
+
+class Destination(Protocol):
+    """Where de-identified instances go (the contract above)."""
+
+    label: str
+
+    def send(self, items: Sequence[OutboxRow]) -> SendResult: ...
+
+    def close(self) -> None: ...
+
+
+def destination_from_settings(
+    s: DestinationSettings, *, client: httpx.Client | None = None
+) -> Destination:
+    """Build the configured destination (``client``: an httpx client for DICOMweb, for tests).
+
+    Raises ``ConfigError`` for settings the kind cannot use. Credentials come from the settings
+    or from files; they are never logged.
+    """
+    if s.kind == "folder":
+        from .folder import FolderDestination
+
+        return FolderDestination(s.folder)
+    if s.kind == "dicomweb":
+        from .dicomweb import dicomweb_from_settings
+
+        return dicomweb_from_settings(s, client=client)
+    raise ConfigError(f"destination.kind: unknown kind {s.kind!r}")

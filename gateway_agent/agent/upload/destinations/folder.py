@@ -1,0 +1,86 @@
+"""The folder destination: atomic, idempotent copies into a local (or mounted) folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+from ...._exceptions import RetryableUploadError
+from ...outbox.store import OutboxRow
+from . import SendResult
+
+__all__ = ["FolderDestination"]
+
+_CHUNK = 1 << 20
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class FolderDestination:
+    """Atomic copies to ``root/<study>/<series>/<sop>.dcm`` (temp + fsync + rename); idempotent."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.label = "folder"
+
+    def target(self, row: OutboxRow) -> Path:
+        return (
+            self.root
+            / row.study_instance_uid
+            / row.series_instance_uid
+            / f"{row.sop_instance_uid}.dcm"
+        )
+
+    def send(self, items: Sequence[OutboxRow]) -> SendResult:
+        result = SendResult()
+        touched: set[Path] = set()
+        for row in items:
+            uids = (row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid)
+            if not all(_UID_RE.match(u) and len(u) <= 64 for u in uids):
+                result.failed[row.sop_instance_uid] = (True, "invalid_uid")
+                continue
+            try:
+                src = row.path.open("rb")
+            except FileNotFoundError:
+                result.failed[row.sop_instance_uid] = (True, "file_missing")
+                continue
+            except OSError as exc:
+                result.failed[row.sop_instance_uid] = (False, f"file_unreadable: {exc.strerror}")
+                continue
+            target = self.target(row)
+            try:
+                with src:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = target.parent / f".{row.sop_instance_uid}.{secrets.token_hex(4)}.tmp"
+                    try:
+                        with tmp.open("xb") as dst:
+                            while chunk := src.read(_CHUNK):
+                                dst.write(chunk)
+                            dst.flush()
+                            os.fsync(dst.fileno())
+                        tmp.replace(target)
+                    finally:
+                        tmp.unlink(missing_ok=True)
+            except OSError as exc:
+                # The folder itself is failing (full, read-only, unmounted): an outage, not the row.
+                raise RetryableUploadError(
+                    f"folder_error: {exc.strerror or type(exc).__name__}"
+                ) from exc
+            touched.add(target.parent)
+            result.sent.append(row.sop_instance_uid)
+        for d in touched:
+            _fsync_dir(d)
+        return result
+
+    def close(self) -> None:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
