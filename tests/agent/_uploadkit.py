@@ -10,7 +10,8 @@ from typing import Any
 
 import httpx
 
-from gateway_agent.agent.outbox.store import Outbox, row_from_file
+from gateway_agent.agent.outbox.store import Outbox
+from gateway_agent.agent.outbox.upkeep import row_from_file
 from gateway_agent.synthetic import make_ct_series, write_series
 
 __all__ = [

@@ -20,7 +20,8 @@ from pydantic import SecretStr
 from pydicom import dcmread
 
 from gateway_agent._exceptions import ConfigError, PermanentUploadError, RetryableUploadError
-from gateway_agent.agent.outbox.store import Outbox, OutboxRow
+from gateway_agent.agent.outbox.db import OutboxRow
+from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.agent.upload.destinations import destination_from_settings
 from gateway_agent.agent.upload.destinations.dicomweb import (
     BearerAuth,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway_agent.agent.outbox.store import STATES, Outbox
+from gateway_agent.agent.outbox.db import STATES
+from gateway_agent.agent.outbox.store import Outbox
 
 from ._uploadkit import FakeClock, add_files, make_files
 

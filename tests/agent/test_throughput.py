@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from gateway_agent.agent.outbox.store import Outbox, OutboxRow, row_from_file
+from gateway_agent.agent.outbox.db import OutboxRow
+from gateway_agent.agent.outbox.store import Outbox
+from gateway_agent.agent.outbox.upkeep import row_from_file
 from gateway_agent.agent.upload.destinations import SendResult
 from gateway_agent.agent.upload.destinations.folder import FolderDestination
 from gateway_agent.agent.upload.uploader import Uploader

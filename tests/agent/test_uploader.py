@@ -18,7 +18,8 @@ from structlog.testing import capture_logs
 
 from gateway_agent._exceptions import RetryableUploadError
 from gateway_agent.agent import metrics
-from gateway_agent.agent.outbox.store import Outbox, OutboxRow
+from gateway_agent.agent.outbox.db import OutboxRow
+from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.agent.upload.destinations import SendResult
 from gateway_agent.agent.upload.destinations.dicomweb import DicomWebDestination
 from gateway_agent.agent.upload.destinations.folder import FolderDestination

@@ -19,7 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway_agent._exceptions import PermanentUploadError, RetryableUploadError, UploadError
-from gateway_agent.agent.outbox.store import OutboxRow
+from gateway_agent.agent.outbox.db import OutboxRow
 from gateway_agent.agent.upload.destinations import destination_from_settings
 from gateway_agent.config import DestinationSettings
 from gateway_agent.synthetic import make_ct_slice

@@ -37,7 +37,8 @@ from ..._exceptions import PermanentUploadError, RetryableUploadError
 from ...config import DestinationSettings
 from ...logs import describe_error, get_logger
 from .. import metrics
-from ..outbox.store import Outbox, OutboxRow
+from ..outbox.db import OutboxRow
+from ..outbox.store import Outbox
 from .destinations import REFUSAL_STATUSES, Destination, SendResult
 
 __all__ = ["Uploader", "full_jitter"]

@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ...._exceptions import ConfigError
 from ....config import DestinationSettings
-from ...outbox.store import OutboxRow
+from ...outbox.db import OutboxRow
 
 if TYPE_CHECKING:
     import httpx

@@ -32,7 +32,7 @@ from pydantic import SecretStr
 from ...._exceptions import ConfigError, PermanentUploadError, RetryableUploadError, UploadError
 from ....config import DestinationSettings
 from ....logs import get_logger
-from ...outbox.store import OutboxRow
+from ...outbox.db import OutboxRow
 from . import SendResult
 
 __all__ = [

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ...._exceptions import RetryableUploadError
-from ...outbox.store import OutboxRow
+from ...outbox.db import OutboxRow
 from . import SendResult
 
 __all__ = ["FolderDestination"]

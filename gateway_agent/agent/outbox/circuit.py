@@ -1,0 +1,117 @@
+"""The destination circuit: an outage is detected once and probed by one worker at a time.
+
+The ``destination_state`` table holds it: consecutive failures, ``blocked_until``, the probe's
+lease, the last error and success, and whether the destination rejects the agent's credentials.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .db import OutboxDB
+
+__all__ = ["Circuit"]
+
+
+class Circuit(OutboxDB):
+    """May a worker send now, and what the destination last said (``destination_state``)."""
+
+    def circuit_acquire(self, probe_lease: float) -> tuple[float, bool]:
+        """May a worker send now? Returns ``(wait_seconds, probing)``.
+
+        While the destination is healthy everyone may send (``(0, False)``, a read without a
+        write). After a failure, the first worker past ``blocked_until`` becomes the single probe
+        (``(0, True)``) for up to ``probe_lease`` seconds; everybody else waits.
+        """
+        now = self._clock()
+        failures, blocked_until = self._query(
+            "select consecutive_failures, blocked_until from destination_state where id = 1"
+        )[0]
+        if failures == 0 and blocked_until <= now:
+            return 0.0, False
+        with self._tx() as c:
+            failures, blocked_until, probe_until = c.execute(
+                "select consecutive_failures, blocked_until, probe_until"
+                " from destination_state where id = 1"
+            ).fetchone()
+            if failures == 0 and blocked_until <= now:
+                return 0.0, False
+            wait_until = max(float(blocked_until), float(probe_until))
+            if wait_until > now:
+                return wait_until - now, False
+            c.execute(
+                "update destination_state set probe_until = ? where id = 1", (now + probe_lease,)
+            )
+            return 0.0, True
+
+    def circuit_release_probe(self) -> None:
+        """The probe found nothing to send: let the next worker probe at once."""
+        with self._tx() as c:
+            c.execute("update destination_state set probe_until = 0 where id = 1")
+
+    def circuit_failure(
+        self,
+        error: str,
+        *,
+        delay: float,
+        started_at: float,
+        auth: bool = False,
+        probing: bool = False,
+    ) -> bool:
+        """Record a destination-level failure; block sending for ``delay`` seconds.
+
+        Returns True if the outage was already known (the circuit was open, or another request
+        recorded the failure while this one was in flight): the caller then refunds the rows'
+        attempts, so an outage burns attempts once, not per request.
+        """
+        now = self._clock()
+        with self._tx() as c:
+            failures, last_error_at = c.execute(
+                "select consecutive_failures, last_error_at from destination_state where id = 1"
+            ).fetchone()
+            concurrent = failures > 0 and (last_error_at or 0) >= started_at
+            c.execute(
+                "update destination_state set consecutive_failures = consecutive_failures + ?,"
+                " blocked_until = max(blocked_until, ?), last_error = ?, last_error_at = ?,"
+                " auth_failing = ?, probe_until = case when ? then 0 else probe_until end"
+                " where id = 1",
+                (0 if concurrent else 1, now + delay, error[:500], now, int(auth), int(probing)),
+            )
+            return bool(failures > 0)
+
+    def circuit_success(self) -> bool:
+        """The destination answered. Returns True if that closed an open circuit."""
+        now = self._clock()
+        failures, auth = self._query(
+            "select consecutive_failures, auth_failing from destination_state where id = 1"
+        )[0]
+        if not (failures or auth):
+            return False  # healthy already: no write (mark_sent records last_success_at)
+        with self._tx() as c:
+            c.execute(
+                "update destination_state set consecutive_failures = 0, blocked_until = 0,"
+                " probe_until = 0, last_success_at = ?, auth_failing = 0 where id = 1",
+                (now,),
+            )
+        return bool(failures or auth)
+
+    def consecutive_failures(self) -> int:
+        return int(
+            self._query("select consecutive_failures from destination_state where id = 1")[0][0]
+        )
+
+    def destination_status(self) -> dict[str, Any]:
+        """``last_error``, ``last_error_at``, ``last_success_at``, ``consecutive_failures``,
+        ``blocked_until`` and ``auth_failing`` of the (single) destination."""
+        r = self._query(
+            "select last_error, last_error_at, last_success_at, consecutive_failures,"
+            " blocked_until, auth_failing from destination_state where id = 1"
+        )[0]
+        return {
+            "last_error": r[0],
+            "last_error_at": r[1],
+            "last_success_at": r[2],
+            "consecutive_failures": int(r[3]),
+            "blocked_until": float(r[4]) if r[4] else None,
+            "auth_failing": bool(r[5]),
+        }

@@ -1,0 +1,119 @@
+"""Upkeep: retention of sent files and rows, and the start-up reconcile of files and rows."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ...logs import get_logger
+from .db import OutboxDB, ids_param
+
+__all__ = ["Upkeep", "row_from_file"]
+
+log = get_logger()
+
+_IGNORED_SUFFIXES = (".tmp", ".partial", ".part")
+
+
+def row_from_file(path: Path, audit: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``Outbox.add`` for a part-10 file, from its header alone.
+
+    Raises pydicom's ``InvalidDicomError``, ``AttributeError`` (a UID missing), ``OSError``.
+    """
+    from pydicom import dcmread  # only reconcile (and tests, benchmarks) read headers this way
+
+    ds = dcmread(path, stop_before_pixels=True)
+    return {
+        "sop_instance_uid": str(ds.SOPInstanceUID),
+        "study_instance_uid": str(ds.StudyInstanceUID),
+        "series_instance_uid": str(ds.SeriesInstanceUID),
+        "sop_class_uid": str(ds.SOPClassUID),
+        "path": path,
+        "size": path.stat().st_size,
+        "audit": audit,
+    }
+
+
+class Upkeep(OutboxDB):
+    """What keeps the outbox bounded and true to its folder: retention, compaction, reconcile."""
+
+    def purge_sent_files(self, older_than_seconds: float) -> int:
+        """Retention: unlink files of rows sent over ``older_than_seconds`` ago; keep the rows."""
+        cutoff = self._clock() - older_than_seconds
+        victims = self._query(
+            "select id, path from outbox where state = 'sent' and file_gone = 0 and sent_at <= ?",
+            (cutoff,),
+        )
+        for _, path in victims:
+            Path(path).unlink(missing_ok=True)
+        ids = [int(v[0]) for v in victims]
+        with self._tx() as c:
+            c.execute(
+                "update outbox set file_gone = 1 where id in (select value from json_each(?))",
+                (ids_param(ids),),
+            )
+        return len(ids)
+
+    def compact(self, older_than_seconds: float) -> int:
+        """Audit retention: delete sent rows whose files are gone, sent over the age ago.
+
+        This bounds the database (SQLite reuses the freed pages). The newest row is never
+        deleted, so row ids keep growing and ``rows_since`` readers (the QC job) stay correct.
+        """
+        cutoff = self._clock() - older_than_seconds
+        with self._tx() as c:
+            cur = c.execute(
+                "delete from outbox where state = 'sent' and file_gone = 1 and sent_at <= ?"
+                " and id < (select max(id) from outbox)",
+                (cutoff,),
+            )
+            return int(cur.rowcount)
+
+    def add_file(self, path: Path, *, audit: dict[str, Any]) -> bool:
+        """``add`` a de-identified file, its UIDs read from its header (see ``row_from_file``)."""
+        return self.add(**row_from_file(path, audit))
+
+    def reconcile(self, files_dir: Path) -> dict[str, int]:
+        """Start-up check between ``files_dir`` and the rows.
+
+        * a ``*.dcm`` file without a row is re-added from its header (``added``), or counted as
+          ``unreadable`` and left in place;
+        * a queued/sending row whose file is missing goes to ``dead`` with ``file_missing``
+          (``missing``).
+        Hidden and temporary files (``.*``, ``*.tmp``, ``*.partial``) are counted as ``temp``.
+        """
+        from pydicom.errors import InvalidDicomError
+
+        result = {"added": 0, "missing": 0, "unreadable": 0, "temp": 0}
+        known = {os.path.realpath(p) for (p,) in self._query("select path from outbox")}
+        if files_dir.is_dir():
+            for dirpath, _dirs, names in os.walk(files_dir):
+                for name in names:
+                    path = Path(dirpath) / name
+                    if name.startswith(".") or name.endswith(_IGNORED_SUFFIXES):
+                        result["temp"] += 1
+                        continue
+                    if os.path.realpath(path) in known or not path.is_file():
+                        continue
+                    try:
+                        added = self.add_file(path, audit={"reconciled": True})
+                    except (InvalidDicomError, AttributeError, OSError, ValueError):
+                        result["unreadable"] += 1
+                        continue
+                    if added:
+                        result["added"] += 1
+        waiting = self._query(
+            "select id, path from outbox where state in ('queued', 'sending') and file_gone = 0"
+        )
+        missing = [int(i) for i, p in waiting if not Path(p).exists()]
+        with self._tx() as c:
+            c.execute(
+                "update outbox set state = 'dead', last_error = 'file_missing',"
+                " lease_until = null where id in (select value from json_each(?))",
+                (ids_param(missing),),
+            )
+        result["missing"] = len(missing)
+        if any(result.values()):
+            log.info("outbox_reconciled", **result)
+        return result
