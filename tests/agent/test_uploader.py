@@ -23,7 +23,8 @@ from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.agent.upload.destinations import SendResult
 from gateway_agent.agent.upload.destinations.dicomweb import DicomWebDestination
 from gateway_agent.agent.upload.destinations.folder import FolderDestination
-from gateway_agent.agent.upload.uploader import IDLE_MAX_SECONDS, Uploader, full_jitter
+from gateway_agent.agent.upload.outcomes import full_jitter
+from gateway_agent.agent.upload.uploader import IDLE_MAX_SECONDS, Uploader
 from gateway_agent.config import DestinationSettings
 from tests._faultproxy import FaultProxy, seeded_plan
 from tests._orthanc import OrthancServer

@@ -1,24 +1,13 @@
 """The upload workers: claim due outbox rows, send them to the destination, record the outcome.
 
 Each worker repeats one step (:meth:`Uploader.loop_once`): ask the destination circuit whether it
-may send, claim a batch (``batch_max_instances`` / ``batch_max_mb``), send it, and map the outcome:
-
-* acknowledged instances → ``sent``;
-* a per-instance permanent failure → ``dead`` with the server's reason;
-* a per-instance transient failure → ``queued`` with the row's own backoff;
-* a whole-request retriable failure (network, timeout, 408, 429, 5xx) or an authentication failure
-  (401/403, a redirect) → the destination circuit opens: one probe at a time, exponential backoff
-  with full jitter (``Retry-After`` honoured); the rows wait without burning their attempts once the
-  outage is known;
-* a whole-request permanent failure (400 for a single instance, 404, 415, ...) → ``dead``.
-
-Rows whose attempts or age are exhausted go to ``dead``. Workers sleep on an Event between due
+may send, claim a batch (``batch_max_instances`` / ``batch_max_mb``), then send it and record the
+outcome (:mod:`.outcomes` says what each result means). Workers sleep on an Event between due
 times (no busy polling); :meth:`wake` is called by intake after adding rows.
 
-If recording an outcome fails (the state disk is full, the database is locked), the outbox writes
-not yet made are kept in memory, in order, and the worker retries them with a short backoff
-(:data:`RECORD_RETRY_FIRST_SECONDS` doubling to :data:`RECORD_RETRY_MAX_SECONDS`) before it claims
-anything new; :meth:`Uploader.stop` tries once more and otherwise leaves the rows ``sending`` for
+If recording an outcome fails (the state disk is full, the database is locked), the worker retries
+the writes not yet made (its :mod:`.journal`) before it claims anything new;
+:meth:`Uploader.stop` tries once more and otherwise leaves the rows ``sending`` for
 ``requeue_stale`` at the next start (a re-send is harmless: the destination is idempotent per SOP
 Instance UID). The rows' lease expiry remains the last resort.
 """
@@ -26,22 +15,19 @@ Instance UID). The rows' lease expiry remains the last resort.
 from __future__ import annotations
 
 import random
-import sqlite3
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
 
-from ..._exceptions import PermanentUploadError, RetryableUploadError
 from ...config import DestinationSettings
-from ...logs import describe_error, get_logger
-from .. import metrics
+from ...logs import get_logger
 from ..outbox.db import OutboxRow
 from ..outbox.store import Outbox
-from .destinations import REFUSAL_STATUSES, Destination, SendResult
+from .destinations import Destination
+from .journal import RECORD_RETRY_MAX_SECONDS, Journal
+from .outcomes import Outcomes
 
-__all__ = ["Uploader", "full_jitter"]
+__all__ = ["BATCH_LINGER_SECONDS", "IDLE_MAX_SECONDS", "Uploader"]
 
 log = get_logger()
 
@@ -50,67 +36,6 @@ IDLE_MAX_SECONDS = 30.0
 #: While more rows are on their way (intake busy), a worker waits up to this long for a batch to
 #: fill before it claims; one worker fills at a time while the others send.
 BATCH_LINGER_SECONDS = 0.1
-#: Longest wait honoured from a Retry-After header.
-RETRY_AFTER_MAX_SECONDS = 3600.0
-#: First wait before retrying an outcome that could not be recorded; doubles up to the max.
-RECORD_RETRY_FIRST_SECONDS = 0.5
-RECORD_RETRY_MAX_SECONDS = 10.0
-#: Failures of the state storage (disk full, I/O error, locked): worth retrying the write later.
-_STORAGE_ERRORS = (sqlite3.Error, OSError)
-
-_T = TypeVar("_T")
-
-
-def full_jitter(rng: random.Random, attempt: int, base: float, cap: float) -> float:
-    """AWS "full jitter": uniform in ``[0, min(cap, base * 2**attempt)]``."""
-    return rng.uniform(0.0, min(cap, base * (2.0 ** min(attempt, 60))))
-
-
-class _Journal:
-    """The outbox writes recording one batch's outcome, made in order; those not yet made.
-
-    Each outbox method is one transaction: it took effect or it did not. Once a write fails with
-    a storage error, it and every later write of the batch wait here (order is kept, so e.g. a
-    row's ``mark_retry`` never lands before its ``mark_dead``) to be replayed by :meth:`replay`.
-    """
-
-    def __init__(self, row_ids: list[int]) -> None:
-        self.row_ids = row_ids
-        self.todo: deque[Callable[[], object]] = deque()
-        self.tries = 0
-        self.delay = RECORD_RETRY_FIRST_SECONDS
-
-    def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
-        """``fn(*args, **kwargs)`` now, or (after a storage error, now or earlier) later: None."""
-        if not self.todo:
-            try:
-                return fn(*args, **kwargs)
-            except _STORAGE_ERRORS as exc:
-                log.error(
-                    "upload_outcome_not_recorded", rows=len(self.row_ids), error=describe_error(exc)
-                )
-        self.todo.append(lambda: fn(*args, **kwargs))
-        return None
-
-    def replay(self) -> bool:
-        """Make the waiting writes; True when none is left. A storage error stops the replay."""
-        while self.todo:
-            try:
-                self.todo[0]()
-            except _STORAGE_ERRORS as exc:
-                self.tries += 1
-                log.warning(
-                    "upload_outcome_retry_failed",
-                    rows=len(self.row_ids),
-                    tries=self.tries,
-                    error=describe_error(exc),
-                )
-                return False
-            except Exception:
-                self.todo.clear()  # not a storage problem: leave the rows to their lease
-                raise
-            self.todo.popleft()
-        return True
 
 
 class Uploader:
@@ -150,15 +75,21 @@ class Uploader:
         self.destination = destination
         self.settings = settings
         self._clock = clock
-        self._rng = rng or random.Random()
-        self._rng_lock = threading.Lock()
         self._wake = threading.Event()
+        self.outcomes = Outcomes(
+            outbox,
+            destination,
+            settings,
+            clock=clock,
+            rng=rng or random.Random(),
+            on_recovered=self._wake.set,
+        )
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._in_flight: dict[int, list[int]] = {}
         self._in_flight_lock = threading.Lock()
         # Per worker (thread ident): an outcome whose recording failed, retried before new work.
-        self._unrecorded: dict[int, _Journal] = {}
+        self._unrecorded: dict[int, Journal] = {}
         self.more_coming = more_coming
         self.linger_seconds = linger_seconds
         # One worker at a time fills and claims a batch; the others send theirs meanwhile.
@@ -308,11 +239,11 @@ class Uploader:
         if not rows:
             return 0, self._idle_wait()
         key = threading.get_ident()
-        journal = _Journal([r.id for r in rows])
+        journal = Journal([r.id for r in rows])
         with self._in_flight_lock:
             self._in_flight[key] = journal.row_ids
         try:
-            self._send(rows, journal, probing=probing)
+            self.outcomes.deliver(rows, journal, probing=probing)
         finally:
             with self._in_flight_lock:
                 self._in_flight.pop(key, None)
@@ -353,159 +284,3 @@ class Uploader:
                     self._arrived.wait(left)
 
     # -- one batch ---------------------------------------------------------------------------
-    def _jitter(self, attempt: int) -> float:
-        with self._rng_lock:
-            return full_jitter(
-                self._rng,
-                attempt,
-                self.settings.backoff_base_seconds,
-                self.settings.backoff_cap_seconds,
-            )
-
-    def _send(self, rows: list[OutboxRow], j: _Journal, *, probing: bool) -> None:
-        started = self._clock()
-        t0 = time.monotonic()
-        try:
-            result = self.destination.send(rows)
-        except RetryableUploadError as exc:
-            self._outage(rows, j, str(exc), exc.retry_after, started, probing=probing, auth=False)
-            return
-        except PermanentUploadError as exc:
-            if exc.status in REFUSAL_STATUSES:
-                self._outage(rows, j, str(exc), None, started, probing=probing, auth=True)
-            else:
-                self._dead(rows, j, str(exc))
-                self._healthy(j)  # the server answered: it is not down
-            return
-        except Exception as exc:  # a bug or an unexpected library error: retry the rows later
-            log.exception("upload_unexpected_error", rows=len(rows))
-            self._retry_rows(rows, j, f"internal_error: {type(exc).__name__}")
-            return
-        finally:
-            metrics.UPLOAD_SECONDS.observe(time.monotonic() - t0)
-        self._record(rows, j, result)
-
-    def _record(self, rows: list[OutboxRow], j: _Journal, result: SendResult) -> None:
-        by_uid = {r.sop_instance_uid: r for r in rows}
-        sent = [by_uid[u] for u in dict.fromkeys(result.sent) if u in by_uid]
-        if sent:
-            j.call(self.outbox.mark_sent, [r.id for r in sent])
-            metrics.UPLOAD_ATTEMPTS.labels(result="sent").inc(len(sent))
-            metrics.BYTES_SENT.inc(sum(r.size for r in sent))
-            metrics.LAST_UPLOAD_SUCCESS.set(time.time())
-        dead: dict[str, list[OutboxRow]] = {}
-        retry: dict[str, list[OutboxRow]] = {}
-        sent_ids = {r.id for r in sent}
-        for uid, (permanent, reason) in result.failed.items():
-            row = by_uid.get(uid)
-            if row is None or row.id in sent_ids:
-                continue
-            (dead if permanent else retry).setdefault(reason, []).append(row)
-        for reason, group in dead.items():
-            self._dead(group, j, reason)
-        for reason, group in retry.items():
-            self._retry_rows(group, j, reason)
-        handled = sent_ids | {r.id for g in (*dead.values(), *retry.values()) for r in g}
-        unanswered = [r for r in rows if r.id not in handled]
-        if unanswered:  # a destination that says nothing about an instance: try it again later
-            self._retry_rows(unanswered, j, "not_acknowledged")
-        self._healthy(j)
-        log.info(
-            "upload_batch",
-            destination=self.destination.label,
-            rows=len(rows),
-            sent=len(sent),
-            dead=sum(len(g) for g in dead.values()),
-            retry=sum(len(g) for g in retry.values()) + len(unanswered),
-            bytes=sum(r.size for r in sent),
-        )
-
-    def _healthy(self, j: _Journal) -> None:
-        if j.call(self.outbox.circuit_success):
-            log.info("destination_recovered", destination=self.destination.label)
-            self._wake.set()
-
-    def _exhausted(self, row: OutboxRow, now: float) -> bool:
-        return (
-            row.attempts >= self.settings.max_attempts
-            or now - row.created_at >= self.settings.max_age_hours * 3600.0
-        )
-
-    def _dead(self, rows: Sequence[OutboxRow], j: _Journal, reason: str) -> None:
-        j.call(self.outbox.mark_dead, [r.id for r in rows], error=reason)
-        metrics.UPLOAD_ATTEMPTS.labels(result="dead").inc(len(rows))
-        log.warning(
-            "upload_dead",
-            rows=len(rows),
-            reason=reason,
-            sop_uids=[r.sop_instance_uid for r in rows][:5],
-        )
-
-    def _retry_rows(self, rows: Sequence[OutboxRow], j: _Journal, reason: str) -> None:
-        """Per-row backoff (a transient failure of these instances, not of the destination)."""
-        now = self._clock()
-        gone = [r for r in rows if self._exhausted(r, now)]
-        if gone:
-            self._dead(gone, j, f"gave_up after {max(r.attempts for r in gone)} attempts: {reason}")
-        for r in rows:
-            if r not in gone:
-                j.call(self.outbox.mark_retry, [r.id], error=reason, delay=self._jitter(r.attempts))
-        if len(gone) < len(rows):
-            metrics.UPLOAD_ATTEMPTS.labels(result="retry").inc(len(rows) - len(gone))
-
-    def _outage(
-        self,
-        rows: list[OutboxRow],
-        j: _Journal,
-        reason: str,
-        retry_after: float | None,
-        started: float,
-        *,
-        probing: bool,
-        auth: bool,
-    ) -> None:
-        """The destination failed as a whole: open (or keep open) the circuit; rows wait for it."""
-        try:
-            failures = self.outbox.consecutive_failures()
-        except _STORAGE_ERRORS:
-            failures = 0
-        if retry_after is not None:
-            delay = min(max(0.0, retry_after), RETRY_AFTER_MAX_SECONDS)
-        else:
-            delay = self._jitter(failures + 1)
-        recorded = j.call(
-            self.outbox.circuit_failure,
-            reason,
-            delay=delay,
-            started_at=started,
-            auth=auth,
-            probing=probing,
-        )
-        # Not recorded yet: whether the outage was known is unknown; do not burn attempts.
-        known = True if recorded is None else recorded
-        # Attempts count only for the request that found an outage; credentials/redirect
-        # problems never burn them (they are not the rows' fault). Age always applies.
-        refund = probing or known or auth
-        now = self._clock()
-        max_age = self.settings.max_age_hours * 3600.0
-        gone = [
-            r
-            for r in rows
-            if (not refund and self._exhausted(r, now)) or now - r.created_at >= max_age
-        ]
-        if gone:
-            self._dead(gone, j, f"gave_up: {reason}")
-        waiting = [r.id for r in rows if r not in gone]
-        if waiting:
-            j.call(
-                self.outbox.mark_retry, waiting, error=reason, delay=delay, refund_attempt=refund
-            )
-            metrics.UPLOAD_ATTEMPTS.labels(result="retry").inc(len(waiting))
-        log.warning(
-            "destination_failing",
-            destination=self.destination.label,
-            reason=reason,
-            auth=auth,
-            retry_in=round(delay, 3),
-            consecutive_failures=failures + (0 if known else 1),
-        )

@@ -1,0 +1,237 @@
+"""What a batch's result means: rows to ``sent``, ``dead`` or back to ``queued``; the circuit.
+
+The mapping follows the destination contract (``destinations/__init__.py``):
+
+* acknowledged instances → ``sent``;
+* a per-instance permanent failure → ``dead`` with the server's reason;
+* a per-instance transient failure → ``queued`` with the row's own backoff;
+* a whole-request retriable failure (network, timeout, 408, 429, 5xx) or a refusal of the agent
+  (401/403, a redirect) → the destination circuit opens: one probe at a time, exponential backoff
+  with full jitter (``Retry-After`` honoured); the rows wait without burning their attempts once the
+  outage is known;
+* a whole-request permanent failure (400 for a single instance, 404, 415, ...) → ``dead``.
+
+Rows whose attempts or age are exhausted go to ``dead``. Every outbox write goes through the
+batch's :class:`~gateway_agent.agent.upload.journal.Journal`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from ..._exceptions import PermanentUploadError, RetryableUploadError
+from ...config import DestinationSettings
+from ...logs import get_logger
+from .. import metrics
+from ..outbox.db import OutboxRow
+from ..outbox.store import Outbox
+from .destinations import REFUSAL_STATUSES, Destination, SendResult
+from .journal import STORAGE_ERRORS, Journal
+
+__all__ = ["RETRY_AFTER_MAX_SECONDS", "Outcomes", "full_jitter"]
+
+log = get_logger()
+
+#: Longest wait honoured from a Retry-After header.
+RETRY_AFTER_MAX_SECONDS = 3600.0
+
+
+def full_jitter(rng: random.Random, attempt: int, base: float, cap: float) -> float:
+    """AWS "full jitter": uniform in ``[0, min(cap, base * 2**attempt)]``."""
+    return rng.uniform(0.0, min(cap, base * (2.0 ** min(attempt, 60))))
+
+
+class Outcomes:
+    """Send one batch and record its outcome in the outbox (rows and destination circuit).
+
+    Parameters
+    ----------
+    outbox, destination, settings
+        As the :class:`~gateway_agent.agent.upload.uploader.Uploader`'s.
+    clock
+        Wall clock (the outbox's).
+    rng
+        Source of jitter (seeded in tests).
+    on_recovered
+        Called when an answer closed an open circuit (the uploader wakes its waiting workers).
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destination: Destination,
+        settings: DestinationSettings,
+        *,
+        clock: Callable[[], float],
+        rng: random.Random,
+        on_recovered: Callable[[], None],
+    ) -> None:
+        self.outbox = outbox
+        self.destination = destination
+        self.settings = settings
+        self._clock = clock
+        self._rng = rng
+        self._rng_lock = threading.Lock()
+        self._on_recovered = on_recovered
+
+    def jitter(self, attempt: int) -> float:
+        """A backoff for ``attempt``: full jitter within the settings' base and cap."""
+        with self._rng_lock:
+            return full_jitter(
+                self._rng,
+                attempt,
+                self.settings.backoff_base_seconds,
+                self.settings.backoff_cap_seconds,
+            )
+
+    def deliver(self, rows: list[OutboxRow], j: Journal, *, probing: bool) -> None:
+        """Send ``rows`` to the destination and record the outcome (every write through ``j``)."""
+        started = self._clock()
+        t0 = time.monotonic()
+        try:
+            result = self.destination.send(rows)
+        except RetryableUploadError as exc:
+            self.outage(rows, j, str(exc), exc.retry_after, started, probing=probing, auth=False)
+            return
+        except PermanentUploadError as exc:
+            if exc.status in REFUSAL_STATUSES:
+                self.outage(rows, j, str(exc), None, started, probing=probing, auth=True)
+            else:
+                self.dead(rows, j, str(exc))
+                self.healthy(j)  # the server answered: it is not down
+            return
+        except Exception as exc:  # a bug or an unexpected library error: retry the rows later
+            log.exception("upload_unexpected_error", rows=len(rows))
+            self.retry(rows, j, f"internal_error: {type(exc).__name__}")
+            return
+        finally:
+            metrics.UPLOAD_SECONDS.observe(time.monotonic() - t0)
+        self.record(rows, j, result)
+
+    def record(self, rows: list[OutboxRow], j: Journal, result: SendResult) -> None:
+        by_uid = {r.sop_instance_uid: r for r in rows}
+        sent = [by_uid[u] for u in dict.fromkeys(result.sent) if u in by_uid]
+        if sent:
+            j.call(self.outbox.mark_sent, [r.id for r in sent])
+            metrics.UPLOAD_ATTEMPTS.labels(result="sent").inc(len(sent))
+            metrics.BYTES_SENT.inc(sum(r.size for r in sent))
+            metrics.LAST_UPLOAD_SUCCESS.set(time.time())
+        dead: dict[str, list[OutboxRow]] = {}
+        retry: dict[str, list[OutboxRow]] = {}
+        sent_ids = {r.id for r in sent}
+        for uid, (permanent, reason) in result.failed.items():
+            row = by_uid.get(uid)
+            if row is None or row.id in sent_ids:
+                continue
+            (dead if permanent else retry).setdefault(reason, []).append(row)
+        for reason, group in dead.items():
+            self.dead(group, j, reason)
+        for reason, group in retry.items():
+            self.retry(group, j, reason)
+        handled = sent_ids | {r.id for g in (*dead.values(), *retry.values()) for r in g}
+        unanswered = [r for r in rows if r.id not in handled]
+        if unanswered:  # a destination that says nothing about an instance: try it again later
+            self.retry(unanswered, j, "not_acknowledged")
+        self.healthy(j)
+        log.info(
+            "upload_batch",
+            destination=self.destination.label,
+            rows=len(rows),
+            sent=len(sent),
+            dead=sum(len(g) for g in dead.values()),
+            retry=sum(len(g) for g in retry.values()) + len(unanswered),
+            bytes=sum(r.size for r in sent),
+        )
+
+    def healthy(self, j: Journal) -> None:
+        if j.call(self.outbox.circuit_success):
+            log.info("destination_recovered", destination=self.destination.label)
+            self._on_recovered()
+
+    def exhausted(self, row: OutboxRow, now: float) -> bool:
+        return (
+            row.attempts >= self.settings.max_attempts
+            or now - row.created_at >= self.settings.max_age_hours * 3600.0
+        )
+
+    def dead(self, rows: Sequence[OutboxRow], j: Journal, reason: str) -> None:
+        j.call(self.outbox.mark_dead, [r.id for r in rows], error=reason)
+        metrics.UPLOAD_ATTEMPTS.labels(result="dead").inc(len(rows))
+        log.warning(
+            "upload_dead",
+            rows=len(rows),
+            reason=reason,
+            sop_uids=[r.sop_instance_uid for r in rows][:5],
+        )
+
+    def retry(self, rows: Sequence[OutboxRow], j: Journal, reason: str) -> None:
+        """Per-row backoff (a transient failure of these instances, not of the destination)."""
+        now = self._clock()
+        gone = [r for r in rows if self.exhausted(r, now)]
+        if gone:
+            self.dead(gone, j, f"gave_up after {max(r.attempts for r in gone)} attempts: {reason}")
+        for r in rows:
+            if r not in gone:
+                j.call(self.outbox.mark_retry, [r.id], error=reason, delay=self.jitter(r.attempts))
+        if len(gone) < len(rows):
+            metrics.UPLOAD_ATTEMPTS.labels(result="retry").inc(len(rows) - len(gone))
+
+    def outage(
+        self,
+        rows: list[OutboxRow],
+        j: Journal,
+        reason: str,
+        retry_after: float | None,
+        started: float,
+        *,
+        probing: bool,
+        auth: bool,
+    ) -> None:
+        """The destination failed as a whole: open (or keep open) the circuit; rows wait for it."""
+        try:
+            failures = self.outbox.consecutive_failures()
+        except STORAGE_ERRORS:
+            failures = 0
+        if retry_after is not None:
+            delay = min(max(0.0, retry_after), RETRY_AFTER_MAX_SECONDS)
+        else:
+            delay = self.jitter(failures + 1)
+        recorded = j.call(
+            self.outbox.circuit_failure,
+            reason,
+            delay=delay,
+            started_at=started,
+            auth=auth,
+            probing=probing,
+        )
+        # Not recorded yet: whether the outage was known is unknown; do not burn attempts.
+        known = True if recorded is None else recorded
+        # Attempts count only for the request that found an outage; credentials/redirect
+        # problems never burn them (they are not the rows' fault). Age always applies.
+        refund = probing or known or auth
+        now = self._clock()
+        max_age = self.settings.max_age_hours * 3600.0
+        gone = [
+            r
+            for r in rows
+            if (not refund and self.exhausted(r, now)) or now - r.created_at >= max_age
+        ]
+        if gone:
+            self.dead(gone, j, f"gave_up: {reason}")
+        waiting = [r.id for r in rows if r not in gone]
+        if waiting:
+            j.call(
+                self.outbox.mark_retry, waiting, error=reason, delay=delay, refund_attempt=refund
+            )
+            metrics.UPLOAD_ATTEMPTS.labels(result="retry").inc(len(waiting))
+        log.warning(
+            "destination_failing",
+            destination=self.destination.label,
+            reason=reason,
+            auth=auth,
+            retry_in=round(delay, 3),
+            consecutive_failures=failures + (0 if known else 1),
+        )
