@@ -8,38 +8,27 @@ entry, or both. Files that cannot be processed go to the quarantine with a reaso
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import functools
-import hashlib
 import multiprocessing
 import os
-import select
-import signal
-import sqlite3
 import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from ..._exceptions import IngestError
 from ...logs import describe_error, get_logger, short_hash
-from ..metrics import DEID_SECONDS, DEIDENTIFIED, FILES_RECEIVED, INTAKE_PAUSED
-from .quarantine import Quarantine, move_file
+from ..metrics import FILES_RECEIVED, INTAKE_PAUSED
+from .commit import GroupCommit, Job, OutboxSink
+from .originals import Originals
+from .quarantine import Quarantine
+from .worker import deid_job, init_worker, warm_up
 
-__all__ = [
-    "DICOMDIR_NAME",
-    "OUTBOX_DIR_MODE",
-    "OUTBOX_FILE_MODE",
-    "Intake",
-    "OutboxSink",
-]
+__all__ = ["DICOMDIR_NAME", "OUTBOX_DIR_MODE", "Intake"]
 
 log = get_logger()
 
@@ -48,8 +37,7 @@ DICOMDIR_NAME = "DICOMDIR"
 MAX_WORKER_CRASHES = 2
 #: While intake is paused by its gate (disk guard), re-check the gate this often.
 GATE_RECHECK_SECONDS = 5.0
-#: Mode of the de-identified copies in the outbox folder, and of that folder.
-OUTBOX_FILE_MODE = 0o600
+#: Mode of the outbox files folder (the copies in it: ``OUTBOX_FILE_MODE``, set by the workers).
 OUTBOX_DIR_MODE = 0o700
 #: Group commit: completions arriving within this long share one outbox transaction ...
 GROUP_LINGER_SECONDS = 0.003
@@ -60,138 +48,6 @@ GROUP_MAX = 64
 DEFER_FIRST_SECONDS = 2.0
 DEFER_MAX_SECONDS = 60.0
 MAX_DEFERRALS_TRACKED = 100_000
-
-
-class OutboxSink(Protocol):
-    """The part of the outbox intake needs (``gateway_agent.agent.outbox.Outbox``)."""
-
-    def add(
-        self,
-        *,
-        sop_instance_uid: str,
-        study_instance_uid: str,
-        series_instance_uid: str,
-        sop_class_uid: str,
-        path: Path,
-        size: int,
-        audit: dict[str, Any],
-    ) -> bool: ...
-
-
-# ----------------------------------------------------------------------------- worker side
-_ENGINE: Any = None
-
-_JobResult = tuple[Literal["ok", "error", "transient"], Any, str, float]
-
-
-def _init_worker(engine: Any, agent_pid: int) -> None:
-    """Pool initializer: keep the (picklable) Deidentifier for every job of this process."""
-    global _ENGINE
-    _ENGINE = engine
-    # Signals are the parent's business: it drains the pool on SIGTERM/SIGINT.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_agent(agent_pid)
-
-
-def _die_with_agent(agent_pid: int) -> None:
-    """If the agent is killed (-9), its pool workers must not linger and write on their own.
-
-    The workers are children of the forkserver, which itself waits for them, so nobody would
-    ever tell them: a thread blocks on a pidfd of the agent (no polling) and exits the worker
-    when the agent is gone. Where pidfds are unavailable it checks once a second.
-    """
-    try:
-        fd: int | None = os.pidfd_open(agent_pid)
-    except ProcessLookupError:
-        os._exit(1)
-    except (AttributeError, OSError):
-        fd = None
-
-    def watch() -> None:
-        if fd is not None:
-            select.select([fd], [], [])  # readable once the agent has exited
-        else:
-            while True:
-                try:
-                    os.kill(agent_pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="agent-watch", daemon=True).start()
-
-
-def _warm_up() -> None:
-    """A no-op job: makes the pool start its worker processes ahead of the first file."""
-
-
-def _deid_job(src: str, out_dir: str) -> _JobResult:
-    """Run in a worker: de-identify one file. Never raises; errors come back as data.
-
-    (IngestError carries ``reason`` outside ``args``, so it does not survive pickling as is.)
-    """
-    t0 = time.perf_counter()
-    try:
-        result = _ENGINE.deidentify_file(Path(src), Path(out_dir))
-        # The engine's atomic write leaves outputs 0644 (a general-purpose writer); outbox
-        # copies are the agent's own: 0600 (in a 0700 folder), before the row is committed.
-        Path(result.path).chmod(OUTBOX_FILE_MODE)
-    except IngestError as exc:
-        return "error", exc.reason, exc.detail, time.perf_counter() - t0
-    except MemoryError:
-        return "error", "too_large", "out of memory", time.perf_counter() - t0
-    except OSError as exc:
-        # The engine reports input problems as DeidError; an OSError is the output side (disk
-        # full, quota, permissions): not the input's fault, so the original stays for later.
-        name = errno.errorcode.get(exc.errno or 0, "OSError")
-        return "transient", "resource", name, time.perf_counter() - t0
-    except Exception as exc:  # a bug in the engine must not stop the daemon
-        return "error", "internal_error", type(exc).__name__, time.perf_counter() - t0
-    return "ok", result, "", time.perf_counter() - t0
-
-
-# ----------------------------------------------------------------------------- parent side
-@dataclass
-class _Job:
-    path: str
-    size: int
-    mtime_ns: int
-    future: Future[_JobResult] | None = None
-    started: float = field(default_factory=time.perf_counter)
-    rel: str | None = None  # the inbox-relative name, checked when the job was launched
-
-
-class _KeptIndex:
-    """Inputs already processed under ``originals = "keep"``: path hash, size, mtime (SQLite)."""
-
-    def __init__(self, db_path: Path) -> None:
-        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("pragma journal_mode=wal")
-        self._conn.execute(
-            "create table if not exists kept (key text primary key, created real not null)"
-        )
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(rel: str, size: int, mtime_ns: int) -> str:
-        return hashlib.sha256(f"{rel}\0{size}\0{mtime_ns}".encode()).hexdigest()
-
-    def __contains__(self, key: object) -> bool:
-        with self._lock:
-            row = self._conn.execute("select 1 from kept where key = ?", (key,)).fetchone()
-        return row is not None
-
-    def add(self, key: str) -> None:
-        with self._lock:
-            self._conn.execute(
-                "insert or ignore into kept (key, created) values (?, ?)", (key, time.time())
-            )
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
 
 
 class Intake:
@@ -243,41 +99,38 @@ class Intake:
         resettle: Callable[[Path], None] | None = None,
         retry_later: Callable[[Path, float], None] | None = None,
     ) -> None:
-        if originals == "archive" and archive_dir is None:
-            raise ValueError('Argument "archive_dir" is required when originals is "archive".')
         if workers < 1:
             raise ValueError('Argument "workers" must be at least 1.')
         self.inbox = Path(inbox).resolve()
         self.out_dir = Path(out_dir)
         self._engine = engine
-        self._outbox = outbox
-        self._quarantine = quarantine
-        self._originals = originals
-        self._archive_dir = Path(archive_dir) if archive_dir is not None else None
+        self._originals = Originals(
+            originals, archive_dir=archive_dir, state_dir=Path(state_dir or out_dir.parent)
+        )
+        self._commit = GroupCommit(
+            outbox=outbox,
+            quarantine=quarantine,
+            originals=self._originals,
+            requeue=self._requeue,
+            defer=self._defer,
+            resettle=resettle,
+        )
         self._workers = workers
         # A few per worker: workers stay busy while the dispatcher commits rows.
         self._max_inflight = 4 * workers
         self._on_committed = on_committed
         self._gate = gate
-        self._resettle = resettle
         self._retry_later = retry_later
         self._deferrals: dict[str, int] = {}  # path -> consecutive deferrals (bounded, see _defer)
-        self._kept = (
-            _KeptIndex(Path(state_dir or out_dir.parent) / "intake.db")
-            if originals == "keep"
-            else None
-        )
         self._cond = threading.Condition()
         self._queue: dict[str, None] = {}
-        self._inflight: dict[str, _Job] = {}
-        self._done: deque[_Job] = deque()
+        self._inflight: dict[str, Job] = {}
+        self._done: deque[Job] = deque()
         self._crashes: dict[str, int] = {}
         self._paused = False
         self._stopping = False
         self._pool: ProcessPoolExecutor | None = None
         self._thread: threading.Thread | None = None
-        self.committed = 0
-        self.quarantined = 0
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -286,11 +139,11 @@ class Intake:
         self._pool = self._new_pool()
         # Start every worker now (engine unpickled, modules imported), not on the first files.
         for _ in range(self._workers):
-            self._pool.submit(_warm_up)
+            self._pool.submit(warm_up)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
         self._thread.start()
-        log.info("intake_started", workers=self._workers, originals=self._originals)
+        log.info("intake_started", workers=self._workers, originals=self._originals.policy)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context("forkserver")
@@ -298,7 +151,7 @@ class Intake:
         return ProcessPoolExecutor(
             max_workers=self._workers,
             mp_context=ctx,
-            initializer=_init_worker,
+            initializer=init_worker,
             initargs=(self._engine, os.getpid()),
         )
 
@@ -319,9 +172,18 @@ class Intake:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        if self._kept is not None:
-            self._kept.close()
+        self._originals.close()
         log.info("intake_stopped", committed=self.committed, quarantined=self.quarantined)
+
+    @property
+    def committed(self) -> int:
+        """Rows committed (and originals disposed of) since the start."""
+        return self._commit.committed
+
+    @property
+    def quarantined(self) -> int:
+        """Inputs quarantined since the start."""
+        return self._commit.quarantined
 
     def alive(self) -> bool:
         """True while the dispatcher thread runs."""
@@ -433,23 +295,25 @@ class Intake:
         if rel is None:
             log.warning("intake_outside_inbox", file=short_hash(path))
             return
-        if self._kept is not None and _KeptIndex.key(rel, st.st_size, st.st_mtime_ns) in self._kept:
+        if self._originals.already_kept(rel, st.st_size, st.st_mtime_ns):
             return
         FILES_RECEIVED.inc()
         if Path(path).name.upper() == DICOMDIR_NAME:
             # A media directory lists patients; it is not an instance to upload.
-            self._to_quarantine(path, rel, "dicomdir", "DICOMDIR media index is not uploaded")
+            self._commit.to_quarantine(
+                path, rel, "dicomdir", "DICOMDIR media index is not uploaded"
+            )
             return
-        job = _Job(path, st.st_size, st.st_mtime_ns, rel=rel)
+        job = Job(path, st.st_size, st.st_mtime_ns, rel=rel)
         with self._cond:
             self._inflight[path] = job
         assert self._pool is not None
         try:
             try:
-                job.future = self._pool.submit(_deid_job, path, str(self.out_dir))
+                job.future = self._pool.submit(deid_job, path, str(self.out_dir))
             except BrokenProcessPool:
                 self._replace_pool()
-                job.future = self._pool.submit(_deid_job, path, str(self.out_dir))
+                job.future = self._pool.submit(deid_job, path, str(self.out_dir))
         except BaseException:
             # No worker took it (e.g. none could be started on a full disk): it must not stay
             # "in flight", where every later offer of the same file would be ignored.
@@ -458,7 +322,7 @@ class Intake:
             raise
         job.future.add_done_callback(functools.partial(self._completed, job))
 
-    def _completed(self, job: _Job, _future: object = None) -> None:
+    def _completed(self, job: Job, _future: object = None) -> None:
         with self._cond:
             self._done.append(job)
             self._cond.notify_all()
@@ -479,7 +343,7 @@ class Intake:
         if old is not None:
             old.shutdown(wait=False, cancel_futures=True)
 
-    def _linger(self, done: list[_Job]) -> list[_Job]:
+    def _linger(self, done: list[Job]) -> list[Job]:
         """Under load, wait a moment (at most ``GROUP_LINGER_SECONDS``) so more completions
         share one commit. Not when nothing else is in flight (a lone file commits at once)."""
         deadline = time.monotonic() + GROUP_LINGER_SECONDS
@@ -497,106 +361,12 @@ class Intake:
             self._done.clear()
         return done
 
-    def _release(self, jobs: list[_Job]) -> None:
+    def _release(self, jobs: list[Job]) -> None:
         with self._cond:
             for job in jobs:
                 if self._inflight.get(job.path) is job:
                     del self._inflight[job.path]
             self._cond.notify_all()
-
-    def _finish_group(self, jobs: list[_Job]) -> None:
-        """Classify completed jobs; commit the good ones in ONE outbox transaction; dispose.
-
-        Invariant 1 holds per file: every output was made durable by its worker (temp, fsync,
-        rename, folder fsync) before the job completed; the group's rows are committed (one
-        ``BEGIN IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``) before any original of the
-        group is removed. A failed commit keeps every original of the group.
-        """
-        ready: list[tuple[_Job, str, Any, float]] = []
-        handled: list[_Job] = []
-        for job in jobs:
-            try:
-                item = self._prepare(job)
-            except Exception as exc:
-                # Unexpected (file system): keep the original; the next scan retries it.
-                log.error(
-                    "intake_commit_failed", file=short_hash(job.path), error=describe_error(exc)
-                )
-                item = None
-            if item is None:
-                handled.append(job)
-            else:
-                ready.append((job, *item))
-        committed = 0
-        if ready:
-            try:
-                added = self._add_rows([r[2] for r in ready])
-            except Exception as exc:
-                for job, *_ in ready:
-                    log.error(
-                        "intake_commit_failed",
-                        file=short_hash(job.path),
-                        error=describe_error(exc),
-                    )
-                handled += [r[0] for r in ready]
-                ready = []
-                added = []
-            # Only now, with the rows committed, may the originals go.
-            for (job, rel, result, seconds), new in zip(ready, added, strict=True):
-                try:
-                    self._dispose(job, rel)
-                except Exception as exc:
-                    log.error(
-                        "intake_commit_failed",
-                        file=short_hash(job.path),
-                        error=describe_error(exc),
-                    )
-                    continue
-                committed += 1
-                self.committed += 1
-                self._deferrals.pop(job.path, None)
-                DEIDENTIFIED.inc()
-                DEID_SECONDS.observe(seconds)
-                self._crashes.pop(job.path, None)
-                log.debug(
-                    "deidentified",
-                    sop_instance_uid=result.sop_instance_uid,
-                    new=new,
-                    seconds=round(seconds, 4),
-                )
-        self._release(handled + [r[0] for r in ready])
-        # After the release, so a woken uploader sees this intake's backlog already shrunk.
-        if self._on_committed is not None:
-            for _ in range(committed):
-                try:
-                    self._on_committed()
-                except Exception as err:
-                    log.error("intake_on_committed_failed", error=describe_error(err))
-
-    def _add_rows(self, results: list[Any]) -> list[bool]:
-        rows = [
-            {
-                "sop_instance_uid": r.sop_instance_uid,
-                "study_instance_uid": r.study_instance_uid,
-                "series_instance_uid": r.series_instance_uid,
-                "sop_class_uid": r.sop_class_uid,
-                "path": r.path,
-                "size": r.size,
-                "audit": r.audit,
-            }
-            for r in results
-        ]
-        add_many = getattr(self._outbox, "add_many", None)
-        if add_many is not None:
-            return list(add_many(rows))
-        return [self._outbox.add(**row) for row in rows]  # a sink without group commit
-
-    def _unchanged(self, job: _Job) -> bool:
-        try:
-            st = os.lstat(job.path)
-        except OSError:
-            return False
-        return (st.st_size, st.st_mtime_ns) == (job.size, job.mtime_ns)
 
     def _defer(self, path: str) -> None:
         """Have ``path`` offered again after a backoff (2 s doubling to 60 s per consecutive
@@ -617,66 +387,43 @@ class Intake:
             if not self._stopping:
                 self._queue[path] = None
 
-    def _prepare(self, job: _Job) -> tuple[str, Any, float] | None:
-        """Deal with a completed job, except its commit: ``(rel, result, seconds)`` when it is
-        to be committed, None when it was handled here (crash, error, deferred, changed)."""
-        assert job.future is not None
-        exc = job.future.exception()
-        if isinstance(exc, BrokenProcessPool):
-            if self._stopping:
-                return None  # shutting down: the original stays in the inbox
-            n = self._crashes.get(job.path, 0) + 1
-            self._crashes[job.path] = n
-            if self._pool is not None and getattr(self._pool, "_broken", False):
-                self._replace_pool()
-            log.error("intake_worker_died", file=short_hash(job.path), crashes=n)
-            if n <= MAX_WORKER_CRASHES:
-                self._requeue(job.path)
-                return None
-            rel = job.rel or self._relative(job.path) or Path(job.path).name
+    def _finish_group(self, jobs: list[Job]) -> None:
+        """Completed jobs: worker deaths handled here, the rest committed as one group; then
+        they leave the in-flight set, and the uploader is woken once per committed row."""
+        survivors = [job for job in jobs if not self._worker_died(job)]
+        committed = self._commit.finish(survivors)
+        for job in committed:
+            self._deferrals.pop(job.path, None)
             self._crashes.pop(job.path, None)
-            self._to_quarantine(job.path, rel, "internal_error", "worker process died")
-            return None
-        if exc is not None:
-            raise exc
-        kind, payload, detail, seconds = job.future.result()
-        rel = job.rel or self._relative(job.path) or Path(job.path).name
-        if kind == "transient":
-            log.error("intake_deferred", file=short_hash(job.path), cause=detail)
-            self._defer(job.path)
-            return None  # the original stays and is offered again later
-        if not self._unchanged(job):
-            # Rewritten (or removed) while we read it: never act on bytes we did not process;
-            # let it settle again.
-            if self._resettle is not None and Path(job.path).exists():
-                self._resettle(Path(job.path))
-            else:
-                self._requeue(job.path)
-            return None
-        if kind == "error":
-            self._to_quarantine(job.path, rel, str(payload), detail)
-            return None
-        return rel, payload, seconds
+        self._release(jobs)
+        # After the release, so a woken uploader sees this intake's backlog already shrunk.
+        if self._on_committed is not None:
+            for _ in committed:
+                try:
+                    self._on_committed()
+                except Exception as err:
+                    log.error("intake_on_committed_failed", error=describe_error(err))
 
-    def _dispose(self, job: _Job, rel: str) -> None:
-        src = Path(job.path)
-        if self._originals == "delete":
-            with contextlib.suppress(FileNotFoundError):
-                src.unlink()
-        elif self._originals == "archive":
-            assert self._archive_dir is not None
-            dst = self._archive_dir / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if dst.exists():
-                dst = dst.with_name(f"{dst.name}.{int(time.time() * 1000)}")
-            move_file(src, dst)
-        else:
-            assert self._kept is not None
-            self._kept.add(_KeptIndex.key(rel, job.size, job.mtime_ns))
-
-    def _to_quarantine(self, path: str, rel: str, reason: str, detail: str) -> None:
+    def _worker_died(self, job: Job) -> bool:
+        """True if ``job``'s worker process died (the pool is broken); then the file is queued
+        again, alone, or quarantined after ``MAX_WORKER_CRASHES`` deaths."""
+        assert job.future is not None
         try:
-            self._quarantine.put(Path(path), reason, detail, original_name=rel)
-        except FileNotFoundError:
-            return
-        self.quarantined += 1
+            exc = job.future.exception()
+        except Exception:
+            return False  # the commit reports it
+        if not isinstance(exc, BrokenProcessPool):
+            return False
+        if self._stopping:
+            return True  # shutting down: the original stays in the inbox
+        n = self._crashes.get(job.path, 0) + 1
+        self._crashes[job.path] = n
+        if self._pool is not None and getattr(self._pool, "_broken", False):
+            self._replace_pool()
+        log.error("intake_worker_died", file=short_hash(job.path), crashes=n)
+        if n <= MAX_WORKER_CRASHES:
+            self._requeue(job.path)
+            return True
+        self._crashes.pop(job.path, None)
+        self._commit.to_quarantine(job.path, job.rel, "internal_error", "worker process died")
+        return True

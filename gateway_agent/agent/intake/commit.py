@@ -1,0 +1,201 @@
+"""The group commit: completed de-identifications become outbox rows, then their originals go.
+
+Invariant 1 holds per file: every output was made durable by its worker (temp, fsync, rename,
+folder fsync) before the job completed; the group's rows are committed (one ``BEGIN IMMEDIATE``
+... ``COMMIT`` with ``synchronous=FULL``) before any original of the group is removed, archived or
+remembered as kept. A failed commit keeps every original of the group.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ...logs import describe_error, get_logger, short_hash
+from ..metrics import DEID_SECONDS, DEIDENTIFIED
+from .originals import Originals
+from .quarantine import Quarantine
+from .worker import JobResult
+
+__all__ = ["GroupCommit", "Job", "OutboxSink"]
+
+log = get_logger()
+
+
+class OutboxSink(Protocol):
+    """The part of the outbox intake needs (``gateway_agent.agent.outbox.store.Outbox``)."""
+
+    def add(
+        self,
+        *,
+        sop_instance_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_class_uid: str,
+        path: Path,
+        size: int,
+        audit: dict[str, Any],
+    ) -> bool: ...
+
+
+@dataclass
+class Job:
+    """One inbox file handed to a worker: its size and mtime when taken, its inbox-relative name."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    rel: str
+    future: Future[JobResult] | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+class GroupCommit:
+    """What completed jobs become: outbox rows (one transaction per group), quarantine entries, or
+    files offered again; then the originals of the committed rows are disposed of.
+
+    Parameters
+    ----------
+    outbox
+        Where committed rows go; ``add`` must be durable on return and idempotent (``add_many``,
+        when the sink has it, commits a group in one transaction).
+    quarantine
+        Where unprocessable inputs go.
+    originals
+        What to do with an original once its row is committed.
+    requeue
+        Queue a file again at once (it changed while it was processed and nobody re-settles it).
+    defer
+        Have a file offered again after a backoff (it could not be processed for want of
+        resources).
+    resettle
+        Called with a file that changed while it was processed (the watcher settles it again);
+        without it the file is requeued.
+    """
+
+    def __init__(
+        self,
+        *,
+        outbox: OutboxSink,
+        quarantine: Quarantine,
+        originals: Originals,
+        requeue: Callable[[str], None],
+        defer: Callable[[str], None],
+        resettle: Callable[[Path], None] | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._quarantine = quarantine
+        self._originals = originals
+        self._requeue = requeue
+        self._defer = defer
+        self._resettle = resettle
+        self.committed = 0
+        self.quarantined = 0
+
+    def finish(self, jobs: list[Job]) -> list[Job]:
+        """Classify completed jobs; commit the good ones in ONE outbox transaction; dispose of
+        their originals. Returns the jobs committed (rows durable, originals disposed of)."""
+        ready: list[tuple[Job, Any, float]] = []
+        for job in jobs:
+            try:
+                item = self._prepare(job)
+            except Exception as exc:
+                # Unexpected (file system): keep the original; the next scan retries it.
+                log.error(
+                    "intake_commit_failed", file=short_hash(job.path), error=describe_error(exc)
+                )
+                item = None
+            if item is not None:
+                ready.append((job, *item))
+        if not ready:
+            return []
+        try:
+            added = self._add_rows([result for _, result, _ in ready])
+        except Exception as exc:
+            for job, *_ in ready:
+                log.error(
+                    "intake_commit_failed", file=short_hash(job.path), error=describe_error(exc)
+                )
+            return []
+        committed: list[Job] = []
+        # Only now, with the rows committed, may the originals go.
+        for (job, result, seconds), new in zip(ready, added, strict=True):
+            try:
+                self._originals.dispose(Path(job.path), job.rel, job.size, job.mtime_ns)
+            except Exception as exc:
+                log.error(
+                    "intake_commit_failed", file=short_hash(job.path), error=describe_error(exc)
+                )
+                continue
+            committed.append(job)
+            self.committed += 1
+            DEIDENTIFIED.inc()
+            DEID_SECONDS.observe(seconds)
+            log.debug(
+                "deidentified",
+                sop_instance_uid=result.sop_instance_uid,
+                new=new,
+                seconds=round(seconds, 4),
+            )
+        return committed
+
+    def to_quarantine(self, path: str, rel: str, reason: str, detail: str) -> None:
+        """Move an input to the quarantine with its reason (gone already: nothing to do)."""
+        try:
+            self._quarantine.put(Path(path), reason, detail, original_name=rel)
+        except FileNotFoundError:
+            return
+        self.quarantined += 1
+
+    def _prepare(self, job: Job) -> tuple[Any, float] | None:
+        """Deal with a completed job, except its commit: ``(result, seconds)`` when it is to be
+        committed, None when it was handled here (error, deferred, changed)."""
+        assert job.future is not None
+        kind, payload, detail, seconds = job.future.result()
+        if kind == "transient":
+            log.error("intake_deferred", file=short_hash(job.path), cause=detail)
+            self._defer(job.path)
+            return None  # the original stays and is offered again later
+        if not self._unchanged(job):
+            # Rewritten (or removed) while we read it: never act on bytes we did not process;
+            # let it settle again.
+            if self._resettle is not None and Path(job.path).exists():
+                self._resettle(Path(job.path))
+            else:
+                self._requeue(job.path)
+            return None
+        if kind == "error":
+            self.to_quarantine(job.path, job.rel, str(payload), detail)
+            return None
+        return payload, seconds
+
+    def _add_rows(self, results: list[Any]) -> list[bool]:
+        rows = [
+            {
+                "sop_instance_uid": r.sop_instance_uid,
+                "study_instance_uid": r.study_instance_uid,
+                "series_instance_uid": r.series_instance_uid,
+                "sop_class_uid": r.sop_class_uid,
+                "path": r.path,
+                "size": r.size,
+                "audit": r.audit,
+            }
+            for r in results
+        ]
+        add_many = getattr(self._outbox, "add_many", None)
+        if add_many is not None:
+            return list(add_many(rows))
+        return [self._outbox.add(**row) for row in rows]  # a sink without group commit
+
+    @staticmethod
+    def _unchanged(job: Job) -> bool:
+        try:
+            st = os.lstat(job.path)
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == (job.size, job.mtime_ns)

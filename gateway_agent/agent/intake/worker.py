@@ -1,0 +1,91 @@
+"""What runs in the de-identification worker processes: one file per job, errors as data."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from ..._exceptions import IngestError
+
+__all__ = ["OUTBOX_FILE_MODE", "JobResult", "deid_job", "init_worker", "warm_up"]
+
+#: Mode of the de-identified copies in the outbox folder (the folder itself: ``OUTBOX_DIR_MODE``).
+OUTBOX_FILE_MODE = 0o600
+
+_ENGINE: Any = None
+
+JobResult = tuple[Literal["ok", "error", "transient"], Any, str, float]
+
+
+def init_worker(engine: Any, agent_pid: int) -> None:
+    """Pool initializer: keep the (picklable) Deidentifier for every job of this process."""
+    global _ENGINE
+    _ENGINE = engine
+    # Signals are the parent's business: it drains the pool on SIGTERM/SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_agent(agent_pid)
+
+
+def _die_with_agent(agent_pid: int) -> None:
+    """If the agent is killed (-9), its pool workers must not linger and write on their own.
+
+    The workers are children of the forkserver, which itself waits for them, so nobody would
+    ever tell them: a thread blocks on a pidfd of the agent (no polling) and exits the worker
+    when the agent is gone. Where pidfds are unavailable it checks once a second.
+    """
+    try:
+        fd: int | None = os.pidfd_open(agent_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the agent has exited
+        else:
+            while True:
+                try:
+                    os.kill(agent_pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="agent-watch", daemon=True).start()
+
+
+def warm_up() -> None:
+    """A no-op job: makes the pool start its worker processes ahead of the first file."""
+
+
+def deid_job(src: str, out_dir: str) -> JobResult:
+    """Run in a worker: de-identify one file. Never raises; errors come back as data.
+
+    (IngestError carries ``reason`` outside ``args``, so it does not survive pickling as is.)
+    """
+    t0 = time.perf_counter()
+    try:
+        result = _ENGINE.deidentify_file(Path(src), Path(out_dir))
+        # The engine's atomic write leaves outputs 0644 (a general-purpose writer); outbox
+        # copies are the agent's own: 0600 (in a 0700 folder), before the row is committed.
+        Path(result.path).chmod(OUTBOX_FILE_MODE)
+    except IngestError as exc:
+        return "error", exc.reason, exc.detail, time.perf_counter() - t0
+    except MemoryError:
+        return "error", "too_large", "out of memory", time.perf_counter() - t0
+    except OSError as exc:
+        # The engine reports input problems as DeidError; an OSError is the output side (disk
+        # full, quota, permissions): not the input's fault, so the original stays for later.
+        name = errno.errorcode.get(exc.errno or 0, "OSError")
+        return "transient", "resource", name, time.perf_counter() - t0
+    except Exception as exc:  # a bug in the engine must not stop the daemon
+        return "error", "internal_error", type(exc).__name__, time.perf_counter() - t0
+    return "ok", result, "", time.perf_counter() - t0
