@@ -22,12 +22,5 @@ __all__ = ["Outbox"]
 
 
 class Outbox(Delivery, Circuit, Upkeep):
-    """The outbox database (``db_path`` may be ``":memory:"`` for tests).
-
-    Parameters
-    ----------
-    db_path
-        SQLite file; created with mode 0600 (its WAL and SHM files inherit that mode).
-    clock
-        Wall-clock source for every timestamp (injected by tests).
-    """
+    """The outbox: ``Outbox(db_path, clock=time.time)``, ``db_path`` may be ``":memory:"``
+    (see :class:`~gateway_agent.agent.outbox.db.OutboxDB` for the parameters)."""
