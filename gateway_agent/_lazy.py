@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import importlib
 import sys
-
-TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
-if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
-    from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 __all__ = ["lazy_exports"]
 

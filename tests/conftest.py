@@ -38,3 +38,11 @@ def ct_series_dir(tmp_path: Path) -> Path:
     d = tmp_path / "series"
     write_series(make_ct_series(10, rows=64, cols=64), d)
     return d
+
+
+@pytest.fixture(autouse=True)
+def _private_user_data(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``anonymize``'s per-user secret ($XDG_DATA_HOME) in a temp folder, never the real home."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from .. import __version__
 from .._exceptions import ConfigError
+from ._help import HelpFormatter
 
-TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
 if TYPE_CHECKING:
-    import argparse
-    from pathlib import Path
-    from typing import Any
-
     from ..config import Settings
 
 __all__ = ["build_parser", "main", "settings_from_args"]
@@ -23,85 +23,70 @@ def settings_from_args(
     args: argparse.Namespace, overrides: dict[str, Any] | None = None
 ) -> Settings:
     """Load Settings with the global ``--config`` and the command's own flag overrides."""
-    from ..config import load_settings  # pydantic costs ~0.3 s; only commands that need it pay
+    from ..config import load_settings  # pydantic: only the commands that read settings pay
 
     config: Path | None = getattr(args, "config", None)
     return load_settings(config, overrides)
 
 
-#: Commands whose module is enough to parse them: ``main`` builds a parser with only that
-#: module (the others cost start-up time: structlog, imaging presets...). The parsed arguments
-#: are the same as with the full parser.
-_LEAN_COMMANDS = frozenset({"anonymize", "inspect"})
+def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--config`` and ``--log-format``, accepted before and after the command word.
 
-
-def build_parser(*, only: str | None = None) -> argparse.ArgumentParser:
-    """The full parser; each command module adds its subcommands through ``register``.
-
-    ``only="deid"`` registers the de-identification commands alone (used by :func:`main` for
-    ``anonymize`` and ``inspect``, whose start-up time matters).
+    On the commands' parsers the default is ``argparse.SUPPRESS``: a value given before the
+    command is kept unless the same option is given again after it.
     """
-    import argparse
-    from pathlib import Path
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        metavar="FILE",
+        help="TOML config file (default /etc/gateway-agent/config.toml)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default=default,
+        help="log renderer (default: from the configuration)",
+    )
 
-    from ._help import HelpFormatter
+
+def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command parser below ``parser`` (``config show`` included), depth first."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found.append(child)
+                found.extend(_commands(child))
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser; each command module adds its commands through ``register``."""
+    from . import agent_cmds, config_cmds, deid_cmds, imaging_cmds
 
     parser = argparse.ArgumentParser(
         prog="gateway-agent",
         description="Edge gateway for medical images: de-identify, queue, upload, QC.",
+        epilog="example:\n  gateway-agent run --inbox /srv/inbox --destination-folder /srv/out",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="TOML config file (default /etc/gateway-agent/config.toml)",
-    )
-    parser.add_argument(
-        "--log-format", choices=["auto", "json", "console"], default=None, help="log renderer"
-    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_global_options(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from . import deid_cmds
-
-    if only == "deid":
-        deid_cmds.register(sub)
-        return parser
-    from . import agent_cmds, config_cmds, imaging_cmds
-
     for module in (agent_cmds, deid_cmds, imaging_cmds, config_cmds):
         module.register(sub)
+    for command in _commands(parser):
+        _add_global_options(command, argparse.SUPPRESS)
     return parser
-
-
-def _command_of(argv: Sequence[str]) -> str | None:
-    """The command word of ``argv`` when the global options before it are unambiguous."""
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--config", "--log-format"):
-            i += 2
-        elif arg.startswith(("--config=", "--log-format=")):
-            i += 1
-        elif arg.startswith("-"):
-            return None  # -h, abbreviations, errors: leave them to the full parser
-        else:
-            return arg
-    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
-    words = sys.argv[1:] if argv is None else list(argv)
-    lean = _command_of(words) in _LEAN_COMMANDS
-    args: argparse.Namespace | None = None
-    if words[:1] == ["anonymize"]:
-        from .deid_cmds import parse_anonymize  # without argparse: ~4 ms of its start-up
-
-        args = parse_anonymize(words[1:])
-    if args is None:
-        args = build_parser(only="deid" if lean else None).parse_args(words)
+    args = build_parser().parse_args(argv)
     try:
         status: int = args.func(args)
+        sys.stdout.flush()  # here, where a reader that went away is handled below
     except ConfigError as exc:
         print(f"gateway-agent: {exc}", file=sys.stderr)
         return 2
@@ -113,14 +98,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a process killed by it
-    if argv is None and lean:
-        # The process ends now, and nothing is left open but stdio: outputs and the audit file
-        # are closed, workers reaped. Skip the interpreter's teardown (module clean-up and a
-        # last collection: ~4 ms of a 0.1 s ``anonymize`` run).
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BrokenPipeError:
-            status = 141
-        os._exit(status)
     return status

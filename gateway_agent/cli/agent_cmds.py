@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import settings_from_args
+from ._help import add_command
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -23,32 +24,26 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
-    # Also accepted after the subcommand; SUPPRESS keeps the global value when absent here.
-    p.add_argument(
-        "--config",
-        type=Path,
-        default=argparse.SUPPRESS,
-        help="TOML config file",
-    )
-
-
 def _add_state_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=None, help="state folder (default ./state)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``run``, ``status`` and ``retry``."""
-    run = sub.add_parser(
+    run = add_command(
+        sub,
         "run",
-        help="run the agent: watch the inbox, de-identify, queue durably, upload",
+        summary="run the agent: watch the inbox, de-identify, queue durably, upload",
         description=(
-            "Watch the inbox, de-identify every complete DICOM file into the outbox, upload it, "
-            "and quarantine what cannot be processed. With no configuration: inbox ./inbox, "
+            "Every complete DICOM file in the inbox is de-identified into the outbox, uploaded, "
+            "and what cannot be processed is quarantined. With no configuration: inbox ./inbox, "
             "state ./state, destination folder ./destination. SIGTERM/SIGINT stop gracefully."
         ),
+        examples=[
+            "gateway-agent run --inbox /srv/inbox --destination-folder /srv/out",
+            "gateway-agent run --config /etc/gateway-agent/config.toml --log-format console",
+        ],
     )
-    _add_config(run)
     run.add_argument("--inbox", type=Path, default=None, help="watched folder (default ./inbox)")
     _add_state_dir(run)
     dest = run.add_mutually_exclusive_group()
@@ -67,29 +62,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser(
+    status = add_command(
+        sub,
         "status",
-        help="inbox backlog, outbox counts, throughput, destination errors, quarantine",
-        description="What the agent holds: read from the state folder and the inbox (works "
-        "while it runs).",
+        summary="inbox backlog, outbox counts, throughput, destination errors, quarantine",
+        description="Read from the state folder and the inbox; works while the agent runs.",
+        examples=["gateway-agent status", "gateway-agent status --state-dir /var/lib/gw --json"],
     )
-    _add_config(status)
     _add_state_dir(status)
     status.add_argument("--inbox", type=Path, default=None, help="inbox (default: from config)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--latest", type=int, default=5, help="how many recent entries to list")
     status.set_defaults(func=cmd_status)
 
-    retry = sub.add_parser(
+    retry = add_command(
+        sub,
         "retry",
-        help="dead rows back to the queue; quarantined files back into the inbox",
+        summary="dead rows back to the queue; quarantined files back into the inbox",
         description=(
             "Without flags: dead rows are queued again and every waiting row is due now "
             "(use after fixing the destination or credentials). --quarantine moves quarantined "
             "originals back into the inbox, where the running agent takes them again."
         ),
+        examples=[
+            "gateway-agent retry",
+            "gateway-agent retry --quarantine --reason burned_in_annotation",
+        ],
     )
-    _add_config(retry)
     _add_state_dir(retry)
     retry.add_argument("--inbox", type=Path, default=None, help="inbox (for --quarantine)")
     retry.add_argument("--dead", action="store_true", help="requeue dead outbox rows")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .._exceptions import ConfigError
+from ._help import add_command
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -243,18 +244,27 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``config show`` and ``config check``."""
-    parser = sub.add_parser(
+    parser = add_command(
+        sub,
         "config",
-        help="show or check the configuration",
-        description="Show the effective configuration (and each value's source) or check it.",
+        summary="show or check the configuration",
+        description="`config show` prints each value and its source; `config check` validates.",
+        examples=["gateway-agent config show", "gateway-agent config check --config FILE"],
     )
     group = parser.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    show = group.add_parser(
-        "show", help="effective configuration; source of each value; secrets masked"
+    show = add_command(
+        group,
+        "show",
+        summary="effective configuration; source of each value; secrets masked",
+        examples=["gateway-agent config show --config /etc/gateway-agent/config.toml --json"],
     )
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_show)
-    check = group.add_parser(
-        "check", help="validate; exit 0 when fine, 2 with one line per problem"
+    check = add_command(
+        group,
+        "check",
+        summary="validate; exit 0 when fine, 2 with one line per problem",
+        description="Accepts exactly what `run` accepts: what `run` refuses fails here too.",
+        examples=["gateway-agent config check --config /etc/gateway-agent/config.toml"],
     )
     check.set_defaults(func=cmd_check)

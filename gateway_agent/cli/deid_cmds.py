@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
+import csv
+import errno
 import gc
+import json
 import os
 import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
+from ._help import add_command
+
 if TYPE_CHECKING:
-    import argparse
-    from pathlib import Path
-    from typing import Any
-
+    from ..deid import Deidentifier
     from ..deid.profile import DeidOptions
 
-    _DeidSetup = tuple[DeidOptions, str | os.PathLike[str], str]
-
-__all__ = ["parse_anonymize", "register"]
+__all__ = ["default_secret_file", "register"]
 
 #: The ten Annex E options: (settings field, flag, help).
 _OPTION_FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -55,24 +57,26 @@ _OPTION_FLAGS: tuple[tuple[str, str, str], ...] = (
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``anonymize`` and ``inspect``."""
-    import argparse
-    from pathlib import Path
-
-    from ._help import HelpFormatter
-
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "anonymize",
-        formatter_class=HelpFormatter,
-        help="de-identify DICOM files and folders (PS3.15 Annex E) into a folder",
+        summary="de-identify DICOM files and folders (PS3.15 Annex E) into a folder",
         description=(
-            "De-identify files (folders recursively) into OUT/<new SOP Instance UID>.dcm. "
-            "Options default to the [deid] section of the configuration. Exit status 1 when "
-            "any input was quarantined or failed; inputs are reported by reason, never by name."
+            "Folders are read recursively; each output is OUT/<new SOP Instance UID>.dcm. "
+            "Options default to the [deid] section of the configuration. The site secret is "
+            "the configured one (deid.secret_file, else state_dir/secret.key) when a "
+            "configuration names it, else the per-user key "
+            "$XDG_DATA_HOME/gateway-agent/secret.key; it is created on first use and its "
+            "location printed. Exit status 1 when any input was quarantined or failed; the "
+            "summary counts inputs by reason, and --report names them."
         ),
+        examples=[
+            "gateway-agent anonymize scans/ -o anon/",
+            "gateway-agent anonymize scans/ -o anon/ --secret-file site.key --report report.csv",
+        ],
     )
-    # Plain strings (not Path) for anonymize: pathlib is not imported on its path (~3 ms).
-    p.add_argument("src", nargs="+", metavar="SRC", help="files or folders")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("src", nargs="+", type=Path, metavar="SRC", help="files or folders")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output folder")
     p.add_argument(
         "-j",
         "--jobs",
@@ -81,7 +85,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="worker processes (default: cores)",
     )
-    p.add_argument("--secret-file", default=None, help="site secret (default from config)")
+    p.add_argument(
+        "--secret-file", type=Path, default=None, metavar="FILE", help="site secret (see above)"
+    )
     for field, flag, text in _OPTION_FLAGS:
         p.add_argument(
             flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=text
@@ -95,142 +101,83 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--fsync", action="store_true", help="fsync every output file (default: atomic rename only)"
     )
-    p.add_argument("--audit", default=None, help="write one JSON audit line per output")
+    p.add_argument(
+        "--audit", type=Path, default=None, metavar="FILE", help="one JSON audit line per output"
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="one line per input: path, outcome, reason, output name (CSV when FILE ends in "
+        ".csv, else JSON lines); names inputs, so keep it local",
+    )
     p.set_defaults(func=_anonymize)
 
-    q = sub.add_parser(
+    q = add_command(
+        sub,
         "inspect",
-        formatter_class=HelpFormatter,
-        help="show a DICOM file's key metadata; mark attributes that identify a person",
+        summary="show a DICOM file's key metadata; mark attributes that identify a person",
+        examples=["gateway-agent inspect scan.dcm", "gateway-agent inspect scan.dcm --json"],
     )
     q.add_argument("file", type=Path, metavar="FILE")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=_inspect)
 
 
-#: ``anonymize`` options that take a value: flag -> (attribute, converter).
-_VALUE_FLAGS: dict[str, tuple[str, Any]] = {
-    "-o": ("output", str),
-    "--output": ("output", str),
-    "-j": ("jobs", int),
-    "--jobs": ("jobs", int),
-    "--secret-file": ("secret_file", str),
-    "--station-name": ("station_name", str),
-    "--audit": ("audit", str),
-}
-#: ``anonymize`` switches: flag -> (attribute, value).
-_SWITCHES: dict[str, tuple[str, bool]] = {
-    "--allow-burned-in": ("allow_burned_in", True),
-    "--fsync": ("fsync", True),
-    **{flag: (field, True) for field, flag, _ in _OPTION_FLAGS},
-    **{"--no-" + flag[2:]: (field, False) for field, flag, _ in _OPTION_FLAGS},
-}
-
-
-def parse_anonymize(words: Sequence[str]) -> argparse.Namespace | None:
-    """The arguments of ``anonymize WORDS`` as argparse parses them, without importing argparse.
-
-    Only for a plain command line: whole flag names, each value as the next word and not
-    starting with ``-``, the sources in one run, ``-o`` given. Anything else (help, ``--x=y``,
-    abbreviations, errors) gives None, and :func:`~gateway_agent.cli.main` leaves it to
-    argparse. tests/deid/test_deid_fastpath.py checks both give the same arguments.
-    """
-    from types import SimpleNamespace
-
-    values: dict[str, Any] = {
-        "config": None,
-        "log_format": None,
-        "command": "anonymize",
-        "src": [],
-        "output": None,
-        "jobs": None,
-        "secret_file": None,
-        **{field: None for field, _, _ in _OPTION_FLAGS},
-        "allow_burned_in": False,
-        "station_name": None,
-        "fsync": False,
-        "audit": None,
-        "func": _anonymize,
-    }
-    src: list[str] = values["src"]
-    src_ended = False
-    i = 0
-    while i < len(words):
-        word = words[i]
-        i += 1
-        if word and word[0] != "-":
-            if src_ended:
-                return None  # argparse takes one run of sources and refuses the rest
-            src.append(word)
-            continue
-        src_ended = bool(src)
-        switch = _SWITCHES.get(word)
-        if switch is not None:
-            values[switch[0]] = switch[1]
-            continue
-        flag = _VALUE_FLAGS.get(word)
-        if flag is None or i == len(words) or words[i].startswith("-"):
-            return None
-        try:
-            values[flag[0]] = flag[1](words[i])
-        except ValueError:
-            return None
-        i += 1
-    if not src or values["output"] is None:
-        return None
-    return SimpleNamespace(**values)  # type: ignore[return-value]
-
-
 # -- anonymize ---------------------------------------------------------------------------------
 
 
-def _iter_files(sources: Iterable[str]) -> Iterator[str]:
+def _iter_files(sources: Iterable[Path]) -> Iterator[Path]:
     for src in sources:
-        if os.path.isdir(src):
+        if src.is_dir():
             for root, dirs, files in os.walk(src):
                 dirs.sort()
                 for name in sorted(files):
-                    yield os.path.join(root, name)
+                    yield Path(root, name)
         else:
             yield src
 
 
-_WORKER: Any = None
+class _Result(NamedTuple):
+    """What happened to one input (the output fields are empty unless ``outcome`` is done)."""
 
-#: One result per input: (status, reason or, when done, the output's file name, output size,
-#: audit record as a JSON line or None).
-_Result = tuple[str, str, int, str | None]
+    input: str
+    outcome: str  # "done", "quarantined" or "failed"
+    reason: str  # why it was not done: a quarantine reason, an errno name, an exception name
+    output: str  # the output's file name
+    size: int
+    audit: str | None  # the audit record as a JSON line, with --audit
 
 
-def _init_worker(deid: Any) -> None:
+_WORKER: Deidentifier | None = None
+
+
+def _init_worker(deid: Deidentifier) -> None:
     global _WORKER
     _WORKER = deid
 
 
-def _process(paths: list[str], out_dir: str, fsync: bool, with_audit: bool) -> list[_Result]:
-    """Worker: de-identify a chunk; returns (status, reason, size, audit JSON) per input."""
+def _process(paths: list[Path], out_dir: Path, fsync: bool, with_audit: bool) -> list[_Result]:
+    """Worker: de-identify a chunk; one :class:`_Result` per input."""
     from .._exceptions import DeidError
 
     deid = _WORKER
+    assert deid is not None
     results: list[_Result] = []
     for p in paths:
         try:
             r = deid.deidentify_file(p, out_dir, fsync=fsync)
         except DeidError as exc:
-            results.append(("quarantined", exc.reason, 0, None))
+            results.append(_Result(str(p), "quarantined", exc.reason, "", 0, None))
         except OSError as exc:
-            import errno
-
-            results.append(("failed", errno.errorcode.get(exc.errno or 0, "OSError"), 0, None))
+            reason = errno.errorcode.get(exc.errno or 0, "OSError")
+            results.append(_Result(str(p), "failed", reason, "", 0, None))
         except Exception as exc:  # never let one input stop the run; the name is not reported
-            results.append(("failed", type(exc).__name__, 0, None))
+            results.append(_Result(str(p), "failed", type(exc).__name__, "", 0, None))
         else:
-            audit = None
-            if with_audit:
-                import json
-
-                audit = json.dumps(r.audit, sort_keys=True)
-            results.append(("done", r.name, r.size, audit))
+            audit = json.dumps(r.audit, sort_keys=True) if with_audit else None
+            results.append(_Result(str(p), "done", "", r.name, r.size, audit))
     return results
 
 
@@ -262,36 +209,55 @@ class _Progress:
             sys.stderr.flush()
 
 
+def default_secret_file(environ: Mapping[str, str] = os.environ) -> Path:
+    """The per-user site secret of ``anonymize`` when no configuration names one.
+
+    ``$XDG_DATA_HOME/gateway-agent/secret.key``, by default
+    ``~/.local/share/gateway-agent/secret.key``: one key per user, whatever the current folder.
+    """
+    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gateway-agent" / "secret.key"
+
+
 #: The defaults of ``Settings`` that ``anonymize`` reads (tests/deid/test_deid_fastpath.py checks
 #: them against ``gateway_agent.config``).
-DEFAULT_CONFIG_FILE = "/etc/gateway-agent/config.toml"
-DEFAULT_STATE_DIR = "state"
+DEFAULT_CONFIG_FILE = Path("/etc/gateway-agent/config.toml")
 DEFAULT_UNIT_NAME = "EDGE01"
 _STATE_DIR_VAR = "GATEWAY_STATE_DIR"
 
 
+class _Setup(NamedTuple):
+    """What ``anonymize`` needs from the settings."""
+
+    options: DeidOptions
+    secret_file: Path
+    station_name: str
+
+
 def _default_settings(
     args: argparse.Namespace, overrides: dict[str, Any], environ: Mapping[str, str] = os.environ
-) -> _DeidSetup | None:
+) -> _Setup | None:
     """What ``anonymize`` needs from the settings, without pydantic, when that is certain.
 
-    That is when no config file is given or installed, no ``GATEWAY_*`` variable other than
-    ``GATEWAY_STATE_DIR`` is set, and every flag value is valid as it is; the result is then
-    what ``load_settings`` would give (pydantic costs about 0.1 s of start-up). Otherwise None:
-    the caller loads ``Settings`` (with its validation errors).
+    Importing pydantic and the settings model costs about 0.13 s, a fifth of a 1,000-slice run
+    (0.6 s on 2 cores; ``benchmarks/bench_deid.py --slices 1000``): far above the 3 % a
+    start-up shortcut must save to stay. So when no config file is given or installed, no
+    ``GATEWAY_*`` variable other than ``GATEWAY_STATE_DIR`` is set and every flag value is
+    valid as it is, the result is computed here; it equals what ``load_settings`` gives
+    (tests/deid/test_deid_fastpath.py compares both). Otherwise None: the caller loads
+    ``Settings``, with its validation errors.
     """
     from ..deid.profile import DeidOptions
 
     if getattr(args, "config", None) is not None:
         return None
-    state_dir = DEFAULT_STATE_DIR
-    seen = False
+    state_dir: Path | None = None
     for var, value in environ.items():
         if var.upper().startswith("GATEWAY_"):
-            if var.upper() != _STATE_DIR_VAR or seen:
+            if var.upper() != _STATE_DIR_VAR or state_dir is not None:
                 return None
-            state_dir, seen = value, True
-    if os.path.isfile(DEFAULT_CONFIG_FILE):
+            state_dir = Path(value)
+    if DEFAULT_CONFIG_FILE.is_file():
         return None
     options: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -304,7 +270,7 @@ def _default_settings(
             if not isinstance(value, str) or len(value) > 16:
                 return None
         elif name == "secret_file":
-            if not isinstance(value, str) or not value:
+            if not isinstance(value, Path):
                 return None
         elif name == "burned_in":
             if value not in ("quarantine", "allow"):
@@ -314,23 +280,33 @@ def _default_settings(
             options[name] = value
         else:
             return None
-    secret_file: str = overrides.get("deid.secret_file") or os.path.join(state_dir, "secret.key")
+    secret_file: Path | None = overrides.get("deid.secret_file")
+    if secret_file is None:
+        secret_file = (
+            default_secret_file(environ) if state_dir is None else state_dir / "secret.key"
+        )
     station_name: str = overrides.get("deid.station_name") or DEFAULT_UNIT_NAME
-    return DeidOptions(**options), secret_file, station_name
+    return _Setup(DeidOptions(**options), secret_file, station_name)
 
 
-def _settings_for(args: argparse.Namespace, overrides: dict[str, Any]) -> _DeidSetup:
-    """(options, secret file, station name) from the configuration layers and the flags."""
-    # Once pydantic is imported anyway (the agent, tests), the general path costs nothing more.
-    if "gateway_agent.config" not in sys.modules:
-        fast = _default_settings(args, overrides)
-        if fast is not None:
-            return fast
+def _settings_for(args: argparse.Namespace, overrides: dict[str, Any]) -> _Setup:
+    """(options, secret file, station name) from the configuration layers and the flags.
+
+    The secret is the configured one when the configuration names a state folder or a secret
+    file (config file, ``GATEWAY_*`` variable, flag), else :func:`default_secret_file`.
+    """
+    return _default_settings(args, overrides) or _loaded_settings(args, overrides)
+
+
+def _loaded_settings(args: argparse.Namespace, overrides: dict[str, Any]) -> _Setup:
+    """:func:`_settings_for` through ``load_settings`` (pydantic)."""
     from ..deid.profile import DeidOptions
     from . import settings_from_args
 
     settings = settings_from_args(args, overrides)
-    return DeidOptions.from_settings(settings.deid), settings.secret_file, settings.station_name
+    configured = settings.deid.secret_file is not None or "state_dir" in settings.model_fields_set
+    secret_file = settings.secret_file if configured else default_secret_file()
+    return _Setup(DeidOptions.from_settings(settings.deid), secret_file, settings.station_name)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -344,16 +320,38 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _write_report(path: Path, results: list[_Result]) -> None:
+    """``--report``: one line per input, CSV (``.csv``) or JSON lines."""
+    fields = ("input", "outcome", "reason", "output")
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        if path.suffix.lower() == ".csv":
+            writer = csv.writer(fh)
+            writer.writerow(fields)
+            writer.writerows((r.input, r.outcome, r.reason, r.output) for r in results)
+        else:
+            for r in results:
+                record = {"input": r.input, "outcome": r.outcome}
+                record["reason" if r.reason else "output"] = r.reason or r.output
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
 def _anonymize(args: argparse.Namespace) -> int:
     from ..deid import Deidentifier, load_or_create_secret
 
     options, secret_file, station_name = _settings_for(args, _overrides(args))
+    existed = secret_file.exists()
     secret = load_or_create_secret(secret_file)
+    if not existed:
+        print(
+            f"created the site secret {secret_file} (keep it, and back it up: the same "
+            "secret gives the same pseudonyms and UIDs)",
+            file=sys.stderr,
+        )
     deid = Deidentifier(secret, options, station_name=station_name)
 
     files = list(_iter_files(args.src))
-    out_dir = os.path.normpath(args.output)  # "" -> ".", as Path("") was
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir: Path = args.output
+    out_dir.mkdir(parents=True, exist_ok=True)
     jobs = max(1, args.jobs if args.jobs is not None else (os.cpu_count() or 1))
     jobs = min(jobs, max(1, len(files)))
     with_audit = args.audit is not None
@@ -380,16 +378,18 @@ def _anonymize(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
 
     if args.audit is not None:
-        with open(args.audit, "w", encoding="utf-8") as fh:
-            for _, _, _, audit in results:
-                if audit is not None:
-                    fh.write(audit + "\n")
-    status = Counter(r[0] for r in results)
-    reasons = Counter((r[0], r[1]) for r in results if r[0] != "done")
-    size = sum(r[2] for r in results)
+        with args.audit.open("w", encoding="utf-8") as fh:
+            for r in results:
+                if r.audit is not None:
+                    fh.write(r.audit + "\n")
+    if args.report is not None:
+        _write_report(args.report, results)
+    status = Counter(r.outcome for r in results)
+    reasons = Counter((r.outcome, r.reason) for r in results if r.outcome != "done")
+    size = sum(r.size for r in results)
     # Inputs that carry the same SOP Instance UID (copies, the same image in two transfer
     # syntaxes) have one output, the last written: say so, or the folder looks short.
-    shared = status["done"] - len({r[1] for r in results if r[0] == "done"})
+    shared = status["done"] - len({r.output for r in results if r.outcome == "done"})
     rate = len(files) / elapsed if elapsed > 0 else 0.0
     print(
         f"anonymized {status['done']} of {len(files)} files into {out_dir} "
@@ -414,7 +414,7 @@ _MAX_CHUNKS = 1024  # chunk indices (4 bytes each) must fit a pipe's minimum cap
 
 
 def _run_forked(
-    files: list[str], out_dir: str, jobs: int, fsync: bool, with_audit: bool, progress: _Progress
+    files: list[Path], out_dir: Path, jobs: int, fsync: bool, with_audit: bool, progress: _Progress
 ) -> list[_Result]:
     """De-identify ``files`` in ``jobs`` processes: this one and ``jobs - 1`` forked children.
 
@@ -448,7 +448,7 @@ def _run_forked(
                     for fd in children:
                         os.close(fd)
                     for index, done in _take(queue_r, chunks, out_dir, fsync, with_audit):
-                        data = marshal.dumps(done)
+                        data = marshal.dumps([tuple(r) for r in done])
                         write_all(write_end, _HEAD.pack(index, len(data)) + data)
                     code = 0
                 finally:
@@ -474,7 +474,7 @@ def _run_forked(
                     payload = bytes(buf[_HEAD.size : _HEAD.size + length])
                     done = marshal.loads(payload)  # noqa: S302 - written by our own child
                     del buf[: _HEAD.size + length]
-                    results[index] = [tuple(r) for r in done]
+                    results[index] = [_Result(*r) for r in done]
                     progress.advance(len(done))
 
         for index, done in _take(queue_r, chunks, out_dir, fsync, with_audit):
@@ -492,14 +492,14 @@ def _run_forked(
     out: list[_Result] = []
     for index, part in enumerate(results):
         if part is None:  # taken by a child that died before reporting it
-            part = [("failed", "worker_died", 0, None)] * len(chunks[index])
+            part = [_Result(str(p), "failed", "worker_died", "", 0, None) for p in chunks[index]]
             progress.advance(len(part))
         out.extend(part)
     return out
 
 
 def _take(
-    queue: int, chunks: list[list[str]], out_dir: str, fsync: bool, with_audit: bool
+    queue: int, chunks: list[list[Path]], out_dir: Path, fsync: bool, with_audit: bool
 ) -> Iterator[tuple[int, list[_Result]]]:
     """Take chunk indices from the shared pipe until it is empty; yield each chunk's results."""
     while True:
@@ -555,19 +555,20 @@ def _display(el: Any, codec: str | None, little: bool) -> str | int | float | li
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    import json
-
     from .._exceptions import DeidError
     from ..deid.profile import DeidOptions, profile_for
     from ..dicom import SourceFile, keyword_of, name_of, text_codec
 
     path: Path = args.file
+    if not path.exists():
+        print("gateway-agent inspect: no such file (FILE)", file=sys.stderr)
+        return 1
     try:
         with SourceFile(path) as source:
             header = source.read_header()
             size = source.size
     except DeidError as exc:
-        print(f"gateway-agent inspect: cannot read the file: {exc.reason}", file=sys.stderr)
+        print(f"gateway-agent inspect: cannot read FILE: {exc}", file=sys.stderr)
         return 1
     elements = header.elements
     top = {el.tag: el for el in elements}

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from .._exceptions import GatewayError
 from ..imaging.presets import WINDOW_PRESETS
 from ..logs import configure
+from ._help import add_command
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -26,13 +27,18 @@ _FUNCTIONS = ["LINEAR", "LINEAR_EXACT", "SIGMOID"]
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``window``, ``cluster`` and ``qc``."""
     presets = ", ".join(f"{n} ({c:g}/{w:g})" for n, (c, w) in WINDOW_PRESETS.items())
-    win = sub.add_parser(
+    win = add_command(
+        sub,
         "window",
-        help="window a DICOM image to PNG (one preset, or a panel of several)",
+        summary="window a DICOM image to PNG (one preset, or a panel of several)",
         description=(
             "Render FILE through the dataset's own window, a --center/--width, or named presets "
             f"(centre/width in HU): {presets}. Several --preset give a titled panel."
         ),
+        examples=[
+            "gateway-agent window scan.dcm --preset lung -o lung.png",
+            "gateway-agent window scan.dcm --all-presets -o presets.png",
+        ],
     )
     win.add_argument("file", type=Path, metavar="FILE", help="a DICOM image")
     win.add_argument(
@@ -46,13 +52,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     win.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.png")
     win.set_defaults(func=cmd_window)
 
-    clu = sub.add_parser(
+    clu = add_command(
+        sub,
         "cluster",
-        help="k-means intensity clusters of a DICOM image, beside the windowed image",
+        summary="k-means intensity clusters of a DICOM image, beside the windowed image",
         description=(
             "k-means on the windowed intensities (a visualisation, not a segmentation); for CT "
             "also the tissue map by HU range. The silhouette is in the title."
         ),
+        examples=["gateway-agent cluster scan.dcm -k 3 -o clusters.png"],
     )
     clu.add_argument("file", type=Path, metavar="FILE", help="a DICOM image")
     clu.add_argument("-k", "--clusters", type=int, default=3, help="number of clusters (3)")
@@ -63,13 +71,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     clu.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.png")
     clu.set_defaults(func=cmd_cluster)
 
-    qc = sub.add_parser(
+    qc = add_command(
+        sub,
         "qc",
-        help="QC features of every DICOM image in a folder, fleet groups and outliers",
+        summary="QC features of every DICOM image in a folder, fleet groups and outliers",
         description=(
             "Measure every DICOM image under DIR (recursive), group scans with k-means, flag "
             "outliers with reasons; write features.csv, report.json and fleet.png to --report."
         ),
+        examples=["gateway-agent qc anon/ --report qc-report/"],
     )
     qc.add_argument("directory", type=Path, metavar="DIR", help="folder of (de-identified) DICOM")
     qc.add_argument("--report", type=Path, required=True, metavar="OUT/", help="report folder")

@@ -6,22 +6,21 @@ with :mod:`gateway_agent.dicom`, rewrites it and copies the pixel data element b
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .._exceptions import DeidError
 from ..dicom.codec import Element, encode_dataset, parse_dataset
 from ..dicom.files import SourceFile, write_part10
 from .engine import METHOD, SAFE_PRIVATE, Engine, Outcome
-from .keys import Keys, load_or_create_secret, sha256
+from .keys import Keys, load_or_create_secret
 from .profile import EDITION, DeidOptions, load_rows, profile_for
 
-TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
 if TYPE_CHECKING:
-    from pathlib import Path
-    from typing import Any
-
     from pydicom.dataset import Dataset
     from pydicom.tag import BaseTag
 
@@ -41,7 +40,7 @@ __all__ = [
 
 #: Our Implementation Class UID (file meta), derived once from the product name.
 IMPLEMENTATION_CLASS_UID = "2.25." + str(
-    int.from_bytes(sha256(b"gateway-agent implementation").digest()[:16], "big")
+    int.from_bytes(hashlib.sha256(b"gateway-agent implementation").digest()[:16], "big")
 )
 IMPLEMENTATION_VERSION_NAME = "GATEWAY_AGENT_1"
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -51,9 +50,9 @@ class DeidResult:
     """One de-identified instance written to disk (all values are output values: no PHI)."""
 
     __slots__ = (
-        "_path",
         "audit",
         "modality",
+        "path",
         "series_instance_uid",
         "size",
         "sop_class_uid",
@@ -72,7 +71,7 @@ class DeidResult:
         size: int,
         audit: dict[str, Any],
     ) -> None:
-        self._path = os.fspath(path)
+        self.path = Path(path)
         self.sop_instance_uid = sop_instance_uid
         self.sop_class_uid = sop_class_uid
         self.study_instance_uid = study_instance_uid
@@ -82,16 +81,9 @@ class DeidResult:
         self.audit = audit
 
     @property
-    def path(self) -> Path:
-        """The output file."""
-        from pathlib import Path  # not imported on the command's path (~3 ms of start-up)
-
-        return Path(self._path)
-
-    @property
     def name(self) -> str:
         """The output file's name: ``<new SOP Instance UID>.dcm``."""
-        return os.path.basename(self._path)
+        return self.path.name
 
     def __repr__(self) -> str:
         return f"DeidResult({self.sop_instance_uid}, {self.modality}, {self.size} bytes)"
@@ -192,14 +184,14 @@ class Deidentifier:
             except (MemoryError, RecursionError, ValueError, LookupError, TypeError) as exc:
                 raise DeidError("internal_error", type(exc).__name__) from None
             uids = outcome.uids
-            path = os.path.join(out_dir, f"{uids['sop_instance_uid']}.dcm")
+            path = Path(out_dir, f"{uids['sop_instance_uid']}.dcm")
             pixels = (source.fd, header.pixels) if header.pixels is not None else None
             try:
                 size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
             except (FileNotFoundError, NotADirectoryError):
                 # The folder is missing (first file) or not a folder: create it, or raise as
                 # makedirs does. Trying first saves two system calls on every other file.
-                os.makedirs(out_dir, exist_ok=True)
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
                 size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
         audit = self._engine.audit(outcome, header.transfer_syntax)
         audit["trailing_elements_dropped"] = header.trailing_dropped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from operator import attrgetter
+from typing import Any
 
 from .._exceptions import DeidError
 from ..dicom.codec import Element, decode_text, text_codec
@@ -29,10 +30,6 @@ from .profile import (
     Profile,
 )
 from .text import Scrubber, date_forms, identifier_tokens
-
-TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
-if TYPE_CHECKING:
-    from typing import Any
 
 __all__ = ["METHOD", "SAFE_PRIVATE", "Engine", "Outcome"]
 

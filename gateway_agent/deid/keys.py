@@ -3,43 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
+import hashlib
 import os
-from collections.abc import Callable
+import secrets
+from datetime import date, timedelta
+from pathlib import Path
 
 from .._exceptions import ConfigError
 
-TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
-if TYPE_CHECKING:
-    from datetime import date, timedelta
-    from typing import Any
-else:
-    try:  # the C module alone: datetime.py first defines its pure-Python twin (~0.9 ms)
-        from _datetime import date, timedelta
-    except ImportError:  # pragma: no cover - interpreters without the C module
-        from datetime import date, timedelta
-
-__all__ = ["Keys", "load_or_create_secret", "sha256", "shift_da", "shift_dt"]
+__all__ = ["Keys", "load_or_create_secret", "shift_da", "shift_dt"]
 
 _MIN_SECRET = 16
-
-
-def _sha256_constructor() -> Callable[..., Any]:
-    # The interpreter's own SHA-256 (no OpenSSL to load: ~2 ms of start-up per process);
-    # hashlib's where the build has none. Both give the same digests.
-    for name in ("_sha256", "_sha2"):
-        try:
-            constructor: Callable[..., Any] = importlib.import_module(name).sha256
-        except (ImportError, AttributeError):
-            continue
-        return constructor
-    import hashlib  # pragma: no cover - builds without the built-in hashes
-
-    return hashlib.sha256  # pragma: no cover
-
-
-#: ``sha256(data)`` -> a hash object (``update``, ``copy``, ``digest``), as ``hashlib.sha256``.
-sha256 = _sha256_constructor()
 _BLOCK = 64  # SHA-256 block size, for HMAC (RFC 2104)
 
 
@@ -54,11 +28,10 @@ def load_or_create_secret(path: str | os.PathLike[str]) -> bytes:
     nor put in an error message; losing it makes later outputs unlinkable to earlier ones (new
     UIDs, pseudonyms and date offsets).
     """
-    path = os.fspath(path)  # plain os paths: pathlib costs ~3 ms of the anonymize start-up
+    path = Path(path)
     for _ in range(3):
         try:
-            with open(path, "rb") as fh:
-                data = fh.read().strip()
+            data = path.read_bytes().strip()
         except FileNotFoundError:
             try:
                 _create_secret(path)
@@ -77,16 +50,12 @@ def load_or_create_secret(path: str | os.PathLike[str]) -> bytes:
     )
 
 
-def _create_secret(path: str) -> None:
+def _create_secret(path: Path) -> None:
     """Put a new random secret at ``path`` atomically, unless one is there already."""
-    import secrets
-
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     value = secrets.token_hex(32).encode() + b"\n"
-    tmp = os.path.join(
-        folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
-    )
+    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
@@ -106,7 +75,7 @@ def _create_secret(path: str) -> None:
             _create_exclusive(path, value)
     finally:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            tmp.unlink()
     with contextlib.suppress(OSError):
         dfd = os.open(folder, os.O_RDONLY)
         try:
@@ -115,7 +84,7 @@ def _create_secret(path: str) -> None:
             os.close(dfd)
 
 
-def _create_exclusive(path: str, value: bytes) -> None:
+def _create_exclusive(path: Path, value: bytes) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -141,10 +110,10 @@ class Keys:
         self._secret = secret
         self._uids: dict[str, str] = {}
         # HMAC (RFC 2104) with the padded key's hash states computed once.
-        key = sha256(secret).digest() if len(secret) > _BLOCK else secret
+        key = hashlib.sha256(secret).digest() if len(secret) > _BLOCK else secret
         key = key.ljust(_BLOCK, b"\0")
-        self._inner = sha256(bytes(b ^ 0x36 for b in key))
-        self._outer = sha256(bytes(b ^ 0x5C for b in key))
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
 
     def __getstate__(self) -> bytes:
         return self._secret

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from .._exceptions import DeidError
 from .dictionary import vr_of
-
-TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
-if TYPE_CHECKING:
-    from collections.abc import Sequence
 
 __all__ = [
     "DEFLATED",

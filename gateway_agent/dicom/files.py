@@ -8,6 +8,7 @@ import mmap
 import os
 import struct
 import zlib
+from collections.abc import Callable, Iterator
 
 from .._exceptions import DeidError
 from .codec import (
@@ -20,10 +21,6 @@ from .codec import (
     encoding_for,
     parse_dataset,
 )
-
-TYPE_CHECKING = False  # not typing's: keeps typing off the de-identification path
-if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
 
 __all__ = [
     "Header",
