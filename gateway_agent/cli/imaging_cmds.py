@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 from .._exceptions import GatewayError
 from ..imaging.presets import WINDOW_PRESETS
-from ..logs import configure
 from ._help import add_command
 
 if TYPE_CHECKING:
@@ -106,6 +105,8 @@ def _read(path: Path) -> Dataset:
 
 
 def _quiet_logs(args: argparse.Namespace) -> None:
+    from ..logs import configure  # structlog: only the commands that log pay for it
+
     configure(getattr(args, "log_format", None) or "auto", "warning")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..dicom.dictionary import vr_of
@@ -198,13 +198,13 @@ class Row:
             return None
 
 
-_TABLE = "annex_e_2024e.json"  # in gateway_agent/data
+_TABLE = Path(__file__).resolve().parent.parent / "data" / "annex_e_2024e.json"
 
 _RawRow = tuple[str, str, str, str, dict[str, str]]
 
 
 def _parse_table() -> tuple[_RawRow, ...]:
-    text = resources.files("gateway_agent.data").joinpath(_TABLE).read_text("utf-8")
+    text = _TABLE.read_text(encoding="utf-8")
     rows: list[_RawRow] = []
     for raw in json.loads(text):
         opts = {k: v for k, v in raw.items() if k.endswith("Opt") and v}
