@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -12,6 +15,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from ._exceptions import ConfigError
@@ -202,6 +206,11 @@ class DestinationSettings(_Section):
             raise ValueError('destination.url is required when destination.kind = "dicomweb"')
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ValueError("destination.url must start with http:// or https://")
+        if self.url and "@" in self.url.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                "destination.url must not carry credentials (user:password@): set "
+                'destination.auth = "basic" with username and password_file'
+            )
         return self
 
     @model_validator(mode="after")
@@ -216,6 +225,17 @@ class DestinationSettings(_Section):
             )
         if self.auth == "bearer" and not (self.token or self.token_file):
             raise ValueError('destination.auth = "bearer" needs destination.token (or token_file)')
+        if self.auth == "none":
+            given = [
+                name
+                for name in ("username", "password", "password_file", "token", "token_file")
+                if getattr(self, name) is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"destination.{given[0]} is set but destination.auth = \"none\" would not "
+                    'send it: set destination.auth = "basic" or "bearer", or remove it'
+                )
         return self
 
 
@@ -431,7 +451,10 @@ def _describe_error(err: Any, toml: dict[str, Any], flags: dict[str, Any]) -> st
         msg = f"unknown setting (allowed here: {allowed})"
     value = err.get("input")
     if isinstance(value, str | int | float | bool) and loc and err["type"] != "extra_forbidden":
-        shown = "***" if any(s in loc[-1] for s in _SECRET_PARTS) else repr(value)[:60]
+        secret = any(s in loc[-1] for s in _SECRET_PARTS) or (
+            isinstance(value, str) and "@" in value
+        )
+        shown = "***" if secret else repr(value)[:60]
         msg += f" (got {shown})"
 
     def has(tree: dict[str, Any]) -> bool:
@@ -468,11 +491,50 @@ def load_settings(
     for key, value in (overrides or {}).items():
         if value is not None:
             _deep_set(flags, key, value)
+    unknown = _unknown_variables(os.environ)
     _OverridesSource.current = flags
     try:
-        return Settings(**toml)
+        settings = Settings(**toml)
+    except SettingsError as exc:
+        # A GATEWAY_* variable that must hold JSON (a section, a list) does not.
+        raise ConfigError(f"invalid configuration: {_settings_error(exc)}") from None
     except ValidationError as exc:
-        lines = [_describe_error(err, toml, flags) for err in exc.errors()]
+        lines = unknown + [_describe_error(err, toml, flags) for err in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     finally:
         _OverridesSource.current = {}
+    if unknown:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(unknown))
+    return settings
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``GATEWAY_*`` variable that names no setting (``GATEWAY_INBX``).
+
+    pydantic-settings ignores such variables at the top level (it reports nested ones): a typo
+    would silently leave the default in force.
+    """
+    lines = []
+    for var in sorted(environ):
+        if not var.upper().startswith("GATEWAY_"):
+            continue
+        name = var[len("GATEWAY_") :].split("__", 1)[0].lower()
+        if name not in Settings.model_fields:
+            close = difflib.get_close_matches(name, list(Settings.model_fields), n=1)
+            hint = (
+                f"did you mean GATEWAY_{close[0].upper()}?"
+                if close
+                else "allowed: " + ", ".join(f"GATEWAY_{f.upper()}" for f in Settings.model_fields)
+            )
+            lines.append(f"{var}: unknown setting [from the environment] ({hint})")
+    return lines
+
+
+def _settings_error(exc: SettingsError) -> str:
+    """The variable a SettingsError is about, without its value (it may hold a credential)."""
+    text = str(exc)
+    match = re.search(r'field "(\w+)" from source "(\w+)"', text)
+    if match is None:
+        return "a GATEWAY_* variable could not be parsed (sections and lists take JSON)"
+    var = "GATEWAY_" + match.group(1).upper()
+    return f"{var}: not valid JSON (a section takes a JSON object, e.g. '{{\"folder\": \"out\"}}')"

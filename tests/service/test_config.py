@@ -155,13 +155,14 @@ def test_show_sources_and_masking(
     assert re.search(r"^qc\.n_clusters += 3 +# file$", text, re.M)
 
 
-def test_show_masks_url_credentials(tmp_path: Path) -> None:
-    s = load_settings(
-        write(tmp_path, ""),
-        {"destination.kind": "dicomweb", "destination.url": f"https://u:{SECRET}@pacs:443/dw"},
-    )
-    table = effective_config(s, env={})
-    assert table["destination.url"]["value"] == "https://u:********@pacs:443/dw"
+def test_url_credentials_are_refused_without_echoing_them(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(
+            write(tmp_path, ""),
+            {"destination.kind": "dicomweb", "destination.url": f"https://u:{SECRET}@pacs/dw"},
+        )
+    assert "must not carry credentials" in str(exc.value)
+    assert SECRET not in str(exc.value)
 
 
 def test_show_invalid_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -251,3 +252,42 @@ def test_run_refuses_to_start_half_configured(
     assert main(args) == 2
     assert "destination.url is required" in capsys.readouterr().err
     assert not state.exists() and not inbox.exists()  # nothing was started or created
+
+
+# --- the first hour: what `run` refuses, `config check` refuses, in one line each ------------
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"GATEWAY_DESTINATION": "{bad json"}, "GATEWAY_DESTINATION: not valid JSON"),
+        (
+            {"GATEWAY_INBX": "/srv/in"},
+            "GATEWAY_INBX: unknown setting [from the environment] (did you mean GATEWAY_INBOX?)",
+        ),  # fmt: skip
+        (
+            {
+                "GATEWAY_DESTINATION__URL": f"https://u:{SECRET}@pacs/dw",
+                "GATEWAY_DESTINATION__KIND": "dicomweb",
+            },
+            "must not carry credentials",
+        ),  # fmt: skip
+        ({"GATEWAY_DESTINATION__TOKEN": SECRET}, "destination.token is set but destination.auth"),
+    ],
+)
+@pytest.mark.parametrize("command", [["config", "check"], ["run"], ["status"]])
+def test_environment_mistakes_exit_2_with_one_line(
+    env: dict[str, str],
+    expected: str,
+    command: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err and SECRET not in err
