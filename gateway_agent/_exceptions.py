@@ -19,6 +19,7 @@ Messages never contain PHI: they name reasons, tags and output UIDs, never value
 from __future__ import annotations
 
 __all__ = [
+    "REASONS",
     "ConfigError",
     "DeidError",
     "GatewayError",
@@ -38,18 +39,34 @@ class ConfigError(GatewayError):
     """The configuration is invalid; the message names each key and what is allowed."""
 
 
+#: Every reason an input can be refused for (the quarantine's ``reason``), with what it means.
+REASONS: dict[str, str] = {
+    "not_dicom": "not a DICOM part-10 file",
+    "empty_file": "the file is empty",
+    "truncated": "the file ends early (cut short, or still being written)",
+    "unreadable": "the file cannot be read",
+    "unreadable_header": "the DICOM header is malformed",
+    "no_sop_instance_uid": "no SOP Instance UID (0008,0018)",
+    "missing_uid": "no Study, Series Instance or SOP Class UID",
+    "unsupported_transfer_syntax": "the transfer syntax is not supported",
+    "burned_in_annotation": "the pixels may carry burned-in text (policy: quarantine)",
+    "dicomdir": "a DICOMDIR media index, not an instance",
+    "too_large": "too large to process in memory",
+    "internal_error": "de-identification failed unexpectedly",
+}
+
+
 class IngestError(GatewayError):
     """An input file cannot be processed; ``reason`` is a stable slug for the quarantine record.
 
-    Reasons in use: ``not_dicom``, ``empty_file``, ``truncated``, ``unreadable_header``,
-    ``no_sop_instance_uid``, ``missing_uid``, ``unsupported_transfer_syntax``,
-    ``burned_in_annotation``, ``dicomdir``, ``too_large``, ``internal_error``.
+    ``reason`` is one of :data:`REASONS`; ``detail`` says more and is never empty (without one,
+    the reason's description from :data:`REASONS`). Neither carries values from the input.
     """
 
     def __init__(self, reason: str, detail: str = "") -> None:
         self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.detail = detail or REASONS.get(reason, reason.replace("_", " "))
+        super().__init__(f"{reason}: {self.detail}")
 
 
 class DeidError(IngestError):

@@ -233,7 +233,7 @@ class DestinationSettings(_Section):
             ]
             if given:
                 raise ValueError(
-                    f"destination.{given[0]} is set but destination.auth = \"none\" would not "
+                    f'destination.{given[0]} is set but destination.auth = "none" would not '
                     'send it: set destination.auth = "basic" or "bearer", or remove it'
                 )
         return self
@@ -537,4 +537,4 @@ def _settings_error(exc: SettingsError) -> str:
     if match is None:
         return "a GATEWAY_* variable could not be parsed (sections and lists take JSON)"
     var = "GATEWAY_" + match.group(1).upper()
-    return f"{var}: not valid JSON (a section takes a JSON object, e.g. '{{\"folder\": \"out\"}}')"
+    return f'{var}: not valid JSON (a section takes a JSON object, e.g. \'{{"folder": "out"}}\')'

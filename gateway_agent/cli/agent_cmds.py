@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .._exceptions import REASONS
 from . import settings_from_args
 from ._help import add_command
 
@@ -93,7 +94,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     retry.add_argument("--inbox", type=Path, default=None, help="inbox (for --quarantine)")
     retry.add_argument("--dead", action="store_true", help="requeue dead outbox rows")
     retry.add_argument("--quarantine", action="store_true", help="release quarantined files")
-    retry.add_argument("--reason", default=None, help="only quarantine entries with this reason")
+    retry.add_argument(
+        "--reason",
+        default=None,
+        help="release the quarantined files with this reason (implies --quarantine)",
+    )
     retry.add_argument("ids", nargs="*", help="outbox row ids (numbers) or quarantine ids")
     retry.set_defaults(func=cmd_retry)
 
@@ -312,6 +317,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------- retry
+def _fail_retry(message: str) -> int:
+    print(f"gateway-agent retry: {message}", file=sys.stderr)
+    return 1
+
+
+def _existing_rows(db: Path, ids: list[int]) -> set[int]:
+    """Which of ``ids`` are outbox rows (read-only query; none without an outbox)."""
+    if not db.exists():
+        return set()
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)
+    try:
+        marks = ",".join("?" * len(ids))
+        found = conn.execute(f"select id from outbox where id in ({marks})", ids).fetchall()  # noqa: S608 - placeholders only
+    finally:
+        conn.close()
+    return {int(r[0]) for r in found}
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     """Requeue dead rows (and make waiting rows due), or release quarantined files."""
     from ..agent.intake.quarantine import Quarantine
@@ -319,10 +342,20 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
     settings = _settings(args, inbox=args.inbox)
     paths = StatePaths(settings.state_dir)
-    do_dead = args.dead or not args.quarantine
+    quarantine_too = args.quarantine or args.reason is not None
+    do_dead = args.dead or not quarantine_too
     row_ids = [int(i) for i in args.ids if i.isdigit()]
     q_ids = [i for i in args.ids if not i.isdigit()]
+    if q_ids and not quarantine_too:
+        return _fail_retry(f"{q_ids[0]} is not an outbox row id (quarantine ids need --quarantine)")
+    if args.reason is not None and args.reason not in REASONS:
+        known = ", ".join(REASONS)
+        return _fail_retry(f"unknown reason {args.reason!r} (reasons: {known})")
     status = 0
+    if do_dead and row_ids:
+        missing = sorted(set(row_ids) - _existing_rows(paths.outbox_db, row_ids))
+        if missing:
+            return _fail_retry("no outbox row " + ", ".join(f"#{i}" for i in missing))
     if do_dead:
         if paths.outbox_db.exists():
             from ..agent.outbox.store import Outbox
@@ -336,7 +369,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
             print(f"requeued {n} dead row(s); {due} waiting row(s) due now")
         else:
             print("outbox: nothing to retry")
-    if args.quarantine:
+    if quarantine_too:
         quarantine = Quarantine(paths.quarantine)
         entries = quarantine.entries()
         if q_ids:
