@@ -8,6 +8,7 @@ from ._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._exceptions import (
+        REASONS,
         ConfigError,
         DeidError,
         GatewayError,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 # name -> submodule that defines it. Loading is lazy: the CLI's hot paths (``anonymize``) must not
 # pay for numpy, pydantic, scikit-learn or matplotlib when they do not use them.
 _EXPORTS: dict[str, str] = {
+    "REASONS": "._exceptions",
     "ConfigError": "._exceptions",
     "DeidError": "._exceptions",
     "GatewayError": "._exceptions",
@@ -79,6 +81,7 @@ __all__ = [
     "IngestError",
     "PermanentUploadError",
     "QCError",
+    "REASONS",
     "RetryableUploadError",
     "ScanFeatures",
     "Settings",

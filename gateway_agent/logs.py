@@ -121,6 +121,51 @@ def configure(
     _configured = True
 
 
+#: Used as a library (nothing called :func:`configure`), events go to the standard ``logging``
+#: logger ``gateway_agent`` as one ``key=value`` line each: silent unless the application
+#: configures logging, as libraries do.
+_LIBRARY_PROCESSORS: list[Any] = [
+    structlog.stdlib.filter_by_level,
+    structlog.contextvars.merge_contextvars,
+    scrub_phi,
+    structlog.processors.KeyValueRenderer(key_order=["event"], drop_missing=True),
+]
+
+
+class _Logger:
+    """A logger that follows :func:`configure`: structlog's when configured, else stdlib's.
+
+    Modules create theirs at import time, before the command line (if any) configures logging;
+    the choice is made on each call.
+    """
+
+    __slots__ = ("_initial",)
+
+    def __init__(self, initial: dict[str, Any]) -> None:
+        self._initial = initial
+
+    def _target(self) -> Any:
+        if _configured:
+            return structlog.get_logger(**self._initial)
+        return structlog.wrap_logger(
+            logging.getLogger("gateway_agent"),
+            processors=_LIBRARY_PROCESSORS,
+            wrapper_class=structlog.stdlib.BoundLogger,
+            **self._initial,
+        )
+
+    def bind(self, **values: Any) -> Any:
+        return self._target().bind(**values)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target(), name)
+
+
 def get_logger(**initial: Any) -> Any:
-    """A structlog logger; modules call this, never ``configure``."""
-    return structlog.get_logger(**initial)
+    """A logger for a module; modules call this, never ``configure``.
+
+    Before :func:`configure` (gateway-agent used as a library), events go to the standard
+    logging logger ``gateway_agent``; nothing is printed unless the application configures
+    logging.
+    """
+    return _Logger(initial)

@@ -220,10 +220,36 @@ class Deidentifier:
 
     # -- pydicom datasets -------------------------------------------------------------------
     def deidentify_dataset(self, ds: Dataset) -> dict[str, Any]:
-        """De-identify a pydicom Dataset in place; return the audit record.
+        """De-identify a pydicom Dataset in place and return the audit record.
 
         The dataset is encoded (explicit VR little endian), run through the same engine as
         files, and decoded back into ``ds``; ``ds.file_meta`` and ``ds.preamble`` follow.
+
+        A Dataset built in memory may lack some UIDs: the SOP Instance and SOP Class UID are
+        then taken from ``ds.file_meta`` (Media Storage SOP Instance/Class UID), and a missing
+        Study or Series Instance UID is generated from the patient and study attributes
+        (then replaced by its keyed UID, like any UID): slices of one study built alike come
+        out in one study and one series, the same way every time with the same secret.
+
+        Parameters
+        ----------
+        ds
+            The dataset to de-identify; it is changed in place.
+
+        Returns
+        -------
+        dict[str, Any]
+            The audit record: counts per action, profile edition and options, output UIDs.
+            It never carries a value of the input.
+
+        Raises
+        ------
+        TypeError
+            ``ds`` is not a pydicom Dataset.
+        DeidError
+            The dataset cannot be encoded (``unreadable_header``), has no SOP Instance UID
+            anywhere (``no_sop_instance_uid``), or is refused by the burned-in policy
+            (``burned_in_annotation``).
         """
         from pydicom.dataset import Dataset as _Dataset
         from pydicom.filebase import DicomBytesIO
@@ -244,6 +270,7 @@ class Deidentifier:
             ) from None
         data = buf.getvalue()
         elements, _ = parse_dataset(data, len(data), 0, False, True)
+        elements = _complete_uids(elements, getattr(ds, "file_meta", None))
         outcome = self._engine.run(elements)
         encoded = encode_dataset(outcome.elements, False, True)
         new = read_dataset(io.BytesIO(encoded), is_implicit_VR=False, is_little_endian=True)
@@ -263,17 +290,112 @@ class Deidentifier:
         return audit
 
 
+def _uid_element(tag: int, uid: str) -> Element:
+    return Element(tag, "UI", _even(uid.encode("ascii"), b"\0"))
+
+
+def _derived_uid(purpose: str, parts: list[bytes]) -> str:
+    digest = hashlib.sha256(purpose.encode() + b"|" + b"|".join(parts)).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+
+#: What identifies a study built in memory without a Study Instance UID: Patient ID, Patient's
+#: Name, Birth Date, Study Date, Study Time, Study ID, Accession Number.
+_STUDY_KEY = (0x00100020, 0x00100010, 0x00100030, 0x00080020, 0x00080030, 0x00200010, 0x00080050)
+#: ... and a series within it: Modality, Series Number, Date, Time, Description.
+_SERIES_KEY = (0x00080060, 0x00200011, 0x00080021, 0x00080031, 0x0008103E)
+
+
+def _complete_uids(elements: list[Element], meta: Any) -> list[Element]:
+    """Add the UIDs an in-memory Dataset may lack (see :meth:`Deidentifier.deidentify_dataset`)."""
+    top = {el.tag: el for el in elements}
+    added: list[Element] = []
+    for tag, meta_keyword in (
+        (0x00080016, "MediaStorageSOPClassUID"),
+        (0x00080018, "MediaStorageSOPInstanceUID"),
+    ):
+        uid = getattr(meta, meta_keyword, None) if meta is not None else None
+        if tag not in top and uid:
+            added.append(_uid_element(tag, str(uid)))
+
+    def raw(tag: int) -> bytes:
+        el = top.get(tag)
+        return el.raw.rstrip(b"\0 ") if el is not None else b""
+
+    study = raw(0x0020000D) or _derived_uid("study", [raw(t) for t in _STUDY_KEY]).encode()
+    if 0x0020000D not in top:
+        added.append(_uid_element(0x0020000D, study.decode("ascii")))
+    if 0x0020000E not in top:
+        series_key = [study, *(raw(t) for t in _SERIES_KEY)]
+        added.append(_uid_element(0x0020000E, _derived_uid("series", series_key)))
+    if not added:
+        return elements
+    return sorted(elements + added, key=lambda el: el.tag)
+
+
+#: The key of :func:`anonymize_dataset` calls without ``secret``: random, made on first use and
+#: kept for the life of the process.
+_PROCESS_SECRET: bytes | None = None
+
+
+def _process_secret() -> bytes:
+    global _PROCESS_SECRET
+    if _PROCESS_SECRET is None:
+        _PROCESS_SECRET = os.urandom(32)
+    return _PROCESS_SECRET
+
+
 def anonymize_dataset(
     ds: Dataset, station_name: str = "EDGE01", *, secret: bytes | None = None, **options: Any
 ) -> Dataset:
-    """De-identify ``ds`` in place (prototype-compatible) and return it.
+    """De-identify a pydicom Dataset in place (PS3.15 Annex E basic profile) and return it.
 
     Afterwards ``ds.PatientIdentityRemoved == "YES"``, ``ds.StationName == station_name`` and
-    ``ds.DeidentificationMethod`` names the profile edition and options. ``options`` are the
-    :class:`DeidOptions` fields (``retain_uids=True``, ``burned_in="allow"``...). Without a
-    ``secret`` a random one is used, so outputs of separate calls are unlinkable.
+    ``ds.DeidentificationMethod`` names the profile edition and options. UIDs, patient
+    pseudonyms and the per-patient date shift are keyed by ``secret`` (HMAC-SHA256): the same
+    input and secret always give the same output.
+
+    Parameters
+    ----------
+    ds
+        The dataset to de-identify; it is changed in place. One built in memory may carry its
+        SOP Instance UID only in ``ds.file_meta``, and may lack Study and Series Instance UIDs
+        (see :meth:`Deidentifier.deidentify_dataset`).
+    station_name
+        Written into StationName (SH, at most 16 characters).
+    secret
+        The site secret, at least 16 bytes (for example ``load_or_create_secret(path)``).
+        Pass it for output that is reproducible across processes and linkable to the agent's.
+        Without it, one random key made on the first call serves every call of the process:
+        slices of one series stay one patient, one study and one series, and nothing links
+        them to another process's output.
+    **options
+        :class:`DeidOptions` fields: ``retain_uids=True``, ``clean_descriptors=False``,
+        ``burned_in="allow"``, ...
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        ``ds`` itself, de-identified.
+
+    Raises
+    ------
+    TypeError
+        ``ds`` is not a Dataset, or an option name is unknown.
+    ValueError
+        ``secret`` is shorter than 16 bytes, ``station_name`` is not a valid SH value, or an
+        option value is invalid.
+    DeidError
+        The dataset is refused; ``reason`` and ``detail`` say why (see
+        :data:`gateway_agent.REASONS`).
+
+    Examples
+    --------
+    >>> from gateway_agent import anonymize_dataset, load_or_create_secret
+    >>> secret = load_or_create_secret("site-secret.key")  # doctest: +SKIP
+    >>> anonymize_dataset(ds, station_name="EDGE01", secret=secret)  # doctest: +SKIP
     """
-    key = secret if secret is not None else os.urandom(32)
+    key = secret if secret is not None else _process_secret()
     Deidentifier(
         key, DeidOptions.from_kwargs(**options), station_name=station_name
     ).deidentify_dataset(ds)

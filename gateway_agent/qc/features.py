@@ -86,6 +86,11 @@ class ScanFeatures:
     reasons: list[str] = field(default_factory=list)
     isolation_score: float | None = None
 
+    @property
+    def filename(self) -> str:
+        """The image file's name (``file`` is its path relative to the scanned folder)."""
+        return Path(self.file).name
+
     @classmethod
     def field_names(cls) -> list[str]:
         """Column order for CSV output."""

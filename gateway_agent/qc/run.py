@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -95,11 +97,19 @@ def scan_directory(
     records: list[ScanFeatures] = []
     failures: list[tuple[str, str]] = []
     results: Iterable[ScanFeatures | tuple[str, str]]
-    if n_workers > 1 and len(files) > 1:
-        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="qc") as pool:
-            results = list(pool.map(one, files))
-    else:
-        results = [one(p) for p in files]
+    # pydicom warns about odd values of real-world files: printed, the warnings would break the
+    # progress line, and their text may quote header values. They are counted, and logged as a
+    # count by category once the bar is done.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if n_workers > 1 and len(files) > 1:
+            with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="qc") as pool:
+                results = list(pool.map(one, files))
+        else:
+            results = [one(p) for p in files]
+    if caught:
+        by_category = Counter(w.category.__name__ for w in caught)
+        log.info("qc_read_warnings", count=len(caught), categories=dict(by_category))
     for result in results:
         if isinstance(result, ScanFeatures):
             records.append(result)

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from gateway_agent._exceptions import ConfigError
 from gateway_agent.cli import main
-from gateway_agent.cli.config_cmds import config_problems, effective_config
+from gateway_agent.cli.config_cmds import config_problems
 from gateway_agent.config import Settings, load_settings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "gateway-agent.toml"
@@ -264,14 +264,14 @@ def test_run_refuses_to_start_half_configured(
         (
             {"GATEWAY_INBX": "/srv/in"},
             "GATEWAY_INBX: unknown setting [from the environment] (did you mean GATEWAY_INBOX?)",
-        ),  # fmt: skip
+        ),
         (
             {
                 "GATEWAY_DESTINATION__URL": f"https://u:{SECRET}@pacs/dw",
                 "GATEWAY_DESTINATION__KIND": "dicomweb",
             },
             "must not carry credentials",
-        ),  # fmt: skip
+        ),
         ({"GATEWAY_DESTINATION__TOKEN": SECRET}, "destination.token is set but destination.auth"),
     ],
 )
