@@ -115,9 +115,12 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(lvl)
-    # Third-party chatter: httpx logs full URLs at INFO, pydicom warns with values.
-    for noisy in ("httpx", "httpcore", "watchdog", "pydicom", "matplotlib", "PIL"):
+    # Third-party chatter: httpx logs full URLs at INFO.
+    for noisy in ("httpx", "httpcore", "watchdog", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    # pydicom logs each of its warnings, which quote header values (PHI) and would break a
+    # progress line; callers count pydicom's warnings instead (see qc.run.scan_directory).
+    logging.getLogger("pydicom").setLevel(max(lvl, logging.ERROR))
     _configured = True
 
 
