@@ -48,7 +48,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     win.add_argument("--width", type=float, default=None, help="window width (with --center)")
     win.add_argument("--function", choices=_FUNCTIONS, default=None, help="VOI LUT function")
     win.add_argument("--frame", type=int, default=None, help="frame of a multi-frame image")
-    win.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.png")
+    win.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="OUT.png", help="PNG or JPEG (.jpg)"
+    )
     win.set_defaults(func=cmd_window)
 
     clu = add_command(
@@ -67,7 +69,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--preset", choices=sorted(WINDOW_PRESETS), default="soft_tissue", help="CT window"
     )
     clu.add_argument("--frame", type=int, default=None, help="frame (default: the middle one)")
-    clu.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.png")
+    clu.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="OUT.png", help="PNG or JPEG (.jpg)"
+    )
     clu.set_defaults(func=cmd_cluster)
 
     qc = add_command(
@@ -112,7 +116,15 @@ def _quiet_logs(args: argparse.Namespace) -> None:
 
 def cmd_window(args: argparse.Namespace) -> int:
     """``gateway-agent window``: one PNG at native size, or a titled panel of presets."""
-    from ..imaging import frame_count, save_figure, save_gray_png, window_from_dataset, window_panel
+    from ..imaging import (
+        frame_count,
+        is_hu,
+        save_figure,
+        save_gray_png,
+        window_from_dataset,
+        window_panel,
+    )
+    from ..imaging.figures import image_format
 
     _quiet_logs(args)
     if (args.center is None) != (args.width is None):
@@ -121,7 +133,17 @@ def cmd_window(args: argparse.Namespace) -> int:
         list(WINDOW_PRESETS) if args.all_presets else list(args.preset or [])
     )
     try:
+        image_format(args.output)
         ds = _read(args.file)
+        if presets and not is_hu(ds):
+            # The presets are HU ranges: through one, an MR or X-ray image comes out white.
+            modality = str(ds.get("Modality", "")) or "this"
+            print(
+                f"gateway-agent window: warning: the presets are CT windows in HU and the "
+                f"{modality} image has no HU values; using the image's own window instead",
+                file=sys.stderr,
+            )
+            presets = []
         if len(presets) > 1:
             save_figure(window_panel(ds, presets, frame=args.frame), args.output)
             print(f"wrote {args.output} ({len(presets)} presets)")

@@ -17,7 +17,15 @@ from pydicom.dataset import Dataset
 from .cluster import TISSUE_CLASSES
 from .lut import WINDOW_PRESETS, dataset_window, frame_count, window_from_dataset
 
-__all__ = ["cluster_figure", "new_figure", "save_figure", "save_gray_png", "window_panel"]
+__all__ = [
+    "IMAGE_FORMATS",
+    "cluster_figure",
+    "image_format",
+    "new_figure",
+    "save_figure",
+    "save_gray_png",
+    "window_panel",
+]
 
 _TISSUE_COLOURS = ("#000000", "#4c78a8", "#f2cf5b", "#e45756", "#f5f5f5")
 
@@ -29,19 +37,45 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as PNG (parent folders created)."""
+#: File name suffix -> the image format written (matplotlib's Agg writers).
+IMAGE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
+def image_format(path: Path) -> str:
+    """The format for ``path`` from its suffix: PNG (also without a suffix) or JPEG.
+
+    Raises
+    ------
+    ValueError
+        Any other suffix: the file would not be what its name says.
+    """
+    suffix = path.suffix.lower()
+    if suffix == "":
+        return "png"
+    found = IMAGE_FORMATS.get(suffix)
+    if found is None:
+        raise ValueError(f"cannot write {suffix} images: name the output .png, .jpg or .jpeg")
+    return found
+
+
+def save_figure(fig: Figure, path: Path, *, fmt: str | None = None) -> Path:
+    """Write ``fig`` as PNG or JPEG: ``fmt``, else after the suffix of ``path``.
+
+    Parent folders are created.
+    """
+    fmt = fmt or image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format=fmt)
     return path
 
 
 def save_gray_png(image: np.ndarray, path: Path) -> Path:
-    """Write a uint8 image as a grey PNG at its native size (one pixel per pixel)."""
+    """Write a uint8 image in grey at its native size (one pixel per pixel), PNG or JPEG."""
     from matplotlib.image import imsave
 
+    fmt = image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    imsave(path, image, cmap="gray", vmin=0, vmax=255, format="png")
+    imsave(path, image, cmap="gray", vmin=0, vmax=255, format=fmt)
     return path
 
 
@@ -53,15 +87,19 @@ def window_panel(ds: Dataset, presets: Sequence[str | None], *, frame: int | Non
     if not presets:
         raise ValueError('Argument "presets" must name at least one preset')
     index = frame_count(ds) // 2 if frame is None else frame
+    images = [window_from_dataset(ds, preset, frame=index) for preset in presets]
     n = len(presets)
     ncols = min(n, 5)
     nrows = math.ceil(n / ncols)
-    fig = new_figure(3.2 * ncols, 3.5 * nrows)
+    rows, cols = images[0].shape[:2]
+    # Each row: the image at the column's width and its aspect, plus room for a two-line title;
+    # the "compressed" layout places fixed-aspect images without cutting their titles.
+    fig = new_figure(3.2 * ncols, (3.0 * rows / max(cols, 1) + 0.75) * nrows)
+    fig.set_layout_engine("compressed")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel()[n:]:
         ax.set_axis_off()
-    for ax, preset in zip(axes.ravel(), presets, strict=False):
-        image = window_from_dataset(ds, preset, frame=index)
+    for ax, preset, image in zip(axes.ravel(), presets, images, strict=False):
         if preset is None:
             own = dataset_window(ds, index)
             title = "dataset window" + (f"\nC {own[0]:g} / W {own[1]:g}" if own else "\nfull range")

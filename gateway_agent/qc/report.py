@@ -118,7 +118,7 @@ def write_report(
     _atomic_write(paths["report"], json.dumps(report, indent=2) + "\n")
     fig = plot_fleet_qc(records, labels, silhouette)
     tmp_png = out_dir / ".fleet.png.tmp"
-    save_figure(fig, tmp_png)
+    save_figure(fig, tmp_png, fmt="png")
     tmp_png.replace(paths["plot"])
     return paths
 
