@@ -2,7 +2,10 @@
 
 Run::
 
-    uv run python benchmarks/bench_deid.py [--slices 200] [--repeat 3]
+    uv run python benchmarks/bench_deid.py [--slices 1000] [--repeat 3]
+
+At the default 1,000 slices a process's start-up (interpreter, imports, tables: about 60 ms)
+weighs under 5 % of gateway-agent's run, so the figures compare the per-file work.
 
 What it does, in one run on the same files:
 
@@ -57,6 +60,8 @@ DEFAULT_WORKDIR = HERE / ".bench-work"
 NAME_MARKER = "PHIMRN4711"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 GNU_TIME = "/usr/bin/time" if Path("/usr/bin/time").exists() else None
+#: gateway-agent's goal against gdcmanon, whole process, in the same run.
+TARGET_VS_GDCMANON = 1.3
 HEAVY_MODULES = ("matplotlib", "sklearn", "scipy", "httpx", "pandas", "numpy", "PIL", "watchdog")
 #: (on the anonymize path these are dead weight: pixel data is never decoded, nothing is uploaded)
 
@@ -578,9 +583,10 @@ def ratios(results: list[Result], n: int) -> list[str]:
     for name in ("gdcmanon (basic)", "gdcmanon (dumb)"):
         if name in by:
             x = ga_fps / by[name].files_per_s(n)
-            ok = x >= 1.0 and clean
+            ok = x >= TARGET_VS_GDCMANON and clean
             out.append(
-                f"- gateway-agent / {name}: **{x:.2f}x** files/s (target >= 1x with 0 markers: "
+                f"- gateway-agent / {name}: **{x:.2f}x** files/s (target >= "
+                f"{TARGET_VS_GDCMANON:g}x with 0 markers: "
                 f"{_pf(ok)}); per CPU second {by[name].cpu / ga.cpu:.2f}x"
             )
     peers = [r for r in results if r.python_peer]
@@ -626,7 +632,9 @@ def machine() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; exit 1 with ``--check`` when a gateway-agent target is missed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=200, help="CT slices (512x512 uint16)")
+    parser.add_argument(
+        "--slices", type=int, default=1000, help="CT slices (512x512 uint16; default 1000)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool (median reported)")
     parser.add_argument(
         "--fast-repeat", type=int, default=7, help="runs per tool whose median is under 1 s"
