@@ -329,7 +329,20 @@ class LogSettings(_Section):
 
 
 class Settings(BaseSettings):
-    """Everything gateway-agent reads at start-up."""
+    """Everything gateway-agent reads at start-up (build it with :func:`load_settings`).
+
+    Parameters
+    ----------
+    **values
+        Field values by name; sections (``deid``, ``destination``, ``qc``, ``metrics``,
+        ``disk``, ``log``) as dicts or their models. ``GATEWAY_*`` variables fill the rest
+        (nested keys with ``__``: ``GATEWAY_DESTINATION__URL``).
+
+    Raises
+    ------
+    pydantic.ValidationError
+        A value is invalid (:func:`load_settings` turns this into a :class:`ConfigError`).
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="GATEWAY_",
@@ -477,10 +490,26 @@ def _describe_error(err: Any, toml: dict[str, Any], flags: dict[str, Any]) -> st
 def load_settings(
     config_file: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Settings:
-    """Build Settings from the layers; raise ConfigError with one line per problem.
+    """Build the Settings from their layers: defaults < TOML file < ``GATEWAY_*`` < flags.
 
-    ``config_file`` None means ``/etc/gateway-agent/config.toml`` if it exists.
-    ``overrides`` maps dotted keys (``"destination.url"``) to values from the command line.
+    Parameters
+    ----------
+    config_file
+        The TOML file; None means ``/etc/gateway-agent/config.toml`` if it exists.
+    overrides
+        Dotted keys (``"destination.url"``) to values from the command line; None values are
+        ignored.
+
+    Returns
+    -------
+    Settings
+        The validated settings.
+
+    Raises
+    ------
+    ConfigError
+        One line per problem: the key, what is allowed, where the value came from (secrets
+        masked). Also for a ``GATEWAY_*`` variable that names no setting or holds bad JSON.
     """
     toml: dict[str, Any] = {}
     if config_file is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
+
+import pytest
 
 import gateway_agent
 
@@ -34,3 +37,29 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _sections(doc: str) -> set[str]:
+    """The NumPy docstring section titles in ``doc`` (a title underlined with dashes)."""
+    lines = doc.splitlines()
+    return {
+        lines[i].strip()
+        for i in range(len(lines) - 1)
+        if lines[i].strip() and set(lines[i + 1].strip()) == {"-"}
+    }
+
+
+@pytest.mark.parametrize("name", [n for n in gateway_agent.__all__ if n != "__version__"])
+def test_public_api_is_documented_in_numpy_style(name: str) -> None:
+    obj = getattr(gateway_agent, name)
+    if not callable(obj):  # data: REASONS, TAGS_TO_REMOVE, WINDOW_PRESETS
+        return
+    doc = inspect.getdoc(obj) or ""
+    assert doc.splitlines() and doc.splitlines()[0].endswith("."), name
+    if isinstance(obj, type) and issubclass(obj, BaseException):
+        return  # exceptions: their one-line summary and the tree in gateway_agent._exceptions
+    sections = _sections(doc)
+    if isinstance(obj, type):
+        assert sections & {"Parameters", "Attributes"}, name
+        return
+    assert {"Parameters", "Returns", "Raises"} <= sections, (name, sections)

@@ -47,7 +47,23 @@ _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
 
 class DeidResult:
-    """One de-identified instance written to disk (all values are output values: no PHI)."""
+    """One de-identified instance written to disk (all values are output values: no PHI).
+
+    Returned by :meth:`Deidentifier.deidentify_file`.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The output file, ``<out_dir>/<new SOP Instance UID>.dcm``.
+    sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid : str
+        The output's UIDs.
+    modality : str
+        The output's Modality.
+    size : int
+        The output file's size in bytes.
+    audit : dict
+        The audit record: actions per tag class, options, UIDs; never a value of the input.
+    """
 
     __slots__ = (
         "audit",
@@ -107,6 +123,20 @@ class Deidentifier:
         Annex E options and the burned-in policy; default :class:`DeidOptions`.
     station_name
         Written into StationName (SH, at most 16 characters) when given.
+
+    Raises
+    ------
+    TypeError
+        ``options`` is not a :class:`DeidOptions`.
+    ValueError
+        ``secret`` is shorter than 16 bytes, or ``station_name`` is not a valid SH value.
+
+    Examples
+    --------
+    >>> from gateway_agent import Deidentifier, load_or_create_secret
+    >>> deid = Deidentifier(load_or_create_secret("site.key"))  # doctest: +SKIP
+    >>> deid.deidentify_file("in/IMG0001.dcm", "out/").path  # doctest: +SKIP
+    PosixPath('out/2.25.1234....dcm')
     """
 
     def __init__(
@@ -145,6 +175,20 @@ class Deidentifier:
         files are inflated, rewritten and deflated again). The output is written to a temp
         file in ``out_dir``, fsynced (unless ``fsync=False``), renamed, and the folder fsynced.
         Same input and secret give a byte-identical file at the same path.
+
+        Parameters
+        ----------
+        src
+            The input file.
+        out_dir
+            The output folder (created when missing).
+        fsync
+            Make the output durable before returning (the agent needs it; a batch may not).
+
+        Returns
+        -------
+        DeidResult
+            The output's path, UIDs, size and audit record.
 
         Raises
         ------

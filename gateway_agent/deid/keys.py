@@ -20,13 +20,31 @@ _BLOCK = 64  # SHA-256 block size, for HMAC (RFC 2104)
 def load_or_create_secret(path: str | os.PathLike[str]) -> bytes:
     """Read the site secret, creating it (32 random bytes, hex, mode 0600) on first use.
 
+    Parameters
+    ----------
+    path
+        The secret file; its parent folders are created (mode 0700) when missing.
+
+    Returns
+    -------
+    bytes
+        The secret (at least 16 bytes).
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read or created, or holds fewer than 16 bytes.
+
+    Notes
+    -----
+
     Parent folders are created with mode 0700. Creation is atomic: the key is written to a temp
     file in the same folder (mode 0600) and fsynced, then hard-linked into place, which never
     replaces an existing secret (another process that got there first wins, and its secret is
     used); then the folder is fsynced. A kill at any instant leaves either no secret or a
     complete one (and at worst a stray temp file, which is ignored). The secret is never logged
     nor put in an error message; losing it makes later outputs unlinkable to earlier ones (new
-    UIDs, pseudonyms and date offsets).
+    UIDs, pseudonyms and date offsets): back it up.
     """
     path = Path(path)
     for _ in range(3):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..dicom.dictionary import vr_of
 
@@ -68,15 +69,32 @@ PRECEDENCE: tuple[str, ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeidOptions:
     """The ten PS3.15 Annex E options plus the burned-in pixel policy (immutable, hashable).
 
-    Field names are those of :class:`gateway_agent.config.DeidSettings`. When both date options
-    are set, Full Dates wins (as in the settings).
+    Field names are those of :class:`gateway_agent.config.DeidSettings`; the defaults are the
+    Basic Profile with Retain Longitudinal Temporal Information Modified Dates and Clean
+    Descriptors, objects that may carry burned-in text quarantined.
+
+    Parameters
+    ----------
+    retain_safe_private, retain_uids, retain_device_identity, retain_institution_identity, \
+retain_patient_characteristics, retain_long_full_dates, retain_long_modified_dates, \
+clean_descriptors, clean_structured_content, clean_graphics
+        The Annex E options (Table E.1-1 columns). When both date options are set, Full Dates
+        wins (as in the settings).
+    burned_in
+        ``"quarantine"`` (refuse objects that may carry burned-in text) or ``"allow"``.
+
+    Raises
+    ------
+    ValueError
+        ``burned_in`` is neither ``"quarantine"`` nor ``"allow"``.
     """
 
-    #: The field names, in order (what ``dataclasses.fields`` would list).
-    FIELDS: tuple[str, ...] = (
+    #: The field names, in order.
+    FIELDS: ClassVar[tuple[str, ...]] = (
         "retain_safe_private",
         "retain_uids",
         "retain_device_identity",
@@ -89,67 +107,24 @@ class DeidOptions:
         "clean_graphics",
         "burned_in",
     )
-    __slots__ = FIELDS
 
-    retain_safe_private: bool
-    retain_uids: bool
-    retain_device_identity: bool
-    retain_institution_identity: bool
-    retain_patient_characteristics: bool
-    retain_long_full_dates: bool
-    retain_long_modified_dates: bool
-    clean_descriptors: bool
-    clean_structured_content: bool
-    clean_graphics: bool
-    burned_in: str  # "quarantine" or "allow"
+    retain_safe_private: bool = False
+    retain_uids: bool = False
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+    retain_patient_characteristics: bool = False
+    retain_long_full_dates: bool = False
+    retain_long_modified_dates: bool = True
+    clean_descriptors: bool = True
+    clean_structured_content: bool = False
+    clean_graphics: bool = False
+    burned_in: str = "quarantine"
 
-    def __init__(
-        self,
-        *,
-        retain_safe_private: bool = False,
-        retain_uids: bool = False,
-        retain_device_identity: bool = False,
-        retain_institution_identity: bool = False,
-        retain_patient_characteristics: bool = False,
-        retain_long_full_dates: bool = False,
-        retain_long_modified_dates: bool = True,
-        clean_descriptors: bool = True,
-        clean_structured_content: bool = False,
-        clean_graphics: bool = False,
-        burned_in: str = "quarantine",
-    ) -> None:
-        if burned_in not in ("quarantine", "allow"):
+    def __post_init__(self) -> None:
+        if self.burned_in not in ("quarantine", "allow"):
             raise ValueError('Argument "burned_in" must be "quarantine" or "allow".')
-        if retain_long_full_dates and retain_long_modified_dates:
-            retain_long_modified_dates = False
-        given = locals()  # the arguments by name, as FIELDS lists them
-        for name in self.FIELDS:
-            object.__setattr__(self, name, given[name])
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.FIELDS)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"DeidOptions is immutable: cannot assign to {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"DeidOptions is immutable: cannot delete {name!r}")
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        assert isinstance(other, DeidOptions)
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS)
-        return f"DeidOptions({args})"
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return _options_from_values, (self._values(),)
+        if self.retain_long_full_dates and self.retain_long_modified_dates:
+            object.__setattr__(self, "retain_long_modified_dates", False)
 
     @classmethod
     def from_settings(cls, s: DeidSettings) -> DeidOptions:
@@ -167,11 +142,6 @@ class DeidOptions:
     def enabled(self) -> list[str]:
         """Names of the enabled Annex E options, in table order."""
         return [name for name in OPTION_COLUMNS if getattr(self, name)]
-
-
-def _options_from_values(values: tuple[object, ...]) -> DeidOptions:
-    """Unpickle :class:`DeidOptions` (its ``__reduce__``)."""
-    return DeidOptions(**dict(zip(DeidOptions.FIELDS, values, strict=True)))  # type: ignore[arg-type]
 
 
 class Row:

@@ -91,13 +91,39 @@ def cluster_scan(
     frame: int | None = None,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """k-means on the windowed intensities of one image: ``(windowed, cluster_map, silhouette)``.
+    """k-means on the windowed intensities of one image.
 
-    ``windowed`` is the uint8 image clustered, ``cluster_map`` its labels (uint8, 0 = darkest
-    cluster), ``silhouette`` the score on :data:`SILHOUETTE_SAMPLE` pixels (NaN if undefined).
-    ``preset`` is in HU, so it applies to CT only; other images use their own window. A multi-frame
-    dataset is clustered on ``frame`` (default: the middle frame). This is a visualisation of
-    grey-level groups, not a segmentation: use :func:`tissue_map` for physical HU classes.
+    This is a visualisation of grey-level groups, not a segmentation: use :func:`tissue_map`
+    for physical HU classes.
+
+    Parameters
+    ----------
+    ds
+        A grayscale image dataset.
+    n_clusters
+        The number of clusters (at least 1).
+    preset
+        The window (:data:`WINDOW_PRESETS`, in HU): CT only; other images use their own window.
+    frame
+        The frame of a multi-frame image; default the middle one.
+    seed
+        The k-means seed: the same seed gives the same clusters.
+
+    Returns
+    -------
+    windowed : numpy.ndarray
+        The ``uint8`` image that was clustered.
+    cluster_map : numpy.ndarray
+        The label of each pixel (``uint8``, 0 = darkest cluster).
+    silhouette : float
+        The silhouette score on :data:`SILHOUETTE_SAMPLE` pixels (NaN when undefined).
+
+    Raises
+    ------
+    ValueError
+        Bad ``n_clusters``, ``preset`` or ``frame``.
+    QCError
+        The dataset has no grayscale pixel data that can be decoded.
     """
     if frame is None:
         frame = frame_count(ds) // 2
@@ -110,7 +136,22 @@ def cluster_scan(
 def tissue_map(hu: np.ndarray | Dataset, *, frame: int | None = None) -> np.ndarray:
     """Label each pixel by :data:`TISSUE_CLASSES` (0 air, 1 lung, 2 fat, 3 soft tissue, 4 bone).
 
-    Accepts an HU array or a CT dataset (``frame`` picks one frame, default the middle one).
+    Parameters
+    ----------
+    hu
+        An array of HU values, or a CT dataset.
+    frame
+        For a multi-frame dataset: the frame; default the middle one.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` labels, the shape of the HU image.
+
+    Raises
+    ------
+    ValueError
+        ``hu`` is a dataset whose values are not HU (not CT).
     """
     if isinstance(hu, Dataset):
         if not is_hu(hu):

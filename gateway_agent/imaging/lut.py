@@ -239,8 +239,31 @@ def _frames(ds: Dataset, frame: int | None) -> list[int]:
 
 
 def hu_from_dataset(ds: Dataset, frame: int | None = None) -> np.ndarray:
-    """Modality values (HU for CT) as float32: ``(rows, cols)``, or ``(frames, rows, cols)``
-    for a multi-frame dataset when ``frame`` is None."""
+    """Modality values of ``ds`` (HU for CT): the stored values through the modality LUT.
+
+    Rescale Slope/Intercept or the Modality LUT Sequence, per frame for enhanced multi-frame
+    objects.
+
+    Parameters
+    ----------
+    ds
+        A grayscale image dataset.
+    frame
+        The frame of a multi-frame image (0-based); all frames when None.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` of shape ``(rows, cols)``, or ``(frames, rows, cols)`` for a multi-frame
+        dataset when ``frame`` is None.
+
+    Raises
+    ------
+    ValueError
+        ``frame`` is out of range.
+    QCError
+        The dataset has no grayscale pixel data that can be decoded.
+    """
     frames = _frames(ds, frame)
     out = [modality_lut(_stored_frame(ds, i), ds, frame=i) for i in frames]
     if frame is not None or frame_count(ds) == 1:
@@ -276,6 +299,24 @@ def window_from_dataset(
     MONOCHROME1 images are inverted so that they display as intended. A multi-frame dataset gives
     ``(frames, rows, cols)`` (each frame with its own functional-group window) unless ``frame``
     selects one.
+
+    Parameters
+    ----------
+    ds
+        A grayscale image dataset (CT, MR, CR, DX, ...).
+    preset
+        A name of :data:`WINDOW_PRESETS` (centre and width in HU: meaningful for CT only).
+    center, width
+        An explicit window, in modality units; both or neither.
+    function
+        The VOI LUT function: ``LINEAR`` (default), ``LINEAR_EXACT`` or ``SIGMOID``.
+    frame
+        The frame of a multi-frame image (0-based); all frames when None.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8`` of shape ``(rows, cols)``, or ``(frames, rows, cols)``.
 
     Raises
     ------

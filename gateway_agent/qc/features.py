@@ -51,6 +51,19 @@ class ScanFeatures:
     a robust (MAD) estimate from neighbour differences in homogeneous tissue; ``snr`` is
     (tissue mean - air mean) / noise; ``air_mean`` the mean outside the body (about -1000 on CT).
     ``group``, ``outlier``, ``reasons`` and ``isolation_score`` are set by the fleet model.
+
+    Attributes
+    ----------
+    file : str
+        The image file, relative to the scanned folder (:attr:`filename`: its name).
+    sop_instance_uid, series_instance_uid, modality, manufacturer, model, device : str
+        From the (de-identified) header; ``device`` names the scanner for the fleet model.
+    avg_density, contrast, noise, snr, air_mean, body_fraction : float
+        The image features (NaN when not measurable).
+    group : int
+        The k-means group (-1 before the fleet model ran).
+    outlier : bool
+        Flagged by the fleet model, with ``reasons`` (``"noise high ..."``).
     """
 
     file: str

@@ -142,12 +142,42 @@ def run_qc(
     progress: bool | None = None,
     on_failures: Callable[[list[tuple[str, str]]], None] | None = None,
 ) -> tuple[list[ScanFeatures], np.ndarray, np.ndarray, float]:
-    """QC every DICOM image under ``directory``: ``(records, matrix, labels, silhouette)``.
+    """QC of every DICOM image under ``directory``: features, fleet groups and outliers.
 
-    Features per image (recursive, in parallel threads, a progress bar on a terminal), the
-    standardised feature matrix, k-means labels and their silhouette, and the outlier model:
-    each record gets ``group``, ``outlier`` and ``reasons``. Unmeasurable files are skipped and
-    passed to ``on_failures``.
+    Features per image (recursive, in parallel threads), the standardised feature matrix,
+    k-means labels and their silhouette, and the outlier model: each record gets ``group``,
+    ``outlier`` and ``reasons``. Files that look like DICOM but cannot be measured are skipped
+    and passed to ``on_failures``. Nothing is printed except the progress bar (on a terminal,
+    or with ``progress=True``); events go to the ``gateway_agent`` logger.
+
+    Parameters
+    ----------
+    directory
+        The folder to scan, recursively.
+    n_clusters
+        The number of k-means groups of the fleet.
+    workers
+        Threads measuring images (default: up to 4).
+    progress
+        Show a progress bar on stderr; default: only when stderr is a terminal.
+    on_failures
+        Called once with ``[(file relative to directory, reason), ...]`` of skipped files.
+
+    Returns
+    -------
+    records : list[ScanFeatures]
+        One per measured image, in file order.
+    matrix : numpy.ndarray
+        The standardised feature matrix, one row per record.
+    labels : numpy.ndarray
+        The k-means group of each record.
+    silhouette : float
+        The silhouette of the grouping (NaN when undefined).
+
+    Raises
+    ------
+    QCError
+        ``directory`` is not a folder.
     """
     records, failures = scan_directory(Path(directory), workers=workers, progress=progress)
     if on_failures is not None:
