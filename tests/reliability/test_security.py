@@ -222,7 +222,10 @@ def test_config_show_never_prints_credentials(tmp_path: Path, action: str, useri
     if out.returncode != 0 and "invalid choice" in out.stderr:
         pytest.skip("gateway-agent config show is not there yet")
     _assert_no_secret(out.stdout, out.stderr)
-    if action == "show":
+    if userinfo:  # credentials in the URL are refused, without echoing them
+        assert out.returncode == 2
+        assert "must not carry credentials" in out.stderr
+    elif action == "show":
         assert out.returncode == 0, out.stderr
         assert "edge" in out.stdout  # the non-secret part is shown
 
