@@ -9,6 +9,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -199,6 +200,16 @@ class DestinationSettings(_Section):
         description="After a STOW-RS success, confirm every instance with a QIDO query before "
         "counting it sent.",
     )
+
+    @property
+    def target(self) -> str:
+        """Where instances go, for people and logs: ``folder /abs/path`` or
+        ``dicomweb https://host:port/path`` (never credentials)."""
+        if self.kind == "folder":
+            return f"folder {Path(self.folder).resolve()}"
+        parts = urlsplit(self.url or "")
+        port = f":{parts.port}" if parts.port else ""
+        return f"{self.kind} {parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
     @model_validator(mode="after")
     def _url(self) -> DestinationSettings:

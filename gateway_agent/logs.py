@@ -136,7 +136,7 @@ _LIBRARY_PROCESSORS: list[Any] = [
 
 
 class _Logger:
-    """A logger that follows :func:`configure`: structlog's when configured, else stdlib's.
+    """A logger that follows the configuration: structlog's when configured, else stdlib's.
 
     Modules create theirs at import time, before the command line (if any) configures logging;
     the choice is made on each call.
@@ -148,7 +148,9 @@ class _Logger:
         self._initial = initial
 
     def _target(self) -> Any:
-        if _configured:
+        # structlog configured (by :func:`configure`, the application, or a test's
+        # ``capture_logs``): its pipeline; otherwise the standard logging tree.
+        if _configured or structlog.is_configured():
             return structlog.get_logger(**self._initial)
         return structlog.wrap_logger(
             logging.getLogger("gateway_agent"),

@@ -83,7 +83,7 @@ def test_inspect_a_missing_file_says_so(tmp_path: Path, capsys: pytest.CaptureFi
 def test_retry_of_an_unknown_row_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gateway_agent.agent.outbox import Outbox
+    from gateway_agent.agent.outbox.store import Outbox
 
     Outbox(tmp_path / "state" / "outbox.db").close()
     assert main(["retry", "4242", "--state-dir", str(tmp_path / "state")]) == 1
@@ -169,3 +169,16 @@ def test_console_script_help_runs() -> None:
         check=True,
     )
     assert "examples:" in done.stdout
+
+
+def test_status_imports_no_plotting_or_learning_library(tmp_path: Path) -> None:
+    """`status` answers in well under a second: no matplotlib, SciPy or scikit-learn."""
+    code = (
+        "import sys; from gateway_agent.cli import main; "
+        f"status = main(['status', '--state-dir', {str(tmp_path / 'state')!r}]); "
+        "print(status, [m for m in ('matplotlib', 'scipy', 'sklearn') if m in sys.modules])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert done.stdout.splitlines()[-1] == "0 []"

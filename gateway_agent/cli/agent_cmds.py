@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from .._exceptions import REASONS
 from . import settings_from_args
@@ -183,48 +183,77 @@ def _dead_rows(outbox: Any, limit: int) -> list[dict[str, Any]]:
     ]
 
 
-def _destination_label(settings: Settings) -> str:
-    d = settings.destination
-    if d.kind == "folder":
-        return f"folder {Path(d.folder).resolve()}"
-    parts = urlsplit(d.url or "")
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"dicomweb {parts.scheme}://{host}{port}{parts.path}"  # never the userinfo
-
-
 def _qc_outliers(settings: Settings, latest: int) -> list[dict[str, Any]]:
-    from ..agent.service.qcjob import latest_outliers
+    from ..agent.service.paths import StatePaths
+    from ..qc.report_file import latest_outliers  # not the QC job: no NumPy, no matplotlib
 
-    return latest_outliers(settings.state_dir)[:latest]
+    return latest_outliers(StatePaths(settings.state_dir).qc_report)[:latest]
 
 
-def _inbox_summary(settings: Settings) -> dict[str, Any]:
+def _inbox_summary(inbox: Path, originals: str) -> dict[str, Any]:
     """Files in the inbox not taken yet, and the oldest one's age (not with ``keep``, where
     processed originals stay)."""
     from ..agent.intake.watcher import inbox_backlog
 
-    summary: dict[str, Any] = {"path": str(settings.inbox), "originals": settings.originals}
-    if settings.originals == "keep":
+    summary: dict[str, Any] = {"path": str(inbox), "originals": originals}
+    if originals == "keep":
         return summary
-    count, oldest = inbox_backlog(settings.inbox, INBOX_COUNT_LIMIT)
+    count, oldest = inbox_backlog(inbox, INBOX_COUNT_LIMIT)
     summary["waiting"] = count
     summary["waiting_capped"] = count >= INBOX_COUNT_LIMIT
     summary["oldest_seconds"] = None if oldest is None else max(0.0, time.time() - oldest)
     return summary
 
 
-def collect_status(settings: Settings, latest: int = 5) -> dict[str, Any]:
-    """Everything ``status`` prints, as a dict (also used by tests)."""
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def collect_status(
+    settings: Settings, latest: int = 5, *, inbox_given: bool = False
+) -> dict[str, Any]:
+    """Everything ``status`` prints, as a dict (also used by tests).
+
+    When an agent has started with this state folder, its recorded settings (flags and
+    ``GATEWAY_*`` variables included) name the destination and the inbox, rather than the
+    configuration as it is now; ``inbox_given`` keeps an inbox given on the command line.
+    """
     from ..agent.intake.quarantine import Quarantine
+    from ..agent.service.effective import read_effective_settings
     from ..agent.service.paths import StatePaths
 
     paths = StatePaths(settings.state_dir)
+    record = read_effective_settings(paths.root)
+    destination: dict[str, Any] = {"target": settings.destination.target}
+    inbox, originals = Path(settings.inbox), str(settings.originals)
+    if record is not None:
+        used = record.get("settings") or {}
+        destination["target"] = str(record.get("destination", destination["target"]))
+        if destination["target"] != settings.destination.target:
+            destination["configured"] = settings.destination.target
+        if not inbox_given and used.get("inbox"):
+            inbox, originals = Path(used["inbox"]), str(used.get("originals", originals))
     out: dict[str, Any] = {
         "state_dir": str(paths.root),
-        "inbox": _inbox_summary(settings),
+        "agent": None
+        if record is None
+        else {
+            "pid": record.get("pid"),
+            "running": _pid_alive(record.get("pid")),
+            "started_at": record.get("started_at"),
+            "version": record.get("version"),
+        },
+        "inbox": _inbox_summary(inbox, originals),
         "outbox": None,
-        "destination": {"target": _destination_label(settings)},
+        "destination": destination,
         "quarantine": Quarantine(paths.quarantine).summary(latest),
         "qc_outliers": _qc_outliers(settings, latest),
     }
@@ -253,6 +282,12 @@ def collect_status(settings: Settings, latest: int = 5) -> dict[str, Any]:
 def _print_status(st: dict[str, Any]) -> None:
     w = sys.stdout.write
     w(f"state: {st['state_dir']}\n")
+    agent = st.get("agent")
+    if agent is None:
+        w("agent: has not run with this state folder\n")
+    else:
+        state = "running" if agent["running"] else "not running"
+        w(f"agent: {state} (pid {agent['pid']}, started {agent['started_at']})\n")
     inbox = st["inbox"]
     if "waiting" not in inbox:
         w(f"inbox: {inbox['path']} (originals kept: not counted)\n")
@@ -281,6 +316,8 @@ def _print_status(st: dict[str, Any]) -> None:
             w(f"  dead #{d['id']} {d['sop_instance_uid']}: {d['last_error']}\n")
     d = st["destination"]
     w(f"destination: {d['target']}\n")
+    if d.get("configured"):
+        w(f"  the configuration now says {d['configured']}: restart the agent to use it\n")
     if d.get("auth_failing"):
         w("  AUTHENTICATION FAILING: fix the credentials, restart, then `gateway-agent retry`\n")
     if d.get("last_error"):
@@ -307,7 +344,8 @@ def _print_status(st: dict[str, Any]) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the agent's state; works while the daemon runs (SQLite WAL readers)."""
-    st = collect_status(_settings(args, inbox=args.inbox), latest=max(0, args.latest))
+    settings = _settings(args, inbox=args.inbox)
+    st = collect_status(settings, latest=max(0, args.latest), inbox_given=args.inbox is not None)
     if args.json:
         json.dump(st, sys.stdout, indent=1, default=str)
         sys.stdout.write("\n")

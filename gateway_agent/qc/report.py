@@ -18,6 +18,7 @@ import numpy as np
 from ..imaging.figures import save_figure
 from .features import NUMERIC_FEATURES, ScanFeatures
 from .plots import plot_fleet_qc
+from .report_file import latest_outliers
 
 __all__ = ["build_report", "latest_outliers", "summary_text", "write_report"]
 
@@ -164,13 +165,3 @@ def summary_text(
             f"  ... and {len(outliers) - _SUMMARY_OUTLIERS} more outliers (see report.json)"
         )
     return "\n".join(lines)
-
-
-def latest_outliers(report_dir: Path) -> list[dict[str, Any]]:
-    """Outliers of the report in ``report_dir`` (``[]`` when there is none or it is unreadable)."""
-    try:
-        data = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    outliers = data.get("outliers", []) if isinstance(data, dict) else []
-    return [o for o in outliers if isinstance(o, dict)]

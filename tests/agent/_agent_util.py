@@ -34,6 +34,8 @@ def agent_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "disk.min_free_mb": 1.0,
     }
     base.update(overrides)
+    # The inbox is configured, so it must exist (as an administrator creates it).
+    Path(base["inbox"]).mkdir(parents=True, exist_ok=True)
     return load_settings(None, base)
 
 

@@ -161,3 +161,22 @@ def test_cpu_budget_thins_the_sample(state: tuple[Outbox, Path]) -> None:
         assert job.last_outbox_id == 9 and job.stored() == 2
     finally:
         job.stop()
+
+
+def test_skipped_instances_are_logged_with_their_reason(state: tuple[Outbox, Path]) -> None:
+    """An instance QC cannot measure is skipped, and the log line says why (not just "QCError")."""
+    from structlog.testing import capture_logs
+
+    outbox, state_dir = state
+    files = state_dir / "outbox"
+    paths = _add_series(outbox, files, "s", 3, "EDGE01")
+    paths[1].write_bytes(b"\0" * 128 + b"DICM")  # no data set at all
+    paths[2].unlink()  # sent and purged meanwhile
+    job = QCJob(outbox, state_dir, QCSettings(slices_per_series=3, n_clusters=1), nice=0)
+    try:
+        with capture_logs() as logs:
+            job.run_once()
+    finally:
+        job.stop()
+    reasons = sorted(e["reason"] for e in logs if e["event"] == "qc_skipped")
+    assert reasons == ["no pixel data", "unreadable DICOM (FileNotFoundError)"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
+from ..._exceptions import ConfigError
 from ...config import Settings
 from ...deid import Deidentifier, DeidOptions, load_or_create_secret
 from ...logs import get_logger
@@ -21,6 +24,7 @@ from ..intake.watcher import InboxWatcher
 from ..outbox.store import Outbox
 from ..upload.destinations import destination_from_settings
 from ..upload.uploader import Uploader
+from .effective import write_effective_settings
 from .paths import StatePaths, check_layout
 from .plumbing import start_service_plumbing
 from .qcjob import qc_component
@@ -94,30 +98,33 @@ class Daemon:
 
     # ----------------------------------------------------------------- start
     def start(self) -> None:
-        """Open state, start every stage; raise ConfigError for unusable settings."""
+        """Open state, start every stage; raise ConfigError for unusable settings.
+
+        Start-up problems of the machine (an inbox that is not there, a state folder that
+        cannot be written, a metrics port in use) are ConfigErrors too: one line naming the
+        problem and the fix, exit status 2 from the command line.
+        """
         s = self.settings
         check_layout(s)
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        self.paths.root.chmod(0o700)
-        self.inbox.mkdir(parents=True, exist_ok=True)
+        self._check_inbox()
+        try:
+            outbox = self._open_state()
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(
+                f"state_dir {self.paths.root}: {_describe_os_error(exc)}: make it a folder this "
+                "user can write (check the path, its owner and mount), or set state_dir "
+                "(--state-dir)"
+            ) from None
         secret = load_or_create_secret(s.secret_file)
         engine = Deidentifier(
             secret, DeidOptions.from_settings(s.deid), station_name=s.station_name
         )
 
-        self.outbox = Outbox(self.paths.outbox_db)
-        self.outbox.requeue_stale()
-        self.paths.outbox_files.mkdir(mode=OUTBOX_DIR_MODE, parents=True, exist_ok=True)
-        self.paths.outbox_files.chmod(OUTBOX_DIR_MODE)  # also for a folder made by older versions
-        self._remove_temp_files(self.paths.outbox_files)
-        self.outbox.reconcile(self.paths.outbox_files)
-        self.quarantine.ensure()
-        self.quarantine.cleanup()
-
         if s.destination.kind == "folder":
             self._remove_temp_files(Path(s.destination.folder))
         destination = destination_from_settings(s.destination)
-        self.uploader = Uploader(self.outbox, destination, s.destination)
+        write_effective_settings(self.paths.root, s, s.destination.target)
+        self.uploader = Uploader(outbox, destination, s.destination)
         self.uploader.start()
 
         if self._want_service:
@@ -128,7 +135,7 @@ class Daemon:
             inbox=self.inbox,
             out_dir=self.paths.outbox_files,
             engine=engine,
-            outbox=self.outbox,
+            outbox=outbox,
             quarantine=self.quarantine,
             originals=s.originals,
             archive_dir=s.archive_dir,
@@ -160,11 +167,45 @@ class Daemon:
             self.service.ready()
         log.info(
             "agent_started",
-            destination=s.destination.kind,
+            inbox=str(self.inbox),
+            state_dir=str(self.paths.root),
+            destination=s.destination.target,
             workers=s.intake_workers,
             settle_seconds=s.settle_seconds,
             originals=s.originals,
         )
+
+    def _check_inbox(self) -> None:
+        """The inbox must exist; only the default ``./inbox`` of a bare start is created."""
+        if self.inbox.is_dir():
+            return
+        if self.inbox.exists():
+            raise ConfigError(f"inbox {self.inbox} is not a folder: set inbox (--inbox)")
+        if "inbox" in self.settings.model_fields_set:
+            # A configured inbox that is not there is a typo or a missing mount: creating it
+            # would leave the scanner's files unseen.
+            raise ConfigError(
+                f"inbox {self.inbox} does not exist: create it (mkdir -p {self.inbox}) or "
+                "correct inbox (--inbox, GATEWAY_INBOX)"
+            )
+        self.inbox.mkdir(parents=True, exist_ok=True)
+
+    def _open_state(self) -> Outbox:
+        """The state folder (0700), the outbox and its files, the quarantine."""
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.paths.root.chmod(0o700)
+        probe = self.paths.root / f".write-test-{os.getpid()}"
+        probe.touch()  # a read-only folder (or mount) fails here, not in a worker later
+        probe.unlink()
+        self.outbox = outbox = Outbox(self.paths.outbox_db)
+        outbox.requeue_stale()
+        self.paths.outbox_files.mkdir(mode=OUTBOX_DIR_MODE, parents=True, exist_ok=True)
+        self.paths.outbox_files.chmod(OUTBOX_DIR_MODE)  # also for a folder made by older versions
+        self._remove_temp_files(self.paths.outbox_files)
+        outbox.reconcile(self.paths.outbox_files)
+        self.quarantine.ensure()
+        self.quarantine.cleanup()
+        return outbox
 
     def _start_service(self) -> Any:
         outbox = self.outbox
@@ -315,3 +356,18 @@ class Daemon:
                 if not ok and name not in reported:
                     log.error("thread_dead", thread=name)
                     reported.add(name)
+
+
+def _describe_os_error(exc: OSError | sqlite3.Error) -> str:
+    """What went wrong, in words and without a traceback (no path: the message names it)."""
+    if isinstance(exc, sqlite3.Error):
+        return f"the outbox database cannot be opened ({exc})"
+    reasons = {
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EEXIST: "it is a file, not a folder",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "it is on a read-only file system",
+        errno.ENOSPC: "the disk is full",
+    }
+    return reasons.get(exc.errno or 0, exc.strerror or type(exc).__name__)

@@ -18,6 +18,7 @@ class StatePaths:
         self.outbox_db = self.root / "outbox.db"
         self.outbox_files = self.root / "outbox"
         self.quarantine = self.root / "quarantine"
+        self.qc_report = self.root / "qc"
 
 
 def _inside(a: Path, b: Path) -> bool:

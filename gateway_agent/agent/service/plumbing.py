@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..._exceptions import ConfigError
 from ...config import Settings
 from ...logs import get_logger
 from .diskguard import DiskGuard, free_bytes
@@ -64,19 +66,36 @@ class ServicePlumbing:
         )
         self.server: HealthServer | None = None
         if settings.metrics.enabled:
-            self.server = HealthServer(
-                settings.metrics.host,
-                settings.metrics.port,
-                threads_alive=self._all_threads,
-                checks={
-                    "outbox": self._check_outbox,
-                    "disk": self._check_disk,
-                    "destination": self._check_destination,
-                },
-                outbox_counts=outbox_counts,
-                oldest_age=oldest_age,
-                disk_free=self._disk_free,
-            )
+            try:
+                self.server = self._health_server(outbox_counts, oldest_age)
+            except OSError as exc:
+                m = settings.metrics
+                cause = "in use" if exc.errno == errno.EADDRINUSE else f"unusable ({exc.strerror})"
+                raise ConfigError(
+                    f"metrics.port {m.port} on {m.host} is {cause}: stop what holds it (another "
+                    "gateway-agent?), or set metrics.port (--metrics-port, 0 picks a free port) "
+                    "or metrics.enabled = false (--no-metrics)"
+                ) from None
+
+    def _health_server(
+        self,
+        outbox_counts: Callable[[], Mapping[str, int]],
+        oldest_age: Callable[[], float | None],
+    ) -> HealthServer:
+        settings = self.settings
+        return HealthServer(
+            settings.metrics.host,
+            settings.metrics.port,
+            threads_alive=self._all_threads,
+            checks={
+                "outbox": self._check_outbox,
+                "disk": self._check_disk,
+                "destination": self._check_destination,
+            },
+            outbox_counts=outbox_counts,
+            oldest_age=oldest_age,
+            disk_free=self._disk_free,
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -20,8 +21,9 @@ from ..._exceptions import QCError
 from ...config import QCSettings
 from ...logs import get_logger
 from ...qc import ScanFeatures, analyse_fleet, features_from_file, write_report
-from ...qc import latest_outliers as _outliers_in
+from ...qc.report_file import latest_outliers as _outliers_in
 from ..outbox._sqlite import connect, query, transaction
+from .paths import StatePaths
 
 __all__ = ["QCJob", "latest_outliers", "qc_component", "qc_report_dir"]
 
@@ -74,7 +76,7 @@ class _Outbox(Protocol):
 
 def qc_report_dir(state_dir: Path) -> Path:
     """Where the job writes ``report.json``, ``fleet.png`` and ``features.csv``."""
-    return Path(state_dir) / "qc"
+    return StatePaths(state_dir).qc_report
 
 
 def latest_outliers(state_dir: Path) -> list[dict[str, Any]]:
@@ -260,7 +262,7 @@ class QCJob:
             record = features_from_file(path)
         except Exception as exc:  # QCError, OSError (file gone), anything else: skip the row
             level = log.info if isinstance(exc, QCError | OSError) else log.warning
-            level("qc_skipped", sop_uid=row.sop_instance_uid, reason=type(exc).__name__)
+            level("qc_skipped", sop_uid=row.sop_instance_uid, reason=_skip_reason(exc))
             return None
         record.file = path.name
         record.timestamp = datetime.fromtimestamp(row.created_at).isoformat(timespec="seconds")
@@ -320,3 +322,16 @@ class QCJob:
 def qc_component(daemon: Any) -> QCJob:
     """Factory for ``Daemon(components=[qc_component])``: the job on the daemon's outbox."""
     return QCJob(daemon.outbox, daemon.settings.state_dir, daemon.settings.qc)
+
+
+def _skip_reason(exc: Exception) -> str:
+    """Why an instance could not be measured, without values from the file.
+
+    QCError messages are our own ("no pixel data", "windowing needs a grayscale image; ...");
+    an OSError is named by its errno ("ENOENT": the file was sent and purged meanwhile).
+    """
+    if isinstance(exc, QCError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    return type(exc).__name__
