@@ -77,6 +77,7 @@ def start_agent(work: Path) -> tuple[subprocess.Popen[bytes], socket.socket, flo
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update(NOTIFY_SOCKET="@" + name, WATCHDOG_USEC="30000000", GATEWAY_DISK__MIN_FREE_MB="1")
     cmd = [sys.executable, "-m", "gateway_agent", "--config", str(work / "config.toml")]
+    (work / "inbox").mkdir(parents=True, exist_ok=True)  # a configured inbox must exist
     cmd += ["--log-format", "json", "run", "--inbox", str(work / "inbox")]
     cmd += ["--state-dir", str(work / "state"), "--destination-folder", str(work / "dest")]
     cmd += ["--metrics-port", "0"]

@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
 from .._exceptions import ConfigError
 from ._help import HelpFormatter
 
@@ -61,6 +61,14 @@ def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     return found
 
 
+def _version() -> str:
+    """The installed distribution's version (the CLI sits above the package root's API)."""
+    try:
+        return version("gateway-agent")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; each command module adds its commands through ``register``."""
     from . import agent_cmds, config_cmds, deid_cmds, imaging_cmds
@@ -71,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  gateway-agent run --inbox /srv/inbox --destination-folder /srv/out",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _add_global_options(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (agent_cmds, deid_cmds, imaging_cmds, config_cmds):

@@ -63,7 +63,7 @@ def test_sigterm_exits_zero_and_loses_nothing(tmp_path: Path) -> None:
         "1",
         "--no-metrics",
     ]
-    settings.inbox.mkdir(parents=True)
+    settings.inbox.mkdir(parents=True, exist_ok=True)
     log = tmp_path / "agent.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=fh, stderr=fh)
@@ -127,7 +127,7 @@ def test_status_and_retry_quarantine_after_fix(
     settings = agent_settings(tmp_path)
     ds = make_ct_slice(rows=32, cols=32, study_seed="burned")
     ds.BurnedInAnnotation = "YES"
-    settings.inbox.mkdir(parents=True)
+    settings.inbox.mkdir(parents=True, exist_ok=True)
     ds.save_as(settings.inbox / f"{NAME_MARKER}.dcm", enforce_file_format=True)
     (settings.inbox / "junk.dcm").write_bytes(b"\0" * 300)
     with running_daemon(settings) as d:

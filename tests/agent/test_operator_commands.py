@@ -59,7 +59,7 @@ def test_status_and_retry_beside_a_running_agent_keep_its_wal(tmp_path: Path) ->
     settings = agent_settings(tmp_path)
     dest = settings.destination.folder
     state = settings.state_dir
-    settings.inbox.mkdir(parents=True)
+    settings.inbox.mkdir(parents=True, exist_ok=True)
     agent = Agent(tmp_path, _cli_args(settings, ["--destination-folder", str(dest)]), _env())
     src = tmp_path / "src"
     waves = [src / f"w{i}" for i in range(WAVES)]

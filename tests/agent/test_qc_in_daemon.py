@@ -18,7 +18,7 @@ def test_daemon_runs_qc_and_status_names_the_outlier(tmp_path: Path) -> None:
     # A generous CPU budget: the default (5 % of the interval) would thin the sample on purpose.
     settings = agent_settings(tmp_path, **{"qc.interval_seconds": 1.0, "qc.max_cpu_fraction": 0.9})
     inbox = Path(settings.inbox)
-    inbox.mkdir(parents=True)
+    inbox.mkdir(parents=True, exist_ok=True)
     normals = normal_datasets(14, seed=7)
     detuned = [anomaly("detuned", i) for i in range(3)]
     with running_daemon(settings) as daemon:

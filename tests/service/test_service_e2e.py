@@ -44,6 +44,7 @@ class Agent:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.inbox = tmp / "inbox"
+        self.inbox.mkdir(exist_ok=True)  # a configured inbox must exist
         self.state = tmp / "state"
         self.dest = tmp / "dest"
         self.log_out = tmp / "stdout.log"
