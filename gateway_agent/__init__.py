@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     )
     from .qc import ScanFeatures, plot_fleet_qc, run_qc
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # name -> submodule that defines it. Loading is lazy: the CLI's hot paths (``anonymize``) must not
 # pay for numpy, pydantic, scikit-learn or matplotlib when they do not use them.

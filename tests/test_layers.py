@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "gateway_agent"
 
-BOTTOM = frozenset({"_exceptions", "_lazy", "dicom", "config", "logs"})
+BOTTOM = frozenset({"_exceptions", "_lazy", "_version", "dicom", "config", "logs"})
 #: Package-level part -> the parts it may import (besides itself).
 PACKAGE_LAYERS: Mapping[str, frozenset[str]] = {
     **{part: BOTTOM for part in BOTTOM},

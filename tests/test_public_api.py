@@ -63,3 +63,11 @@ def test_public_api_is_documented_in_numpy_style(name: str) -> None:
         assert sections & {"Parameters", "Attributes"}, name
         return
     assert {"Parameters", "Returns", "Raises"} <= sections, (name, sections)
+
+
+def test_version_is_the_distributions() -> None:
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    assert gateway_agent.__version__ == tomllib.loads(pyproject.read_text())["project"]["version"]

@@ -6,11 +6,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ConfigError
+from .._version import __version__
 from ._help import HelpFormatter
 
 if TYPE_CHECKING:
@@ -61,14 +61,6 @@ def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     return found
 
 
-def _version() -> str:
-    """The installed distribution's version (the CLI sits above the package root's API)."""
-    try:
-        return version("gateway-agent")
-    except PackageNotFoundError:  # a source tree that is not installed
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; each command module adds its commands through ``register``."""
     from . import agent_cmds, config_cmds, deid_cmds, imaging_cmds
@@ -79,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  gateway-agent run --inbox /srv/inbox --destination-folder /srv/out",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_global_options(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (agent_cmds, deid_cmds, imaging_cmds, config_cmds):

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from ..._version import __version__
 from ...config import Settings
 from ...dicom.files import atomic_write, write_all
 
@@ -22,13 +22,6 @@ __all__ = ["EFFECTIVE_SETTINGS_FILE", "read_effective_settings", "write_effectiv
 EFFECTIVE_SETTINGS_FILE = "effective-settings.json"
 
 
-def _version() -> str:
-    try:
-        return version("gateway-agent")
-    except PackageNotFoundError:  # run from a source tree that is not installed
-        return "unknown"
-
-
 def effective_record(settings: Settings, destination: str) -> dict[str, Any]:
     """Every setting in effect, JSON-ready: secrets (passwords, tokens) are masked by pydantic
     (``SecretStr``), and URLs carry no credentials (the settings refuse them).
@@ -36,7 +29,7 @@ def effective_record(settings: Settings, destination: str) -> dict[str, Any]:
     ``destination`` is the destination's credential-free label.
     """
     return {
-        "version": _version(),
+        "version": __version__,
         "pid": os.getpid(),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "destination": destination,
