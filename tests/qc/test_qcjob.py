@@ -167,6 +167,9 @@ def test_skipped_instances_are_logged_with_their_reason(state: tuple[Outbox, Pat
     """An instance QC cannot measure is skipped, and the log line says why (not just "QCError")."""
     from structlog.testing import capture_logs
 
+    from gateway_agent.logs import configure
+
+    configure("json", "info")  # info events pass, whatever an earlier test configured
     outbox, state_dir = state
     files = state_dir / "outbox"
     paths = _add_series(outbox, files, "s", 3, "EDGE01")
