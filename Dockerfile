@@ -1,27 +1,54 @@
-# syntax=docker/dockerfile:1
 # gateway-agent container image: multi-stage, locked dependencies (uv.lock), non-root.
 #   docker build -t gateway-agent .
-#   docker run -v /srv/inbox:/inbox -v gateway-state:/state -p 127.0.0.1:9464:9464 gateway-agent
+#   podman build --format docker -t gateway-agent .     (podman/buildah: OCI format drops HEALTHCHECK)
+#   docker run --read-only --tmpfs /tmp -v /srv/inbox:/inbox -v gateway-state:/state \
+#       -p 127.0.0.1:9464:9464 gateway-agent             (/srv/inbox owned by uid 10001, or --user)
 # Configuration: GATEWAY_* environment variables, or mount a file and pass --config.
+# Both base images come from build arguments, so offline and mirrored builds can replace them
+# (scripts/container-test builds both locally); pin them by digest from your registry with
+#   --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:... --build-arg UV_IMAGE=...@sha256:...
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
 
-# ---- build: resolve exactly the locked runtime dependencies into /opt/gateway-agent --------
+FROM ${UV_IMAGE} AS uv
+
+# ---- build: exactly the locked runtime dependencies in /opt/gateway-agent, trimmed, compiled ---
 FROM ${PYTHON_IMAGE} AS build
-COPY --from=ghcr.io/astral-sh/uv:0.13.9 /uv /usr/local/bin/uv
-ENV UV_COMPILE_BYTECODE=1 \
+# binutils: strip, for the debug symbols the wheels' extension modules carry (build stage only).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends binutils \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=uv /uv /usr/local/bin/uv
+ENV UV_COMPILE_BYTECODE=0 \
     UV_LINK_MODE=copy \
+    UV_NO_CACHE=1 \
     UV_PYTHON_DOWNLOADS=never \
     UV_PROJECT_ENVIRONMENT=/opt/gateway-agent
 WORKDIR /src
-# Dependencies first (cached layer while only the code changes), then the project itself.
+# Dependencies first (a cached layer while only the code changes), then the project itself.
+# pip comes in only as a dependency of sqlite-utils' own plugin installer: the agent never runs it.
 COPY pyproject.toml uv.lock ./
-RUN uv sync --frozen --no-dev --no-install-project
+RUN uv sync --frozen --no-dev --no-install-project --no-install-package pip
 COPY README.md ./
 COPY gateway_agent ./gateway_agent
-RUN uv sync --frozen --no-dev --no-editable
+# Trim what never runs in the agent: the libraries' own test suites and test data, C headers,
+# Cython sources, type stubs and the debug symbols of extension modules (the libraries they link
+# in *.libs stay untouched); then byte-compile once (hash-checked .pyc: valid whatever the file
+# times, and never rewritten on the read-only root).
+RUN uv sync --frozen --no-dev --no-editable --no-install-package pip \
+    && site=$(/opt/gateway-agent/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+    && find "$site" -depth -type d \( -name tests -o -path '*/pydicom/data/test_files' \) -exec rm -rf {} + \
+    && find "$site" -depth -type d -name __pycache__ -exec rm -rf {} + \
+    && find "$site" -type f \( -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.c' \
+        -o -name '*.cpp' -o -name '*.h' -o -name '*.pyi' \) -delete \
+    && find "$site" -path "$site/*.libs" -prune -o -type f -name '*.so' -exec strip --strip-unneeded {} + \
+    && /opt/gateway-agent/bin/python -m compileall -q -j 0 \
+        --invalidation-mode unchecked-hash /opt/gateway-agent/lib \
+    && /opt/gateway-agent/bin/gateway-agent --help > /dev/null
 
-# ---- runtime: the slim base, the virtual environment and nothing else -----------------------
+# ---- runtime: the slim base, one layer with the virtual environment, and nothing else -------
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 gateway-agent \
     && useradd --system --uid 10001 --gid gateway-agent --no-create-home \
