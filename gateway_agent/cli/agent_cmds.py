@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sqlite3
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +19,8 @@ from . import settings_from_args
 from ._help import add_command
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from ..config import Settings
 
 # The config (pydantic, ~0.1 s) and logs (structlog) are imported inside the handlers: the parser
@@ -104,8 +108,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 # --------------------------------------------------------------------------------------- run
+def _stop_during_startup(signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM/SIGINT before the daemon has its own handlers: nothing runs yet, so exit 0.
+
+    Without a handler a signal in this window kills the process, and in a container, where the
+    agent is PID 1 and an unhandled signal is ignored, ``docker stop`` would wait out its timeout.
+    """
+    print(f"gateway-agent: {signal.Signals(signum).name} during start-up; stopped", file=sys.stderr)
+    raise SystemExit(0)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stop_during_startup)
     overrides: dict[str, Any] = {
         "inbox": args.inbox,
         "state_dir": args.state_dir,

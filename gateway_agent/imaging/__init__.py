@@ -1,7 +1,7 @@
 """Imaging: stored values to HU, VOI windowing and presets, intensity clustering, CT tissue map.
 
 Names load lazily (PEP 562): importing this package costs nothing until a name is used, so the
-command line and the de-identification path do not pay for numpy, scikit-learn or matplotlib.
+command line and the de-identification path do not pay for numpy or matplotlib.
 """
 
 from __future__ import annotations

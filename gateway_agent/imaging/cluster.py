@@ -8,6 +8,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from .lut import frame_count, hu_from_dataset, is_hu, window_from_dataset
+from .numeric import kmeans, silhouette_score
 
 __all__ = [
     "SILHOUETTE_SAMPLE",
@@ -38,8 +39,6 @@ def kmeans_1d(image: np.ndarray, n_clusters: int, *, seed: int = 0) -> np.ndarra
     Runs on the 256-bin histogram with counts as sample weights: the same objective as k-means on
     every pixel, at a cost independent of image size. Deterministic for a given ``seed``.
     """
-    from sklearn.cluster import KMeans
-
     if image.dtype != np.uint8:
         raise TypeError(f'Argument "image" must be uint8; got {image.dtype}')
     if n_clusters < 1:
@@ -49,11 +48,13 @@ def kmeans_1d(image: np.ndarray, n_clusters: int, *, seed: int = 0) -> np.ndarra
     k = min(n_clusters, levels.size)
     if k <= 1:
         return np.zeros(image.shape, np.uint8)
-    km = KMeans(n_clusters=k, n_init=10, random_state=seed)
-    km.fit(
-        levels.reshape(-1, 1).astype(np.float64), sample_weight=counts[levels].astype(np.float64)
+    km = kmeans(
+        levels.reshape(-1, 1).astype(np.float64),
+        k,
+        sample_weight=counts[levels].astype(np.float64),
+        seed=seed,
     )
-    centers = np.sort(km.cluster_centers_.ravel())
+    centers = np.sort(km.centers.ravel())
     # Nearest sorted centre for each of the 256 grey levels: labels ordered darkest = 0.
     grey = np.arange(256, dtype=np.float64)
     lut = np.argmin(np.abs(grey[:, None] - centers[None, :]), axis=1).astype(np.uint8)
@@ -66,8 +67,6 @@ def sampled_silhouette(
 ) -> float:
     """Silhouette of ``values`` (``(n,)`` or ``(n, d)``) and ``labels`` (``(n,)``) on a fixed-size
     random sample (fixed seed); NaN when undefined (fewer than two labels)."""
-    from sklearn.metrics import silhouette_score
-
     x = np.asarray(values, dtype=np.float64)
     if x.ndim == 1:
         x = x.reshape(-1, 1)

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from scipy import ndimage
 
 from .._exceptions import QCError
 from ..imaging.lut import frame_count, hu_from_dataset, is_hu
+from ..imaging.numeric import border_connected
 
 __all__ = [
     "NUMERIC_FEATURES",
@@ -220,15 +220,7 @@ def _otsu(values: np.ndarray) -> float:
 
 def _body_mask(image: np.ndarray, threshold: float) -> np.ndarray:
     """Pixels above ``threshold`` plus every hole in them (lungs, bowel gas): the body."""
-    background = image <= threshold
-    labels, n = ndimage.label(background)
-    if n == 0:
-        return np.ones(image.shape, bool)
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    outside = np.zeros(n + 1, bool)
-    outside[border] = True
-    outside[0] = False
-    mask: np.ndarray = ~outside[labels]
+    mask: np.ndarray = ~border_connected(image <= threshold)
     return mask
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..imaging.cluster import sampled_silhouette
+from ..imaging.numeric import isolation_scores, kmeans
 from .features import NUMERIC_FEATURES, ScanFeatures
 
 __all__ = [
@@ -89,8 +90,6 @@ def cluster_fleet(
 
     Groups are numbered by their mean first feature (average density), so numbering is stable.
     """
-    from sklearn.cluster import KMeans
-
     n = matrix.shape[0]
     if n == 0:
         return np.zeros(0, np.int64), math.nan
@@ -98,11 +97,11 @@ def cluster_fleet(
     k = min(n_clusters, distinct)
     if k <= 1:
         return np.zeros(n, np.int64), math.nan
-    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(matrix)
-    order = np.argsort(km.cluster_centers_[:, 0])
+    km = kmeans(matrix, k, n_init=10, seed=seed)
+    order = np.argsort(km.centers[:, 0])
     rank = np.empty(k, np.int64)
     rank[order] = np.arange(k)
-    labels: np.ndarray = rank[km.labels_]
+    labels: np.ndarray = rank[km.labels]
     return labels, sampled_silhouette(matrix, labels, seed=seed)
 
 
@@ -181,11 +180,7 @@ def _category_reasons(
 
 
 def _isolation_scores(matrix: np.ndarray, seed: int) -> np.ndarray:
-    from sklearn.ensemble import IsolationForest
-
-    forest = IsolationForest(n_estimators=200, random_state=seed).fit(matrix)
-    scores: np.ndarray = forest.score_samples(matrix)
-    return scores
+    return isolation_scores(matrix, n_estimators=200, seed=seed)
 
 
 def detect_outliers(

@@ -1,0 +1,276 @@
+"""Numerical methods on numpy alone: k-means, silhouette, isolation forest, border regions.
+
+The QC model needs each in one small form. Written here rather than taken from scikit-learn and
+SciPy, which with their own copy of OpenBLAS would triple the size of the container image. The
+tests check each against the scikit-learn / SciPy result on the same data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "KMeansResult",
+    "border_connected",
+    "isolation_scores",
+    "kmeans",
+    "silhouette_score",
+]
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    """``centers`` ``(k, d)``, ``labels`` ``(n,)`` int64, ``inertia`` (weighted sum of squares)."""
+
+    centers: np.ndarray
+    labels: np.ndarray
+    inertia: float
+
+
+def _sq_dist(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances ``(n, k)``, never negative."""
+    d = (
+        np.einsum("ij,ij->i", x, x)[:, None]
+        - 2.0 * (x @ centers.T)
+        + np.einsum("ij,ij->i", centers, centers)[None, :]
+    )
+    out: np.ndarray = np.maximum(d, 0.0)
+    return out
+
+
+def _kmeans_plus_plus(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii; 2 + log k candidates per step)."""
+    n = x.shape[0]
+    trials = 2 + int(math.log(k))
+    centers = np.empty((k, x.shape[1]))
+    first = rng.choice(n, p=w / w.sum())
+    centers[0] = x[first]
+    closest = _sq_dist(x, centers[:1])[:, 0]
+    for c in range(1, k):
+        weights = w * closest
+        total = weights.sum()
+        if total <= 0:  # fewer distinct points than clusters: repeat one
+            centers[c:] = x[first]
+            break
+        candidates = rng.choice(n, size=trials, p=weights / total)
+        dist = np.minimum(closest[None, :], _sq_dist(x, x[candidates]).T)
+        best = int(np.argmin((dist * w[None, :]).sum(axis=1)))
+        centers[c] = x[candidates[best]]
+        closest = dist[best]
+    return centers
+
+
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    sample_weight: np.ndarray | None = None,
+    n_init: int = 10,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> KMeansResult:
+    """Weighted k-means (Lloyd) from ``n_init`` k-means++ seedings; the lowest inertia wins.
+
+    ``tol`` is relative to the mean feature variance, as in scikit-learn. Deterministic for a
+    given ``seed``. A cluster that loses all its points keeps its centre.
+    """
+    data = np.asarray(x, dtype=np.float64)
+    if data.ndim == 1:
+        data = data.reshape(-1, 1)
+    n = data.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the number of samples ({n}); got {k}")
+    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    limit = tol * float(np.mean(np.var(data, axis=0)))
+    rng = np.random.default_rng(seed)
+    best: KMeansResult | None = None
+    for _ in range(n_init):
+        centers = _kmeans_plus_plus(data, w, k, rng)
+        for _ in range(max_iter):
+            labels = np.argmin(_sq_dist(data, centers), axis=1)
+            mass = np.bincount(labels, weights=w, minlength=k)
+            sums = np.zeros_like(centers)
+            np.add.at(sums, labels, data * w[:, None])
+            moved = np.where(mass[:, None] > 0, sums / np.maximum(mass, 1e-300)[:, None], centers)
+            shift = float(((moved - centers) ** 2).sum())
+            centers = moved
+            if shift <= limit:
+                break
+        dist = _sq_dist(data, centers)
+        labels = np.argmin(dist, axis=1)
+        inertia = float((w * dist[np.arange(n), labels]).sum())
+        if best is None or inertia < best.inertia:
+            best = KMeansResult(centers, labels.astype(np.int64), inertia)
+    assert best is not None
+    return best
+
+
+def silhouette_score(x: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette coefficient (Euclidean); a point alone in its cluster scores 0.
+
+    Needs 2 <= number of labels <= n - 1. Quadratic in ``n``: sample large inputs first.
+    """
+    data = np.asarray(x, dtype=np.float64)
+    if data.ndim == 1:
+        data = data.reshape(-1, 1)
+    _, y = np.unique(np.asarray(labels).reshape(-1), return_inverse=True)
+    k = int(y.max()) + 1 if y.size else 0
+    if not 2 <= k <= data.shape[0] - 1:
+        raise ValueError(f"silhouette needs 2 to n-1 labels; got {k} for {data.shape[0]} samples")
+    dist = np.sqrt(_sq_dist(data, data))
+    np.fill_diagonal(dist, 0.0)
+    onehot = np.zeros((y.size, k))
+    onehot[np.arange(y.size), y] = 1.0
+    sums = dist @ onehot  # (n, k): total distance to each cluster
+    counts = onehot.sum(axis=0)
+    own = counts[y] - 1.0
+    a = np.divide(sums[np.arange(y.size), y], own, out=np.zeros(y.size), where=own > 0)
+    means = sums / counts[None, :]
+    means[np.arange(y.size), y] = np.inf
+    b = means.min(axis=1)
+    s = np.where(own > 0, (b - a) / np.maximum(np.maximum(a, b), 1e-300), 0.0)
+    return float(s.mean())
+
+
+def _average_path(n: np.ndarray | float) -> np.ndarray:
+    """c(n): the average path length of an unsuccessful search in a binary search tree of n."""
+    size = np.asarray(n, dtype=np.float64)
+    out = np.zeros_like(size)
+    out[size == 2] = 1.0
+    big = size > 2
+    m = size[big]
+    out[big] = 2.0 * (np.log(m - 1.0) + np.euler_gamma) - 2.0 * (m - 1.0) / m
+    return out
+
+
+def _grow_tree(
+    x: np.ndarray, limit: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One isolation tree: per node feature, threshold, left, right (-1 at leaves) and size."""
+    feature: list[int] = []
+    threshold: list[float] = []
+    left: list[int] = []
+    right: list[int] = []
+    size: list[int] = []
+    stack: list[tuple[int, np.ndarray, int]] = []
+
+    def new(rows: np.ndarray, depth: int) -> int:
+        feature.append(-1)
+        threshold.append(0.0)
+        left.append(-1)
+        right.append(-1)
+        size.append(rows.size)
+        stack.append((len(size) - 1, rows, depth))
+        return len(size) - 1
+
+    new(np.arange(x.shape[0]), 0)
+    while stack:
+        node, rows, depth = stack.pop()
+        if rows.size <= 1 or depth >= limit:
+            continue
+        sub = x[rows]
+        lo, hi = sub.min(axis=0), sub.max(axis=0)
+        varying = np.flatnonzero(hi > lo)
+        if varying.size == 0:
+            continue
+        f = int(varying[rng.integers(varying.size)])
+        t = float(lo[f] + rng.random() * (hi[f] - lo[f]))
+        goes_left = sub[:, f] < t
+        feature[node], threshold[node] = f, t
+        left[node] = new(rows[goes_left], depth + 1)
+        right[node] = new(rows[~goes_left], depth + 1)
+    return (
+        np.array(feature),
+        np.array(threshold),
+        np.array(left),
+        np.array(right),
+        np.array(size),
+    )
+
+
+def isolation_scores(
+    x: np.ndarray, *, n_estimators: int = 200, max_samples: int = 256, seed: int = 0
+) -> np.ndarray:
+    """Isolation forest (Liu, Ting & Zhou 2008) fitted on ``x`` and scored on ``x``.
+
+    Returns the opposite of the anomaly score, ``-2 ** (-E[h(x)] / c(psi))``, as scikit-learn's
+    ``IsolationForest.score_samples``: between -1 and 0, lower is more abnormal. Each tree grows
+    on ``min(max_samples, n)`` rows drawn without replacement, to depth ``ceil(log2(psi))``,
+    splitting a random non-constant feature at a uniform random value.
+    """
+    data = np.asarray(x, dtype=np.float64)
+    n = data.shape[0]
+    if n == 0:
+        return np.zeros(0)
+    psi = min(max_samples, n)
+    limit = max(1, math.ceil(math.log2(max(psi, 2))))
+    rng = np.random.default_rng(seed)
+    depth_sum = np.zeros(n)
+    everyone = np.arange(n)
+    for _ in range(n_estimators):
+        feat, thr, left, right, size = _grow_tree(
+            data[rng.choice(n, psi, replace=False)], limit, rng
+        )
+        node = np.zeros(n, np.int64)
+        depth = np.zeros(n)
+        for _ in range(limit):  # every row one level down per step; rows at a leaf stay
+            inner = left[node] >= 0
+            go_left = data[everyone, np.maximum(feat[node], 0)] < thr[node]
+            node = np.where(inner, np.where(go_left, left[node], right[node]), node)
+            depth += inner
+        depth_sum += depth + _average_path(size[node])
+    mean_depth = depth_sum / n_estimators
+    norm = float(_average_path(float(psi)))
+    # One training row: every depth is 0 and so is c(1); score it 2 ** -1, as scikit-learn does.
+    ratio = mean_depth / norm if norm > 0 else np.ones(n)
+    scores: np.ndarray = -np.power(2.0, -ratio)
+    return scores
+
+
+def border_connected(mask: np.ndarray) -> np.ndarray:
+    """The pixels of a 2-D boolean ``mask`` 4-connected to the image border through the mask.
+
+    Union-find over the runs of each row: linear in the number of runs, not of pixels.
+    """
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D; got {m.ndim} dimensions")
+    rows, cols = m.shape
+    out = np.zeros_like(m)
+    if m.size == 0:
+        return out
+    edges = np.diff(np.pad(m, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    run_row, run_start = np.nonzero(edges == 1)
+    _, run_end = np.nonzero(edges == -1)  # exclusive; row-major order pairs them with starts
+    n = run_row.size
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first = np.searchsorted(run_row, np.arange(rows + 1))
+    rr, rs, re_ = run_row.tolist(), run_start.tolist(), run_end.tolist()
+    for r in range(rows - 1):
+        i, i_end = int(first[r]), int(first[r + 1])
+        j, j_end = i_end, int(first[r + 2])
+        while i < i_end and j < j_end:
+            if rs[i] < re_[j] and rs[j] < re_[i]:  # the runs overlap in some column
+                a, b = find(i), find(j)
+                if a != b:
+                    parent[a] = b
+            if re_[i] < re_[j]:
+                i += 1
+            else:
+                j += 1
+    touching = {find(i) for i in range(n) if rr[i] in (0, rows - 1) or rs[i] == 0 or re_[i] == cols}
+    for i in range(n):
+        if find(i) in touching:
+            out[rr[i], rs[i] : re_[i]] = True
+    return out
