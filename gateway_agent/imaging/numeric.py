@@ -147,49 +147,50 @@ def _average_path(n: np.ndarray | float) -> np.ndarray:
     return out
 
 
-def _grow_tree(
-    x: np.ndarray, limit: int, rng: np.random.Generator
+def _grow_forest(
+    x: np.ndarray, n_trees: int, psi: int, limit: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One isolation tree: per node feature, threshold, left, right (-1 at leaves) and size."""
-    feature: list[int] = []
-    threshold: list[float] = []
-    left: list[int] = []
-    right: list[int] = []
-    size: list[int] = []
-    stack: list[tuple[int, np.ndarray, int]] = []
-
-    def new(rows: np.ndarray, depth: int) -> int:
-        feature.append(-1)
-        threshold.append(0.0)
-        left.append(-1)
-        right.append(-1)
-        size.append(rows.size)
-        stack.append((len(size) - 1, rows, depth))
-        return len(size) - 1
-
-    new(np.arange(x.shape[0]), 0)
-    while stack:
-        node, rows, depth = stack.pop()
-        if rows.size <= 1 or depth >= limit:
-            continue
-        sub = x[rows]
-        lo, hi = sub.min(axis=0), sub.max(axis=0)
-        varying = np.flatnonzero(hi > lo)
-        if varying.size == 0:
-            continue
-        f = int(varying[rng.integers(varying.size)])
-        t = float(lo[f] + rng.random() * (hi[f] - lo[f]))
-        goes_left = sub[:, f] < t
-        feature[node], threshold[node] = f, t
-        left[node] = new(rows[goes_left], depth + 1)
-        right[node] = new(rows[~goes_left], depth + 1)
-    return (
-        np.array(feature),
-        np.array(threshold),
-        np.array(left),
-        np.array(right),
-        np.array(size),
-    )
+    """All isolation trees at once, one level per step: per node feature, threshold, left and
+    right child (-1 at leaves) and training size. Node ``t`` is the root of tree ``t``."""
+    n, d = x.shape
+    capacity = n_trees * (2 ** (limit + 1) - 1)
+    feature = np.full(capacity, -1, np.int64)
+    threshold = np.zeros(capacity)
+    left = np.full(capacity, -1, np.int64)
+    right = np.full(capacity, -1, np.int64)
+    size = np.zeros(capacity, np.int64)
+    size[:n_trees] = psi
+    used = n_trees
+    rows = np.concatenate([rng.choice(n, psi, replace=False) for _ in range(n_trees)])
+    node = np.repeat(np.arange(n_trees), psi)  # the node each training row is in
+    for _ in range(limit):
+        nodes, inverse = np.unique(node, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        counts = np.bincount(inverse)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        values = x[rows[order]]
+        lo = np.minimum.reduceat(values, starts, axis=0)
+        hi = np.maximum.reduceat(values, starts, axis=0)
+        varying = hi > lo
+        split = (counts > 1) & varying.any(axis=1)
+        if not split.any():
+            break
+        # A random varying feature per node, and a uniform threshold within its range.
+        pick = np.argmax(np.where(varying, rng.random((nodes.size, d)), -1.0), axis=1)
+        k = np.arange(nodes.size)
+        cut = lo[k, pick] + rng.random(nodes.size) * (hi[k, pick] - lo[k, pick])
+        splitting = nodes[split]
+        feature[splitting] = pick[split]
+        threshold[splitting] = cut[split]
+        left[splitting] = used + 2 * np.arange(splitting.size)
+        right[splitting] = left[splitting] + 1
+        used += 2 * splitting.size
+        moving = split[inverse]  # rows whose node splits go one level down; the rest stay
+        rows, node, inverse = rows[moving], node[moving], inverse[moving]
+        goes_left = x[rows, pick[inverse]] < cut[inverse]
+        node = np.where(goes_left, left[node], right[node])
+        size[:used] += np.bincount(node, minlength=used)  # every row left is in a new node
+    return feature[:used], threshold[:used], left[:used], right[:used], size[:used]
 
 
 def isolation_scores(
@@ -209,20 +210,19 @@ def isolation_scores(
     psi = min(max_samples, n)
     limit = max(1, math.ceil(math.log2(max(psi, 2))))
     rng = np.random.default_rng(seed)
+    feat, thr, left, right, size = _grow_forest(data, n_estimators, psi, limit, rng)
     depth_sum = np.zeros(n)
-    everyone = np.arange(n)
-    for _ in range(n_estimators):
-        feat, thr, left, right, size = _grow_tree(
-            data[rng.choice(n, psi, replace=False)], limit, rng
-        )
-        node = np.zeros(n, np.int64)
-        depth = np.zeros(n)
+    column = np.arange(n)[None, :]
+    for first in range(0, n_estimators, 25):  # 25 trees x n rows per step bounds the memory
+        trees = np.arange(first, min(first + 25, n_estimators))
+        node = np.repeat(trees[:, None], n, axis=1)
+        depth = np.zeros(node.shape)
         for _ in range(limit):  # every row one level down per step; rows at a leaf stay
             inner = left[node] >= 0
-            go_left = data[everyone, np.maximum(feat[node], 0)] < thr[node]
-            node = np.where(inner, np.where(go_left, left[node], right[node]), node)
+            goes_left = data[column, np.maximum(feat[node], 0)] < thr[node]
+            node = np.where(inner, np.where(goes_left, left[node], right[node]), node)
             depth += inner
-        depth_sum += depth + _average_path(size[node])
+        depth_sum += (depth + _average_path(size[node])).sum(axis=0)
     mean_depth = depth_sum / n_estimators
     norm = float(_average_path(float(psi)))
     # One training row: every depth is 0 and so is c(1); score it 2 ** -1, as scikit-learn does.
