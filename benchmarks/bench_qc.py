@@ -11,7 +11,9 @@ thread, warm caches) for each step on one synthetic CT slice, then the throughpu
 CPU share (its thread's CPU time / wall time) while rows arrive in a real Outbox (SQLite file)
 at ``--ingest-rate`` rows/s (300/s: about the uploader's measured ceiling on this VM), for
 series of 100 slices (CT) and of 1 instance (CR/DX: every instance is a sampling candidate),
-with the default sampling and CPU budget.
+with the default sampling and CPU budget. Last, the fleet model's numerical methods
+(gateway_agent.imaging.numeric) next to the scikit-learn and SciPy calls they replace, on
+``--fleet-records`` rows of 8 features (5000: the QC job's cap), in the same run.
 """
 
 from __future__ import annotations
@@ -111,6 +113,61 @@ def bench_job(
         )
 
 
+def bench_numeric(records: int, size: int, repeat: int) -> None:
+    """The fleet model's methods next to the scikit-learn / SciPy calls they replace."""
+    import numpy as np
+    from scipy import ndimage
+    from sklearn.cluster import KMeans
+    from sklearn.ensemble import IsolationForest
+    from sklearn.metrics import silhouette_score as sk_silhouette
+
+    from gateway_agent.imaging.numeric import (
+        border_connected,
+        isolation_scores,
+        kmeans,
+        silhouette_score,
+    )
+    from gateway_agent.synthetic import ct_phantom_hu
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (records // 2, 8)), rng.normal(3, 1, (records // 2, 8))])
+    labels = (np.arange(x.shape[0]) >= records // 2).astype(np.int64)
+    sample = x[: min(2000, x.shape[0])]
+    sample_labels = labels[: sample.shape[0]]
+    if np.unique(sample_labels).size < 2:
+        sample_labels = np.arange(sample.shape[0]) % 2
+    background = ct_phantom_hu(size, size)[0] <= -500
+    pairs: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
+        (
+            f"k-means k=2, 10 inits, {x.shape[0]}x8",
+            lambda: kmeans(x, 2, seed=0),
+            lambda: KMeans(n_clusters=2, n_init=10, random_state=0).fit(x),
+        ),
+        (
+            f"isolation forest, 200 trees, {x.shape[0]}x8",
+            lambda: isolation_scores(x, seed=0),
+            lambda: IsolationForest(n_estimators=200, random_state=0).fit(x).score_samples(x),
+        ),
+        (
+            f"silhouette, {sample.shape[0]} samples",
+            lambda: silhouette_score(sample, sample_labels),
+            lambda: sk_silhouette(sample, sample_labels),
+        ),
+        (
+            f"border-connected background, {size}x{size}",
+            lambda: border_connected(background),
+            lambda: ndimage.label(background),
+        ),
+    ]
+    print("\n## Fleet model: gateway_agent.imaging.numeric and the library call it replaces\n")
+    print("| method | numeric ms | scikit-learn / SciPy ms | ratio |")
+    print("|---|---:|---:|---:|")
+    for name, ours, theirs in pairs:
+        a, _ = _time(ours, repeat)
+        b, _ = _time(theirs, repeat)
+        print(f"| {name} | {a * 1000:.1f} | {b * 1000:.1f} | {a / b:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=30)
@@ -119,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-seconds", type=float, default=130.0, help="0 skips the job part")
     parser.add_argument("--job-interval", type=float, default=60.0)
     parser.add_argument("--ingest-rate", type=float, default=300.0, help="outbox rows/s")
+    parser.add_argument("--fleet-records", type=int, default=5000, help="0 skips the comparison")
     args = parser.parse_args(argv)
 
     ds = make_ct_slice(rows=args.size, cols=args.size, noise_sd=15.0)
@@ -181,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {series_slices} | {rate:.0f} | {runs} | {sampled} | {skipped} "
                 f"| {per_run:.2f} | {100 * share:.1f} % of one core |"
             )
+    if args.fleet_records > 0:
+        bench_numeric(args.fleet_records, args.size, max(3, args.repeat // 10))
     versions = f"python {sys.version.split()[0]}, pydicom {pydicom.__version__}"
     print(f"\n(cpu count {os.cpu_count()}, {versions})")
     return 0

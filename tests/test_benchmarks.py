@@ -91,9 +91,20 @@ def test_bench_upload_modes() -> None:
 @pytest.mark.slow
 def test_bench_qc_steps() -> None:
     out = _run(
-        "bench_qc.py", "--repeat", "2", "--files", "10", "--size", "64", "--job-seconds", "0"
+        "bench_qc.py",
+        "--repeat",
+        "2",
+        "--files",
+        "10",
+        "--size",
+        "64",
+        "--job-seconds",
+        "0",
+        "--fleet-records",
+        "100",
     )
     assert float(_row(out, "features (from file)")[1]) > 0
+    assert float(_row(out, "isolation forest, 200 trees, 100x8")[3]) > 0
     assert int(_row(out, "1")[2]) > 0  # run_qc slices/s with one worker
 
 

@@ -121,12 +121,8 @@ def silhouette_score(x: np.ndarray, labels: np.ndarray) -> float:
     k = int(y.max()) + 1 if y.size else 0
     if not 2 <= k <= data.shape[0] - 1:
         raise ValueError(f"silhouette needs 2 to n-1 labels; got {k} for {data.shape[0]} samples")
-    dist = np.sqrt(_sq_dist(data, data))
-    np.fill_diagonal(dist, 0.0)
-    onehot = np.zeros((y.size, k))
-    onehot[np.arange(y.size), y] = 1.0
-    sums = dist @ onehot  # (n, k): total distance to each cluster
-    counts = onehot.sum(axis=0)
+    counts = np.bincount(y, minlength=k).astype(np.float64)
+    sums = _distance_sums_1d(data[:, 0], y, k) if data.shape[1] == 1 else _distance_sums(data, y, k)
     own = counts[y] - 1.0
     a = np.divide(sums[np.arange(y.size), y], own, out=np.zeros(y.size), where=own > 0)
     means = sums / counts[None, :]
@@ -134,6 +130,28 @@ def silhouette_score(x: np.ndarray, labels: np.ndarray) -> float:
     b = means.min(axis=1)
     s = np.where(own > 0, (b - a) / np.maximum(np.maximum(a, b), 1e-300), 0.0)
     return float(s.mean())
+
+
+def _distance_sums(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """``(n, k)``: the sum of the Euclidean distances from each point to each cluster's points."""
+    dist = np.sqrt(_sq_dist(x, x))
+    np.fill_diagonal(dist, 0.0)
+    onehot = np.zeros((y.size, k))
+    onehot[np.arange(y.size), y] = 1.0
+    out: np.ndarray = dist @ onehot
+    return out
+
+
+def _distance_sums_1d(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """:func:`_distance_sums` for one feature in O(k n log n): sorted values and prefix sums."""
+    out = np.empty((x.size, k))
+    for c in range(k):
+        values = np.sort(x[y == c])
+        prefix = np.concatenate([[0.0], np.cumsum(values)])
+        below = np.searchsorted(values, x, side="left")  # values[:below] < x
+        above = values.size - below
+        out[:, c] = (below * x - prefix[below]) + (prefix[-1] - prefix[below] - above * x)
+    return out
 
 
 def _average_path(n: np.ndarray | float) -> np.ndarray:
@@ -234,43 +252,48 @@ def isolation_scores(
 def border_connected(mask: np.ndarray) -> np.ndarray:
     """The pixels of a 2-D boolean ``mask`` 4-connected to the image border through the mask.
 
-    Union-find over the runs of each row: linear in the number of runs, not of pixels.
+    Works on the runs of each row: two runs in adjacent rows that share a column are joined
+    (union-find by hooking roots and pointer jumping, all vectorised), then every run whose
+    component holds a run on the border is painted.
     """
     m = np.asarray(mask, dtype=bool)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D; got {m.ndim} dimensions")
     rows, cols = m.shape
-    out = np.zeros_like(m)
     if m.size == 0:
-        return out
+        return np.zeros_like(m)
     edges = np.diff(np.pad(m, ((0, 0), (1, 1))).astype(np.int8), axis=1)
-    run_row, run_start = np.nonzero(edges == 1)
-    _, run_end = np.nonzero(edges == -1)  # exclusive; row-major order pairs them with starts
-    n = run_row.size
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first = np.searchsorted(run_row, np.arange(rows + 1))
-    rr, rs, re_ = run_row.tolist(), run_start.tolist(), run_end.tolist()
-    for r in range(rows - 1):
-        i, i_end = int(first[r]), int(first[r + 1])
-        j, j_end = i_end, int(first[r + 2])
-        while i < i_end and j < j_end:
-            if rs[i] < re_[j] and rs[j] < re_[i]:  # the runs overlap in some column
-                a, b = find(i), find(j)
-                if a != b:
-                    parent[a] = b
-            if re_[i] < re_[j]:
-                i += 1
-            else:
-                j += 1
-    touching = {find(i) for i in range(n) if rr[i] in (0, rows - 1) or rs[i] == 0 or re_[i] == cols}
-    for i in range(n):
-        if find(i) in touching:
-            out[rr[i], rs[i] : re_[i]] = True
+    row, start = np.nonzero(edges == 1)
+    _, end = np.nonzero(edges == -1)  # exclusive; row-major order pairs ends with starts
+    # Keys that sort runs by (row, column) across the whole image.
+    width = cols + 2
+    start_key, end_key = row * width + start, row * width + end
+    # Runs of the next row overlapping run a: end_b > start_a and start_b < end_a.
+    below = (row + 1) * width
+    lo = np.searchsorted(end_key, below + start, side="right")
+    hi = np.searchsorted(start_key, below + end, side="left")
+    count = np.maximum(hi - lo, 0)
+    a = np.repeat(np.arange(row.size), count)
+    b = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count) + np.repeat(lo, count)
+    parent = np.arange(row.size)
+    while True:
+        pa, pb = parent[a], parent[b]
+        differ = pa != pb
+        if not differ.any():
+            break
+        np.minimum.at(parent, np.maximum(pa, pb)[differ], np.minimum(pa, pb)[differ])
+        while True:  # pointer jumping: every run points at its root again
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                break
+            parent = jumped
+    on_border = (row == 0) | (row == rows - 1) | (start == 0) | (end == cols)
+    outside = np.zeros(row.size, bool)
+    outside[parent[on_border]] = True
+    keep = outside[parent]
+    # Paint the kept runs: +1 at each start, -1 at each end, running sum along the row.
+    paint = np.zeros((rows, cols + 1), np.int32)
+    np.add.at(paint, (row[keep], start[keep]), 1)
+    np.add.at(paint, (row[keep], end[keep]), -1)
+    out: np.ndarray = np.cumsum(paint, axis=1)[:, :cols] > 0
     return out

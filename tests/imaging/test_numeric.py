@@ -118,7 +118,7 @@ def scipy_border_connected(mask: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("seed", range(20))
 def test_border_connected_equals_scipy_label(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+    shape = (int(rng.integers(1, 200)), int(rng.integers(1, 200)))
     mask = rng.random(shape) < rng.uniform(0.3, 0.7)  # around the percolation threshold
     assert np.array_equal(border_connected(mask), scipy_border_connected(mask))
 
@@ -136,3 +136,13 @@ def test_border_connected_on_a_body_with_holes() -> None:
     assert border_connected(np.ones((5, 5), bool)).all()
     with pytest.raises(ValueError, match="2-D"):
         border_connected(np.ones((2, 2, 2), bool))
+
+
+def test_silhouette_of_one_feature_with_ties_equals_scikit_learn() -> None:
+    # cluster_scan's case: grey levels 0..255, many equal values (the 1-D path of the function).
+    rng = np.random.default_rng(2)
+    x = np.clip(np.concatenate([rng.normal(m, 12, 700) for m in (40, 120, 200)]), 0, 255).round()
+    labels = np.digitize(x, [80.0, 160.0])
+    ours = silhouette_score(x.reshape(-1, 1), labels)
+    assert ours == pytest.approx(sk_silhouette(x.reshape(-1, 1), labels), abs=1e-9)
+    assert silhouette_score(x, labels) == ours  # 1-D input is one feature
