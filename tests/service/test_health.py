@@ -163,12 +163,14 @@ def test_plumbing_readyz_reflects_disk_and_destination(tmp_path: Path) -> None:
     sqlite3.connect(db).close()
     free = {"bytes": 1000 * MB}
     counts = {"queued": 0, "sending": 0, "sent": 0, "dead": 0}
+    intake: dict[str, str | None] = {"problem": None}
     plumbing = start_service_plumbing(
         settings,
         outbox_counts=lambda: counts,
         oldest_age=lambda: None,
         threads_alive=lambda: {"watcher": True},
         outbox_db=db,
+        intake_problem=lambda: intake["problem"],
         free=lambda _p: free["bytes"],
         env={},
     )
@@ -176,7 +178,14 @@ def test_plumbing_readyz_reflects_disk_and_destination(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{plumbing.port}"
         r = httpx.get(url + "/readyz")
         assert r.status_code == 200, r.text
-        assert set(r.json()["checks"]) == {"outbox", "disk", "destination"}
+        assert set(r.json()["checks"]) == {"outbox", "intake", "disk", "destination"}
+
+        intake["problem"] = "cannot remove originals from the inbox (PermissionError EACCES)"
+        r = httpx.get(url + "/readyz")
+        assert r.status_code == 503
+        assert r.json()["checks"]["intake"] == {"ok": False, "detail": intake["problem"]}
+        intake["problem"] = None
+        assert httpx.get(url + "/readyz").status_code == 200
 
         free["bytes"] = 10 * MB  # disk guard pauses intake: not ready, and says why
         r = httpx.get(url + "/readyz")

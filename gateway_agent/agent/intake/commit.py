@@ -26,6 +26,13 @@ __all__ = ["GroupCommit", "Job", "OutboxSink"]
 
 log = get_logger()
 
+#: What the ``originals`` policy does with an original, for the readiness detail.
+_DISPOSE_VERB = {
+    "delete": "remove originals from the inbox",
+    "archive": "move originals from the inbox to the archive",
+    "keep": "record kept originals",
+}
+
 
 class OutboxSink(Protocol):
     """The part of the outbox intake needs (``gateway_agent.agent.outbox.store.Outbox``)."""
@@ -96,6 +103,9 @@ class GroupCommit:
         self._resettle = resettle
         self.committed = 0
         self.quarantined = 0
+        #: Why the latest file could not be committed, or None when the latest file went through
+        #: (committed, or quarantined). Free of paths and PHI; ``/readyz`` reports it.
+        self.problem: str | None = None
 
     def finish(self, jobs: list[Job]) -> list[Job]:
         """Classify completed jobs; commit the good ones in ONE outbox transaction; dispose of
@@ -109,6 +119,7 @@ class GroupCommit:
                 log.error(
                     "intake_commit_failed", file=short_hash(job.path), error=describe_error(exc)
                 )
+                self.problem = f"cannot take files from the inbox ({describe_error(exc)})"
                 item = None
             if item is not None:
                 ready.append((job, *item))
@@ -121,6 +132,7 @@ class GroupCommit:
                 log.error(
                     "intake_commit_failed", file=short_hash(job.path), error=describe_error(exc)
                 )
+            self.problem = f"cannot commit to the outbox ({describe_error(exc)})"
             return []
         committed: list[Job] = []
         # Only now, with the rows committed, may the originals go.
@@ -131,7 +143,12 @@ class GroupCommit:
                 log.error(
                     "intake_commit_failed", file=short_hash(job.path), error=describe_error(exc)
                 )
+                self.problem = (
+                    f"cannot {_DISPOSE_VERB[self._originals.policy]} "
+                    f"({describe_error(exc)}): check the inbox's owner and mode"
+                )
                 continue
+            self.problem = None
             committed.append(job)
             self.committed += 1
             DEIDENTIFIED.inc()
@@ -151,6 +168,7 @@ class GroupCommit:
         except FileNotFoundError:
             return
         self.quarantined += 1
+        self.problem = None
 
     def _prepare(self, job: Job) -> tuple[Any, float] | None:
         """Deal with a completed job, except its commit: ``(result, seconds)`` when it is to be
@@ -159,6 +177,7 @@ class GroupCommit:
         kind, payload, detail, seconds = job.future.result()
         if kind == "transient":
             log.error("intake_deferred", file=short_hash(job.path), cause=detail)
+            self.problem = f"cannot write de-identified files to the outbox folder ({detail})"
             self._defer(job.path)
             return None  # the original stays and is offered again later
         if not self._unchanged(job):

@@ -181,6 +181,12 @@ class Intake:
         return self._commit.committed
 
     @property
+    def commit_problem(self) -> str | None:
+        """Why the latest file could not be committed (EACCES on the inbox, an outbox folder
+        that cannot be written...), or None when the latest file went through."""
+        return self._commit.problem
+
+    @property
     def quarantined(self) -> int:
         """Inputs quarantined since the start."""
         return self._commit.quarantined
@@ -266,6 +272,7 @@ class Intake:
                     self._finish_group(group)
                 except Exception as exc:  # never let the dispatcher die; originals stay
                     log.error("intake_commit_failed", files=len(group), error=describe_error(exc))
+                    self._commit.problem = f"cannot commit ({describe_error(exc)})"
                     self._release(group)
 
     def _take_batch(self) -> list[str]:

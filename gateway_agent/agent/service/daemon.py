@@ -218,7 +218,12 @@ class Daemon:
             dest_status=outbox.destination_status,
             outbox_db=self.paths.outbox_db,
             on_disk_change=self._disk_changed,
+            intake_problem=self._intake_problem,
         )
+
+    def _intake_problem(self) -> str | None:
+        intake = self.intake
+        return intake.commit_problem if intake is not None else None
 
     def _resettle(self, path: Path) -> None:
         if self.watcher is not None:

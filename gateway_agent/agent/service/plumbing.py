@@ -43,6 +43,7 @@ class ServicePlumbing:
         dest_status: Callable[[], Mapping[str, Any]] | None = None,
         outbox_db: Path | None = None,
         on_disk_change: Callable[[bool], None] | None = None,
+        intake_problem: Callable[[], str | None] | None = None,
         free: Callable[[Path], int] = free_bytes,
         env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
@@ -55,6 +56,7 @@ class ServicePlumbing:
         self._outbox_db = outbox_db
         self._clock = clock
         self._on_disk_change = on_disk_change
+        self._intake_problem = intake_problem
         self._last_status: str | None = None
         self.notifier = Notifier(env)
         self.disk_guard = DiskGuard(
@@ -89,6 +91,7 @@ class ServicePlumbing:
             threads_alive=self._all_threads,
             checks={
                 "outbox": self._check_outbox,
+                "intake": self._check_intake,
                 "disk": self._check_disk,
                 "destination": self._check_destination,
             },
@@ -177,6 +180,12 @@ class ServicePlumbing:
         self._counts()  # raises when the outbox cannot be read
         return CheckResult(True, "outbox readable")
 
+    def _check_intake(self) -> CheckResult:
+        problem = self._intake_problem() if self._intake_problem is not None else None
+        if problem:
+            return CheckResult(False, problem)
+        return CheckResult(True, "files are committed and their originals disposed of")
+
     def _check_disk(self) -> CheckResult:
         allowed = self.disk_guard.check()
         free = self.disk_guard.last_free_bytes
@@ -225,6 +234,7 @@ def start_service_plumbing(
     dest_status: Callable[[], Mapping[str, Any]] | None = None,
     outbox_db: Path | None = None,
     on_disk_change: Callable[[bool], None] | None = None,
+    intake_problem: Callable[[], str | None] | None = None,
     free: Callable[[Path], int] = free_bytes,
     env: Mapping[str, str] | None = None,
 ) -> ServicePlumbing:
@@ -232,7 +242,9 @@ def start_service_plumbing(
 
     The daemon calls ``plumbing.ready()`` once the outbox is open and the watcher runs,
     ``plumbing.intake_allowed()`` before taking each file, and ``plumbing.stop()`` on shutdown.
-    ``on_disk_change(paused)`` lets it rescan the inbox when intake resumes.
+    ``on_disk_change(paused)`` lets it rescan the inbox when intake resumes;
+    ``intake_problem()`` (why the latest file could not be committed, or None) makes ``/readyz``
+    report intake.
     """
     return ServicePlumbing(
         settings,
@@ -242,6 +254,7 @@ def start_service_plumbing(
         dest_status=dest_status,
         outbox_db=outbox_db,
         on_disk_change=on_disk_change,
+        intake_problem=intake_problem,
         free=free,
         env=env,
     ).start()
