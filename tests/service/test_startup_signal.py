@@ -4,11 +4,15 @@ handler is ignored: there `docker stop` would wait its whole timeout and then SI
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from gateway_agent.synthetic import make_ct_series, write_series
 
 # Start-up made slow at a known point: settings_from_args (the first thing `run` does after
 # parsing) announces itself, then takes 60 s, as a slow disk or a loaded box might.
@@ -59,3 +63,61 @@ def test_sigterm_during_startup_exits_cleanly(tmp_path: Path) -> None:
     assert waited < 30
     assert "Traceback" not in err and "SIGTERM" in err
     assert str(tmp_path) not in err + out
+
+
+def test_sigterm_with_uploads_hanging_exits_0_before_a_container_runtime_kills_it(
+    tmp_path: Path,
+) -> None:
+    """`docker stop` and `podman stop` send SIGKILL 10 s after SIGTERM by default. With uploads
+    stuck in a destination that never answers, the agent hands them back to the queue and exits
+    with status 0 well inside that, so nothing depends on the runtime's kill."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)  # accepted by the kernel, never answered
+    port = server.getsockname()[1]
+    inbox = tmp_path / "inbox"
+    write_series(make_ct_series(20, rows=32, cols=32), inbox)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_DESTINATION__TIMEOUT_SECONDS"] = "120"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway_agent",
+            "--log-format",
+            "json",
+            "run",
+            "--inbox",
+            str(inbox),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--settle-seconds",
+            "0.2",
+            "--no-metrics",
+            "--destination-url",
+            f"http://127.0.0.1:{port}/dicom-web",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        # Wait until uploads are under way (connections reach the silent server).
+        server.settimeout(60)
+        conn, _ = server.accept()
+        time.sleep(1.0)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+        conn.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.close()
+    assert proc.returncode == 0, out[-2000:]
+    assert '"agent_stopped"' in out
+    assert took < 9.5, f"{took:.1f} s: a container runtime would have killed the agent at 10 s"
