@@ -36,7 +36,7 @@ log = get_logger()
 #: Seconds SIGTERM/SIGINT leave in-flight work to finish before it is released (released rows
 #: are sent again after the next start). Docker and podman send SIGKILL 10 s after SIGTERM by
 #: default: the whole stop, this included, must end well before that.
-STOP_DEADLINE_SECONDS = 7.0
+STOP_DEADLINE_SECONDS = 5.0
 #: How often the daemon's own housekeeping runs (sent-file retention, WAL checkpoint, liveness).
 HOUSEKEEPING_SECONDS = 300.0
 _TEMP_SUFFIXES = (".tmp", ".partial", ".part")
