@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 from .._exceptions import DeidError
 from ..dicom.codec import Element, encode_dataset, parse_dataset
 from ..dicom.files import SourceFile, write_part10
-from .engine import METHOD, SAFE_PRIVATE, Engine, Outcome
+from .engine import METHOD, Engine, Outcome
 from .keys import Keys, load_or_create_secret
 from .profile import EDITION, DeidOptions, load_rows, profile_for
+from .safeprivate import SAFE_PRIVATE_PIXEL_DATA, safe_private_table
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -28,7 +29,7 @@ __all__ = [
     "EDITION",
     "IMPLEMENTATION_CLASS_UID",
     "METHOD",
-    "SAFE_PRIVATE",
+    "SAFE_PRIVATE_PIXEL_DATA",
     "TAGS_TO_REMOVE",
     "DeidError",
     "DeidOptions",
@@ -36,6 +37,7 @@ __all__ = [
     "Deidentifier",
     "anonymize_dataset",
     "load_or_create_secret",
+    "safe_private_table",
 ]
 
 #: Our Implementation Class UID (file meta), derived once from the product name.

@@ -7,11 +7,14 @@ from operator import attrgetter
 from typing import Any
 
 from .._exceptions import DeidError
-from ..dicom.codec import Element, decode_text, text_codec
+from ..dicom.codec import Element, decode_text, parse_items, text_codec
 from ..dicom.dictionary import is_known, vr_of
 from .keys import Keys, shift_da, shift_dt
 from .pixels import burned_in_risk
 from .profile import (
+    BASIC_PROFILE_CODE,
+    CID_7050,
+    CLEAN_PIXEL_DATA_CODE,
     DUMMY,
     EDITION,
     EMPTY,
@@ -29,9 +32,10 @@ from .profile import (
     UID,
     Profile,
 )
+from .safeprivate import SAFE_PRIVATE_PIXEL_DATA, safe_private_table, vr_matches
 from .text import Scrubber, date_forms, identifier_tokens
 
-__all__ = ["METHOD", "SAFE_PRIVATE", "Engine", "Outcome"]
+__all__ = ["METHOD", "Engine", "Outcome"]
 
 METHOD = f"PS3.15 E.1-1 {EDITION}"
 
@@ -109,20 +113,6 @@ _DUMMY = {
     **_BINARY_ZERO,
 }
 
-#: Retain Safe Private: (private creator, group, element offset) known to hold no identity.
-#: Deliberately short; extend only with attributes documented as numeric acquisition values.
-SAFE_PRIVATE: frozenset[tuple[str, int, int]] = frozenset(
-    {
-        ("GEMS_PARM_01", 0x0043, 0x27),  # scan pitch ratio
-        ("GEMS_PARM_01", 0x0043, 0x39),  # slop_int_6..9 (diffusion b-value)
-        ("SIEMENS MR HEADER", 0x0019, 0x0C),  # B_value
-        ("SIEMENS MR HEADER", 0x0019, 0x0D),  # DiffusionDirectionality
-        ("SIEMENS MR HEADER", 0x0019, 0x0E),  # DiffusionGradientDirection
-        ("Philips PET Private Group", 0x7053, 0x00),  # SUV factor
-        ("Philips PET Private Group", 0x7053, 0x09),  # activity concentration scale factor
-    }
-)
-
 
 def _text(s: str) -> bytes:
     raw = s.encode("ascii")
@@ -156,8 +146,10 @@ class Outcome:
 class _Run:
     """State of one data set: keyed values, deferred scrubbing, counters."""
 
-    def __init__(self, engine: Engine, codec: str | None) -> None:
+    def __init__(self, engine: Engine, codec: str | None, keep_private_pixels: bool) -> None:
         self.engine = engine
+        #: Retain Safe Private may keep private pixel data (Clean Pixel Data cleaned it)
+        self.keep_private_pixels = keep_private_pixels
         self.profile = engine.profile
         self.keys = engine.keys
         self.codec = codec
@@ -231,7 +223,7 @@ class _Run:
         letters = self.letters
         out: list[Element] = []
         append = out.append
-        keep_private: set[int] | None = None
+        keep_private: dict[int, Element] | None = None
         for el in elements:
             tag = el.tag
             entry = table.get(tag if el.vr != "SQ" else tag | _SQ_KEY)
@@ -246,9 +238,12 @@ class _Run:
             if op == _PRIVATE_DROP:
                 if self.profile.keep_safe_private:
                     if keep_private is None:
-                        keep_private = _safe_private_tags(elements, self.codec)
-                    if tag in keep_private:
-                        append(el)
+                        keep_private = _safe_private(elements, self.codec, self.keep_private_pixels)
+                    kept = keep_private.get(tag)
+                    if kept is not None:
+                        if kept.vr == "SQ":  # its items are processed like any other
+                            kept = Element(tag, "SQ", [self.walk(i, mode) for i in kept.items])
+                        append(kept)
                         letters.append("C")
                         continue
                 self.private_removed += 1
@@ -386,21 +381,46 @@ class _Run:
             el.value = new
 
 
-def _safe_private_tags(elements: list[Element], codec: str | None) -> set[int]:
-    creators: dict[tuple[int, int], str] = {}
+def _safe_private(
+    elements: list[Element], codec: str | None, keep_pixels: bool
+) -> dict[int, Element]:
+    """Private elements of one data set (or item) that Retain Safe Private keeps, by tag.
+
+    An element is kept when its block's Private Creator, its group and its element byte are a
+    row of Table E.3.10-1 and its VR fits the row's (see :func:`vr_matches`); its Private
+    Creator element is kept with it. Private pixel data (:data:`SAFE_PRIVATE_PIXEL_DATA`) is
+    kept only when ``keep_pixels``. A sequence the table lists that arrives as bytes (``UN``)
+    is parsed into items, or not kept if it does not parse.
+    """
+    creators: dict[tuple[int, int], Element] = {}
     for el in elements:
         group, elem = el.tag >> 16, el.tag & 0xFFFF
         if group & 1 and 0x10 <= elem <= 0xFF:
-            creators[(group, elem)] = decode_text(el.raw, codec)
-    keep: set[int] = set()
+            creators[(group, elem)] = el
+    if not creators:
+        return {}
+    table = safe_private_table()
+    keep: dict[int, Element] = {}
     for el in elements:
         group, elem = el.tag >> 16, el.tag & 0xFFFF
         if not group & 1 or elem < 0x1000:
             continue
-        creator = creators.get((group, elem >> 8))
-        if creator is not None and (creator, group, elem & 0xFF) in SAFE_PRIVATE:
-            keep.add(el.tag)
-            keep.add(group << 16 | elem >> 8)
+        creator_el = creators.get((group, elem >> 8))
+        if creator_el is None:
+            continue
+        key = (decode_text(creator_el.raw, codec).strip(), group, elem & 0xFF)
+        row = table.get(key)
+        if row is None or not vr_matches(row.vr, el.vr):
+            continue
+        if not keep_pixels and key in SAFE_PRIVATE_PIXEL_DATA:
+            continue
+        if row.vr == "SQ" and el.vr != "SQ":
+            try:
+                el = Element(el.tag, "SQ", parse_items(el.raw))
+            except DeidError:
+                continue
+        keep[el.tag] = el
+        keep[creator_el.tag] = creator_el
     return keep
 
 
@@ -479,7 +499,8 @@ class Engine:
         self.memo_shift: dict[tuple[bytes, str, int], bytes] = {}
         self.memo_scrub: tuple[object, dict[tuple[bytes, str, str], bytes]] = (None, {})
         self.memo_patient: dict[bytes, tuple[int, tuple[str, str]]] = {}
-        self._method = self._method_elements()
+        self._method = self._method_elements(pixels_cleaned=False)
+        self._method_pixels = self._method_elements(pixels_cleaned=True)
         self._station = (
             Element(0x00081010, "SH", _text(station_name)) if station_name is not None else None
         )
@@ -538,8 +559,21 @@ class Engine:
             return DUMMY if mode in (DUMMY_MODE, STRICT_MODE) else SCRUB
         return KEEP
 
-    def run(self, elements: list[Element]) -> Outcome:
-        """De-identify a top-level data set (raw elements); raises DeidError on refusal."""
+    def run(
+        self,
+        elements: list[Element],
+        *,
+        pixels_cleaned: bool = False,
+        private_pixels_cleaned: bool = False,
+    ) -> Outcome:
+        """De-identify a top-level data set (raw elements); raises DeidError on refusal.
+
+        ``pixels_cleaned``: the caller applied Clean Pixel Data (E.3.1) to the Pixel Data of
+        ``elements``; the output then records code 113101 and the option's name.
+        ``private_pixels_cleaned``: the caller also cleaned the private pixel data elements of
+        :data:`~gateway_agent.deid.safeprivate.SAFE_PRIVATE_PIXEL_DATA` present in
+        ``elements``; only then does Retain Safe Private keep them (E.3.1 Note 4).
+        """
         top = _tops(elements, _LOOKUPS)
         sop = top.get(0x00080018)
         if sop is None or not _ascii(sop.raw):
@@ -549,7 +583,7 @@ class Engine:
         outcome = Outcome()
         self._check_pixels(top, outcome)
 
-        run = _Run(self, codec)
+        run = _Run(self, codec, private_pixels_cleaned)
         run.ascii_only = not (charset and _ascii(charset.raw).strip("\\ \0"))
         patient_key = self._patient_key(top)
         if patient_key:
@@ -570,7 +604,7 @@ class Engine:
         else:
             out = [e for e in out if e.tag not in _ADDED and e.tag != 0x00081010]
             out.append(station)
-        out.extend(self._method)
+        out.extend(self._method_pixels if pixels_cleaned else self._method)
         out.sort(key=_tag_of)  # attrgetter("tag"): the sort key in C
         outcome.elements = out
         outcome.counts = run.counts
@@ -609,20 +643,20 @@ class Engine:
             return b"name|" + name_raw + b"|" + (birth.raw.strip(b"\0 ") if birth else b"")
         return b""
 
-    def _method_elements(self) -> list[Element]:
+    def _method_elements(self, *, pixels_cleaned: bool) -> list[Element]:
+        """PatientIdentityRemoved, the method (text and CID 7050 codes), temporal flag."""
         opts = self.profile.options
-        enabled = opts.enabled()
-        method = [f"{METHOD} Basic Profile"] + [OPTION_COLUMNS[n][2] for n in enabled]
-        codes = [("113100", "Basic Application Confidentiality Profile")] + [
-            (OPTION_COLUMNS[n][1], OPTION_COLUMNS[n][2]) for n in enabled
-        ]
+        codes = [BASIC_PROFILE_CODE] + [OPTION_COLUMNS[n][1] for n in opts.enabled()]
+        if pixels_cleaned:
+            codes.append(CLEAN_PIXEL_DATA_CODE)
+        method = [f"{METHOD} Basic Profile"] + [CID_7050[code] for code in codes[1:]]
         items = [
             [
-                Element(0x00080100, "SH", _text(value)),
+                Element(0x00080100, "SH", _text(code)),
                 Element(0x00080102, "SH", _text("DCM")),
-                Element(0x00080104, "LO", _text(meaning)),
+                Element(0x00080104, "LO", _text(CID_7050[code])),
             ]
-            for value, meaning in codes
+            for code in codes
         ]
         if opts.retain_long_full_dates:
             longitudinal = "UNMODIFIED"

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from ..config import DeidSettings
 
 __all__ = [
+    "BASIC_PROFILE_CODE",
+    "CID_7050",
+    "CLEAN_PIXEL_DATA_CODE",
     "EDITION",
     "OPTION_COLUMNS",
     "DeidOptions",
@@ -25,6 +28,27 @@ __all__ = [
 ]
 
 EDITION = "2024e"
+
+#: PS3.16 CID 7050 "De-identification Method" (version 20170914): code value (DCM) -> meaning.
+#: The profile, the ten options of Table E.1-1 and the two pixel options, in code order.
+CID_7050: dict[str, str] = {
+    "113100": "Basic Application Confidentiality Profile",
+    "113101": "Clean Pixel Data Option",
+    "113102": "Clean Recognizable Visual Features Option",
+    "113103": "Clean Graphics Option",
+    "113104": "Clean Structured Content Option",
+    "113105": "Clean Descriptors Option",
+    "113106": "Retain Longitudinal Temporal Information Full Dates Option",
+    "113107": "Retain Longitudinal Temporal Information Modified Dates Option",
+    "113108": "Retain Patient Characteristics Option",
+    "113109": "Retain Device Identity Option",
+    "113110": "Retain UIDs Option",
+    "113111": "Retain Safe Private Option",
+    "113112": "Retain Institution Identity Option",
+}
+BASIC_PROFILE_CODE = "113100"
+#: Recorded only when the caller cleaned the pixels (see ``Engine.run``).
+CLEAN_PIXEL_DATA_CODE = "113101"
 
 #: option field -> (table column, CID 7050 code value, code meaning)
 OPTION_COLUMNS: dict[str, tuple[str, str, str]] = {

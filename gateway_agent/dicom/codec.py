@@ -19,6 +19,7 @@ __all__ = [
     "encode_dataset",
     "encoding_for",
     "parse_dataset",
+    "parse_items",
     "text_codec",
 ]
 
@@ -295,6 +296,13 @@ def parse_dataset(
     position is then its offset (``size`` when there is none).
     """
     return _Parser(buf, size).elements(pos, size, implicit, little, stop_at_pixels=stop_at_pixels)
+
+
+def parse_items(raw: bytes) -> list[list[Element]]:
+    """The items of a sequence whose value was kept as bytes (a ``UN`` element of defined
+    length): implicit VR little endian, as PS3.5 6.2.2 encodes them. Raises DeidError."""
+    items, _ = _Parser(raw, len(raw)).items(0, len(raw), True, True, 0)
+    return items
 
 
 def encapsulated_end(buf: bytes | object, size: int, pos: int, little: bool = True) -> int:

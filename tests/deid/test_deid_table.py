@@ -190,7 +190,7 @@ def _repeating(config: str) -> dict[int, Element]:
         Element(0x00091001, "LO", b"PHIPRIVATE "),
         Element(0x00100020, "LO", _even(ID.encode())),
         Element(0x00430010, "LO", b"GEMS_PARM_01"),
-        Element(0x00431027, "DS", b"1.5 "),
+        Element(0x00431027, "SH", b"1.375:1 "),
         Element(0x50000010, "US", struct.pack("<H", 3)),
         Element(0x50000022, "LO", _even(f"curve {ID}".encode())),
         Element(0x60000010, "US", struct.pack("<H", 2)),
@@ -219,7 +219,7 @@ def test_clean_graphics_keeps_curves_and_scrubs_their_text() -> None:
 
 def test_retain_safe_private_keeps_only_the_safe_list() -> None:
     out = _repeating("retain_safe_private")
-    assert out[0x00431027].raw == b"1.5 "
+    assert out[0x00431027].raw == b"1.375:1 "
     assert 0x00430010 in out
     assert 0x00091001 not in out and 0x00090010 not in out
 
