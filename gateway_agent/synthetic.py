@@ -105,12 +105,19 @@ def make_ct_slice(
     study_date: str = "20240611",
     seed: int | None = None,
     plant_phi: bool = True,
+    subject: str = "adult",
+    clinical_trial: bool = False,
 ) -> Dataset:
     """A realistic CT Image Storage instance (Explicit VR Little Endian) with a body phantom.
 
     ``plant_phi`` puts PHI markers into the places a real scanner or PACS leaves them:
     names and IDs, free text, a nested request sequence, a private block and the preamble.
+    ``subject`` is ``"adult"``, ``"paediatric"`` (a parent as Responsible Person) or
+    ``"veterinary"`` (species, breed, owner and responsible organization, as PS3.3 requires
+    for an animal); ``clinical_trial`` adds the Clinical Trial Subject and Series Modules.
     """
+    if subject not in ("adult", "paediatric", "veterinary"):
+        raise ValueError('Argument "subject" must be "adult", "paediatric" or "veterinary".')
     patient = patient or Patient()
     rng = np.random.default_rng(
         seed if seed is not None else instance_number + 1000 * series_number
@@ -225,7 +232,51 @@ def make_ct_slice(
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
     ds.PixelData = stored.tobytes()
+    if subject != "adult":
+        _add_responsible_party(ds, subject, plant_phi)
+    if clinical_trial:
+        _add_clinical_trial(ds, plant_phi)
     return ds
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _add_responsible_party(ds: Dataset, subject: str, plant_phi: bool) -> None:
+    """Patient Module attributes of a child (a parent decides) or an animal (an owner does)."""
+    ds.ResponsiblePerson = "PHIDOE^JOHN" if plant_phi else "DOE^JOHN"
+    if subject == "paediatric":
+        ds.ResponsiblePersonRole = "PARENT"
+        return
+    ds.ResponsiblePersonRole = "OWNER"
+    ds.ResponsibleOrganization = "PHIINSTITUTE Kennel" if plant_phi else "Kennel"
+    ds.PatientSpeciesDescription = "Canis lupus familiaris"
+    ds.PatientSpeciesCodeSequence = DicomSequence(
+        [_code("448771007", "SCT", "Canis lupus familiaris")]
+    )
+    ds.PatientBreedDescription = "Beagle"
+    ds.PatientBreedCodeSequence = DicomSequence([_code("44743007", "SCT", "Beagle dog")])
+    ds.BreedRegistrationSequence = DicomSequence()
+    ds.PatientSexNeutered = "ALTERED"
+
+
+def _add_clinical_trial(ds: Dataset, plant_phi: bool) -> None:
+    """Clinical Trial Subject and Series Modules, with an ethics committee approval."""
+    ds.ClinicalTrialSponsorName = "ACME Pharma"
+    ds.ClinicalTrialProtocolID = "ACME-2024-01"
+    ds.ClinicalTrialProtocolName = "Chest CT follow-up"
+    ds.ClinicalTrialSiteID = "SITE7"
+    ds.ClinicalTrialSiteName = "PHIINSTITUTE General Hospital" if plant_phi else "Hospital"
+    ds.ClinicalTrialSubjectID = "SUBJ-0042"
+    ds.ClinicalTrialProtocolEthicsCommitteeName = "PHIINSTITUTE IRB" if plant_phi else "IRB"
+    ds.ClinicalTrialProtocolEthicsCommitteeApprovalNumber = "IRB-2024-117"
+    ds.ClinicalTrialCoordinatingCenterName = "ACME Core Lab"
+    ds.ClinicalTrialSeriesID = "BASELINE"
 
 
 def make_ct_series(n: int, *, study_seed: str = "study-1", **kwargs: object) -> list[Dataset]:

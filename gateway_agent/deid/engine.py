@@ -9,6 +9,7 @@ from typing import Any
 from .._exceptions import DeidError
 from ..dicom.codec import Element, decode_text, parse_items, text_codec
 from ..dicom.dictionary import is_known, vr_of
+from . import conditions
 from .keys import Keys, shift_da, shift_dt
 from .pixels import burned_in_risk
 from .profile import (
@@ -447,6 +448,8 @@ _LOOKUPS = frozenset(
         0x00280301,  # BurnedInAnnotation
         0x00280302,  # RecognizableVisualFeatures
     }
+    | conditions.LOOKUP_TAGS
+    | conditions.SPECIES_TAGS
 )
 
 
@@ -596,6 +599,8 @@ class Engine:
                 _remember(self.memo_patient, patient_key, keyed)
             run.days, run.pseudonyms = keyed
         out = run.walk(elements, NORMAL)
+        if not conditions.LOOKUP_TAGS.isdisjoint(top):
+            out = conditions.apply(out, top)
         run.counts.update(run.letters)
         run.finish_scrubbing()
         station = self._station
