@@ -10,6 +10,7 @@ from .._exceptions import DeidError
 from ..dicom.codec import Element, decode_text, parse_items, text_codec
 from ..dicom.dictionary import is_known, vr_of
 from . import conditions
+from .iso2022 import Iso2022, iso2022_for
 from .keys import Keys, shift_da, shift_dt
 from .pixels import burned_in_risk
 from .profile import (
@@ -147,13 +148,24 @@ class Outcome:
 class _Run:
     """State of one data set: keyed values, deferred scrubbing, counters."""
 
-    def __init__(self, engine: Engine, codec: str | None, keep_private_pixels: bool) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        codec: str | None,
+        keep_private_pixels: bool,
+        iso: Iso2022 | None = None,
+    ) -> None:
         self.engine = engine
         #: Retain Safe Private may keep private pixel data (Clean Pixel Data cleaned it)
         self.keep_private_pixels = keep_private_pixels
         self.profile = engine.profile
         self.keys = engine.keys
+        #: Python codec of a single-byte or stand-alone character set, else None
         self.codec = codec
+        #: text under ISO 2022 code extensions (``codec`` is None then), else None
+        self.iso = iso
+        #: identifies the character set in memo keys
+        self.codec_key = codec if iso is None else iso.key
         self.counts: Counter[str] = Counter()
         #: action letters in walk order, counted into ``counts`` after the walk
         self.letters: list[str] = []
@@ -180,7 +192,7 @@ class _Run:
         if not value:
             return
         memo = self.engine.memo_collect
-        key = (el.tag, el.vr, value, self.codec, self.ascii_only)
+        key = (el.tag, el.vr, value, self.codec_key, self.ascii_only)
         found = memo.get(key) if len(value) <= _MEMO_VALUE_MAX else None
         if found is None:
             found = self._collect_value(el.tag, el.vr, value)
@@ -201,7 +213,10 @@ class _Run:
         if vr == "UN":
             vr = vr_of(tag)
         if vr in _SOURCE_VRS:
-            text = decode_text(value, self.codec)
+            if self.iso is None:
+                text = decode_text(value, self.codec)
+            else:  # undecodable: no tokens, and not a clean identity
+                text = self.iso.decode(value, vr) or "\ufffd"
             tokens = tuple(identifier_tokens(text, person_name=vr == "PN"))
             identity = None
             if tag in _IDENTITY_TAGS:
@@ -267,7 +282,7 @@ class _Run:
                 items = [self.walk(item, sub_mode) for item in el.items]
                 append(Element(tag, "SQ", items))
             elif op == SCRUB:
-                if self.codec is None:
+                if self.codec is None and self.iso is None:
                     append(self.dummy(el))
                 else:
                     new = Element(tag, self.vr(el), el.value)
@@ -359,6 +374,9 @@ class _Run:
             return
         codec = self.codec or "latin-1"
         scrub = Scrubber(self.words, self.literals)
+        if self.iso is not None:
+            self._scrub_iso2022(self.iso, scrub)
+            return
         # Results hold for one pattern (one patient's identifiers): the memo keeps only the
         # latest pattern's, so it keeps no old pattern alive. Read once: threads sharing an
         # engine at worst replace each other's memo, never read another pattern's results.
@@ -380,6 +398,23 @@ class _Run:
                 if len(raw) <= _MEMO_VALUE_MAX:
                     _remember(memo, key, new)
             el.value = new
+
+    def _scrub_iso2022(self, iso: Iso2022, scrub: Scrubber) -> None:
+        """Clean text under ISO 2022 code extensions; values that do not decode, or whose
+        cleaned text cannot be encoded and read back exactly, get the dummy value."""
+        for el, vr in self.jobs:
+            text = iso.decode(el.raw, vr)
+            encoded = None
+            if text is not None:
+                cleaned = scrub(text, vr)
+                if cleaned == text:
+                    continue  # nothing to clean: the bytes stay as they are
+                encoded = iso.encode(cleaned, vr)
+            if encoded is None:
+                el.value = _DUMMY.get(vr, b"")
+                self.counts["C_fallback"] += 1
+            else:
+                el.value = encoded + b" " if len(encoded) % 2 else encoded
 
 
 def _safe_private(
@@ -586,7 +621,8 @@ class Engine:
         outcome = Outcome()
         self._check_pixels(top, outcome)
 
-        run = _Run(self, codec, private_pixels_cleaned)
+        iso = iso2022_for(charset.raw) if codec is None and charset is not None else None
+        run = _Run(self, codec, private_pixels_cleaned, iso)
         run.ascii_only = not (charset and _ascii(charset.raw).strip("\\ \0"))
         patient_key = self._patient_key(top)
         if patient_key:

@@ -42,6 +42,15 @@ def identifier_tokens(value: str, *, person_name: bool = False) -> Iterable[str]
     for token in _TOKEN_SPLIT.split(value):
         if len(token) >= minimum:
             yield token
+    if person_name:
+        # Chinese, Japanese and Korean names run together in free text, family name first
+        # ("홍길동" for 홍^길동): the whole name is a token even when its parts are too short.
+        for name in value.split("\\"):
+            for group in name.split("="):
+                family, _, rest = group.partition("^")
+                given = rest.partition("^")[0]
+                if family and given and not (family + given).isascii():
+                    yield family.strip() + given.strip()
 
 
 def date_forms(da: str) -> Iterable[str]:
