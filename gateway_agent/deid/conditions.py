@@ -1,6 +1,6 @@
-"""IOD conditions the profile would break: dependents of removed attributes, animals' Type 2C.
+"""IOD rules the profile alone would break: dependents of removed attributes, animals' Type 2C.
 
-Table E.1-1 acts on each attribute alone; PS3.3 ties some attributes together. Two kinds of
+Table E.1-1 acts on each attribute alone; PS3.3 ties some attributes together. Three kinds of
 tie are broken by the Basic Profile and its options, found by running dciodvfy on objects that
 carry every standard attribute, once per Storage SOP Class, before and after de-identification
 (the list is in ``docs/deidentification.md``):
@@ -8,14 +8,24 @@ carry every standard attribute, once per Storage SOP Class, before and after de-
 * a Type 1C attribute "required if" another one is present (with a value), and not allowed
   otherwise: when the profile removes or empties that other attribute, the dependent goes too;
 * a Type 2C attribute "required if the patient is an animal" that the profile removes (X): for
-  an animal it is emptied instead (Z), which keeps the object valid and holds no value.
+  an animal it is emptied instead (Z), which keeps the object valid and holds no value;
+* Referenced Study Sequence (X/Z): Type 3 with one or more items at the top level (General
+  Study Module), Type 2 only inside Referenced Request Sequence items. Emptied (Z) it is invalid
+  at the top level, so there it is removed (X), as the table's X/Z intends for a Type 3.
 """
 
 from __future__ import annotations
 
 from ..dicom.codec import Element
 
-__all__ = ["ANIMAL_TYPE_2C", "DEPENDENTS", "LOOKUP_TAGS", "SPECIES_TAGS", "apply"]
+__all__ = [
+    "ANIMAL_TYPE_2C",
+    "DEPENDENTS",
+    "LOOKUP_TAGS",
+    "SPECIES_TAGS",
+    "TYPE_3_SEQUENCES",
+    "apply",
+]
 
 #: dependent -> (the attribute its condition names, whether that attribute needs a value)
 DEPENDENTS: dict[int, tuple[int, bool]] = {
@@ -50,8 +60,11 @@ SPECIES_TAGS = frozenset(
     }
 )
 
+#: Sequences that are Type 3 with one or more items at the top level: removed when emptied.
+TYPE_3_SEQUENCES = frozenset({0x00081110})  # Referenced Study Sequence
+
 #: Top-level attributes whose presence in the input means :func:`apply` has work to do.
-LOOKUP_TAGS = frozenset(DEPENDENTS) | frozenset(ANIMAL_TYPE_2C)
+LOOKUP_TAGS = frozenset(DEPENDENTS) | frozenset(ANIMAL_TYPE_2C) | TYPE_3_SEQUENCES
 
 
 def apply(out: list[Element], top: dict[int, Element]) -> list[Element]:
@@ -66,7 +79,7 @@ def apply(out: list[Element], top: dict[int, Element]) -> list[Element]:
             if tag in top and tag not in found:
                 found[tag] = Element(tag, vr, b"")
                 out.append(found[tag])
-    drop = set()
+    drop = {tag for tag in TYPE_3_SEQUENCES if tag in found and not found[tag].items}
     for dependent, (condition, needs_value) in DEPENDENTS.items():
         if dependent not in found:
             continue

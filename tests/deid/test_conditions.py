@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 from gateway_agent.deid import Deidentifier, DeidOptions
 from gateway_agent.synthetic import PHI_MARKERS, make_ct_slice, write_series
@@ -91,3 +93,23 @@ def test_a_human_keeps_no_empty_responsible_person(tmp_path: Path) -> None:
 def test_subject_is_checked() -> None:
     with pytest.raises(ValueError, match="subject"):
         make_ct_slice(rows=8, cols=8, subject="martian")
+
+
+@pytest.mark.parametrize("retain_uids", [False, True])
+def test_an_emptied_referenced_study_sequence_goes(tmp_path: Path, retain_uids: bool) -> None:
+    """Referenced Study Sequence (X/Z) is Type 3 with one or more items at the top level."""
+    ds = make_ct_slice(rows=16, cols=16)
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management
+    ref.ReferencedSOPInstanceUID = ds.StudyInstanceUID
+    ds.ReferencedStudySequence = Sequence([ref])
+    (src,) = write_series([ds], tmp_path / "in")
+    options = DeidOptions(retain_uids=retain_uids)
+    out = Deidentifier(SECRET, options).deidentify_file(src, tmp_path / "out").path
+    after = pydicom.dcmread(out)
+    if retain_uids:  # K: kept as it is
+        assert after.ReferencedStudySequence[0].ReferencedSOPInstanceUID == ds.StudyInstanceUID
+    else:
+        assert "ReferencedStudySequence" not in after
+    require(shutil.which("dciodvfy") is not None, "dciodvfy")
+    assert _errors(out) <= _errors(src)
