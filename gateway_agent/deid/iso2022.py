@@ -115,12 +115,12 @@ class Iso2022:
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, text: str, vr: str) -> bytes | None:
         """Encoded ``text`` (unpadded), or None if it cannot be encoded and read back exactly."""
-        if vr not in _CHARSET_VRS:
-            return text.encode("ascii") if text.isascii() else None
         if vr in _MULTI_LINE_VRS and self._single_line and not _LINE_BREAKS.isdisjoint(text):
             return None
         try:
-            if vr == "PN":
+            if vr not in _CHARSET_VRS:
+                encoded = text.encode("ascii")
+            elif vr == "PN":
                 encoded = b"\\".join(
                     b"=".join(
                         b"^".join(self._encode(part) for part in group.split("^"))
@@ -134,7 +134,8 @@ class Iso2022:
                 encoded = b"\\".join(self._encode(value) for value in text.split("\\"))
         except (UnicodeError, LookupError, ValueError):
             return None
-        return encoded if self.decode(encoded, vr) == text else None
+        # Trailing spaces are padding: they do not come back, and need not.
+        return encoded if self.decode(encoded, vr) == text.rstrip("\0 ") else None
 
     def _encode(self, text: str) -> bytes:
         """pydicom's ``encode_string`` without its fallback to replacement characters."""

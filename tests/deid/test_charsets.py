@@ -201,3 +201,28 @@ def test_names_written_together_are_tokens() -> None:
     tokens = set(identifier_tokens("Kim^Heejung=金^熙中=김^희중", person_name=True))
     assert {"김희중", "金熙中", "희중", "Heejung"} <= tokens
     assert "김" not in tokens and "KimHeejung" not in tokens
+
+
+def test_what_is_encoded_reads_back_with_pydicom() -> None:
+    """Seeded random text: whatever encodes decodes to it, in this module and in pydicom."""
+    import random
+
+    rng = random.Random(7)
+    charsets = [CASES[c][0] for c in sorted(CASES)] + [["ISO 2022 IR 100", "ISO 2022 IR 144"]]
+    pool = list("abcXYZ *^=") + list("山田太郎やまだたろうﾔﾏﾀﾞ홍길동洪吉洞鷗外éЖ\u3000")
+    encoded_count = 0
+    for _ in range(3000):
+        charset = rng.choice(charsets)
+        iso = iso2022_for("\\".join(charset).encode())
+        assert iso is not None
+        vr = rng.choice(["PN", "LO", "SH", "ST", "LT", "UT", "CS"])
+        text = "".join(rng.choice(pool) for _ in range(rng.randint(0, 12)))
+        encoded = iso.encode(text, vr)
+        if encoded is None:
+            continue
+        encoded_count += 1
+        assert iso.decode(encoded, vr) == text.rstrip(" ")
+        if vr in ("LO", "SH", "ST", "LT", "UT"):
+            decoded = decode_bytes(encoded, convert_encodings(charset), {0x0D, 0x0A, 0x09, 0x0C})
+            assert decoded.rstrip(" ") == text.rstrip(" ")
+    assert encoded_count > 800
