@@ -45,8 +45,9 @@ class DeidSettings(_Section):
 
     retain_safe_private: bool = Field(
         default=False,
-        description="Retain Safe Private option: keep the private attributes on the documented "
-        "safe list (b-values, scan pitch, SUV factors); every other private attribute is removed.",
+        description="Retain Safe Private option: keep the private attributes of PS3.15 Table "
+        "E.3.10-1 (479 vendor attributes known to hold no identity; private pixel data "
+        "excepted); every other private attribute is removed.",
     )
     retain_uids: bool = Field(
         default=False,
