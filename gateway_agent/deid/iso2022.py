@@ -37,6 +37,8 @@ _UNSUPPORTED = frozenset({"ISO 2022 IR 58", "ISO 2022 58", "ISO 2022 GBK"})
 _STAND_ALONE = frozenset({"ISO_IR 192", "GB18030", "GBK"})
 #: The form of a Defined Term (checked before pydicom is imported for an unknown value).
 _TERM = re.compile(r"(ISO 2022 IR \d{1,3}|ISO_IR \d{1,3}|ISO 2022 \w{1,8}|GB\w{1,6})?")
+#: Value 1 of Specific Character Set meaning the default repertoire.
+_DEFAULT_REPERTOIRE = frozenset({"", "ISO 2022 IR 6", "ISO_IR 6"})
 #: Text VRs: the others (AE, CS, AS, DA...) use the default repertoire only.
 _CHARSET_VRS = frozenset({"PN", "SH", "LO", "ST", "LT", "UC", "UT"})
 _MULTI_LINE_VRS = frozenset({"ST", "LT", "UT"})
@@ -58,6 +60,9 @@ class Iso2022:
 
         self.terms = terms
         self.encodings = encodings
+        # pydicom reads the default repertoire (ISO IR 6) as Latin-1; bytes >= 0x80 outside an
+        # escape sequence are invalid there, and a name mis-read that way is mis-tokenised.
+        self._first = "ascii" if terms[0] in _DEFAULT_REPERTOIRE else encodings[0]
         #: Identifies the character set in memo keys.
         self.key = "iso2022:" + "\\".join(terms)
         self._charset = charset
@@ -89,11 +94,11 @@ class Iso2022:
             return None
 
     def _decode(self, value: bytes, delimiters: frozenset[int]) -> str:
-        first = self.encodings[0]
+        first = self._first
         if _ESC not in value:
-            return value.decode(first)
+            return _strict(value, first)
         return "".join(
-            self._fragment(part, delimiters) if part[:1] == _ESC else part.decode(first)
+            self._fragment(part, delimiters) if part[:1] == _ESC else _strict(part, first)
             for part in _FRAGMENTS.findall(value)
         )
 
@@ -107,10 +112,12 @@ class Iso2022:
             raise ValueError("escape sequence of a character set the value does not declare")
         if encoding in charset.handled_encodings:
             return part.decode(encoding)  # Python's codec reads the escape sequences itself
+        if encoding == charset.default_encoding:
+            encoding = "ascii"  # ESC ( B: back to ISO IR 6
         part = part[size:]
         # A delimiter returns to the character set of value 1 (PS3.5 6.1.2.5.3).
         end = next((i for i, byte in enumerate(part) if byte in delimiters), len(part))
-        return part[:end].decode(encoding) + part[end:].decode(self.encodings[0])
+        return _strict(part[:end], encoding) + _strict(part[end:], self._first)
 
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, text: str, vr: str) -> bytes | None:
@@ -158,6 +165,15 @@ class Iso2022:
             parts: bytes = charset._encode_string_parts(text, encodings)  # or ValueError
             return parts
         raise ValueError("no declared character set encodes the text")
+
+
+def _strict(raw: bytes, encoding: str) -> str:
+    """``raw.decode(encoding)``; JIS X 0201 (pydicom's ``shift_jis``) is one byte a character,
+    so a Shift JIS double-byte character there is an error, not a kanji."""
+    text = raw.decode(encoding)
+    if encoding == "shift_jis" and len(text) != len(raw):
+        raise ValueError("not JIS X 0201")
+    return text
 
 
 @lru_cache(maxsize=64)

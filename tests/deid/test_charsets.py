@@ -226,3 +226,36 @@ def test_what_is_encoded_reads_back_with_pydicom() -> None:
             decoded = decode_bytes(encoded, convert_encodings(charset), {0x0D, 0x0A, 0x09, 0x0C})
             assert decoded.rstrip(" ") == text.rstrip(" ")
     assert encoded_count > 800
+
+
+@pytest.mark.parametrize(
+    ("charset", "raw_name"),
+    [
+        # Latin-1 bytes where value 1 is the default repertoire (ASCII): "PHIDOEÃ" is no name.
+        (["", "ISO 2022 IR 87"], b"PHIDOE\xc3(^PHIJANE"),
+        (["ISO 2022 IR 6", "ISO 2022 IR 87", "ISO 2022 IR 159"], b"\xed\xa0\x80PHIDOE^X"),
+        # A Shift JIS lead byte under JIS X 0201 would swallow the "^" into one kanji token.
+        (["ISO 2022 IR 13", "ISO 2022 IR 87"], b"PHIDOE\x89^PHIJANE"),
+    ],
+)
+def test_a_mis_encoded_name_makes_text_dummy(
+    tmp_path: Path, charset: list[str], raw_name: bytes
+) -> None:
+    """Cleaning needs the declared identity: a name the character set cannot read exactly
+    means every cleaned text falls back to the dummy value (never a name left in it)."""
+    ds = make_ct_slice(rows=8, cols=8)  # StudyDescription names PHIDOE PHIJANE
+    ds.SpecificCharacterSet = charset
+    (src,) = write_series([ds], tmp_path / "in")
+    name = ds.get_item("PatientName").value
+    encoded = name if isinstance(name, bytes) else str(name).encode()
+    data = src.read_bytes()
+    at = data.index(b"\x10\x00\x10\x00PN")  # (0010,0010) PN, explicit VR little endian
+    length = int.from_bytes(data[at + 6 : at + 8], "little")
+    assert data[at + 8 : at + 8 + length].rstrip(b" ") == encoded.rstrip(b" ")
+    value = raw_name + b" " * (len(raw_name) % 2)
+    src.write_bytes(
+        data[: at + 6] + len(value).to_bytes(2, "little") + value + data[at + 8 + length :]
+    )
+    out = _deid(src, tmp_path)
+    assert b"PHIDOE" not in out.read_bytes() and b"PHIJANE" not in out.read_bytes()
+    assert pydicom.dcmread(out).StudyDescription == "ANONYMIZED"
