@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 
-__all__ = ["MAX_CHARS", "Scrubber", "date_forms", "identifier_tokens"]
+__all__ = ["MAX_CHARS", "Scrubber", "date_forms", "identifier_tokens", "kana_forms"]
 
 #: Maximum characters per value of text VRs (PS3.5 Table 6.2-1); cleaned values are cut to fit.
 MAX_CHARS = {
@@ -37,11 +37,12 @@ _TOKEN_SPLIT = re.compile(r"[\x00-/:-@\[-`{-\xbf\U00010000-\U0010FFFF]+")
 
 
 def identifier_tokens(value: str, *, person_name: bool = False) -> Iterable[str]:
-    """Words of an identifying value worth scrubbing elsewhere (names: 2+ chars, else 3+)."""
+    """Words of an identifying value worth scrubbing elsewhere (names: 2+ chars, else 3+).
+
+    Names in Japanese kana also yield their other kana spellings (see :func:`kana_forms`).
+    """
     minimum = 2 if person_name else 3
-    for token in _TOKEN_SPLIT.split(value):
-        if len(token) >= minimum:
-            yield token
+    tokens = [token for token in _TOKEN_SPLIT.split(value) if len(token) >= minimum]
     if person_name:
         # Chinese, Japanese and Korean names run together in free text, family name first
         # ("홍길동" for 홍^길동): the whole name is a token even when its parts are too short.
@@ -50,7 +51,55 @@ def identifier_tokens(value: str, *, person_name: bool = False) -> Iterable[str]
                 family, _, rest = group.partition("^")
                 given = rest.partition("^")[0]
                 if family and given and not (family + given).isascii():
-                    yield family.strip() + given.strip()
+                    tokens.append(family.strip() + given.strip())
+        tokens += [form for token in tokens if not token.isascii() for form in kana_forms(token)]
+        if not value.isascii():  # a name in a CJK set: its Latin parts may come full-width
+            tokens += [token.translate(_FULL_WIDTH) for token in tokens if token.isascii()]
+    yield from dict.fromkeys(tokens)
+
+
+_FULL_WIDTH = {code: code + 0xFEE0 for code in range(0x21, 0x7F)}
+_HIRAGANA = "".join(chr(c) for c in range(0x3041, 0x3097))
+_KATAKANA = "".join(chr(c) for c in range(0x30A1, 0x30F7))
+_TO_KATAKANA = str.maketrans(_HIRAGANA, _KATAKANA)
+_TO_HIRAGANA = str.maketrans(_KATAKANA, _HIRAGANA)
+
+
+def kana_forms(token: str) -> set[str]:
+    """Other spellings of a word in Japanese kana: hiragana, katakana, half-width katakana.
+
+    A name written ``ﾔﾏﾀﾞ`` in Patient's Name is ``ヤマダ`` or ``やまだ`` in a description. Also the
+    compatibility form (NFKC) of any non-ASCII word: full-width Latin letters become ASCII.
+    """
+    import unicodedata  # only for non-ASCII names
+
+    full = unicodedata.normalize("NFKC", token)
+    forms = {full}
+    if any("\u3041" <= c <= "\u30fa" for c in full):
+        katakana = full.translate(_TO_KATAKANA)
+        forms |= {full.translate(_TO_HIRAGANA), katakana}
+        half = _half_width()
+        forms.add("".join(half.get(c, c) for c in katakana))
+    forms.discard(token)
+    return forms
+
+
+@lru_cache(maxsize=1)
+def _half_width() -> dict[str, str]:
+    """Full-width katakana (and the sound marks) -> half-width, from Unicode's own mapping."""
+    import unicodedata
+
+    table = {}
+    for code in range(0xFF61, 0xFFA0):
+        half = chr(code)
+        full = unicodedata.normalize("NFKC", half)
+        if len(full) == 1:
+            table[full] = half
+    for code in range(0x30A1, 0x30FB):  # voiced and semi-voiced: base + sound mark
+        base, *mark = unicodedata.normalize("NFD", chr(code))
+        if mark and base in table and mark[0] in ("\u3099", "\u309a"):
+            table[chr(code)] = table[base] + ("\uff9e" if mark[0] == "\u3099" else "\uff9f")
+    return table
 
 
 def date_forms(da: str) -> Iterable[str]:

@@ -259,3 +259,18 @@ def test_a_mis_encoded_name_makes_text_dummy(
     out = _deid(src, tmp_path)
     assert b"PHIDOE" not in out.read_bytes() and b"PHIJANE" not in out.read_bytes()
     assert pydicom.dcmread(out).StudyDescription == "ANONYMIZED"
+
+
+@pytest.mark.parametrize(
+    ("case", "described", "cleaned"),
+    [
+        ("H.3.2", "ヤマダ タロウ 胸部CT", "*** *** 胸部CT"),  # half-width in the name
+        ("H.3.1", "ヤマダ様 タロウ", "***様 ***"),  # hiragana in the name
+        ("H.3.1", "ＹＡＭＡＤＡ 胸部", "*** 胸部"),  # full-width Latin letters
+    ],
+)
+def test_names_in_another_kana(tmp_path: Path, case: str, described: str, cleaned: str) -> None:
+    """A Japanese name is found in hiragana, katakana, half-width katakana and full-width Latin."""
+    charset, name = CASES[case][0], CASES[case][1]
+    src = _write(tmp_path, charset, name, StudyDescription=described)
+    assert pydicom.dcmread(_deid(src, tmp_path)).StudyDescription == cleaned
