@@ -96,9 +96,9 @@ def _half_width() -> dict[str, str]:
         if len(full) == 1:
             table[full] = half
     for code in range(0x30A1, 0x30FB):  # voiced and semi-voiced: base + sound mark
-        base, *mark = unicodedata.normalize("NFD", chr(code))
-        if mark and base in table and mark[0] in ("\u3099", "\u309a"):
-            table[chr(code)] = table[base] + ("\uff9e" if mark[0] == "\u3099" else "\uff9f")
+        parts = unicodedata.normalize("NFD", chr(code))
+        if len(parts) == 2 and parts[0] in table and parts[1] in ("\u3099", "\u309a"):
+            table[chr(code)] = table[parts[0]] + ("\uff9e" if parts[1] == "\u3099" else "\uff9f")
     return table
 
 

@@ -266,7 +266,7 @@ def test_a_mis_encoded_name_makes_text_dummy(
     [
         ("H.3.2", "ヤマダ タロウ 胸部CT", "*** *** 胸部CT"),  # half-width in the name
         ("H.3.1", "ヤマダ様 タロウ", "***様 ***"),  # hiragana in the name
-        ("H.3.1", "ＹＡＭＡＤＡ 胸部", "*** 胸部"),  # full-width Latin letters
+        ("H.3.1", "\uff39\uff21\uff2d\uff21\uff24\uff21 胸部", "*** 胸部"),  # full-width YAMADA
     ],
 )
 def test_names_in_another_kana(tmp_path: Path, case: str, described: str, cleaned: str) -> None:
