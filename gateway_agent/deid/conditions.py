@@ -51,6 +51,7 @@ SPECIES_TAGS = frozenset(
         0x00100212,  # Strain Description
         0x00100213,  # Strain Nomenclature
         0x00100216,  # Strain Stock Sequence
+        0x00100218,  # Strain Additional Information
         0x00100219,  # Strain Code Sequence
         0x00102201,  # Patient Species Description
         0x00102202,  # Patient Species Code Sequence
