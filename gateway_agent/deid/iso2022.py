@@ -19,13 +19,11 @@ objects in single-byte character sets.
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 
 __all__ = ["Iso2022", "iso2022_for"]
 
 _ESC = b"\x1b"
-_FRAGMENTS = re.compile(rb"(^[^\x1b]+|\x1b[^\x1b]*)")
 #: Bytes that return a value to the character set of value 1 (PS3.5 6.1.2.5.3).
 _TEXT_DELIMITERS = frozenset({0x0D, 0x0A, 0x09, 0x0C})
 _VALUE_DELIMITERS = _TEXT_DELIMITERS | {0x5C}  # and the value delimiter of multi-valued VRs
@@ -35,8 +33,8 @@ _LINE_BREAKS = frozenset("\r\n\t\f")
 _UNSUPPORTED = frozenset({"ISO 2022 IR 58", "ISO 2022 58", "ISO 2022 GBK"})
 #: Character sets that do not allow code extensions.
 _STAND_ALONE = frozenset({"ISO_IR 192", "GB18030", "GBK"})
-#: The form of a Defined Term (checked before pydicom is imported for an unknown value).
-_TERM = re.compile(r"(ISO 2022 IR \d{1,3}|ISO_IR \d{1,3}|ISO 2022 \w{1,8}|GB\w{1,6})?")
+#: How a Defined Term begins (checked before pydicom is imported for an unknown value).
+_TERM_PREFIXES = ("ISO 2022 ", "ISO_IR ", "GB")
 #: Value 1 of Specific Character Set meaning the default repertoire.
 _DEFAULT_REPERTOIRE = frozenset({"", "ISO 2022 IR 6", "ISO_IR 6"})
 #: Text VRs: the others (AE, CS, AS, DA...) use the default repertoire only.
@@ -94,13 +92,10 @@ class Iso2022:
             return None
 
     def _decode(self, value: bytes, delimiters: frozenset[int]) -> str:
-        first = self._first
-        if _ESC not in value:
-            return _strict(value, first)
-        return "".join(
-            self._fragment(part, delimiters) if part[:1] == _ESC else _strict(part, first)
-            for part in _FRAGMENTS.findall(value)
-        )
+        # Each escape sequence starts a fragment in another character set (PS3.5 6.1.2.5).
+        head, *escaped = value.split(_ESC)
+        text = _strict(head, self._first)
+        return text + "".join(self._fragment(_ESC + part, delimiters) for part in escaped)
 
     def _fragment(self, part: bytes, delimiters: frozenset[int]) -> str:
         charset = self._charset
@@ -185,7 +180,9 @@ def iso2022_for(specific_character_set: bytes) -> Iso2022 | None:
     """
     terms = tuple(t.strip() for t in specific_character_set.decode("latin-1").split("\\"))
     terms = tuple(t for t in terms[:1]) + tuple(t for t in terms[1:] if t)
-    if _UNSUPPORTED.intersection(terms) or not all(map(_TERM.fullmatch, terms)):
+    if _UNSUPPORTED.intersection(terms) or not all(
+        not term or (term.startswith(_TERM_PREFIXES) and len(term) <= 16) for term in terms
+    ):
         return None
     if len(terms) > 1 and _STAND_ALONE.intersection(terms):
         return None
