@@ -54,6 +54,8 @@ class Iso2022:
     """
 
     def __init__(self, terms: tuple[str, ...], encodings: tuple[str, ...]) -> None:
+        # Start-up shortcut: importing pydicom takes about 0.45 s (numpy, pixel handlers), paid
+        # only by processes that meet code extensions.
         from pydicom import charset
 
         self.terms = terms
@@ -186,7 +188,7 @@ def iso2022_for(specific_character_set: bytes) -> Iso2022 | None:
         return None
     if len(terms) > 1 and _STAND_ALONE.intersection(terms):
         return None
-    from pydicom.charset import python_encoding
+    from pydicom.charset import python_encoding  # see Iso2022.__init__
 
     encodings = []
     for term in terms:

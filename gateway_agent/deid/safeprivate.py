@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from functools import cache
+from pathlib import Path
 
 __all__ = [
     "SAFE_PRIVATE_PIXEL_DATA",
@@ -11,7 +13,7 @@ __all__ = [
     "vr_matches",
 ]
 
-_TABLE = "safe_private_2024e.json"
+_TABLE = Path(__file__).resolve().parent.parent / "data" / "safe_private_2024e.json"
 
 #: Entries of Table E.3.10-1 that hold pixel or raw acquisition data (identified by name and
 #: VR). E.3.1 Note 4: Clean Pixel Data assumes private pixel data is removed, so these are kept
@@ -54,13 +56,7 @@ class SafePrivate:
 
 
 def _load() -> list[dict[str, str]]:
-    # Imported here: only runs with Retain Safe Private, and json and pathlib stay off the
-    # start-up of every other ``anonymize`` run.
-    import json
-    from importlib import resources
-
-    text = resources.files("gateway_agent.data").joinpath(_TABLE).read_text("utf-8")
-    rows: list[dict[str, str]] = json.loads(text)
+    rows: list[dict[str, str]] = json.loads(_TABLE.read_text(encoding="utf-8"))
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -71,8 +72,6 @@ def kana_forms(token: str) -> set[str]:
     A name written ``ﾔﾏﾀﾞ`` in Patient's Name is ``ヤマダ`` or ``やまだ`` in a description. Also the
     compatibility form (NFKC) of any non-ASCII word: full-width Latin letters become ASCII.
     """
-    import unicodedata  # only for non-ASCII names
-
     full = unicodedata.normalize("NFKC", token)
     forms = {full}
     if any("\u3041" <= c <= "\u30fa" for c in full):
@@ -87,8 +86,6 @@ def kana_forms(token: str) -> set[str]:
 @lru_cache(maxsize=1)
 def _half_width() -> dict[str, str]:
     """Full-width katakana (and the sound marks) -> half-width, from Unicode's own mapping."""
-    import unicodedata
-
     table = {}
     for code in range(0xFF61, 0xFFA0):
         half = chr(code)
