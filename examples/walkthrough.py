@@ -29,6 +29,8 @@ from gateway_agent.imaging.figures import new_figure
 from gateway_agent.qc import summary_text, write_report
 from gateway_agent.synthetic import Patient, make_ct_slice, write_series
 
+SITE_SECRET = b"walkthrough-site-secret-0123456789"
+
 SHOWN = (
     "PatientName",
     "PatientID",
@@ -123,9 +125,12 @@ def main(argv: list[str]) -> int:
                 study_seed=f"walkthrough-{i}",
                 seed=100 + i,
                 model="Scanner 3000" if unit in ("EDGE01", "EDGE02") else "Scanner 4000",
+                station_name=f"CT-{unit[-2:]}",  # one scanner behind each edge unit
+                device_serial=f"SN-{unit[-2:]}",
                 **{"noise_sd": 12.0, **settings},  # type: ignore[arg-type]
             )
-            anonymize_dataset(scan, station_name=unit)
+            # One site secret: a scanner keeps its pseudonym (DeviceSerialNumber) across scans.
+            anonymize_dataset(scan, station_name=unit, secret=SITE_SECRET)
             write_series([scan], folder / unit, prefix=f"SCAN{i}_")
         records, _matrix, labels, silhouette = run_qc(folder, n_clusters=2, progress=False)
     by_scan = {int(r.file.split("SCAN")[1].split("_")[0]): r for r in records}

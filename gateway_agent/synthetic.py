@@ -19,10 +19,13 @@ from pydicom.uid import (
 
 __all__ = [
     "PHI_MARKERS",
+    "FleetScanner",
     "Patient",
     "ct_phantom_hu",
     "make_ct_series",
     "make_ct_slice",
+    "make_fleet_series",
+    "synthetic_fleet",
     "synthetic_uid",
     "write_series",
 ]
@@ -102,6 +105,7 @@ def make_ct_slice(
     manufacturer: str = "ACME Medical",
     model: str = "Scanner 3000",
     station_name: str = "CTROOM1",
+    device_serial: str = "SN-000123",
     study_date: str = "20240611",
     seed: int | None = None,
     plant_phi: bool = True,
@@ -193,7 +197,7 @@ def make_ct_slice(
     ds.SliceThickness = "1.25"
     ds.KVP = "120"
     ds.DataCollectionDiameter = "500"
-    ds.DeviceSerialNumber = "SN-000123"
+    ds.DeviceSerialNumber = device_serial
     ds.SoftwareVersions = "1.0"
     ds.ProtocolName = "CHEST ROUTINE"
     ds.ReconstructionDiameter = "360"
@@ -296,3 +300,72 @@ def write_series(datasets: Sequence[Dataset], directory: Path, prefix: str = "IM
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+@dataclass(frozen=True)
+class FleetScanner:
+    """One scanner of a synthetic fleet: its original (identifying) device attributes and tune.
+
+    A detuned scanner reads air too high (``air_offset`` HU added to air), the drift fleet QC
+    must flag; ``noise_sd`` is the image noise in HU.
+    """
+
+    manufacturer: str
+    model: str
+    serial: str
+    station: str
+    noise_sd: float = 12.0
+    air_offset: float = 0.0
+
+    @property
+    def detuned(self) -> bool:
+        return self.air_offset != 0.0
+
+
+def synthetic_fleet(n: int = 6, *, detuned: Sequence[int] = (2,)) -> list[FleetScanner]:
+    """``n`` CT scanners of two models and two vendors; those at ``detuned`` read air +120 HU."""
+    out = []
+    for i in range(n):
+        vendor = ("ACME Medical", "Borealis Imaging")[i % 2]
+        out.append(
+            FleetScanner(
+                manufacturer=vendor,
+                model=f"{vendor.split()[0]} CT {64 * (1 + i % 3)}",
+                serial=f"SN-{7000 + i:06d}",
+                station=f"CT{i + 1:02d}",
+                noise_sd=11.0 + (i % 3),
+                air_offset=120.0 if i in detuned else 0.0,
+            )
+        )
+    return out
+
+
+def make_fleet_series(
+    scanner: FleetScanner,
+    index: int,
+    *,
+    slices: int = 3,
+    rows: int = 64,
+    cols: int = 64,
+    plant_phi: bool = True,
+) -> list[Dataset]:
+    """Series number ``index`` of ``scanner``: its own patient, study and acquisition date."""
+    seed = f"{scanner.serial}-{index}"
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed.encode()).digest()[:4], "big"))
+    patient = Patient(name=f"PHIDOE^S{index:04d}", patient_id=f"PHIMRN{index:06d}")
+    return make_ct_series(
+        slices,
+        study_seed=seed,
+        patient=patient,
+        rows=rows,
+        cols=cols,
+        noise_sd=scanner.noise_sd * float(rng.uniform(0.92, 1.08)),
+        air_offset=scanner.air_offset,
+        manufacturer=scanner.manufacturer,
+        model=scanner.model,
+        station_name=scanner.station,
+        device_serial=scanner.serial,
+        study_date=f"2024{1 + index % 12:02d}{1 + index % 28:02d}",
+        plant_phi=plant_phi,
+        series_number=index + 1,  # seeds the slices' noise
+    )

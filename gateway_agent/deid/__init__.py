@@ -65,12 +65,16 @@ class DeidResult:
         The output file's size in bytes.
     audit : dict
         The audit record: actions per tag class, options, UIDs; never a value of the input.
+    scanner : str
+        The keyed scanner pseudonym (``SCN-`` and 12 hex digits) of the original device, as
+        written into the output (see ``docs/qc.md``).
     """
 
     __slots__ = (
         "audit",
         "modality",
         "path",
+        "scanner",
         "series_instance_uid",
         "size",
         "sop_class_uid",
@@ -88,6 +92,7 @@ class DeidResult:
         modality: str,
         size: int,
         audit: dict[str, Any],
+        scanner: str = "",
     ) -> None:
         self.path = Path(path)
         self.sop_instance_uid = sop_instance_uid
@@ -97,6 +102,7 @@ class DeidResult:
         self.modality = modality
         self.size = size
         self.audit = audit
+        self.scanner = scanner
 
     @property
     def name(self) -> str:
@@ -250,6 +256,7 @@ class Deidentifier:
             modality=outcome.modality,
             size=size,
             audit=audit,
+            scanner=outcome.scanner,
         )
 
     @staticmethod

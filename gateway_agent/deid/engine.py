@@ -9,6 +9,7 @@ from typing import Any
 from .._exceptions import DeidError
 from ..dicom.codec import Element, decode_text, parse_items, text_codec
 from ..dicom.dictionary import is_known, vr_of
+from ..dicom.scanner import SCANNER_PRIVATE_CREATOR, SCANNER_PRIVATE_GROUP
 from . import conditions
 from .iso2022 import Iso2022, iso2022_for
 from .keys import Keys, shift_da, shift_dt
@@ -133,7 +134,15 @@ def _ascii(raw: bytes) -> str:
 class Outcome:
     """What one run produced: the new elements and the audit facts (no PHI)."""
 
-    __slots__ = ("burned_in_allowed", "counts", "elements", "modality", "private_removed", "uids")
+    __slots__ = (
+        "burned_in_allowed",
+        "counts",
+        "elements",
+        "modality",
+        "private_removed",
+        "scanner",
+        "uids",
+    )
 
     def __init__(self) -> None:
         self.elements: list[Element] = []
@@ -143,6 +152,8 @@ class Outcome:
         self.burned_in_allowed = False
         #: the output Modality value ("" when absent)
         self.modality = ""
+        #: the keyed scanner pseudonym (``SCN-...``) from the original device attributes
+        self.scanner = ""
 
 
 class _Run:
@@ -476,10 +487,14 @@ _LOOKUPS = frozenset(
         0x00080016,  # SOPClassUID
         0x00080018,  # SOPInstanceUID
         0x00080060,  # Modality
+        0x00080070,  # Manufacturer
+        0x00081010,  # StationName
+        0x00081090,  # ManufacturerModelName
         0x00100010,  # PatientName
         0x00100020,  # PatientID
         0x00100021,  # IssuerOfPatientID
         0x00100030,  # PatientBirthDate
+        0x00181000,  # DeviceSerialNumber
         0x00280301,  # BurnedInAnnotation
         0x00280302,  # RecognizableVisualFeatures
     }
@@ -537,11 +552,21 @@ class Engine:
         self.memo_shift: dict[tuple[bytes, str, int], bytes] = {}
         self.memo_scrub: tuple[object, dict[tuple[bytes, str, str], bytes]] = (None, {})
         self.memo_patient: dict[bytes, tuple[int, tuple[str, str]]] = {}
+        self.memo_scanner: dict[tuple[bytes, ...], str] = {}
         self._method = self._method_elements(pixels_cleaned=False)
         self._method_pixels = self._method_elements(pixels_cleaned=True)
         self._station = (
             Element(0x00081010, "SH", _text(station_name)) if station_name is not None else None
         )
+        # The scanner pseudonym replaces DeviceSerialNumber (the profile's dummy value) unless
+        # Retain Device Identity keeps the original; then it goes into a private element.
+        self._serial_kept = profile.ops.get(0x00181000) == KEEP
+        drop = set(_ADDED)
+        if station_name is not None:
+            drop.add(0x00081010)
+        if not self._serial_kept:
+            drop.add(0x00181000)
+        self._drop = frozenset(drop)
 
     def entry(self, tag: int, vr: str, mode: int) -> tuple[int, str | None]:
         """Operation and audit letter of ``tag`` in ``mode`` (cached in ``dispatch``)."""
@@ -639,12 +664,15 @@ class Engine:
             out = conditions.apply(out, top)
         run.counts.update(run.letters)
         run.finish_scrubbing()
-        station = self._station
-        if station is None:
-            out = [e for e in out if e.tag not in _ADDED]
+        outcome.scanner = scanner = self._scanner(top)
+        drop = self._drop
+        out = [e for e in out if e.tag not in drop]
+        if self._station is not None:
+            out.append(self._station)
+        if self._serial_kept:
+            out.extend(_private_scanner(out, scanner))  # nothing when group 0009 is full
         else:
-            out = [e for e in out if e.tag not in _ADDED and e.tag != 0x00081010]
-            out.append(station)
+            out.append(Element(0x00181000, "LO", _text(scanner)))
         out.extend(self._method_pixels if pixels_cleaned else self._method)
         out.sort(key=_tag_of)  # attrgetter("tag"): the sort key in C
         outcome.elements = out
@@ -669,6 +697,15 @@ class Engine:
         if self.profile.options.burned_in != "allow":
             raise DeidError("burned_in_annotation", risk)
         outcome.burned_in_allowed = True
+
+    def _scanner(self, top: dict[int, Element]) -> str:
+        """The scanner pseudonym from the original device attributes (memoised per scanner)."""
+        key = tuple(el.raw if el is not None else b"" for el in map(top.get, _DEVICE_TAGS))
+        found = self.memo_scanner.get(key)
+        if found is None:
+            found = self.keys.scanner_pseudonym(*key)
+            _remember(self.memo_scanner, key, found)
+        return found
 
     @staticmethod
     def _patient_key(top: dict[int, Element]) -> bytes:
@@ -729,6 +766,25 @@ class Engine:
 
 
 _ADDED = frozenset({0x00120062, 0x00120063, 0x00120064, 0x00280303})
+#: Manufacturer, ManufacturerModelName, DeviceSerialNumber, StationName: the scanner's identity.
+_DEVICE_TAGS = (0x00080070, 0x00081090, 0x00181000, 0x00081010)
+
+
+def _private_scanner(out: list[Element], scanner: str) -> list[Element]:
+    """Creator and value elements of the scanner pseudonym, in a free block of group 0009."""
+    used = {
+        e.tag & 0xFF
+        for e in out
+        if e.tag >> 16 == SCANNER_PRIVATE_GROUP and 0x10 <= e.tag & 0xFFFF <= 0xFF
+    }
+    slot = next((s for s in range(0x10, 0x100) if s not in used), None)
+    if slot is None:
+        return []
+    base = SCANNER_PRIVATE_GROUP << 16
+    return [
+        Element(base | slot, "LO", _text(SCANNER_PRIVATE_CREATOR)),
+        Element(base | slot << 8 | 0x01, "LO", _text(scanner)),
+    ]
 
 
 _tag_of = attrgetter("tag")

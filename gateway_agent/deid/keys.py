@@ -1,4 +1,4 @@
-"""The site secret and everything keyed by it: UIDs, patient pseudonyms, per-patient date shift."""
+"""The site secret and everything keyed by it: UIDs, patient and scanner pseudonyms, date shift."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from .._exceptions import ConfigError
+from ..dicom.scanner import SCANNER_PREFIX
 
 __all__ = ["Keys", "load_or_create_secret", "shift_da", "shift_dt"]
 
@@ -163,6 +164,21 @@ class Keys:
         """``(PatientName, PatientID)`` pseudonyms for a patient key."""
         h = self.digest(b"patient", patient_key).hex().upper()
         return f"ANON^{h[:12]}", f"GA{h[12:28]}"
+
+    def scanner_pseudonym(
+        self, manufacturer: bytes, model: bytes, serial: bytes, station: bytes
+    ) -> str:
+        """``SCN-<12 hex>``: the keyed pseudonym of a scanner from its original identity.
+
+        The raw values of Manufacturer, ManufacturerModelName, DeviceSerialNumber and
+        StationName, compared without padding, case or repeated spaces (a software update that
+        changes "Acme  medical" to "ACME MEDICAL" keeps the scanner's name). Same secret, same
+        scanner: same pseudonym on every edge box; another secret: unlinkable.
+        """
+        values = (manufacturer, model, serial, station)
+        parts = [b" ".join(v.replace(b"\0", b" ").split()).upper() for v in values]
+        h = self.digest(b"scanner", b"\x1f".join(parts)).hex().upper()
+        return SCANNER_PREFIX + h[:12]
 
     def day_offset(self, patient_key: bytes) -> int:
         """The keyed per-patient date shift in days, within -365..-1."""

@@ -13,6 +13,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from .._exceptions import QCError
+from ..dicom.scanner import scanner_in_dataset
 from ..imaging.lut import frame_count, hu_from_dataset, is_hu
 from ..imaging.numeric import border_connected
 
@@ -21,6 +22,7 @@ __all__ = [
     "ScanFeatures",
     "features_from_dataset",
     "features_from_file",
+    "scanner_of",
 ]
 
 #: Image-derived features used by the fleet model (clusters, robust z-scores, isolation forest).
@@ -57,7 +59,11 @@ class ScanFeatures:
     file : str
         The image file, relative to the scanned folder (:attr:`filename`: its name).
     sop_instance_uid, series_instance_uid, modality, manufacturer, model, device : str
-        From the (de-identified) header; ``device`` names the scanner for the fleet model.
+        From the (de-identified) header; ``device`` is the StationName (on de-identified
+        objects the edge box's unit name).
+    scanner : str
+        The keyed scanner pseudonym the edge box wrote into the object (empty on objects that
+        carry none); the fleet model groups by it (:attr:`scanner_label`).
     avg_density, contrast, noise, snr, air_mean, body_fraction : float
         The image features (NaN when not measurable).
     group : int
@@ -73,6 +79,7 @@ class ScanFeatures:
     manufacturer: str = ""
     model: str = ""
     device: str = ""
+    scanner: str = ""
     timestamp: str | None = None
     deidentified: bool = False
     hu_calibrated: bool = False
@@ -103,6 +110,11 @@ class ScanFeatures:
     def filename(self) -> str:
         """The image file's name (``file`` is its path relative to the scanned folder)."""
         return Path(self.file).name
+
+    @property
+    def scanner_label(self) -> str:
+        """What the fleet model groups by: the scanner pseudonym, else the StationName."""
+        return self.scanner or self.device or "(unnamed)"
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -173,6 +185,14 @@ def _number(ds: Dataset, keyword: str) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def scanner_of(ds: Dataset) -> str:
+    """The scanner pseudonym a gateway-agent wrote into ``ds``; ``""`` when it carries none.
+
+    See :func:`gateway_agent.dicom.scanner.scanner_in_dataset`.
+    """
+    return scanner_in_dataset(ds)
 
 
 def _timestamp(ds: Dataset) -> str | None:
@@ -332,6 +352,7 @@ def features_from_dataset(ds: Dataset, file: str = "") -> ScanFeatures:
         manufacturer=_text(ds, "Manufacturer"),
         model=_text(ds, "ManufacturerModelName"),
         device=_text(ds, "StationName"),
+        scanner=scanner_of(ds),
         timestamp=_timestamp(ds),
         deidentified=_text(ds, "PatientIdentityRemoved").upper() == "YES",
         hu_calibrated=hu,

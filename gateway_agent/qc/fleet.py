@@ -191,8 +191,9 @@ def detect_outliers(
     """Set ``outlier``, ``reasons`` and ``isolation_score`` on each record; return the outliers.
 
     Robust z-scores (distance from the median in MADs) per feature, first against the fleet (same
-    modality) and then against the record's own device; rare kernels and kVp per device (or fleet
-    when the device has too few scans); and an isolation forest on the standardised features.
+    modality) and then against the record's own scanner (its pseudonym, else its StationName);
+    rare kernels and kVp per scanner (or fleet when the scanner has too few scans); and an
+    isolation forest on the standardised features.
     """
     cfg = settings or OutlierSettings()
     for record in records:
@@ -203,7 +204,7 @@ def detect_outliers(
     by_device: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         by_modality[r.modality].append(i)
-        by_device[(r.modality, r.device)].append(i)
+        by_device[(r.modality, r.scanner_label)].append(i)
 
     numeric: dict[int, list[tuple[float, str, str]]] = defaultdict(list)
     categorical: dict[int, list[str]] = defaultdict(list)
@@ -211,7 +212,7 @@ def detect_outliers(
         for i, found in _robust_reasons(records, members, "fleet", cfg).items():
             numeric[i].extend(found)
     for (_modality, device), members in by_device.items():
-        scope = f"device {device}" if device else "device (unnamed)"
+        scope = f"scanner {device}" if records[members[0]].scanner else f"device {device}"
         for i, found in _robust_reasons(records, members, scope, cfg).items():
             numeric[i].extend(found)
         if len(members) >= cfg.min_group:
@@ -221,7 +222,7 @@ def detect_outliers(
         small = [
             i
             for i in members
-            if len(by_device[(records[i].modality, records[i].device)]) < cfg.min_group
+            if len(by_device[(records[i].modality, records[i].scanner_label)]) < cfg.min_group
         ]
         if not small:
             continue

@@ -1,4 +1,4 @@
-"""The fleet QC figure: density vs contrast by group with outliers named, and devices over time."""
+"""The fleet QC figure: density vs contrast by group with outliers named, scanners over time."""
 
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ def _times(records: Sequence[ScanFeatures]) -> list[datetime | None]:
 
 
 def _short(record: ScanFeatures) -> str:
-    """A label that names the scan without PHI: device and the end of the de-identified UID."""
+    """A label that names the scan without PHI: scanner and the end of the de-identified UID."""
     ident = record.sop_instance_uid[-6:] if record.sop_instance_uid else record.file[-12:]
     first = record.reasons[0].split(" ")[0] if record.reasons else ""
-    return f"{record.device or '?'} …{ident}\n{first}"
+    return f"{record.scanner_label} …{ident}\n{first}"
 
 
 def _finite(records: Sequence[ScanFeatures], name: str) -> np.ndarray:
@@ -68,11 +68,11 @@ def plot_fleet_qc(
     """Fleet QC figure on an Agg canvas.
 
     Average density vs contrast per scan, coloured by k-means group, outliers ringed in red and
-    labelled with device, UID tail and first reason. The axes show the bulk of the fleet
+    labelled with scanner, UID tail and first reason. The axes show the bulk of the fleet
     (:func:`robust_limits`): a point beyond them is drawn at the edge as an arrow head and
     labelled with its value. Scans in HU and scans in other units never share an axis: with
     both, each has its own panel. When at least two distinct timestamps exist: noise and air
-    mean per device over time (the HU scans, when there are any), outliers ringed.
+    mean per scanner over time (the HU scans, when there are any), outliers ringed.
 
     Parameters
     ----------
@@ -124,7 +124,7 @@ def plot_fleet_qc(
         _over_time(ax_noise, shown, shown_times, "noise", f"noise ({unit})")
         _over_time(ax_air, shown, shown_times, "air_mean", f"air mean ({unit})")
         scope = " (scans in HU)" if len(kinds) > 1 else ""
-        ax_noise.set_title(f"per device over time{scope}", fontsize=11)
+        ax_noise.set_title(f"per scanner over time{scope}", fontsize=11)
         ax_air.set_xlabel("acquisition time (de-identified header)")
         ax_noise.tick_params(axis="x", labelbottom=False)
         ax_air.tick_params(axis="x", labelrotation=25)
@@ -219,9 +219,9 @@ def _over_time(
     for r, t in zip(records, times, strict=True):
         value = getattr(r, name)
         if t is not None and math.isfinite(value):
-            series[r.device or "(unnamed)"].append((t, float(value), r.outlier))
+            series[r.scanner_label].append((t, float(value), r.outlier))
     handles = []
-    for k, (device, points) in enumerate(sorted(series.items())):
+    for k, (scanner, points) in enumerate(sorted(series.items())):
         points.sort()
         colour = _GROUP_COLOURS[k % len(_GROUP_COLOURS)]
         ts = date2num([p[0] for p in points])  # type: ignore[no-untyped-call]
@@ -233,7 +233,7 @@ def _over_time(
                 [b[0] for b in bad], [b[1] for b in bad],
                 s=110, facecolors="none", edgecolors=_OUTLIER, linewidths=1.8, zorder=3,
             )  # fmt: skip
-        handles.append(Line2D([], [], color=colour, marker="o", ms=4, label=device))
+        handles.append(Line2D([], [], color=colour, marker="o", ms=4, label=scanner))
     ax.xaxis_date()
     ax.set_ylabel(label)
     ax.grid(True, alpha=0.3)

@@ -34,8 +34,13 @@ def build_report(
     labels: Sequence[int] | np.ndarray,
     silhouette: float,
     failures: Sequence[tuple[str, str]] = (),
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report as a JSON-safe dict: groups, silhouette, devices, outliers with reasons."""
+    """The report as a JSON-safe dict: groups, silhouette, scanners, devices, outliers, reasons.
+
+    ``scanners`` is keyed by the scanner pseudonym (the StationName for objects that carry none)
+    and lists, per scanner, the edge boxes (StationName of de-identified objects) it came through.
+    """
     labels = np.asarray(labels, dtype=np.int64)
     groups = []
     for g in sorted({int(v) for v in labels}):
@@ -60,12 +65,14 @@ def build_report(
         )
         d["scans"] += 1
         d["outliers"] += int(r.outlier)
+    scanners = _scanners(records)
     outliers = [
         {
             "file": r.file,
             "sop_instance_uid": r.sop_instance_uid,
             "series_instance_uid": r.series_instance_uid,
             "device": r.device,
+            "scanner": r.scanner_label,
             "timestamp": r.timestamp,
             "group": r.group,
             "isolation_score": None if r.isolation_score is None else round(r.isolation_score, 4),
@@ -81,9 +88,51 @@ def build_report(
         "not_deidentified": sum(1 for r in records if not r.deidentified),
         "silhouette": _num(silhouette),
         "groups": groups,
+        "scanners": scanners,
         "devices": devices,
         "outliers": outliers,
+        **(extra or {}),
     }
+
+
+def _scanners(records: Sequence[ScanFeatures]) -> dict[str, dict[str, Any]]:
+    """Per scanner: what it is, how many scans and series, outliers and their first reasons."""
+    out: dict[str, dict[str, Any]] = {}
+    series: dict[str, set[str]] = {}
+    bad_series: dict[str, set[str]] = {}
+    boxes: dict[str, set[str]] = {}
+    reasons: dict[str, Counter[str]] = {}
+    for r in records:
+        key = r.scanner_label
+        d = out.setdefault(
+            key,
+            {
+                "modality": r.modality,
+                "manufacturer": r.manufacturer,
+                "model": r.model,
+                "scans": 0,
+                "outliers": 0,
+                "last_timestamp": None,
+            },
+        )
+        d["scans"] += 1
+        d["outliers"] += int(r.outlier)
+        if r.timestamp and (d["last_timestamp"] is None or r.timestamp > d["last_timestamp"]):
+            d["last_timestamp"] = r.timestamp
+        uid = r.series_instance_uid or r.file
+        series.setdefault(key, set()).add(uid)
+        if r.device:
+            boxes.setdefault(key, set()).add(r.device)
+        if r.outlier:
+            bad_series.setdefault(key, set()).add(uid)
+            # The measured feature of each reason ("noise 31.2 HU (...)" -> "noise").
+            reasons.setdefault(key, Counter()).update({t.split(" ")[0] for t in r.reasons})
+    for key, d in out.items():
+        d["series"] = len(series[key])
+        d["outlier_series"] = len(bad_series.get(key, ()))
+        d["edge_boxes"] = sorted(boxes.get(key, ()))
+        d["reasons"] = dict(reasons.get(key, Counter()).most_common())
+    return dict(sorted(out.items()))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -101,8 +150,12 @@ def write_report(
     silhouette: float,
     out_dir: Path,
     failures: Sequence[tuple[str, str]] = (),
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``features.csv``, ``report.json`` and ``fleet.png`` into ``out_dir`` atomically."""
+    """Write ``features.csv``, ``report.json`` and ``fleet.png`` into ``out_dir`` atomically.
+
+    ``extra`` adds top-level keys to ``report.json`` (e.g. what a run over an archive did).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=ScanFeatures.field_names(), lineterminator="\n")
@@ -115,7 +168,7 @@ def write_report(
         "plot": out_dir / "fleet.png",
     }
     _atomic_write(paths["features"], buf.getvalue())
-    report = build_report(records, labels, silhouette, failures)
+    report = build_report(records, labels, silhouette, failures, extra)
     _atomic_write(paths["report"], json.dumps(report, indent=2) + "\n")
     fig = plot_fleet_qc(records, labels, silhouette)
     tmp_png = out_dir / ".fleet.png.tmp"
@@ -141,21 +194,23 @@ def summary_text(
     if records:
         counts = Counter(int(v) for v in labels)
         lines.append("groups:  " + ", ".join(f"{g}: {n} scans" for g, n in sorted(counts.items())))
-        per_device = Counter(r.device or "(unnamed)" for r in records)
-        bad_device = Counter(r.device or "(unnamed)" for r in outliers)
+        per_device = Counter(r.scanner_label for r in records)
+        bad_device = Counter(r.scanner_label for r in outliers)
+        # Scanners with outliers first, then the busiest.
+        ranked = sorted(per_device.items(), key=lambda kv: (-bad_device[kv[0]], -kv[1], kv[0]))
         shown = ", ".join(
             f"{d} {n}" + (f" ({bad_device[d]} outl.)" if bad_device[d] else "")
-            for d, n in per_device.most_common(6)
+            for d, n in ranked[:6]
         )
         more = len(per_device) - 6
-        lines.append("devices: " + shown + (f", +{more} more" if more > 0 else ""))
+        lines.append("scanners: " + shown + (f", +{more} more" if more > 0 else ""))
     not_deid = sum(1 for r in records if not r.deidentified)
     if not_deid:
         lines.append(
             f"warning: {not_deid} images are not marked de-identified (PatientIdentityRemoved)"
         )
     for r in outliers[:_SUMMARY_OUTLIERS]:
-        lines.append(f"  ! {r.device or '(unnamed)'} {r.file}")
+        lines.append(f"  ! {r.scanner_label} {r.file}")
         for reason in r.reasons[:2]:
             lines.append(f"      {reason}")
         if len(r.reasons) > 2:
