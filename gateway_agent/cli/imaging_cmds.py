@@ -77,18 +77,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     qc = add_command(
         sub,
         "qc",
-        summary="QC features of every DICOM image in a folder, fleet groups and outliers",
+        summary="fleet QC of a folder or a DICOMweb archive: groups, scanners, outliers",
         description=(
-            "Measure every DICOM image under DIR (recursive), group scans with k-means, flag "
-            "outliers with reasons; write features.csv, report.json and fleet.png to --report."
+            "Measure every DICOM image under DIR (recursive), or a few instances of every series "
+            "of a DICOMweb archive (--dicomweb URL), group scans with k-means, flag outliers "
+            "with reasons per scanner; write features.csv, report.json and fleet.png to --report."
         ),
-        examples=["gateway-agent qc anon/ --report qc-report/"],
+        examples=[
+            "gateway-agent qc anon/ --report qc-report/",
+            "gateway-agent qc --dicomweb https://pacs.example.org/dicom-web --auth basic"
+            " --username qc --password-file qc.pw --report fleet-qc/",
+        ],
     )
-    qc.add_argument("directory", type=Path, metavar="DIR", help="folder of (de-identified) DICOM")
+    qc.add_argument(
+        "directory", type=Path, nargs="?", metavar="DIR", help="folder of (de-identified) DICOM"
+    )
     qc.add_argument("--report", type=Path, required=True, metavar="OUT/", help="report folder")
     qc.add_argument("--clusters", type=int, default=2, help="k-means groups (2)")
     qc.add_argument("--workers", type=int, default=None, help="threads (default: up to 4)")
     qc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .qc_archive import add_archive_arguments
+
+    add_archive_arguments(qc)
     qc.set_defaults(func=cmd_qc)
 
 
@@ -194,10 +204,18 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_qc(args: argparse.Namespace) -> int:
-    """``gateway-agent qc``: features, groups and outliers of a folder; report files + summary."""
+    """``gateway-agent qc``: features, groups and outliers of a folder (or an archive)."""
+    _quiet_logs(args)
+    if args.dicomweb is not None:
+        from .qc_archive import cmd_qc_archive
+
+        if args.directory is not None:
+            return _fail("qc", "give DIR or --dicomweb URL, not both")
+        return cmd_qc_archive(args)
     from ..qc import analyse_fleet, scan_directory, summary_text, write_report
 
-    _quiet_logs(args)
+    if args.directory is None:
+        return _fail("qc", "give DIR (a folder) or --dicomweb URL (an archive)")
     if not args.directory.is_dir():
         return _fail("qc", "DIR is not a folder")
     if args.clusters < 1:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
-import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 
@@ -18,6 +15,7 @@ from .._exceptions import QCError
 from ..logs import get_logger
 from .features import ScanFeatures, features_from_file
 from .fleet import OutlierSettings, cluster_fleet, detect_outliers, feature_matrix
+from .progress import Progress
 
 __all__ = ["Progress", "analyse_fleet", "find_dicom_files", "run_qc", "scan_directory"]
 
@@ -44,30 +42,6 @@ def find_dicom_files(directory: Path) -> list[Path]:
         raise QCError("QC input is not a folder")
     files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
     return [p for p in files if _is_dicom_candidate(p)]
-
-
-class Progress:
-    """A one-line progress bar on a terminal (silent elsewhere)."""
-
-    def __init__(self, total: int, *, stream: TextIO | None = None, enabled: bool | None = None):
-        self.total = total
-        self.done = 0
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self._last = 0.0
-
-    def step(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
-            self._last = now
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            bar = "#" * filled + "-" * (width - filled)
-            self.stream.write(f"\rqc [{bar}] {self.done}/{self.total} images")
-            if self.done >= self.total:
-                self.stream.write("\n")
-            self.stream.flush()
 
 
 def scan_directory(
