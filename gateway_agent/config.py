@@ -269,6 +269,16 @@ class QCSettings(_Section):
         description="CPU budget of one QC pass as a fraction of interval_seconds on one core; "
         "instances beyond it are passed over (counted as skipped_budget).",
     )
+    scanner_ttl_hours: float = Field(
+        default=168.0,
+        gt=0,
+        description="A scanner not measured for this long drops out of the per-scanner metrics.",
+    )
+    max_scanners: int = Field(
+        default=500,
+        ge=1,
+        description="At most this many scanners (the most recently measured) in the metrics.",
+    )
 
 
 class MetricsSettings(_Section):

@@ -114,3 +114,23 @@ def test_bench_service_start_and_idle() -> None:
     ready = _row(out, "start-up to READY=1, median")[1]
     assert ready.endswith(" s") and float(ready[:-2]) > 0
     assert _row(out, "idle CPU over 1 s (agent + children)")[1].endswith("%")
+
+
+@pytest.mark.slow
+@pytest.mark.orthanc
+def test_bench_qc_archive() -> None:
+    require(orthanc_available(), "Orthanc with the DICOMweb plugin")
+    out = _run("bench_qc_archive.py", "--series", "12", "--size", "32", "--workers", "2")
+    first = _row(out, "gateway-agent qc --dicomweb (first run)")
+    rerun = _row(out, "gateway-agent qc --dicomweb (rerun, nothing new)")
+    baseline = _row(out, "WADO-RS every series whole + qc DIR")
+    assert float(first[2]) > 0 and float(first[5]) > 0, first
+    assert int(rerun[4]) == 1, rerun  # one QIDO-RS page of studies, nothing fetched
+    assert int(baseline[4]) == 13, baseline
+    assert "rerun with nothing new:" in out and "detuned scanner flagged: ['SCN-" in out
+
+
+@pytest.mark.slow
+def test_bench_metrics() -> None:
+    out = _run("bench_metrics.py", "--scanners", "0,5", "--scrapes", "3", "--rows", "10")
+    assert int(_row(out, "5")[5]) > int(_row(out, "0")[5])  # samples grow with the scanners

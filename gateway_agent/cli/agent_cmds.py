@@ -356,7 +356,8 @@ def _print_status(st: dict[str, Any]) -> None:
     w(f"qc: {len(outliers)} outlier(s) in the latest fleet report\n")
     for o in outliers:
         reasons = "; ".join(o.get("reasons") or [])
-        w(f"  {o.get('device', '?')} {o.get('sop_instance_uid', '')}: {reasons}\n")
+        who = o.get("scanner") or o.get("device") or "?"  # the scanner, not the edge box
+        w(f"  {who} {o.get('sop_instance_uid', '')}: {reasons}\n")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 
 from gateway_agent.cli.agent_cmds import collect_status
@@ -14,7 +15,9 @@ from tests.qc._fleet import anomaly, normal_datasets
 from ._agent_util import agent_settings, running_daemon, wait_until
 
 
-def test_daemon_runs_qc_and_status_names_the_outlier(tmp_path: Path) -> None:
+def test_daemon_runs_qc_and_status_names_the_outlier(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # A generous CPU budget: the default (5 % of the interval) would thin the sample on purpose.
     settings = agent_settings(tmp_path, **{"qc.interval_seconds": 1.0, "qc.max_cpu_fraction": 0.9})
     inbox = Path(settings.inbox)
@@ -46,4 +49,17 @@ def test_daemon_runs_qc_and_status_names_the_outlier(tmp_path: Path) -> None:
         if int(dcmread(p, stop_before_pixels=True).InstanceNumber) >= 900
     }
     assert len(detuned_uids) == 3
+    detuned_scanner = {
+        str(dcmread(p, stop_before_pixels=True).DeviceSerialNumber)
+        for p in Path(settings.destination.folder).rglob("*.dcm")
+        if int(dcmread(p, stop_before_pixels=True).InstanceNumber) >= 900
+    }
+    assert len(detuned_scanner) == 1
     assert {o["sop_instance_uid"] for o in outliers} == detuned_uids
+    # status names the scanner (its pseudonym), not the edge box every scan went through.
+    from gateway_agent.cli.agent_cmds import _print_status
+
+    _print_status(status)
+    printed = capsys.readouterr().out
+    assert all(f"  {o['scanner']} {o['sop_instance_uid']}:" in printed for o in outliers)
+    assert {o["scanner"] for o in outliers} == {next(iter(detuned_scanner))}

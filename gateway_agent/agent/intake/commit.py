@@ -47,6 +47,7 @@ class OutboxSink(Protocol):
         path: Path,
         size: int,
         audit: dict[str, Any],
+        scanner: str | None = None,
     ) -> bool: ...
 
 
@@ -203,6 +204,7 @@ class GroupCommit:
                 "path": r.path,
                 "size": r.size,
                 "audit": r.audit,
+                "scanner": getattr(r, "scanner", None) or None,
             }
             for r in results
         ]

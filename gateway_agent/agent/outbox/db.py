@@ -46,7 +46,8 @@ _SCHEMA = (
         created_at real not null,
         sent_at real,
         file_gone integer not null default 0,
-        audit text not null default '{}'
+        audit text not null default '{}',
+        scanner text
     )
     """,
     "create index if not exists outbox_due on outbox (state, next_attempt_at)",
@@ -69,7 +70,8 @@ _SCHEMA = (
 _WHERE_IDS = " where id in (select value from json_each(?)) order by id"
 _SELECT_ROWS = (
     "select id, sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid, path,"
-    " size, state, attempts, next_attempt_at, last_error, created_at, sent_at from outbox"
+    " size, state, attempts, next_attempt_at, last_error, created_at, sent_at, scanner"
+    " from outbox"
 )
 
 
@@ -90,6 +92,8 @@ class OutboxRow:
     last_error: str | None
     created_at: float
     sent_at: float | None
+    #: the keyed scanner pseudonym of the instance (None for rows written before it was kept)
+    scanner: str | None = None
 
 
 def _row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
@@ -107,6 +111,7 @@ def _row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
         last_error=r[10],
         created_at=float(r[11]),
         sent_at=None if r[12] is None else float(r[12]),
+        scanner=r[13],
     )
 
 
@@ -139,6 +144,9 @@ class OutboxDB:
         with self._tx() as c:
             for ddl in _SCHEMA:
                 c.execute(ddl)
+            columns = {r[1] for r in c.execute("pragma table_info(outbox)")}
+            if "scanner" not in columns:  # a database from before the column
+                c.execute("alter table outbox add column scanner text")
 
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … commit, or rollback and re-raise; holds the connection lock."""
@@ -167,6 +175,7 @@ class OutboxDB:
         path: Path,
         size: int,
         audit: dict[str, Any],
+        scanner: str | None = None,
     ) -> bool:
         """Insert a queued row, durable on return; False if the SOP UID was already there."""
         return self.add_many(
@@ -179,6 +188,7 @@ class OutboxDB:
                     "path": path,
                     "size": size,
                     "audit": audit,
+                    "scanner": scanner,
                 }
             ]
         )[0]
@@ -186,9 +196,9 @@ class OutboxDB:
     def add_many(self, items: Sequence[Mapping[str, Any]]) -> list[bool]:
         """Insert queued rows in ONE transaction (a group commit: one WAL sync for the group).
 
-        Each item holds the keyword arguments of :meth:`add`. All or nothing: either every row
-        is committed and durable on return, or (an exception) none is. Returns, per item, False
-        if its SOP UID was already there (or earlier in ``items``).
+        Each item holds the keyword arguments of :meth:`add` (``scanner`` optional). All or
+        nothing: either every row is committed and durable on return, or (an exception) none is.
+        Returns, per item, False if its SOP UID was already there (or earlier in ``items``).
         """
         params = []
         for item in items:
@@ -206,6 +216,7 @@ class OutboxDB:
                     str(item["path"]),
                     int(item["size"]),
                     json.dumps(item.get("audit") or {}, sort_keys=True, default=str),
+                    item.get("scanner") or None,
                 )
             )
         if not params:
@@ -217,9 +228,9 @@ class OutboxDB:
                 cur = c.execute(
                     "insert or ignore into outbox (sop_instance_uid, study_instance_uid,"
                     " series_instance_uid, sop_class_uid, path, size, state, attempts,"
-                    " next_attempt_at, created_at, audit)"
-                    " values (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
-                    (*p[:6], now, now, p[6]),
+                    " next_attempt_at, created_at, audit, scanner)"
+                    " values (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?)",
+                    (*p[:6], now, now, p[6], p[7]),
                 )
                 added.append(cur.rowcount == 1)
         return added

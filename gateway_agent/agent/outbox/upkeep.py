@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ...dicom.scanner import scanner_in_dataset
 from ...logs import get_logger
 from .db import OutboxDB, ids_param
 
@@ -32,6 +33,7 @@ def row_from_file(path: Path, audit: dict[str, Any]) -> dict[str, Any]:
         "path": path,
         "size": path.stat().st_size,
         "audit": audit,
+        "scanner": scanner_in_dataset(ds) or None,
     }
 
 

@@ -20,7 +20,14 @@ from typing import Any, Protocol
 from ..._exceptions import QCError
 from ...config import QCSettings
 from ...logs import get_logger
-from ...qc import ScanFeatures, analyse_fleet, features_from_file, write_report
+from ...qc import (
+    ScanFeatures,
+    analyse_fleet,
+    features_from_file,
+    pick_spread,
+    scanner_states,
+    write_report,
+)
 from ...qc.report_file import latest_outliers as _outliers_in
 from ..outbox._sqlite import connect, query, transaction
 from .paths import StatePaths
@@ -88,16 +95,6 @@ def latest_outliers(state_dir: Path) -> list[dict[str, Any]]:
     return _outliers_in(qc_report_dir(state_dir))
 
 
-def _pick(rows: list[Any], k: int) -> list[Any]:
-    """``k`` rows spread over the series' new rows (ends avoided: the middle is more typical)."""
-    if k <= 0:
-        return []
-    if len(rows) <= k:
-        return rows
-    step = len(rows) / (k + 1)
-    return [rows[min(len(rows) - 1, int(step * (j + 1)))] for j in range(k)]
-
-
 class QCJob:
     """Periodic QC inside the daemon, on its own low-priority thread.
 
@@ -106,8 +103,10 @@ class QCJob:
     ``max_cpu_fraction * interval_seconds`` per pass), stores their features in the
     ``qc_features`` table of the outbox database (its own connection), refits the fleet model on
     the newest :data:`MAX_FLEET_RECORDS` rows and writes ``state_dir/qc/{report.json, fleet.png,
-    features.csv}``. Errors are logged and counted, never raised into the agent. Timestamps are
-    the outbox rows' intake times, so "per device over time" shows real time on the box.
+    features.csv}``, and publishes the per-scanner gauges of ``/metrics``. Records are grouped by
+    the scanner pseudonym of their outbox row. Errors are logged and counted, never raised into
+    the agent. Timestamps are the outbox rows' intake times, so "per scanner over time" shows
+    real time on the box.
 
     Parameters
     ----------
@@ -150,6 +149,8 @@ class QCJob:
                 c.execute(ddl)
         #: Counters since start: runs, rows_seen, sampled, failed, errors, cpu_seconds, ...
         self.stats: dict[str, float] = defaultdict(float)
+        #: The per-scanner gauges were published since start (a restart publishes them again).
+        self._published = False
 
     # ------------------------------------------------------------------ plumbing
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
@@ -179,7 +180,11 @@ class QCJob:
         }
         try:
             self._ingest(summary, cpu0)
-            if summary["sampled"] or not (self.report_dir / "report.json").exists():
+            if (
+                summary["sampled"]
+                or not self._published
+                or not (self.report_dir / "report.json").exists()
+            ):
                 summary["outliers"] = self._refresh()
         except Exception as exc:  # a QC failure must never stop the agent
             self.stats["errors"] += 1
@@ -212,7 +217,8 @@ class QCJob:
                         "select count(*) from qc_features where series_instance_uid = ?", (series,)
                     )[0][0]
                 )
-                chosen.extend(_pick(members, self.settings.slices_per_series - have))
+                # Spread over the series' new rows, as `qc --dicomweb` spreads over an archive's.
+                chosen.extend(pick_spread(members, self.settings.slices_per_series - have))
             stored: list[tuple[Any, ...]] = []
             failed = skipped = 0
             for row in sorted(chosen, key=lambda r: r.id):
@@ -230,7 +236,7 @@ class QCJob:
                         row.id,
                         row.sop_instance_uid,
                         row.series_instance_uid,
-                        record.device,
+                        record.scanner_label,
                         row.created_at,
                         json.dumps(record.as_json()),
                     )
@@ -265,14 +271,19 @@ class QCJob:
             level("qc_skipped", sop_uid=row.sop_instance_uid, reason=_skip_reason(exc))
             return None
         record.file = path.name
+        # The outbox row names the scanner (from the original device attributes); the file
+        # carries the same pseudonym, which older rows without the column fall back on.
+        record.scanner = getattr(row, "scanner", None) or record.scanner
         record.timestamp = datetime.fromtimestamp(row.created_at).isoformat(timespec="seconds")
         return record
 
     def _refresh(self) -> int:
         rows = self._query(
-            "select features from qc_features order by id desc limit ?", (MAX_FLEET_RECORDS,)
+            "select features, created_at from qc_features order by id desc limit ?",
+            (MAX_FLEET_RECORDS,),
         )
-        records = [ScanFeatures.from_json(json.loads(r[0])) for r in reversed(rows)]
+        rows.reverse()
+        records = [ScanFeatures.from_json(json.loads(r[0])) for r in rows]
         if not records:
             return 0
         from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
@@ -283,6 +294,7 @@ class QCJob:
             _matrix, labels, silhouette = analyse_fleet(records, self.settings.n_clusters)
         write_report(records, labels, silhouette, self.report_dir)
         outliers = sum(1 for r in records if r.outlier)
+        self.publish_scanners(records, [float(r[1]) for r in rows])
         with contextlib.suppress(Exception):  # metrics are optional here
             from ..metrics import QC_OUTLIERS
 
@@ -290,6 +302,19 @@ class QCJob:
         sil = None if math.isnan(silhouette) else round(silhouette, 3)
         log.info("qc_report", scans=len(records), outliers=outliers, silhouette=sil)
         return outliers
+
+    def publish_scanners(
+        self, records: Sequence[ScanFeatures], measured_at: Sequence[float]
+    ) -> None:
+        """Publish the per-scanner gauges of ``/metrics`` from the fitted records."""
+        from ..metrics import SCANNER_QC
+
+        SCANNER_QC.publish(
+            scanner_states(records, measured_at),
+            ttl_seconds=self.settings.scanner_ttl_hours * 3600.0,
+            max_scanners=self.settings.max_scanners,
+        )
+        self._published = True
 
     # ------------------------------------------------------------------ thread
     def start(self) -> QCJob:
@@ -317,6 +342,10 @@ class QCJob:
             self._thread.join(timeout)
         with self._lock:
             self._conn.close()
+        if self._published:
+            from ..metrics import SCANNER_QC
+
+            SCANNER_QC.clear()
 
 
 def qc_component(daemon: Any) -> QCJob:
