@@ -26,14 +26,45 @@ __all__ = [
     "DeidSettings",
     "DestinationSettings",
     "DiskSettings",
+    "ListenerSettings",
     "LogSettings",
     "MetricsSettings",
     "QCSettings",
     "Settings",
     "load_settings",
+    "parse_dicom_address",
+    "validate_ae_title",
 ]
 
 DEFAULT_CONFIG_FILE = Path("/etc/gateway-agent/config.toml")
+
+
+def validate_ae_title(value: str, what: str) -> str:
+    """An Application Entity title as PS3.5 allows it: 1 to 16 characters of the default
+    repertoire, no backslash or control character, not only spaces; outer spaces are dropped."""
+    title = value.strip(" ")
+    if not title:
+        raise ValueError(f"{what} must not be empty (an AE title has 1 to 16 characters)")
+    if len(title) > 16:
+        raise ValueError(f"{what} must not exceed 16 characters (AE title, got {len(title)})")
+    if not title.isascii() or any(c == "\\" or not c.isprintable() for c in title):
+        raise ValueError(f"{what} must be printable ASCII without backslash (AE title)")
+    return title
+
+
+def parse_dicom_address(value: str) -> tuple[str, str, int]:
+    """``CALLED_AE@HOST:PORT`` (``[v6]`` hosts in brackets) -> ``(ae, host, port)``.
+
+    >>> parse_dicom_address("PACS@10.0.0.5:104")
+    ('PACS', '10.0.0.5', 104)
+    """
+    ae, sep, address = value.rpartition("@")
+    host, colon, port = address.rpartition(":")
+    if not sep or not colon or not port.isdigit() or not host:
+        raise ValueError(f"expected CALLED_AE@HOST:PORT, got {value!r}")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port}")
+    return validate_ae_title(ae, "the called AE title"), host.strip("[]"), int(port)
 
 
 class _Section(BaseModel):
@@ -121,10 +152,10 @@ class DeidSettings(_Section):
 class DestinationSettings(_Section):
     """Where de-identified instances go."""
 
-    kind: Literal["folder", "dicomweb"] = Field(
+    kind: Literal["folder", "dicomweb", "dicom"] = Field(
         default="folder",
         description='"folder": a local folder; "dicomweb": a DICOMweb server (STOW-RS), '
-        "such as Orthanc or a PACS.",
+        'such as Orthanc or a PACS; "dicom": a PACS or any DICOM node over C-STORE.',
     )
     folder: Path = Field(
         default=Path("destination"),
@@ -156,6 +187,35 @@ class DestinationSettings(_Section):
     token_file: Path | None = Field(
         default=None, description="File holding the token (mode 0600), read at start-up."
     )
+    host: str | None = Field(
+        default=None, description='The peer\'s host name or address (kind = "dicom").'
+    )
+    port: int = Field(
+        default=104,
+        ge=1,
+        le=65535,
+        description='The peer\'s DICOM port (kind = "dicom"; 2762 by convention with TLS).',
+    )
+    called_ae: str | None = Field(
+        default=None,
+        description='The peer\'s AE title (kind = "dicom"), as its administrator registered it.',
+    )
+    calling_ae: str | None = Field(
+        default=None,
+        description='Our AE title towards the peer (kind = "dicom", at most 16 characters); '
+        "default unit_name. The PACS must know it.",
+    )
+    tls: bool = Field(
+        default=False,
+        description='DICOM TLS (PS3.15 Annex B) to the peer (kind = "dicom"); verify_tls, '
+        "ca_bundle, client_cert and client_key apply as for HTTPS.",
+    )
+    idle_release_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description='kind = "dicom": an association is reused while work keeps coming and '
+        "released after this many seconds without any.",
+    )
     verify_tls: bool = Field(
         default=True, description="Verify the server's TLS certificate (against ca_bundle if set)."
     )
@@ -170,13 +230,20 @@ class DestinationSettings(_Section):
         default=30.0, gt=0, description="Seconds before a request is abandoned (and retried)."
     )
     batch_max_instances: int = Field(
-        default=25, ge=1, le=1000, description="Instances per STOW-RS request, at most."
+        default=25,
+        ge=1,
+        le=1000,
+        description='Instances per STOW-RS request (kind = "dicom": per turn on an '
+        "association), at most.",
     )
     batch_max_mb: float = Field(
-        default=16.0, gt=0, description="Megabytes per STOW-RS request, at most."
+        default=16.0, gt=0, description="Megabytes per STOW-RS request (or turn), at most."
     )
     parallel_requests: int = Field(
-        default=4, ge=1, le=32, description="Requests in flight at once."
+        default=4,
+        ge=1,
+        le=32,
+        description='Requests in flight at once (kind = "dicom": associations in parallel).',
     )
     max_attempts: int = Field(
         default=20,
@@ -211,6 +278,19 @@ class DestinationSettings(_Section):
         parts = urlsplit(self.url or "")
         port = f":{parts.port}" if parts.port else ""
         return f"{self.kind} {parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+    @model_validator(mode="after")
+    def _dicom(self) -> DestinationSettings:
+        for name in ("called_ae", "calling_ae"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, validate_ae_title(value, f"destination.{name}"))
+        if self.kind == "dicom" and not (self.host and self.called_ae):
+            raise ValueError(
+                'destination.kind = "dicom" needs destination.host, destination.port and '
+                "destination.called_ae (or run --destination-dicom CALLED_AE@HOST:PORT)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _url(self) -> DestinationSettings:
@@ -248,6 +328,56 @@ class DestinationSettings(_Section):
                     f'destination.{given[0]} is set but destination.auth = "none" would not '
                     'send it: set destination.auth = "basic" or "bearer", or remove it'
                 )
+        return self
+
+
+class ListenerSettings(_Section):
+    """The C-STORE listener (DICOM Storage SCP): scanners push here; one more inbox when on."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Receive instances over C-STORE (and answer C-ECHO); off by default.",
+    )
+    ae_title: str | None = Field(
+        default=None,
+        description="Our AE title as the scanners call it (at most 16 characters); default "
+        "unit_name. Associations calling another title are rejected.",
+    )
+    host: str = Field(
+        default="0.0.0.0",  # noqa: S104  (scanners on the network must reach it)
+        description="Address to listen on; 0.0.0.0 is every interface.",
+    )
+    port: int = Field(
+        default=11112,
+        ge=0,
+        le=65535,
+        description="TCP port (104 needs root; 11112 is the usual unprivileged one).",
+    )
+    allowed_calling_aes: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles accepted (empty: any); an association from any other "
+        "title is rejected.",
+    )
+    max_associations: int = Field(
+        default=10,
+        ge=1,
+        le=256,
+        description="Associations at once; more are rejected (transient, the sender retries).",
+    )
+    timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A peer silent this long (during association, a message or between "
+        "messages) is dropped.",
+    )
+
+    @model_validator(mode="after")
+    def _titles(self) -> ListenerSettings:
+        if self.ae_title is not None:
+            self.ae_title = validate_ae_title(self.ae_title, "listener.ae_title")
+        self.allowed_calling_aes = [
+            validate_ae_title(ae, "listener.allowed_calling_aes") for ae in self.allowed_calling_aes
+        ]
         return self
 
 
@@ -408,6 +538,7 @@ class Settings(BaseSettings):
     )
     deid: DeidSettings = DeidSettings()
     destination: DestinationSettings = DestinationSettings()
+    listener: ListenerSettings = ListenerSettings()
     qc: QCSettings = QCSettings()
     metrics: MetricsSettings = MetricsSettings()
     disk: DiskSettings = DiskSettings()
@@ -418,6 +549,25 @@ class Settings(BaseSettings):
         if self.originals == "archive" and self.archive_dir is None:
             raise ValueError('archive_dir is required when originals = "archive"')
         return self
+
+    @model_validator(mode="after")
+    def _unit_name(self) -> Settings:
+        # The unit name is the default AE title on both sides: it must be a valid one then.
+        if self.destination.kind == "dicom" and self.destination.calling_ae is None:
+            validate_ae_title(self.unit_name, "unit_name (the default destination.calling_ae)")
+        if self.listener.enabled and self.listener.ae_title is None:
+            validate_ae_title(self.unit_name, "unit_name (the default listener.ae_title)")
+        return self
+
+    @property
+    def calling_ae(self) -> str:
+        """Our AE title towards a DICOM destination."""
+        return self.destination.calling_ae or self.unit_name.strip(" ")
+
+    @property
+    def listener_ae(self) -> str:
+        """Our AE title as a C-STORE listener."""
+        return self.listener.ae_title or self.unit_name.strip(" ")
 
     @property
     def secret_file(self) -> Path:

@@ -1,4 +1,4 @@
-"""A real Orthanc (DICOMweb plugin) on a free loopback port with throw-away storage, for tests."""
+"""A real Orthanc (DICOMweb plugin, optionally its DICOM port) on free loopback ports, for tests."""
 
 from __future__ import annotations
 
@@ -75,6 +75,10 @@ class OrthancServer:
         auth: bool = True,
         port: int | None = None,
         extra_config: dict[str, Any] | None = None,
+        dicom: bool = False,
+        dicom_aet: str = "ORTHANC",
+        dicom_peers: dict[str, tuple[str, int]] | None = None,
+        check_called_aet: bool = True,
     ) -> None:
         shm = Path("/dev/shm")
         base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
@@ -85,6 +89,14 @@ class OrthancServer:
         self._fixed_port = port is not None
         self.port = port or free_port()
         self.extra_config = extra_config or {}
+        # The DICOM port: C-STORE accepted only from the registered AE titles on 127.0.0.1
+        # (``dicom_peers``: AE title -> (host, port) where Orthanc can reach that peer, e.g. for
+        # Storage Commitment reports); a wrong called AE title is rejected when checked.
+        self.dicom = dicom
+        self.dicom_aet = dicom_aet
+        self.dicom_peers = dict(dicom_peers or {"EDGE01": ("127.0.0.1", 11112)})
+        self.check_called_aet = check_called_aet
+        self.dicom_port = free_port() if dicom else 0
         self.name = f"edge-ci-{os.getpid()}-{secrets.token_hex(4)}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._client = httpx.Client(auth=self.auth, timeout=10.0)
@@ -126,7 +138,17 @@ class OrthancServer:
             "KeepAlive": True,
             "TcpNoDelay": True,
             "HttpThreadsCount": 50,
-            "DicomServerEnabled": False,
+            "DicomServerEnabled": self.dicom,
+            "DicomAet": self.dicom_aet,
+            "DicomPort": self.dicom_port or 4242,
+            "DicomCheckCalledAet": self.check_called_aet,
+            "DicomAlwaysAllowStore": False,
+            "DicomAlwaysAllowEcho": True,
+            "DicomCheckModalityHost": True,
+            "DicomModalities": {
+                f"peer{i}": [ae, host, port]
+                for i, (ae, (host, port)) in enumerate(sorted(self.dicom_peers.items()))
+            },
             "SaveJobs": False,
             "OverwriteInstances": False,
             "DeidentifyLogs": True,
@@ -148,10 +170,12 @@ class OrthancServer:
         if self.running():
             return
         for attempt in range(5):
-            if _port_in_use(self.port):
+            if _port_in_use(self.port) or (self.dicom and _port_in_use(self.dicom_port)):
                 if self._fixed_port or attempt == 4:
-                    raise RuntimeError(f"port {self.port} is in use")
+                    raise RuntimeError(f"port {self.port} or {self.dicom_port} is in use")
                 self.port = free_port()
+                if self.dicom:
+                    self.dicom_port = free_port()
                 continue
             cfg_dir = self._write_config()
             log = self.workdir / "orthanc.log"
@@ -171,6 +195,8 @@ class OrthancServer:
             if self._fixed_port:
                 break
             self.port = free_port()  # lost a port race with another test worker: try another
+            if self.dicom:
+                self.dicom_port = free_port()
         tail = ""
         with_log = self.workdir / "orthanc.log"
         if with_log.exists():
@@ -185,7 +211,8 @@ class OrthancServer:
                 return False
             try:
                 r = self._client.get(self.base_url + "/system", timeout=1.0)
-                if r.status_code == 200 and r.json().get("Name") == self.name:
+                ours = r.status_code == 200 and r.json().get("Name") == self.name
+                if ours and (not self.dicom or _port_in_use(self.dicom_port)):
                     return True
             except httpx.HTTPError:
                 pass
@@ -208,9 +235,11 @@ class OrthancServer:
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        # Wait until the port is really free, so a restart on the same port works at once.
+        # Wait until the ports are really free, so a restart on the same ports works at once.
         end = time.monotonic() + 5
-        while _port_in_use(self.port) and time.monotonic() < end:
+        while time.monotonic() < end and (
+            _port_in_use(self.port) or (self.dicom and _port_in_use(self.dicom_port))
+        ):
             time.sleep(0.02)
 
     def close(self) -> None:

@@ -54,6 +54,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dest = run.add_mutually_exclusive_group()
     dest.add_argument("--destination-folder", type=Path, default=None, help="folder destination")
     dest.add_argument("--destination-url", default=None, help="DICOMweb base URL (STOW-RS)")
+    dest.add_argument(
+        "--destination-dicom",
+        metavar="CALLED_AE@HOST:PORT",
+        default=None,
+        help="C-STORE destination (a PACS): its AE title, host and port",
+    )
+    run.add_argument(
+        "--listen-port",
+        type=int,
+        default=None,
+        help="receive C-STORE from scanners on this port (turns the listener on)",
+    )
+    run.add_argument("--listen-ae", default=None, help="listener AE title (default unit name)")
     run.add_argument("--settle-seconds", type=float, default=None, help="settle time (default 2)")
     run.add_argument("--workers", type=int, default=None, help="de-identification processes")
     run.add_argument(
@@ -140,6 +153,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.destination_url is not None:
         overrides["destination.kind"] = "dicomweb"
         overrides["destination.url"] = args.destination_url
+    if args.destination_dicom is not None:
+        from ..config import parse_dicom_address
+
+        try:
+            called, host, port = parse_dicom_address(args.destination_dicom)
+        except ValueError as exc:
+            from .._exceptions import ConfigError
+
+            raise ConfigError(f"--destination-dicom: {exc}") from None
+        overrides.update(
+            {
+                "destination.kind": "dicom",
+                "destination.called_ae": called,
+                "destination.host": host,
+                "destination.port": port,
+            }
+        )
+    if args.listen_port is not None:
+        overrides["listener.enabled"] = True
+        overrides["listener.port"] = args.listen_port
+    if args.listen_ae is not None:
+        overrides["listener.ae_title"] = args.listen_ae
     if args.no_metrics:
         overrides["metrics.enabled"] = False
     settings = settings_from_args(args, overrides)
