@@ -10,6 +10,7 @@ import pytest
 from pydicom import config as pydicom_config
 
 from gateway_agent.synthetic import make_ct_series, write_series
+from tests._dcmtk import storescp  # noqa: F401
 from tests._orthanc import orthanc  # noqa: F401
 
 IN_CI = bool(os.environ.get("CI"))

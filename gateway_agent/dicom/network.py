@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pynetdicom
-from pynetdicom import dimse_messages
+from pynetdicom import dimse_messages, transport
 
 __all__ = [
     "EXPLICIT_VR_LE",
@@ -196,6 +196,25 @@ def server_ssl_context(
     ctx.load_cert_chain(cert_file, key_file)
     ctx.verify_mode = ssl.CERT_REQUIRED if client_ca_file is not None else ssl.CERT_NONE
     return ctx
+
+
+def _shutdown_socket(self: transport.AssociationSocket) -> None:
+    """Shut down and close the socket, each step on its own.
+
+    pynetdicom 3.0's version closes the socket only if ``shutdown`` succeeded; on a connection
+    that never got established (connection refused) ``shutdown`` fails with ENOTCONN and the
+    descriptor leaks until garbage collection (a ``ResourceWarning`` per failed attempt).
+    """
+    sock = self.socket
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+transport.AssociationSocket._shutdown_socket = _shutdown_socket  # type: ignore[method-assign]
 
 
 # -- chunked receipt --------------------------------------------------------------------------

@@ -11,11 +11,13 @@ association.
   association is opened with presentation contexts for the SOP classes and transfer syntaxes of
   the batch at hand plus those seen recently (at most 128 contexts); a batch that needs one it
   lacks opens a new association.
-* **Transfer syntaxes**: each (SOP class, stored syntax) is proposed as it is; for a syntax other
-  than the two uncompressed little-endian ones, a second context offers Explicit then Implicit VR
-  Little Endian. A file goes as stored when its syntax was accepted: streamed from disk without
+* **Transfer syntaxes**: each (SOP class, stored syntax) is proposed as it is, and a second
+  context offers the other uncompressed little-endian syntaxes (an acceptor picks one syntax
+  per context: offered together, it might pick one that needs a conversion). A file goes as
+  stored when its syntax was accepted: streamed from disk without
   decoding (``_config.STORE_SEND_CHUNKED_DATASET``), in PDUs no larger than
-  :data:`MAX_SEND_PDU`, so memory stays bounded for a 1 GB multi-frame. Otherwise it is
+  :data:`MAX_SEND_PDU` with at most :data:`SEND_QUEUE_PDUS` queued, so memory stays bounded
+  (about 10 MB) for a 1 GB multi-frame. Otherwise it is
   converted where that is lossless: between Implicit and Explicit VR Little Endian, and from
   Deflated Explicit VR Little Endian (the data set is decoded in memory then). Compressed pixel
   data is never decompressed: such a file whose syntax was refused fails as
@@ -26,6 +28,7 @@ association.
 from __future__ import annotations
 
 import contextlib
+import queue
 import ssl
 import threading
 import time
@@ -59,6 +62,8 @@ __all__ = [
 
 #: Largest P-DATA PDU we send, whatever the peer allows (a peer may say "unlimited": 0).
 MAX_SEND_PDU = 1 << 20
+#: P-DATA PDUs queued ahead of the socket (so at most this many times MAX_SEND_PDU in memory).
+SEND_QUEUE_PDUS = 4
 #: Most presentation contexts one association may propose (PS3.8: odd IDs 1..255).
 MAX_CONTEXTS = 128
 #: How many (SOP class, transfer syntax) pairs are remembered for the next association.
@@ -119,6 +124,38 @@ class _Assoc:
     def next_id(self) -> int:
         self.msg_id = self.msg_id % 65535 + 1
         return self.msg_id
+
+
+class _BoundedQueue(queue.Queue[Any]):
+    """pynetdicom's DUL send queue, bounded: C-STORE of a file queues all its P-DATA PDUs at once
+    (the whole file in memory); with a bound the sender waits for the socket instead. While the
+    queue is full and the DUL reactor is gone (connection lost), PDUs are dropped: the C-STORE
+    then ends without a response, which the caller treats as a lost association."""
+
+    def __init__(self, dul: Any, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self._dul = dul
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        while True:
+            try:
+                super().put(item, block, 0.5 if block else timeout)
+                return
+            except queue.Full:
+                if not block or not self._dul.is_alive() or self._dul._kill_thread:
+                    return
+
+
+def _bound_send_queue(assoc: Any, pdus: int) -> None:
+    dul = assoc.dul
+    old = dul.to_provider_queue
+    new = _BoundedQueue(dul, pdus)
+    while True:
+        try:
+            new.queue.append(old.get_nowait())  # none expected once established
+        except queue.Empty:
+            break
+    dul.to_provider_queue = new
 
 
 def _cap_send_pdu(assoc: Any, cap: int) -> None:
@@ -230,9 +267,9 @@ class StoreSCU:
         contexts: list[PresentationContext] = []
         seen: set[tuple[str, tuple[str, ...]]] = set()
         for sop_class, syntax in pairs:
-            wanted = [(syntax, *[s for s in _UNCOMPRESSED_LE if s != syntax])]
-            if syntax not in _UNCOMPRESSED_LE:
-                wanted = [(syntax,), _UNCOMPRESSED_LE]
+            # The stored syntax alone (an acceptor picks one syntax per context: offered
+            # together, it might pick a converted one), then the lossless fallback.
+            wanted = [(syntax,), tuple(x for x in _UNCOMPRESSED_LE if x != syntax)]
             for syntaxes in wanted:
                 if (sop_class, syntaxes) not in seen and len(contexts) < MAX_CONTEXTS:
                     seen.add((sop_class, syntaxes))
@@ -279,6 +316,7 @@ class StoreSCU:
             raise AssociationError(f"connection failed: {type(exc).__name__}") from None
         if assoc.is_established:
             _cap_send_pdu(assoc, MAX_SEND_PDU)
+            _bound_send_queue(assoc, SEND_QUEUE_PDUS)
             accepted = frozenset(
                 (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                 for cx in assoc.accepted_contexts
@@ -441,6 +479,12 @@ class StoreSCU:
                 status = getattr(rsp, "Status", None)
             except (RuntimeError, OSError) as exc:
                 status, reason = None, f"association lost: {type(exc).__name__}"
+            except (ValueError, AttributeError, TypeError) as exc:
+                # pynetdicom refuses this data set (no usable context, inconsistent meta ...).
+                results[item.key] = StoreResult(
+                    item.key, Outcome.FAILURE, f"cannot send: {str(exc)[:160]}"
+                )
+                continue
             if status is None:
                 if not reason:
                     reason = (
@@ -478,7 +522,9 @@ class StoreSCU:
                 " and not converted (compressed pixel data)"
             )
         ds = dcmread(item.path)
-        ds.file_meta.TransferSyntaxUID = UID(target)
+        if syntax == _DEFLATED_LE:
+            # Decoded now; pynetdicom encodes it for the accepted (uncompressed) context.
+            ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_VR_LE)
         return ds
 
 
