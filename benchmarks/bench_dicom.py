@@ -1,0 +1,365 @@
+"""DICOM C-STORE on loopback, side by side with dcmtk in one run: sending to a PACS, receiving.
+
+Send (N CT slices -> Orthanc's DICOM port, a fresh Orthanc for every run):
+  * ``storescu``: dcmtk sends the already de-identified files directly (one association);
+  * the agent: the original files are renamed into its inbox; it de-identifies them, commits
+    them to its durable outbox and sends them over C-STORE (``run --destination-dicom``); timed
+    from the drop until Orthanc holds all N. The ratio agent/storescu is the figure (target
+    >= 0.8), with the CPU seconds per file of the sender's processes (storescu, or the agent and
+    its workers) and of the whole machine (Orthanc included).
+
+Receive (``storescu`` sends the N original files):
+  * ``storescp`` with fsync: each file written, then ``sync -d`` on it before the response
+    (``-xcr 'sync -d #p/#f' -xs``), i.e. as durable as the agent's listener;
+  * ``storescp`` without fsync, for reference (a power cut may lose what it acknowledged);
+  * the agent's listener (``run --listen-port``; destination: the same Orthanc over C-STORE):
+    instances/s as ``storescu`` sees them, the ratio to storescp with fsync (target >= 0.8),
+    and the time from the last C-STORE response to the last instance stored at Orthanc.
+
+Usage (from the repository root)::
+
+    uv run python benchmarks/bench_dicom.py                 # 1000 x 512x512, 3 pairs
+    uv run python benchmarks/bench_dicom.py --files 200 --pairs 1   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway_agent.config import DeidSettings  # noqa: E402
+from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret  # noqa: E402
+from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
+from tests._dcmtk import DCMTK_ENV, dcmtk_tool  # noqa: E402
+from tests._orthanc import OrthancServer, free_port  # noqa: E402
+
+CLK = os.sysconf("SC_CLK_TCK")
+UNIT = "EDGE01"
+SCANNER = "SCANNER"
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all cores), from ``/proc/stat``."""
+    with open("/proc/stat") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def wait(pred: Callable[[], bool], timeout: float, step: float = 0.02) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(step)
+    raise TimeoutError("condition not reached")
+
+
+# ----------------------------------------------------------------------------- corpus
+def make_corpus(directory: Path, n: int, size: int) -> list[Path]:
+    paths: list[Path] = []
+    for i in range(0, n, 100):
+        dss = make_ct_series(min(100, n - i), rows=size, cols=size, study_seed=f"dicom-{i}")
+        paths += write_series(dss, directory / f"s{i // 100:03d}")
+    return paths
+
+
+def deidentify_all(paths: Sequence[Path], secret: bytes, out: Path) -> list[Path]:
+    engine = Deidentifier(secret, DeidOptions.from_settings(DeidSettings()), station_name=UNIT)
+    out.mkdir(parents=True, exist_ok=True)
+    return [engine.deidentify_file(p, out).path for p in paths]
+
+
+def new_orthanc() -> OrthancServer:
+    server = OrthancServer(auth=False, dicom=True, dicom_peers={UNIT: ("127.0.0.1", 11112)})
+    server.start()
+    return server
+
+
+# ----------------------------------------------------------------------------- dcmtk
+def storescu(port: int, target: Path, aec: str, aet: str = SCANNER) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of storescu) to send every file under ``target``."""
+    cmd = [dcmtk_tool("storescu"), "-aet", aet, "-aec", aec, "-pdu", "131072", "+sd", "+r"]
+    cmd += ["127.0.0.1", str(port), str(target)]
+    cpu0, t0 = children_cpu(), time.perf_counter()
+    done = subprocess.run(cmd, env=DCMTK_ENV, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"storescu rc {done.returncode}: {done.stderr[-500:]}")
+    return wall, children_cpu() - cpu0
+
+
+class Storescp:
+    def __init__(self, out: Path, fsync: bool) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        cmd = [dcmtk_tool("storescp"), "-aet", "STORESCP", "-od", str(out), "+xa", "-dhl"]
+        cmd += ["-pdu", "131072"]
+        if fsync:
+            cmd += ["-xcr", "sync -d #p/#f", "-xs"]
+        self.proc = subprocess.Popen(
+            [*cmd, str(self.port)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait(lambda: _port_open(self.port), 10)
+
+    def stop(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ----------------------------------------------------------------------------- the agent
+class Agent:
+    """``gateway-agent run`` in a subprocess, with its state in ``work``."""
+
+    def __init__(self, work: Path, pacs: OrthancServer, listen_port: int | None = None) -> None:
+        self.work = work
+        self.inbox = work / "inbox"
+        self.state = work / "state"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env.update(
+            {
+                "GATEWAY_UNIT_NAME": UNIT,
+                "GATEWAY_QC__ENABLED": "false",
+                "GATEWAY_DISK__MIN_FREE_MB": "1",
+                "GATEWAY_DESTINATION__BACKOFF_CAP_SECONDS": "5",
+            }
+        )
+        cmd = [sys.executable, "-m", "gateway_agent", "--log-format", "json", "run"]
+        cmd += ["--inbox", str(self.inbox), "--state-dir", str(self.state), "--no-metrics"]
+        cmd += ["--destination-dicom", f"{pacs.dicom_aet}@127.0.0.1:{pacs.dicom_port}"]
+        cmd += ["--log-level", "warning"]
+        self.listen_port = listen_port
+        if listen_port is not None:
+            cmd += ["--listen-port", str(listen_port), "--listen-ae", UNIT]
+        self.log = (work / "agent.log").open("wb")
+        self.proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=self.log, stderr=self.log)
+
+    def wait_ready(self) -> None:
+        wait(lambda: (self.state / "outbox.db").exists() and len(self.family()) >= 2, 60)
+        if self.listen_port is not None:
+            wait(lambda: _port_open(self.listen_port or 0), 30)
+        time.sleep(1.0)
+
+    def family(self) -> list[int]:
+        kids: dict[int, list[int]] = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                kids.setdefault(ppid, []).append(int(d.name))
+        out, stack = [self.proc.pid], [self.proc.pid]
+        while stack:
+            for c in kids.get(stack.pop(), []):
+                out.append(c)
+                stack.append(c)
+        return out
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        for pid in self.family():
+            try:
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(f[11]) + int(f[12])
+        return total / CLK
+
+    def counts(self) -> dict[str, int]:
+        db = self.state / "outbox.db"
+        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            return dict(c.execute("select state, count(*) from outbox group by state").fetchall())
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+# ----------------------------------------------------------------------------- runs
+def send_storescu(deid_dir: Path, n: int) -> dict[str, float]:
+    pacs = new_orthanc()
+    try:
+        busy0 = machine_busy()
+        wall, cpu = storescu(pacs.dicom_port, deid_dir, pacs.dicom_aet, aet=UNIT)
+        busy = machine_busy() - busy0
+        assert pacs.count_instances() == n, pacs.count_instances()
+    finally:
+        pacs.close()
+    return {"seconds": wall, "cpu": cpu, "machine": busy}
+
+
+def send_agent(src_dir: Path, work: Path, n: int) -> dict[str, float]:
+    pacs = new_orthanc()
+    agent = Agent(work, pacs)
+    try:
+        agent.wait_ready()
+        staged = work / "staged"
+        shutil.copytree(src_dir, staged)
+        cpu0, busy0, t0 = agent.cpu_seconds(), machine_busy(), time.perf_counter()
+        staged.rename(agent.inbox / "drop")
+        wait(lambda: pacs.count_instances() >= n, 600, 0.05)
+        wall = time.perf_counter() - t0
+        cpu, busy = agent.cpu_seconds() - cpu0, machine_busy() - busy0
+        assert pacs.count_instances() == n
+    finally:
+        agent.stop()
+        pacs.close()
+    return {"seconds": wall, "cpu": cpu, "machine": busy}
+
+
+def receive_storescp(src_dir: Path, work: Path, n: int, fsync: bool) -> dict[str, float]:
+    out = work / "scp-out"
+    scp = Storescp(out, fsync)
+    try:
+        busy0 = machine_busy()
+        wall, _ = storescu(scp.port, src_dir, "STORESCP")
+        busy = machine_busy() - busy0
+    finally:
+        scp.stop()
+    got = sum(1 for p in out.iterdir() if p.is_file())
+    assert got == n, got
+    shutil.rmtree(out)
+    return {"seconds": wall, "machine": busy, "drain": 0.0}
+
+
+def receive_agent(src_dir: Path, work: Path, n: int) -> dict[str, float]:
+    pacs = new_orthanc()
+    port = free_port()
+    agent = Agent(work, pacs, listen_port=port)
+    try:
+        agent.wait_ready()
+        cpu0, busy0 = agent.cpu_seconds(), machine_busy()
+        wall, _ = storescu(port, src_dir, UNIT)
+        t_last_response = time.perf_counter()
+        wait(lambda: pacs.count_instances() >= n, 600, 0.05)
+        drain = time.perf_counter() - t_last_response
+        cpu, busy = agent.cpu_seconds() - cpu0, machine_busy() - busy0
+        assert pacs.count_instances() == n
+    finally:
+        agent.stop()
+        pacs.close()
+    return {"seconds": wall, "cpu": cpu, "machine": busy, "drain": drain}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--files", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--pairs", type=int, default=3, help="alternating runs of each side")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--only", choices=["send", "receive"], default=None)
+    args = ap.parse_args(argv)
+
+    base = args.workdir or Path(tempfile.mkdtemp(prefix="bench-dicom-"))
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    try:
+        n = args.files
+        src = work / "original"
+        make_corpus(src, n, args.size)
+        secret = load_or_create_secret(work / "secret.key")
+        deid = work / "deid"
+        deidentify_all(sorted(src.rglob("*.dcm")), secret, deid)
+        mb = sum(p.stat().st_size for p in src.rglob("*.dcm")) / 1e6
+        print(f"{n} CT slices {args.size}x{args.size} ({mb:.0f} MB), {args.pairs} pair(s),")
+        print(f"{os.cpu_count()} CPU(s); medians; every run against a fresh Orthanc / storescp.\n")
+
+        def run(fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+            scratch = work / "scratch"
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir()
+            return fn()
+
+        def med(rows: list[dict[str, float]], key: str) -> float:
+            return statistics.median(r[key] for r in rows)
+
+        if args.only in (None, "send"):
+            dcm: list[dict[str, float]] = []
+            ours: list[dict[str, float]] = []
+            for _ in range(args.pairs):
+                dcm.append(run(lambda: send_storescu(deid, n)))
+                ours.append(run(lambda: send_agent(src, work / "scratch", n)))
+            rate_d, rate_a = n / med(dcm, "seconds"), n / med(ours, "seconds")
+            print("Send to Orthanc over C-STORE")
+            print("| sender | files/s | ratio | sender CPU ms/file | machine CPU ms/file |")
+            print("|---|---|---|---|---|")
+            print(
+                f"| storescu (de-identified files) | {rate_d:.1f} | 1.00 x "
+                f"| {1000 * med(dcm, 'cpu') / n:.2f} | {1000 * med(dcm, 'machine') / n:.2f} |"
+            )
+            print(
+                f"| gateway-agent (inbox -> de-id -> outbox -> C-STORE) | {rate_a:.1f} "
+                f"| {rate_a / rate_d:.2f} x | {1000 * med(ours, 'cpu') / n:.2f} "
+                f"| {1000 * med(ours, 'machine') / n:.2f} |"
+            )
+            print()
+
+        if args.only in (None, "receive"):
+            sync: list[dict[str, float]] = []
+            plain: list[dict[str, float]] = []
+            agent: list[dict[str, float]] = []
+            for _ in range(args.pairs):
+                sync.append(run(lambda: receive_storescp(src, work / "scratch", n, True)))
+                plain.append(run(lambda: receive_storescp(src, work / "scratch", n, False)))
+                agent.append(run(lambda: receive_agent(src, work / "scratch", n)))
+            rate_s = n / med(sync, "seconds")
+            print("Receive from storescu")
+            print("| receiver | instances/s | ratio to storescp + fsync | machine CPU ms/file "
+                  "| last response -> last stored at Orthanc |")  # fmt: skip
+            print("|---|---|---|---|---|")
+            for name, rows in (
+                ("storescp + fsync (sync -d per file)", sync),
+                ("storescp (no fsync)", plain),
+                ("gateway-agent listener (destination: Orthanc, C-STORE)", agent),
+            ):
+                rate = n / med(rows, "seconds")
+                drain = f"{med(rows, 'drain'):.2f} s" if rows is agent else "-"
+                print(
+                    f"| {name} | {rate:.1f} | {rate / rate_s:.2f} x "
+                    f"| {1000 * med(rows, 'machine') / n:.2f} | {drain} |"
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if args.workdir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
