@@ -40,6 +40,7 @@ __all__ = [
     "Rejection",
     "classify_store_status",
     "client_ssl_context",
+    "receive_error",
     "receive_into",
     "server_ssl_context",
     "set_nodelay",
@@ -223,6 +224,45 @@ _INSTALL_LOCK = threading.Lock()
 _original_ntf = tempfile.NamedTemporaryFile
 
 
+class _SpoolFile:
+    """pynetdicom's temporary file for one received data set, failing softly.
+
+    A write error (disk full) in pynetdicom's reactor thread would abort the association; here
+    the error is recorded instead, the rest of the data set is read and dropped, and the store
+    handler answers 0xA700 (out of resources) so the sender keeps the instance and retries.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._ntf = _original_ntf(mode="wb", suffix=".dcm", prefix=".recv-", dir=directory)
+        self.name: str = self._ntf.name
+        self.file = self  # pynetdicom calls ``.file.flush()``
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                return int(self._ntf.write(data))
+            except OSError as exc:
+                self.error = exc
+                _FAILED[self.name] = exc
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._ntf.file.flush()
+            except OSError as exc:
+                self.error = exc
+                _FAILED[self.name] = exc
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._ntf.close()
+
+
+_FAILED: dict[str, OSError] = {}
+
+
 def _named_temporary_file(*args: Any, **kwargs: Any) -> Any:
     """pynetdicom's temporary file for a C-STORE data set, in the receiving AE's folder.
 
@@ -232,9 +272,13 @@ def _named_temporary_file(*args: Any, **kwargs: Any) -> Any:
     ae = getattr(assoc, "ae", None)
     directory = _RECEIVE_DIRS.get(ae) if ae is not None else None
     if directory is not None and "dir" not in kwargs:
-        kwargs["dir"] = directory
-        kwargs.setdefault("prefix", ".recv-")
+        return _SpoolFile(directory)
     return _original_ntf(*args, **kwargs)
+
+
+def receive_error(path: str | Path) -> OSError | None:
+    """The error that cut short the writing of a received data set (e.g. ENOSPC), once."""
+    return _FAILED.pop(str(path), None)
 
 
 def receive_into(ae: pynetdicom.AE, directory: Path) -> None:
@@ -245,7 +289,8 @@ def receive_into(ae: pynetdicom.AE, directory: Path) -> None:
     ``directory`` instead of the system's temporary folder. ``event.dataset_path`` then lies on
     the listener's file system and can be renamed into place. pynetdicom removes the file after
     the ``EVT_C_STORE`` handler unless the handler moved it; an association aborted in the
-    middle of a data set leaves its ``.recv-*`` file behind for the caller to clean up.
+    middle of a data set leaves its ``.recv-*`` file behind for the caller to clean up. A write
+    error does not abort the association: the handler must ask :func:`receive_error` first.
     """
     with _INSTALL_LOCK:
         pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True

@@ -1,0 +1,294 @@
+"""A durable C-STORE receiver (Storage SCP): each instance is on disk, fsynced, before "success".
+
+:class:`StoreSCP` listens for associations (C-STORE for every storage SOP class and transfer
+syntax pynetdicom knows, C-ECHO) and writes each received data set, as the peer sent it, into
+``spool/<source>/<time>-<n>.dcm``:
+
+1. pynetdicom streams the data set, as its PDUs arrive, into ``spool/.incoming/.recv-*``
+   (bounded memory whatever the size; :func:`~gateway_agent.dicom.network.receive_into`);
+2. the store handler fsyncs it, renames it into the source's folder and fsyncs that folder;
+3. only then is the response 0x0000 sent. A modality that received it may forget the instance.
+
+When ``accept()`` says no (the disk guard paused intake), or writing failed (disk full, I/O
+error), the response is 0xA700 (refused: out of resources) and nothing is kept: the modality
+keeps the instance and sends it again later. The ``source`` of an instance is the calling AE
+title of its association; its folder name is that title percent-encoded (``ae-CT%201``), so
+:func:`source_of` gives it back from the path. File names carry no PHI (time and a counter).
+
+Calling AE titles outside ``allowed_calling_aes`` (when given) are rejected at association
+(A-ASSOCIATE-RJ, "calling AE title not recognised"), as are called AE titles other than ours and
+associations beyond ``max_associations`` ("local limit exceeded", transient).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from .files import fsync_dir
+from .network import Rejection, receive_error, receive_into, set_nodelay
+
+__all__ = [
+    "INCOMING_DIR",
+    "ListenerEvent",
+    "StoreSCP",
+    "received_files",
+    "source_of",
+]
+
+INCOMING_DIR = ".incoming"
+_PREFIX = "ae-"
+#: C-STORE status for "refused: out of resources" (PS3.4 B.2.3): the sender keeps and retries.
+OUT_OF_RESOURCES = 0xA700
+
+
+@dataclass(frozen=True)
+class ListenerEvent:
+    """What happened, for metrics and status.
+
+    ``kind``: ``association`` (accepted), ``rejected`` (``reason`` says why), ``stored``,
+    ``refused`` (answered 0xA700; ``reason`` says why), ``echo``.
+    """
+
+    kind: str
+    calling_ae: str
+    reason: str = ""
+    size: int = 0
+
+
+def _folder_name(calling_ae: str) -> str:
+    return _PREFIX + quote(calling_ae, safe="")
+
+
+def source_of(path: Path) -> str:
+    """The calling AE title an instance in the spool was received from."""
+    name = path.parent.name
+    return unquote(name[len(_PREFIX) :]) if name.startswith(_PREFIX) else ""
+
+
+def received_files(spool: Path) -> Iterator[Path]:
+    """Every instance received durably and not yet taken (oldest first per source)."""
+    if not spool.is_dir():
+        return
+    for folder in sorted(spool.iterdir()):
+        if folder.name.startswith(_PREFIX) and folder.is_dir():
+            yield from sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
+
+
+class StoreSCP:
+    """The listener.
+
+    Parameters
+    ----------
+    spool
+        Where received instances are written (one folder per calling AE title).
+    ae_title, host, port
+        Our AE title and address (port 0 picks a free one; see :attr:`port` after
+        :meth:`start`).
+    allowed_calling_aes
+        Calling AE titles accepted; empty accepts any.
+    max_associations
+        Concurrent associations; more are rejected (transient, local limit exceeded).
+    timeout
+        Seconds of silence after which an association is dropped (ACSE, DIMSE, network).
+    ssl_context
+        DICOM TLS: a server context (``network.server_ssl_context``).
+    accept
+        Asked before each instance is kept: False answers 0xA700.
+    on_stored
+        Called with the path and the calling AE title of each instance kept (after the file is
+        durable, before the response); an exception there does not change the response.
+    on_event
+        Called with a :class:`ListenerEvent` for each association, rejection and instance.
+    """
+
+    def __init__(
+        self,
+        spool: Path,
+        *,
+        ae_title: str,
+        host: str = "0.0.0.0",  # noqa: S104  (scanners on the network must reach it)
+        port: int = 11112,
+        allowed_calling_aes: Sequence[str] = (),
+        max_associations: int = 10,
+        timeout: float = 60.0,
+        ssl_context: ssl.SSLContext | None = None,
+        accept: Callable[[], bool] | None = None,
+        on_stored: Callable[[Path, str], None] | None = None,
+        on_event: Callable[[ListenerEvent], None] | None = None,
+    ) -> None:
+        if not 1 <= len(ae_title.strip()) <= 16:
+            raise ValueError('Argument "ae_title" must have 1 to 16 characters (AE title).')
+        self.spool = Path(spool)
+        self.incoming = self.spool / INCOMING_DIR
+        self.ae_title = ae_title.strip()
+        self.host = host
+        self.port = port
+        self.allowed = [a.strip() for a in allowed_calling_aes]
+        self.max_associations = max_associations
+        self.timeout = timeout
+        self.ssl_context = ssl_context
+        self._accept = accept
+        self._on_stored = on_stored
+        self._on_event = on_event
+        self._server: Any = None
+        self._ae: AE | None = None
+        self._seq = itertools.count()
+        self._folders: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- life cycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create the spool, drop partial receipts of an earlier run, listen."""
+        self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.incoming.mkdir(mode=0o700, exist_ok=True)
+        self.clean_incoming(max_age=0.0)
+        ae = AE(ae_title=self.ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.require_calling_aet = list(self.allowed)
+        ae.require_called_aet = True
+        ae.maximum_associations = self.max_associations
+        ae.acse_timeout = self.timeout
+        ae.dimse_timeout = self.timeout
+        ae.network_timeout = self.timeout
+        ae.maximum_pdu_size = 131072
+        receive_into(ae, self.incoming)
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_ACSE_SENT, self._on_acse_sent),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+        ]
+        self._server = ae.start_server(
+            (self.host, self.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self.ssl_context,
+        )
+        self.port = int(self._server.server_address[1])
+        self._ae = ae
+
+    def stop(self) -> None:
+        """Stop listening; associations in progress are aborted (their senders retry)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+        if self._ae is not None:
+            self._ae.shutdown()
+            self._ae = None
+
+    def alive(self) -> bool:
+        server = self._server
+        thread = getattr(server, "_thread", None) if server is not None else None
+        return server is not None and (thread is None or thread.is_alive())
+
+    def active_associations(self) -> int:
+        ae = self._ae
+        return len(ae.active_associations) if ae is not None else 0
+
+    def clean_incoming(self, max_age: float) -> int:
+        """Remove partial receipts (of aborted associations) untouched for ``max_age`` s."""
+        removed = 0
+        now = time.time()
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.incoming):
+                try:
+                    if now - entry.stat().st_mtime >= max_age:
+                        os.unlink(entry.path)
+                        receive_error(entry.path)
+                        removed += 1
+                except OSError:
+                    continue
+        return removed
+
+    # -- handlers (association threads) ------------------------------------------------------
+    def _emit(self, kind: str, calling_ae: str, reason: str = "", size: int = 0) -> None:
+        if self._on_event is not None:
+            self._on_event(ListenerEvent(kind, calling_ae, reason, size))
+
+    def _on_acse_sent(self, event: Any) -> None:
+        p = event.primitive
+        if type(p).__name__ == "A_ASSOCIATE" and p.result not in (None, 0):
+            r = Rejection(int(p.result), int(p.result_source), int(p.diagnostic))
+            self._emit("rejected", str(event.assoc.requestor.ae_title).strip(), r.reason)
+
+    def _on_established(self, event: Any) -> None:
+        self._emit("association", str(event.assoc.requestor.ae_title).strip())
+
+    def _on_echo(self, event: Any) -> int:
+        self._emit("echo", str(event.assoc.requestor.ae_title).strip())
+        return 0x0000
+
+    def _on_close(self, event: Any) -> None:
+        # A data set cut off by an abort leaves its partial file; a receipt in progress writes
+        # at least every ``timeout`` s, or its association is dropped.
+        self.clean_incoming(max_age=2 * self.timeout)
+
+    def _on_store(self, event: Any) -> int:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        tmp = Path(event.dataset_path)
+        error = receive_error(tmp)
+        if error is not None:
+            self._emit("refused", calling, f"write_failed: {_errno_name(error)}")
+            return OUT_OF_RESOURCES
+        try:
+            allowed = self._accept() if self._accept is not None else True
+        except Exception:
+            allowed = True  # a broken gate must not refuse everything; the write will tell
+        if not allowed:
+            self._emit("refused", calling, "intake_paused")
+            return OUT_OF_RESOURCES
+        try:
+            path, size = self._keep(tmp, calling)
+        except OSError as exc:
+            self._emit("refused", calling, f"write_failed: {_errno_name(exc)}")
+            return OUT_OF_RESOURCES
+        self._emit("stored", calling, size=size)
+        if self._on_stored is not None:
+            # The instance is durable: whatever happens here, it is taken at the next start.
+            with contextlib.suppress(Exception):
+                self._on_stored(path, calling)
+        return 0x0000
+
+    def _keep(self, tmp: Path, calling: str) -> tuple[Path, int]:
+        """fsync the received file, rename it into its source's folder, fsync the folder."""
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        name = _folder_name(calling)
+        folder = self.spool / name
+        if name not in self._folders:
+            with self._lock:
+                if not folder.is_dir():
+                    folder.mkdir(mode=0o700, exist_ok=True)
+                    fsync_dir(self.spool)
+                self._folders.add(name)
+        dest = folder / f"{time.time_ns():020d}-{next(self._seq):08d}.dcm"
+        os.rename(tmp, dest)
+        fsync_dir(folder)
+        return dest, size
+
+
+def _errno_name(exc: OSError) -> str:
+    import errno
+
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
