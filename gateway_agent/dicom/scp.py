@@ -210,7 +210,7 @@ class StoreSCP:
             for entry in os.scandir(self.incoming):
                 try:
                     if now - entry.stat().st_mtime >= max_age:
-                        os.unlink(entry.path)
+                        Path(entry.path).unlink()
                         receive_error(entry.path)
                         removed += 1
                 except OSError:
@@ -283,7 +283,7 @@ class StoreSCP:
                     fsync_dir(self.spool)
                 self._folders.add(name)
         dest = folder / f"{time.time_ns():020d}-{next(self._seq):08d}.dcm"
-        os.rename(tmp, dest)
+        tmp.rename(dest)
         fsync_dir(folder)
         return dest, size
 

@@ -1,4 +1,4 @@
-"""StoreSCP with real senders on 127.0.0.1: dcmtk storescu and pynetdicom; durability and refusals."""
+"""StoreSCP with real senders on 127.0.0.1 (storescu, pynetdicom): durability and refusals."""
 
 from __future__ import annotations
 
