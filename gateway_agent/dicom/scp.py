@@ -35,7 +35,6 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
 
 from .files import fsync_dir
 from .network import Rejection, receive_error, receive_into, set_nodelay
@@ -49,6 +48,7 @@ __all__ = [
 ]
 
 INCOMING_DIR = ".incoming"
+VERIFICATION = "1.2.840.10008.1.1"
 _PREFIX = "ae-"
 #: C-STORE status for "refused: out of resources" (PS3.4 B.2.3): the sender keeps and retries.
 OUT_OF_RESOURCES = 0xA700
@@ -157,8 +157,9 @@ class StoreSCP:
         self.clean_incoming(max_age=0.0)
         ae = AE(ae_title=self.ae_title)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(VERIFICATION)
         ae.require_calling_aet = list(self.allowed)
         ae.require_called_aet = True
         ae.maximum_associations = self.max_associations
