@@ -294,15 +294,17 @@ class StoreSCU:
             connected.append(True)
             set_nodelay(event)
 
-        def on_acse(event: Any) -> None:
-            p = event.primitive
-            if type(p).__name__ == "A_ASSOCIATE" and p.result in (1, 2):
-                rejected.append(Rejection(int(p.result), int(p.result_source), int(p.diagnostic)))
+        def on_pdu(event: Any) -> None:
+            # The PDU as decoded (the A-ASSOCIATE-RJ primitive may never reach the ACSE when
+            # the peer closes the connection right after it).
+            p = event.pdu
+            if type(p).__name__ == "A_ASSOCIATE_RJ":
+                rejected.append(Rejection(int(p.result), int(p.source), int(p.reason_diagnostic)))
 
         kwargs: dict[str, Any] = {}
         if self.ssl_context is not None:
             kwargs["tls_args"] = (self.ssl_context, self.server_hostname)
-        handlers: list[Any] = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)]
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu)]
         try:
             assoc = ae.associate(
                 self.host,
