@@ -158,6 +158,22 @@ def _bound_send_queue(assoc: Any, pdus: int) -> None:
     dul.to_provider_queue = new
 
 
+def _recording_ssl_socket(errors: list[str]) -> type[ssl.SSLSocket]:
+    """An ``SSLSocket`` class that notes why a handshake failed: pynetdicom only logs it, and
+    "connection refused" would send the operator looking in the wrong place."""
+
+    class _Recording(ssl.SSLSocket):
+        def connect(self, address: Any) -> None:
+            try:
+                super().connect(address)
+            except ssl.SSLError as exc:
+                detail = getattr(exc, "verify_message", "") or getattr(exc, "reason", "") or ""
+                errors.append(f"TLS handshake failed: {detail or type(exc).__name__}")
+                raise
+
+    return _Recording
+
+
 def _cap_send_pdu(assoc: Any, cap: int) -> None:
     """Send P-DATA PDUs of at most ``cap`` bytes, even to a peer that accepts any length (0)."""
     for item in assoc.acceptor.user_information:
@@ -182,8 +198,8 @@ class StoreSCU:
     connect_timeout
         Seconds to wait for the TCP (and TLS) connection.
     ssl_context, server_hostname
-        DICOM TLS: the client context and the name the peer's certificate must carry (default
-        ``host``).
+        DICOM TLS: the client context (its ``sslsocket_class`` is set here, to report handshake
+        failures) and the name the peer's certificate must carry (default ``host``).
     idle_release
         Release an association after this many seconds without work (0: after every batch).
     max_pdu
@@ -213,6 +229,10 @@ class StoreSCU:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
+        self._tls_errors: list[str] = []
+        if ssl_context is not None:
+            # The context is ours from here on: it reports handshake failures to this sender.
+            ssl_context.sslsocket_class = _recording_ssl_socket(self._tls_errors)
         self.server_hostname = server_hostname or host
         self.idle_release = idle_release
         self.max_pdu = max_pdu
@@ -289,6 +309,7 @@ class StoreSCU:
         ae.maximum_pdu_size = self.max_pdu
         rejected: list[Rejection] = []
         connected: list[bool] = []
+        self._tls_errors.clear()
 
         def on_open(event: Any) -> None:
             connected.append(True)
@@ -336,6 +357,8 @@ class StoreSCU:
             )
             raise _NoContextsError(refused)
         if not connected:
+            if self._tls_errors:
+                raise AssociationError(self._tls_errors[-1])
             raise AssociationError("connection refused or timed out")
         if assoc.is_aborted:
             raise AssociationError("association aborted by the peer")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from gateway_agent.dicom.network import (
     Outcome,
     Rejection,
     classify_store_status,
+    client_ssl_context,
     receive_into,
     status_meaning,
 )
@@ -24,6 +27,7 @@ from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreSCU
 from gateway_agent.synthetic import make_ct_series, write_series
 from tests._dcmtk import Storescp, write_profile
 from tests._orthanc import OrthancServer, free_port, start_orthanc
+from tests.conftest import require
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -267,3 +271,48 @@ def test_large_instance_is_streamed_in_bounded_memory(tmp_path: Path) -> None:
     # Both sides in this process: PDUs of at most 1 MiB, a few queued, written to disk as they
     # arrive (about 12 MiB whatever the size; a whole-file read would be 64 MiB at least).
     assert peak < 24 * 2**20, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB file"
+
+
+# -- DICOM TLS ----------------------------------------------------------------------------------
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    require(shutil.which("openssl") is not None, "openssl")
+    cert, key = directory / "peer.crt", directory / "peer.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_peer_verified_with_its_ca(
+    storescp: type[Storescp], tmp_path: Path, series: list[Path]
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    with storescp(tmp_path / "out", args=["+tls", str(key), str(cert), "-ic"]) as scp:
+        ok = StoreSCU(
+            "127.0.0.1",
+            scp.port,
+            scp.aet,
+            "EDGE01",
+            ssl_context=client_ssl_context(ca_file=cert),
+        )
+        [result] = ok.send(_items(series[:1]))
+        ok.close()
+        # Verification is on by default: a certificate no CA vouches for is refused.
+        strict = StoreSCU(
+            "127.0.0.1", scp.port, scp.aet, "EDGE01", ssl_context=client_ssl_context()
+        )
+        with pytest.raises(AssociationError) as info:
+            strict.send(_items(series[1:2]))
+        # ... and plain TCP to a TLS port is no association either.
+        plain = StoreSCU("127.0.0.1", scp.port, scp.aet, "EDGE01", timeout=3)
+        with pytest.raises(AssociationError):
+            plain.send(_items(series[1:2]))
+        assert len(scp.files()) == 1
+    assert result.outcome is Outcome.SUCCESS
+    assert str(info.value) == "TLS handshake failed: self-signed certificate"
