@@ -257,6 +257,30 @@ def _inbox_summary(inbox: Path, originals: str) -> dict[str, Any]:
     return summary
 
 
+def _listener_summary(listener: dict[str, Any], unit_name: str, state_dir: Path) -> dict[str, Any]:
+    """The C-STORE listener's counters (``state/listener.json``, kept by the running agent) and
+    the received instances not taken by intake yet; ``listener`` is the ``[listener]`` section
+    the agent runs with."""
+    from ..dicom.spool import received_files
+
+    summary: dict[str, Any] = {
+        "ae_title": listener.get("ae_title") or unit_name,
+        "address": f"{listener.get('host')}:{listener.get('port')}",
+        "allowed_calling_aes": list(listener.get("allowed_calling_aes") or []),
+    }
+    try:
+        summary.update(json.loads((state_dir / "listener.json").read_text()))
+    except (OSError, ValueError):
+        summary["counters"] = None
+    waiting = 0
+    for _ in received_files(state_dir / "received"):
+        waiting += 1
+        if waiting >= INBOX_COUNT_LIMIT:
+            break
+    summary["received_waiting"] = waiting
+    return summary
+
+
 def _pid_alive(pid: object) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -286,8 +310,12 @@ def collect_status(
     record = read_effective_settings(paths.root)
     destination: dict[str, Any] = {"target": settings.destination.target}
     inbox, originals = Path(settings.inbox), str(settings.originals)
+    listener = settings.listener.model_dump(mode="json")
+    unit_name = settings.unit_name
     if record is not None:
         used = record.get("settings") or {}
+        listener = used.get("listener") or listener
+        unit_name = str(used.get("unit_name") or unit_name)
         destination["target"] = str(record.get("destination", destination["target"]))
         if destination["target"] != settings.destination.target:
             destination["configured"] = settings.destination.target
@@ -309,6 +337,8 @@ def collect_status(
         "quarantine": Quarantine(paths.quarantine).summary(latest),
         "qc_outliers": _qc_outliers(settings, latest),
     }
+    if listener.get("enabled") or (paths.root / "listener.json").exists():
+        out["listener"] = _listener_summary(listener, unit_name, paths.root)
     if not paths.outbox_db.exists():
         return out
     from ..agent.outbox.store import Outbox
@@ -329,6 +359,26 @@ def collect_status(
     finally:
         outbox.close()
     return out
+
+
+def _print_listener(ls: dict[str, Any]) -> None:
+    w = sys.stdout.write
+    allowed = ", ".join(ls["allowed_calling_aes"]) or "any calling AE"
+    w(f"listener: C-STORE as {ls['ae_title']} on {ls['address']} ({allowed})\n")
+    c = ls.get("counters")
+    if not c:
+        w("  no counters yet (the agent has not run with the listener on)\n")
+    else:
+        w(
+            f"  since {_when(ls.get('since'))}: {c.get('associations', 0)} association(s), "
+            f"{c.get('stored', 0)} instance(s) received, {c.get('refused', 0)} refused "
+            f"(0xA700), {c.get('rejected', 0)} association(s) rejected\n"
+        )
+        for ae, per in sorted((ls.get("by_calling_ae") or {}).items()):
+            extra = "".join(f", {per[k]} {k}" for k in ("refused", "rejected") if per.get(k))
+            w(f"  {ae!r}: {per.get('stored', 0)} received{extra}, last {_when(per.get('last'))}\n")
+    if ls.get("received_waiting"):
+        w(f"  {ls['received_waiting']} received instance(s) waiting for intake\n")
 
 
 def _print_status(st: dict[str, Any]) -> None:
@@ -366,11 +416,19 @@ def _print_status(st: dict[str, Any]) -> None:
         )
         for d in ob["dead_latest"]:
             w(f"  dead #{d['id']} {d['sop_instance_uid']}: {d['last_error']}\n")
+    if "listener" in st:
+        _print_listener(st["listener"])
     d = st["destination"]
     w(f"destination: {d['target']}\n")
     if d.get("configured"):
         w(f"  the configuration now says {d['configured']}: restart the agent to use it\n")
-    if d.get("auth_failing"):
+    if d.get("auth_failing") and str(d.get("target", "")).startswith("dicom "):
+        w(
+            "  ASSOCIATION REJECTED: the peer does not accept our AE titles: fix "
+            "destination.called_ae / calling_ae (or register the calling AE at the PACS), "
+            "restart, then `gateway-agent retry`\n"
+        )
+    elif d.get("auth_failing"):
         w("  AUTHENTICATION FAILING: fix the credentials, restart, then `gateway-agent retry`\n")
     if d.get("last_error"):
         w(f"  last error ({_when(d.get('last_error_at'))}): {d['last_error']}\n")
