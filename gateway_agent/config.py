@@ -514,7 +514,8 @@ class Settings(BaseSettings):
     unit_name: str = Field(
         default="EDGE01",
         max_length=16,
-        description="Name of this edge box (at most 16 characters); the default StationName.",
+        description="Name of this edge box (at most 16 characters); the default StationName "
+        "and the default AE title of the DICOM destination and listener.",
     )
     settle_seconds: float = Field(
         default=2.0,
