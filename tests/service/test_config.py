@@ -83,7 +83,7 @@ def test_one_clear_line_per_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     lines = str(info.value).splitlines()[1:]
     assert len(lines) == 6, lines
     text = str(info.value)
-    kind = "destination.kind: Input should be 'folder' or 'dicomweb'"
+    kind = "destination.kind: Input should be 'folder', 'dicomweb' or 'dicom'"
     assert f"{kind} (got 'ftp') [from the config file]" in text
     assert "destination.timeout_seconds: Input should be greater than 0 (got -1)" in text
     assert "metrics.port: Input should be less than or equal to 65535 (got 70000)" in text
