@@ -121,6 +121,9 @@ def configure(
     # pydicom logs each of its warnings, which quote header values (PHI) and would break a
     # progress line; callers count pydicom's warnings instead (see qc.run.scan_directory).
     logging.getLogger("pydicom").setLevel(max(lvl, logging.ERROR))
+    # pynetdicom logs every association and message at INFO, and what it refuses at WARNING;
+    # the agent reports those itself (destination_failing, listener_* events).
+    logging.getLogger("pynetdicom").setLevel(max(lvl, logging.ERROR))
     _configured = True
 
 

@@ -21,6 +21,8 @@ __all__ = [
     "DEID_SECONDS",
     "FILES_RECEIVED",
     "INTAKE_PAUSED",
+    "LISTENER_ASSOCIATIONS",
+    "LISTENER_INSTANCES",
     "LAST_UPLOAD_SUCCESS",
     "QC_OUTLIERS",
     "QUARANTINED",
@@ -78,6 +80,19 @@ UPLOAD_SECONDS = Histogram(
     "gateway_upload_seconds",
     "Time per upload request.",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
+LISTENER_ASSOCIATIONS = Counter(
+    "gateway_listener_associations",
+    "C-STORE listener associations by calling AE title and result (accepted, rejected).",
+    ["calling_ae", "result"],
+    registry=REGISTRY,
+)
+LISTENER_INSTANCES = Counter(
+    "gateway_listener_instances",
+    "Instances received over C-STORE by calling AE title and result (stored: kept durably and "
+    "answered 0x0000; refused: answered 0xA700).",
+    ["calling_ae", "result"],
     registry=REGISTRY,
 )
 # Outbox depth by state, oldest waiting age and disk free are computed at scrape time by a collector

@@ -28,16 +28,16 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
 from .files import fsync_dir
 from .network import Rejection, receive_error, receive_into, set_nodelay
+from .spool import INCOMING_DIR, folder_name, received_files, source_of
 
 __all__ = [
     "INCOMING_DIR",
@@ -47,9 +47,7 @@ __all__ = [
     "source_of",
 ]
 
-INCOMING_DIR = ".incoming"
 VERIFICATION = "1.2.840.10008.1.1"
-_PREFIX = "ae-"
 #: C-STORE status for "refused: out of resources" (PS3.4 B.2.3): the sender keeps and retries.
 OUT_OF_RESOURCES = 0xA700
 
@@ -66,25 +64,6 @@ class ListenerEvent:
     calling_ae: str
     reason: str = ""
     size: int = 0
-
-
-def _folder_name(calling_ae: str) -> str:
-    return _PREFIX + quote(calling_ae, safe="")
-
-
-def source_of(path: Path) -> str:
-    """The calling AE title an instance in the spool was received from."""
-    name = path.parent.name
-    return unquote(name[len(_PREFIX) :]) if name.startswith(_PREFIX) else ""
-
-
-def received_files(spool: Path) -> Iterator[Path]:
-    """Every instance received durably and not yet taken (oldest first per source)."""
-    if not spool.is_dir():
-        return
-    for folder in sorted(spool.iterdir()):
-        if folder.name.startswith(_PREFIX) and folder.is_dir():
-            yield from sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
 
 
 class StoreSCP:
@@ -275,7 +254,7 @@ class StoreSCP:
             size = os.fstat(fd).st_size
         finally:
             os.close(fd)
-        name = _folder_name(calling)
+        name = folder_name(calling)
         folder = self.spool / name
         if name not in self._folders:
             with self._lock:

@@ -48,12 +48,15 @@ class OutboxSink(Protocol):
         size: int,
         audit: dict[str, Any],
         scanner: str | None = None,
+        source: str = "inbox",
+        calling_ae: str | None = None,
     ) -> bool: ...
 
 
 @dataclass
 class Job:
-    """One inbox file handed to a worker: its size and mtime when taken, its inbox-relative name."""
+    """One input handed to a worker: its size and mtime when taken, its inbox-relative name (or
+    ``received/...`` for the listener's), and the calling AE title when it came over C-STORE."""
 
     path: str
     size: int
@@ -61,6 +64,12 @@ class Job:
     rel: str
     future: Future[JobResult] | None = None
     started: float = field(default_factory=time.perf_counter)
+    calling_ae: str | None = None
+
+    @property
+    def source(self) -> str:
+        """``"listener"`` for an instance received over C-STORE, else ``"inbox"``."""
+        return "inbox" if self.calling_ae is None else "listener"
 
 
 class GroupCommit:
@@ -127,7 +136,7 @@ class GroupCommit:
         if not ready:
             return []
         try:
-            added = self._add_rows([result for _, result, _ in ready])
+            added = self._add_rows([(job, result) for job, result, _ in ready])
         except Exception as exc:
             for job, *_ in ready:
                 log.error(
@@ -139,7 +148,9 @@ class GroupCommit:
         # Only now, with the rows committed, may the originals go.
         for (job, result, seconds), new in zip(ready, added, strict=True):
             try:
-                self._originals.dispose(Path(job.path), job.rel, job.size, job.mtime_ns)
+                self._originals.dispose(
+                    Path(job.path), job.rel, job.size, job.mtime_ns, own=job.calling_ae is not None
+                )
             except Exception as exc:
                 log.error(
                     "intake_commit_failed", file=short_hash(job.path), error=describe_error(exc)
@@ -194,7 +205,7 @@ class GroupCommit:
             return None
         return payload, seconds
 
-    def _add_rows(self, results: list[Any]) -> list[bool]:
+    def _add_rows(self, done: list[tuple[Job, Any]]) -> list[bool]:
         rows = [
             {
                 "sop_instance_uid": r.sop_instance_uid,
@@ -205,8 +216,10 @@ class GroupCommit:
                 "size": r.size,
                 "audit": r.audit,
                 "scanner": getattr(r, "scanner", None) or None,
+                "source": job.source,
+                "calling_ae": job.calling_ae,
             }
-            for r in results
+            for job, r in done
         ]
         add_many = getattr(self._outbox, "add_many", None)
         if add_many is not None:

@@ -71,9 +71,13 @@ class Originals:
         """True for an original kept earlier, unchanged since (``keep`` only)."""
         return self._kept is not None and _KeptIndex.key(rel, size, mtime_ns) in self._kept
 
-    def dispose(self, src: Path, rel: str, size: int, mtime_ns: int) -> None:
-        """Apply the policy to ``src`` (inbox-relative name ``rel``); its row is committed."""
-        if self.policy == "delete":
+    def dispose(self, src: Path, rel: str, size: int, mtime_ns: int, *, own: bool = False) -> None:
+        """Apply the policy to ``src`` (inbox-relative name ``rel``); its row is committed.
+
+        ``own``: the agent's own copy (received over C-STORE): ``keep`` deletes it too (keeping
+        is for read-only inboxes; the listener's spool is not an archive).
+        """
+        if self.policy == "delete" or (own and self.policy == "keep"):
             with contextlib.suppress(FileNotFoundError):
                 src.unlink()
         elif self.policy == "archive":

@@ -21,6 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Literal
 
+from ...dicom.spool import source_of
 from ...logs import describe_error, get_logger, short_hash
 from ..metrics import FILES_RECEIVED, INTAKE_PAUSED
 from .commit import GroupCommit, Job, OutboxSink
@@ -80,6 +81,12 @@ class Intake:
         Called with a file that could not be processed for want of resources (disk full, quota,
         no worker) and a delay: 2 s, doubling per consecutive deferral up to 60 s (the watcher
         offers it again then). Without it, the watcher's periodic scan offers it again.
+    received
+        The C-STORE listener's spool (``state/received``): a second inbox whose files are the
+        agent's own, written durably by the listener. Their rows record ``source = "listener"``
+        and the calling AE title (from the file's folder); their quarantine entries are named
+        ``received/<folder>/<file>``. They are deleted after the commit (or archived under
+        ``archive_dir/received/``); ``originals = "keep"`` applies to the inbox only.
     """
 
     def __init__(
@@ -98,10 +105,12 @@ class Intake:
         state_dir: Path | None = None,
         resettle: Callable[[Path], None] | None = None,
         retry_later: Callable[[Path, float], None] | None = None,
+        received: Path | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError('Argument "workers" must be at least 1.')
         self.inbox = Path(inbox).resolve()
+        self.received = Path(received).resolve() if received is not None else None
         self.out_dir = Path(out_dir)
         self._engine = engine
         self._originals = Originals(
@@ -298,11 +307,13 @@ class Intake:
             return  # already gone (processed, moved away): nothing to do
         if not stat.S_ISREG(st.st_mode):
             return  # symlinks and specials are never taken
-        rel = self._relative(path)
-        if rel is None:
+        origin = self._origin(path)
+        if origin is None:
             log.warning("intake_outside_inbox", file=short_hash(path))
             return
-        if self._originals.already_kept(rel, st.st_size, st.st_mtime_ns):
+        rel, calling_ae = origin
+        own = calling_ae is not None
+        if not own and self._originals.already_kept(rel, st.st_size, st.st_mtime_ns):
             return
         FILES_RECEIVED.inc()
         if Path(path).name.upper() == DICOMDIR_NAME:
@@ -311,7 +322,7 @@ class Intake:
                 path, rel, "dicomdir", "DICOMDIR media index is not uploaded"
             )
             return
-        job = Job(path, st.st_size, st.st_mtime_ns, rel=rel)
+        job = Job(path, st.st_size, st.st_mtime_ns, rel=rel, calling_ae=calling_ae)
         with self._cond:
             self._inflight[path] = job
         assert self._pool is not None
@@ -334,15 +345,24 @@ class Intake:
             self._done.append(job)
             self._cond.notify_all()
 
-    def _relative(self, path: str) -> str | None:
+    def _origin(self, path: str) -> tuple[str, str | None] | None:
+        """``(name for the quarantine and archive, calling AE title)``: an inbox file has its
+        inbox-relative name and no calling AE; a file of the listener's spool is
+        ``received/<folder>/<file>`` with the calling AE of its folder. None: neither."""
         p = Path(path)
-        try:
-            rel = p.relative_to(self.inbox)
-            # The folder chain must stay inside the inbox (no symlinked folders).
-            p.parent.resolve().relative_to(self.inbox)
-        except (ValueError, OSError):
-            return None
-        return str(rel)
+        for root, prefix in ((self.inbox, None), (self.received, "received")):
+            if root is None:
+                continue
+            try:
+                rel = p.relative_to(root)
+                # The folder chain must stay inside the root (no symlinked folders).
+                p.parent.resolve().relative_to(root)
+            except (ValueError, OSError):
+                continue
+            if prefix is None:
+                return str(rel), None
+            return f"{prefix}/{rel}", source_of(p)
+        return None
 
     def _replace_pool(self) -> None:
         old = self._pool

@@ -23,9 +23,11 @@ import sqlite_utils
 
 from ._sqlite import connect, query, transaction
 
-__all__ = ["STATES", "OutboxDB", "OutboxRow"]
+__all__ = ["SOURCES", "STATES", "OutboxDB", "OutboxRow"]
 
 STATES = ("queued", "sending", "sent", "dead")
+#: Where an instance came from: the watched inbox, or the C-STORE listener.
+SOURCES = ("inbox", "listener")
 
 _SCHEMA = (
     """
@@ -47,7 +49,9 @@ _SCHEMA = (
         sent_at real,
         file_gone integer not null default 0,
         audit text not null default '{}',
-        scanner text
+        scanner text,
+        source text not null default 'inbox',
+        calling_ae text
     )
     """,
     "create index if not exists outbox_due on outbox (state, next_attempt_at)",
@@ -70,7 +74,8 @@ _SCHEMA = (
 _WHERE_IDS = " where id in (select value from json_each(?)) order by id"
 _SELECT_ROWS = (
     "select id, sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid, path,"
-    " size, state, attempts, next_attempt_at, last_error, created_at, sent_at, scanner"
+    " size, state, attempts, next_attempt_at, last_error, created_at, sent_at, scanner,"
+    " source, calling_ae"
     " from outbox"
 )
 
@@ -94,6 +99,10 @@ class OutboxRow:
     sent_at: float | None
     #: the keyed scanner pseudonym of the instance (None for rows written before it was kept)
     scanner: str | None = None
+    #: ``"inbox"`` or ``"listener"`` (received over C-STORE).
+    source: str = "inbox"
+    #: The calling AE title of the association that brought it (``source == "listener"``).
+    calling_ae: str | None = None
 
 
 def _row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
@@ -112,6 +121,8 @@ def _row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
         created_at=float(r[11]),
         sent_at=None if r[12] is None else float(r[12]),
         scanner=r[13],
+        source=str(r[14]),
+        calling_ae=r[15],
     )
 
 
@@ -147,6 +158,9 @@ class OutboxDB:
             columns = {r[1] for r in c.execute("pragma table_info(outbox)")}
             if "scanner" not in columns:  # a database from before the column
                 c.execute("alter table outbox add column scanner text")
+            if "source" not in columns:  # a database from before the C-STORE listener
+                c.execute("alter table outbox add column source text not null default 'inbox'")
+                c.execute("alter table outbox add column calling_ae text")
 
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … commit, or rollback and re-raise; holds the connection lock."""
@@ -176,8 +190,14 @@ class OutboxDB:
         size: int,
         audit: dict[str, Any],
         scanner: str | None = None,
+        source: str = "inbox",
+        calling_ae: str | None = None,
     ) -> bool:
-        """Insert a queued row, durable on return; False if the SOP UID was already there."""
+        """Insert a queued row, durable on return; False if the SOP UID was already there.
+
+        ``source`` says where the instance came from (``"inbox"``, ``"listener"``) and
+        ``calling_ae`` which scanner sent it over C-STORE; routing may match on them.
+        """
         return self.add_many(
             [
                 {
@@ -189,6 +209,8 @@ class OutboxDB:
                     "size": size,
                     "audit": audit,
                     "scanner": scanner,
+                    "source": source,
+                    "calling_ae": calling_ae,
                 }
             ]
         )[0]
@@ -207,6 +229,9 @@ class OutboxDB:
                 raise ValueError('Argument "sop_instance_uid" must not be empty.')
             if int(item["size"]) < 0:
                 raise ValueError('Argument "size" must be >= 0.')
+            source = str(item.get("source") or "inbox")
+            if source not in SOURCES:
+                raise ValueError(f'Argument "source" must be one of {SOURCES}, not {source!r}.')
             params.append(
                 (
                     uid,
@@ -217,6 +242,8 @@ class OutboxDB:
                     int(item["size"]),
                     json.dumps(item.get("audit") or {}, sort_keys=True, default=str),
                     item.get("scanner") or None,
+                    source,
+                    item.get("calling_ae"),
                 )
             )
         if not params:
@@ -228,9 +255,9 @@ class OutboxDB:
                 cur = c.execute(
                     "insert or ignore into outbox (sop_instance_uid, study_instance_uid,"
                     " series_instance_uid, sop_class_uid, path, size, state, attempts,"
-                    " next_attempt_at, created_at, audit, scanner)"
-                    " values (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?)",
-                    (*p[:6], now, now, p[6], p[7]),
+                    " next_attempt_at, created_at, audit, scanner, source, calling_ae)"
+                    " values (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?)",
+                    (*p[:6], now, now, *p[6:]),
                 )
                 added.append(cur.rowcount == 1)
         return added

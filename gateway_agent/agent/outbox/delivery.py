@@ -58,15 +58,20 @@ class Delivery(OutboxDB):
             ).fetchall()
         return [_row(r) for r in rows]
 
-    def mark_sent(self, ids: Sequence[int]) -> None:
-        """The destination acknowledged these rows (whatever their state now: the ack is a fact)."""
+    def mark_sent(self, ids: Sequence[int], *, warning: str | None = None) -> None:
+        """The destination acknowledged these rows (whatever their state now: the ack is a fact).
+
+        ``warning``: the destination stored them with a warning (a C-STORE 0xB000 coercion, for
+        one); it stays in ``last_error`` of the sent rows.
+        """
         now = self._clock()
+        note = f"warning: {warning}" if warning else None
         with self._tx() as c:
             c.execute("update destination_state set last_success_at = ? where id = 1", (now,))
             c.execute(
                 "update outbox set state = 'sent', sent_at = ?, lease_until = null,"
-                " last_error = null where id in (select value from json_each(?))",
-                (now, ids_param(ids)),
+                " last_error = ? where id in (select value from json_each(?))",
+                (now, note, ids_param(ids)),
             )
 
     def mark_retry(

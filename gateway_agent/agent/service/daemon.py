@@ -18,6 +18,7 @@ from ..._exceptions import ConfigError
 from ...config import Settings
 from ...deid import Deidentifier, DeidOptions, load_or_create_secret
 from ...logs import get_logger
+from ..intake.listener import Listener
 from ..intake.pipeline import OUTBOX_DIR_MODE, Intake
 from ..intake.quarantine import Quarantine
 from ..intake.watcher import InboxWatcher
@@ -91,6 +92,7 @@ class Daemon:
         self.uploader: Uploader | None = None
         self.intake: Intake | None = None
         self.watcher: InboxWatcher | None = None
+        self.listener: Listener | None = None
         self.quarantine = Quarantine(self.paths.quarantine)
         self.service: Any = None
         self._stop_event = threading.Event()
@@ -124,7 +126,7 @@ class Daemon:
 
         if s.destination.kind == "folder":
             self._remove_temp_files(Path(s.destination.folder))
-        destination = destination_from_settings(s.destination)
+        destination = destination_from_settings(s.destination, calling_ae=s.calling_ae)
         write_effective_settings(self.paths.root, s, s.destination.target)
         self.uploader = Uploader(outbox, destination, s.destination)
         self.uploader.start()
@@ -147,6 +149,7 @@ class Daemon:
             state_dir=self.paths.root,
             resettle=self._resettle,
             retry_later=self._retry_later,
+            received=self.paths.received if s.listener.enabled else None,
         )
         self.intake.start()
         intake = self.intake
@@ -154,6 +157,8 @@ class Daemon:
         self.uploader.more_coming = lambda: not intake.idle()
         self.watcher = InboxWatcher(self.inbox, self.intake.submit, settle_seconds=s.settle_seconds)
         self.watcher.start()
+        if s.listener.enabled:
+            self.listener = self._start_listener(gate)
 
         for factory in self._factories:
             component = factory(self)
@@ -175,6 +180,7 @@ class Daemon:
             workers=s.intake_workers,
             settle_seconds=s.settle_seconds,
             originals=s.originals,
+            listener=self.listener.port if self.listener is not None else None,
         )
 
     def _check_inbox(self) -> None:
@@ -227,12 +233,36 @@ class Daemon:
         intake = self.intake
         return intake.commit_problem if intake is not None else None
 
+    def _start_listener(self, gate: Callable[[], bool] | None) -> Listener:
+        """The C-STORE listener: one more inbox (its spool is under the state folder)."""
+        s = self.settings
+        assert self.intake is not None
+        listener = Listener(
+            s.listener,
+            ae_title=s.listener_ae,
+            spool=self.paths.received,
+            state_dir=self.paths.root,
+            submit=self.intake.submit,
+            gate=gate,
+        )
+        try:
+            listener.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"listener: cannot listen on {s.listener.host}:{s.listener.port} "
+                f"({exc.strerror or type(exc).__name__}): choose another listener.port "
+                "(ports below 1024 need root) or stop what holds it"
+            ) from None
+        return listener
+
     def _resettle(self, path: Path) -> None:
         if self.watcher is not None:
             self.watcher.resettle(path)
 
     def _retry_later(self, path: Path, delay: float) -> None:
-        if self.watcher is not None:
+        if self.listener is not None and self.listener.owns(path):
+            self.listener.retry_later(path, delay)
+        elif self.watcher is not None:
             self.watcher.retry_later(path, delay)
 
     def _disk_changed(self, paused: bool) -> None:
@@ -257,11 +287,14 @@ class Daemon:
     # ----------------------------------------------------------------- status
     def threads_alive(self) -> dict[str, bool]:
         """Liveness of each worker thread (for /healthz and the systemd watchdog)."""
-        return {
+        alive = {
             "watcher": bool(self.watcher and self.watcher.alive()),
             "intake": bool(self.intake and self.intake.alive()),
             "uploader": bool(self.uploader and self.uploader.alive()),
         }
+        if self.settings.listener.enabled:
+            alive["listener"] = bool(self.listener and self.listener.alive())
+        return alive
 
     def drained(self) -> bool:
         """Inbox work done and nothing waiting in the outbox (used by tests and benchmarks)."""
@@ -298,6 +331,14 @@ class Daemon:
             except Exception:
                 log.exception("service_stop_failed")
             self.service = None
+        if self.listener is not None:
+            # First: no instance is acknowledged that intake will not take (those already
+            # received stay in the spool for the next start).
+            try:
+                self.listener.stop()
+            except Exception:
+                log.exception("listener_stop_failed")
+            self.listener = None
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None

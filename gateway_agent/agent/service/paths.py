@@ -19,6 +19,8 @@ class StatePaths:
         self.outbox_files = self.root / "outbox"
         self.quarantine = self.root / "quarantine"
         self.qc_report = self.root / "qc"
+        #: The C-STORE listener's spool: instances received, not yet committed to the outbox.
+        self.received = self.root / "received"
 
 
 def _inside(a: Path, b: Path) -> bool:

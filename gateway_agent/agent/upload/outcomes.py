@@ -2,7 +2,7 @@
 
 The mapping follows the destination contract (``destinations/__init__.py``):
 
-* acknowledged instances → ``sent``;
+* acknowledged instances → ``sent`` (with the destination's warning, if any, kept on the row);
 * a per-instance permanent failure → ``dead`` with the server's reason;
 * a per-instance transient failure → ``queued`` with the row's own backoff;
 * a whole-request retriable failure (network, timeout, 408, 429, 5xx) or a refusal of the agent
@@ -115,7 +115,18 @@ class Outcomes:
         by_uid = {r.sop_instance_uid: r for r in rows}
         sent = [by_uid[u] for u in dict.fromkeys(result.sent) if u in by_uid]
         if sent:
-            j.call(self.outbox.mark_sent, [r.id for r in sent])
+            warned: dict[str, list[int]] = {}
+            for r in sent:
+                note = result.warnings.get(r.sop_instance_uid)
+                if note:
+                    warned.setdefault(note, []).append(r.id)
+            plain = [r.id for r in sent if not result.warnings.get(r.sop_instance_uid)]
+            if plain:
+                j.call(self.outbox.mark_sent, plain)
+            for note, ids in warned.items():
+                # Stored, with the destination's warning kept on the row (e.g. coercion).
+                j.call(self.outbox.mark_sent, ids, warning=note)
+                log.warning("upload_warning", rows=len(ids), warning=note)
             metrics.UPLOAD_ATTEMPTS.labels(result="sent").inc(len(sent))
             metrics.BYTES_SENT.inc(sum(r.size for r in sent))
             metrics.LAST_UPLOAD_SUCCESS.set(time.time())

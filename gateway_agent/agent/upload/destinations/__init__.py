@@ -1,7 +1,8 @@
 """The destination contract: what every destination kind implements, and the factory by kind.
 
 One module per kind sits beside this one: :mod:`.folder` (a local folder), :mod:`.dicomweb`
-(STOW-RS over httpx). The uploader knows only this contract; it never imports a kind.
+(STOW-RS over httpx), :mod:`.dicom` (C-STORE over pynetdicom). The uploader knows only this
+contract; it never imports a kind.
 
 The contract
 ------------
@@ -25,7 +26,10 @@ A destination is any object with::
     * ``failed[uid] = (True, reason)``: this instance will never be accepted → ``dead``;
     * ``failed[uid] = (False, reason)``: this instance failed this time → retried with its own
       backoff;
-    * an instance in neither → retried as ``not_acknowledged``.
+    * an instance in neither → retried as ``not_acknowledged``;
+    * ``warnings[uid] = reason``: a sent instance stored with a warning (DICOM's 0xB000 coercion,
+      0xB006 elements discarded, 0xB007 data set does not match SOP class): still ``sent``, the
+      warning kept on its row (``last_error``) and logged.
 
     A failure of the whole request is raised instead (the tree of ``gateway_agent._exceptions``):
 
@@ -89,10 +93,12 @@ REFUSAL_STATUSES = frozenset({401, 403, 301, 302, 303, 307, 308})
 
 @dataclass
 class SendResult:
-    """What one ``send`` achieved: ``sent`` SOP UIDs and ``failed`` uid -> (permanent?, reason)."""
+    """What one ``send`` achieved: ``sent`` SOP UIDs, ``failed`` uid -> (permanent?, reason), and
+    ``warnings`` uid -> reason for sent instances the destination stored with a warning."""
 
     sent: list[str] = field(default_factory=list)
     failed: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    warnings: dict[str, str] = field(default_factory=dict)
 
 
 class Destination(Protocol):
@@ -106,9 +112,14 @@ class Destination(Protocol):
 
 
 def destination_from_settings(
-    s: DestinationSettings, *, client: httpx.Client | None = None
+    s: DestinationSettings,
+    *,
+    client: httpx.Client | None = None,
+    calling_ae: str | None = None,
 ) -> Destination:
-    """Build the configured destination (``client``: an httpx client for DICOMweb, for tests).
+    """Build the configured destination (``client``: an httpx client for DICOMweb, for tests;
+    ``calling_ae``: our AE title for kind ``dicom`` when ``s.calling_ae`` is unset, i.e. the
+    unit name).
 
     Raises ``ConfigError`` for settings the kind cannot use. Credentials come from the settings
     or from files; they are never logged.
@@ -121,4 +132,8 @@ def destination_from_settings(
         from .dicomweb import dicomweb_from_settings
 
         return dicomweb_from_settings(s, client=client)
+    if s.kind == "dicom":
+        from .dicom import dicom_from_settings
+
+        return dicom_from_settings(s, calling_ae=calling_ae)
     raise ConfigError(f"destination.kind: unknown kind {s.kind!r}")
