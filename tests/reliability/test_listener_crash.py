@@ -112,9 +112,7 @@ def test_kill9_while_receiving_every_acknowledged_instance_is_delivered_once(
 
         run.start()
         deadline = time.monotonic() + 600
-        modalities = [
-            Modality(f"CT{k}", port, files[k::SENDERS], deadline) for k in range(SENDERS)
-        ]
+        modalities = [Modality(f"CT{k}", port, files[k::SENDERS], deadline) for k in range(SENDERS)]
         for m in modalities:
             m.start()
         rng = random.Random(SEED)
