@@ -11,6 +11,7 @@ agent's own engine gives it, the outbox holds one row per instance, and the spoo
 from __future__ import annotations
 
 import random
+import socket
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,9 @@ pytestmark = [pytest.mark.reliability, pytest.mark.orthanc, pytest.mark.slow]
 
 SEED = 20261205
 SENDERS = 3
+#: Seconds between two instances of one modality: sending spans the kills (a scanner
+#: reconstructing images sends at about this pace).
+PACE = 0.1
 
 
 class Modality(threading.Thread):
@@ -55,7 +59,11 @@ class Modality(threading.Thread):
                 continue
             try:
                 for path in list(self.todo):
-                    rsp = assoc.send_c_store(path)
+                    time.sleep(PACE)
+                    try:
+                        rsp = assoc.send_c_store(path)
+                    except RuntimeError:  # the association died between two instances
+                        rsp = None
                     status = getattr(rsp, "Status", None)
                     if status is None:
                         self.lost_associations += 1
@@ -67,6 +75,12 @@ class Modality(threading.Thread):
             finally:
                 if assoc.is_established:
                     assoc.release()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_kill9_while_receiving_every_acknowledged_instance_is_delivered_once(
@@ -89,7 +103,7 @@ def test_kill9_while_receiving_every_acknowledged_instance_is_delivered_once(
                 "listener": {"enabled": True, "host": "127.0.0.1", "port": port},
             },
         )
-        n = size(90, 300)
+        n = size(150, 450)
         engine = run.engine()
         files: list[Path] = []
         expected: set[str] = set()
@@ -118,7 +132,9 @@ def test_kill9_while_receiving_every_acknowledged_instance_is_delivered_once(
         rng = random.Random(SEED)
         kills = size(5, 12)
         for _ in range(kills):
-            time.sleep(rng.uniform(0.5, 2.0))
+            # Once the listener answers, kill within a second: in the middle of associations.
+            assert reached(lambda: _listening(port), 60)
+            time.sleep(rng.uniform(0.1, 1.0))
             run.agent.kill9()
             time.sleep(rng.uniform(0.0, 0.5))
             run.start()
@@ -151,5 +167,6 @@ def test_kill9_while_receiving_every_acknowledged_instance_is_delivered_once(
             },
         )
         assert run.agent.orphans == 0
+        assert sum(m.lost_associations for m in modalities) >= kills // 2  # kills hit sending
     finally:
         pacs.close()
