@@ -134,3 +134,22 @@ def test_bench_qc_archive() -> None:
 def test_bench_metrics() -> None:
     out = _run("bench_metrics.py", "--scanners", "0,5", "--scrapes", "3", "--rows", "10")
     assert int(_row(out, "5")[5]) > int(_row(out, "0")[5])  # samples grow with the scanners
+
+
+@pytest.mark.slow
+@pytest.mark.orthanc
+def test_bench_dicom_send_and_receive(tmp_path: Path) -> None:
+    require(orthanc_available(), "Orthanc with the DICOMweb plugin")
+    from tests._dcmtk import dcmtk_available
+
+    require(dcmtk_available(), "dcmtk (storescp, storescu)")
+    out = _run(
+        "bench_dicom.py", "--files", "20", "--size", "64", "--pairs", "1",
+        "--workdir", str(tmp_path),
+    )  # fmt: skip
+    ours = _row(out, "gateway-agent (inbox -> de-id -> outbox -> C-STORE)")
+    assert float(ours[1]) > 0 and ours[2].endswith("x"), ours
+    listener = _row(out, "gateway-agent listener (destination: Orthanc, C-STORE)")
+    assert float(listener[1]) > 0 and listener[4].endswith(" s"), listener
+    assert float(_row(out, "storescp + fsync (sync -d per file)")[1]) > 0
+    assert not list(tmp_path.iterdir()), "the run's files must be removed"

@@ -16,8 +16,8 @@ association.
   per context: offered together, it might pick one that needs a conversion). A file goes as
   stored when its syntax was accepted: streamed from disk without
   decoding (``_config.STORE_SEND_CHUNKED_DATASET``), in PDUs no larger than
-  :data:`MAX_SEND_PDU` with at most :data:`SEND_QUEUE_PDUS` queued, so memory stays bounded
-  (about 10 MB) for a 1 GB multi-frame. Otherwise it is
+  :data:`MAX_SEND_PDU` with at most :data:`SEND_QUEUE_BYTES` of them queued, so memory stays
+  bounded (about 10 MB) for a 1 GB multi-frame. Otherwise it is
   converted where that is lossless: between Implicit and Explicit VR Little Endian, and from
   Deflated Explicit VR Little Endian (the data set is decoded in memory then). Compressed pixel
   data is never decompressed: such a file whose syntax was refused fails as
@@ -62,8 +62,10 @@ __all__ = [
 
 #: Largest P-DATA PDU we send, whatever the peer allows (a peer may say "unlimited": 0).
 MAX_SEND_PDU = 1 << 20
-#: P-DATA PDUs queued ahead of the socket (so at most this many times MAX_SEND_PDU in memory).
-SEND_QUEUE_PDUS = 4
+#: Bytes of P-DATA PDUs queued ahead of the socket. Enough for a whole CT slice in the peer's
+#: usual 16 kB PDUs: pynetdicom's reactor sleeps 1 ms whenever it finds the queue empty, so a
+#: queue that runs dry between PDUs would cost a millisecond per PDU.
+SEND_QUEUE_BYTES = 4 << 20
 #: Most presentation contexts one association may propose (PS3.8: odd IDs 1..255).
 MAX_CONTEXTS = 128
 #: How many (SOP class, transfer syntax) pairs are remembered for the next association.
@@ -339,7 +341,8 @@ class StoreSCU:
             raise AssociationError(f"connection failed: {type(exc).__name__}") from None
         if assoc.is_established:
             _cap_send_pdu(assoc, MAX_SEND_PDU)
-            _bound_send_queue(assoc, SEND_QUEUE_PDUS)
+            pdu = assoc.acceptor.maximum_length or MAX_SEND_PDU
+            _bound_send_queue(assoc, max(4, SEND_QUEUE_BYTES // pdu))
             accepted = frozenset(
                 (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                 for cx in assoc.accepted_contexts
