@@ -239,6 +239,8 @@ class StoreSCU:
         self.idle_release = idle_release
         self.max_pdu = max_pdu
         # File paths are streamed, never decoded, when their syntax was accepted as stored.
+        # (A pynetdicom-wide setting: other senders in this process must then pass data sets,
+        # or files whose exact transfer syntax was accepted.)
         _config.STORE_SEND_CHUNKED_DATASET = True
         self._lock = threading.Condition()
         self._idle: list[_Assoc] = []
@@ -516,7 +518,7 @@ class StoreSCU:
             if status is None:
                 if not reason:
                     reason = (
-                        "association aborted by the peer during C-STORE"
+                        "association aborted during C-STORE (by the peer, or a timeout)"
                         if a.assoc.is_aborted
                         else "no C-STORE response (association aborted, connection lost or timeout)"
                     )

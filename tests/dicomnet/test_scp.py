@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
@@ -64,7 +65,7 @@ def listen(tmp_path: Path) -> Iterator[type[Listener]]:
 
 def _send(port: int, paths: list[Path], calling: str = "SCANNER") -> list[int]:
     ae = AE(ae_title=calling)
-    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     assoc = ae.associate("127.0.0.1", port, ae_title="EDGE01")
     assert assoc.is_established
     try:

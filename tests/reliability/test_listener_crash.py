@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
@@ -50,7 +51,7 @@ class Modality(threading.Thread):
 
     def run(self) -> None:
         ae = AE(ae_title=self.ae_title)
-        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
         while self.todo and time.monotonic() < self.deadline:
             assoc = ae.associate("127.0.0.1", self.port, ae_title="EDGE01")
@@ -87,6 +88,7 @@ def test_kill9_while_receiving_every_acknowledged_instance_is_delivered_once(
     tmp_path: Path,
 ) -> None:
     pacs = start_orthanc(dicom=True, dicom_peers={"EDGE01": ("127.0.0.1", 11112)})
+    run: AgentRun | None = None
     try:
         port = free_port()
         run = AgentRun(
@@ -169,4 +171,6 @@ def test_kill9_while_receiving_every_acknowledged_instance_is_delivered_once(
         assert run.agent.orphans == 0
         assert sum(m.lost_associations for m in modalities) >= kills // 2  # kills hit sending
     finally:
+        if run is not None and run.agent.alive():
+            run.agent.kill9()
         pacs.close()
