@@ -11,7 +11,6 @@ agent's own engine gives it, the outbox holds one row per instance, and the spoo
 from __future__ import annotations
 
 import random
-import socket
 import threading
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ class Modality(threading.Thread):
         self.statuses: dict[int, int] = {}
         self.lost_associations = 0
         self.deadline = deadline
+        self.in_association = threading.Event()
 
     def run(self) -> None:
         ae = AE(ae_title=self.ae_title)
@@ -58,6 +58,7 @@ class Modality(threading.Thread):
             if not assoc.is_established:
                 time.sleep(0.1)  # the listener is down (killed, starting): try again soon
                 continue
+            self.in_association.set()
             try:
                 for path in list(self.todo):
                     time.sleep(PACE)
@@ -74,14 +75,9 @@ class Modality(threading.Thread):
                         self.todo.remove(path)
                         self.acked.append(path)
             finally:
+                self.in_association.clear()
                 if assoc.is_established:
                     assoc.release()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_kill9_while_receiving_every_acknowledged_instance_is_delivered_once(
@@ -134,9 +130,9 @@ def test_kill9_while_receiving_every_acknowledged_instance_is_delivered_once(
         rng = random.Random(SEED)
         kills = size(5, 12)
         for _ in range(kills):
-            # Once the listener answers, kill within a second: in the middle of associations.
-            assert reached(lambda: _listening(port), 60)
-            time.sleep(rng.uniform(0.1, 1.0))
+            # Once a modality is in an association, kill within half a second: mid-association.
+            assert reached(lambda: any(m.in_association.is_set() for m in modalities), 120)
+            time.sleep(rng.uniform(0.05, 0.5))
             run.agent.kill9()
             time.sleep(rng.uniform(0.0, 0.5))
             run.start()
