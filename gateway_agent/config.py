@@ -271,10 +271,13 @@ class DestinationSettings(_Section):
 
     @property
     def target(self) -> str:
-        """Where instances go, for people and logs: ``folder /abs/path`` or
-        ``dicomweb https://host:port/path`` (never credentials)."""
+        """Where instances go, for people and logs: ``folder /abs/path``,
+        ``dicomweb https://host:port/path`` (never credentials) or ``dicom PACS@host:104``."""
         if self.kind == "folder":
             return f"folder {Path(self.folder).resolve()}"
+        if self.kind == "dicom":
+            tls = " (TLS)" if self.tls else ""
+            return f"dicom {self.called_ae}@{self.host}:{self.port}{tls}"
         parts = urlsplit(self.url or "")
         port = f":{parts.port}" if parts.port else ""
         return f"{self.kind} {parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
