@@ -205,6 +205,11 @@ class Daemon:
         probe = self.paths.root / f".write-test-{os.getpid()}"
         probe.touch()  # a read-only folder (or mount) fails here, not in a worker later
         probe.unlink()
+        # Temporaries of the state files written atomically (effective settings, listener
+        # counters) that a kill interrupted; the database files are never among them.
+        for leftover in self.paths.root.glob(".tmp-*.part"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         self.outbox = outbox = Outbox(self.paths.outbox_db)
         outbox.requeue_stale()
         self.paths.outbox_files.mkdir(mode=OUTBOX_DIR_MODE, parents=True, exist_ok=True)
