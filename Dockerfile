@@ -35,7 +35,8 @@ COPY README.md ./
 COPY gateway_agent ./gateway_agent
 # Trim what never runs in the agent: the libraries' own test suites and test data, C headers,
 # Cython sources, type stubs and the debug symbols of extension modules (the libraries they link
-# in *.libs stay untouched); then byte-compile once (hash-checked .pyc: valid whatever the file
+# in *.libs stay untouched), and the models Clean Pixel Data does not use (PP-OCR recogniser and
+# classifier, Tesseract's script detection); then byte-compile once (hash-checked .pyc: valid whatever the file
 # times, and never rewritten on the read-only root).
 RUN uv sync --frozen --no-dev --no-editable --no-install-package pip \
     && site=$(/opt/gateway-agent/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
@@ -44,6 +45,9 @@ RUN uv sync --frozen --no-dev --no-editable --no-install-package pip \
     && find "$site" -type f \( -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.c' \
         -o -name '*.cpp' -o -name '*.h' -o -name '*.pyi' \) -delete \
     && find "$site" -path "$site/*.libs" -prune -o -type f -name '*.so' -exec strip --strip-unneeded {} + \
+    && rm -f "$site"/rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx \
+        "$site"/rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx \
+        /opt/gateway-agent/share/tessdata/osd.traineddata \
     && /opt/gateway-agent/bin/python -m compileall -q -j 0 \
         --invalidation-mode unchecked-hash /opt/gateway-agent/lib \
     && /opt/gateway-agent/bin/gateway-agent --help > /dev/null

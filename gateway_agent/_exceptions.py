@@ -49,7 +49,10 @@ REASONS: dict[str, str] = {
     "no_sop_instance_uid": "no SOP Instance UID (0008,0018)",
     "missing_uid": "no Study, Series Instance or SOP Class UID",
     "unsupported_transfer_syntax": "the transfer syntax is not supported",
-    "burned_in_annotation": "the pixels may carry burned-in text (policy: quarantine)",
+    "burned_in_annotation": "the pixels may carry burned-in text (policy: quarantine, or "
+    "a photograph, slide or document, which text cleaning does not make safe)",
+    "burned_in_text_remaining": "identity still readable after Clean Pixel Data",
+    "burned_in_undecodable": "the pixels of an object at risk cannot be decoded or re-encoded",
     "dicomdir": "a DICOMDIR media index, not an instance",
     "too_large": "too large to process in memory",
     "internal_error": "de-identification failed unexpectedly",

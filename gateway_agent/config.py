@@ -122,10 +122,13 @@ class DeidSettings(_Section):
         description="Clean Graphics option: keep curves and graphic annotations with their text "
         'cleaned (overlay bitmaps only with burned_in = "allow").',
     )
-    burned_in: Literal["quarantine", "allow"] = Field(
-        default="quarantine",
+    burned_in: Literal["clean", "quarantine", "allow"] = Field(
+        default="clean",
         description="Images whose pixels may show patient data (BurnedInAnnotation YES, "
-        'ultrasound, secondary captures, photos, documents): "quarantine" holds them back, '
+        'ultrasound, secondary captures, photos, documents): "clean" paints burned-in text '
+        "out of ultrasound, secondary captures and images stating BurnedInAnnotation YES, "
+        "verifies that no identity is readable and quarantines what cannot be verified "
+        '(photos and documents stay quarantined); "quarantine" holds them all back; '
         '"allow" sends them as they are.',
     )
     station_name: str | None = Field(

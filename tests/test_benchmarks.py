@@ -153,3 +153,18 @@ def test_bench_dicom_send_and_receive(tmp_path: Path) -> None:
     assert float(listener[1]) > 0 and listener[4].endswith(" s"), listener
     assert float(_row(out, "storescp + fsync (sync -d per file)")[1]) > 0
     assert not list(tmp_path.iterdir()), "the run's files must be removed"
+
+
+@pytest.mark.slow
+def test_bench_pixels_table(tmp_path: Path) -> None:
+    out = _run(
+        "bench_pixels.py", "--frames", "3", "--cine-frames", "4", "--workdir", str(tmp_path),
+        timeout=600,
+    )  # fmt: skip
+    ga = _row(out, "gateway-agent (clean)")
+    assert ga[2] == "0 / 0" and ga[3] == "0 / 0", ga  # nothing readable after cleaning
+    assert ga[1].split("/")[0] == ga[1].split("/")[1].split(" ")[0], ga  # every line masked
+    assert ga[6].startswith("3/3"), ga
+    ctp = _row(out, "CTP signatures as written")
+    assert ctp[1].startswith("0/"), ctp
+    assert "cine: 4 frames" in out and "delivered=True" in out

@@ -25,6 +25,8 @@ PACKAGE_LAYERS: Mapping[str, frozenset[str]] = {
     "imaging": BOTTOM,
     "qc": BOTTOM | {"imaging"},
     "synthetic": BOTTOM,
+    # the pixel corpus measures with the verifier's own folding of identity (deid.pixels.verify)
+    "synthetic_pixels": BOTTOM | {"deid"},
     "agent": BOTTOM | {"deid", "imaging", "qc"},
     "cli": BOTTOM | {"deid", "imaging", "qc", "agent", "synthetic"},
     "__main__": frozenset({"cli"}),

@@ -63,7 +63,7 @@ def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; each command module adds its commands through ``register``."""
-    from . import agent_cmds, config_cmds, deid_cmds, imaging_cmds
+    from . import agent_cmds, config_cmds, deid_cmds, imaging_cmds, pixels_cmds
 
     parser = argparse.ArgumentParser(
         prog="gateway-agent",
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_global_options(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (agent_cmds, deid_cmds, imaging_cmds, config_cmds):
+    for module in (agent_cmds, deid_cmds, pixels_cmds, imaging_cmds, config_cmds):
         module.register(sub)
     for command in _commands(parser):
         _add_global_options(command, argparse.SUPPRESS)

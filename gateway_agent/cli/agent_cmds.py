@@ -116,6 +116,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="release the quarantined files with this reason (implies --quarantine)",
     )
+    retry.add_argument(
+        "--allow-burned-in",
+        action="store_true",
+        help="with --quarantine and entry ids quarantined for their pixels (burned_in_*): "
+        "after review (gateway-agent pixels), deliver these files as they are; recorded in "
+        "their audit",
+    )
     retry.add_argument("ids", nargs="*", help="outbox row ids (numbers) or quarantine ids")
     retry.set_defaults(func=cmd_retry)
 
@@ -501,6 +508,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
         known = ", ".join(REASONS)
         return _fail_retry(f"unknown reason {args.reason!r} (reasons: {known})")
     status = 0
+    if args.allow_burned_in and not (quarantine_too and q_ids):
+        return _fail_retry(
+            "--allow-burned-in releases reviewed objects one by one: give --quarantine and "
+            "their ids"
+        )
     if do_dead and row_ids:
         missing = sorted(set(row_ids) - _existing_rows(paths.outbox_db, row_ids))
         if missing:
@@ -533,7 +545,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
         inbox = Path(settings.inbox)
         released = 0
         for e in entries:
-            quarantine.release(e.id, inbox)
+            try:
+                quarantine.release(e.id, inbox, allow_burned_in=args.allow_burned_in)
+            except ValueError as exc:
+                print(f"not released: {exc}", file=sys.stderr)
+                status = 1
+                continue
             released += 1
         print(f"released {released} quarantined file(s) into the inbox")
     return status

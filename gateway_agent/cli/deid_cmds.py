@@ -93,9 +93,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=text
         )
     p.add_argument(
+        "--burned-in",
+        choices=("clean", "quarantine", "allow"),
+        default=None,
+        help="objects whose pixels may carry burned-in text: clean them (paint text out, "
+        "verify, quarantine what stays readable; the default), quarantine them all, or "
+        "allow them as they are (flagged in the audit)",
+    )
+    p.add_argument(
         "--allow-burned-in",
         action="store_true",
-        help="do not quarantine objects that may carry burned-in text (flagged in the audit)",
+        help="the same as --burned-in allow",
     )
     p.add_argument("--station-name", default=None, help="StationName for outputs (SH, <=16)")
     p.add_argument(
@@ -273,7 +281,7 @@ def _default_settings(
             if not isinstance(value, Path):
                 return None
         elif name == "burned_in":
-            if value not in ("quarantine", "allow"):
+            if value not in ("clean", "quarantine", "allow"):
                 return None
             options[name] = value
         elif isinstance(value, bool):
@@ -313,6 +321,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {
         f"deid.{field}": getattr(args, field) for field, _, _ in _OPTION_FLAGS
     }
+    if args.burned_in is not None:
+        overrides["deid.burned_in"] = args.burned_in
     if args.allow_burned_in:
         overrides["deid.burned_in"] = "allow"
     overrides["deid.station_name"] = args.station_name

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import DeidError
-from ..dicom.codec import Element, encode_dataset, parse_dataset
-from ..dicom.files import SourceFile, write_part10
+from ..dicom.codec import PIXEL_TAGS, Element, encode_dataset, parse_dataset
+from ..dicom.files import Header, SourceFile, write_part10
 from .engine import METHOD, Engine, Outcome
 from .keys import Keys, load_or_create_secret
 from .profile import EDITION, DeidOptions, load_rows, profile_for
@@ -24,6 +24,8 @@ from .safeprivate import SAFE_PRIVATE_PIXEL_DATA, safe_private_table
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
     from pydicom.tag import BaseTag
+
+    from .pixels.clean import PixelJob
 
 __all__ = [
     "EDITION",
@@ -45,6 +47,7 @@ IMPLEMENTATION_CLASS_UID = "2.25." + str(
     int.from_bytes(hashlib.sha256(b"gateway-agent implementation").digest()[:16], "big")
 )
 IMPLEMENTATION_VERSION_NAME = "GATEWAY_AGENT_1"
+
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
 
@@ -117,6 +120,40 @@ def _even(raw: bytes, pad: bytes) -> bytes:
     return raw + pad if len(raw) % 2 else raw
 
 
+def _has_pixels(header: Header) -> bool:
+    return header.pixels is not None or any(e.tag in PIXEL_TAGS for e in header.elements)
+
+
+def _cs(value: str) -> bytes:
+    return _even(value.encode("ascii"), b" ")
+
+
+def _pixel_header(elements: list[Element], job: PixelJob, input_size: int) -> list[Element]:
+    """The output header of a cleaned object: pixel elements dropped (written anew), Burned In
+    Annotation NO, the output photometric interpretation, lossy compression history kept."""
+    from .pixels.codecs import LOSSY_METHOD, NATIVE
+
+    out = {e.tag: e for e in elements if e.tag not in PIXEL_TAGS}
+    out[0x00280301] = Element(0x00280301, "CS", _cs("NO"))
+    out[0x00280004] = Element(0x00280004, "CS", _cs(job.photometric))
+    if job.layout.colour:
+        planar = job.layout.planar if job.output_syntax in NATIVE else 0
+        out[0x00280006] = Element(0x00280006, "US", planar.to_bytes(2, "little"))
+    if job.lossy_input:
+        # PS3.3 C.7.6.1.1.5: once lossy, always "01"; method and ratio keep the history. The
+        # cleaned frames are re-encoded losslessly, which adds nothing to it.
+        out[0x00282110] = Element(0x00282110, "CS", _cs("01"))
+        method = LOSSY_METHOD.get(job.input_syntax)
+        if method is not None and 0x00282114 not in out:
+            out[0x00282114] = Element(0x00282114, "CS", _cs(method))
+            if 0x00282112 not in out:
+                layout = job.layout
+                raw_size = layout.frames * layout.frame_bytes
+                ratio = f"{raw_size / max(input_size, 1):.2f}"[:16]
+                out[0x00282112] = Element(0x00282112, "DS", _even(ratio.encode(), b" "))
+    return sorted(out.values(), key=lambda e: e.tag)
+
+
 class Deidentifier:
     """De-identifies files and datasets with one site secret and one set of options.
 
@@ -170,6 +207,12 @@ class Deidentifier:
     def __setstate__(self, state: tuple[bytes, DeidOptions, str | None]) -> None:
         self.__init__(state[0], state[1], station_name=state[2])  # type: ignore[misc]
 
+    def with_burned_in(self, policy: str) -> Deidentifier:
+        """The same secret, options and station name with another burned-in ``policy``."""
+        values = {name: getattr(self.options, name) for name in DeidOptions.FIELDS}
+        values["burned_in"] = policy
+        return Deidentifier(self._secret, DeidOptions(**values), station_name=self.station_name)
+
     def __repr__(self) -> str:  # never the secret
         return f"Deidentifier(options={self.options!r}, station_name={self.station_name!r})"
 
@@ -210,6 +253,7 @@ class Deidentifier:
             Writing the output failed (e.g. disk full): not the input's fault.
         """
         with SourceFile(src) as source:
+            job = None
             try:
                 header = source.read_header()
                 meta_class = (
@@ -226,11 +270,15 @@ class Deidentifier:
                     if not outcome.uids[key]:
                         raise DeidError("missing_uid", f"no {key}")
                 enc = header.encoding
+                transfer_syntax = header.transfer_syntax
+                if outcome.clean_pixels and _has_pixels(header):
+                    job = self._pixel_job(source, header, outcome)
+                    transfer_syntax = job.output_syntax
                 body = encode_dataset(outcome.elements, enc.implicit, enc.little)
-                if enc.deflated:
+                if enc.deflated and job is None:
                     packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
                     body = _even(packer.compress(body) + packer.flush(), b"\0")
-                meta = self._file_meta(outcome, header.transfer_syntax, meta_class)
+                meta = self._file_meta(outcome, transfer_syntax, meta_class)
             except DeidError:
                 raise
             except (MemoryError, RecursionError, ValueError, LookupError, TypeError) as exc:
@@ -238,15 +286,26 @@ class Deidentifier:
             uids = outcome.uids
             path = Path(out_dir, f"{uids['sop_instance_uid']}.dcm")
             pixels = (source.fd, header.pixels) if header.pixels is not None else None
+            writer = job.write_element if job is not None else None
             try:
-                size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
-            except (FileNotFoundError, NotADirectoryError):
-                # The folder is missing (first file) or not a folder: create it, or raise as
-                # makedirs does. Trying first saves two system calls on every other file.
-                Path(out_dir).mkdir(parents=True, exist_ok=True)
-                size = write_part10(path, meta, body, pixels=pixels, fsync=fsync)
+                try:
+                    size = write_part10(
+                        path, meta, body, pixels=pixels, pixel_writer=writer, fsync=fsync
+                    )
+                except (FileNotFoundError, NotADirectoryError):
+                    # The folder is missing (first file) or not a folder: create it, or raise as
+                    # makedirs does. Trying first saves two system calls on every other file.
+                    Path(out_dir).mkdir(parents=True, exist_ok=True)
+                    size = write_part10(
+                        path, meta, body, pixels=pixels, pixel_writer=writer, fsync=fsync
+                    )
+            finally:
+                if job is not None:
+                    job.close()
         audit = self._engine.audit(outcome, header.transfer_syntax)
         audit["trailing_elements_dropped"] = header.trailing_dropped
+        if job is not None:
+            audit["pixels"] = job.audit_record()
         return DeidResult(
             path=path,
             sop_instance_uid=uids["sop_instance_uid"],
@@ -258,6 +317,36 @@ class Deidentifier:
             audit=audit,
             scanner=outcome.scanner,
         )
+
+    def _pixel_job(self, source: SourceFile, header: Header, outcome: Outcome) -> PixelJob:
+        """Prepare Clean Pixel Data for an object at risk; edit its output header to match.
+
+        Raises ``DeidError`` (``burned_in_annotation`` when the engine is not installed: the
+        quarantine policy applies; ``burned_in_undecodable`` when the pixels cannot be read).
+        """
+        from .pixels.clean import PixelJob, undecodable_on_error
+        from .pixels.identity import identity_tokens
+        from .pixels.signatures import match_signature
+
+        if any(e.tag in (0x7FE00008, 0x7FE00009) for e in header.elements):
+            raise DeidError("burned_in_undecodable", "float pixel data")
+        identity = identity_tokens(header.elements, outcome.codec, self.options)
+        signature = match_signature(header.elements, header.meta, outcome.codec)
+        fileobj = os.fdopen(os.dup(source.fd), "rb")
+        try:
+            with undecodable_on_error():
+                job = PixelJob(
+                    fileobj,
+                    header.transfer_syntax,
+                    identity,
+                    signature,
+                    implicit=header.encoding.implicit,
+                )
+        except BaseException:
+            fileobj.close()
+            raise
+        outcome.elements = _pixel_header(outcome.elements, job, source.size)
+        return job
 
     @staticmethod
     def _file_meta(outcome: Outcome, transfer_syntax: str, meta_class: str) -> list[Element]:
@@ -325,6 +414,12 @@ class Deidentifier:
         elements, _ = parse_dataset(data, len(data), 0, False, True)
         elements = _complete_uids(elements, getattr(ds, "file_meta", None))
         outcome = self._engine.run(elements)
+        if outcome.clean_pixels and any(e.tag in PIXEL_TAGS for e in elements):
+            # Clean Pixel Data streams frames from a file; a Dataset at risk is held back as
+            # under the quarantine policy rather than returned with its pixels untouched.
+            raise DeidError(
+                "burned_in_annotation", "Clean Pixel Data runs on files: use deidentify_file"
+            )
         encoded = encode_dataset(outcome.elements, False, True)
         new = read_dataset(io.BytesIO(encoded), is_implicit_VR=False, is_little_endian=True)
         ds.clear()

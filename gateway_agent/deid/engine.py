@@ -13,7 +13,7 @@ from ..dicom.scanner import SCANNER_PRIVATE_CREATOR, SCANNER_PRIVATE_GROUP
 from . import conditions
 from .iso2022 import Iso2022, iso2022_for
 from .keys import Keys, shift_da, shift_dt
-from .pixels import burned_in_risk
+from .pixels.policy import pixel_risk
 from .profile import (
     BASIC_PROFILE_CODE,
     CID_7050,
@@ -136,6 +136,8 @@ class Outcome:
 
     __slots__ = (
         "burned_in_allowed",
+        "clean_pixels",
+        "codec",
         "counts",
         "elements",
         "modality",
@@ -150,6 +152,10 @@ class Outcome:
         self.private_removed = 0
         self.uids: dict[str, str] = {}
         self.burned_in_allowed = False
+        #: the pixels are at risk and the policy is "clean": the caller must clean them
+        self.clean_pixels = False
+        #: the input's text codec (for the identity the pixel verifier looks for)
+        self.codec: str | None = None
         #: the output Modality value ("" when absent)
         self.modality = ""
         #: the keyed scanner pseudonym (``SCN-...``) from the original device attributes
@@ -644,6 +650,7 @@ class Engine:
         charset = top.get(0x00080005)
         codec = text_codec(charset.raw if charset else None)
         outcome = Outcome()
+        outcome.codec = codec
         self._check_pixels(top, outcome)
 
         iso = iso2022_for(charset.raw) if codec is None and charset is not None else None
@@ -673,7 +680,10 @@ class Engine:
             out.extend(_private_scanner(out, scanner))  # nothing when group 0009 is full
         else:
             out.append(Element(0x00181000, "LO", _text(scanner)))
-        out.extend(self._method_pixels if pixels_cleaned else self._method)
+        # Clean Pixel Data: the caller says it cleaned the pixels, or the policy decided here
+        # that the caller must (Deidentifier.deidentify_file does, or refuses the object).
+        cleaned = pixels_cleaned or outcome.clean_pixels
+        out.extend(self._method_pixels if cleaned else self._method)
         out.sort(key=_tag_of)  # attrgetter("tag"): the sort key in C
         outcome.elements = out
         outcome.counts = run.counts
@@ -691,12 +701,17 @@ class Engine:
             el = top.get(tag)
             return _ascii(el.raw) if el is not None else ""
 
-        risk = burned_in_risk(get(0x00080060), get(0x00080016), get(0x00280301), get(0x00280302))
+        risk = pixel_risk(get(0x00080060), get(0x00080016), get(0x00280301), get(0x00280302))
         if risk is None:
             return
-        if self.profile.options.burned_in != "allow":
-            raise DeidError("burned_in_annotation", risk)
-        outcome.burned_in_allowed = True
+        cleanable, detail = risk
+        policy = self.profile.options.burned_in
+        if policy == "allow":
+            outcome.burned_in_allowed = True
+        elif policy == "clean" and cleanable:
+            outcome.clean_pixels = True
+        else:
+            raise DeidError("burned_in_annotation", detail)
 
     def _scanner(self, top: dict[int, Element]) -> str:
         """The scanner pseudonym from the original device attributes (memoised per scanner)."""
@@ -758,6 +773,7 @@ class Engine:
             "options": opts.enabled(),
             "burned_in_policy": opts.burned_in,
             "burned_in_allowed": outcome.burned_in_allowed,
+            "pixels_cleaned": outcome.clean_pixels,
             "actions": dict(sorted(outcome.counts.items())),
             "private_removed": outcome.private_removed,
             "transfer_syntax": transfer_syntax,

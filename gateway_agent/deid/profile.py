@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASIC_PROFILE_CODE",
+    "BURNED_IN_POLICIES",
     "CID_7050",
     "CLEAN_PIXEL_DATA_CODE",
     "EDITION",
@@ -28,6 +29,10 @@ __all__ = [
 ]
 
 EDITION = "2024e"
+
+#: The burned-in pixel policies: clean (Clean Pixel Data, quarantine what cannot be verified),
+#: quarantine (every object at risk), allow (deliver as it is, flagged in the audit).
+BURNED_IN_POLICIES = ("clean", "quarantine", "allow")
 
 #: PS3.16 CID 7050 "De-identification Method" (version 20170914): code value (DCM) -> meaning.
 #: The profile, the ten options of Table E.1-1 and the two pixel options, in code order.
@@ -99,7 +104,7 @@ class DeidOptions:
 
     Field names are those of :class:`gateway_agent.config.DeidSettings`; the defaults are the
     Basic Profile with Retain Longitudinal Temporal Information Modified Dates and Clean
-    Descriptors, objects that may carry burned-in text quarantined.
+    Descriptors, objects that may carry burned-in text cleaned (Clean Pixel Data).
 
     Parameters
     ----------
@@ -109,12 +114,13 @@ clean_descriptors, clean_structured_content, clean_graphics
         The Annex E options (Table E.1-1 columns). When both date options are set, Full Dates
         wins (as in the settings).
     burned_in
-        ``"quarantine"`` (refuse objects that may carry burned-in text) or ``"allow"``.
+        ``"clean"`` (Clean Pixel Data on objects that may carry burned-in text; quarantine what
+        cannot be verified), ``"quarantine"`` (refuse them) or ``"allow"``.
 
     Raises
     ------
     ValueError
-        ``burned_in`` is neither ``"quarantine"`` nor ``"allow"``.
+        ``burned_in`` is not one of ``"clean"``, ``"quarantine"``, ``"allow"``.
     """
 
     #: The field names, in order.
@@ -142,11 +148,11 @@ clean_descriptors, clean_structured_content, clean_graphics
     clean_descriptors: bool = True
     clean_structured_content: bool = False
     clean_graphics: bool = False
-    burned_in: str = "quarantine"
+    burned_in: str = "clean"  # "clean", "quarantine" or "allow"
 
     def __post_init__(self) -> None:
-        if self.burned_in not in ("quarantine", "allow"):
-            raise ValueError('Argument "burned_in" must be "quarantine" or "allow".')
+        if self.burned_in not in BURNED_IN_POLICIES:
+            raise ValueError('Argument "burned_in" must be "clean", "quarantine" or "allow".')
         if self.retain_long_full_dates and self.retain_long_modified_dates:
             object.__setattr__(self, "retain_long_modified_dates", False)
 

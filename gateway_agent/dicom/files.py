@@ -402,15 +402,21 @@ def write_part10(
     body: bytes,
     *,
     pixels: tuple[int, PixelRange] | None = None,
+    pixel_writer: Callable[[int], int] | None = None,
     fsync: bool = True,
 ) -> int:
     """Write a part-10 file: zero preamble, ``DICM``, file meta, ``body``, then the raw pixel range.
 
-    ``pixels`` is ``(source fd, range)``; the bytes are copied as they are.
+    ``pixels`` is ``(source fd, range)``; the bytes are copied as they are. ``pixel_writer``
+    instead writes new pixel data after the body (it returns the bytes it wrote; if it raises,
+    no file is left behind).
     """
     head = b"\0" * 128 + b"DICM" + encode_file_meta(meta) + body
 
     def write(fd: int) -> int:
+        if pixel_writer is not None:
+            write_all(fd, head)
+            return len(head) + pixel_writer(fd)
         if pixels is None:
             write_all(fd, head)
             return len(head)

@@ -124,7 +124,7 @@ def test_status_and_retry_quarantine_after_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A burned-in image is quarantined; after allowing it, `retry --quarantine` delivers it."""
-    settings = agent_settings(tmp_path)
+    settings = agent_settings(tmp_path, **{"deid.burned_in": "quarantine"})
     ds = make_ct_slice(rows=32, cols=32, study_seed="burned")
     ds.BurnedInAnnotation = "YES"
     settings.inbox.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ FLAG_SETS: list[list[str]] = [
     ["--no-retain-long-modified-dates", "--retain-safe-private", "--clean-graphics"],
     ["--allow-burned-in", "--station-name", "X1", "--secret-file", "k/s.key"],
     ["--station-name", ""],  # empty: the unit name
+    ["--burned-in", "quarantine"],
+    ["--burned-in", "allow", "--retain-uids"],
     ["--retain-device-identity", "--retain-institution-identity"],
     ["--retain-patient-characteristics", "--clean-structured-content"],
 ]

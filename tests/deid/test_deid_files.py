@@ -224,9 +224,13 @@ def test_rejections_by_reason(tmp_path: Path) -> None:
     us = make_ct_slice(rows=8, cols=8)
     us.Modality = "US"
     p = write_series([us], tmp_path / "us")[0]
+    quarantine = _deid(burned_in="quarantine")
     with pytest.raises(DeidError) as info:
-        deid.deidentify_file(p, tmp_path / "out")
+        quarantine.deidentify_file(p, tmp_path / "out")
     assert info.value.reason == "burned_in_annotation"
+    cleaned = deid.deidentify_file(p, tmp_path / "out")  # the default policy cleans it
+    assert cleaned.audit["pixels"]["verified"] is True
+    assert pydicom.dcmread(cleaned.path).BurnedInAnnotation == "NO"
     allowed = _deid(burned_in="allow").deidentify_file(p, tmp_path / "out")
     assert allowed.audit["burned_in_allowed"] is True
     us.BurnedInAnnotation = "NO"  # the device's explicit statement is accepted
@@ -235,6 +239,11 @@ def test_rejections_by_reason(tmp_path: Path) -> None:
     ct = make_ct_slice(rows=8, cols=8)
     ct.BurnedInAnnotation = "YES"
     p = write_series([ct], tmp_path / "ct_yes")[0]
+    with pytest.raises(DeidError, match="burned_in_annotation"):
+        quarantine.deidentify_file(p, tmp_path / "out")
+    assert deid.deidentify_file(p, tmp_path / "out").audit["pixels"]["cleaned"] is True
+    ct.Modality = "XC"  # a photograph: cleaning text does not make it safe
+    p = write_series([ct], tmp_path / "xc_yes")[0]
     with pytest.raises(DeidError, match="burned_in_annotation"):
         deid.deidentify_file(p, tmp_path / "out")
     assert [q for q in (tmp_path / "out").iterdir() if q.name.startswith(".")] == []

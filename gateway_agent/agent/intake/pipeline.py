@@ -113,6 +113,8 @@ class Intake:
         self.received = Path(received).resolve() if received is not None else None
         self.out_dir = Path(out_dir)
         self._engine = engine
+        #: where operator releases of burned-in objects are recorded (see Quarantine.release)
+        self._released = str(quarantine.released_dir)
         self._originals = Originals(
             originals, archive_dir=archive_dir, state_dir=Path(state_dir or out_dir.parent)
         )
@@ -328,10 +330,10 @@ class Intake:
         assert self._pool is not None
         try:
             try:
-                job.future = self._pool.submit(deid_job, path, str(self.out_dir))
+                job.future = self._pool.submit(deid_job, path, str(self.out_dir), self._released)
             except BrokenProcessPool:
                 self._replace_pool()
-                job.future = self._pool.submit(deid_job, path, str(self.out_dir))
+                job.future = self._pool.submit(deid_job, path, str(self.out_dir), self._released)
         except BaseException:
             # No worker took it (e.g. none could be started on a full disk): it must not stay
             # "in flight", where every later offer of the same file would be ignored.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import secrets
@@ -17,7 +18,14 @@ from typing import Any
 from ...logs import get_logger
 from ..metrics import QUARANTINED
 
-__all__ = ["ORIGINAL_NAME", "REASON_FILE", "Quarantine", "QuarantineEntry", "move_file"]
+__all__ = [
+    "ORIGINAL_NAME",
+    "REASON_FILE",
+    "Quarantine",
+    "QuarantineEntry",
+    "file_digest",
+    "move_file",
+]
 
 log = get_logger()
 
@@ -47,6 +55,15 @@ class QuarantineEntry:
             "time": self.time,
             "original_size": self.original_size,
         }
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex): how a release names the one file it allows."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -84,6 +101,13 @@ class Quarantine:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    @property
+    def released_dir(self) -> Path:
+        """Where releases with ``allow_burned_in`` are recorded (beside the quarantine root):
+        one ``<sha256 of the file>.json`` each, read and removed by the worker that delivers it.
+        """
+        return self.root.with_name(self.root.name + "-released")
 
     def ensure(self) -> None:
         """Create the root (mode 0700)."""
@@ -171,6 +195,26 @@ class Quarantine:
             "latest": [e.public() for e in items[-latest:][::-1]],
         }
 
+    def _record_release(self, original: Path, info: QuarantineEntry) -> None:
+        digest = file_digest(original)
+        folder = self.released_dir
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        record = {
+            "quarantine_id": info.id,
+            "reason": info.reason,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        tmp = folder / f".{digest}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(record, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(folder / f"{digest}.json")
+        _fsync_dir(folder)
+        log.warning("burned_in_released", id=info.id, reason=info.reason)
+
     def cleanup(self) -> int:
         """Remove entries left incomplete by a crash (no original inside); return how many."""
         if not self.root.is_dir():
@@ -183,15 +227,23 @@ class Quarantine:
             removed += 1
         return removed
 
-    def release(self, entry_id: str, inbox: Path) -> Path:
+    def release(self, entry_id: str, inbox: Path, *, allow_burned_in: bool = False) -> Path:
         """Put an entry's original back into ``inbox`` (atomically visible) and drop the entry.
 
         The file lands as ``inbox/retry-<id>/<original name>``; the watcher takes it from there.
+        ``allow_burned_in`` (an operator's decision after review, for an entry quarantined for
+        its pixels) records the file's digest in :attr:`released_dir` first: the agent then
+        delivers that file, and only that file, as the ``allow`` policy would, and records the
+        release in its audit.
         """
         entry = self.root / entry_id
         if "/" in entry_id or entry_id.startswith(".") or not (entry / ORIGINAL_NAME).exists():
             raise KeyError(entry_id)
         info = self._read(entry)
+        if allow_burned_in:
+            if info is None or not info.reason.startswith("burned_in_"):
+                raise ValueError(f"entry {entry_id} was not quarantined for its pixels")
+            self._record_release(entry / ORIGINAL_NAME, info)
         name = Path(info.original_name or "").name if info else ""
         if not name or name.startswith(".") or name == "..":
             name = f"{entry_id}.dcm"

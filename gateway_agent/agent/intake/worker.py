@@ -62,18 +62,46 @@ def _die_with_agent(agent_pid: int) -> None:
     threading.Thread(target=watch, name="agent-watch", daemon=True).start()
 
 
+def _released(src: str, out_dir: str, released_dir: Path, refused: IngestError) -> Any:
+    """De-identify a released file under ``allow``, or raise ``refused`` if it is not released."""
+    import json
+
+    from .quarantine import file_digest
+
+    record_path = released_dir / f"{file_digest(Path(src))}.json"
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise refused from None
+    result = _ENGINE.with_burned_in("allow").deidentify_file(Path(src), Path(out_dir))
+    result.audit["burned_in_released"] = {
+        "quarantine_id": str(record.get("quarantine_id", "")),
+        "reason": str(record.get("reason", "")),
+        "refused_now": refused.reason,
+    }
+    record_path.unlink(missing_ok=True)  # one release, one delivery
+    return result
+
+
 def warm_up() -> None:
     """A no-op job: makes the pool start its worker processes ahead of the first file."""
 
 
-def deid_job(src: str, out_dir: str) -> JobResult:
+def deid_job(src: str, out_dir: str, released_dir: str | None = None) -> JobResult:
     """Run in a worker: de-identify one file. Never raises; errors come back as data.
 
     (IngestError carries ``reason`` outside ``args``, so it does not survive pickling as is.)
+    A file refused for its pixels that an operator released with ``--allow-burned-in`` (its
+    digest recorded in ``released_dir``) is de-identified under the ``allow`` policy instead.
     """
     t0 = time.perf_counter()
     try:
-        result = _ENGINE.deidentify_file(Path(src), Path(out_dir))
+        try:
+            result = _ENGINE.deidentify_file(Path(src), Path(out_dir))
+        except IngestError as exc:
+            if not exc.reason.startswith("burned_in_") or released_dir is None:
+                raise
+            result = _released(src, out_dir, Path(released_dir), exc)
         # The engine's atomic write leaves outputs 0644 (a general-purpose writer); outbox
         # copies are the agent's own: 0600 (in a 0700 folder), before the row is committed.
         Path(result.path).chmod(OUTBOX_FILE_MODE)

@@ -1,8 +1,15 @@
-"""Burned-in annotation policy: which objects may show identity in their (never decoded) pixels."""
+"""Burned-in annotation policy: which objects may show identity in their pixels (at risk)."""
 
 from __future__ import annotations
 
-__all__ = ["RISKY_MODALITIES", "RISKY_SOP_CLASSES", "burned_in_risk"]
+__all__ = [
+    "CLEANABLE_MODALITIES",
+    "CLEANABLE_SOP_CLASSES",
+    "RISKY_MODALITIES",
+    "RISKY_SOP_CLASSES",
+    "burned_in_risk",
+    "pixel_risk",
+]
 
 #: Modalities whose images routinely carry burned-in text or faces.
 RISKY_MODALITIES = frozenset(
@@ -79,3 +86,44 @@ def burned_in_risk(
     if modality.strip().upper() in RISKY_MODALITIES:
         return f"modality {modality.strip().upper()[:8]} without BurnedInAnnotation NO"
     return None
+
+
+#: Modalities whose risk is text on a screen capture: Clean Pixel Data removes it. The other
+#: risky modalities are photographs, slides and documents (faces, labels, paper), which text
+#: cleaning does not make safe; they stay quarantined.
+CLEANABLE_MODALITIES = frozenset({"US", "IVUS", "OT"})
+#: SOP classes whose risk is burned-in text: secondary captures and ultrasound.
+CLEANABLE_SOP_CLASSES = frozenset(
+    {
+        _P + "7",
+        _P + "7.1",
+        _P + "7.2",
+        _P + "7.3",
+        _P + "7.4",
+        _P + "6",
+        _P + "6.1",
+        _P + "3",
+        _P + "3.1",
+    }
+)
+
+
+def pixel_risk(
+    modality: str, sop_class_uid: str, burned_in_annotation: str, recognizable_features: str
+) -> tuple[bool, str] | None:
+    """``(cleanable, detail)`` when the object is at risk (see :func:`burned_in_risk`), else None.
+
+    Cleanable: the risk is burned-in text on an image Clean Pixel Data can process (any image
+    stating BurnedInAnnotation YES, ultrasound, secondary captures, OT), and not recognizable
+    features, a document, or a photographic class or modality.
+    """
+    detail = burned_in_risk(modality, sop_class_uid, burned_in_annotation, recognizable_features)
+    if detail is None:
+        return None
+    if recognizable_features.strip().upper() == "YES" or sop_class_uid in _DOCUMENTS:
+        return False, detail
+    mod = modality.strip().upper()
+    photographic = (
+        sop_class_uid in RISKY_SOP_CLASSES and sop_class_uid not in CLEANABLE_SOP_CLASSES
+    ) or (mod in RISKY_MODALITIES and mod not in CLEANABLE_MODALITIES)
+    return not photographic, detail

@@ -1,0 +1,29 @@
+"""Clean Pixel Data (PS3.15 E.3.1): the at-risk policy, and the engine that cleans burned-in text.
+
+``policy`` decides which objects may show identity in their pixels (header only, on the hot
+path). The engine is imported only for objects at risk: ``signatures`` (CTP device regions),
+``detect`` (learned and classical text detectors), ``codecs`` (frame decoding, black value,
+lossless re-encoding), ``verify`` (an independent reader and the identity it must not find),
+``identity`` (that identity from the header), ``clean`` (per-object orchestration and audit)
+and ``preview`` (what an operator reviews).
+"""
+
+from __future__ import annotations
+
+from .policy import (
+    CLEANABLE_MODALITIES,
+    CLEANABLE_SOP_CLASSES,
+    RISKY_MODALITIES,
+    RISKY_SOP_CLASSES,
+    burned_in_risk,
+    pixel_risk,
+)
+
+__all__ = [
+    "CLEANABLE_MODALITIES",
+    "CLEANABLE_SOP_CLASSES",
+    "RISKY_MODALITIES",
+    "RISKY_SOP_CLASSES",
+    "burned_in_risk",
+    "pixel_risk",
+]
