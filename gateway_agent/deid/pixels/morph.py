@@ -57,9 +57,7 @@ def box_sum(a: np.ndarray, size: int) -> np.ndarray:
     y1 = np.clip(np.arange(rows) + size - half, 0, rows)
     x0 = np.clip(np.arange(cols) - half, 0, cols)
     x1 = np.clip(np.arange(cols) + size - half, 0, cols)
-    out: np.ndarray = (
-        table[y1][:, x1] - table[y0][:, x1] - table[y1][:, x0] + table[y0][:, x0]
-    )
+    out: np.ndarray = table[y1][:, x1] - table[y0][:, x1] - table[y1][:, x0] + table[y0][:, x0]
     return out
 
 
