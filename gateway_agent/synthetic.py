@@ -117,8 +117,9 @@ def make_ct_slice(
     ``plant_phi`` puts PHI markers into the places a real scanner or PACS leaves them:
     names and IDs, free text, a nested request sequence, a private block and the preamble.
     ``subject`` is ``"adult"``, ``"paediatric"`` (a parent as Responsible Person) or
-    ``"veterinary"`` (species, breed, owner and responsible organization, as PS3.3 requires
-    for an animal); ``clinical_trial`` adds the Clinical Trial Subject and Series Modules.
+    ``"veterinary"`` (species, breed and its registration, owner and responsible organization,
+    as PS3.3 requires for an animal); ``clinical_trial`` adds the Clinical Trial Subject and
+    Series Modules.
     """
     if subject not in ("adult", "paediatric", "veterinary"):
         raise ValueError('Argument "subject" must be "adult", "paediatric" or "veterinary".')
@@ -265,7 +266,12 @@ def _add_responsible_party(ds: Dataset, subject: str, plant_phi: bool) -> None:
     )
     ds.PatientBreedDescription = "Beagle"
     ds.PatientBreedCodeSequence = DicomSequence([_code("44743007", "SCT", "Beagle dog")])
-    ds.BreedRegistrationSequence = DicomSequence()
+    registration = Dataset()
+    registration.BreedRegistrationNumber = "PHIOTHERID-KC" if plant_phi else "KC-0001"
+    registration.BreedRegistryCodeSequence = DicomSequence(
+        [_code("109200", "DCM", "America Kennel Club")]
+    )
+    ds.BreedRegistrationSequence = DicomSequence([registration])
     ds.PatientSexNeutered = "ALTERED"
 
 

@@ -1,9 +1,9 @@
 """IOD rules the profile alone would break: dependents of removed attributes, animals' Type 2C.
 
 Table E.1-1 acts on each attribute alone; PS3.3 ties some attributes together. Three kinds of
-tie are broken by the Basic Profile and its options, found by running dciodvfy on objects that
-carry every standard attribute, once per Storage SOP Class, before and after de-identification
-(the list is in ``docs/deidentification.md``):
+tie are broken by the Basic Profile (with its supplement) and its options, found by running
+dciodvfy on objects that carry every standard attribute, once per Storage SOP Class, before and
+after de-identification (the list is in ``docs/deidentification.md``):
 
 * a Type 1C attribute "required if" another one is present (with a value), and not allowed
   otherwise: when the profile removes or empties that other attribute, the dependent goes too;
@@ -36,6 +36,11 @@ DEPENDENTS: dict[int, tuple[int, bool]] = {
     # 1C "Required if Clinical Trial Protocol Ethics Committee Approval Number (0012,0082) is
     # present."; the Approval Number is X, the Name D (K with Retain Institution Identity).
     0x00120081: (0x00120082, False),
+    # Patient Module: Patient's Alternative Calendar (0010,0035) 1C "Required if either Patient's
+    # Birth Date in Alternative Calendar (0010,0033) or Patient's Death Date in Alternative
+    # Calendar (0010,0034) is present."; the supplement removes the birth date under every
+    # option, and keeps the death date and the calendar only with Full Dates.
+    0x00100035: (0x00100034, False),
 }
 
 #: Patient Module attributes that are Type 2C "Required if the patient is an animal" and X in
@@ -66,6 +71,8 @@ TYPE_3_SEQUENCES = frozenset({0x00081110})  # Referenced Study Sequence
 
 #: Top-level attributes whose presence in the input means :func:`apply` has work to do.
 LOOKUP_TAGS = frozenset(DEPENDENTS) | frozenset(ANIMAL_TYPE_2C) | TYPE_3_SEQUENCES
+#: Output attributes :func:`apply` looks at: those above and the ones the conditions name.
+_FOUND_TAGS = LOOKUP_TAGS | {condition for condition, _ in DEPENDENTS.values()}
 
 
 def apply(out: list[Element], top: dict[int, Element]) -> list[Element]:
@@ -74,7 +81,7 @@ def apply(out: list[Element], top: dict[int, Element]) -> list[Element]:
     ``top`` holds the input's top-level elements of :data:`LOOKUP_TAGS` and
     :data:`SPECIES_TAGS` (at least); call only when it has one of :data:`LOOKUP_TAGS`.
     """
-    found = {el.tag: el for el in out if el.tag in LOOKUP_TAGS}
+    found = {el.tag: el for el in out if el.tag in _FOUND_TAGS}
     if not SPECIES_TAGS.isdisjoint(top):
         for tag, vr in ANIMAL_TYPE_2C.items():
             if tag in top and tag not in found:

@@ -1,4 +1,4 @@
-"""The PS3.15 Table E.1-1 (2024e) profile: per-tag actions resolved from basic profile + options."""
+"""The PS3.15 Table E.1-1 (2024e) profile and its supplement: per-tag actions for given options."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ __all__ = [
     "Profile",
     "Row",
     "load_rows",
+    "load_supplement",
     "profile_for",
     "resolve_compound",
 ]
@@ -198,7 +199,9 @@ class Row:
             return None
 
 
-_TABLE = Path(__file__).resolve().parent.parent / "data" / "annex_e_2024e.json"
+_DATA = Path(__file__).resolve().parent.parent / "data"
+_TABLE = _DATA / "annex_e_2024e.json"
+_SUPPLEMENT = _DATA / "annex_e_supplement.json"
 
 _RawRow = tuple[str, str, str, str, dict[str, str]]
 
@@ -225,6 +228,26 @@ def _parse_table() -> tuple[_RawRow, ...]:
 def load_rows() -> tuple[Row, ...]:
     """The 621 rows of the packaged table."""
     return tuple(Row(*r) for r in _parse_table())
+
+
+@cache
+def load_supplement() -> tuple[Row, ...]:
+    """Rows for standard attributes the table does not list but that can carry identity.
+
+    ``data/annex_e_supplement.json`` gives each one an action in the table's columns, with the
+    reason (see "Attributes beyond the table" in ``docs/deidentification.md``).
+    """
+    rows = json.loads(_SUPPLEMENT.read_text(encoding="utf-8"))["rows"]
+    return tuple(
+        Row(
+            raw["tag"],
+            raw["tag"][1:5] + raw["tag"][6:10],
+            raw["name"],
+            raw["basicProfile"],
+            {k: v for k, v in raw.items() if k.endswith("Opt") and v},
+        )
+        for raw in rows
+    )
 
 
 def resolve_compound(action: str) -> str:
@@ -349,12 +372,15 @@ def _decide(row: Row, options: DeidOptions) -> tuple[str, str | None]:
 
 @cache
 def profile_for(options: DeidOptions) -> Profile:
-    """Resolve every row of the table for ``options`` (cached per options value)."""
+    """Resolve every row of the table and its supplement for ``options`` (cached per value).
+
+    The supplement comes first, so that a row of the table wins where both name a tag.
+    """
     ops: dict[int, int] = {}
     letters: dict[int, str] = {}
     curve_op = overlay_op = overlay_comment_op = REMOVE
     keep_private = False
-    for row in load_rows():
+    for row in (*load_supplement(), *load_rows()):
         action, column = _decide(row, options)
         letter = resolve_compound(action)
         tag = row.exact_tag

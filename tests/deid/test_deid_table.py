@@ -1,4 +1,4 @@
-"""Every row of PS3.15 Table E.1-1 (2024e): plant a value, check the outcome (basic + options)."""
+"""Every row of PS3.15 Table E.1-1 (2024e) and its supplement: plant, check (basic + options)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,19 @@ from datetime import date
 
 import pytest
 
-from gateway_agent.deid.conditions import DEPENDENTS, TYPE_3_SEQUENCES
+from gateway_agent.deid.conditions import (
+    ANIMAL_TYPE_2C,
+    DEPENDENTS,
+    SPECIES_TAGS,
+    TYPE_3_SEQUENCES,
+)
 from gateway_agent.deid.engine import Engine
 from gateway_agent.deid.keys import Keys
 from gateway_agent.deid.profile import (
     OPTION_COLUMNS,
     DeidOptions,
     load_rows,
+    load_supplement,
     profile_for,
     resolve_compound,
 )
@@ -62,8 +68,9 @@ def planted(tag: int, vr: str, idx: int) -> bytes | list[list[Element]]:
 
 
 def _rows() -> list[tuple[int, str, object]]:
+    """Every exact row of the table, then of its supplement (same checks for both)."""
     out = []
-    for row in load_rows():
+    for row in (*load_rows(), *load_supplement()):
         tag = row.exact_tag
         if tag is None or tag in WRITTEN:
             continue
@@ -117,6 +124,8 @@ def test_every_row(config: str) -> None:
         letter, column = _expected(row, options)
         if tag in DEPENDENTS and DEPENDENTS[tag][0] not in out:
             letter = "X"  # a Type 1C attribute goes with the attribute its condition names
+        if tag in ANIMAL_TYPE_2C and letter == "X" and SPECIES_TAGS & planted_by_tag.keys():
+            letter = "Z"  # Type 2C for an animal (breed attributes are planted): emptied
         if tag in TYPE_3_SEQUENCES and letter == "Z":
             letter = "X"  # X/Z: an empty Type 3 sequence is invalid at the top level
         before = planted_by_tag[tag]
