@@ -123,19 +123,25 @@ def _full_tmpfs_case(tmp_path: Path, mnt: Path, agent_run: Any, guard: str) -> N
             run.feed(name)
 
         # Wait until intake stops making progress: the disk is full (or the guard paused it).
+        # A stall only counts once intake has begun (took a file) or paused: on a loaded machine
+        # the agent may take longer than the stall window to start at all.
+        def paused_now() -> bool:
+            return "gateway_intake_paused 1.0" in run.metrics_text() or any(
+                "intake_paused" in line for line in run.agent.log_lines()
+            )
+
         last, since = -1, time.monotonic()
         end = time.monotonic() + size(90, 300)
         while time.monotonic() < end:
+            paused_seen = paused_seen or paused_now()
             left = len(run.inbox_files())
             if left != last:
                 last, since = left, time.monotonic()
-            elif time.monotonic() - since > 4:
+            elif (left < n or paused_seen) and time.monotonic() - since > 4:
                 break
             time.sleep(0.25)
         metrics = run.metrics_text()
-        paused_seen = "gateway_intake_paused 1.0" in metrics or any(
-            "intake_paused" in line for line in run.agent.log_lines()
-        )
+        paused_seen = paused_seen or paused_now()
         stuck = len(run.inbox_files())
         lost_full, corrupt_full = _check_invariants(run, expected)
         integrity_full = _integrity(run.state / "outbox.db")
