@@ -12,14 +12,22 @@
         ├── RetryableUploadError      network error, timeout, 408, 429, 5xx (retry later)
         └── PermanentUploadError      other 4xx: retrying the same bytes will not help
 
+A compiled pixel codec that panics on odd input (Rust codecs built with pyo3, such as
+pylibjpeg-rle, raise ``PanicException``, a ``BaseException`` that ``except Exception`` lets
+through) is turned into ``CodecPanicError``, a ``RuntimeError``, by :func:`codec_panics`.
+
 Programming errors (``TypeError``, ``ValueError`` for bad arguments) are not part of the tree.
 Messages never contain PHI: they name reasons, tags and output UIDs, never values or inbox names.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 __all__ = [
     "REASONS",
+    "CodecPanicError",
     "ConfigError",
     "DeidError",
     "GatewayError",
@@ -28,6 +36,7 @@ __all__ = [
     "QCError",
     "RetryableUploadError",
     "UploadError",
+    "codec_panics",
 ]
 
 
@@ -100,3 +109,23 @@ class RetryableUploadError(UploadError):
 
 class PermanentUploadError(UploadError):
     """Permanent for these bytes (4xx other than 408/429). The outbox marks the row dead."""
+
+
+class CodecPanicError(RuntimeError):
+    """A compiled pixel codec gave up on its input by panicking (see :func:`codec_panics`)."""
+
+
+@contextlib.contextmanager
+def codec_panics() -> Iterator[None]:
+    """Run pixel decoding or encoding with a codec's panic raised as ``CodecPanicError``.
+
+    A Rust codec's ``PanicException`` derives from ``BaseException``: uncaught, it would end the
+    intake worker (or the QC pass) instead of refusing one bad file. Its message is not kept
+    (it may quote the input).
+    """
+    try:
+        yield
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise CodecPanicError("the pixel codec panicked on this input") from None

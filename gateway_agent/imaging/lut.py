@@ -11,7 +11,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
 
-from .._exceptions import QCError
+from .._exceptions import QCError, codec_panics
 from .presets import WINDOW_PRESETS
 
 __all__ = [
@@ -219,7 +219,8 @@ def _stored_frame(ds: Dataset, frame: int) -> np.ndarray:
     }:
         raise QCError(f"windowing needs MONOCHROME1/2, not {ds.PhotometricInterpretation}")
     try:
-        arr = pixel_array(ds, index=frame if frame_count(ds) > 1 else None)
+        with codec_panics():
+            arr = pixel_array(ds, index=frame if frame_count(ds) > 1 else None)
     except QCError:
         raise
     except Exception as exc:  # pydicom raises many types for unreadable pixel data

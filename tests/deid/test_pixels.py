@@ -27,6 +27,7 @@ from gateway_agent.synthetic_pixels import (
     readable,
     write_object,
 )
+from tests._malformed import write_overrunning_rle
 from tests.conftest import require
 
 SECRET = b"pixels-test-secret-0123456789abcdef"
@@ -322,3 +323,13 @@ def test_dataset_at_risk_is_not_returned_uncleaned() -> None:
     assert info.value.reason == "burned_in_annotation" and "deidentify_file" in str(info.value)
     allowed = make_object(FrameSpec(seed=19, kind="us"), syntax="native").dataset
     assert _deid(burned_in="allow").deidentify_dataset(allowed)["burned_in_allowed"] is True
+
+
+def test_codec_panic_is_quarantined_not_raised(tmp_path: Path) -> None:
+    """pylibjpeg-rle panics on an RLE segment that overruns the frame; the engine refuses the
+    file with a reason instead of letting the panic (a BaseException) end the worker."""
+    src = write_overrunning_rle(tmp_path / "us.dcm", modality="US")
+    with pytest.raises(DeidError) as info:
+        _deid().deidentify_file(src, tmp_path / "out")
+    assert info.value.reason == "burned_in_undecodable"
+    assert "CodecPanicError" in str(info.value)

@@ -20,6 +20,7 @@ from gateway_agent.qc import (
 )
 from gateway_agent.synthetic import PHI_MARKERS, ct_phantom_hu, make_ct_slice
 
+from .._malformed import write_overrunning_rle
 from ..imaging._images import image_dataset
 
 
@@ -144,4 +145,11 @@ def test_malformed_attributes_raise_qcerror(tmp_path: Path) -> None:
     assert raw.count(slope) == 1
     path.write_bytes(raw.replace(slope, slope[:-2] + b"x "))  # as a broken writer might leave it
     with pytest.raises(QCError, match="cannot measure"):
+        features_from_file(path)
+
+
+def test_codec_panic_raises_qcerror(tmp_path: Path) -> None:
+    """A CT slice whose RLE pixel data makes pylibjpeg-rle panic is unmeasurable, not fatal."""
+    path = write_overrunning_rle(tmp_path / "ct.dcm", modality="CT")
+    with pytest.raises(QCError, match="CodecPanicError"):
         features_from_file(path)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from ..._exceptions import IngestError
+from ..._exceptions import IngestError, codec_panics
 
 __all__ = ["OUTBOX_FILE_MODE", "JobResult", "deid_job", "init_worker", "warm_up"]
 
@@ -97,7 +97,8 @@ def deid_job(src: str, out_dir: str, released_dir: str | None = None) -> JobResu
     t0 = time.perf_counter()
     try:
         try:
-            result = _ENGINE.deidentify_file(Path(src), Path(out_dir))
+            with codec_panics():  # a codec's panic must not end the worker (or the dispatcher)
+                result = _ENGINE.deidentify_file(Path(src), Path(out_dir))
         except IngestError as exc:
             if not exc.reason.startswith("burned_in_") or released_dir is None:
                 raise

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..._exceptions import DeidError
+from ..._exceptions import DeidError, codec_panics
 from . import codecs
 from .detect import Box, TextDetector, classical_boxes, db_model_path, grow
 from .signatures import Signature
@@ -43,7 +43,8 @@ def undecodable_on_error() -> Iterator[None]:
     """Turn a failure of the pixel libraries (pydicom, numpy, codecs) on odd input into
     ``DeidError("burned_in_undecodable")``; I/O errors and memory exhaustion pass through."""
     try:
-        yield
+        with codec_panics():
+            yield
     except (DeidError, OSError, MemoryError):
         raise
     except Exception as exc:

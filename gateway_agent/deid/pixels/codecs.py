@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..._exceptions import DeidError
+from ..._exceptions import DeidError, codec_panics
 
 __all__ = [
     "LOSSY_METHOD",
@@ -173,13 +173,14 @@ def iter_frames(source: BinaryIO | Any, layout: Layout) -> Iterator[np.ndarray]:
     from pydicom.pixels.utils import iter_pixels
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            frames = list(_frames_of(source)) if not hasattr(source, "read") else None
-        for frame in frames if frames is not None else iter_pixels(source, as_rgb=True):
-            if layout.colour and frame.ndim != 3:
-                raise DeidError("burned_in_undecodable", "decoded frame has the wrong shape")
-            yield frame
+        with codec_panics():  # the frames are decoded while this generator runs
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                frames = list(_frames_of(source)) if not hasattr(source, "read") else None
+            for frame in frames if frames is not None else iter_pixels(source, as_rgb=True):
+                if layout.colour and frame.ndim != 3:
+                    raise DeidError("burned_in_undecodable", "decoded frame has the wrong shape")
+                yield frame
     except DeidError:
         raise
     except Exception as exc:  # any decoder failure: the object cannot be cleaned
@@ -301,12 +302,13 @@ def encode_frame(frame: np.ndarray, layout: Layout, syntax: str, photometric: st
     }
     encoder = get_encoder(syntax)
     try:
-        try:
-            return encoder.encode(frame, encoding_plugin=plugin, **kwargs)
-        except (RuntimeError, ValueError):
-            if not plugin:
-                raise
-            return encoder.encode(frame, **kwargs)  # the fast RLE plugin is missing
+        with codec_panics():
+            try:
+                return encoder.encode(frame, encoding_plugin=plugin, **kwargs)
+            except (RuntimeError, ValueError):
+                if not plugin:
+                    raise
+                return encoder.encode(frame, **kwargs)  # the fast RLE plugin is missing
     except (RuntimeError, ValueError) as exc:
         raise DeidError(
             "burned_in_undecodable", f"re-encoding failed ({type(exc).__name__})"
