@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 #: Rows x Columns of the image; 16 bits, so two RLE segments of this many bytes each.
 _PIXELS = 8 * 8
@@ -29,11 +29,31 @@ def overrunning_rle_frame() -> bytes:
     return header + first + last
 
 
+def looping_jp2_frame() -> bytes:
+    """A JPEG 2000 frame in the JP2 file format whose second box has length 0: pydicom's frame
+    parser (``get_j2k_parameters``) adds 0 to its position and never returns."""
+    signature = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+    return signature + b"\x00\x00\x00\x00ftypjp2 " + bytes(64)
+
+
 def write_overrunning_rle(path: Path, *, modality: str, burned_in: str | None = None) -> Path:
     """An 8x8 16-bit MONOCHROME2 image of ``modality``: its RLE pixel data makes the codec panic."""
+    return _write(
+        path, RLELossless, overrunning_rle_frame(), modality=modality, burned_in=burned_in
+    )
+
+
+def write_looping_jp2(path: Path, *, modality: str, burned_in: str | None = None) -> Path:
+    """An 8x8 16-bit MONOCHROME2 image of ``modality`` whose JPEG 2000 frame pydicom loops on."""
+    return _write(
+        path, JPEG2000Lossless, looping_jp2_frame(), modality=modality, burned_in=burned_in
+    )
+
+
+def _write(path: Path, syntax: str, frame: bytes, *, modality: str, burned_in: str | None) -> Path:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.file_meta.TransferSyntaxUID = syntax
     ds.file_meta.MediaStorageSOPClassUID = (
         "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.7"
     )
@@ -48,7 +68,7 @@ def write_overrunning_rle(path: Path, *, modality: str, burned_in: str | None = 
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-    ds.PixelData = encapsulate([overrunning_rle_frame()])
+    ds.PixelData = encapsulate([frame])
     ds["PixelData"].VR = "OB"
     path.parent.mkdir(parents=True, exist_ok=True)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)

@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
 
 from .._exceptions import QCError, codec_panics
+from ..dicom.decoding import guard_pixel_decoding
 from .presets import WINDOW_PRESETS
 
 __all__ = [
@@ -218,6 +219,7 @@ def _stored_frame(ds: Dataset, frame: int) -> np.ndarray:
         "MONOCHROME2",
     }:
         raise QCError(f"windowing needs MONOCHROME1/2, not {ds.PhotometricInterpretation}")
+    guard_pixel_decoding()
     try:
         with codec_panics():
             arr = pixel_array(ds, index=frame if frame_count(ds) > 1 else None)

@@ -27,7 +27,7 @@ from gateway_agent.synthetic_pixels import (
     readable,
     write_object,
 )
-from tests._malformed import write_overrunning_rle
+from tests._malformed import write_looping_jp2, write_overrunning_rle
 from tests.conftest import require
 
 SECRET = b"pixels-test-secret-0123456789abcdef"
@@ -333,3 +333,12 @@ def test_codec_panic_is_quarantined_not_raised(tmp_path: Path) -> None:
         _deid().deidentify_file(src, tmp_path / "out")
     assert info.value.reason == "burned_in_undecodable"
     assert "CodecPanicError" in str(info.value)
+
+
+@pytest.mark.timeout(120)
+def test_looping_jpeg2000_frame_is_quarantined(tmp_path: Path) -> None:
+    """A JP2 box of length 0 made pydicom's frame parser loop forever (the worker hung)."""
+    src = write_looping_jp2(tmp_path / "us.dcm", modality="US")
+    with pytest.raises(DeidError) as info:
+        _deid().deidentify_file(src, tmp_path / "out")
+    assert info.value.reason == "burned_in_undecodable"

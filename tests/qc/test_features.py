@@ -20,7 +20,7 @@ from gateway_agent.qc import (
 )
 from gateway_agent.synthetic import PHI_MARKERS, ct_phantom_hu, make_ct_slice
 
-from .._malformed import write_overrunning_rle
+from .._malformed import write_looping_jp2, write_overrunning_rle
 from ..imaging._images import image_dataset
 
 
@@ -153,3 +153,10 @@ def test_codec_panic_raises_qcerror(tmp_path: Path) -> None:
     path = write_overrunning_rle(tmp_path / "ct.dcm", modality="CT")
     with pytest.raises(QCError, match="CodecPanicError"):
         features_from_file(path)
+
+
+@pytest.mark.timeout(120)
+def test_looping_jpeg2000_frame_raises_qcerror(tmp_path: Path) -> None:
+    """A JP2 box of length 0 made pydicom's frame parser loop forever (the QC pass hung)."""
+    with pytest.raises(QCError, match="cannot decode"):
+        features_from_file(write_looping_jp2(tmp_path / "ct.dcm", modality="CT"))

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..._exceptions import DeidError, codec_panics
+from ...dicom.decoding import guard_pixel_decoding
 
 __all__ = [
     "LOSSY_METHOD",
@@ -172,6 +173,7 @@ def iter_frames(source: BinaryIO | Any, layout: Layout) -> Iterator[np.ndarray]:
 
     from pydicom.pixels.utils import iter_pixels
 
+    guard_pixel_decoding()
     try:
         with codec_panics():  # the frames are decoded while this generator runs
             with warnings.catch_warnings():
