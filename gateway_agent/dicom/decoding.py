@@ -39,7 +39,7 @@ def guard_pixel_decoding() -> None:
     from pydicom.pixels.decoders import base
 
     with _LOCK:
-        original: Any = base.get_j2k_parameters
+        original: Any = getattr(base, "get_j2k_parameters")  # noqa: B009 - not in its __all__
         if getattr(original, "_gateway_guarded", False):
             return
 
@@ -50,4 +50,4 @@ def guard_pixel_decoding() -> None:
             return result
 
         get_j2k_parameters._gateway_guarded = True  # type: ignore[attr-defined]
-        base.get_j2k_parameters = get_j2k_parameters
+        setattr(base, "get_j2k_parameters", get_j2k_parameters)  # noqa: B010
