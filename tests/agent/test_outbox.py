@@ -125,6 +125,10 @@ def test_sent_dead_and_retry_dead(outbox: Outbox, clock: FakeClock, tmp_path: Pa
     assert outbox.retry_dead() == 1
     back = outbox.get("1.1")
     assert back is not None and (back.state, back.attempts) == ("queued", 0)
+    status = outbox.destination_status()
+    assert status["last_success_at"] is None  # acknowledged, not yet delivered: proof pending
+    assert (status["awaiting_proof"], status["proof_pending_since"]) == (1, clock.now)
+    outbox.mark_proven([rows[0].id])
     assert outbox.destination_status()["last_success_at"] == clock.now
 
 
@@ -179,6 +183,7 @@ def test_purge_sent_files_keeps_rows(outbox: Outbox, clock: FakeClock, tmp_path:
         _add(outbox, f"1.{i}", f)
     rows = outbox.claim(max_items=3, max_bytes=10**9, lease_seconds=60)
     outbox.mark_sent([rows[0].id, rows[1].id])
+    outbox.mark_proven([rows[0].id, rows[1].id])
     clock.advance(100)
     assert outbox.purge_sent_files(older_than_seconds=200) == 0
     assert outbox.purge_sent_files(older_than_seconds=50) == 2
@@ -196,6 +201,7 @@ def test_compact_deletes_old_sent_rows_but_never_the_newest(
         _add(outbox, f"1.{i}", f)
     rows = outbox.claim(max_items=4, max_bytes=10**9, lease_seconds=60)
     outbox.mark_sent([r.id for r in rows[:3]])
+    outbox.mark_proven([r.id for r in rows[:3]])
     clock.advance(100)
     assert outbox.compact(older_than_seconds=50) == 0  # files not yet removed: kept
     outbox.purge_sent_files(older_than_seconds=50)
@@ -204,6 +210,7 @@ def test_compact_deletes_old_sent_rows_but_never_the_newest(
     assert outbox.counts() == {"queued": 0, "sending": 1, "sent": 0, "dead": 0}
     # The newest row is kept even when it qualifies, so ids never restart below a reader.
     outbox.mark_sent([rows[3].id])
+    outbox.mark_proven([rows[3].id])
     clock.advance(100)
     outbox.purge_sent_files(older_than_seconds=50)
     assert outbox.compact(older_than_seconds=50) == 0
@@ -235,7 +242,8 @@ def test_circuit_one_probe_at_a_time(outbox: Outbox, clock: FakeClock) -> None:
     assert outbox.circuit_success() is True
     status = outbox.destination_status()
     assert status["consecutive_failures"] == 0 and status["auth_failing"] is False
-    assert status["last_success_at"] == clock.now and status["blocked_until"] is None
+    # The circuit closed, but nothing was delivered: the last delivery is still unknown.
+    assert status["last_success_at"] is None and status["blocked_until"] is None
     assert outbox.circuit_success() is False
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .db import OutboxDB
+from .db import AWAITING_PROOF, OutboxDB
 
 __all__ = ["Circuit"]
 
@@ -81,19 +81,26 @@ class Circuit(OutboxDB):
 
     def circuit_success(self) -> bool:
         """The destination answered. Returns True if that closed an open circuit."""
-        now = self._clock()
         failures, auth = self._query(
             "select consecutive_failures, auth_failing from destination_state where id = 1"
         )[0]
         if not (failures or auth):
-            return False  # healthy already: no write (mark_sent records last_success_at)
+            return False  # healthy already: no write
         with self._tx() as c:
             c.execute(
                 "update destination_state set consecutive_failures = 0, blocked_until = 0,"
-                " probe_until = 0, last_success_at = ?, auth_failing = 0 where id = 1",
-                (now,),
+                " probe_until = 0, auth_failing = 0 where id = 1"
             )
-        return bool(failures or auth)
+        return bool(failures or auth)  # last_success_at: set by mark_sent, a delivery
+
+    def circuit_note(self, error: str) -> None:
+        """Record what the destination did wrong without opening the circuit (it answers, but,
+        for example, does not hold what it acknowledged): ``status`` shows it as the last error."""
+        with self._tx() as c:
+            c.execute(
+                "update destination_state set last_error = ?, last_error_at = ? where id = 1",
+                (error[:500], self._clock()),
+            )
 
     def consecutive_failures(self) -> int:
         return int(
@@ -101,11 +108,17 @@ class Circuit(OutboxDB):
         )
 
     def destination_status(self) -> dict[str, Any]:
-        """``last_error``, ``last_error_at``, ``last_success_at``, ``consecutive_failures``,
-        ``blocked_until`` and ``auth_failing`` of the (single) destination."""
+        """``last_error``, ``last_error_at``, ``last_success_at`` (the last delivery: storage
+        proven, or acknowledged where it cannot be), ``consecutive_failures``, ``blocked_until``
+        and ``auth_failing`` of the (single) destination; ``awaiting_proof`` rows acknowledged
+        whose storage is not proven yet, the longest-waiting acknowledged at
+        ``proof_pending_since``."""
         r = self._query(
             "select last_error, last_error_at, last_success_at, consecutive_failures,"
             " blocked_until, auth_failing from destination_state where id = 1"
+        )[0]
+        pending, since = self._query(
+            "select count(*), min(sent_at) from outbox where " + AWAITING_PROOF  # noqa: S608 (a constant)
         )[0]
         return {
             "last_error": r[0],
@@ -114,4 +127,6 @@ class Circuit(OutboxDB):
             "consecutive_failures": int(r[3]),
             "blocked_until": float(r[4]) if r[4] else None,
             "auth_failing": bool(r[5]),
+            "awaiting_proof": int(pending),
+            "proof_pending_since": None if since is None else float(since),
         }

@@ -23,7 +23,7 @@ import sqlite_utils
 
 from ._sqlite import connect, query, transaction
 
-__all__ = ["SOURCES", "STATES", "OutboxDB", "OutboxRow"]
+__all__ = ["AWAITING_PROOF", "SOURCES", "STATES", "OutboxDB", "OutboxRow"]
 
 STATES = ("queued", "sending", "sent", "dead")
 #: Where an instance came from: the watched inbox, or the C-STORE listener.
@@ -51,7 +51,8 @@ _SCHEMA = (
         audit text not null default '{}',
         scanner text,
         source text not null default 'inbox',
-        calling_ae text
+        calling_ae text,
+        confirmed integer
     )
     """,
     "create index if not exists outbox_due on outbox (state, next_attempt_at)",
@@ -69,6 +70,16 @@ _SCHEMA = (
     )
     """,
     "insert or ignore into destination_state (id) values (1)",
+)
+
+#: Sent rows whose storage the destination has yet to prove (``confirmed`` NULL, file kept).
+AWAITING_PROOF = "state = 'sent' and confirmed is null and file_gone = 0"
+_PROOF_INDEX = f"create index if not exists outbox_proof on outbox (sent_at) where {AWAITING_PROOF}"
+
+_OLDEST_WAITING = (
+    "select min(created_at) from (select min(created_at) as created_at from outbox"
+    " where state in ('queued', 'sending') union all select min(created_at) from outbox"
+    " where state = 'sent' and confirmed is null and file_gone = 0)"
 )
 
 _WHERE_IDS = " where id in (select value from json_each(?)) order by id"
@@ -155,12 +166,17 @@ class OutboxDB:
         with self._tx() as c:
             for ddl in _SCHEMA:
                 c.execute(ddl)
-            columns = {r[1] for r in c.execute("pragma table_info(outbox)")}
+            columns = {str(r[1]) for r in c.execute("pragma table_info(outbox)")}
             if "scanner" not in columns:  # a database from before the column
                 c.execute("alter table outbox add column scanner text")
             if "source" not in columns:  # a database from before the C-STORE listener
                 c.execute("alter table outbox add column source text not null default 'inbox'")
                 c.execute("alter table outbox add column calling_ae text")
+            if "confirmed" not in columns:
+                # An outbox of 0.1.0: its sent rows were acknowledged, never proven stored; as
+                # NULL (proof pending) the uploader asks the destination about them.
+                c.execute("alter table outbox add column confirmed integer")
+            c.execute(_PROOF_INDEX)
 
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … commit, or rollback and re-raise; holds the connection lock."""
@@ -277,11 +293,22 @@ class OutboxDB:
             out[str(state)] = int(n)
         return out
 
+    def proof_summary(self) -> dict[str, tuple[int, int]]:
+        """``{"pending": (rows, bytes), "unproven": (rows, bytes)}`` of sent rows whose files are
+        kept: proof pending, or acknowledged by a destination that could not prove storage."""
+        out = {"pending": (0, 0), "unproven": (0, 0)}
+        for confirmed, n, size in self._query(
+            "select confirmed, count(*), coalesce(sum(size), 0) from outbox"
+            " where state = 'sent' and file_gone = 0 and (confirmed is null or confirmed = 0)"
+            " group by confirmed"
+        ):
+            out["pending" if confirmed is None else "unproven"] = (int(n), int(size))
+        return out
+
     def oldest_waiting_age(self) -> float | None:
-        """Seconds since the oldest not-yet-sent, not-dead row was added (None: nothing waits)."""
-        rows = self._query(
-            "select min(created_at) from outbox where state in ('queued', 'sending')"
-        )
+        """Seconds since the oldest row not yet delivered (queued, sending, or sent with its
+        proof of storage pending) was added; None: nothing waits."""
+        rows = self._query(_OLDEST_WAITING)
         return None if rows[0][0] is None else max(0.0, self._clock() - float(rows[0][0]))
 
     def rows(self, state: str | None = None, limit: int = 1000) -> list[OutboxRow]:

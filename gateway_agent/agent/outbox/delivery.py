@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 
 from ...logs import get_logger
-from .db import _SELECT_ROWS, _WHERE_IDS, OutboxDB, OutboxRow, _row, ids_param
+from .db import _SELECT_ROWS, _WHERE_IDS, AWAITING_PROOF, OutboxDB, OutboxRow, _row, ids_param
 
 __all__ = ["Delivery"]
 
@@ -59,19 +59,67 @@ class Delivery(OutboxDB):
         return [_row(r) for r in rows]
 
     def mark_sent(self, ids: Sequence[int], *, warning: str | None = None) -> None:
-        """The destination acknowledged these rows (whatever their state now: the ack is a fact).
+        """The destination acknowledged these rows (whatever their state now: the ack is a fact);
+        their proof of storage is pending (see :meth:`mark_proven`).
 
         ``warning``: the destination stored them with a warning (a C-STORE 0xB000 coercion, for
         one); it stays in ``last_error`` of the sent rows.
         """
-        now = self._clock()
         note = f"warning: {warning}" if warning else None
         with self._tx() as c:
-            c.execute("update destination_state set last_success_at = ? where id = 1", (now,))
             c.execute(
                 "update outbox set state = 'sent', sent_at = ?, lease_until = null,"
-                " last_error = ? where id in (select value from json_each(?))",
-                (now, note, ids_param(ids)),
+                " last_error = ?, confirmed = null"
+                " where id in (select value from json_each(?))",
+                (self._clock(), note, ids_param(ids)),
+            )
+
+    def awaiting_proof(self, limit: int) -> list[OutboxRow]:
+        """Sent rows whose storage is yet to be proven, the longest-waiting first."""
+        q = self._query(
+            _SELECT_ROWS + " where " + AWAITING_PROOF + " order by sent_at, id limit ?",
+            (int(limit),),
+        )
+        return [_row(r) for r in q]
+
+    def oldest_proof_pending_at(self) -> float | None:
+        """When the longest-waiting row awaiting proof was acknowledged (None: none waits)."""
+        rows = self._query("select min(sent_at) from outbox where " + AWAITING_PROOF)  # noqa: S608
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    def mark_proven(self, ids: Sequence[int], *, proven: bool = True) -> None:
+        """The destination proved it holds these sent rows (``proven``), or said it cannot prove
+        it (``proven=False``: kept unless ``disk.keep_unconfirmed`` is off). Either way they
+        count as delivered (``last_success_at``)."""
+        with self._tx() as c:
+            c.execute(
+                "update destination_state set last_success_at = ? where id = 1", (self._clock(),)
+            )
+            c.execute(
+                "update outbox set confirmed = ?"
+                " where state = 'sent' and confirmed is null"
+                " and id in (select value from json_each(?))",
+                (int(proven), ids_param(ids)),
+            )
+
+    def mark_not_stored(
+        self, retry: Sequence[tuple[int, float]], dead: Sequence[int], *, error: str
+    ) -> None:
+        """Acknowledged rows the storage check did not find: ``retry`` ((id, delay) pairs) back
+        to ``queued``, due after their delay; ``dead`` to ``dead``. Both keep ``error``."""
+        now = self._clock()
+        with self._tx() as c:
+            for row_id, delay in retry:
+                c.execute(
+                    "update outbox set state = 'queued', next_attempt_at = ?, sent_at = null,"
+                    " last_error = ? where id = ? and state = 'sent' and confirmed is null",
+                    (now + max(0.0, delay), error[:500], int(row_id)),
+                )
+            c.execute(
+                "update outbox set state = 'dead', sent_at = null, last_error = ?"
+                " where state = 'sent' and confirmed is null"
+                " and id in (select value from json_each(?))",
+                (error[:500], ids_param(dead)),
             )
 
     def mark_retry(

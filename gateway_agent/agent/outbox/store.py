@@ -2,10 +2,13 @@
 
 States (see design.md)::
 
-    queued ──claim──▶ sending ──ack──▶ sent ──retention──▶ (file removed, row kept)
+    queued ──claim──▶ sending ──ack (+ proof)──▶ sent ──retention──▶ (file removed, row kept)
        ▲                 │
-       └── retriable ────┤
+       └── retriable ────┤ (also: acknowledged but not found, a few times)
                          └── permanent / attempts or age exhausted ──▶ dead ── retry_dead ──▶ queued
+
+A sent row is ``confirmed`` when the destination proved it holds the instance; retention removes
+the files of confirmed rows only (unless told otherwise).
 
 One :class:`Outbox` object, its methods grouped by concern in the modules beside this one:
 ``db`` (schema, connection, adding and reading rows), ``delivery`` (claims and outcomes),

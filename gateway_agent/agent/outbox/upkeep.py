@@ -40,12 +40,19 @@ def row_from_file(path: Path, audit: dict[str, Any]) -> dict[str, Any]:
 class Upkeep(OutboxDB):
     """What keeps the outbox bounded and true to its folder: retention, compaction, reconcile."""
 
-    def purge_sent_files(self, older_than_seconds: float) -> int:
-        """Retention: unlink files of rows sent over ``older_than_seconds`` ago; keep the rows."""
+    def purge_sent_files(self, older_than_seconds: float, *, unconfirmed: bool = False) -> int:
+        """Retention: unlink files of rows sent over ``older_than_seconds`` ago; keep the rows.
+
+        Only rows whose storage the destination proved (``confirmed`` = 1); with
+        ``unconfirmed``, also rows acknowledged by a destination that could not prove it
+        (``confirmed`` = 0). A row whose proof is pending is never purged: until then the outbox
+        file is the last copy the agent can vouch for.
+        """
         cutoff = self._clock() - older_than_seconds
         victims = self._query(
-            "select id, path from outbox where state = 'sent' and file_gone = 0 and sent_at <= ?",
-            (cutoff,),
+            "select id, path from outbox where state = 'sent' and file_gone = 0 and sent_at <= ?"
+            " and (confirmed = 1 or (? and confirmed = 0))",
+            (cutoff, int(unconfirmed)),
         )
         for _, path in victims:
             Path(path).unlink(missing_ok=True)
