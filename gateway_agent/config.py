@@ -230,7 +230,17 @@ class DestinationSettings(_Section):
     )
     client_key: Path | None = Field(default=None, description="The client certificate's key.")
     timeout_seconds: float = Field(
-        default=30.0, gt=0, description="Seconds before a request is abandoned (and retried)."
+        default=30.0,
+        gt=0,
+        description="Deadline of a whole reply, counted from the moment the request is sent; a "
+        "server that does not answer completely by then counts as down (the request is retried "
+        "later).",
+    )
+    min_kb_per_second: float = Field(
+        default=64.0,
+        gt=0,
+        description="Slowest upload tolerated: sending a request may take timeout_seconds plus "
+        "its size at this speed (kB/s); a server that reads it more slowly counts as stalled.",
     )
     batch_max_instances: int = Field(
         default=25,
@@ -267,9 +277,10 @@ class DestinationSettings(_Section):
     )
     backoff_cap_seconds: float = Field(default=300.0, gt=0, description="The longest retry delay.")
     confirm_storage: bool = Field(
-        default=False,
-        description="After a STOW-RS success, confirm every instance with a QIDO query before "
-        "counting it sent.",
+        default=True,
+        description="Prove that the server holds each acknowledged instance (DICOMweb: QIDO-RS "
+        "queries, batched) before counting it sent. Off: acknowledgements are trusted, and the "
+        "outbox files of such instances are kept (see disk.keep_unconfirmed).",
     )
 
     @property
@@ -429,20 +440,21 @@ class MetricsSettings(_Section):
     )
     port: int = Field(default=9464, ge=0, le=65535, description="Port; 0 picks a free one.")
     ready_upload_window_seconds: float = Field(
-        default=900.0,
+        default=300.0,
         gt=0,
-        description="/readyz counts the destination as reachable when an upload was acknowledged "
-        "within this many seconds.",
+        description="/readyz and status report the upload as stalled when rows have waited this "
+        "many seconds and nothing was delivered within them.",
     )
     ready_max_waiting: int = Field(
         default=10000,
         ge=0,
-        description="Otherwise /readyz stays ready while at most this many rows wait...",
+        description="With nothing delivered within ready_upload_window_seconds, /readyz is also "
+        "not ready once more than this many rows wait...",
     )
     ready_max_waiting_age_seconds: float = Field(
         default=3600.0,
         gt=0,
-        description="...and the oldest waiting row is younger than this many seconds.",
+        description="...or the oldest waiting row is older than this many seconds.",
     )
 
 
@@ -458,7 +470,14 @@ class DiskSettings(_Section):
     sent_retention_hours: float = Field(
         default=24.0,
         ge=0,
-        description="Outbox files of delivered instances are removed after this many hours.",
+        description="Outbox files of delivered instances are removed this many hours after the "
+        "destination proved it holds them.",
+    )
+    keep_unconfirmed: bool = Field(
+        default=True,
+        description="Keep the outbox files of instances the destination acknowledged without "
+        "proving it holds them (confirmation off, or a destination that cannot prove it); "
+        "false removes them after sent_retention_hours like proven ones.",
     )
     audit_retention_days: float = Field(
         default=365.0,

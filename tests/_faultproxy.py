@@ -11,6 +11,13 @@ Each incoming request takes the next action of the plan (then ``default``):
 ``delay:S``       read the request, stall S seconds, then forward and answer (too late for a
                   client with a shorter read timeout: the instance still arrives)
 ``lost-reply``    forward the request (the upstream stores it), then drop the reply
+``blackhole``     read the request, then never answer (the connection stays open)
+``noread``        read the request head, then nothing more, never answer (the client's write
+                  blocks once the socket buffers are full)
+``drip:S``        forward the request, then send the upstream's reply one byte every S seconds
+``empty200``      read the request, answer 200 with an empty body, nothing forwarded
+``html200``       read the request, answer 200 with an HTML page (a captive portal), nothing
+                  forwarded
 
 One request per connection (the proxy answers with ``Connection: close``). ``requests`` records
 ``(monotonic time, method, path, action)`` for every request the proxy received.
@@ -57,13 +64,16 @@ class FaultProxy:
         *,
         plan: Sequence[str] | Callable[[int], str] = (),
         default: str = "ok",
+        rcvbuf: int | None = None,
     ) -> None:
         parts = urlsplit(upstream)
+        self.rcvbuf = rcvbuf
         self.up_host = parts.hostname or "127.0.0.1"
         self.up_port = parts.port or 80
         self._plan = plan
         self.default = default
         self.requests: list[ProxyRequest] = []
+        self._held: set[asyncio.StreamWriter] = set()
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
@@ -97,7 +107,15 @@ class FaultProxy:
         return self
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._forever = asyncio.Event()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.rcvbuf:
+            # Small receive buffers (inherited by accepted sockets): a client writing to a
+            # connection nobody reads blocks after a few kB instead of megabytes.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+        sock.bind(("127.0.0.1", 0))
+        self._server = await asyncio.start_server(self._handle, sock=sock)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
@@ -108,6 +126,7 @@ class FaultProxy:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0.05)  # let the closed transports finish closing
 
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(_close(), self._loop).result(timeout=10)
@@ -167,17 +186,36 @@ class FaultProxy:
             writer.close()
             return
 
+        if action == "noread":
+            writer.transport.pause_reading()
+            # Held until stop: a paused transport is out of the selector, so without these
+            # references the task, its transport and writer would be garbage, never closed.
+            self._held.add(writer)
+            await self._forever.wait()
         body = await self._read_body(reader, headers)
+        if action == "blackhole":
+            await reader.read()  # until the client closes the connection
+            return
+        if action in ("empty200", "html200"):
+            await self._answer_200(writer, action)
+            return
         if action.startswith("503") or action == "401" or action.startswith("status:"):
             await self._answer_status(writer, action)
             return
         if action.startswith("delay:"):
             await asyncio.sleep(float(action.split(":", 1)[1]))
-        elif action not in ("ok", "lost-reply"):
+        elif action not in ("ok", "lost-reply") and not action.startswith("drip:"):
             raise ValueError(f"unknown fault proxy action {action!r}")
         reply = await self._forward(method, path, headers, body)
         if action == "lost-reply":
             writer.transport.abort()
+            return
+        if action.startswith("drip:"):
+            pause = float(action.split(":", 1)[1])
+            for i in range(len(reply)):
+                writer.write(reply[i : i + 1])
+                await writer.drain()
+                await asyncio.sleep(pause)
             return
         writer.write(reply)
         await writer.drain()
@@ -214,6 +252,20 @@ class FaultProxy:
             f"HTTP/1.1 {status} {reason}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
         )
         writer.write(head.encode())
+        await writer.drain()
+
+    @staticmethod
+    async def _answer_200(writer: asyncio.StreamWriter, action: str) -> None:
+        body = b""
+        ctype = ""
+        if action == "html200":
+            body = (
+                b"<!DOCTYPE html><html><head><title>Network login</title></head><body>"
+                b"<h1>Welcome</h1><p>Please accept the terms of use to continue.</p></body></html>"
+            )
+            ctype = "Content-Type: text/html; charset=utf-8\r\n"
+        head = f"HTTP/1.1 200 OK\r\n{ctype}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode() + body)
         await writer.drain()
 
     async def _forward(self, method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:

@@ -52,7 +52,8 @@ QUARANTINED = Counter(
 )
 UPLOAD_ATTEMPTS = Counter(
     "gateway_upload_attempts",
-    "Instances per upload attempt, by result (sent, retry, dead).",
+    "Instances per upload attempt, by result (sent, retry, dead, not_stored: acknowledged but "
+    "not found by the storage check).",
     ["result"],
     registry=REGISTRY,
 )

@@ -81,9 +81,10 @@ def test_loop_once_drains_to_folder_and_counts_metrics(tmp_path: Path, outbox: O
     up = Uploader(outbox, dest, _settings(kind="folder", batch_max_instances=5))
     sent_before = _sample(metrics.UPLOAD_ATTEMPTS, result="sent")
     bytes_before = _sample(metrics.BYTES_SENT)
-    handled = [up.loop_once() for _ in range(4)]
-    assert handled == [5, 5, 2, 0]
+    handled = [up.loop_once() for _ in range(5)]
+    assert handled == [5, 5, 2, 12, 0]  # three batches, then their proof of storage (one page)
     assert outbox.counts() == {"queued": 0, "sending": 0, "sent": 12, "dead": 0}
+    assert outbox.proof_summary()["pending"] == (0, 0)
     assert {p.stem for p in (tmp_path / "dest").rglob("*.dcm")} == set(uids)
     assert _sample(metrics.UPLOAD_ATTEMPTS, result="sent") - sent_before == 12
     total = sum(r.size for r in outbox.rows("sent"))
@@ -99,7 +100,7 @@ def test_batch_respects_max_mb(tmp_path: Path, outbox: Outbox) -> None:
     up = Uploader(
         outbox, FolderDestination(tmp_path / "d"), _settings(kind="folder", batch_max_mb=mb)
     )
-    assert [up.loop_once() for _ in range(4)] == [2, 2, 2, 0]
+    assert [up.loop_once() for _ in range(5)] == [2, 2, 2, 6, 0]
 
 
 def test_wake_picks_up_new_rows_without_polling(tmp_path: Path, outbox: Outbox) -> None:
@@ -257,7 +258,7 @@ def test_503_with_retry_after_is_honoured(
     assert up.loop_once() == 0  # blocked: no request
     assert proxy.count() == 1
     _step_until_done(up, outbox, 5)
-    assert proxy.count() == 2
+    assert sum(1 for r in proxy.requests if r.method == "POST") == 2  # and the storage check
     assert sorted(orthanc.sop_uids()) == sorted(uids)
     client.close()
 

@@ -33,8 +33,8 @@ class _FullDiskOutbox:
         self.calls.append(name)
         return getattr(self._inner, name)(*args, **kwargs)
 
-    def mark_sent(self, ids: Any) -> None:
-        self._write("mark_sent", ids)
+    def mark_sent(self, ids: Any, **kwargs: Any) -> None:
+        self._write("mark_sent", ids, **kwargs)
 
     def circuit_success(self) -> Any:
         return self._write("circuit_success")

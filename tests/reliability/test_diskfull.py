@@ -272,11 +272,11 @@ class _FlakyOutbox:
         self._inner = inner
         self.failed = False
 
-    def mark_sent(self, ids: Any) -> None:
+    def mark_sent(self, ids: Any, **kwargs: Any) -> None:
         if not self.failed:
             self.failed = True
             raise sqlite3.OperationalError("database or disk is full")
-        self._inner.mark_sent(ids)
+        self._inner.mark_sent(ids, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

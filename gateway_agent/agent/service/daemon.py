@@ -397,7 +397,9 @@ class Daemon:
                 return
             try:
                 hours = self.settings.disk.sent_retention_hours
-                purged = outbox.purge_sent_files(hours * 3600.0)
+                purged = outbox.purge_sent_files(
+                    hours * 3600.0, unconfirmed=not self.settings.disk.keep_unconfirmed
+                )
                 days = self.settings.disk.audit_retention_days
                 compacted = outbox.compact(days * 86400.0)
                 if purged or compacted:

@@ -2,14 +2,18 @@
 
 The mapping follows the destination contract (``destinations/__init__.py``):
 
-* acknowledged instances → ``sent`` (with the destination's warning, if any, kept on the row);
+* acknowledged instances → ``sent`` (with the destination's warning, if any, kept on the row),
+  their proof of storage pending; :meth:`Outcomes.prove` later asks the destination's
+  ``confirm``: proven → ``confirmed``; not found → sent again a few times, then ``dead``
+  (``not_stored_after_ack``); no proof possible → kept unproven;
 * a per-instance permanent failure → ``dead`` with the server's reason;
 * a per-instance transient failure → ``queued`` with the row's own backoff;
-* a whole-request retriable failure (network, timeout, 408, 429, 5xx) or a refusal of the agent
-  (401/403, a redirect) → the destination circuit opens: one probe at a time, exponential backoff
-  with full jitter (``Retry-After`` honoured); the rows wait without burning their attempts once the
-  outage is known;
-* a whole-request permanent failure (400 for a single instance, 404, 415, ...) → ``dead``.
+* a whole-request retriable failure (network, timeout, 408, 429, 5xx, a reply that is not an
+  answer), a refusal of the agent (401/403, a redirect), or a wrong address (404/405/501 to the
+  request) → the destination circuit opens: one
+  probe at a time, exponential backoff with full jitter (``Retry-After`` honoured); the rows wait
+  without burning their attempts once the outage is known (never, for a refusal or wrong address);
+* a whole-request permanent failure (400 for a single instance, 415, ...) → ``dead``.
 
 Rows whose attempts or age are exhausted go to ``dead``. Every outbox write goes through the
 batch's :class:`~gateway_agent.agent.upload.journal.Journal`.
@@ -22,21 +26,30 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from ..._exceptions import PermanentUploadError, RetryableUploadError
+from ..._exceptions import PermanentUploadError, RetryableUploadError, UploadError
 from ...config import DestinationSettings
 from ...logs import get_logger
 from .. import metrics
 from ..outbox.db import OutboxRow
 from ..outbox.store import Outbox
-from .destinations import REFUSAL_STATUSES, Destination, SendResult
+from .destinations import (
+    MISCONFIGURED_STATUSES,
+    NOT_STORED_MAX_ATTEMPTS,
+    NOT_STORED_RETRY_SECONDS,
+    REFUSAL_STATUSES,
+    Destination,
+    SendResult,
+)
 from .journal import STORAGE_ERRORS, Journal
 
-__all__ = ["RETRY_AFTER_MAX_SECONDS", "Outcomes", "full_jitter"]
+__all__ = ["NOT_STORED", "RETRY_AFTER_MAX_SECONDS", "Outcomes", "full_jitter"]
 
 log = get_logger()
 
 #: Longest wait honoured from a Retry-After header.
 RETRY_AFTER_MAX_SECONDS = 3600.0
+#: The reason of an instance the destination acknowledged but its storage check did not find.
+NOT_STORED = "not_stored_after_ack"
 
 
 def full_jitter(rng: random.Random, attempt: int, base: float, cap: float) -> float:
@@ -76,6 +89,8 @@ class Outcomes:
         self._rng = rng
         self._rng_lock = threading.Lock()
         self._on_recovered = on_recovered
+        self._check_failures = 0
+        self._unprovable_said = False
 
     def jitter(self, attempt: int) -> float:
         """A backoff for ``attempt``: full jitter within the settings' base and cap."""
@@ -93,15 +108,8 @@ class Outcomes:
         t0 = time.monotonic()
         try:
             result = self.destination.send(rows)
-        except RetryableUploadError as exc:
-            self.outage(rows, j, str(exc), exc.retry_after, started, probing=probing, auth=False)
-            return
-        except PermanentUploadError as exc:
-            if exc.status in REFUSAL_STATUSES:
-                self.outage(rows, j, str(exc), None, started, probing=probing, auth=True)
-            else:
-                self.dead(rows, j, str(exc))
-                self.healthy(j)  # the server answered: it is not down
+        except UploadError as exc:
+            self.request_failed(rows, j, exc, started, probing=probing)
             return
         except Exception as exc:  # a bug or an unexpected library error: retry the rows later
             log.exception("upload_unexpected_error", rows=len(rows))
@@ -110,6 +118,24 @@ class Outcomes:
         finally:
             metrics.UPLOAD_SECONDS.observe(time.monotonic() - t0)
         self.record(rows, j, result)
+
+    def request_failed(
+        self, rows: list[OutboxRow], j: Journal, exc: UploadError, started: float, *, probing: bool
+    ) -> None:
+        """A whole request failed: an outage, a refusal, a wrong address, or bad bytes."""
+        reason = str(exc)
+        if isinstance(exc, RetryableUploadError):
+            self.outage(rows, j, reason, exc.retry_after, started, probing=probing, auth=False)
+        elif isinstance(exc, PermanentUploadError) and exc.status in REFUSAL_STATUSES:
+            self.outage(rows, j, reason, None, started, probing=probing, auth=True)
+        elif isinstance(exc, PermanentUploadError) and exc.status in MISCONFIGURED_STATUSES:
+            # A wrong address: the rows are not at fault, and it will not pass by itself.
+            self.outage(
+                rows, j, reason, None, started, probing=probing, auth=False, refund_always=True
+            )
+        else:
+            self.dead(rows, j, reason)
+            self.healthy(j)  # the server answered: it is not down
 
     def record(self, rows: list[OutboxRow], j: Journal, result: SendResult) -> None:
         by_uid = {r.sop_instance_uid: r for r in rows}
@@ -122,7 +148,7 @@ class Outcomes:
                     warned.setdefault(note, []).append(r.id)
             plain = [r.id for r in sent if not result.warnings.get(r.sop_instance_uid)]
             if plain:
-                j.call(self.outbox.mark_sent, plain)
+                j.call(self.outbox.mark_sent, plain)  # proof of storage pending
             for note, ids in warned.items():
                 # Stored, with the destination's warning kept on the row (e.g. coercion).
                 j.call(self.outbox.mark_sent, ids, warning=note)
@@ -156,6 +182,91 @@ class Outcomes:
             retry=sum(len(g) for g in retry.values()) + len(unanswered),
             bytes=sum(r.size for r in sent),
         )
+
+    # -- proof of storage ----------------------------------------------------------------------
+    def prove(self, rows: list[OutboxRow], j: Journal) -> float:
+        """Ask the destination to prove it holds ``rows`` (sent, proof pending) and record it.
+
+        Proven rows become ``confirmed``; rows it did not find go back to be sent again, or to
+        ``dead`` (:meth:`not_stored`); a destination that cannot prove storage (``confirm``
+        returns None, or has none) leaves them unproven, kept. Returns 0, or after a failed
+        check the seconds to wait before the next (the failure is noted for ``status``).
+        """
+        confirm = getattr(self.destination, "confirm", None)
+        try:
+            proven = None if confirm is None else confirm(rows)
+        except Exception as exc:
+            if not isinstance(exc, UploadError):
+                log.exception("storage_check_unexpected_error", rows=len(rows))
+            retry_after = exc.retry_after if isinstance(exc, UploadError) else None
+            with self._rng_lock:
+                self._check_failures += 1
+                failures = self._check_failures
+            delay = retry_after if retry_after is not None else self.jitter(failures)
+            j.call(self.outbox.circuit_note, f"storage_check {exc}")
+            log.warning(
+                "storage_check_failed",
+                destination=self.destination.label,
+                rows=len(rows),
+                error=str(exc)[:200],
+                retry_in=round(delay, 3),
+            )
+            return max(delay, self.settings.backoff_base_seconds)
+        with self._rng_lock:
+            self._check_failures = 0
+        if proven is None:
+            j.call(self.outbox.mark_proven, [r.id for r in rows], proven=False)
+            if not self._unprovable_said:
+                self._unprovable_said = True
+                log.warning(
+                    "storage_not_provable",
+                    destination=self.destination.label,
+                    detail="acknowledged instances count as delivered without proof; their "
+                    "outbox files are kept unless disk.keep_unconfirmed is false",
+                )
+            return 0.0
+        found = [r for r in rows if r.sop_instance_uid in proven]
+        missing = [r for r in rows if r.sop_instance_uid not in proven]
+        if found:
+            j.call(self.outbox.mark_proven, [r.id for r in found])
+            metrics.UPLOAD_ATTEMPTS.labels(result="proven").inc(len(found))
+        if missing:
+            self.not_stored(missing, j)
+        log.info(
+            "storage_proven",
+            destination=self.destination.label,
+            rows=len(rows),
+            proven=len(found),
+            not_stored=len(missing),
+        )
+        return 0.0
+
+    def not_stored(self, rows: Sequence[OutboxRow], j: Journal) -> None:
+        """Acknowledged, yet the storage check did not find them: send again a few times (at
+        least :data:`NOT_STORED_RETRY_SECONDS` apart), then ``dead``; ``status`` shows it."""
+        now = self._clock()
+        limit = min(NOT_STORED_MAX_ATTEMPTS, self.settings.max_attempts)
+        gone = [r for r in rows if r.attempts >= limit or self.exhausted(r, now)]
+        again = []
+        for r in rows:
+            if r not in gone:
+                with self._rng_lock:
+                    again.append((r.id, NOT_STORED_RETRY_SECONDS * (1.0 + self._rng.random())))
+        j.call(self.outbox.mark_not_stored, again, [r.id for r in gone], error=NOT_STORED)
+        metrics.UPLOAD_ATTEMPTS.labels(result="not_stored").inc(len(rows))
+        j.call(
+            self.outbox.circuit_note,
+            f"{NOT_STORED}: acknowledged {len(rows)} instance(s) the storage check did not find",
+        )
+        log.warning(
+            "upload_not_stored",
+            destination=self.destination.label,
+            rows=len(rows),
+            dead=len(gone),
+            sop_uids=[r.sop_instance_uid for r in rows][:5],
+        )
+        if again:
+            self._on_recovered()  # wake the workers' timers for the rows sent again
 
     def healthy(self, j: Journal) -> None:
         if j.call(self.outbox.circuit_success):
@@ -200,8 +311,12 @@ class Outcomes:
         *,
         probing: bool,
         auth: bool,
+        refund_always: bool = False,
     ) -> None:
-        """The destination failed as a whole: open (or keep open) the circuit; rows wait for it."""
+        """The destination failed as a whole: open (or keep open) the circuit; rows wait for it.
+
+        ``auth`` (refused credentials) and ``refund_always`` (a wrong address) never burn the
+        rows' attempts: they are not the rows' fault and will not pass by themselves."""
         try:
             failures = self.outbox.consecutive_failures()
         except STORAGE_ERRORS:
@@ -222,7 +337,7 @@ class Outcomes:
         known = True if recorded is None else recorded
         # Attempts count only for the request that found an outage; credentials/redirect
         # problems never burn them (they are not the rows' fault). Age always applies.
-        refund = probing or known or auth
+        refund = probing or known or auth or refund_always
         now = self._clock()
         max_age = self.settings.max_age_hours * 3600.0
         gone = [

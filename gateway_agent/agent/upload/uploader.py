@@ -5,6 +5,11 @@ may send, claim a batch (``batch_max_instances`` / ``batch_max_mb``), then send 
 outcome (:mod:`.outcomes` says what each result means). Workers sleep on an Event between due
 times (no busy polling); :meth:`wake` is called by intake after adding rows.
 
+Acknowledged rows are ``sent`` with their proof of storage pending. A worker with nothing to send
+proves them, a page at a time (the destination's ``confirm``); while rows keep coming, a proof
+is made first once one has waited :data:`PROOF_MAX_DELAY_SECONDS`. So the proof's cost stays off
+the upload path during a burst, and retention never removes a copy before it.
+
 If recording an outcome fails (the state disk is full, the database is locked), the worker retries
 the writes not yet made (its :mod:`.journal`) before it claims anything new;
 :meth:`Uploader.stop` tries once more and otherwise leaves the rows ``sending`` for
@@ -27,12 +32,22 @@ from .destinations import Destination
 from .journal import RECORD_RETRY_MAX_SECONDS, Journal
 from .outcomes import Outcomes
 
-__all__ = ["BATCH_LINGER_SECONDS", "IDLE_MAX_SECONDS", "Uploader"]
+__all__ = [
+    "BATCH_LINGER_SECONDS",
+    "IDLE_MAX_SECONDS",
+    "PROOF_MAX_DELAY_SECONDS",
+    "PROOF_PAGE",
+    "Uploader",
+]
 
 log = get_logger()
 
 #: Longest sleep between checks when idle (new rows wake the workers earlier).
 IDLE_MAX_SECONDS = 30.0
+#: Acknowledged rows proven per storage check (DICOMweb: one query per study and 40 UIDs).
+PROOF_PAGE = 200
+#: An acknowledged row waits at most this long for its proof while rows keep being sent.
+PROOF_MAX_DELAY_SECONDS = 30.0
 #: While more rows are on their way (intake busy), a worker waits up to this long for a batch to
 #: fill before it claims; one worker fills at a time while the others send.
 BATCH_LINGER_SECONDS = 0.1
@@ -97,8 +112,17 @@ class Uploader:
         self._arrived = threading.Condition()
         self._arrivals = 0
         self.max_bytes = max(1, int(settings.batch_max_mb * 1024 * 1024))
-        # A lease long enough for a batch and its split retries; claim() reclaims expired ones.
-        self.lease_seconds = settings.timeout_seconds * 8 + 60.0
+        # Proof of storage: one worker at a time proves a page of acknowledged rows, when there
+        # is nothing to send or when a proof is overdue; a failed check waits its backoff.
+        self._proving = threading.Lock()
+        self._proof_lock = threading.Lock()
+        self._proof_blocked_until = 0.0
+        self._proof_looked_at = -1e9
+        # A lease long enough for a batch, its split retries and its storage check, each request
+        # within its deadline (sending a full batch at the slowest speed tolerated, then the
+        # reply); claim() reclaims expired ones.
+        slowest = self.max_bytes / (settings.min_kb_per_second * 1000.0)
+        self.lease_seconds = settings.timeout_seconds * 8 + 2 * slowest + 60.0
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -175,9 +199,46 @@ class Uploader:
 
     def _idle_wait(self) -> float:
         due = self.outbox.next_due_at()
-        if due is None:
-            return IDLE_MAX_SECONDS
-        return min(IDLE_MAX_SECONDS, max(0.01, due - self._clock()))
+        wait = IDLE_MAX_SECONDS if due is None else max(0.01, due - self._clock())
+        with self._proof_lock:
+            blocked = self._proof_blocked_until - time.monotonic()
+        if blocked > 0 and self.outbox.oldest_proof_pending_at() is not None:
+            wait = min(wait, blocked + 0.01)  # a failed storage check is due again then
+        return min(IDLE_MAX_SECONDS, wait)
+
+    # -- proof of storage --------------------------------------------------------------------
+    def _proof_overdue(self) -> bool:
+        """Whether an acknowledged row has waited :data:`PROOF_MAX_DELAY_SECONDS` for its proof
+        (looked up at most once a second): then proving comes before sending more."""
+        now = time.monotonic()
+        with self._proof_lock:
+            if now < self._proof_looked_at + 1.0 or now < self._proof_blocked_until:
+                return False
+            self._proof_looked_at = now
+        oldest = self.outbox.oldest_proof_pending_at()
+        return oldest is not None and self._clock() - oldest >= PROOF_MAX_DELAY_SECONDS
+
+    def _prove(self) -> int:
+        """Prove one page of acknowledged rows (one worker at a time); returns rows checked."""
+        if not self._proving.acquire(blocking=False):
+            return 0
+        try:
+            with self._proof_lock:
+                if time.monotonic() < self._proof_blocked_until:
+                    return 0
+            rows = self.outbox.awaiting_proof(PROOF_PAGE)
+            if not rows:
+                return 0
+            journal = Journal([r.id for r in rows])
+            wait = self.outcomes.prove(rows, journal)
+            with self._proof_lock:
+                self._proof_blocked_until = time.monotonic() + wait if wait > 0 else 0.0
+            if journal.todo:
+                with self._in_flight_lock:
+                    self._unrecorded[threading.get_ident()] = journal
+            return len(rows) if wait <= 0 else 0
+        finally:
+            self._proving.release()
 
     def loop_once(self) -> int:
         """One step in the calling thread (circuit, claim, send, record); returns rows handled.
@@ -221,6 +282,10 @@ class Uploader:
             if probing:
                 self.outbox.circuit_release_probe()
             return 0, IDLE_MAX_SECONDS
+        if not probing and self._proof_overdue():
+            proved = self._prove()
+            if proved:
+                return proved, 0.0
         rows: list[OutboxRow] = []
         try:
             with self._fill_lock:
@@ -237,7 +302,8 @@ class Uploader:
                 # hand the probe back, or every worker would wait for its lease.
                 self.outbox.circuit_release_probe()
         if not rows:
-            return 0, self._idle_wait()
+            proved = 0 if probing else self._prove()  # nothing to send: prove what was sent
+            return (proved, 0.0) if proved else (0, self._idle_wait())
         key = threading.get_ident()
         journal = Journal([r.id for r in rows])
         with self._in_flight_lock:

@@ -8,9 +8,10 @@ The contract
 ------------
 A destination is any object with::
 
-    label: str                                      # "folder", "dicomweb:pacs.example:443"
-    send(items: Sequence[OutboxRow]) -> SendResult  # one request (or one batch of work)
-    close() -> None                                 # release connections; idempotent
+    label: str                                           # "folder", "dicomweb:pacs.example:443"
+    send(items: Sequence[OutboxRow]) -> SendResult       # one request (or one batch of work)
+    confirm(items: Sequence[OutboxRow]) -> set[str] | None   # proof of storage, or None
+    close() -> None                                      # release connections; idempotent
 
 ``label``
     A short description for status output and logs. It must never carry a credential, a
@@ -21,8 +22,7 @@ A destination is any object with::
     workers at once, and the same instance may be sent again after a crash: the destination must
     be idempotent per SOP Instance UID. It returns a :class:`SendResult`:
 
-    * ``sent``: SOP Instance UIDs the destination acknowledged (and, where the kind can, proved it
-      stored: see *Confirming storage*) → ``sent``;
+    * ``sent``: SOP Instance UIDs the destination acknowledged (then checked with ``confirm``);
     * ``failed[uid] = (True, reason)``: this instance will never be accepted → ``dead``;
     * ``failed[uid] = (False, reason)``: this instance failed this time → retried with its own
       backoff;
@@ -36,13 +36,18 @@ A destination is any object with::
     ========================================== ===============================================
     raised                                     what the uploader does
     ========================================== ===============================================
-    ``RetryableUploadError``                   destination down or busy (network, timeout, 408,
-                                               429, 5xx, a full folder): the circuit opens, one
-                                               probe at a time, ``retry_after`` honoured; rows
-                                               wait without burning attempts once it is known
+    ``RetryableUploadError``                   destination down, busy or answering garbage
+                                               (network, timeout or deadline, 408, 429, 5xx, a
+                                               reply that is not an answer of the protocol, a
+                                               full folder): the circuit opens, one probe at a
+                                               time, ``retry_after`` honoured; rows wait without
+                                               burning attempts once it is known
     ``PermanentUploadError`` with ``status``   the destination refuses the agent (credentials,
-    in :data:`REFUSAL_STATUSES`                a redirect): as above, and ``auth_failing`` is
-                                               reported; attempts are never burned
+    in :data:`REFUSAL_STATUSES`                a redirect): as above, ``auth_failing`` is
+                                               reported, attempts are never burned
+    ``PermanentUploadError`` with ``status``   the address is wrong (404, 405, 501 to every
+    in :data:`MISCONFIGURED_STATUSES`          request: no such service there): as above,
+                                               attempts are never burned
     ``PermanentUploadError``, other            these bytes will never be accepted: every row of
                                                the batch → ``dead``
     anything else                              a bug: logged with its traceback, rows retried
@@ -50,17 +55,35 @@ A destination is any object with::
 
     A kind translates its library's exceptions into this tree in one place (as
     :func:`.dicomweb.translate_httpx_error` does for httpx); a kind without HTTP statuses sets
-    ``status=401`` (or 403) for "refuses the agent". Reasons are short slugs (``http_409
-    conflict``, ``file_missing``) that never carry a credential, a header value or PHI.
+    ``status=401`` (or 403) for "refuses the agent" and 404 for "nothing of the kind there".
+    Reasons are short slugs (``http_409 conflict``, ``file_missing``) that never carry a
+    credential, a header value or PHI.
+``confirm(items)``
+    Called with rows ``send`` acknowledged (a page of up to 200, from several batches, when the
+    uploader has nothing to send, or once one has waited 30 s). Returns the SOP Instance UIDs
+    among them that the destination *proved* it holds (see *Confirming storage*), or ``None``
+    when this destination cannot prove storage (confirmation turned off, a peer without the
+    means). It raises as ``send`` does when the check itself fails: the check is tried again
+    after a backoff, the rows stay acknowledged with their proof pending, their files kept.
 ``close()``
     Called once by the daemon on the way out.
 
 Confirming storage
 ------------------
-An acknowledgement is only the destination's word. A kind that can check it (DICOMweb's
-``confirm_storage`` asks QIDO for each acknowledged instance) does so inside ``send`` before it
-lists a UID in ``sent``, and reports an instance acknowledged but not found as
-``failed[uid] = (True, "not_stored_after_ack")``.
+An acknowledgement is only the destination's word: a misrouted proxy or an archive's filter can
+acknowledge and store nothing. So an acknowledged row is ``sent`` with its proof pending, and
+the uploader asks ``confirm`` (off the upload path, so a burst is uploaded at full speed):
+
+* a proven instance → ``confirmed``: retention may remove its outbox file;
+* an acknowledged instance the check did not find → sent again after at least
+  :data:`NOT_STORED_RETRY_SECONDS`; once it has used :data:`NOT_STORED_MAX_ATTEMPTS` attempts
+  → ``dead`` with ``not_stored_after_ack`` (its file kept); ``status`` shows it;
+* ``None`` → unproven: the outbox file is kept (``disk.keep_unconfirmed``).
+
+Each kind proves storage as cheaply as it can, batched: DICOMweb asks QIDO-RS for the
+acknowledged SOP Instance UIDs of each study in one query per 40; the folder reads back the
+size of what it wrote; S3 would compare a HEAD's checksum; C-STORE would use Storage Commitment
+where the peer supports it.
 
 Adding a kind
 -------------
@@ -84,11 +107,26 @@ from ...outbox.db import OutboxRow
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["REFUSAL_STATUSES", "Destination", "SendResult", "destination_from_settings"]
+__all__ = [
+    "MISCONFIGURED_STATUSES",
+    "NOT_STORED_MAX_ATTEMPTS",
+    "NOT_STORED_RETRY_SECONDS",
+    "REFUSAL_STATUSES",
+    "Destination",
+    "SendResult",
+    "destination_from_settings",
+]
 
 #: ``PermanentUploadError.status`` values that mean "the destination refuses the agent" (bad
 #: credentials, a redirect never followed) rather than "this batch is bad".
 REFUSAL_STATUSES = frozenset({401, 403, 301, 302, 303, 307, 308})
+#: ``PermanentUploadError.status`` values that mean "the address is wrong": no such service there
+#: (a URL that answers 404 to every request is a misconfiguration, not a bad instance).
+MISCONFIGURED_STATUSES = frozenset({404, 405, 501})
+#: An instance acknowledged but not found is sent again at most this many attempts in all ...
+NOT_STORED_MAX_ATTEMPTS = 3
+#: ... each after at least this long (an archive that indexes late gets time to do so).
+NOT_STORED_RETRY_SECONDS = 30.0
 
 
 @dataclass
@@ -107,6 +145,8 @@ class Destination(Protocol):
     label: str
 
     def send(self, items: Sequence[OutboxRow]) -> SendResult: ...
+
+    def confirm(self, items: Sequence[OutboxRow]) -> set[str] | None: ...
 
     def close(self) -> None: ...
 

@@ -23,8 +23,9 @@ recognised                                          destination refuses the agen
 
 When the association is lost after the peer answered part of the batch, the answered instances
 are recorded and the rest retried on their own; only a batch that got no answer at all reports
-the destination down. Confirming storage (Storage Commitment) is not done: an acknowledged
-C-STORE counts as stored (see ``docs/destinations.md``).
+the destination down. Storage Commitment is not done: :meth:`DicomDestination.confirm` proves
+nothing, so acknowledged instances count as delivered without proof and their outbox files are
+kept unless ``disk.keep_unconfirmed`` is off (see ``docs/destinations.md``).
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ class DicomDestination:
             else:
                 out.failed[uid] = (r.outcome is Outcome.FAILURE, r.reason)
         return out
+
+    def confirm(self, items: Sequence[OutboxRow]) -> set[str] | None:
+        """No proof of storage: Storage Commitment is not implemented yet. The uploader counts
+        these instances delivered without proof and keeps their outbox files unless
+        ``disk.keep_unconfirmed`` is off."""
+        return None
 
     def close(self) -> None:
         self._scu.close()

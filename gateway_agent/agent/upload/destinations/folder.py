@@ -1,4 +1,5 @@
-"""The folder destination: atomic, idempotent copies into a local (or mounted) folder."""
+"""The folder destination: atomic, idempotent copies into a local (or mounted) folder, confirmed by
+reading back the size of what it wrote."""
 
 from __future__ import annotations
 
@@ -73,6 +74,27 @@ class FolderDestination:
         for d in touched:
             _fsync_dir(d)
         return result
+
+    def confirm(self, items: Sequence[OutboxRow]) -> set[str]:
+        """The instances whose file is in place with the size of the outbox copy (a read-back of
+        the folder's own metadata; on a network share this asks the server)."""
+        proven: set[str] = set()
+        for row in items:
+            try:
+                want = row.path.stat().st_size
+            except OSError:
+                want = row.size
+            try:
+                got = self.target(row).stat().st_size
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise RetryableUploadError(
+                    f"folder_error: {exc.strerror or type(exc).__name__}"
+                ) from exc
+            if got == want:
+                proven.add(row.sop_instance_uid)
+        return proven
 
     def close(self) -> None:
         pass

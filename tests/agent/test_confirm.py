@@ -1,0 +1,346 @@
+"""Storage proven before a local copy goes: QIDO-RS against a real Orthanc (with a Lua filter that
+acknowledges and stores nothing), batched look-ups, servers without UID lists or without QIDO,
+the folder's read-back, retention of proven copies only, and the upgrade of an older outbox."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from gateway_agent.agent.outbox.store import Outbox
+from gateway_agent.agent.upload.destinations import (
+    NOT_STORED_MAX_ATTEMPTS,
+    destination_from_settings,
+)
+from gateway_agent.agent.upload.destinations.dicomweb import QIDO_PAGE, DicomWebDestination
+from gateway_agent.agent.upload.destinations.folder import FolderDestination
+from gateway_agent.agent.upload.stall import (
+    destination_problems,
+    hint,
+    misconfigured,
+    proof_refused,
+)
+from gateway_agent.agent.upload.uploader import Uploader
+from gateway_agent.config import DestinationSettings
+from tests._orthanc import OrthancServer, start_orthanc
+
+from ._uploadkit import CountingTransport, FakeClock, add_files, make_files
+
+DROP_ALL = "function ReceivedInstanceFilter(dicom, origin, info)\n  return false\nend\n"
+
+
+def _stow_json(uids: list[str]) -> dict[str, Any]:
+    return {
+        "00081198": {"vr": "SQ"},
+        "00081199": {
+            "vr": "SQ",
+            "Value": [{"00081155": {"vr": "UI", "Value": [u]}} for u in uids],
+        },
+    }
+
+
+def _posted_uids(request: httpx.Request) -> list[str]:
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    boundary = request.headers["content-type"].rsplit("boundary=", 1)[1].encode()
+    uids = []
+    for part in request.read().split(b"--" + boundary)[1:-1]:
+        payload = part.split(b"\r\n\r\n", 1)[1][:-2]
+        uids.append(str(dcmread(BytesIO(payload), stop_before_pixels=True).SOPInstanceUID))
+    return uids
+
+
+def _qido_json(uids: list[str]) -> list[dict[str, Any]]:
+    return [{"00080018": {"vr": "UI", "Value": [u]}} for u in uids]
+
+
+def _asked(request: httpx.Request) -> list[str]:
+    return parse_qs(urlsplit(str(request.url)).query)["SOPInstanceUID"][0].split(",")
+
+
+class Archive:
+    """A scripted DICOMweb server for httpx.MockTransport: STOW acknowledges every part; QIDO
+    answers from ``stored`` (``lists``: whether a UID list is matched, else nothing matches)."""
+
+    def __init__(self, *, store: bool = True, lists: bool = True, qido_status: int = 200) -> None:
+        self.store = store
+        self.lists = lists
+        self.qido_status = qido_status
+        self.stored: set[str] = set()
+        self.gets: list[list[str]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            uids = _posted_uids(request)
+            if self.store:
+                self.stored.update(uids)
+            return httpx.Response(200, json=_stow_json(uids))
+        if request.url.path.endswith("/studies"):
+            return httpx.Response(404 if self.qido_status == 404 else 200, json=[])
+        asked = _asked(request)
+        self.gets.append(asked)
+        if self.qido_status != 200:
+            return httpx.Response(self.qido_status)
+        if len(asked) > 1 and not self.lists:
+            return httpx.Response(200, json=[])
+        return httpx.Response(200, json=_qido_json([u for u in asked if u in self.stored]))
+
+
+def _mock_dest(archive: Archive, **kw: Any) -> DicomWebDestination:
+    client = httpx.Client(transport=httpx.MockTransport(archive))
+    return DicomWebDestination("http://pacs.test/dicom-web", client=client, **kw)
+
+
+def _settings(url: str = "http://pacs.test/dicom-web", **kw: Any) -> DestinationSettings:
+    base: dict[str, Any] = {
+        "kind": "dicomweb",
+        "url": url,
+        "batch_max_instances": 25,
+        "parallel_requests": 1,
+        "backoff_base_seconds": 1.0,
+        "backoff_cap_seconds": 60.0,
+    }
+    base.update(kw)
+    return DestinationSettings(**base)
+
+
+# -- a real lying archive ----------------------------------------------------------------------
+@pytest.mark.orthanc
+def test_an_archive_that_acknowledges_and_stores_nothing_loses_nothing_by_default(
+    tmp_path: Path,
+) -> None:
+    """Orthanc with a filter dropping every instance answers STOW-RS 200 for all of them. With
+    the default settings no row is `sent`, no outbox file is removed by retention, and after a
+    few attempts the rows are `dead` with `not_stored_after_ack`, which `status` explains."""
+    lua = tmp_path / "drop.lua"
+    lua.write_text(DROP_ALL)
+    server = start_orthanc(extra_config={"LuaScripts": [str(lua)]})
+    clock = FakeClock()
+    ob = Outbox(tmp_path / "outbox.db", clock=clock)
+    try:
+        files = make_files(tmp_path / "files", 20)
+        add_files(ob, files)
+        settings = _settings(
+            server.dicomweb_url,
+            auth="basic",
+            username=server.auth[0],
+            password=SecretStr(server.auth[1]),
+        )
+        dest = destination_from_settings(settings)  # default settings: confirm_storage on
+        up = Uploader(ob, dest, settings, clock=clock, rng=random.Random(1))
+        for _ in range(2 * NOT_STORED_MAX_ATTEMPTS + 2):  # send, prove, send again, ...
+            up.loop_once()
+            clock.advance(3600)
+        dest.close()
+        counts = ob.counts()
+        assert counts["sent"] == 0 and counts["dead"] == 20, counts
+        assert {r.last_error for r in ob.rows("dead")} == {"not_stored_after_ack"}
+        assert {r.attempts for r in ob.rows("dead")} == {NOT_STORED_MAX_ATTEMPTS}
+        assert ob.purge_sent_files(0) == 0 and all(p.exists() for p in files)
+        assert server.count_instances() == 0
+        status = ob.destination_status()
+        assert status["last_error"].startswith("not_stored_after_ack")
+        assert status["last_success_at"] is None  # nothing was delivered
+        assert "does not hold" in (hint(status["last_error"]) or "")
+    finally:
+        ob.close()
+        server.close()
+
+
+@pytest.mark.orthanc
+def test_look_ups_are_batched_per_study(tmp_path: Path, orthanc: OrthancServer) -> None:
+    ob = Outbox(":memory:")
+    add_files(ob, make_files(tmp_path / "a", 25, seed="study-a"))
+    add_files(ob, make_files(tmp_path / "b", 5, seed="study-b"))
+    transport = CountingTransport()
+    client = httpx.Client(transport=transport, timeout=30)
+    dest = DicomWebDestination(
+        orthanc.dicomweb_url, client=client, auth=httpx.BasicAuth(*orthanc.auth)
+    )
+    up = Uploader(ob, dest, _settings(orthanc.dicomweb_url, batch_max_instances=30))
+    assert up.loop_once() == 30  # sent: acknowledged, proof pending
+    assert ob.proof_summary()["pending"][0] == 30
+    assert not [m for _t, m, _p in transport.requests if m == "GET"]  # not on the upload path
+    assert up.loop_once() == 30  # nothing left to send: prove
+    gets = [path for _t, method, path in transport.requests if method == "GET"]
+    assert len(gets) == 2 and all(p.endswith("/instances") for p in gets)  # one per study
+    assert transport.posts() == 1
+    assert ob.proof_summary() == {"pending": (0, 0), "unproven": (0, 0)}
+    assert ob.purge_sent_files(0) == 30
+    client.close()
+
+
+def test_an_instance_found_on_a_later_attempt_is_sent(tmp_path: Path) -> None:
+    """An archive that indexes late: not found after the first acknowledgement, sent again
+    after the retry delay, found, `sent` and proven."""
+    clock = FakeClock()
+    ob = Outbox(":memory:", clock=clock)
+    (uid,) = add_files(ob, make_files(tmp_path / "f", 1))
+    archive = Archive(store=False)
+    up = Uploader(ob, _mock_dest(archive), _settings(), clock=clock, rng=random.Random(2))
+    assert up.loop_once() == 1  # sent
+    assert up.loop_once() == 1  # proof: not found
+    (row,) = ob.rows("queued")
+    assert row.last_error == "not_stored_after_ack" and row.next_attempt_at - clock.now >= 30
+    archive.stored.add(uid)  # the archive has caught up
+    assert up.loop_once() == 0  # not due yet
+    clock.advance(61)
+    assert up.loop_once() == 1 and up.loop_once() == 1  # sent again, then proven
+    assert ob.counts()["sent"] == 1 and ob.proof_summary()["pending"] == (0, 0)
+    assert ob.destination_status()["last_success_at"] == clock.now
+
+
+def test_a_server_without_uid_list_matching_is_asked_one_by_one(tmp_path: Path) -> None:
+    ob = Outbox(":memory:")
+    add_files(ob, make_files(tmp_path / "f", 5))
+    rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+    archive = Archive(lists=False)
+    dest = _mock_dest(archive)
+    assert len(dest.send(rows).sent) == 5
+    assert dest.confirm(rows) == {r.sop_instance_uid for r in rows}
+    assert [len(g) for g in archive.gets] == [5, 1, 1, 1, 1, 1]
+    assert dest.uid_lists is False
+    archive.gets.clear()
+    assert dest.confirm(rows) == {r.sop_instance_uid for r in rows}
+    assert [len(g) for g in archive.gets] == [1] * 5  # learned: no list query any more
+
+
+def test_pages_of_uids(tmp_path: Path) -> None:
+    ob = Outbox(":memory:")
+    add_files(ob, make_files(tmp_path / "f", QIDO_PAGE + 3))
+    rows = ob.claim(max_items=100, max_bytes=10**9, lease_seconds=60)
+    archive = Archive()
+    dest = _mock_dest(archive)
+    dest.send(rows)
+    assert len(dest.confirm(rows) or ()) == QIDO_PAGE + 3
+    assert [len(g) for g in archive.gets] == [QIDO_PAGE, 3]
+
+
+def test_no_qido_at_the_url_keeps_the_copies_and_says_why(tmp_path: Path) -> None:
+    """A STOW-only endpoint: storage cannot be proven as the server is set up. Uploads go on,
+    the local copies stay, the check backs off, and `status` and /readyz say what to do."""
+    clock = FakeClock()
+    ob = Outbox(":memory:", clock=clock)
+    add_files(ob, make_files(tmp_path / "f", 3))
+    archive = Archive(qido_status=404)
+    up = Uploader(ob, _mock_dest(archive), _settings(), clock=clock, rng=random.Random(3))
+    for _ in range(6):
+        up.loop_once()
+        clock.advance(3600)
+    assert ob.counts()["sent"] == 3 and ob.counts()["dead"] == 0
+    assert ob.proof_summary()["pending"][0] == 3 and ob.purge_sent_files(0) == 0
+    assert len(archive.gets) == 1  # the next check waits for its backoff
+    status = ob.destination_status()
+    assert status["last_error"].startswith("storage_check http_404 no_qido")
+    assert status["consecutive_failures"] == 0  # uploads are not blocked
+    assert proof_refused(status) and not misconfigured(status)
+    assert "confirm_storage = false" in (hint(status["last_error"]) or "")
+    problems = destination_problems(
+        status, waiting=0, oldest_waiting=10.0, now=clock.now, window=300.0
+    )
+    assert problems[0].startswith("storage cannot be proven: storage_check http_404")
+
+
+def test_a_404_for_an_unknown_study_means_not_stored(tmp_path: Path) -> None:
+    """Some servers answer 404 for a study they do not hold; QIDO-RS itself answers, so the
+    instance is simply not there."""
+    ob = Outbox(":memory:")
+    add_files(ob, make_files(tmp_path / "f", 2))
+    rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, json=_stow_json(_posted_uids(request)))
+        if request.url.path.endswith("/studies"):
+            return httpx.Response(200, json=[])
+        return httpx.Response(404)
+
+    dest = DicomWebDestination(
+        "http://pacs.test/dicom-web", client=httpx.Client(transport=httpx.MockTransport(handler))
+    )
+    assert len(dest.send(rows).sent) == 2
+    assert dest.confirm(rows) == set()
+
+
+# -- the folder --------------------------------------------------------------------------------
+def test_folder_confirms_by_reading_back_the_size(tmp_path: Path) -> None:
+    ob = Outbox(":memory:")
+    add_files(ob, make_files(tmp_path / "f", 3))
+    rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+    dest = FolderDestination(tmp_path / "dest")
+    assert len(dest.send(rows).sent) == 3
+    assert dest.confirm(rows) == {r.sop_instance_uid for r in rows}
+    with dest.target(rows[0]).open("r+b") as fh:  # a share that kept half the file
+        fh.truncate(100)
+    dest.target(rows[1]).unlink()  # a sync tool that moved it away
+    assert dest.confirm(rows) == {rows[2].sop_instance_uid}
+
+
+# -- retention ---------------------------------------------------------------------------------
+def test_retention_removes_proven_copies_only(tmp_path: Path) -> None:
+    ob = Outbox(":memory:")
+    files = make_files(tmp_path / "f", 4)
+    add_files(ob, files)
+    rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+    ob.mark_sent([r.id for r in rows])  # acknowledged: proof pending
+    ob.mark_proven([rows[0].id, rows[1].id])
+    ob.mark_proven([rows[3].id], proven=False)  # a destination that cannot prove it
+    assert ob.proof_summary() == {
+        "pending": (1, rows[2].size),
+        "unproven": (1, rows[3].size),
+    }
+    assert ob.purge_sent_files(0) == 2
+    assert [p.exists() for p in (r.path for r in rows)] == [False, False, True, True]
+    assert ob.purge_sent_files(0, unconfirmed=True) == 1  # disk.keep_unconfirmed = false
+    assert rows[2].path.exists()  # a pending proof is never purged
+    ob.mark_proven([rows[2].id])
+    assert ob.purge_sent_files(0) == 1
+    assert ob.proof_summary() == {"pending": (0, 0), "unproven": (0, 0)}
+
+
+def test_an_older_outbox_gets_the_column_and_its_sent_rows_await_proof(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "outbox.db"
+    ob = Outbox(db)
+    (path,) = make_files(tmp_path / "f", 1)
+    add_files(ob, [path])
+    (row,) = ob.claim(max_items=1, max_bytes=10**9, lease_seconds=60)
+    ob.mark_sent([row.id])
+    ob.mark_proven([row.id])
+    ob.close()
+    con = sqlite3.connect(db)  # what a database of 0.1.0 looks like: no "confirmed" column
+    con.execute("drop index outbox_proof")
+    con.execute("alter table outbox drop column confirmed")
+    con.commit()
+    con.close()
+    ob = Outbox(db)
+    try:
+        assert ob.proof_summary()["pending"] == (1, row.size)  # the uploader will ask
+        assert ob.purge_sent_files(0) == 0 and path.exists()
+    finally:
+        ob.close()
+
+
+def test_rows_sent_without_proof_are_proven_or_sent_again(tmp_path: Path) -> None:
+    """Rows an earlier version sent (never proven): the uploader asks the destination; those it
+    holds may go, the one it does not hold is sent again."""
+    ob = Outbox(":memory:")
+    add_files(ob, make_files(tmp_path / "f", 3))
+    rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+    dest = FolderDestination(tmp_path / "dest")
+    dest.send(rows[:2])  # two are at the destination, the third is not
+    ob.mark_sent([r.id for r in rows])
+    up = Uploader(ob, dest, DestinationSettings(kind="folder"))
+    assert up.loop_once() == 3
+    assert ob.counts()["sent"] == 2 and ob.rows("queued")[0].id == rows[2].id
+    assert ob.purge_sent_files(0) == 2 and rows[2].path.exists()
