@@ -312,6 +312,7 @@ def collect_status(
     from ..agent.intake.quarantine import Quarantine
     from ..agent.service.effective import read_effective_settings
     from ..agent.service.paths import StatePaths
+    from ..agent.upload.stall import destination_problems, hint
 
     paths = StatePaths(settings.state_dir)
     record = read_effective_settings(paths.root)
@@ -319,8 +320,12 @@ def collect_status(
     inbox, originals = Path(settings.inbox), str(settings.originals)
     listener = settings.listener.model_dump(mode="json")
     unit_name = settings.unit_name
+    used_destination = settings.destination.model_dump(mode="json")
+    window = settings.metrics.ready_upload_window_seconds
     if record is not None:
         used = record.get("settings") or {}
+        used_destination = used.get("destination") or used_destination
+        window = float((used.get("metrics") or {}).get("ready_upload_window_seconds", window))
         listener = used.get("listener") or listener
         unit_name = str(used.get("unit_name") or unit_name)
         destination["target"] = str(record.get("destination", destination["target"]))
@@ -353,19 +358,41 @@ def collect_status(
     outbox = Outbox(paths.outbox_db)
     try:
         counts = outbox.counts()
+        waiting = counts.get("queued", 0) + counts.get("sending", 0)
+        oldest = outbox.oldest_waiting_age()
+        proof = outbox.proof_summary()
         out["outbox"] = {
             "counts": counts,
-            "waiting": counts.get("queued", 0) + counts.get("sending", 0),
-            "oldest_waiting_seconds": outbox.oldest_waiting_age(),
+            "waiting": waiting,
+            "oldest_waiting_seconds": oldest,
             "sent_last_minute": _sent_since(paths.outbox_db, 60),
             "sent_last_hour": _sent_since(paths.outbox_db, 3600),
+            "proof_pending": {"rows": proof["pending"][0], "bytes": proof["pending"][1]},
+            "unproven": {"rows": proof["unproven"][0], "bytes": proof["unproven"][1]},
             "dead_latest": _dead_rows(outbox, latest),
         }
         dest = dict(outbox.destination_status())
         out["destination"].update(dest)
+        out["destination"]["proof"] = _proof_label(used_destination)
+        out["destination"]["problems"] = destination_problems(
+            dest, waiting=waiting, oldest_waiting=oldest, now=time.time(), window=window
+        )
+        out["destination"]["hint"] = hint(dest.get("last_error"))
     finally:
         outbox.close()
     return out
+
+
+def _proof_label(destination: dict[str, Any]) -> str:
+    """How the destination's storage is proven, as the agent runs it."""
+    kind = destination.get("kind")
+    if kind == "folder":
+        return "storage proven: sizes read back"
+    if kind == "dicomweb":
+        if destination.get("confirm_storage", True):
+            return "storage proven: QIDO-RS"
+        return "acknowledgements trusted: confirm_storage = false"
+    return "acknowledgements trusted: no proof of storage for this kind"
 
 
 def _print_listener(ls: dict[str, Any]) -> None:
@@ -421,12 +448,21 @@ def _print_status(st: dict[str, Any]) -> None:
             f"throughput: {ob['sent_last_minute']} sent in the last minute, "
             f"{ob['sent_last_hour']} in the last hour\n"
         )
+        pending, unproven = ob.get("proof_pending") or {}, ob.get("unproven") or {}
+        if pending.get("rows"):
+            w(f"  sent, proof of storage pending: {pending['rows']} (files kept until proven)\n")
+        if unproven.get("rows"):
+            w(
+                f"  sent without proof of storage: {unproven['rows']} "
+                f"({unproven['bytes'] / 1e6:.1f} MB of outbox files kept)\n"
+            )
         for d in ob["dead_latest"]:
             w(f"  dead #{d['id']} {d['sop_instance_uid']}: {d['last_error']}\n")
     if "listener" in st:
         _print_listener(st["listener"])
     d = st["destination"]
-    w(f"destination: {d['target']}\n")
+    proof = d.get("proof")
+    w(f"destination: {d['target']}" + (f" ({proof})" if proof else "") + "\n")
     if d.get("configured"):
         w(f"  the configuration now says {d['configured']}: restart the agent to use it\n")
     if d.get("auth_failing") and str(d.get("target", "")).startswith("dicom "):
@@ -437,6 +473,13 @@ def _print_status(st: dict[str, Any]) -> None:
         )
     elif d.get("auth_failing"):
         w("  AUTHENTICATION FAILING: fix the credentials, restart, then `gateway-agent retry`\n")
+    for problem in d.get("problems") or []:
+        if problem.startswith("destination refuses the agent"):
+            continue  # said above
+        problem = problem.split("; last error: ", 1)[0]  # printed below
+        if problem.startswith("stalled: "):
+            problem = "STALLED: " + problem.removeprefix("stalled: ")
+        w(f"  {problem}\n")
     if d.get("last_error"):
         w(f"  last error ({_when(d.get('last_error_at'))}): {d['last_error']}\n")
         if d.get("consecutive_failures"):
@@ -445,8 +488,11 @@ def _print_status(st: dict[str, Any]) -> None:
             if blocked and blocked > time.time():
                 w(f", next attempt in {blocked - time.time():.0f} s")
             w("\n")
+    recent = (d.get("last_error_at") or 0) >= (d.get("last_success_at") or 0)
+    if d.get("hint") and (d.get("problems") or d.get("consecutive_failures") or recent):
+        w(f"  what to do: {d['hint']}\n")
     if d.get("last_success_at"):
-        w(f"  last success: {_when(d['last_success_at'])}\n")
+        w(f"  last delivery: {_when(d['last_success_at'])}\n")
     q = st["quarantine"]
     reasons = ", ".join(f"{k} {v}" for k, v in q["by_reason"].items())
     w(f"quarantine: {q['count']} file(s)" + (f" ({reasons})" if reasons else "") + "\n")

@@ -99,12 +99,14 @@ def test_readyz(server: HealthServer) -> None:
     assert r.json() == {
         "status": "ready",
         "checks": {"outbox": {"ok": True, "detail": "x"}, "other": {"ok": True, "detail": "fine"}},
+        "reasons": [],
     }
     server.ready_map["outbox"] = False  # type: ignore[attr-defined]
     r = httpx.get(server.url + "/readyz")
     assert r.status_code == 503
     assert r.json()["status"] == "not ready"
     assert r.json()["checks"]["outbox"]["ok"] is False
+    assert r.json()["reasons"] == ["outbox: x"]
 
 
 def test_unknown_path_and_head(server: HealthServer) -> None:

@@ -247,7 +247,7 @@ class HealthServer:
         return (200 if ok else 503), body
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
-        """``/readyz``: run every readiness check now."""
+        """``/readyz``: run every readiness check now; ``reasons`` lists the failing ones."""
         results: dict[str, dict[str, Any]] = {}
         for name, check in self._checks.items():
             try:
@@ -256,7 +256,9 @@ class HealthServer:
                 res = CheckResult(False, f"check failed ({type(exc).__name__})")
             results[name] = {"ok": res.ok, "detail": res.detail}
         ok = all(r["ok"] for r in results.values())
-        return (200 if ok else 503), {"status": "ready" if ok else "not ready", "checks": results}
+        reasons = [f"{name}: {r['detail']}" for name, r in results.items() if not r["ok"]]
+        body = {"status": "ready" if ok else "not ready", "checks": results, "reasons": reasons}
+        return (200 if ok else 503), body
 
     def start(self) -> HealthServer:
         """Serve on a daemon thread; returns self."""

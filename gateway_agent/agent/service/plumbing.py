@@ -11,6 +11,7 @@ from typing import Any
 from ..._exceptions import ConfigError
 from ...config import Settings
 from ...logs import get_logger
+from ..upload.stall import destination_problems
 from .diskguard import DiskGuard, free_bytes
 from .health import CheckResult, HealthServer, sqlite_writable
 from .notify import Notifier
@@ -196,30 +197,35 @@ class ServicePlumbing:
         return CheckResult(False, f"intake paused: free {free_txt}, threshold {threshold}")
 
     def _check_destination(self) -> CheckResult:
+        """Refused, misaddressed or stalled (see :mod:`..upload.stall`), or the backlog over its
+        limits with nothing delivered lately: not ready. The outbox's persisted state is the
+        truth, not the process-global gauges (several agents, or tests, can share a process)."""
         m = self.settings.metrics
-        # The outbox's persisted last_success_at is the truth; the process-global gauge is not
-        # (several agents, or tests, can share one process).
-        last = 0.0
+        status: dict[str, Any] = {}
         if self._dest_status is not None:
             try:
-                status = self._dest_status()
+                status = dict(self._dest_status())
             except Exception:
                 status = {}
-            if status.get("auth_failing"):
-                return CheckResult(False, "destination rejects the agent's credentials")
-            value = status.get("last_success_at") or status.get("last_success")
-            if isinstance(value, int | float):
-                last = float(value)
-        if last and self._clock() - last <= m.ready_upload_window_seconds:
-            return CheckResult(True, f"last upload {self._clock() - last:.0f} s ago")
         counts = self._counts()
         waiting = sum(int(counts.get(s, 0)) for s in _WAITING)
-        age = self._oldest() or 0.0
+        oldest = self._oldest()
+        now = self._clock()
+        window = m.ready_upload_window_seconds
+        problems = destination_problems(
+            status, waiting=waiting, oldest_waiting=oldest, now=now, window=window
+        )
+        if problems:
+            return CheckResult(False, "; ".join(problems))
+        last = status.get("last_success_at")
+        if isinstance(last, int | float) and last and now - last <= window:
+            return CheckResult(True, f"last delivery {now - last:.0f} s ago")
+        age = oldest or 0.0
         if waiting <= m.ready_max_waiting and age <= m.ready_max_waiting_age_seconds:
-            return CheckResult(True, f"no recent upload; {waiting} waiting, oldest {age:.0f} s")
+            return CheckResult(True, f"no recent delivery; {waiting} waiting, oldest {age:.0f} s")
         return CheckResult(
             False,
-            f"no upload in {m.ready_upload_window_seconds:.0f} s and outbox over limits: "
+            f"no delivery in {window:.0f} s and outbox over limits: "
             f"{waiting} waiting (max {m.ready_max_waiting}), oldest {age:.0f} s "
             f"(max {m.ready_max_waiting_age_seconds:.0f} s)",
         )
