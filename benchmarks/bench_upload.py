@@ -3,6 +3,9 @@
 Every mode uploads the same N already de-identified-like CT files (512x512, no PHI) to a fresh,
 empty Orthanc (storage on /dev/shm when present), reads the files inside the timed region and is
 checked with /statistics. Prints a table with files/s, MB/s and the ratio to the best direct mode.
+The uploader runs twice with its defaults: storage proven by QIDO-RS (the default) and with
+``confirm_storage = false`` (acknowledgements trusted); the last column of those two rows is the
+cost of the proof.
 
     uv run python benchmarks/bench_upload.py --n 500 [--reps 3] [--sweep]
 """
@@ -10,6 +13,7 @@ checked with /statistics. Prints a table with files/s, MB/s and the ratio to the
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import secrets
 import statistics
@@ -86,43 +90,71 @@ def _fill_outbox(work: Path, paths: list[Path]) -> Outbox:
     return ob
 
 
-def uploader(batch: int, parallel: int) -> Callable[[OrthancServer, list[Path], Path], float]:
-    """Returns the timed seconds itself (filling the outbox is intake's work, not timed)."""
+def uploader(
+    batch: int, parallel: int, confirm: bool = True
+) -> Callable[[OrthancServer, list[Path], Path], tuple[float, float]]:
+    """Returns ``(seconds until all acknowledged, seconds until all proven stored)``, timed
+    itself (filling the outbox is intake's work, not timed)."""
 
-    def run(server: OrthancServer, paths: list[Path], work: Path) -> float:
+    def run(server: OrthancServer, paths: list[Path], work: Path) -> tuple[float, float]:
         ob = _fill_outbox(work, paths)
         settings = DestinationSettings(
             kind="dicomweb",
             url=server.dicomweb_url,
             batch_max_instances=batch,
             parallel_requests=parallel,
+            confirm_storage=confirm,
         )
         dest = DicomWebDestination(
-            server.dicomweb_url, auth=httpx.BasicAuth(*server.auth), max_connections=parallel + 2
+            server.dicomweb_url,
+            auth=httpx.BasicAuth(*server.auth),
+            max_connections=parallel + 2,
+            confirm_storage=confirm,
         )
         up = Uploader(ob, dest, settings, rng=random.Random(0))
         t0 = time.perf_counter()
         up.start()
         while ob.counts()["sent"] < len(paths):
             time.sleep(0.005)
-        elapsed = time.perf_counter() - t0
+        acknowledged = time.perf_counter() - t0
+        while ob.proof_summary()["pending"][0]:
+            time.sleep(0.005)
+        proven = time.perf_counter() - t0
+        if confirm and ob.proof_summary()["unproven"][0]:
+            raise SystemExit("uploader: rows sent without proof of storage")
         up.stop(time.monotonic() + 10)
         dest.close()
         ob.close()
-        return elapsed
+        return acknowledged, proven
 
     return run
 
 
-def run_once(name: str, fn: Callable[..., object], paths: list[Path], work: Path) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_once(
+    name: str, fn: Callable[..., object], paths: list[Path], work: Path
+) -> tuple[float, float, float, float]:
+    """``(seconds until acknowledged, client CPU s, Orthanc CPU s, seconds until proven)`` of
+    one mode on a fresh Orthanc (a direct upload proves nothing: both times are the same)."""
     with OrthancServer() as server:
+        assert server.pid is not None
+        server_cpu = cpu_seconds(server.pid)
+        client_cpu = time.process_time()
         t0 = time.perf_counter()
         got = fn(server, paths, work)
-        elapsed = got if isinstance(got, float) else time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        acknowledged, proven = got if isinstance(got, tuple) else (elapsed, elapsed)
+        client_cpu = time.process_time() - client_cpu
+        server_cpu = cpu_seconds(server.pid) - server_cpu
         n = server.count_instances()
         if n != len(paths):
             raise SystemExit(f"{name}: Orthanc holds {n} instances, expected {len(paths)}")
-    return elapsed
+    return acknowledged, client_cpu, server_cpu, proven
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("direct: 4 clients, 1 file/POST", direct(1, 4), True),
             ("direct: 4 clients x 25 files/POST", direct(25, 4), True),
             ("Uploader (defaults: 25/POST, 4 workers)", uploader(25, 4), False),
+            ("Uploader, confirm_storage = false", uploader(25, 4, confirm=False), False),
         ]
         if args.sweep:
             for batch, par in ((1, 4), (10, 4), (25, 2), (50, 4)):
@@ -150,20 +183,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                     (f"Uploader ({batch}/POST, {par} workers)", uploader(batch, par), False)
                 )
         # Round-robin over the modes, so that load from elsewhere hits every mode alike.
-        times: dict[str, list[float]] = {name: [] for name, _, _ in modes}
+        times: dict[str, list[tuple[float, ...]]] = {name: [] for name, _, _ in modes}
         for rep in range(args.reps):
             for name, fn, _ in modes:
-                secs = run_once(name, fn, paths, work)
-                times[name].append(secs)
-                print(f"  rep {rep + 1} {name}: {args.n / secs:.0f} files/s", file=sys.stderr)
-        results = [(name, statistics.median(times[name]), d) for name, _, d in modes]
-        best = max(args.n / s for _, s, d in results if d)
+                got = run_once(name, fn, paths, work)
+                times[name].append(got)
+                print(f"  rep {rep + 1} {name}: {args.n / got[0]:.0f} files/s", file=sys.stderr)
+
+        def median(name: str, i: int) -> float:
+            return statistics.median(t[i] for t in times[name])
+
+        best = max(args.n / median(name, 0) for name, _, d in modes if d)
         print(f"\n{args.n} files, {mb:.1f} MB, median of {args.reps}; Orthanc storage on tmpfs\n")
-        print(f"| {'mode':<42} | files/s | MB/s | x best direct |")
-        print(f"|{'-' * 44}|--------:|-----:|--------------:|")
-        for name, secs, _ in results:
+        print(
+            f"| {'mode':<42} | files/s | MB/s | x best direct | all proven after s "
+            "| client CPU ms/file | Orthanc CPU ms/file |"
+        )
+        print(
+            f"|{'-' * 44}|--------:|-----:|--------------:|-------------------:"
+            f"|-------------------:|{'-' * 20}:|"
+        )
+        for name, _, direct_mode in modes:
+            secs = median(name, 0)
             fps = args.n / secs
-            print(f"| {name:<42} | {fps:7.0f} | {mb / secs:4.0f} | {fps / best:13.2f} |")
+            client, server = (1000 * median(name, i) / args.n for i in (1, 2))
+            proven = "-" if direct_mode else f"{median(name, 3):.1f}"
+            print(
+                f"| {name:<42} | {fps:7.0f} | {mb / secs:4.0f} | {fps / best:13.2f} "
+                f"| {proven:>18} | {client:18.2f} | {server:19.2f} |"
+            )
+        with_proof = "Uploader (defaults: 25/POST, 4 workers)"
+        trusted = "Uploader, confirm_storage = false"
+        print(
+            f"\nProof of storage (QIDO-RS, one query per study and 40 instances, off the upload "
+            f"path): {median(with_proof, 0) / median(trusted, 0) - 1:+.0%} time to acknowledge "
+            f"all, {median(with_proof, 3) / median(trusted, 3) - 1:+.0%} time until all are "
+            f"proven (or, without proof, acknowledged), "
+            f"{1000 * (median(with_proof, 1) - median(trusted, 1)) / args.n:+.2f} ms client CPU "
+            f"and {1000 * (median(with_proof, 2) - median(trusted, 2)) / args.n:+.2f} ms Orthanc "
+            "CPU per file."
+        )
     return 0
 
 
