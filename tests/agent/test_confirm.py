@@ -272,17 +272,34 @@ def test_a_404_for_an_unknown_study_means_not_stored(tmp_path: Path) -> None:
 
 
 # -- the folder --------------------------------------------------------------------------------
-def test_folder_confirms_by_reading_back_the_size(tmp_path: Path) -> None:
+def test_folder_reads_back_what_it_wrote_before_acknowledging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proof is made at write time, so a consumer taking files from the folder later never
+    makes the agent send them again; a share that keeps less than was written is caught."""
     ob = Outbox(":memory:")
     add_files(ob, make_files(tmp_path / "f", 3))
     rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
     dest = FolderDestination(tmp_path / "dest")
     assert len(dest.send(rows).sent) == 3
+    dest.target(rows[0]).unlink()  # a consumer of the folder took it
     assert dest.confirm(rows) == {r.sop_instance_uid for r in rows}
-    with dest.target(rows[0]).open("r+b") as fh:  # a share that kept half the file
-        fh.truncate(100)
-    dest.target(rows[1]).unlink()  # a sync tool that moved it away
-    assert dest.confirm(rows) == {rows[2].sop_instance_uid}
+
+    real_replace = Path.replace
+    short = rows[1].sop_instance_uid
+
+    def lossy_replace(self: Path, target: Any) -> Any:  # a share that keeps half of one file
+        if short in str(target):
+            with self.open("r+b") as fh:
+                fh.truncate(100)
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", lossy_replace)
+    result = FolderDestination(tmp_path / "dest2").send(rows)
+    assert result.failed == {short: (False, "folder_readback_mismatch")}
+    assert sorted(result.sent) == sorted(
+        r.sop_instance_uid for r in rows if r.sop_instance_uid != short
+    )
 
 
 # -- retention ---------------------------------------------------------------------------------
@@ -337,10 +354,10 @@ def test_rows_sent_without_proof_are_proven_or_sent_again(tmp_path: Path) -> Non
     ob = Outbox(":memory:")
     add_files(ob, make_files(tmp_path / "f", 3))
     rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
-    dest = FolderDestination(tmp_path / "dest")
-    dest.send(rows[:2])  # two are at the destination, the third is not
+    archive = Archive()
+    archive.stored.update(r.sop_instance_uid for r in rows[:2])  # the third is not there
     ob.mark_sent([r.id for r in rows])
-    up = Uploader(ob, dest, DestinationSettings(kind="folder"))
+    up = Uploader(ob, _mock_dest(archive), _settings())
     assert up.loop_once() == 3
     assert ob.counts()["sent"] == 2 and ob.rows("queued")[0].id == rows[2].id
     assert ob.purge_sent_files(0) == 2 and rows[2].path.exists()

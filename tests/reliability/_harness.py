@@ -301,27 +301,53 @@ class Recorder:
             self.requests.append((method, path, headers))
 
 
-_STOW_OK = json.dumps({"00081198": {"vr": "SQ"}, "00081199": {"vr": "SQ", "Value": []}}).encode()
+def _stow_ok(body: bytes) -> bytes:
+    """A STOW-RS 200 reply listing the SOP Instance UID of every part of a multipart ``body``
+    (and an empty list for anything else, such as a QIDO-RS query)."""
+    import io
+    import re
+
+    from pydicom import dcmread
+
+    uids = []
+    match = re.match(rb"--([^\r\n]+)\r\n", body)
+    if match:
+        for part in body.split(b"--" + match.group(1))[1:-1]:
+            payload = part.split(b"\r\n\r\n", 1)[-1][:-2]
+            with contextlib.suppress(Exception):
+                ds = dcmread(io.BytesIO(payload), stop_before_pixels=True)
+                uids.append(str(ds.SOPInstanceUID))
+    if not match:
+        return b"[]"
+    items = [{"00081155": {"vr": "UI", "Value": [u]}} for u in uids]
+    return json.dumps({"00081198": {"vr": "SQ"}, "00081199": {"vr": "SQ", "Value": items}}).encode()
 
 
 def _handler(
-    rec: Recorder, reply: Callable[[str, str], tuple[int, dict[str, str], bytes]]
+    rec: Recorder, reply: Callable[[str, str], tuple[int, dict[str, str], bytes]] | None
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def _any(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
+            data = b""
             if length:
-                self.rfile.read(length)
+                data = self.rfile.read(length)
             elif "chunked" in (self.headers.get("Transfer-Encoding") or ""):
+                chunks = []
                 while True:
                     n = int(self.rfile.readline().strip() or b"0", 16)
-                    self.rfile.read(n + 2)
+                    chunks.append(self.rfile.read(n + 2)[:n])
                     if n == 0:
                         break
+                data = b"".join(chunks)
             rec.add(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
-            status, headers, body = reply(self.command, self.path)
+            if reply is None:
+                status, headers = 200, {"Content-Type": "application/dicom+json"}
+                body = _stow_ok(data)
+            else:
+                status, headers, body = reply(self.command, self.path)
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
@@ -346,14 +372,11 @@ def http_server(
 ) -> Iterator[tuple[str, Recorder]]:
     """A threaded HTTP(S) server on ``host``:free port; yields ``(base_url, recorder)``.
 
-    The default reply is a STOW-RS-like 200 with DICOM JSON. ``tls`` is ``(cert, key)``.
+    The default reply is a STOW-RS 200 in DICOM JSON listing the instances posted (``[]`` for
+    a query). ``tls`` is ``(cert, key)``.
     """
     rec = Recorder()
-
-    def ok(_m: str, _p: str) -> tuple[int, dict[str, str], bytes]:
-        return 200, {"Content-Type": "application/dicom+json"}, _STOW_OK
-
-    server = ThreadingHTTPServer((host, 0), _handler(rec, reply or ok))
+    server = ThreadingHTTPServer((host, 0), _handler(rec, reply))
     server.daemon_threads = True
     if tls is not None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -1,5 +1,5 @@
-"""The folder destination: atomic, idempotent copies into a local (or mounted) folder, confirmed by
-reading back the size of what it wrote."""
+"""The folder destination: atomic, idempotent copies into a local (or mounted) folder, each read
+back (its size) before it is acknowledged."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ class FolderDestination:
     def send(self, items: Sequence[OutboxRow]) -> SendResult:
         result = SendResult()
         touched: set[Path] = set()
+        written: list[tuple[OutboxRow, int]] = []
         for row in items:
             uids = (row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid)
             if not all(_UID_RE.match(u) and len(u) <= 64 for u in uids):
@@ -52,6 +53,7 @@ class FolderDestination:
                 continue
             target = self.target(row)
             try:
+                size = os.fstat(src.fileno()).st_size
                 with src:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     tmp = target.parent / f".{row.sop_instance_uid}.{secrets.token_hex(4)}.tmp"
@@ -70,31 +72,32 @@ class FolderDestination:
                     f"folder_error: {exc.strerror or type(exc).__name__}"
                 ) from exc
             touched.add(target.parent)
-            result.sent.append(row.sop_instance_uid)
-        for d in touched:
-            _fsync_dir(d)
+            written.append((row, size))
+        try:
+            for d in touched:
+                _fsync_dir(d)
+            for row, size in written:
+                # The proof of storage, made while the file is surely still there (a consumer of
+                # the folder may take it away at any time after): its size, read back.
+                try:
+                    got = self.target(row).stat().st_size
+                except FileNotFoundError:
+                    got = -1
+                if got == size:
+                    result.sent.append(row.sop_instance_uid)
+                else:
+                    result.failed[row.sop_instance_uid] = (False, "folder_readback_mismatch")
+        except OSError as exc:
+            raise RetryableUploadError(
+                f"folder_error: {exc.strerror or type(exc).__name__}"
+            ) from exc
         return result
 
     def confirm(self, items: Sequence[OutboxRow]) -> set[str]:
-        """The instances whose file is in place with the size of the outbox copy (a read-back of
-        the folder's own metadata; on a network share this asks the server)."""
-        proven: set[str] = set()
-        for row in items:
-            try:
-                want = row.path.stat().st_size
-            except OSError:
-                want = row.size
-            try:
-                got = self.target(row).stat().st_size
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise RetryableUploadError(
-                    f"folder_error: {exc.strerror or type(exc).__name__}"
-                ) from exc
-            if got == want:
-                proven.add(row.sop_instance_uid)
-        return proven
+        """All of them: ``send`` acknowledges a file only once it is flushed, renamed, its folder
+        flushed and its size read back. Checking later would find files a consumer of the folder
+        has already taken, and send them again."""
+        return {row.sop_instance_uid for row in items}
 
     def close(self) -> None:
         pass
