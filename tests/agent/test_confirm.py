@@ -361,3 +361,104 @@ def test_rows_sent_without_proof_are_proven_or_sent_again(tmp_path: Path) -> Non
     assert up.loop_once() == 3
     assert ob.counts()["sent"] == 2 and ob.rows("queued")[0].id == rows[2].id
     assert ob.purge_sent_files(0) == 2 and rows[2].path.exists()
+
+
+# -- DICOM: C-FIND -----------------------------------------------------------------------------
+def _dicom_settings(port: int, called_ae: str, **kw: Any) -> DestinationSettings:
+    base: dict[str, Any] = {
+        "kind": "dicom",
+        "host": "127.0.0.1",
+        "port": port,
+        "called_ae": called_ae,
+        "calling_ae": "EDGE01",
+        "batch_max_instances": 25,
+        "parallel_requests": 1,
+        "timeout_seconds": 10.0,
+        "backoff_base_seconds": 1.0,
+        "backoff_cap_seconds": 60.0,
+    }
+    base.update(kw)
+    return DestinationSettings(**base)
+
+
+@pytest.mark.orthanc
+@pytest.mark.parametrize("lies", [False, True])
+def test_c_store_is_proven_with_c_find(tmp_path: Path, lies: bool) -> None:
+    """A PACS over DICOM: what C-FIND lists is proven (one query per series and page of UIDs);
+    a PACS that answers C-STORE with success and stores nothing (a Lua filter) loses nothing:
+    its rows end `dead` with `not_stored_after_ack`, every outbox file kept."""
+    extra: dict[str, Any] = {}
+    if lies:
+        lua = tmp_path / "drop.lua"
+        lua.write_text(DROP_ALL)
+        extra = {"LuaScripts": [str(lua)]}
+    server = start_orthanc(
+        dicom=True, dicom_peers={"EDGE01": ("127.0.0.1", 11112)}, extra_config=extra
+    )
+    clock = FakeClock()
+    ob = Outbox(tmp_path / "outbox.db", clock=clock)
+    try:
+        files = make_files(tmp_path / "a", 45, seed="study-a") + make_files(tmp_path / "b", 3)
+        uids = add_files(ob, files)
+        settings = _dicom_settings(server.dicom_port, server.dicom_aet, batch_max_instances=50)
+        dest = destination_from_settings(settings, calling_ae="EDGE01")
+        up = Uploader(ob, dest, settings, clock=clock, rng=random.Random(7))
+        for _ in range(2 * NOT_STORED_MAX_ATTEMPTS + 2):
+            up.loop_once()
+            clock.advance(3600)
+        dest.close()
+        counts = ob.counts()
+        if lies:
+            assert counts["sent"] == 0 and counts["dead"] == 48, counts
+            assert {r.last_error for r in ob.rows("dead")} == {"not_stored_after_ack"}
+            assert ob.purge_sent_files(0) == 0 and all(p.exists() for p in files)
+            assert server.count_instances() == 0
+        else:
+            assert counts["sent"] == 48 and ob.proof_summary()["pending"] == (0, 0), counts
+            assert sorted(server.sop_uids()) == sorted(uids)
+            assert ob.purge_sent_files(0) == 48
+    finally:
+        ob.close()
+        server.close()
+
+
+def test_a_peer_that_refuses_c_find_keeps_the_copies_and_says_why(
+    tmp_path: Path, storescp: Any
+) -> None:
+    """dcmtk's storescp stores but answers no queries: the rows are delivered, their proof
+    stays pending, their files are kept, nothing is killed, and `status` says what to do."""
+    clock = FakeClock()
+    ob = Outbox(tmp_path / "outbox.db", clock=clock)
+    files = make_files(tmp_path / "f", 4)
+    add_files(ob, files)
+    with storescp(tmp_path / "scp") as scp:
+        settings = _dicom_settings(scp.port, scp.aet)
+        dest = destination_from_settings(settings, calling_ae="EDGE01")
+        up = Uploader(ob, dest, settings, clock=clock, rng=random.Random(8))
+        for _ in range(4):
+            up.loop_once()
+            clock.advance(3600)
+        dest.close()
+        assert len(scp.files()) == 4
+    counts = ob.counts()
+    assert counts["sent"] == 4 and counts["dead"] == 0, counts
+    assert ob.proof_summary()["pending"][0] == 4 and ob.purge_sent_files(0) == 0
+    status = ob.destination_status()
+    assert status["last_error"].startswith("storage_check c_find_refused")
+    assert status["consecutive_failures"] == 0  # uploads are not blocked
+    assert proof_refused(status) and not misconfigured(status)
+    assert "allow the agent's AE title to query" in (hint(status["last_error"]) or "")
+    ob.close()
+
+
+def test_c_find_off_trusts_the_acknowledgement(tmp_path: Path, storescp: Any) -> None:
+    ob = Outbox(":memory:")
+    add_files(ob, make_files(tmp_path / "f", 2))
+    with storescp(tmp_path / "scp") as scp:
+        settings = _dicom_settings(scp.port, scp.aet, confirm_storage=False)
+        dest = destination_from_settings(settings, calling_ae="EDGE01")
+        up = Uploader(ob, dest, settings)
+        assert up.loop_once() == 2 and up.loop_once() == 2  # sent, then marked unproven
+        dest.close()
+    summary = ob.proof_summary()
+    assert summary["pending"] == (0, 0) and summary["unproven"][0] == 2

@@ -23,7 +23,9 @@ from typing import Any
 __all__ = ["destination_problems", "hint", "misconfigured", "proof_refused"]
 
 _MISCONFIGURED = re.compile(r"^http_(404|405|501)\b")
-_PROOF_REFUSED = re.compile(r"^storage_check http_(401|403|404|405|501)\b")
+_PROOF_REFUSED = re.compile(
+    r"^storage_check (http_(401|403|404|405|501)\b|c_find_(refused|failed))"
+)
 
 #: Reason prefixes (after an optional ``gave_up: ``) and what an operator should do about them.
 _HINTS: tuple[tuple[str, str], ...] = (
@@ -39,6 +41,16 @@ _HINTS: tuple[tuple[str, str], ...] = (
     (
         "storage_check http_403",
         "the server refuses the storage check (QIDO-RS): give the agent's account query rights",
+    ),
+    (
+        "storage_check c_find_",
+        "the peer refuses the storage check (C-FIND): allow the agent's AE title to query "
+        "(Query/Retrieve, IMAGE level), or set destination.confirm_storage = false "
+        "(acknowledgements trusted)",
+    ),
+    (
+        "storage_check c_find",
+        "the storage check (C-FIND) failed; it is tried again, and the local copies are kept",
     ),
     (
         "storage_check",

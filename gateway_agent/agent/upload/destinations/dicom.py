@@ -23,9 +23,14 @@ recognised                                          destination refuses the agen
 
 When the association is lost after the peer answered part of the batch, the answered instances
 are recorded and the rest retried on their own; only a batch that got no answer at all reports
-the destination down. Storage Commitment is not done: :meth:`DicomDestination.confirm` proves
-nothing, so acknowledged instances count as delivered without proof and their outbox files are
-kept unless ``disk.keep_unconfirmed`` is off (see ``docs/destinations.md``).
+the destination down.
+
+Storage is proven with C-FIND (Study Root, IMAGE level, one query per series and 40 UIDs, on an
+association of its own): a PACS that answers queries lists what it holds. A peer that refuses
+queries from the agent (its AE title not allowed to query, no Query/Retrieve) leaves the rows
+acknowledged with their proof pending and their outbox files kept, and ``status`` says what to
+do (allow the agent's AE title to query, or ``confirm_storage = false``). Storage Commitment is
+not used: its answer comes back on an association the peer opens to the agent.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from collections.abc import Sequence
 from ...._exceptions import ConfigError, PermanentUploadError, RetryableUploadError
 from ....config import DestinationSettings
 from ....dicom.network import Outcome, client_ssl_context
+from ....dicom.query import QueryRefusedError, find_instances
 from ....dicom.scu import AssociationError, StoreItem, StoreResult, StoreSCU
 from ...outbox.db import OutboxRow
 from . import SendResult
@@ -50,8 +56,9 @@ REFUSED_STATUS = 403
 class DicomDestination:
     """C-STORE to one peer through a :class:`StoreSCU`."""
 
-    def __init__(self, scu: StoreSCU) -> None:
+    def __init__(self, scu: StoreSCU, *, confirm_storage: bool = True) -> None:
         self._scu = scu
+        self.confirm_storage = confirm_storage
         tls = " tls" if scu.ssl_context is not None else ""
         self.label = f"dicom:{scu.called_ae}@{scu.host}:{scu.port}{tls}"
 
@@ -91,10 +98,31 @@ class DicomDestination:
         return out
 
     def confirm(self, items: Sequence[OutboxRow]) -> set[str] | None:
-        """No proof of storage: Storage Commitment is not implemented yet. The uploader counts
-        these instances delivered without proof and keeps their outbox files unless
-        ``disk.keep_unconfirmed`` is off."""
-        return None
+        """The acknowledged instances the peer's C-FIND lists (None when ``confirm_storage`` is
+        off)."""
+        if not self.confirm_storage:
+            return None
+        by_series: dict[tuple[str, str], list[str]] = {}
+        for row in items:
+            key = (row.study_instance_uid, row.series_instance_uid)
+            by_series.setdefault(key, []).append(row.sop_instance_uid)
+        scu = self._scu
+        try:
+            return find_instances(
+                scu.host,
+                scu.port,
+                scu.called_ae,
+                scu.calling_ae,
+                [(study, series, uids) for (study, series), uids in by_series.items()],
+                timeout=scu.timeout,
+                connect_timeout=scu.connect_timeout,
+                ssl_context=scu.ssl_context,
+                server_hostname=scu.server_hostname,
+            )
+        except QueryRefusedError as exc:
+            raise PermanentUploadError(exc.reason, status=REFUSED_STATUS) from None
+        except AssociationError as exc:
+            raise RetryableUploadError(f"c_find {exc.reason}") from None
 
     def close(self) -> None:
         self._scu.close()
@@ -130,4 +158,4 @@ def dicom_from_settings(s: DestinationSettings, *, calling_ae: str | None) -> Di
         ssl_context=context,
         idle_release=s.idle_release_seconds,
     )
-    return DicomDestination(scu)
+    return DicomDestination(scu, confirm_storage=s.confirm_storage)
