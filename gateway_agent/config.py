@@ -278,8 +278,8 @@ class DestinationSettings(_Section):
     backoff_cap_seconds: float = Field(default=300.0, gt=0, description="The longest retry delay.")
     confirm_storage: bool = Field(
         default=True,
-        description="Prove that the server holds each acknowledged instance (DICOMweb: QIDO-RS "
-        "queries, batched) before counting it sent. Off: acknowledgements are trusted, and the "
+        description="Prove that the server holds each acknowledged instance (DICOMweb: QIDO-RS; "
+        "DICOM: C-FIND at IMAGE level; batched) before counting it sent. Off: acknowledgements are trusted, and the "
         "outbox files of such instances are kept (see disk.keep_unconfirmed).",
     )
 

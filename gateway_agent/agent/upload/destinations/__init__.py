@@ -81,10 +81,10 @@ the uploader asks ``confirm`` (off the upload path, so a burst is uploaded at fu
 * ``None`` → unproven: the outbox file is kept (``disk.keep_unconfirmed``).
 
 Each kind proves storage as cheaply as it can, batched: DICOMweb asks QIDO-RS for the
-acknowledged SOP Instance UIDs of each study in one query per 40; the folder reads back the
-size of each file as it writes it (in ``send``: a consumer may take files away later) and
-``confirm`` returns them all; S3 would compare a HEAD's checksum; C-STORE would use Storage
-Commitment where the peer supports it.
+acknowledged SOP Instance UIDs of each study in one query per 40; C-STORE asks C-FIND at IMAGE
+level in one query per series and 40; the folder reads back the size of each file as it writes
+it (in ``send``: a consumer may take files away later) and ``confirm`` returns them all; an
+object store would compare a HEAD's checksum.
 
 Adding a kind
 -------------
