@@ -76,9 +76,10 @@ CASES: dict[str, tuple[str, list[str], str]] = {
         "0 counted delivered, every copy kept, visible within the window, 0 lost",
     ),
     "hostile_server": (
-        "a proxy answering every request with one misbehaviour for a while, then recovering",
+        "a proxy answering every request with one misbehaviour for a while, then recovering (or"
+        " a name that does not resolve, then the URL fixed)",
         [
-            "case",
+            "server",
             "files",
             "fault_s",
             "status_after_s",
@@ -91,6 +92,11 @@ CASES: dict[str, tuple[str, list[str], str]] = {
             "duplicated",
         ],
         "visible within the window, 0 dead, 0 lost, backoff",
+    ),
+    "proper_answers": (
+        "STOW-RS answers of other shapes: DICOM XML; a 202 refusing every 4th instance",
+        ["answer", "files", "settled_s", "proven", "dead", "outbox_files_kept", "posts", "lost"],
+        "XML: all proven; 202: exactly the refused dead (files kept), the rest proven; 0 lost",
     ),
     "hostile_direct": (
         "every mutant through Deidentifier.deidentify_file",

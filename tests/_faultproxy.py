@@ -18,6 +18,10 @@ Each incoming request takes the next action of the plan (then ``default``):
 ``empty200``      read the request, answer 200 with an empty body, nothing forwarded
 ``html200``       read the request, answer 200 with an HTML page (a captive portal), nothing
                   forwarded
+``xml``           forward, asking for DICOM XML instead of JSON on a POST (STOW-RS): a 200 that
+                  is a proper STOW-RS response, but not JSON
+``refuse:K``      forward; in a STOW-RS JSON reply move every K-th acknowledged instance to the
+                  FailedSOPSequence (Failure Reason 0xC000) and answer 202
 
 One request per connection (the proxy answers with ``Connection: close``). ``requests`` records
 ``(monotonic time, method, path, action)`` for every request the proxy received.
@@ -204,9 +208,15 @@ class FaultProxy:
             return
         if action.startswith("delay:"):
             await asyncio.sleep(float(action.split(":", 1)[1]))
-        elif action not in ("ok", "lost-reply") and not action.startswith("drip:"):
+        elif action == "xml" and method == "POST":
+            headers = {**headers, "accept": "application/dicom+xml"}
+        elif action not in ("ok", "lost-reply", "xml") and not action.startswith(
+            ("drip:", "refuse:")
+        ):
             raise ValueError(f"unknown fault proxy action {action!r}")
         reply = await self._forward(method, path, headers, body)
+        if action.startswith("refuse:") and method == "POST":
+            reply = _refuse_every(reply, int(action.split(":", 1)[1]))
         if action == "lost-reply":
             writer.transport.abort()
             return
@@ -303,3 +313,24 @@ class FaultProxy:
             return "\r\n".join(new_head).encode("latin-1") + payload
         finally:
             up_w.close()
+
+
+def _refuse_every(reply: bytes, k: int) -> bytes:
+    """A STOW-RS JSON reply with every ``k``-th acknowledged instance moved to the
+    FailedSOPSequence (Failure Reason 0xC000, "cannot understand") and the status 202."""
+    import json
+
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    try:
+        doc = json.loads(payload)
+        acked = doc["00081199"]["Value"]
+    except (ValueError, KeyError, TypeError):
+        return reply
+    failed = [dict(item, **{"00081197": {"vr": "US", "Value": [0xC000]}}) for item in acked[::k]]
+    doc["00081199"]["Value"] = [item for i, item in enumerate(acked) if i % k]
+    doc["00081198"] = {"vr": "SQ", "Value": failed}
+    body = json.dumps(doc).encode()
+    lines = head.decode("latin-1").split("\r\n")
+    kept = [ln for ln in lines[1:] if ln.partition(":")[0].strip().lower() != "content-length"]
+    new_head = ["HTTP/1.1 202 Accepted", *kept, f"Content-Length: {len(body)}"]
+    return "\r\n".join(new_head).encode("latin-1") + b"\r\n\r\n" + body

@@ -28,7 +28,15 @@ import pytest
 from tests._faultproxy import FaultProxy
 from tests._orthanc import OrthancServer, start_orthanc
 
-from ._harness import AgentRun, assert_no_phi, phi_audit, reached, record_figures, size
+from ._harness import (
+    AgentRun,
+    assert_no_phi,
+    phi_audit,
+    reached,
+    record_figures,
+    size,
+    write_config,
+)
 from .test_crash import make_inputs
 
 pytestmark = [pytest.mark.reliability, pytest.mark.orthanc, pytest.mark.slow]
@@ -99,6 +107,18 @@ def _feed(run: AgentRun, names: list[str]) -> None:
         run.feed(name)
 
 
+def _retention_now(run: AgentRun) -> int:
+    """What the agent's housekeeping does every 5 minutes, now, on its outbox (sent rows'
+    files, 0 hours after their proof); returns the files removed."""
+    from gateway_agent.agent.outbox.store import Outbox
+
+    ob = Outbox(run.state / "outbox.db")
+    try:
+        return ob.purge_sent_files(0.0)
+    finally:
+        ob.close()
+
+
 def _outbox_files(run: AgentRun) -> int:
     root = run.state / "outbox"
     return sum(1 for p in root.rglob("*.dcm")) if root.exists() else 0
@@ -132,6 +152,7 @@ def test_lying_archive_loses_nothing(tmp_path: Path, agent_run) -> None:  # type
         _, ready_body = _ready(run)
         time.sleep(max(0.0, t0 + lie_s - time.monotonic()))
         during = _state(run)
+        _retention_now(run)  # nothing unproven may go
         files_during = _outbox_files(run)
         status_text = _cli(run, "status")
         stored_during = server.count_instances()
@@ -232,7 +253,7 @@ def test_hostile_server(tmp_path: Path, orthanc: OrthancServer, agent_run, case:
         rc = run.agent.stop()
     stored = collections.Counter(orthanc.sop_uids())
     figures = {
-        "case": case,
+        "server": case,
         "files": n,
         "fault_s": fault_s,
         "window_s": window,
@@ -253,4 +274,127 @@ def test_hostile_server(tmp_path: Path, orthanc: OrthancServer, agent_run, case:
     assert figures["dead"] == 0, figures
     assert rps < 5, figures  # backoff: one probe at a time, not a request per row
     assert drained and figures["lost"] == 0 and figures["duplicated"] == 0, figures
+    assert rc == 0
+
+
+def test_a_name_that_does_not_resolve(tmp_path: Path, orthanc: OrthancServer, agent_run) -> None:  # type: ignore[no-untyped-def]
+    """A destination host name that does not resolve (a typo, DNS down): an outage, visible in
+    `status` and /readyz, nothing killed; once the operator fixes the URL and restarts the agent,
+    everything arrives once."""
+    n, fault_s, window = size(8, 100), size(14, 120), size(6, 60)
+    run = agent_run(
+        destination=_destination("http://pacs.invalid/dicom-web", orthanc),
+        overrides={"metrics": {"ready_upload_window_seconds": float(window)}},
+        env={"GATEWAY_DESTINATION__PASSWORD": orthanc.auth[1]},
+    )
+    expected = make_inputs(run, n, rows=64)
+    run.start()
+    t0 = time.monotonic()
+    _feed(run, sorted(expected))
+    said = reached(
+        lambda: str(_state(run)["last_error"] or "").startswith("network_error"), fault_s
+    )
+    status_after = round(time.monotonic() - t0, 1) if said else None
+    not_ready = reached(lambda: _ready(run)[0] == 503, max(1.0, t0 + fault_s - time.monotonic()))
+    not_ready_after = round(time.monotonic() - t0, 1) if not_ready else None
+    time.sleep(max(0.0, t0 + fault_s - time.monotonic()))
+    during = _state(run)
+    status = json.loads(_cli(run, "status", "--json"))
+    assert run.agent.stop() == 0
+
+    run.settings["destination"]["url"] = orthanc.dicomweb_url  # the operator fixes the URL
+    write_config(run.config, run.settings)
+    run.start()
+    t_ok = time.monotonic()
+    want = set(expected.values())
+    drained = reached(
+        lambda: _state(run)["rows"].get("proven", 0) == n and _ready(run)[0] == 200,
+        size(120, 600),
+    )
+    drain_s = round(time.monotonic() - t_ok, 1)
+    rc = run.agent.stop()
+    stored = collections.Counter(orthanc.sop_uids())
+    figures = {
+        "server": "name_not_resolved",
+        "files": n,
+        "fault_s": fault_s,
+        "window_s": window,
+        "status_after_s": status_after,
+        "not_ready_after_s": not_ready_after,
+        "requests_per_s": None,
+        "dead": during["rows"].get("dead", 0),
+        "drain_s": drain_s if drained else None,
+        "delivered": len(want & set(stored)),
+        "lost": len(want - set(stored)),
+        "duplicated": sum(c - 1 for c in stored.values()),
+    }
+    record_figures("hostile_server", figures)
+    assert said and not_ready, figures
+    assert status["destination"]["problems"] and status["destination"]["hint"], status
+    assert "cannot be reached" in status["destination"]["hint"]
+    assert figures["dead"] == 0, figures
+    assert drained and figures["lost"] == 0 and figures["duplicated"] == 0, figures
+    assert rc == 0
+
+
+@pytest.mark.parametrize("case", ["xml_200", "refused_202"])
+def test_proper_answers_of_other_shapes(  # type: ignore[no-untyped-def]
+    tmp_path: Path, orthanc: OrthancServer, agent_run, case: str
+) -> None:
+    """Answers that are proper STOW-RS responses in another shape: a 200 in DICOM XML (every
+    instance delivered and proven, nothing reported wrong), and a 202 whose FailedSOPSequence
+    refuses every 4th instance (exactly those `dead` with the archive's reason, files kept; the
+    others delivered and proven; the destination never reported down)."""
+    action = {"xml_200": "xml", "refused_202": "refuse:4"}[case]
+    n = size(12, 100)
+    with FaultProxy(orthanc.base_url, default=action) as proxy:
+        run = agent_run(
+            destination=_destination(proxy.url + "/dicom-web", orthanc),
+            overrides={"disk": {"min_free_mb": 0, "sent_retention_hours": 0.0}},
+            env={"GATEWAY_DESTINATION__PASSWORD": orthanc.auth[1]},
+        )
+        expected = make_inputs(run, n, rows=64)
+        run.start()
+        t0 = time.monotonic()
+        _feed(run, sorted(expected))
+        settled = reached(
+            lambda: sum(_state(run)["rows"].get(k, 0) for k in ("proven", "dead")) == n,
+            size(120, 600),
+        )
+        settle_s = round(time.monotonic() - t0, 1)
+        state = _state(run)
+        ready = _ready(run)[0]
+        status = json.loads(_cli(run, "status", "--json"))
+        db = sqlite3.connect(f"file:{run.state / 'outbox.db'}?mode=ro", uri=True)
+        dead = dict(
+            db.execute("select sop_instance_uid, last_error from outbox where state='dead'")
+        )
+        db.close()
+        _retention_now(run)
+        kept = _outbox_files(run)
+        posts = sum(1 for r in proxy.requests if r.method == "POST")
+        rc = run.agent.stop()
+    stored = set(orthanc.sop_uids())
+    want = set(expected.values())
+    figures = {
+        "answer": case,
+        "files": n,
+        "settled_s": settle_s if settled else None,
+        "proven": state["rows"].get("proven", 0),
+        "dead": len(dead),
+        "outbox_files_kept": kept,
+        "posts": posts,
+        "lost": len(want - stored - set(dead)),
+    }
+    record_figures("proper_answers", figures)
+    assert settled, figures
+    assert not status["destination"]["problems"], status["destination"]
+    assert ready == 200
+    if case == "xml_200":
+        assert figures["proven"] == n and not dead, figures
+    else:
+        assert dead and set(dead.values()) == {"http_202 failure_reason_0xc000"}, dead
+        assert figures["proven"] == n - len(dead), figures
+        assert kept == len(dead), figures  # the refused ones' copies stay; proven ones went
+    assert figures["lost"] == 0, figures
     assert rc == 0
