@@ -149,6 +149,9 @@ def test_bench_dicom_send_and_receive(tmp_path: Path) -> None:
     )  # fmt: skip
     ours = _row(out, "gateway-agent (inbox -> de-id -> outbox -> C-STORE)")
     assert float(ours[1]) > 0 and ours[2].endswith("x"), ours
+    assert float(ours[3]) > 0, ours  # all proven (C-FIND) after that many seconds
+    trusted = _row(out, "gateway-agent, confirm_storage = false")
+    assert float(trusted[1]) > 0 and trusted[3] == "-", trusted
     listener = _row(out, "gateway-agent listener (destination: Orthanc, C-STORE)")
     assert float(listener[1]) > 0 and listener[4].endswith(" s"), listener
     assert float(_row(out, "storescp + fsync (sync -d per file)")[1]) > 0
@@ -168,3 +171,14 @@ def test_bench_pixels_table(tmp_path: Path) -> None:
     ctp = _row(out, "CTP signatures as written")
     assert ctp[1].startswith("0/"), ctp
     assert "cine: 4 frames" in out and "delivered=True" in out
+
+
+@pytest.mark.slow
+@pytest.mark.orthanc
+def test_reliability_benchmark_prints_the_figures_of_its_cases() -> None:
+    """``benchmarks/reliability.py`` runs the reliability tests in a child pytest and tables the
+    figures they record: its own environment must not upset the agents those tests start."""
+    require(orthanc_available(), "Orthanc with the DICOMweb plugin")
+    out = _run("reliability.py", "-k", "proper_answers and xml", timeout=600)
+    row = _row(out, "proper_answers")
+    assert "answer xml_200" in row[2] and "lost 0" in row[2], row
