@@ -388,9 +388,9 @@ def _proof_label(destination: dict[str, Any]) -> str:
     kind = destination.get("kind")
     if kind == "folder":
         return "storage proven: sizes read back"
-    if kind == "dicomweb":
+    if kind in ("dicomweb", "dicom"):
         if destination.get("confirm_storage", True):
-            return "storage proven: QIDO-RS"
+            return "storage proven: " + ("QIDO-RS" if kind == "dicomweb" else "C-FIND")
         return "acknowledgements trusted: confirm_storage = false"
     return "acknowledgements trusted: no proof of storage for this kind"
 

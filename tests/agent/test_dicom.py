@@ -152,7 +152,7 @@ def test_called_ae_mismatch_is_a_misconfiguration_in_status(
     out = _status_text(settings, capsys)
     assert "ASSOCIATION REJECTED" in out
     assert "called AE title not recognised: check destination.called_ae" in out
-    assert "dicom NOPE@127.0.0.1" in out
+    assert "dicom NOPE@127.0.0.1" in out and "(storage proven: C-FIND)" in out
     assert pacs.count_instances() == 0
 
 
