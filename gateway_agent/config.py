@@ -279,8 +279,8 @@ class DestinationSettings(_Section):
     confirm_storage: bool = Field(
         default=True,
         description="Prove that the server holds each acknowledged instance (DICOMweb: QIDO-RS; "
-        "DICOM: C-FIND at IMAGE level; batched) before counting it sent. Off: acknowledgements are trusted, and the "
-        "outbox files of such instances are kept (see disk.keep_unconfirmed).",
+        "DICOM: C-FIND at IMAGE level; batched) before counting it sent. Off: acknowledgements "
+        "are trusted, and the outbox files of such instances are kept (see disk.keep_unconfirmed).",
     )
 
     @property
