@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -400,12 +401,24 @@ def test_c_store_is_proven_with_c_find(tmp_path: Path, lies: bool) -> None:
     try:
         files = make_files(tmp_path / "a", 45, seed="study-a") + make_files(tmp_path / "b", 3)
         uids = add_files(ob, files)
-        settings = _dicom_settings(server.dicom_port, server.dicom_aet, batch_max_instances=50)
+        settings = _dicom_settings(
+            server.dicom_port, server.dicom_aet, batch_max_instances=50, timeout_seconds=30.0
+        )
         dest = destination_from_settings(settings, calling_ae="EDGE01")
         up = Uploader(ob, dest, settings, clock=clock, rng=random.Random(7))
-        for _ in range(2 * NOT_STORED_MAX_ATTEMPTS + 2):
-            up.loop_once()
+
+        def settled() -> bool:
+            c = ob.counts()
+            return c["sent"] + c["dead"] == 48 and ob.proof_summary()["pending"] == (0, 0)
+
+        # Send, prove, send again ... (a C-STORE timing out on a loaded machine costs a round,
+        # and a failed check waits its backoff in real time).
+        for _ in range(60):
+            if not up.loop_once():
+                time.sleep(0.5)
             clock.advance(3600)
+            if settled():
+                break
         dest.close()
         counts = ob.counts()
         if lies:
