@@ -12,8 +12,10 @@ Each incoming request takes the next action of the plan (then ``default``):
                   client with a shorter read timeout: the instance still arrives)
 ``lost-reply``    forward the request (the upstream stores it), then drop the reply
 
-One request per connection (the proxy answers with ``Connection: close``). ``requests`` records
-``(monotonic time, method, path, action)`` for every request the proxy received.
+One request per connection (the proxy answers with ``Connection: close``). With ``keep_host``
+the client's ``Host`` header is forwarded (signed requests, such as S3's, need it).
+``requests`` records ``(monotonic time, method, path, action)`` for every request the proxy
+received.
 """
 
 from __future__ import annotations
@@ -57,12 +59,15 @@ class FaultProxy:
         *,
         plan: Sequence[str] | Callable[[int], str] = (),
         default: str = "ok",
+        keep_host: bool = False,
     ) -> None:
         parts = urlsplit(upstream)
         self.up_host = parts.hostname or "127.0.0.1"
         self.up_port = parts.port or 80
         self._plan = plan
         self.default = default
+        #: Forward the client's Host header (a signed request, like S3's SigV4, needs it).
+        self.keep_host = keep_host
         self.requests: list[ProxyRequest] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -220,7 +225,8 @@ class FaultProxy:
         up_r, up_w = await asyncio.open_connection(self.up_host, self.up_port)
         try:
             skip = {"transfer-encoding", "content-length", "connection", "keep-alive", "host"}
-            out = [f"{method} {path} HTTP/1.1", f"Host: {self.up_host}:{self.up_port}"]
+            host = headers.get("host") if self.keep_host else None
+            out = [f"{method} {path} HTTP/1.1", f"Host: {host or f'{self.up_host}:{self.up_port}'}"]
             out += [f"{k}: {v}" for k, v in headers.items() if k not in skip]
             out += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
             up_w.write("\r\n".join(out).encode("latin-1") + body)

@@ -1,20 +1,21 @@
 """The destination circuit: an outage is detected once and probed by one worker at a time.
 
-The ``destination_state`` table holds it: consecutive failures, ``blocked_until``, the probe's
-lease, the last error and success, and whether the destination rejects the agent's credentials.
+The ``destinations`` table holds one per destination: consecutive failures, ``blocked_until``,
+the probe's lease, the last error and success, and whether the destination rejects the agent's
+credentials. One destination's circuit never holds back another's deliveries.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .db import OutboxDB
+from .db import DestinationView
 
 __all__ = ["Circuit"]
 
 
-class Circuit(OutboxDB):
-    """May a worker send now, and what the destination last said (``destination_state``)."""
+class Circuit(DestinationView):
+    """May a worker send now, and what the destination last said (its ``destinations`` row)."""
 
     def circuit_acquire(self, probe_lease: float) -> tuple[float, bool]:
         """May a worker send now? Returns ``(wait_seconds, probing)``.
@@ -25,14 +26,16 @@ class Circuit(OutboxDB):
         """
         now = self._clock()
         failures, blocked_until = self._query(
-            "select consecutive_failures, blocked_until from destination_state where id = 1"
+            "select consecutive_failures, blocked_until from destinations where name = ?",
+            (self.name,),
         )[0]
         if failures == 0 and blocked_until <= now:
             return 0.0, False
         with self._tx() as c:
             failures, blocked_until, probe_until = c.execute(
                 "select consecutive_failures, blocked_until, probe_until"
-                " from destination_state where id = 1"
+                " from destinations where name = ?",
+                (self.name,),
             ).fetchone()
             if failures == 0 and blocked_until <= now:
                 return 0.0, False
@@ -40,14 +43,15 @@ class Circuit(OutboxDB):
             if wait_until > now:
                 return wait_until - now, False
             c.execute(
-                "update destination_state set probe_until = ? where id = 1", (now + probe_lease,)
+                "update destinations set probe_until = ? where name = ?",
+                (now + probe_lease, self.name),
             )
             return 0.0, True
 
     def circuit_release_probe(self) -> None:
         """The probe found nothing to send: let the next worker probe at once."""
         with self._tx() as c:
-            c.execute("update destination_state set probe_until = 0 where id = 1")
+            c.execute("update destinations set probe_until = 0 where name = ?", (self.name,))
 
     def circuit_failure(
         self,
@@ -67,15 +71,24 @@ class Circuit(OutboxDB):
         now = self._clock()
         with self._tx() as c:
             failures, last_error_at = c.execute(
-                "select consecutive_failures, last_error_at from destination_state where id = 1"
+                "select consecutive_failures, last_error_at from destinations where name = ?",
+                (self.name,),
             ).fetchone()
             concurrent = failures > 0 and (last_error_at or 0) >= started_at
             c.execute(
-                "update destination_state set consecutive_failures = consecutive_failures + ?,"
+                "update destinations set consecutive_failures = consecutive_failures + ?,"
                 " blocked_until = max(blocked_until, ?), last_error = ?, last_error_at = ?,"
                 " auth_failing = ?, probe_until = case when ? then 0 else probe_until end"
-                " where id = 1",
-                (0 if concurrent else 1, now + delay, error[:500], now, int(auth), int(probing)),
+                " where name = ?",
+                (
+                    0 if concurrent else 1,
+                    now + delay,
+                    error[:500],
+                    now,
+                    int(auth),
+                    int(probing),
+                    self.name,
+                ),
             )
             return bool(failures > 0)
 
@@ -83,29 +96,33 @@ class Circuit(OutboxDB):
         """The destination answered. Returns True if that closed an open circuit."""
         now = self._clock()
         failures, auth = self._query(
-            "select consecutive_failures, auth_failing from destination_state where id = 1"
+            "select consecutive_failures, auth_failing from destinations where name = ?",
+            (self.name,),
         )[0]
         if not (failures or auth):
             return False  # healthy already: no write (mark_sent records last_success_at)
         with self._tx() as c:
             c.execute(
-                "update destination_state set consecutive_failures = 0, blocked_until = 0,"
-                " probe_until = 0, last_success_at = ?, auth_failing = 0 where id = 1",
-                (now,),
+                "update destinations set consecutive_failures = 0, blocked_until = 0,"
+                " probe_until = 0, last_success_at = ?, auth_failing = 0 where name = ?",
+                (now, self.name),
             )
         return bool(failures or auth)
 
     def consecutive_failures(self) -> int:
         return int(
-            self._query("select consecutive_failures from destination_state where id = 1")[0][0]
+            self._query(
+                "select consecutive_failures from destinations where name = ?", (self.name,)
+            )[0][0]
         )
 
     def destination_status(self) -> dict[str, Any]:
         """``last_error``, ``last_error_at``, ``last_success_at``, ``consecutive_failures``,
-        ``blocked_until`` and ``auth_failing`` of the (single) destination."""
+        ``blocked_until`` and ``auth_failing`` of this destination."""
         r = self._query(
             "select last_error, last_error_at, last_success_at, consecutive_failures,"
-            " blocked_until, auth_failing from destination_state where id = 1"
+            " blocked_until, auth_failing from destinations where name = ?",
+            (self.name,),
         )[0]
         return {
             "last_error": r[0],

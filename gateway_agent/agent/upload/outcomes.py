@@ -9,7 +9,9 @@ The mapping follows the destination contract (``destinations/__init__.py``):
   (401/403, a redirect) → the destination circuit opens: one probe at a time, exponential backoff
   with full jitter (``Retry-After`` honoured); the rows wait without burning their attempts once the
   outage is known;
-* a whole-request permanent failure (400 for a single instance, 404, 415, ...) → ``dead``.
+* a wrong address (404, 405, 501 to the request: no such service or bucket) → the circuit opens
+  as for an outage; the rows wait without ever burning attempts;
+* a whole-request permanent failure (400 for a single instance, 415, ...) → ``dead``.
 
 Rows whose attempts or age are exhausted go to ``dead``. Every outbox write goes through the
 batch's :class:`~gateway_agent.agent.upload.journal.Journal`.
@@ -27,8 +29,8 @@ from ...config import DestinationSettings
 from ...logs import get_logger
 from .. import metrics
 from ..outbox.db import OutboxRow
-from ..outbox.store import Outbox
-from .destinations import REFUSAL_STATUSES, Destination, SendResult
+from ..outbox.store import DestinationQueue
+from .destinations import MISCONFIGURED_STATUSES, REFUSAL_STATUSES, Destination, SendResult
 from .journal import STORAGE_ERRORS, Journal
 
 __all__ = ["RETRY_AFTER_MAX_SECONDS", "Outcomes", "full_jitter"]
@@ -49,7 +51,9 @@ class Outcomes:
 
     Parameters
     ----------
-    outbox, destination, settings
+    outbox
+        The destination's deliveries and circuit.
+    destination, settings
         As the :class:`~gateway_agent.agent.upload.uploader.Uploader`'s.
     clock
         Wall clock (the outbox's).
@@ -61,7 +65,7 @@ class Outcomes:
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: DestinationQueue,
         destination: Destination,
         settings: DestinationSettings,
         *,
@@ -70,6 +74,7 @@ class Outcomes:
         on_recovered: Callable[[], None],
     ) -> None:
         self.outbox = outbox
+        self.name = outbox.name
         self.destination = destination
         self.settings = settings
         self._clock = clock
@@ -99,6 +104,18 @@ class Outcomes:
         except PermanentUploadError as exc:
             if exc.status in REFUSAL_STATUSES:
                 self.outage(rows, j, str(exc), None, started, probing=probing, auth=True)
+            elif exc.status in MISCONFIGURED_STATUSES:
+                # A wrong address (no such bucket, no such service): not the rows' fault.
+                self.outage(
+                    rows,
+                    j,
+                    str(exc),
+                    None,
+                    started,
+                    probing=probing,
+                    auth=False,
+                    refund_always=True,
+                )
             else:
                 self.dead(rows, j, str(exc))
                 self.healthy(j)  # the server answered: it is not down
@@ -108,7 +125,7 @@ class Outcomes:
             self.retry(rows, j, f"internal_error: {type(exc).__name__}")
             return
         finally:
-            metrics.UPLOAD_SECONDS.observe(time.monotonic() - t0)
+            metrics.UPLOAD_SECONDS.labels(destination=self.name).observe(time.monotonic() - t0)
         self.record(rows, j, result)
 
     def record(self, rows: list[OutboxRow], j: Journal, result: SendResult) -> None:
@@ -126,10 +143,10 @@ class Outcomes:
             for note, ids in warned.items():
                 # Stored, with the destination's warning kept on the row (e.g. coercion).
                 j.call(self.outbox.mark_sent, ids, warning=note)
-                log.warning("upload_warning", rows=len(ids), warning=note)
-            metrics.UPLOAD_ATTEMPTS.labels(result="sent").inc(len(sent))
-            metrics.BYTES_SENT.inc(sum(r.size for r in sent))
-            metrics.LAST_UPLOAD_SUCCESS.set(time.time())
+                log.warning("upload_warning", destination=self.name, rows=len(ids), warning=note)
+            metrics.UPLOAD_ATTEMPTS.labels(destination=self.name, result="sent").inc(len(sent))
+            metrics.BYTES_SENT.labels(destination=self.name).inc(sum(r.size for r in sent))
+            metrics.LAST_UPLOAD_SUCCESS.labels(destination=self.name).set(time.time())
         dead: dict[str, list[OutboxRow]] = {}
         retry: dict[str, list[OutboxRow]] = {}
         sent_ids = {r.id for r in sent}
@@ -149,7 +166,7 @@ class Outcomes:
         self.healthy(j)
         log.info(
             "upload_batch",
-            destination=self.destination.label,
+            destination=self.name,
             rows=len(rows),
             sent=len(sent),
             dead=sum(len(g) for g in dead.values()),
@@ -159,7 +176,7 @@ class Outcomes:
 
     def healthy(self, j: Journal) -> None:
         if j.call(self.outbox.circuit_success):
-            log.info("destination_recovered", destination=self.destination.label)
+            log.info("destination_recovered", destination=self.name)
             self._on_recovered()
 
     def exhausted(self, row: OutboxRow, now: float) -> bool:
@@ -170,9 +187,10 @@ class Outcomes:
 
     def dead(self, rows: Sequence[OutboxRow], j: Journal, reason: str) -> None:
         j.call(self.outbox.mark_dead, [r.id for r in rows], error=reason)
-        metrics.UPLOAD_ATTEMPTS.labels(result="dead").inc(len(rows))
+        metrics.UPLOAD_ATTEMPTS.labels(destination=self.name, result="dead").inc(len(rows))
         log.warning(
             "upload_dead",
+            destination=self.name,
             rows=len(rows),
             reason=reason,
             sop_uids=[r.sop_instance_uid for r in rows][:5],
@@ -188,7 +206,9 @@ class Outcomes:
             if r not in gone:
                 j.call(self.outbox.mark_retry, [r.id], error=reason, delay=self.jitter(r.attempts))
         if len(gone) < len(rows):
-            metrics.UPLOAD_ATTEMPTS.labels(result="retry").inc(len(rows) - len(gone))
+            metrics.UPLOAD_ATTEMPTS.labels(destination=self.name, result="retry").inc(
+                len(rows) - len(gone)
+            )
 
     def outage(
         self,
@@ -200,8 +220,12 @@ class Outcomes:
         *,
         probing: bool,
         auth: bool,
+        refund_always: bool = False,
     ) -> None:
-        """The destination failed as a whole: open (or keep open) the circuit; rows wait for it."""
+        """The destination failed as a whole: open (or keep open) the circuit; rows wait for it.
+
+        ``auth`` (refused credentials) and ``refund_always`` (a wrong address) never burn the
+        rows' attempts: they are not the rows' fault and will not pass by themselves."""
         try:
             failures = self.outbox.consecutive_failures()
         except STORAGE_ERRORS:
@@ -222,7 +246,7 @@ class Outcomes:
         known = True if recorded is None else recorded
         # Attempts count only for the request that found an outage; credentials/redirect
         # problems never burn them (they are not the rows' fault). Age always applies.
-        refund = probing or known or auth
+        refund = probing or known or auth or refund_always
         now = self._clock()
         max_age = self.settings.max_age_hours * 3600.0
         gone = [
@@ -237,10 +261,10 @@ class Outcomes:
             j.call(
                 self.outbox.mark_retry, waiting, error=reason, delay=delay, refund_attempt=refund
             )
-            metrics.UPLOAD_ATTEMPTS.labels(result="retry").inc(len(waiting))
+            metrics.UPLOAD_ATTEMPTS.labels(destination=self.name, result="retry").inc(len(waiting))
         log.warning(
             "destination_failing",
-            destination=self.destination.label,
+            destination=self.name,
             reason=reason,
             auth=auth,
             retry_in=round(delay, 3),

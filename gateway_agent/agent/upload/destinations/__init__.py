@@ -1,8 +1,9 @@
 """The destination contract: what every destination kind implements, and the factory by kind.
 
 One module per kind sits beside this one: :mod:`.folder` (a local folder), :mod:`.dicomweb`
-(STOW-RS over httpx), :mod:`.dicom` (C-STORE over pynetdicom). The uploader knows only this
-contract; it never imports a kind.
+(STOW-RS over httpx), :mod:`.dicom` (C-STORE over pynetdicom), :mod:`.s3` (objects in an S3
+bucket, boto3). The uploader knows only this contract; it never imports a kind. The daemon
+builds one destination per ``[[destinations]]`` entry and runs one uploader for each.
 
 The contract
 ------------
@@ -43,6 +44,8 @@ A destination is any object with::
     ``PermanentUploadError`` with ``status``   the destination refuses the agent (credentials,
     in :data:`REFUSAL_STATUSES`                a redirect): as above, and ``auth_failing`` is
                                                reported; attempts are never burned
+    ``PermanentUploadError`` with ``status``   the address is wrong (no such service or bucket
+    in :data:`MISCONFIGURED_STATUSES`          there): as above, attempts are never burned
     ``PermanentUploadError``, other            these bytes will never be accepted: every row of
                                                the batch → ``dead``
     anything else                              a bug: logged with its traceback, rows retried
@@ -50,7 +53,8 @@ A destination is any object with::
 
     A kind translates its library's exceptions into this tree in one place (as
     :func:`.dicomweb.translate_httpx_error` does for httpx); a kind without HTTP statuses sets
-    ``status=401`` (or 403) for "refuses the agent". Reasons are short slugs (``http_409
+    ``status=401`` (or 403) for "refuses the agent" and 404 for "nothing of the kind there".
+    Reasons are short slugs (``http_409
     conflict``, ``file_missing``) that never carry a credential, a header value or PHI.
 ``close()``
     Called once by the daemon on the way out.
@@ -84,11 +88,20 @@ from ...outbox.db import OutboxRow
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["REFUSAL_STATUSES", "Destination", "SendResult", "destination_from_settings"]
+__all__ = [
+    "MISCONFIGURED_STATUSES",
+    "REFUSAL_STATUSES",
+    "Destination",
+    "SendResult",
+    "destination_from_settings",
+]
 
 #: ``PermanentUploadError.status`` values that mean "the destination refuses the agent" (bad
 #: credentials, a redirect never followed) rather than "this batch is bad".
 REFUSAL_STATUSES = frozenset({401, 403, 301, 302, 303, 307, 308})
+#: ``PermanentUploadError.status`` values that mean "the address is wrong": no such service (or
+#: bucket) there; a misconfiguration, not a bad instance.
+MISCONFIGURED_STATUSES = frozenset({404, 405, 501})
 
 
 @dataclass
@@ -136,4 +149,8 @@ def destination_from_settings(
         from .dicom import dicom_from_settings
 
         return dicom_from_settings(s, calling_ae=calling_ae)
+    if s.kind == "s3":
+        from .s3 import s3_from_settings
+
+        return s3_from_settings(s)
     raise ConfigError(f"destination.kind: unknown kind {s.kind!r}")

@@ -1,0 +1,455 @@
+"""The S3 destination against a real S3-compatible store (SeaweedFS on 127.0.0.1): objects read
+back byte for byte, checksums sent and verified, multipart, refusals and outages."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+from gateway_agent._exceptions import PermanentUploadError, RetryableUploadError
+from gateway_agent.agent.outbox.db import OutboxRow
+from gateway_agent.agent.outbox.store import Outbox
+from gateway_agent.agent.upload.destinations import destination_from_settings
+from gateway_agent.agent.upload.destinations.s3 import (
+    S3Destination,
+    s3_from_settings,
+    translate_boto_error,
+)
+from gateway_agent.agent.upload.uploader import Uploader
+from gateway_agent.config import DestinationSettings
+from tests._faultproxy import FaultProxy
+from tests._s3 import ACCESS_KEY, SECRET_KEY, S3Server, s3_server, start_s3
+
+from ._uploadkit import FakeClock, add_files, make_files, wait_for
+
+__all__ = ["s3_server"]  # the module-scoped store fixture
+
+MB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No credential from the machine, and never the instance metadata service (not loopback)."""
+    for var in list(os.environ):
+        if var.startswith("AWS_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+
+
+def credentials_file(
+    tmp_path: Path, secret: str = SECRET_KEY, key: str = ACCESS_KEY, name: str = "aws-credentials"
+) -> Path:
+    path = tmp_path / name
+    path.write_text(f"[default]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n")
+    path.chmod(0o600)
+    return path
+
+
+def settings(server: S3Server, tmp_path: Path, **extra: Any) -> DestinationSettings:
+    values: dict[str, Any] = {
+        "name": "default",
+        "kind": "s3",
+        "bucket": "gateway",
+        "prefix": f"t/{tmp_path.name}",
+        "endpoint_url": server.endpoint,
+        "aws_credentials_file": credentials_file(tmp_path),
+        "timeout_seconds": 10,
+        "confirm_storage": True,
+        "backoff_base_seconds": 0.05,
+        "backoff_cap_seconds": 0.5,
+    }
+    values.update(extra)
+    return DestinationSettings(**values)
+
+
+@pytest.fixture
+def rows(tmp_path: Path) -> Iterator[list[OutboxRow]]:
+    ob = Outbox(":memory:")
+    add_files(ob, make_files(tmp_path / "files", 6))
+    yield ob.queue("default").claim(max_items=100, max_bytes=10**9, lease_seconds=60)
+    ob.close()
+
+
+def _key(s: DestinationSettings, row: OutboxRow) -> str:
+    return (
+        f"{s.prefix}/{row.study_instance_uid}/{row.series_instance_uid}/{row.sop_instance_uid}.dcm"
+    )
+
+
+# -- objects, checksums, confirmation -----------------------------------------------------------
+def test_series_read_back_byte_for_byte_and_confirmed(
+    s3_server: S3Server, tmp_path: Path, rows: list[OutboxRow]
+) -> None:
+    s = settings(s3_server, tmp_path)
+    dest = destination_from_settings(s)
+    assert isinstance(dest, S3Destination)
+    assert dest.label == f"s3:gateway/{s.prefix}@127.0.0.1:{s3_server.port}"
+    assert s.target == f"s3 s3://gateway/{s.prefix} at {s3_server.endpoint}"
+    try:
+        result = dest.send(rows)
+        assert sorted(result.sent) == sorted(r.sop_instance_uid for r in rows)
+        assert not result.failed
+        stored = s3_server.objects(prefix=s.prefix + "/")
+        assert stored == {_key(s, r): r.path.read_bytes() for r in rows}
+        client = s3_server.client()
+        head = client.head_object(Bucket="gateway", Key=_key(s, rows[0]), ChecksumMode="ENABLED")
+        data = rows[0].path.read_bytes()
+        assert head["ContentType"] == "application/dicom"
+        assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(data).digest()).decode()
+        assert dest.confirm(rows) == {r.sop_instance_uid for r in rows}
+
+        # The same instances again: the same keys, the same bytes (idempotent).
+        again = dest.send(rows)
+        assert sorted(again.sent) == sorted(result.sent)
+        assert s3_server.objects(prefix=s.prefix + "/") == stored
+
+        # An object replaced behind the agent's back, or gone, is not proven.
+        client.put_object(Bucket="gateway", Key=_key(s, rows[1]), Body=b"other bytes")
+        client.delete_object(Bucket="gateway", Key=_key(s, rows[2]))
+        assert dest.confirm(rows) == {r.sop_instance_uid for r in rows} - {
+            rows[1].sop_instance_uid,
+            rows[2].sop_instance_uid,
+        }
+        client.close()
+    finally:
+        dest.close()
+
+
+def test_confirm_after_restart_reads_the_file_again(
+    s3_server: S3Server, tmp_path: Path, rows: list[OutboxRow]
+) -> None:
+    s = settings(s3_server, tmp_path)
+    first = s3_from_settings(s)
+    first.send(rows)
+    first.close()
+    later = s3_from_settings(s)  # nothing remembered: the check reads the outbox files
+    assert later.confirm(rows) == {r.sop_instance_uid for r in rows}
+    assert (
+        s3_from_settings(settings(s3_server, tmp_path, confirm_storage=False)).confirm(rows) is None
+    )
+    later.close()
+
+
+@pytest.mark.parametrize("checksum", ["sha256", "md5"])
+def test_multipart_parts_carry_checksums(
+    s3_server: S3Server, tmp_path: Path, checksum: str
+) -> None:
+    s = settings(
+        s3_server, tmp_path, s3_checksum=checksum, multipart_threshold_mb=5, multipart_chunk_mb=5
+    )
+    big = tmp_path / "big.dcm"
+    big.write_bytes(os.urandom(12 * MB + 12345))
+    small = tmp_path / "small.dcm"
+    small.write_bytes(os.urandom(100_000))
+    ob = Outbox(":memory:")
+    for i, path in enumerate((big, small)):
+        ob.add(
+            sop_instance_uid=f"1.2.3.{i}",
+            study_instance_uid="1.2.3",
+            series_instance_uid="1.2.3.9",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            path=path,
+            size=path.stat().st_size,
+            audit={},
+        )
+    rows = ob.queue("default").claim(max_items=10, max_bytes=10**12, lease_seconds=60)
+    dest = s3_from_settings(s)
+    try:
+        result = dest.send(rows)
+        assert sorted(result.sent) == ["1.2.3.0", "1.2.3.1"] and not result.failed
+        stored = s3_server.objects(prefix=s.prefix + "/")
+        assert stored[_key(s, rows[0])] == big.read_bytes()
+        assert stored[_key(s, rows[1])] == small.read_bytes()
+        client = s3_server.client()
+        head = client.head_object(Bucket="gateway", Key=_key(s, rows[0]), ChecksumMode="ENABLED")
+        if checksum == "sha256":
+            assert head["ChecksumSHA256"].endswith("-3")  # composite over three parts
+        else:
+            assert head["ETag"].strip('"').endswith("-3")
+        assert client.list_multipart_uploads(Bucket="gateway").get("Uploads", []) == []
+        client.close()
+        assert dest.confirm(rows) == {"1.2.3.0", "1.2.3.1"}
+    finally:
+        dest.close()
+        ob.close()
+
+
+def test_incomplete_upload_of_the_key_is_aborted_before_sending_again(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """What a kill -9 in the middle of a multipart upload leaves is cleaned up by the next try."""
+    s = settings(s3_server, tmp_path, multipart_threshold_mb=5, multipart_chunk_mb=5)
+    path = tmp_path / "big.dcm"
+    path.write_bytes(os.urandom(11 * MB))
+    ob = Outbox(":memory:")
+    ob.add(
+        sop_instance_uid="1.2.4.1",
+        study_instance_uid="1.2.4",
+        series_instance_uid="1.2.4.9",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        path=path,
+        size=path.stat().st_size,
+        audit={},
+    )
+    (row,) = ob.queue("default").claim(max_items=1, max_bytes=10**12, lease_seconds=60)
+    client = s3_server.client()
+    left = client.create_multipart_upload(Bucket="gateway", Key=_key(s, row))["UploadId"]
+    client.upload_part(
+        Bucket="gateway", Key=_key(s, row), UploadId=left, PartNumber=1, Body=b"x" * (5 * MB)
+    )
+    dest = s3_from_settings(s)
+    assert dest.send([row]).sent == ["1.2.4.1"]
+    uploads = client.list_multipart_uploads(Bucket="gateway", Prefix=_key(s, row))
+    assert uploads.get("Uploads", []) == []
+    assert s3_server.objects(prefix=_key(s, row))[_key(s, row)] == path.read_bytes()
+    client.close()
+    dest.close()
+    ob.close()
+
+
+def test_missing_file_and_bad_uid_fail_that_instance_only(
+    s3_server: S3Server, tmp_path: Path, rows: list[OutboxRow]
+) -> None:
+    gone = rows[0]
+    gone.path.unlink()
+    weird = OutboxRow(
+        999, "1.2.3.4/../../x", "1.2.3", "1.2.3.1", "1.2", rows[1].path, 10, "sending", 1, 0.0,
+        None, 0.0, None,
+    )  # fmt: skip
+    dest = s3_from_settings(settings(s3_server, tmp_path))
+    result = dest.send([gone, weird, *rows[1:]])
+    assert result.failed[gone.sop_instance_uid] == (True, "file_missing")
+    assert result.failed[weird.sop_instance_uid] == (True, "invalid_uid")
+    assert sorted(result.sent) == sorted(r.sop_instance_uid for r in rows[1:])
+    dest.close()
+
+
+# -- refusals, a wrong address, outages ---------------------------------------------------------
+def _uploader(ob: Outbox, s: DestinationSettings, clock: FakeClock | None = None) -> Uploader:
+    kwargs: dict[str, Any] = {} if clock is None else {"clock": clock}
+    return Uploader(ob, s3_from_settings(s), s, **kwargs)
+
+
+def test_wrong_credentials_stop_the_destination_without_dead_rows(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    secret = "not-the-secret-0123456789"
+    s = settings(
+        s3_server, tmp_path, aws_credentials_file=credentials_file(tmp_path, secret, name="wrong")
+    )
+    clock = FakeClock()
+    ob = Outbox(":memory:", clock=clock)
+    add_files(ob, make_files(tmp_path / "files", 3))
+    up = _uploader(ob, s, clock)
+    for _ in range(5):
+        up.loop_once()
+        clock.advance(600)
+    q = ob.queue("default")
+    assert q.counts() == {"queued": 3, "sending": 0, "sent": 0, "dead": 0}
+    status = q.destination_status()
+    assert status["auth_failing"] is True
+    assert status["last_error"] == "s3 SignatureDoesNotMatch (http_403)"
+    assert secret not in str(status) and ACCESS_KEY not in str(status)
+    assert all(r.attempts == 0 for r in q.rows())  # refusals never burn attempts
+    up.destination.close()
+    ob.close()
+
+
+def test_missing_bucket_stops_the_destination_with_its_reason(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    ob = Outbox(":memory:", clock=clock)
+    add_files(ob, make_files(tmp_path / "files", 3))
+    s = settings(s3_server, tmp_path, bucket="no-such-bucket")
+    up = _uploader(ob, s, clock)
+    for _ in range(30):  # more than max_attempts would allow if they were burned
+        up.loop_once()
+        clock.advance(600)
+    q = ob.queue("default")
+    assert q.counts()["queued"] == 3 and q.counts()["dead"] == 0
+    status = q.destination_status()
+    assert status["last_error"] == "s3 NoSuchBucket (http_404)"
+    assert status["auth_failing"] is False and status["consecutive_failures"] >= 1
+    up.destination.close()
+    ob.close()
+
+
+def test_store_down_then_up_delivers_everything(tmp_path: Path) -> None:
+    server = start_s3()
+    try:
+        ob = Outbox(tmp_path / "outbox.db")
+        files = make_files(tmp_path / "files", 8)
+        uids = add_files(ob, files)
+        s = settings(server, tmp_path, timeout_seconds=2)
+        server.stop()
+        up = _uploader(ob, s)
+        up.start()
+        q = ob.queue("default")
+        assert wait_for(lambda: q.destination_status()["consecutive_failures"] >= 2, 30)
+        assert q.counts()["sent"] == 0 and q.counts()["dead"] == 0
+        assert str(q.destination_status()["last_error"]).startswith("network_error")
+        server.start()
+        assert wait_for(lambda: q.counts()["sent"] == 8, 60), q.counts()
+        up.stop(deadline=time.monotonic() + 10)
+        stored = server.objects(prefix=s.prefix + "/")
+        assert sorted(k.rsplit("/", 1)[1][: -len(".dcm")] for k in stored) == sorted(uids)
+        up.destination.close()
+        ob.close()
+    finally:
+        server.close()
+
+
+def test_throttling_and_5xx_are_retried(s3_server: S3Server, tmp_path: Path) -> None:
+    plan = ["503", "status:500", "status:429"]
+    with FaultProxy(s3_server.endpoint, plan=plan, keep_host=True) as proxy:
+        clock = FakeClock()
+        ob = Outbox(":memory:", clock=clock)
+        uids = add_files(ob, make_files(tmp_path / "files", 2))
+        s = settings(s3_server, tmp_path, endpoint_url=proxy.url)
+        up = _uploader(ob, s, clock)
+        q = ob.queue("default")
+        for _ in range(10):
+            up.loop_once()
+            clock.advance(600)
+            if q.counts()["sent"] == 2:
+                break
+        assert q.counts()["sent"] == 2 and q.counts()["dead"] == 0
+        assert proxy.count("503") == 1 and proxy.count("status:500") == 1
+        assert {r.sop_instance_uid for r in q.rows("sent")} == set(uids)
+        up.destination.close()
+        ob.close()
+
+
+def test_error_translation_never_carries_a_message() -> None:
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError(
+            {
+                "Error": {"Code": code, "Message": f"secret {SECRET_KEY} in a message"},
+                "ResponseMetadata": {"HTTPStatusCode": status, "HTTPHeaders": {}},
+            },
+            "PutObject",
+        )
+
+    cases = {
+        ("AccessDenied", 403): (PermanentUploadError, 403),
+        ("InvalidAccessKeyId", 403): (PermanentUploadError, 403),
+        ("PermanentRedirect", 301): (PermanentUploadError, 301),
+        ("NoSuchBucket", 404): (PermanentUploadError, 404),
+        ("SlowDown", 503): (RetryableUploadError, 503),
+        ("InternalError", 500): (RetryableUploadError, 500),
+        ("RequestTimeout", 400): (RetryableUploadError, 400),
+        ("BadDigest", 400): (RetryableUploadError, 400),
+        ("EntityTooLarge", 400): (PermanentUploadError, 400),
+    }
+    for (code, status), (kind, mapped) in cases.items():
+        err = translate_boto_error(client_error(code, status))
+        assert isinstance(err, kind) and err.status == mapped, code
+        assert SECRET_KEY not in str(err) and str(err).startswith(f"s3 {code}")
+    network = translate_boto_error(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert isinstance(network, RetryableUploadError) and "127.0.0.1" not in str(network)
+    none = translate_boto_error(NoCredentialsError())
+    assert isinstance(none, PermanentUploadError) and none.status == 401
+    assert translate_boto_error(ValueError("x")) is None
+
+
+def test_credentials_from_the_environment(
+    s3_server: S3Server, tmp_path: Path, rows: list[OutboxRow], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    s = settings(s3_server, tmp_path, aws_credentials_file=None)
+    dest = s3_from_settings(s)
+    assert sorted(dest.send(rows).sent) == sorted(r.sop_instance_uid for r in rows)
+    dest.close()
+
+
+# -- a 500 MB object: bounded memory ------------------------------------------------------------
+_BIG_SCRIPT = """
+import json, resource, sys
+from pathlib import Path
+from gateway_agent.agent.outbox.db import OutboxRow
+from gateway_agent.agent.upload.destinations.s3 import s3_from_settings
+from gateway_agent.config import DestinationSettings
+s = DestinationSettings.model_validate_json(sys.argv[1])
+path = Path(sys.argv[2])
+row = OutboxRow(1, "1.2.5.1", "1.2.5", "1.2.5.9", "1.2.840.10008.5.1.4.1.1.2", path,
+                path.stat().st_size, "sending", 1, 0.0, None, 0.0, None)
+dest = s3_from_settings(s)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = dest.send([row])
+proven = dest.confirm([row])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"sent": result.sent, "failed": result.failed, "proven": sorted(proven or []),
+                  "before_kb": before, "peak_kb": peak}))
+"""
+
+
+@pytest.mark.slow
+def test_500_mb_object_in_parts_with_bounded_memory(tmp_path: Path) -> None:
+    server = start_s3()
+    try:
+        big = tmp_path / "big.dcm"
+        block = os.urandom(MB)
+        digest = hashlib.sha256()
+        with big.open("wb") as fh:
+            for i in range(500):
+                chunk = bytes([i % 256]) + block[1:]
+                fh.write(chunk)
+                digest.update(chunk)
+        s = settings(server, tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-c", _BIG_SCRIPT, s.model_dump_json(), str(big)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env={**os.environ, "AWS_EC2_METADATA_DISABLED": "true"},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = json.loads(proc.stdout)
+        assert out["sent"] == ["1.2.5.1"] and out["proven"] == ["1.2.5.1"]
+        growth_mb = (out["peak_kb"] - out["before_kb"]) / 1024
+        # One 16 MB part in memory at a time (and the client's buffers), never the object.
+        assert growth_mb < 100, growth_mb
+        client = server.client()
+        key = f"{s.prefix}/1.2.5/1.2.5.9/1.2.5.1.dcm"
+        body = client.get_object(Bucket="gateway", Key=key)["Body"]
+        got = hashlib.sha256()
+        size = 0
+        for chunk in iter(lambda: body.read(4 * MB), b""):
+            got.update(chunk)
+            size += len(chunk)
+        assert size == 500 * MB and got.hexdigest() == digest.hexdigest()
+        client.close()
+    finally:
+        server.close()
+
+
+def test_parallel_workers_share_one_client(s3_server: S3Server, tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "outbox.db")
+    uids = add_files(ob, make_files(tmp_path / "files", 24))
+    s = settings(s3_server, tmp_path, parallel_requests=4, batch_max_instances=3)
+    up = _uploader(ob, s)
+    up.start()
+    q = ob.queue("default")
+    assert wait_for(lambda: q.counts()["sent"] == 24, 60), q.counts()
+    up.stop(deadline=time.monotonic() + 10)
+    stored = s3_server.objects(prefix=s.prefix + "/")
+    assert len(stored) == 24 and {k.rsplit("/", 1)[1][:-4] for k in stored} == set(uids)
+    up.destination.close()
+    ob.close()
