@@ -613,7 +613,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
             from ..agent.outbox.store import Outbox
 
             try:
-                outbox = Outbox(paths.outbox_db, upgrade=False)
+                outbox = Outbox(paths.outbox_db, routes=None, upgrade=False)
             except OutboxSchemaError as exc:
                 return _fail_retry(str(exc))
             try:

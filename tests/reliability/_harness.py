@@ -149,21 +149,38 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def write_config(path: Path, settings: dict[str, Any]) -> Path:
-    """Write a TOML config from a nested dict of plain values (str, int, float, bool)."""
+    """Write a TOML config from a nested dict of plain values (str, int, float, bool, lists of
+    them), sections (dicts, one level of sub-tables) and arrays of tables (lists of dicts)."""
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, int | float):
             return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
         return json.dumps(str(v))
 
-    top = [f"{k} = {value(v)}" for k, v in settings.items() if not isinstance(v, dict)]
-    lines = [*top]
+    def plain(v: Any) -> bool:
+        return not isinstance(v, dict) and not (
+            isinstance(v, list) and v and isinstance(v[0], dict)
+        )
+
+    def table(header: str, name: str, body: dict[str, Any]) -> list[str]:
+        out = [f"\n{header}"] + [f"{k} = {value(v)}" for k, v in body.items() if plain(v)]
+        for sub, inner in body.items():
+            if isinstance(inner, dict):
+                out.append(f"[{name}.{sub}]")
+                out += [f"{k} = {value(v)}" for k, v in inner.items()]
+        return out
+
+    lines = [f"{k} = {value(v)}" for k, v in settings.items() if plain(v)]
     for section, body in settings.items():
         if isinstance(body, dict):
-            lines.append(f"\n[{section}]")
-            lines += [f"{k} = {value(v)}" for k, v in body.items()]
+            lines += table(f"[{section}]", section, body)
+        elif not plain(body):
+            for item in body:
+                lines += table(f"[[{section}]]", section, item)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 

@@ -142,7 +142,8 @@ class OutboxDB:
     routes
         The destinations and what each receives, in configuration order (default: one
         destination named ``default`` taking everything). A version-1 outbox's rows go to the
-        route named ``default``, else to the first.
+        route named ``default``, else to the first. None (operator commands): the destinations
+        the outbox already knows, and nothing can be added.
     upgrade
         Upgrade an outbox written by an earlier version (the daemon); False refuses it with an
         :class:`OutboxSchemaError` instead (operator commands, which may run beside an older
@@ -159,15 +160,16 @@ class OutboxDB:
         db_path: Path | str,
         *,
         clock: Callable[[], float] = time.time,
-        routes: Sequence[Route] = DEFAULT_ROUTES,
+        routes: Sequence[Route] | None = DEFAULT_ROUTES,
         upgrade: bool = True,
     ) -> None:
-        if not routes:
+        if routes is not None and not routes:
             raise ValueError('Argument "routes" must name at least one destination.')
+        self._configured = routes is not None
         self.db_path = Path(db_path) if str(db_path) != ":memory:" else None
         self._clock = clock
         self._lock = threading.RLock()
-        self.routes = tuple(routes)
+        self.routes = tuple(routes or ())
         self._folders = frozenset().union(*(r.names_folders for r in self.routes))
         self._upgrade = upgrade
         self._conn = connect(self.db_path)
@@ -182,7 +184,7 @@ class OutboxDB:
     def initialize_schema(self) -> None:
         """Create the schema, or upgrade an older one (see :func:`.schema.prepare`)."""
         names = [r.name for r in self.routes]
-        heir = "default" if "default" in names else names[0]
+        heir = "default" if "default" in names or not names else names[0]
         prepare(self._conn, destination=heir, upgrade=self._upgrade)
         with self._tx() as c:
             c.executemany(
@@ -357,7 +359,10 @@ class OutboxDB:
         """Every destination the outbox knows: the configured ones first, then any other that
         still has deliveries (a destination removed from the configuration)."""
         names = [r.name for r in self.routes]
-        for (name,) in self._query("select distinct destination from deliveries order by 1"):
+        known = "select distinct destination from deliveries"
+        if not self._configured:
+            known += " union select name from destinations"
+        for (name,) in self._query(known + " order by 1"):
             if name not in names:
                 names.append(str(name))
         return names
