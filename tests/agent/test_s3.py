@@ -423,9 +423,11 @@ def test_500_mb_object_in_parts_with_bounded_memory(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr[-2000:]
         out = json.loads(proc.stdout)
         assert out["sent"] == ["1.2.5.1"] and out["proven"] == ["1.2.5.1"]
-        growth_mb = (out["peak_kb"] - out["before_kb"]) / 1024
-        # One 16 MB part in memory at a time (and the client's buffers), never the object.
-        assert growth_mb < 100, growth_mb
+        peak_mb = out["peak_kb"] / 1024
+        print(f"\n500 MB object: peak RSS of the whole process {peak_mb:.0f} MB")
+        # One 16 MB part in memory at a time (and the client's buffers), never the object: the
+        # whole process (Python, boto3, pydicom) stays under half the object's size.
+        assert peak_mb < 250, peak_mb
         client = server.client()
         key = f"{s.prefix}/1.2.5/1.2.5.9/1.2.5.1.dcm"
         body = client.get_object(Bucket="gateway", Key=key)["Body"]
