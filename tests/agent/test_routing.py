@@ -316,3 +316,26 @@ def test_three_destinations_one_down_for_a_minute(
     assert (pacs_uids | s3_uids) < set(copies)
     record = json.loads((settings.state_dir / "effective-settings.json").read_text())
     assert [x["name"] for x in record["destinations"]] == ["pacs", "research", "copy"]
+
+
+def test_config_show_and_check_list_every_destination(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        "[[destinations]]\n"
+        'name = "pacs"\nkind = "dicomweb"\nurl = "https://pacs/dw"\nauth = "basic"\n'
+        'username = "u"\npassword = "not-shown-anywhere"\n'
+        "[destinations.match]\n"
+        'modality = ["CT"]\n'
+        "[[destinations]]\n"
+        'name = "research"\nkind = "s3"\nbucket = "b"\n'
+        f'aws_credentials_file = "{tmp_path / "missing-credentials"}"\n'
+    )
+    assert main(["--config", str(cfg), "config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert 'destinations.pacs.match.modality = ["CT"]' in " ".join(out.split())
+    assert "destinations.research.bucket" in out and "not-shown-anywhere" not in out
+    assert main(["--config", str(cfg), "config", "check"]) == 2
+    err = capsys.readouterr().err
+    assert "destinations.research.aws_credentials_file: file" in err and "does not exist" in err
