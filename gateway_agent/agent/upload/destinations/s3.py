@@ -8,7 +8,7 @@ file's SHA-256 in the object's metadata (``x-amz-meta-sha256``) for whoever read
 Integrity: every request carries a checksum the store verifies before it accepts the bytes
 (``x-amz-checksum-sha256``, or ``Content-MD5`` with ``s3_checksum = "md5"``), and the checksum the
 store answers with must be ours. Objects of ``multipart_threshold_mb`` or more go up in parts of
-``multipart_chunk_mb``, one part in memory at a time, each with its own checksum; an upload left
+``multipart_chunk_mb``, each streamed from the file with its own checksum; an upload left
 incomplete by a crash is aborted before the object is sent again. :meth:`S3Destination.confirm`
 proves storage with a ``HEAD`` that compares size and checksum.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import re
 import threading
@@ -191,6 +192,45 @@ def _digest_file(fh: BinaryIO, *, md5: bool, part_size: int | None) -> _Digests:
     if part_size is not None and (in_part or not parts):
         parts.append((in_part, part.digest()))
     return _Digests(size, whole.digest(), whole_md5.digest() if whole_md5 else None, tuple(parts))
+
+
+class _Part(io.RawIOBase):
+    """``length`` bytes of a file from ``start``, read with ``pread`` as the client asks for
+    them: a part is streamed, never held in memory whole."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._start = start
+        self._length = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(0, base + offset), self._length)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self._length - self._pos)
+        if want <= 0:
+            return 0
+        data = os.pread(self._fd, want, self._start + self._pos)
+        n = len(data)
+        buffer[:n] = data
+        self._pos += n
+        return n
+
+    def __len__(self) -> int:
+        return self._length
 
 
 class S3Destination:
@@ -362,10 +402,10 @@ class S3Destination:
         )["UploadId"]
         try:
             parts: list[dict[str, Any]] = []
+            offset = 0
             for number, (length, digest) in enumerate(digests.parts, start=1):
-                data = fh.read(length)
-                if len(data) != length:
-                    raise _ObjectError(False, "file_changed_during_upload")
+                body = _Part(fh.fileno(), offset, length)
+                offset += length
                 check: dict[str, Any] = (
                     {"ChecksumSHA256": _b64(digest)}
                     if self.checksum == "sha256"
@@ -376,11 +416,10 @@ class S3Destination:
                     Key=key,
                     UploadId=upload_id,
                     PartNumber=number,
-                    Body=data,
+                    Body=body,  # type: ignore[arg-type]  # a file-like part (IO-like)
                     ContentLength=length,
                     **check,
                 )
-                del data
                 part: dict[str, Any] = {"PartNumber": number, "ETag": answer["ETag"]}
                 if self.checksum == "sha256":
                     if answer.get("ChecksumSHA256") not in (None, check["ChecksumSHA256"]):
