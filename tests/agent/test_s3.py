@@ -188,6 +188,24 @@ def test_multipart_parts_carry_checksums(
         ob.close()
 
 
+def test_server_side_encryption_and_storage_class(
+    s3_server: S3Server, tmp_path: Path, rows: list[OutboxRow]
+) -> None:
+    s = settings(s3_server, tmp_path, server_side_encryption="AES256")
+    dest = s3_from_settings(s)
+    assert sorted(dest.send(rows[:2]).sent) == sorted(r.sop_instance_uid for r in rows[:2])
+    client = s3_server.client()
+    head = client.head_object(Bucket="gateway", Key=_key(s, rows[0]))
+    assert head["ServerSideEncryption"] == "AES256"
+    assert (
+        client.get_object(Bucket="gateway", Key=_key(s, rows[0]))["Body"].read()
+        == rows[0].path.read_bytes()
+    )
+    client.close()
+    assert dest.confirm(rows[:2]) == {r.sop_instance_uid for r in rows[:2]}
+    dest.close()
+
+
 def test_incomplete_upload_of_the_key_is_aborted_before_sending_again(
     s3_server: S3Server, tmp_path: Path
 ) -> None:
