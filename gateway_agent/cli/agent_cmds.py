@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import REASONS
+from .._exceptions import REASONS, ConfigError
 from . import settings_from_args
 from ._help import add_command
 
@@ -183,8 +183,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             called, host, port = parse_dicom_address(args.destination_dicom)
         except ValueError as exc:
-            from .._exceptions import ConfigError
-
             raise ConfigError(f"--destination-dicom: {exc}") from None
         overrides.update(
             {
@@ -478,6 +476,11 @@ def _print_destination(w: Any, d: dict[str, Any]) -> None:
         )
     elif d.get("auth_failing"):
         w("  AUTHENTICATION FAILING: fix the credentials, restart, then `gateway-agent retry`\n")
+    elif "NoSuchBucket" in str(d.get("last_error") or "") and d.get("consecutive_failures"):
+        w(
+            "  NO SUCH BUCKET: create the bucket or fix destination.bucket (and region), restart; "
+            "deliveries wait without spending attempts\n"
+        )
     if d.get("last_error"):
         w(f"  last error ({_when(d.get('last_error_at'))}): {d['last_error']}\n")
         if d.get("consecutive_failures"):

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+from structlog.testing import capture_logs
 
 from gateway_agent._exceptions import PermanentUploadError, RetryableUploadError
 from gateway_agent.agent.outbox.db import OutboxRow
@@ -273,15 +275,18 @@ def test_wrong_credentials_stop_the_destination_without_dead_rows(
     ob = Outbox(":memory:", clock=clock)
     add_files(ob, make_files(tmp_path / "files", 3))
     up = _uploader(ob, s, clock)
-    for _ in range(5):
-        up.loop_once()
-        clock.advance(600)
+    with capture_logs() as logs:
+        for _ in range(5):
+            up.loop_once()
+            clock.advance(600)
     q = ob.queue("default")
     assert q.counts() == {"queued": 3, "sending": 0, "sent": 0, "dead": 0}
     status = q.destination_status()
     assert status["auth_failing"] is True
     assert status["last_error"] == "s3 SignatureDoesNotMatch (http_403)"
     assert secret not in str(status) and ACCESS_KEY not in str(status)
+    assert any("SignatureDoesNotMatch" in str(e) for e in logs), logs  # the refusal is logged...
+    assert secret not in str(logs) and ACCESS_KEY not in str(logs)  # ...without the credentials
     assert all(r.attempts == 0 for r in q.rows())  # refusals never burn attempts
     up.destination.close()
     ob.close()
@@ -473,3 +478,156 @@ def test_parallel_workers_share_one_client(s3_server: S3Server, tmp_path: Path) 
     assert len(stored) == 24 and {k.rsplit("/", 1)[1][:-4] for k in stored} == set(uids)
     up.destination.close()
     ob.close()
+
+
+# -- the command line: run --destination-s3 ----------------------------------------------------
+def _agent_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "AWS_"))}
+    env.update(
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=str(tmp_path / "no-aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-aws-credentials"),
+        **extra,
+    )
+    return env
+
+
+def test_run_with_the_destination_s3_flag(s3_server: S3Server, tmp_path: Path) -> None:
+    """`run --destination-s3 s3://BUCKET/PREFIX --s3-endpoint URL` with credentials from the
+    environment delivers every instance under the prefix, and no credential reaches the log."""
+    from gateway_agent.synthetic import make_ct_series, write_series
+
+    inbox = tmp_path / "inbox"
+    write_series(make_ct_series(3, rows=32, cols=32), inbox)
+    prefix = f"flag/{tmp_path.name}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway_agent",
+            "--log-format",
+            "json",
+            "run",
+            "--inbox",
+            str(inbox),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--settle-seconds",
+            "0.2",
+            "--no-metrics",
+            "--destination-s3",
+            f"s3://gateway/{prefix}/",
+            "--s3-endpoint",
+            s3_server.endpoint,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_agent_env(tmp_path, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY),
+    )
+    try:
+        assert wait_for(lambda: len(s3_server.objects(prefix=prefix + "/")) == 3, 120)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-2000:]
+    started = next(json.loads(x) for x in out.splitlines() if '"agent_started"' in x)
+    assert started["destinations"] == [f"default: s3 s3://gateway/{prefix} at {s3_server.endpoint}"]
+    keys = list(s3_server.objects(prefix=prefix + "/"))
+    assert all(len(k[len(prefix) + 1 :].split("/")) == 3 and k.endswith(".dcm") for k in keys)
+    assert SECRET_KEY not in out and ACCESS_KEY not in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--s3-endpoint", "http://127.0.0.1:9"], "--s3-endpoint goes with --destination-s3"),
+        (["--destination-s3", "gateway/prefix"], "--destination-s3: expected s3://BUCKET/PREFIX"),
+        (
+            ["--destination-s3", "s3://gateway/p", "--s3-endpoint", "ftp://127.0.0.1:9"],
+            "endpoint_url must start with http:// or https://",
+        ),
+    ],
+)
+def test_run_with_a_wrong_s3_flag_exits_2_without_a_traceback(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway_agent",
+            "run",
+            "--inbox",
+            str(tmp_path / "inbox"),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--no-metrics",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_agent_env(tmp_path),
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr
+    assert done.stderr.startswith("gateway-agent: ") and "Traceback" not in done.stderr
+
+
+def test_status_names_what_stops_each_s3_destination(
+    s3_server: S3Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing bucket and refused credentials: each destination's own line in `status`, the
+    third one delivers, no row dead, no credential printed."""
+    from gateway_agent.agent.outbox.routing import Route
+    from gateway_agent.cli import main
+
+    wrong = "not-the-secret-0123456789"
+    good, bad = credentials_file(tmp_path), credentials_file(tmp_path, wrong, name="wrong")
+    entries = {
+        "research": {"bucket": "no-such-bucket", "aws_credentials_file": good},
+        "archive": {"bucket": "gateway", "aws_credentials_file": bad},
+        "copy": {"bucket": "gateway", "aws_credentials_file": good},
+    }
+    state = tmp_path / "state"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'state_dir = "{state}"\n'
+        + "".join(
+            f'[[destinations]]\nname = "{name}"\nkind = "s3"\nbucket = "{e["bucket"]}"\n'
+            f'prefix = "st/{tmp_path.name}/{name}"\nendpoint_url = "{s3_server.endpoint}"\n'
+            f'aws_credentials_file = "{e["aws_credentials_file"]}"\n'
+            for name, e in entries.items()
+        )
+    )
+    clock = FakeClock()
+    ob = Outbox(state / "outbox.db", clock=clock, routes=[Route(n) for n in entries])
+    add_files(ob, make_files(tmp_path / "files", 3))
+    uploaders = [
+        _uploader(ob, settings(s3_server, tmp_path, name=name, prefix=f"st/{name}", **e), clock)
+        for name, e in entries.items()
+    ]
+    for _ in range(3):
+        for up in uploaders:
+            up.loop_once()
+        clock.advance(600)
+    for up in uploaders:
+        up.destination.close()
+    ob.close()
+
+    assert main(["--config", str(config), "status"]) == 0
+    out = capsys.readouterr().out
+    blocks = {b.split(":", 1)[0]: b for b in out.split("destination ")[1:]}
+    assert "queued 3, sending 0, sent 0, dead 0" in blocks["research"]
+    assert "s3 NoSuchBucket (http_404)" in blocks["research"]
+    assert "NO SUCH BUCKET: create the bucket" in blocks["research"]
+    assert "queued 3, sending 0, sent 0, dead 0" in blocks["archive"]
+    assert "AUTHENTICATION FAILING" in blocks["archive"]
+    assert "queued 0, sending 0, sent 3, dead 0" in blocks["copy"]
+    assert "FAILING" not in blocks["copy"] and "NO SUCH" not in blocks["copy"]
+    assert wrong not in out and SECRET_KEY not in out and ACCESS_KEY not in out
