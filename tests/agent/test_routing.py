@@ -339,3 +339,72 @@ def test_config_show_and_check_list_every_destination(
     assert main(["--config", str(cfg), "config", "check"]) == 2
     err = capsys.readouterr().err
     assert "destinations.research.aws_credentials_file: file" in err and "does not exist" in err
+
+
+# -- rules on where an instance came from, end to end -------------------------------------------
+def test_rules_on_calling_ae_and_inbox_folder_route_real_deliveries(tmp_path: Path) -> None:
+    """Scanners pushing over C-STORE (two calling AE titles) and files dropped into two inbox
+    folders: each folder destination gets exactly what its rule names, the catch-all everything."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from tests._orthanc import free_port
+
+    port = free_port()
+    dest = tmp_path / "out"
+    (tmp_path / "inbox").mkdir()
+    settings = load_settings(
+        None,
+        {
+            "inbox": tmp_path / "inbox",
+            "state_dir": tmp_path / "state",
+            "unit_name": "EDGE01",
+            "settle_seconds": 0.3,
+            "intake_workers": 2,
+            "metrics.enabled": False,
+            "disk.min_free_mb": 1.0,
+            "qc.enabled": False,
+            "listener.enabled": True,
+            "listener.host": "127.0.0.1",
+            "listener.port": port,
+            "destinations": [
+                {"name": "room1", "kind": "folder", "folder": dest / "room1",
+                 "match": {"calling_ae": ["CT_ROOM1"]}},
+                {"name": "ward", "kind": "folder", "folder": dest / "ward",
+                 "match": {"inbox_folder": ["ward"], "modality": ["CT"]}},
+                {"name": "all", "kind": "folder", "folder": dest / "all"},
+            ],
+        },
+    )  # fmt: skip
+    pushed = {
+        "CT_ROOM1": write_synthetic(tmp_path / "room1", 3, seed="room1"),
+        "CT_ROOM2": write_synthetic(tmp_path / "room2", 2, seed="room2"),
+    }
+    stage = tmp_path / "stage"
+    write_synthetic(stage / "ward", 4, seed="ward")
+    write_synthetic(stage / "other", 2, seed="other")
+
+    def outputs(name: str) -> set[str]:
+        return {p.stem for p in (dest / name).rglob("*.dcm")}
+
+    with running_daemon(settings, components=[]) as d:
+        assert wait_until(lambda: d.listener is not None and d.listener.alive(), 30)
+        for calling, paths in pushed.items():
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+            assoc = ae.associate("127.0.0.1", port, ae_title="EDGE01")
+            assert assoc.is_established
+            try:
+                assert [int(assoc.send_c_store(p).Status) for p in paths] == [0] * len(paths)
+            finally:
+                assoc.release()
+        for folder in ("ward", "other"):
+            (stage / folder).rename(settings.inbox / folder)
+        assert wait_until(lambda: len(outputs("all")) == 11, 120), outputs("all")
+        assert wait_until(lambda: bool(d.drained()), 60)
+        rows = {r.sop_instance_uid: r for r in d.outbox.rows("sent", limit=100)}
+    room1, ward, everything = outputs("room1"), outputs("ward"), outputs("all")
+    assert len(room1) == 3 and len(ward) == 4 and room1 | ward < everything
+    assert {rows[u].calling_ae for u in room1} == {"CT_ROOM1"}
+    assert not room1 & ward
