@@ -360,8 +360,8 @@ class DestinationSettings(_Section):
         default=16.0,
         ge=5,
         le=5120,
-        description='Size of each part (kind = "s3"); memory used is about one part per '
-        "parallel request.",
+        description='Size of each part (kind = "s3"); each part is streamed from the file, '
+        "never held in memory whole.",
     )
     verify_tls: bool = Field(
         default=True, description="Verify the server's TLS certificate (against ca_bundle if set)."
