@@ -11,6 +11,7 @@ Each incoming request takes the next action of the plan (then ``default``):
 ``delay:S``       read the request, stall S seconds, then forward and answer (too late for a
                   client with a shorter read timeout: the instance still arrives)
 ``lost-reply``    forward the request (the upstream stores it), then drop the reply
+``corrupt``       forward the request with one byte of its body flipped (damaged in transit)
 
 One request per connection (the proxy answers with ``Connection: close``). With ``keep_host``
 the client's ``Host`` header is forwarded (signed requests, such as S3's, need it).
@@ -178,7 +179,10 @@ class FaultProxy:
             return
         if action.startswith("delay:"):
             await asyncio.sleep(float(action.split(":", 1)[1]))
-        elif action not in ("ok", "lost-reply"):
+        elif action == "corrupt" and body:
+            middle = len(body) // 2
+            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+        elif action not in ("ok", "lost-reply", "corrupt"):
             raise ValueError(f"unknown fault proxy action {action!r}")
         reply = await self._forward(method, path, headers, body)
         if action == "lost-reply":

@@ -358,6 +358,37 @@ def test_throttling_and_5xx_are_retried(s3_server: S3Server, tmp_path: Path) -> 
         ob.close()
 
 
+@pytest.mark.parametrize("checksum", ["sha256", "md5"])
+def test_bytes_damaged_in_transit_are_refused_and_sent_again(
+    s3_server: S3Server, tmp_path: Path, checksum: str
+) -> None:
+    """One byte flipped on the way: the store refuses the object (the checksum does not match),
+    the instance is retried on its own, and the object stored is the file's bytes."""
+    with FaultProxy(s3_server.endpoint, plan=["corrupt"], keep_host=True) as proxy:
+        clock = FakeClock()
+        ob = Outbox(":memory:", clock=clock)
+        files = make_files(tmp_path / "files", 2)
+        add_files(ob, files)
+        s = settings(s3_server, tmp_path, endpoint_url=proxy.url, s3_checksum=checksum)
+        up = _uploader(ob, s, clock)
+        q = ob.queue("default")
+        errors: list[str] = []
+        for _ in range(10):
+            up.loop_once()
+            errors += [str(r.last_error) for r in q.rows() if r.last_error]
+            clock.advance(600)
+            if q.counts()["sent"] == 2:
+                break
+        assert q.counts()["sent"] == 2 and q.counts()["dead"] == 0
+        assert proxy.count("corrupt") == 1
+        assert any(e.startswith("s3 ") for e in errors), errors  # the store's refusal, recorded
+        assert q.destination_status()["auth_failing"] is False
+        stored = s3_server.objects(prefix=s.prefix + "/")
+        assert sorted(stored.values()) == sorted(f.read_bytes() for f in files)
+        up.destination.close()
+        ob.close()
+
+
 def test_error_translation_never_carries_a_message() -> None:
     def client_error(code: str, status: int) -> ClientError:
         return ClientError(
