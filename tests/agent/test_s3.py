@@ -434,20 +434,26 @@ def test_credentials_from_the_environment(
 
 # -- a 500 MB object: bounded memory ------------------------------------------------------------
 _BIG_SCRIPT = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from gateway_agent.agent.outbox.db import OutboxRow
 from gateway_agent.agent.upload.destinations.s3 import s3_from_settings
 from gateway_agent.config import DestinationSettings
+
+def hwm_kb():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so this process would start
+    # at the peak of the pytest worker that forked it.
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
+
 s = DestinationSettings.model_validate_json(sys.argv[1])
 path = Path(sys.argv[2])
 row = OutboxRow(1, "1.2.5.1", "1.2.5", "1.2.5.9", "1.2.840.10008.5.1.4.1.1.2", path,
                 path.stat().st_size, "sending", 1, 0.0, None, 0.0, None)
 dest = s3_from_settings(s)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm_kb()
 result = dest.send([row])
 proven = dest.confirm([row])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm_kb()
 print(json.dumps({"sent": result.sent, "failed": result.failed, "proven": sorted(proven or []),
                   "before_kb": before, "peak_kb": peak}))
 """
