@@ -408,3 +408,47 @@ def test_rules_on_calling_ae_and_inbox_folder_route_real_deliveries(tmp_path: Pa
     assert len(room1) == 3 and len(ward) == 4 and room1 | ward < everything
     assert {rows[u].calling_ae for u in room1} == {"CT_ROOM1"}
     assert not room1 & ward
+
+
+@pytest.mark.orthanc
+def test_a_pacs_over_c_store_among_the_destinations(tmp_path: Path) -> None:
+    """A ``dicom`` destination in ``[[destinations]]`` (our AE title: the unit name) beside a
+    folder: the PACS gets what its rule matches, the folder everything, each exactly once."""
+    pacs = start_orthanc(dicom=True, dicom_peers={"EDGE01": ("127.0.0.1", 11112)})
+    try:
+        (tmp_path / "inbox").mkdir()
+        settings = load_settings(
+            None,
+            {
+                "inbox": tmp_path / "inbox",
+                "state_dir": tmp_path / "state",
+                "unit_name": "EDGE01",
+                "settle_seconds": 0.3,
+                "intake_workers": 2,
+                "metrics.enabled": False,
+                "disk.min_free_mb": 1.0,
+                "qc.enabled": False,
+                "destinations": [
+                    {"name": "pacs", "kind": "dicom", "host": "127.0.0.1",
+                     "port": pacs.dicom_port, "called_ae": pacs.dicom_aet,
+                     "match": {"inbox_folder": ["clinical"]}},
+                    {"name": "copy", "kind": "folder", "folder": tmp_path / "copy"},
+                ],
+            },
+        )  # fmt: skip
+        stage = tmp_path / "stage"
+        write_synthetic(stage / "clinical", 5, seed="clinical")
+        write_synthetic(stage / "other", 3, seed="other")
+        with running_daemon(settings, components=[]) as d:
+            assert d.outbox is not None
+            for folder in ("clinical", "other"):
+                (stage / folder).rename(settings.inbox / folder)
+            report = d.outbox.destination_report
+            assert wait_until(lambda: report()["copy"]["counts"]["sent"] == 8, 120), report()
+            assert wait_until(lambda: report()["pacs"]["counts"]["sent"] == 5, 120), report()
+        stored = collections.Counter(pacs.sop_uids())
+        copies = {p.stem for p in (tmp_path / "copy").rglob("*.dcm")}
+        assert len(stored) == 5 and set(stored.values()) == {1}
+        assert len(copies) == 8 and set(stored) < copies
+    finally:
+        pacs.close()
