@@ -23,7 +23,7 @@ from gateway_agent.config import MatchSettings, Settings, load_settings
 from tests._orthanc import OrthancServer, start_orthanc
 from tests._s3 import ACCESS_KEY, SECRET_KEY, S3Server, start_s3
 
-from ._agent_util import files_under, running_daemon, wait_until, write_synthetic
+from ._agent_util import files_under, running_daemon, sop_uid_of, wait_until, write_synthetic
 from ._uploadkit import FakeClock
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -116,6 +116,45 @@ def test_each_instance_goes_to_every_destination_it_matches(
         "research": {"queued": 1, "sending": 0, "sent": 0, "dead": 0},
         "archive": {"queued": 3, "sending": 0, "sent": 0, "dead": 0},
     }
+
+
+def test_an_instance_reconciled_after_a_kill_is_routed_again_by_its_original(
+    tmp_path: Path,
+) -> None:
+    """A kill between writing an outbox file and committing its row: at start-up the file is
+    re-added from its header, where it came from unknown, so a rule on the inbox folder misses
+    it. Its original, still in the inbox and taken again, brings the missing deliveries."""
+    from ._uploadkit import make_files
+
+    routes = [Route("pacs"), Route("research", MatchSettings(inbox_folder=["study-x"]))]
+    ob = Outbox(tmp_path / "outbox.db", routes=routes)
+    files = tmp_path / "outbox"
+    (path,) = make_files(files, 1)
+    assert ob.reconcile(files)["added"] == 1
+    row = ob.get(sop_uid_of(path))
+    assert row is not None and sorted(ob.deliveries_of(row.sop_instance_uid)) == ["pacs"]
+    again = {
+        "sop_instance_uid": row.sop_instance_uid,
+        "study_instance_uid": row.study_instance_uid,
+        "series_instance_uid": row.series_instance_uid,
+        "sop_class_uid": row.sop_class_uid,
+        "modality": "CT",
+        "path": path,
+        "size": path.stat().st_size,
+        "audit": {},
+        "inbox_folder": "study-x",
+    }
+    assert ob.add(**again) is False  # the same instance: no second row...
+    assert sorted(ob.deliveries_of(row.sop_instance_uid)) == ["pacs", "research"]  # ...routed
+    # Only once, and only for a reconciled instance: a duplicate arrival routes nothing more.
+    other = Outbox(tmp_path / "other.db", routes=routes)
+    (second,) = make_files(tmp_path / "second", 1, seed="study-2")
+    uid = sop_uid_of(second)
+    assert other.add(**{**again, "sop_instance_uid": uid, "path": second, "inbox_folder": ""})
+    assert other.add(**{**again, "sop_instance_uid": uid, "path": second}) is False
+    assert sorted(other.deliveries_of(uid)) == ["pacs"]
+    other.close()
+    ob.close()
 
 
 def test_unrouted_instances_are_kept_counted_and_logged(tmp_path: Path) -> None:

@@ -316,6 +316,7 @@ class OutboxDB:
                 new = cur.rowcount == 1
                 added.append(new)
                 if not new:
+                    self._route_reconciled(c, values, targets, now)
                     continue
                 instance_id = cur.lastrowid
                 c.executemany(
@@ -328,6 +329,31 @@ class OutboxDB:
         if unrouted:
             log.warning("instance_unrouted", rows=len(unrouted), sop_uids=unrouted[:5])
         return added
+
+    @staticmethod
+    def _route_reconciled(
+        c: sqlite3.Connection, values: tuple[Any, ...], targets: list[str], now: float
+    ) -> None:
+        """An instance re-added from its outbox file at start-up (a kill between writing the
+        file and committing its row) was routed by its header alone. Its original, taken again,
+        says where it came from: the destinations whose rules need that get their deliveries."""
+        row = c.execute(
+            "select id from instances where sop_instance_uid = ? and file_gone = 0"
+            " and json_extract(audit, '$.reconciled') = 1",
+            (values[0],),
+        ).fetchone()
+        if row is None:
+            return
+        c.executemany(
+            "insert or ignore into deliveries (instance_id, destination, next_attempt_at,"
+            " created_at) values (?, ?, ?, ?)",
+            [(row[0], name, now, now) for name in targets],
+        )
+        c.execute(
+            "update instances set source = ?, inbox_folder = ?, calling_ae = ?,"
+            " audit = json_remove(audit, '$.reconciled') where id = ?",
+            (values[5], values[6], values[7], row[0]),
+        )
 
     def get(self, sop_instance_uid: str, destination: str | None = None) -> OutboxRow | None:
         """The instance with this SOP UID at ``destination`` (default: summed up over all)."""
