@@ -117,8 +117,9 @@ class Upkeep(OutboxDB):
         """Start-up check between ``files_dir`` and the rows.
 
         * a ``*.dcm`` file without a row is re-added from its header (``added``) and routed by
-          it (where it came from is not known then: rules on the inbox folder or calling AE do
-          not match it), or counted as ``unreadable`` and left in place;
+          it (where it came from is not known then: rules on the inbox folder or calling AE
+          match it only when its original is taken again, see ``add_many``), or counted as
+          ``unreadable`` and left in place;
         * a waiting delivery whose file is missing goes to ``dead`` with ``file_missing``
           (``missing``: instances).
         Hidden and temporary files (``.*``, ``*.tmp``, ``*.partial``) are counted as ``temp``.
