@@ -208,7 +208,8 @@ class Agent:
         db = self.state / "outbox.db"
         c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         try:
-            return dict(c.execute("select state, count(*) from outbox group by state").fetchall())
+            rows = c.execute("select state, count(*) from deliveries group by state").fetchall()
+            return dict(rows)
         finally:
             c.close()
 

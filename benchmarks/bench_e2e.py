@@ -342,7 +342,7 @@ class AgentProc:
         """(newest outbox row id, QC's last processed row id, feature rows stored)."""
         c = sqlite3.connect(f"file:{self.state / 'outbox.db'}?mode=ro", uri=True, timeout=10)
         try:
-            newest = c.execute("select coalesce(max(id), 0) from outbox").fetchone()[0]
+            newest = c.execute("select coalesce(max(id), 0) from instances").fetchone()[0]
             try:
                 last = c.execute("select last_outbox_id from qc_state").fetchone()[0]
                 stored = c.execute("select count(*) from qc_features").fetchone()[0]
@@ -401,7 +401,8 @@ class AgentProc:
             return {}
         c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         try:
-            return dict(c.execute("select state, count(*) from outbox group by state").fetchall())
+            rows = c.execute("select state, count(*) from deliveries group by state").fetchall()
+            return dict(rows)
         except sqlite3.Error:
             return {}
         finally:

@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(args.rows)
             ]
         )
-        server = HealthServer(
-            port=0, outbox_counts=outbox.counts, oldest_age=outbox.oldest_waiting_age
-        ).start()
+        server = HealthServer(port=0, destination_report=outbox.destination_report).start()
         client = httpx.Client(base_url=server.url, timeout=30)
         try:
             for n in sizes:

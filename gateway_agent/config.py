@@ -28,12 +28,14 @@ __all__ = [
     "DiskSettings",
     "ListenerSettings",
     "LogSettings",
+    "MatchSettings",
     "MetricsSettings",
     "QCSettings",
     "Settings",
     "load_settings",
     "parse_dicom_address",
     "validate_ae_title",
+    "parse_s3_url",
 ]
 
 DEFAULT_CONFIG_FILE = Path("/etc/gateway-agent/config.toml")
@@ -152,13 +154,93 @@ class DeidSettings(_Section):
         return self
 
 
+#: A destination's name: lower-case letters, digits, ``-``, ``_`` and ``.``; used in ``status``,
+#: metric labels, logs and ``retry --destination``.
+DESTINATION_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+#: The name of the destination configured with the single ``[destination]`` table.
+DEFAULT_DESTINATION = "default"
+
+
+def parse_s3_url(value: str) -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` -> ``(bucket, prefix)`` (the prefix without outer slashes).
+
+    >>> parse_s3_url("s3://research-archive/site-a/ct")
+    ('research-archive', 'site-a/ct')
+    """
+    if not value.startswith("s3://"):
+        raise ValueError(f"expected s3://BUCKET/PREFIX, got {value!r}")
+    bucket, _, prefix = value[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"expected s3://BUCKET/PREFIX, got {value!r}")
+    return bucket, prefix.strip("/")
+
+
+class MatchSettings(_Section):
+    """Which instances a destination receives; every key given must match (values of one key are
+    alternatives). No key: every instance. Attributes are those of the de-identified output."""
+
+    modality: list[str] = Field(
+        default_factory=list,
+        description='Modality values (CT, MR, SR...), e.g. ["CT", "MR"].',
+    )
+    sop_class_uid: list[str] = Field(
+        default_factory=list,
+        description="SOP Class UIDs; a trailing .* matches a family, e.g. "
+        '"1.2.840.10008.5.1.4.1.1.88.*" for every structured report.',
+    )
+    inbox_folder: list[str] = Field(
+        default_factory=list,
+        description="Sub-folders of the inbox (the first folder under it) the file was dropped "
+        'into, e.g. ["ct-scanner-1"]; "" is the inbox itself.',
+    )
+    calling_ae: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles of the scanners that sent the instance over C-STORE.",
+    )
+
+    @model_validator(mode="after")
+    def _values(self) -> MatchSettings:
+        self.modality = [m.strip().upper() for m in self.modality]
+        self.calling_ae = [a.strip(" ") for a in self.calling_ae]
+        for uid in self.sop_class_uid:
+            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*(\.\*)?", uid):
+                raise ValueError(
+                    f"match.sop_class_uid: {uid!r} is not a UID (digits and dots, optionally "
+                    "ending in .*)"
+                )
+        for folder in self.inbox_folder:
+            if "/" in folder or folder in (".", ".."):
+                raise ValueError(
+                    f"match.inbox_folder: {folder!r} must be one folder name directly under the "
+                    'inbox ("" for the inbox itself)'
+                )
+        return self
+
+    @property
+    def empty(self) -> bool:
+        """True when no key is given: every instance matches."""
+        return not (self.modality or self.sop_class_uid or self.inbox_folder or self.calling_ae)
+
+
 class DestinationSettings(_Section):
     """Where de-identified instances go."""
 
-    kind: Literal["folder", "dicomweb", "dicom"] = Field(
+    name: str = Field(
+        default=DEFAULT_DESTINATION,
+        description="The destination's name in status, metrics, logs and retry --destination "
+        "(lower-case letters, digits, - _ .; at most 32 characters). Required in "
+        "[[destinations]]; the single [destination] is named default.",
+    )
+    kind: Literal["folder", "dicomweb", "dicom", "s3"] = Field(
         default="folder",
         description='"folder": a local folder; "dicomweb": a DICOMweb server (STOW-RS), '
-        'such as Orthanc or a PACS; "dicom": a PACS or any DICOM node over C-STORE.',
+        'such as Orthanc or a PACS; "dicom": a PACS or any DICOM node over C-STORE; "s3": an '
+        "S3 bucket (AWS or any S3-compatible store).",
+    )
+    match: MatchSettings = Field(
+        default_factory=MatchSettings,
+        description="Which instances this destination receives (see the match table); "
+        "none given: every instance.",
     )
     folder: Path = Field(
         default=Path("destination"),
@@ -218,6 +300,68 @@ class DestinationSettings(_Section):
         ge=0,
         description='kind = "dicom": an association is reused while work keeps coming and '
         "released after this many seconds without any.",
+    )
+    bucket: str | None = Field(default=None, description='The bucket (kind = "s3"); it must exist.')
+    prefix: str = Field(
+        default="",
+        description='Key prefix (kind = "s3"): objects are stored as '
+        "<prefix>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm.",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description='An S3-compatible store\'s URL (kind = "s3"), e.g. http://127.0.0.1:8333 '
+        "for SeaweedFS or MinIO; unset: AWS.",
+    )
+    region: str | None = Field(
+        default=None,
+        description='The bucket\'s region (kind = "s3"); unset: from the AWS configuration '
+        "(AWS_REGION, ~/.aws/config), else us-east-1.",
+    )
+    aws_profile: str | None = Field(
+        default=None,
+        description='A named profile of the AWS shared files (kind = "s3"); unset: the '
+        "standard chain (AWS_* environment, ~/.aws/credentials, an instance role).",
+    )
+    aws_credentials_file: Path | None = Field(
+        default=None,
+        description="An AWS shared credentials file (INI, mode 0600) to read instead of "
+        '~/.aws/credentials (kind = "s3"); aws_profile picks the section.',
+    )
+    server_side_encryption: Literal["none", "AES256", "aws:kms"] = Field(
+        default="none",
+        description='Ask the store to encrypt objects at rest (kind = "s3"): "AES256" '
+        '(SSE-S3) or "aws:kms" (SSE-KMS, with sse_kms_key_id or the bucket\'s key).',
+    )
+    sse_kms_key_id: str | None = Field(
+        default=None, description='The KMS key for server_side_encryption = "aws:kms".'
+    )
+    storage_class: str | None = Field(
+        default=None,
+        description='S3 storage class of new objects (kind = "s3"), e.g. "STANDARD_IA"; '
+        "unset: the bucket's default.",
+    )
+    s3_checksum: Literal["sha256", "md5"] = Field(
+        default="sha256",
+        description='Integrity check of every upload (kind = "s3"): "sha256" sends '
+        'x-amz-checksum-sha256, which the store verifies and keeps; "md5" sends Content-MD5, '
+        "for stores without SHA-256 checksums.",
+    )
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="auto",
+        description='"path" (http://host/bucket/key) or "virtual" (http://bucket.host/key); '
+        '"auto": path with endpoint_url, virtual on AWS.',
+    )
+    multipart_threshold_mb: float = Field(
+        default=64.0,
+        ge=5,
+        description='Objects of this size or larger are uploaded in parts (kind = "s3").',
+    )
+    multipart_chunk_mb: float = Field(
+        default=16.0,
+        ge=5,
+        le=5120,
+        description='Size of each part (kind = "s3"); each part is streamed from the file, '
+        "never held in memory whole.",
     )
     verify_tls: bool = Field(
         default=True, description="Verify the server's TLS certificate (against ca_bundle if set)."
@@ -286,15 +430,55 @@ class DestinationSettings(_Section):
     @property
     def target(self) -> str:
         """Where instances go, for people and logs: ``folder /abs/path``,
-        ``dicomweb https://host:port/path`` (never credentials) or ``dicom PACS@host:104``."""
+        ``dicomweb https://host:port/path``, ``dicom PACS@host:104`` or
+        ``s3 s3://bucket/prefix [at https://host:port]`` (never credentials)."""
         if self.kind == "folder":
             return f"folder {Path(self.folder).resolve()}"
         if self.kind == "dicom":
             tls = " (TLS)" if self.tls else ""
             return f"dicom {self.called_ae}@{self.host}:{self.port}{tls}"
-        parts = urlsplit(self.url or "")
-        port = f":{parts.port}" if parts.port else ""
-        return f"{self.kind} {parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+        if self.kind == "s3":
+            where = f"s3 s3://{self.bucket}/{self.prefix}".rstrip("/")
+            if self.endpoint_url:
+                where += f" at {_url_without_credentials(self.endpoint_url)}"
+            return where
+        return f"{self.kind} {_url_without_credentials(self.url or '')}"
+
+    @model_validator(mode="after")
+    def _name(self) -> DestinationSettings:
+        if not DESTINATION_NAME_RE.match(self.name):
+            raise ValueError(
+                f"destination name {self.name!r}: use 1 to 32 lower-case letters, digits, "
+                '"-", "_" or "." (starting with a letter or digit)'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _s3(self) -> DestinationSettings:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError(
+                'destination.bucket is required when destination.kind = "s3" '
+                "(or run --destination-s3 s3://BUCKET/PREFIX)"
+            )
+        self.prefix = self.prefix.strip("/")
+        if self.endpoint_url is not None:
+            if not self.endpoint_url.startswith(("http://", "https://")):
+                raise ValueError("destination.endpoint_url must start with http:// or https://")
+            if "@" in self.endpoint_url.split("://", 1)[1].split("/", 1)[0]:
+                raise ValueError(
+                    "destination.endpoint_url must not carry credentials: use the AWS "
+                    "credential chain or destination.aws_credentials_file"
+                )
+        if self.sse_kms_key_id and self.server_side_encryption != "aws:kms":
+            raise ValueError(
+                "destination.sse_kms_key_id is set but destination.server_side_encryption is not "
+                '"aws:kms"'
+            )
+        if self.multipart_chunk_mb > self.multipart_threshold_mb:
+            raise ValueError(
+                "destination.multipart_chunk_mb must not exceed destination.multipart_threshold_mb"
+            )
+        return self
 
     @model_validator(mode="after")
     def _dicom(self) -> DestinationSettings:
@@ -396,6 +580,12 @@ class ListenerSettings(_Section):
             validate_ae_title(ae, "listener.allowed_calling_aes") for ae in self.allowed_calling_aes
         ]
         return self
+
+
+def _url_without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
 class QCSettings(_Section):
@@ -564,6 +754,12 @@ class Settings(BaseSettings):
     )
     deid: DeidSettings = DeidSettings()
     destination: DestinationSettings = DestinationSettings()
+    destinations: list[DestinationSettings] = Field(
+        default_factory=list,
+        description="Several destinations, each a [[destinations]] table with a name, a kind, "
+        "the kind's settings and an optional [destinations.match]; every instance goes to "
+        "every destination it matches. Replaces [destination].",
+    )
     listener: ListenerSettings = ListenerSettings()
     qc: QCSettings = QCSettings()
     metrics: MetricsSettings = MetricsSettings()
@@ -579,21 +775,51 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _unit_name(self) -> Settings:
         # The unit name is the default AE title on both sides: it must be a valid one then.
-        if self.destination.kind == "dicom" and self.destination.calling_ae is None:
-            validate_ae_title(self.unit_name, "unit_name (the default destination.calling_ae)")
+        for d in self.all_destinations:
+            if d.kind == "dicom" and d.calling_ae is None:
+                validate_ae_title(self.unit_name, "unit_name (the default destination.calling_ae)")
         if self.listener.enabled and self.listener.ae_title is None:
             validate_ae_title(self.unit_name, "unit_name (the default listener.ae_title)")
         return self
 
     @property
     def calling_ae(self) -> str:
-        """Our AE title towards a DICOM destination."""
-        return self.destination.calling_ae or self.unit_name.strip(" ")
+        """Our AE title towards the single ``[destination]`` when it is a DICOM one."""
+        return self.calling_ae_for(self.destination)
+
+    def calling_ae_for(self, destination: DestinationSettings) -> str:
+        """Our AE title towards a DICOM destination: its ``calling_ae``, else the unit name."""
+        return destination.calling_ae or self.unit_name.strip(" ")
 
     @property
     def listener_ae(self) -> str:
         """Our AE title as a C-STORE listener."""
         return self.listener.ae_title or self.unit_name.strip(" ")
+
+    @model_validator(mode="after")
+    def _destinations(self) -> Settings:
+        if not self.destinations:
+            return self
+        if "destination" in self.model_fields_set:
+            raise ValueError(
+                "set [destination] (or a --destination-* flag, GATEWAY_DESTINATION__*) or "
+                "[[destinations]], not both: move the single destination into [[destinations]] "
+                'with name = "default" to keep its queue'
+            )
+        seen: set[str] = set()
+        for i, d in enumerate(self.destinations):
+            if "name" not in d.model_fields_set:
+                raise ValueError(f"destinations[{i}] ({d.kind}) needs a name")
+            if d.name in seen:
+                raise ValueError(f"destinations: the name {d.name!r} is used twice")
+            seen.add(d.name)
+        return self
+
+    @property
+    def all_destinations(self) -> list[DestinationSettings]:
+        """The destinations in effect: ``[[destinations]]``, else the single ``[destination]``
+        (named ``default``)."""
+        return list(self.destinations) if self.destinations else [self.destination]
 
     @property
     def secret_file(self) -> Path:

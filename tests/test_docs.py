@@ -134,8 +134,8 @@ def test_reference_names_every_flag_of_run() -> None:
         ).stdout
         for args in ([], ["run"])
     ]
-    flags = {f for text in helps for f in re.findall(r"--[a-z][a-z-]+", text)}
+    flags = {f for text in helps for f in re.findall(r"--[a-z][a-z0-9-]+", text)}
     flags -= {"--help", "--config", "--version"}
     intro = _generator().INTRO
-    listed = set(re.findall(r"`(--[a-z][a-z-]+)`", intro[intro.index("**Flags**") :]))
+    listed = set(re.findall(r"`(--[a-z][a-z0-9-]+)`", intro[intro.index("**Flags**") :]))
     assert listed == flags

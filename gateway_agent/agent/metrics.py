@@ -52,17 +52,21 @@ QUARANTINED = Counter(
 )
 UPLOAD_ATTEMPTS = Counter(
     "gateway_upload_attempts",
-    "Instances per upload attempt, by result (sent, retry, dead, not_stored: acknowledged but "
-    "not found by the storage check).",
-    ["result"],
+    "Instances per upload attempt, by destination and result (sent, retry, dead; proven, and "
+    "not_stored: acknowledged but not found by the storage check).",
+    ["destination", "result"],
     registry=REGISTRY,
 )
 BYTES_SENT = Counter(
-    "gateway_bytes_sent", "Bytes of DICOM acknowledged by the destination.", registry=REGISTRY
+    "gateway_bytes_sent",
+    "Bytes of DICOM acknowledged, by destination.",
+    ["destination"],
+    registry=REGISTRY,
 )
 LAST_UPLOAD_SUCCESS = Gauge(
     "gateway_last_upload_success_timestamp_seconds",
-    "Unix time of the last acknowledged upload.",
+    "Unix time of the last acknowledged upload, by destination.",
+    ["destination"],
     registry=REGISTRY,
 )
 INTAKE_PAUSED = Gauge(
@@ -79,7 +83,8 @@ DEID_SECONDS = Histogram(
 )
 UPLOAD_SECONDS = Histogram(
     "gateway_upload_seconds",
-    "Time per upload request.",
+    "Time per upload request, by destination.",
+    ["destination"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
     registry=REGISTRY,
 )

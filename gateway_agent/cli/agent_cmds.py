@@ -1,4 +1,5 @@
-"""The agent commands: ``run`` (the daemon), ``status`` (outbox, destination, quarantine), retry."""
+"""The agent commands: ``run`` (the daemon), ``status`` (outbox, destinations, quarantine), and
+``retry``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import REASONS
+from .._exceptions import REASONS, ConfigError
 from . import settings_from_args
 from ._help import add_command
 
@@ -46,6 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
         examples=[
             "gateway-agent run --inbox /srv/inbox --destination-folder /srv/out",
+            "gateway-agent run --destination-s3 s3://research/site-a --s3-endpoint "
+            "http://127.0.0.1:8333",
             "gateway-agent run --config /etc/gateway-agent/config.toml --log-format console",
         ],
     )
@@ -59,6 +62,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="CALLED_AE@HOST:PORT",
         default=None,
         help="C-STORE destination (a PACS): its AE title, host and port",
+    )
+    dest.add_argument(
+        "--destination-s3", default=None, metavar="s3://BUCKET/PREFIX", help="S3 bucket and prefix"
+    )
+    run.add_argument(
+        "--s3-endpoint",
+        default=None,
+        metavar="URL",
+        help="S3-compatible store (with --destination-s3)",
     )
     run.add_argument(
         "--listen-port",
@@ -83,7 +95,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = add_command(
         sub,
         "status",
-        summary="inbox backlog, outbox counts, throughput, destination errors, quarantine",
+        summary="inbox backlog, outbox counts, throughput, each destination's state, quarantine",
         description="Read from the state folder and the inbox; works while the agent runs.",
         examples=["gateway-agent status", "gateway-agent status --state-dir /var/lib/gw --json"],
     )
@@ -98,18 +110,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "retry",
         summary="dead rows back to the queue; quarantined files back into the inbox",
         description=(
-            "Without flags: dead rows are queued again and every waiting row is due now "
-            "(use after fixing the destination or credentials). --quarantine moves quarantined "
-            "originals back into the inbox, where the running agent takes them again."
+            "Without flags: dead deliveries are queued again and every waiting one is due now "
+            "(use after fixing a destination or its credentials); --destination NAME limits "
+            "that to one destination. --quarantine moves quarantined originals back into the "
+            "inbox, where the running agent takes them again."
         ),
         examples=[
             "gateway-agent retry",
+            "gateway-agent retry --destination pacs",
             "gateway-agent retry --quarantine --reason burned_in_annotation",
         ],
     )
     _add_state_dir(retry)
     retry.add_argument("--inbox", type=Path, default=None, help="inbox (for --quarantine)")
     retry.add_argument("--dead", action="store_true", help="requeue dead outbox rows")
+    retry.add_argument(
+        "--destination", default=None, metavar="NAME", help="only this destination's deliveries"
+    )
     retry.add_argument("--quarantine", action="store_true", help="release quarantined files")
     retry.add_argument(
         "--reason",
@@ -166,8 +183,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             called, host, port = parse_dicom_address(args.destination_dicom)
         except ValueError as exc:
-            from .._exceptions import ConfigError
-
             raise ConfigError(f"--destination-dicom: {exc}") from None
         overrides.update(
             {
@@ -182,6 +197,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["listener.port"] = args.listen_port
     if args.listen_ae is not None:
         overrides["listener.ae_title"] = args.listen_ae
+    if args.destination_s3 is not None:
+        from ..config import parse_s3_url
+
+        try:
+            bucket, prefix = parse_s3_url(args.destination_s3)
+        except ValueError as exc:
+            raise ConfigError(f"--destination-s3: {exc}") from None
+        overrides["destination.kind"] = "s3"
+        overrides["destination.bucket"] = bucket
+        overrides["destination.prefix"] = prefix
+    if args.s3_endpoint is not None:
+        if args.destination_s3 is None:
+            raise ConfigError("--s3-endpoint goes with --destination-s3 s3://BUCKET/PREFIX")
+        overrides["destination.endpoint_url"] = args.s3_endpoint
     if args.no_metrics:
         overrides["metrics.enabled"] = False
     settings = settings_from_args(args, overrides)
@@ -222,11 +251,11 @@ def _when(ts: float | None) -> str | None:
 
 
 def _sent_since(db: Path, seconds: float) -> int:
-    """Rows acknowledged in the last ``seconds`` (read-only query on the outbox file)."""
+    """Deliveries acknowledged in the last ``seconds`` (read-only query on the outbox file)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)
     try:
         row = conn.execute(
-            "select count(*) from outbox where state = 'sent' and sent_at >= ?",
+            "select count(*) from deliveries where state = 'sent' and sent_at >= ?",
             (time.time() - seconds,),
         ).fetchone()
     finally:
@@ -237,7 +266,12 @@ def _sent_since(db: Path, seconds: float) -> int:
 def _dead_rows(outbox: Any, limit: int) -> list[dict[str, Any]]:
     rows = outbox.rows("dead", limit=100_000)
     return [
-        {"id": r.id, "sop_instance_uid": r.sop_instance_uid, "last_error": r.last_error}
+        {
+            "id": r.id,
+            "destination": r.destination,
+            "sop_instance_uid": r.sop_instance_uid,
+            "last_error": r.last_error,
+        }
         for r in rows[-limit:][::-1]
     ]
 
@@ -300,13 +334,25 @@ def _pid_alive(pid: object) -> bool:
     return True
 
 
+def _recorded_destinations(record: dict[str, Any] | None) -> list[dict[str, str]] | None:
+    """``[{"name", "target"}]`` the running agent recorded (an older record names one target)."""
+    if record is None:
+        return None
+    listed = record.get("destinations")
+    if isinstance(listed, list):
+        return [{"name": str(d.get("name")), "target": str(d.get("target"))} for d in listed]
+    if isinstance(record.get("destination"), str):
+        return [{"name": "default", "target": record["destination"]}]
+    return None
+
+
 def collect_status(
     settings: Settings, latest: int = 5, *, inbox_given: bool = False
 ) -> dict[str, Any]:
     """Everything ``status`` prints, as a dict (also used by tests).
 
     When an agent has started with this state folder, its recorded settings (flags and
-    ``GATEWAY_*`` variables included) name the destination and the inbox, rather than the
+    ``GATEWAY_*`` variables included) name the destinations and the inbox, rather than the
     configuration as it is now; ``inbox_given`` keeps an inbox given on the command line.
     """
     from ..agent.intake.quarantine import Quarantine
@@ -316,23 +362,34 @@ def collect_status(
 
     paths = StatePaths(settings.state_dir)
     record = read_effective_settings(paths.root)
-    destination: dict[str, Any] = {"target": settings.destination.target}
+    configured = [{"name": d.name, "target": d.target} for d in settings.all_destinations]
+    used = _recorded_destinations(record) or configured
+    destinations: dict[str, dict[str, Any]] = {d["name"]: dict(d) for d in used}
+    if used != configured:
+        for name, entry in destinations.items():
+            now = next((d["target"] for d in configured if d["name"] == name), None)
+            if now != entry["target"]:
+                entry["configured"] = now or "(not configured)"
+        for d in configured:
+            if d["name"] not in destinations:
+                destinations[d["name"]] = {
+                    "name": d["name"],
+                    "target": "(not used by the running agent)",
+                    "configured": d["target"],
+                }
     inbox, originals = Path(settings.inbox), str(settings.originals)
     listener = settings.listener.model_dump(mode="json")
     unit_name = settings.unit_name
-    used_destination = settings.destination.model_dump(mode="json")
+    kinds = {d.name: d.model_dump(mode="json") for d in settings.all_destinations}
     window = settings.metrics.ready_upload_window_seconds
     if record is not None:
-        used = record.get("settings") or {}
-        used_destination = used.get("destination") or used_destination
-        window = float((used.get("metrics") or {}).get("ready_upload_window_seconds", window))
-        listener = used.get("listener") or listener
-        unit_name = str(used.get("unit_name") or unit_name)
-        destination["target"] = str(record.get("destination", destination["target"]))
-        if destination["target"] != settings.destination.target:
-            destination["configured"] = settings.destination.target
-        if not inbox_given and used.get("inbox"):
-            inbox, originals = Path(used["inbox"]), str(used.get("originals", originals))
+        recorded = record.get("settings") or {}
+        kinds = _recorded_kinds(recorded) or kinds
+        window = float((recorded.get("metrics") or {}).get("ready_upload_window_seconds", window))
+        listener = recorded.get("listener") or listener
+        unit_name = str(recorded.get("unit_name") or unit_name)
+        if not inbox_given and recorded.get("inbox"):
+            inbox, originals = Path(recorded["inbox"]), str(recorded.get("originals", originals))
     out: dict[str, Any] = {
         "state_dir": str(paths.root),
         "agent": None
@@ -345,7 +402,7 @@ def collect_status(
         },
         "inbox": _inbox_summary(inbox, originals),
         "outbox": None,
-        "destination": destination,
+        "destinations": list(destinations.values()),
         "quarantine": Quarantine(paths.quarantine).summary(latest),
         "qc_outliers": _qc_outliers(settings, latest),
     }
@@ -353,15 +410,22 @@ def collect_status(
         out["listener"] = _listener_summary(listener, unit_name, paths.root)
     if not paths.outbox_db.exists():
         return out
+    from ..agent.outbox.routing import Route
+    from ..agent.outbox.schema import OutboxSchemaError
     from ..agent.outbox.store import Outbox
 
-    outbox = Outbox(paths.outbox_db)
+    try:
+        outbox = Outbox(paths.outbox_db, routes=[Route(d["name"]) for d in used], upgrade=False)
+    except OutboxSchemaError as exc:
+        out["outbox"] = {"error": str(exc)}
+        return out
     try:
         counts = outbox.counts()
         waiting = counts.get("queued", 0) + counts.get("sending", 0)
         oldest = outbox.oldest_waiting_age()
         proof = outbox.proof_summary()
         out["outbox"] = {
+            "instances": outbox.instance_count(),
             "counts": counts,
             "waiting": waiting,
             "oldest_waiting_seconds": oldest,
@@ -369,15 +433,26 @@ def collect_status(
             "sent_last_hour": _sent_since(paths.outbox_db, 3600),
             "proof_pending": {"rows": proof["pending"][0], "bytes": proof["pending"][1]},
             "unproven": {"rows": proof["unproven"][0], "bytes": proof["unproven"][1]},
+            "unrouted": outbox.unrouted_count(),
             "dead_latest": _dead_rows(outbox, latest),
         }
-        dest = dict(outbox.destination_status())
-        out["destination"].update(dest)
-        out["destination"]["proof"] = _proof_label(used_destination)
-        out["destination"]["problems"] = destination_problems(
-            dest, waiting=waiting, oldest_waiting=oldest, now=time.time(), window=window
-        )
-        out["destination"]["hint"] = hint(dest.get("last_error"))
+        at = time.time()
+        for name, report in outbox.destination_report().items():
+            entry = destinations.setdefault(
+                name, {"name": name, "target": "(not configured: its deliveries wait)"}
+            )
+            entry.update(report)
+            if name in kinds:
+                entry["proof"] = _proof_label(kinds[name])
+            entry["problems"] = destination_problems(
+                report,
+                waiting=int(report["waiting"]),
+                oldest_waiting=report["oldest_waiting_seconds"],
+                now=at,
+                window=window,
+            )
+            entry["hint"] = hint(report.get("last_error"))
+        out["destinations"] = list(destinations.values())
     finally:
         outbox.close()
     return out
@@ -388,11 +463,21 @@ def _proof_label(destination: dict[str, Any]) -> str:
     kind = destination.get("kind")
     if kind == "folder":
         return "storage proven: sizes read back"
-    if kind in ("dicomweb", "dicom"):
+    if kind in ("dicomweb", "dicom", "s3"):
         if destination.get("confirm_storage", True):
-            return "storage proven: " + ("QIDO-RS" if kind == "dicomweb" else "C-FIND")
+            how = {"dicomweb": "QIDO-RS", "dicom": "C-FIND", "s3": "HEAD with the checksum"}
+            return f"storage proven: {how[kind]}"
         return "acknowledgements trusted: confirm_storage = false"
     return "acknowledgements trusted: no proof of storage for this kind"
+
+
+def _recorded_kinds(recorded: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{name: destination settings}`` from the settings a running agent recorded."""
+    listed = recorded.get("destinations")
+    if isinstance(listed, list) and listed:
+        return {str(d.get("name")): d for d in listed if isinstance(d, dict)}
+    single = recorded.get("destination")
+    return {"default": single} if isinstance(single, dict) else {}
 
 
 def _print_listener(ls: dict[str, Any]) -> None:
@@ -413,6 +498,61 @@ def _print_listener(ls: dict[str, Any]) -> None:
             w(f"  {ae!r}: {per.get('stored', 0)} received{extra}, last {_when(per.get('last'))}\n")
     if ls.get("received_waiting"):
         w(f"  {ls['received_waiting']} received instance(s) waiting for intake\n")
+
+
+def _print_destination(w: Any, d: dict[str, Any]) -> None:
+    proof = d.get("proof")
+    w(f"destination {d['name']}: {d['target']}" + (f" ({proof})" if proof else "") + "\n")
+    if d.get("configured"):
+        w(f"  the configuration now says {d['configured']}: restart the agent to use it\n")
+    c = d.get("counts")
+    if c is not None:
+        age = d.get("oldest_waiting_seconds")
+        w("  " + ", ".join(f"{k} {c[k]}" for k in ("queued", "sending", "sent", "dead")))
+        w(f"; oldest waiting {'-' if age is None else _age(age)}\n")
+    if d.get("removed") and (d.get("waiting") or (c or {}).get("dead")):
+        w("  NOT CONFIGURED ANY MORE: its deliveries wait; configure it again to deliver them\n")
+    if d.get("auth_failing") and str(d.get("target", "")).startswith("dicom "):
+        w(
+            "  ASSOCIATION REJECTED: the peer does not accept our AE titles: fix "
+            "destination.called_ae / calling_ae (or register the calling AE at the PACS), "
+            "restart, then `gateway-agent retry`\n"
+        )
+    elif d.get("auth_failing"):
+        w("  AUTHENTICATION FAILING: fix the credentials, restart, then `gateway-agent retry`\n")
+    elif "NoSuchBucket" in str(d.get("last_error") or "") and d.get("consecutive_failures"):
+        w(
+            "  NO SUCH BUCKET: create the bucket or fix destination.bucket (and region), restart; "
+            "deliveries wait without spending attempts\n"
+        )
+    pending, unproven = d.get("proof_pending") or {}, d.get("unproven") or {}
+    if pending.get("rows"):
+        w(f"  sent, proof of storage pending: {pending['rows']} (files kept until proven)\n")
+    if unproven.get("rows"):
+        w(
+            f"  sent without proof of storage: {unproven['rows']} "
+            f"({unproven['bytes'] / 1e6:.1f} MB of outbox files kept)\n"
+        )
+    for problem in d.get("problems") or []:
+        if problem.startswith("destination refuses the agent"):
+            continue  # said above
+        problem = problem.split("; last error: ", 1)[0]  # printed below
+        if problem.startswith("stalled: "):
+            problem = "STALLED: " + problem.removeprefix("stalled: ")
+        w(f"  {problem}\n")
+    if d.get("last_error"):
+        w(f"  last error ({_when(d.get('last_error_at'))}): {d['last_error']}\n")
+        if d.get("consecutive_failures"):
+            w(f"  consecutive failures: {d['consecutive_failures']}")
+            blocked = d.get("blocked_until")
+            if blocked and blocked > time.time():
+                w(f", next attempt in {blocked - time.time():.0f} s")
+            w("\n")
+    recent = (d.get("last_error_at") or 0) >= (d.get("last_success_at") or 0)
+    if d.get("hint") and (d.get("problems") or d.get("consecutive_failures") or recent):
+        w(f"  what to do: {d['hint']}\n")
+    if d.get("last_success_at"):
+        w(f"  last delivery: {_when(d['last_success_at'])}\n")
 
 
 def _print_status(st: dict[str, Any]) -> None:
@@ -438,10 +578,12 @@ def _print_status(st: dict[str, Any]) -> None:
     ob = st["outbox"]
     if ob is None:
         w("outbox: empty (the agent has not run with this state folder)\n")
+    elif "error" in ob:
+        w(f"outbox: {ob['error']}\n")
     else:
         c = ob["counts"]
-        w("outbox: " + ", ".join(f"{k} {c[k]}" for k in ("queued", "sending", "sent", "dead")))
-        w("\n")
+        w(f"outbox: {ob['instances']} instance(s); deliveries: ")
+        w(", ".join(f"{k} {c[k]}" for k in ("queued", "sending", "sent", "dead")) + "\n")
         age = ob["oldest_waiting_seconds"]
         w(f"oldest waiting: {'-' if age is None else f'{age:.0f} s'}\n")
         w(
@@ -450,49 +592,23 @@ def _print_status(st: dict[str, Any]) -> None:
         )
         pending, unproven = ob.get("proof_pending") or {}, ob.get("unproven") or {}
         if pending.get("rows"):
-            w(f"  sent, proof of storage pending: {pending['rows']} (files kept until proven)\n")
+            w(
+                f"  sent, proof of storage pending: {pending['rows']} delivery(ies) "
+                "(files kept until proven)\n"
+            )
         if unproven.get("rows"):
             w(
-                f"  sent without proof of storage: {unproven['rows']} "
+                f"  sent without proof of storage: {unproven['rows']} delivery(ies) "
                 f"({unproven['bytes'] / 1e6:.1f} MB of outbox files kept)\n"
             )
+        if ob["unrouted"]:
+            w(f"  unrouted: {ob['unrouted']} instance(s) matched no destination's rule\n")
         for d in ob["dead_latest"]:
-            w(f"  dead #{d['id']} {d['sop_instance_uid']}: {d['last_error']}\n")
+            w(f"  dead #{d['id']} {d['destination']} {d['sop_instance_uid']}: {d['last_error']}\n")
     if "listener" in st:
         _print_listener(st["listener"])
-    d = st["destination"]
-    proof = d.get("proof")
-    w(f"destination: {d['target']}" + (f" ({proof})" if proof else "") + "\n")
-    if d.get("configured"):
-        w(f"  the configuration now says {d['configured']}: restart the agent to use it\n")
-    if d.get("auth_failing") and str(d.get("target", "")).startswith("dicom "):
-        w(
-            "  ASSOCIATION REJECTED: the peer does not accept our AE titles: fix "
-            "destination.called_ae / calling_ae (or register the calling AE at the PACS), "
-            "restart, then `gateway-agent retry`\n"
-        )
-    elif d.get("auth_failing"):
-        w("  AUTHENTICATION FAILING: fix the credentials, restart, then `gateway-agent retry`\n")
-    for problem in d.get("problems") or []:
-        if problem.startswith("destination refuses the agent"):
-            continue  # said above
-        problem = problem.split("; last error: ", 1)[0]  # printed below
-        if problem.startswith("stalled: "):
-            problem = "STALLED: " + problem.removeprefix("stalled: ")
-        w(f"  {problem}\n")
-    if d.get("last_error"):
-        w(f"  last error ({_when(d.get('last_error_at'))}): {d['last_error']}\n")
-        if d.get("consecutive_failures"):
-            w(f"  consecutive failures: {d['consecutive_failures']}")
-            blocked = d.get("blocked_until")
-            if blocked and blocked > time.time():
-                w(f", next attempt in {blocked - time.time():.0f} s")
-            w("\n")
-    recent = (d.get("last_error_at") or 0) >= (d.get("last_success_at") or 0)
-    if d.get("hint") and (d.get("problems") or d.get("consecutive_failures") or recent):
-        w(f"  what to do: {d['hint']}\n")
-    if d.get("last_success_at"):
-        w(f"  last delivery: {_when(d['last_success_at'])}\n")
+    for d in st["destinations"]:
+        _print_destination(w, d)
     q = st["quarantine"]
     reasons = ", ".join(f"{k} {v}" for k, v in q["by_reason"].items())
     w(f"quarantine: {q['count']} file(s)" + (f" ({reasons})" if reasons else "") + "\n")
@@ -524,6 +640,10 @@ def _fail_retry(message: str) -> int:
     return 1
 
 
+def _deliveries(n: int) -> str:
+    return "delivery" if n == 1 else "deliveries"
+
+
 def _existing_rows(db: Path, ids: list[int]) -> set[int]:
     """Which of ``ids`` are outbox rows (read-only query; none without an outbox)."""
     if not db.exists():
@@ -531,14 +651,14 @@ def _existing_rows(db: Path, ids: list[int]) -> set[int]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)
     try:
         marks = ",".join("?" * len(ids))
-        found = conn.execute(f"select id from outbox where id in ({marks})", ids).fetchall()  # noqa: S608 - placeholders only
+        found = conn.execute(f"select id from instances where id in ({marks})", ids).fetchall()  # noqa: S608 - placeholders only
     finally:
         conn.close()
     return {int(r[0]) for r in found}
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    """Requeue dead rows (and make waiting rows due), or release quarantined files."""
+    """Requeue dead deliveries (and make waiting ones due), or release quarantined files."""
     from ..agent.intake.quarantine import Quarantine
     from ..agent.service.paths import StatePaths
 
@@ -565,15 +685,28 @@ def cmd_retry(args: argparse.Namespace) -> int:
             return _fail_retry("no outbox row " + ", ".join(f"#{i}" for i in missing))
     if do_dead:
         if paths.outbox_db.exists():
+            from ..agent.outbox.schema import OutboxSchemaError
             from ..agent.outbox.store import Outbox
 
-            outbox = Outbox(paths.outbox_db)
             try:
-                n = outbox.retry_dead(row_ids or None)
-                due = outbox.retry_now()
+                outbox = Outbox(paths.outbox_db, routes=None, upgrade=False)
+            except OutboxSchemaError as exc:
+                return _fail_retry(str(exc))
+            try:
+                names = outbox.destination_names()
+                if args.destination is not None and args.destination not in names:
+                    return _fail_retry(
+                        f"no destination {args.destination!r} (known: {', '.join(names)})"
+                    )
+                n = outbox.retry_dead(row_ids or None, destination=args.destination)
+                due = outbox.retry_now(destination=args.destination)
             finally:
                 outbox.close()
-            print(f"requeued {n} dead row(s); {due} waiting row(s) due now")
+            where = f" of {args.destination}" if args.destination else ""
+            print(
+                f"requeued {n} dead {_deliveries(n)}{where}; {due} waiting {_deliveries(due)} "
+                "due now"
+            )
         else:
             print("outbox: nothing to retry")
     if quarantine_too:

@@ -44,12 +44,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _leaves(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every setting; a list of sections (``[[destinations]]``) by
+    entry name: ``destinations.pacs.url``."""
     from pydantic import BaseModel
 
     for name in type(model).model_fields:
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             yield from _leaves(value, f"{prefix}{name}.")
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            for item in value:
+                label = getattr(item, "name", None) or str(value.index(item))
+                yield from _leaves(item, f"{prefix}{name}.{label}.")
         else:
             yield f"{prefix}{name}", value
 
@@ -115,8 +121,11 @@ def effective_config(
     flag_keys = {k for k, v in (overrides or {}).items() if v is not None}
     env_keys = _env_keys(os.environ if env is None else env)
     out: dict[str, dict[str, Any]] = {}
-    for key, value in _leaves(settings):
-        entry: dict[str, Any] = {"value": _mask(key, value)}
+    for name, value in _leaves(settings):
+        entry: dict[str, Any] = {"value": _mask(name, value)}
+        key = name
+        if key.startswith("destinations."):
+            key = "destinations"  # a list of sections comes whole from one layer
         if key in flag_keys:
             entry["source"] = "flag"
         elif key in env_keys:
@@ -126,7 +135,7 @@ def effective_config(
             entry["source"] = "file"
         else:
             entry["source"] = "default"
-        out[key] = entry
+        out[name] = entry
     return out
 
 
@@ -188,30 +197,28 @@ def config_problems(settings: Settings) -> list[str]:
     dirs: dict[str, Path] = {"inbox": settings.inbox, "state_dir": settings.state_dir}
     if settings.originals == "archive" and settings.archive_dir is not None:
         dirs["archive_dir"] = settings.archive_dir
-    if settings.destination.kind == "folder":
-        dirs["destination.folder"] = settings.destination.folder
+    several = bool(settings.destinations)
+    files: dict[str, Path | None] = {}
+    secrets: dict[str, Path | None] = {"deid.secret_file": settings.secret_file}
+    for dest in settings.all_destinations:
+        where = f"destinations.{dest.name}" if several else "destination"
+        if dest.kind == "folder":
+            dirs[f"{where}.folder"] = dest.folder
+        for name in ("password_file", "token_file", "aws_credentials_file"):
+            files[f"{where}.{name}"] = getattr(dest, name)
+            secrets[f"{where}.{name}"] = getattr(dest, name)
+        for name in ("ca_bundle", "client_cert", "client_key"):
+            files[f"{where}.{name}"] = getattr(dest, name)
     for key, path in dirs.items():
         problem = _dir_problem(key, path)
         if problem:
             problems.append(problem)
-    dest = settings.destination
-    files = {
-        "destination.password_file": dest.password_file,
-        "destination.token_file": dest.token_file,
-        "destination.ca_bundle": dest.ca_bundle,
-        "destination.client_cert": dest.client_cert,
-        "destination.client_key": dest.client_key,
-    }
     for key, maybe in files.items():
         if maybe is not None:
             problem = _file_problem(key, maybe)
             if problem:
                 problems.append(problem)
-    for key, maybe in {
-        "destination.password_file": dest.password_file,
-        "destination.token_file": dest.token_file,
-        "deid.secret_file": settings.secret_file,
-    }.items():
+    for key, maybe in secrets.items():
         if maybe is not None and maybe.is_file():
             mode = stat.S_IMODE(maybe.stat().st_mode)
             if mode & 0o077:

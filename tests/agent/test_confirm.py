@@ -148,7 +148,7 @@ def test_an_archive_that_acknowledges_and_stores_nothing_loses_nothing_by_defaul
         assert {r.attempts for r in ob.rows("dead")} == {NOT_STORED_MAX_ATTEMPTS}
         assert ob.purge_sent_files(0) == 0 and all(p.exists() for p in files)
         assert server.count_instances() == 0
-        status = ob.destination_status()
+        status = ob.queue("default").destination_status()
         assert status["last_error"].startswith("not_stored_after_ack")
         assert status["last_success_at"] is None  # nothing was delivered
         assert "does not hold" in (hint(status["last_error"]) or "")
@@ -197,13 +197,13 @@ def test_an_instance_found_on_a_later_attempt_is_sent(tmp_path: Path) -> None:
     clock.advance(61)
     assert up.loop_once() == 1 and up.loop_once() == 1  # sent again, then proven
     assert ob.counts()["sent"] == 1 and ob.proof_summary()["pending"] == (0, 0)
-    assert ob.destination_status()["last_success_at"] == clock.now
+    assert ob.queue("default").destination_status()["last_success_at"] == clock.now
 
 
 def test_a_server_without_uid_list_matching_is_asked_one_by_one(tmp_path: Path) -> None:
     ob = Outbox(":memory:")
     add_files(ob, make_files(tmp_path / "f", 5))
-    rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+    rows = ob.queue("default").claim(max_items=10, max_bytes=10**9, lease_seconds=60)
     archive = Archive(lists=False)
     dest = _mock_dest(archive)
     assert len(dest.send(rows).sent) == 5
@@ -218,7 +218,7 @@ def test_a_server_without_uid_list_matching_is_asked_one_by_one(tmp_path: Path) 
 def test_pages_of_uids(tmp_path: Path) -> None:
     ob = Outbox(":memory:")
     add_files(ob, make_files(tmp_path / "f", QIDO_PAGE + 3))
-    rows = ob.claim(max_items=100, max_bytes=10**9, lease_seconds=60)
+    rows = ob.queue("default").claim(max_items=100, max_bytes=10**9, lease_seconds=60)
     archive = Archive()
     dest = _mock_dest(archive)
     dest.send(rows)
@@ -240,7 +240,7 @@ def test_no_qido_at_the_url_keeps_the_copies_and_says_why(tmp_path: Path) -> Non
     assert ob.counts()["sent"] == 3 and ob.counts()["dead"] == 0
     assert ob.proof_summary()["pending"][0] == 3 and ob.purge_sent_files(0) == 0
     assert len(archive.gets) == 1  # the next check waits for its backoff
-    status = ob.destination_status()
+    status = ob.queue("default").destination_status()
     assert status["last_error"].startswith("storage_check http_404 no_qido")
     assert status["consecutive_failures"] == 0  # uploads are not blocked
     assert proof_refused(status) and not misconfigured(status)
@@ -256,7 +256,7 @@ def test_a_404_for_an_unknown_study_means_not_stored(tmp_path: Path) -> None:
     instance is simply not there."""
     ob = Outbox(":memory:")
     add_files(ob, make_files(tmp_path / "f", 2))
-    rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+    rows = ob.queue("default").claim(max_items=10, max_bytes=10**9, lease_seconds=60)
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.method == "POST":
@@ -280,7 +280,7 @@ def test_folder_reads_back_what_it_wrote_before_acknowledging(
     makes the agent send them again; a share that keeps less than was written is caught."""
     ob = Outbox(":memory:")
     add_files(ob, make_files(tmp_path / "f", 3))
-    rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+    rows = ob.queue("default").claim(max_items=10, max_bytes=10**9, lease_seconds=60)
     dest = FolderDestination(tmp_path / "dest")
     assert len(dest.send(rows).sent) == 3
     dest.target(rows[0]).unlink()  # a consumer of the folder took it
@@ -308,10 +308,12 @@ def test_retention_removes_proven_copies_only(tmp_path: Path) -> None:
     ob = Outbox(":memory:")
     files = make_files(tmp_path / "f", 4)
     add_files(ob, files)
-    rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
-    ob.mark_sent([r.id for r in rows])  # acknowledged: proof pending
-    ob.mark_proven([rows[0].id, rows[1].id])
-    ob.mark_proven([rows[3].id], proven=False)  # a destination that cannot prove it
+    rows = ob.queue("default").claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+    ob.queue("default").mark_sent([r.id for r in rows])  # acknowledged: proof pending
+    ob.queue("default").mark_proven([rows[0].id, rows[1].id])
+    ob.queue("default").mark_proven(
+        [rows[3].id], proven=False
+    )  # a destination that cannot prove it
     assert ob.proof_summary() == {
         "pending": (1, rows[2].size),
         "unproven": (1, rows[3].size),
@@ -320,7 +322,7 @@ def test_retention_removes_proven_copies_only(tmp_path: Path) -> None:
     assert [p.exists() for p in (r.path for r in rows)] == [False, False, True, True]
     assert ob.purge_sent_files(0, unconfirmed=True) == 1  # disk.keep_unconfirmed = false
     assert rows[2].path.exists()  # a pending proof is never purged
-    ob.mark_proven([rows[2].id])
+    ob.queue("default").mark_proven([rows[2].id])
     assert ob.purge_sent_files(0) == 1
     assert ob.proof_summary() == {"pending": (0, 0), "unproven": (0, 0)}
 
@@ -328,22 +330,25 @@ def test_retention_removes_proven_copies_only(tmp_path: Path) -> None:
 def test_an_older_outbox_gets_the_column_and_its_sent_rows_await_proof(
     tmp_path: Path,
 ) -> None:
+    """A schema-2 outbox written before deliveries had their proof of storage (``confirmed``):
+    the column is added at the next open, its sent deliveries await proof, their files kept."""
     db = tmp_path / "outbox.db"
     ob = Outbox(db)
     (path,) = make_files(tmp_path / "f", 1)
     add_files(ob, [path])
-    (row,) = ob.claim(max_items=1, max_bytes=10**9, lease_seconds=60)
-    ob.mark_sent([row.id])
-    ob.mark_proven([row.id])
+    (row,) = ob.queue("default").claim(max_items=1, max_bytes=10**9, lease_seconds=60)
+    ob.queue("default").mark_sent([row.id])
+    ob.queue("default").mark_proven([row.id])
     ob.close()
-    con = sqlite3.connect(db)  # what a database of 0.1.0 looks like: no "confirmed" column
-    con.execute("drop index outbox_proof")
-    con.execute("alter table outbox drop column confirmed")
+    con = sqlite3.connect(db)  # what such a database looks like: no "confirmed" column
+    con.execute("drop index deliveries_proof")
+    con.execute("alter table deliveries drop column confirmed")
     con.commit()
     con.close()
     ob = Outbox(db)
     try:
         assert ob.proof_summary()["pending"] == (1, row.size)  # the uploader will ask
+        assert ob.queue("default").awaiting_proof(10)[0].id == row.id
         assert ob.purge_sent_files(0) == 0 and path.exists()
     finally:
         ob.close()
@@ -354,10 +359,10 @@ def test_rows_sent_without_proof_are_proven_or_sent_again(tmp_path: Path) -> Non
     holds may go, the one it does not hold is sent again."""
     ob = Outbox(":memory:")
     add_files(ob, make_files(tmp_path / "f", 3))
-    rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+    rows = ob.queue("default").claim(max_items=10, max_bytes=10**9, lease_seconds=60)
     archive = Archive()
     archive.stored.update(r.sop_instance_uid for r in rows[:2])  # the third is not there
-    ob.mark_sent([r.id for r in rows])
+    ob.queue("default").mark_sent([r.id for r in rows])
     up = Uploader(ob, _mock_dest(archive), _settings())
     assert up.loop_once() == 3
     assert ob.counts()["sent"] == 2 and ob.rows("queued")[0].id == rows[2].id
@@ -456,7 +461,7 @@ def test_a_peer_that_refuses_c_find_keeps_the_copies_and_says_why(
     counts = ob.counts()
     assert counts["sent"] == 4 and counts["dead"] == 0, counts
     assert ob.proof_summary()["pending"][0] == 4 and ob.purge_sent_files(0) == 0
-    status = ob.destination_status()
+    status = ob.queue("default").destination_status()
     assert status["last_error"].startswith("storage_check c_find_refused")
     assert status["consecutive_failures"] == 0  # uploads are not blocked
     assert proof_refused(status) and not misconfigured(status)

@@ -103,7 +103,7 @@ def test_in_process_stop_releases_and_restart_delivers(tmp_path: Path) -> None:
     write_synthetic(tmp_path / "inbox" / "s", 10, seed="restart")
     with running_daemon(settings) as d:
         assert wait_until(lambda: d.drained() and not files_under(settings.inbox), 60)
-        assert d.threads_alive() == {"watcher": True, "intake": True, "uploader": True}
+        assert d.threads_alive() == {"watcher": True, "intake": True, "uploader:default": True}
     assert len(files_under(settings.destination.folder)) == 10
     assert (settings.state_dir / "secret.key").stat().st_mode & 0o077 == 0
     assert settings.state_dir.stat().st_mode & 0o077 == 0
@@ -182,7 +182,8 @@ def test_retry_dead_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         # Pretend the destination refused two of them for good.
         for r in rows[:2]:
             outbox._conn.execute(
-                "update outbox set state = 'dead', last_error = 'http 400: rejected' where id = ?",
+                "update deliveries set state = 'dead', last_error = 'http 400: rejected'"
+                " where instance_id = ?",
                 (r.id,),
             )
         victim = rows[0]
@@ -192,9 +193,9 @@ def test_retry_dead_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert st["outbox"]["counts"]["dead"] == 2
     assert {r["id"] for r in st["outbox"]["dead_latest"]} == {rows[0].id, rows[1].id}
     assert main(["retry", "--dead", str(victim.id), "--state-dir", str(settings.state_dir)]) == 0
-    assert "requeued 1 dead row" in capsys.readouterr().out
+    assert "requeued 1 dead delivery" in capsys.readouterr().out
     assert main(["retry", "--state-dir", str(settings.state_dir)]) == 0
-    assert "requeued 1 dead row" in capsys.readouterr().out
+    assert "requeued 1 dead delivery" in capsys.readouterr().out
     st = _status(capsys, settings.state_dir)
     assert st["outbox"]["counts"] == {"queued": 2, "sending": 0, "sent": 1, "dead": 0}
     with running_daemon(settings) as d:
@@ -228,9 +229,11 @@ def test_wrong_credentials_wait_then_retry_delivers(
         write_synthetic(wrong.inbox / "s", 5, seed="creds")
         with running_daemon(wrong) as d:
             assert wait_until(lambda: not files_under(wrong.inbox) and d.intake.idle(), 30)
-            assert wait_until(lambda: d.outbox.destination_status()["auth_failing"], 30)
+            assert wait_until(
+                lambda: d.outbox.queue("default").destination_status()["auth_failing"], 30
+            )
             time.sleep(3.0)
-            status = d.outbox.destination_status()
+            status = d.outbox.queue("default").destination_status()
             counts = d.outbox.counts()
         # Backing off like an outage: a handful of probes, not a tight loop.
         assert status["consecutive_failures"] < 15

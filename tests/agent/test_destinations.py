@@ -42,7 +42,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 def rows(tmp_path: Path) -> list[OutboxRow]:
     ob = Outbox(":memory:")
     add_files(ob, make_files(tmp_path / "files", 6))
-    out = ob.claim(max_items=100, max_bytes=10**9, lease_seconds=60)
+    out = ob.queue("default").claim(max_items=100, max_bytes=10**9, lease_seconds=60)
     ob.close()
     return out
 
@@ -163,7 +163,7 @@ def test_confirm_finds_what_orthanc_stored_and_not_what_its_filter_dropped(tmp_p
     try:
         ob = Outbox(":memory:")
         add_files(ob, make_files(tmp_path / "f", 3))
-        items = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+        items = ob.queue("default").claim(max_items=10, max_bytes=10**9, lease_seconds=60)
         with DicomWebDestination(server.dicomweb_url, auth=httpx.BasicAuth(*server.auth)) as dest:
             assert dest.confirm_storage  # the default
             assert len(dest.send(items).sent) == 3  # the STOW answer claims all three

@@ -44,6 +44,11 @@ def pacs() -> Iterator[OrthancServer]:
         server.close()
 
 
+def _circuit(daemon: Any) -> dict[str, Any]:
+    """The circuit of the daemon's one destination."""
+    return dict(daemon.outbox.queue("default").destination_status())
+
+
 def dicom_overrides(host: str, port: int, called_ae: str, **extra: Any) -> dict[str, Any]:
     return {
         "unit_name": "EDGE01",
@@ -144,7 +149,7 @@ def test_called_ae_mismatch_is_a_misconfiguration_in_status(
     settings = agent_settings(tmp_path, **dicom_overrides("127.0.0.1", pacs.dicom_port, "NOPE"))
     with running_daemon(settings) as daemon:
         _drop(tmp_path / "corpus", settings.inbox)
-        assert wait_until(lambda: daemon.outbox.destination_status().get("auth_failing"), 60)
+        assert wait_until(lambda: _circuit(daemon).get("auth_failing"), 60)
         counts = daemon.outbox.counts()
         rows = daemon.outbox.rows(limit=10)
     assert counts["sent"] == 0 and counts["dead"] == 0  # they wait; attempts are not burned
@@ -167,7 +172,7 @@ def test_refused_sop_class_is_dead_with_the_reason(
             _drop(tmp_path / "corpus", settings.inbox)
             assert wait_until(lambda: daemon.outbox.counts()["dead"] == 3, 60)
             dead = daemon.outbox.rows("dead")
-            healthy = not daemon.outbox.destination_status().get("consecutive_failures")
+            healthy = not _circuit(daemon).get("consecutive_failures")
     assert all("presentation context refused" in (r.last_error or "") for r in dead)
     assert healthy  # the peer answered: it is not down
 
@@ -181,11 +186,11 @@ def test_peer_aborting_is_an_outage_and_nothing_counts_as_sent(
         with running_daemon(settings) as daemon:
             _drop(tmp_path / "corpus", settings.inbox)
             assert wait_until(
-                lambda: (daemon.outbox.destination_status().get("consecutive_failures") or 0) >= 2,
+                lambda: (_circuit(daemon).get("consecutive_failures") or 0) >= 2,
                 60,
             )
             counts = daemon.outbox.counts()
-            status = daemon.outbox.destination_status()
+            status = _circuit(daemon)
     assert counts["sent"] == 0 and counts["dead"] == 0
     assert "C-STORE" in str(status.get("last_error"))
 
@@ -202,10 +207,10 @@ def test_orthanc_stopped_then_started_again_delivers_everything(
     with running_daemon(settings) as daemon:
         _drop(tmp_path / "corpus", settings.inbox)
         assert wait_until(
-            lambda: (daemon.outbox.destination_status().get("consecutive_failures") or 0) >= 1,
+            lambda: (_circuit(daemon).get("consecutive_failures") or 0) >= 1,
             60,
         )
-        assert "connection refused" in str(daemon.outbox.destination_status().get("last_error"))
+        assert "connection refused" in str(_circuit(daemon).get("last_error"))
         pacs.start()
         assert wait_until(lambda: _done(daemon, settings.inbox), 120), daemon.outbox.counts()
     uids, _ = expected_outputs(settings.secret_file, settings, inputs, tmp_path / "direct")

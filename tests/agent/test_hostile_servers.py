@@ -53,7 +53,7 @@ def _settings(url: str, **kw: Any) -> DestinationSettings:
 def _claimed(tmp_path: Path, n: int) -> list[Any]:
     ob = Outbox(":memory:")
     add_files(ob, make_files(tmp_path / "f", n))
-    rows = ob.claim(max_items=100, max_bytes=10**9, lease_seconds=60)
+    rows = ob.queue("default").claim(max_items=100, max_bytes=10**9, lease_seconds=60)
     ob.close()
     return rows
 
@@ -128,7 +128,7 @@ def test_a_server_that_never_answers_or_never_reads_is_an_outage(
         dest.close()
     counts = ob.counts()
     assert counts["queued"] == 4 and counts["dead"] == 0 and counts["sending"] == 0, counts
-    status = ob.destination_status()
+    status = ob.queue("default").destination_status()
     assert status["consecutive_failures"] == 4 and status["last_error"].startswith("timeout")
     assert "does not answer in time" in (hint(status["last_error"]) or "")
 
@@ -161,7 +161,7 @@ def test_a_reply_that_is_not_a_stow_response_is_a_destination_failure(
         counts = ob.counts()
         assert counts["queued"] == 6 and counts["dead"] == 0, counts
         assert max(r.attempts for r in ob.rows("queued")) <= 1
-        status = ob.destination_status()
+        status = ob.queue("default").destination_status()
         assert status["last_error"] == reason and status["consecutive_failures"] == 10
         assert "not a DICOMweb server" in (hint(reason) or "")
         assert proxy.count() == 10  # one probe per due time, never a request per row
@@ -190,7 +190,7 @@ def test_404_to_every_request_is_a_misconfiguration_and_keeps_the_rows(tmp_path:
     counts = ob.counts()
     assert counts["queued"] == 5 and counts["dead"] == 0, counts
     assert max(r.attempts for r in ob.rows("queued")) == 0
-    status = ob.destination_status()
+    status = ob.queue("default").destination_status()
     assert status["last_error"] == "http_404 injected" and misconfigured(status)
     assert "check destination.url" in (hint(status["last_error"]) or "")
     assert requests == 8
@@ -279,10 +279,12 @@ def test_a_stalled_destination_turns_readyz_not_ready_and_status_names_it(
             assert main(["status", "--state-dir", str(settings.state_dir)]) == 0
             out = capsys.readouterr().out
     assert body["status"] == "not ready"
-    assert [r for r in body["reasons"] if r.startswith("destination: stalled: 3 row(s) waiting")]
-    assert "last error: timeout" in body["checks"]["destination"]["detail"]
+    stalled = "destination:default: stalled: 3 row(s) waiting"
+    assert [r for r in body["reasons"] if r.startswith(stalled)]
+    assert "last error: timeout" in body["checks"]["destination:default"]["detail"]
     assert counts["dead"] == 0 and counts["sent"] == 0
-    assert st["destination"]["problems"][0].startswith("stalled: 3 row(s) waiting")
+    (dest,) = st["destinations"]
+    assert dest["problems"][0].startswith("stalled: 3 row(s) waiting")
     assert "STALLED: 3 row(s) waiting" in out and "nothing delivered yet" in out
     assert "what to do: the server accepts connections but does not answer in time" in out
 

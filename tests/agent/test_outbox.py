@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway_agent.agent.outbox.db import STATES
-from gateway_agent.agent.outbox.store import Outbox
+from gateway_agent.agent.outbox.store import DestinationQueue, Outbox
 
 from ._uploadkit import FakeClock, add_files, make_files
 
@@ -29,6 +29,11 @@ def outbox(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> 
     ob = Outbox(db, clock=clock)
     yield ob
     ob.close()
+
+
+def _q(ob: Outbox) -> DestinationQueue:
+    """The deliveries and circuit of the one destination of these tests."""
+    return ob.queue("default")
 
 
 def _add(ob: Outbox, uid: str, path: Path, size: int = 100, study: str = "1.2.3") -> bool:
@@ -47,7 +52,7 @@ def test_add_is_idempotent_on_sop_uid(outbox: Outbox, tmp_path: Path) -> None:
     assert _add(outbox, "1.2.3.4", tmp_path / "a.dcm") is True
     assert _add(outbox, "1.2.3.4", tmp_path / "b.dcm") is False
     assert outbox.counts() == {"queued": 1, "sending": 0, "sent": 0, "dead": 0}
-    row = outbox.get("1.2.3.4")
+    row = outbox.get("1.2.3.4", "default")
     assert row is not None and row.path == tmp_path / "a.dcm" and row.state == "queued"
     assert outbox.audit(row.id) == {"profile": "basic"}
 
@@ -62,18 +67,18 @@ def test_add_validates_arguments(outbox: Outbox, tmp_path: Path) -> None:
 def test_counts_has_every_state(outbox: Outbox) -> None:
     assert set(outbox.counts()) == set(STATES)
     assert outbox.oldest_waiting_age() is None
-    assert outbox.next_due_at() is None
+    assert _q(outbox).next_due_at() is None
 
 
 def test_claim_leases_due_rows_once_and_counts_attempts(outbox: Outbox, tmp_path: Path) -> None:
     for i in range(5):
         _add(outbox, f"1.2.{i}", tmp_path / f"{i}.dcm")
-    first = outbox.claim(max_items=3, max_bytes=10**9, lease_seconds=60)
+    first = _q(outbox).claim(max_items=3, max_bytes=10**9, lease_seconds=60)
     assert [r.sop_instance_uid for r in first] == ["1.2.0", "1.2.1", "1.2.2"]
     assert all(r.state == "sending" and r.attempts == 1 for r in first)
-    second = outbox.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+    second = _q(outbox).claim(max_items=10, max_bytes=10**9, lease_seconds=60)
     assert [r.sop_instance_uid for r in second] == ["1.2.3", "1.2.4"]
-    assert outbox.claim(max_items=10, max_bytes=10**9, lease_seconds=60) == []
+    assert _q(outbox).claim(max_items=10, max_bytes=10**9, lease_seconds=60) == []
     assert outbox.counts()["sending"] == 5
 
 
@@ -81,82 +86,82 @@ def test_claim_respects_max_bytes_but_always_takes_one(outbox: Outbox, tmp_path:
     _add(outbox, "1.1", tmp_path / "a", size=600)
     _add(outbox, "1.2", tmp_path / "b", size=600)
     _add(outbox, "1.3", tmp_path / "c", size=100)
-    big = outbox.claim(max_items=10, max_bytes=500, lease_seconds=60)
+    big = _q(outbox).claim(max_items=10, max_bytes=500, lease_seconds=60)
     assert [r.sop_instance_uid for r in big] == ["1.1"]  # alone over the limit: still sent
-    two = outbox.claim(max_items=10, max_bytes=800, lease_seconds=60)
+    two = _q(outbox).claim(max_items=10, max_bytes=800, lease_seconds=60)
     assert [r.sop_instance_uid for r in two] == ["1.2", "1.3"]
     with pytest.raises(ValueError, match="max_items"):
-        outbox.claim(max_items=0, max_bytes=1, lease_seconds=1)
+        _q(outbox).claim(max_items=0, max_bytes=1, lease_seconds=1)
 
 
 def test_retry_waits_until_due(outbox: Outbox, clock: FakeClock, tmp_path: Path) -> None:
     _add(outbox, "1.1", tmp_path / "a")
-    (row,) = outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=60)
-    outbox.mark_retry([row.id], error="http_503", delay=30)
-    again = outbox.get("1.1")
+    (row,) = _q(outbox).claim(max_items=1, max_bytes=10**9, lease_seconds=60)
+    _q(outbox).mark_retry([row.id], error="http_503", delay=30)
+    again = outbox.get("1.1", "default")
     assert again is not None
     assert (again.state, again.attempts, again.last_error) == ("queued", 1, "http_503")
     assert again.next_attempt_at == clock.now + 30
-    assert outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=60) == []
-    assert outbox.next_due_at() == clock.now + 30
+    assert _q(outbox).claim(max_items=1, max_bytes=10**9, lease_seconds=60) == []
+    assert _q(outbox).next_due_at() == clock.now + 30
     clock.advance(30)
-    (row2,) = outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=60)
+    (row2,) = _q(outbox).claim(max_items=1, max_bytes=10**9, lease_seconds=60)
     assert row2.attempts == 2
-    outbox.mark_retry([row2.id], error="outage", delay=1, refund_attempt=True)
-    row3 = outbox.get("1.1")
+    _q(outbox).mark_retry([row2.id], error="outage", delay=1, refund_attempt=True)
+    row3 = outbox.get("1.1", "default")
     assert row3 is not None and row3.attempts == 1
 
 
 def test_sent_dead_and_retry_dead(outbox: Outbox, clock: FakeClock, tmp_path: Path) -> None:
     for i in range(3):
         _add(outbox, f"1.{i}", tmp_path / f"{i}")
-    rows = outbox.claim(max_items=3, max_bytes=10**9, lease_seconds=60)
+    rows = _q(outbox).claim(max_items=3, max_bytes=10**9, lease_seconds=60)
     clock.advance(5)
-    outbox.mark_sent([rows[0].id])
-    outbox.mark_dead([rows[1].id, rows[0].id], error="http_415")  # a sent row stays sent
-    outbox.release([rows[2].id])
+    _q(outbox).mark_sent([rows[0].id])
+    _q(outbox).mark_dead([rows[1].id, rows[0].id], error="http_415")  # a sent row stays sent
+    _q(outbox).release([rows[2].id])
     assert outbox.counts() == {"queued": 1, "sending": 0, "sent": 1, "dead": 1}
-    sent = outbox.get("1.0")
+    sent = outbox.get("1.0", "default")
     assert sent is not None and sent.sent_at == clock.now
-    released = outbox.get("1.2")
+    released = outbox.get("1.2", "default")
     assert released is not None and released.attempts == 0  # release is without penalty
-    dead = outbox.get("1.1")
+    dead = outbox.get("1.1", "default")
     assert dead is not None and dead.last_error == "http_415"
     assert outbox.retry_dead() == 1
-    back = outbox.get("1.1")
+    back = outbox.get("1.1", "default")
     assert back is not None and (back.state, back.attempts) == ("queued", 0)
-    status = outbox.destination_status()
+    status = _q(outbox).destination_status()
     assert status["last_success_at"] is None  # acknowledged, not yet delivered: proof pending
     assert (status["awaiting_proof"], status["proof_pending_since"]) == (1, clock.now)
-    outbox.mark_proven([rows[0].id])
-    assert outbox.destination_status()["last_success_at"] == clock.now
+    _q(outbox).mark_proven([rows[0].id])
+    assert _q(outbox).destination_status()["last_success_at"] == clock.now
 
 
 def test_retry_dead_selected_ids(outbox: Outbox, tmp_path: Path) -> None:
     for i in range(3):
         _add(outbox, f"1.{i}", tmp_path / f"{i}")
-    rows = outbox.claim(max_items=3, max_bytes=10**9, lease_seconds=60)
-    outbox.mark_dead([r.id for r in rows], error="x")
+    rows = _q(outbox).claim(max_items=3, max_bytes=10**9, lease_seconds=60)
+    _q(outbox).mark_dead([r.id for r in rows], error="x")
     assert outbox.retry_dead([rows[1].id]) == 1
     assert outbox.counts() == {"queued": 1, "sending": 0, "sent": 0, "dead": 2}
 
 
 def test_expired_lease_is_claimed_again(outbox: Outbox, clock: FakeClock, tmp_path: Path) -> None:
     _add(outbox, "1.1", tmp_path / "a")
-    outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=60)
+    _q(outbox).claim(max_items=1, max_bytes=10**9, lease_seconds=60)
     clock.advance(59)
-    assert outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=60) == []
+    assert _q(outbox).claim(max_items=1, max_bytes=10**9, lease_seconds=60) == []
     clock.advance(2)
-    (row,) = outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=60)
+    (row,) = _q(outbox).claim(max_items=1, max_bytes=10**9, lease_seconds=60)
     assert row.attempts == 2
 
 
 def test_requeue_stale_brings_back_sending_rows(outbox: Outbox, tmp_path: Path) -> None:
     _add(outbox, "1.1", tmp_path / "a")
-    outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=3600)
+    _q(outbox).claim(max_items=1, max_bytes=10**9, lease_seconds=3600)
     assert outbox.requeue_stale() == 1
     assert outbox.counts()["queued"] == 1
-    assert len(outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=60)) == 1
+    assert len(_q(outbox).claim(max_items=1, max_bytes=10**9, lease_seconds=60)) == 1
 
 
 def test_oldest_waiting_age_and_rows_since(
@@ -181,9 +186,9 @@ def test_purge_sent_files_keeps_rows(outbox: Outbox, clock: FakeClock, tmp_path:
     for i, f in enumerate(files):
         f.write_bytes(b"x")
         _add(outbox, f"1.{i}", f)
-    rows = outbox.claim(max_items=3, max_bytes=10**9, lease_seconds=60)
-    outbox.mark_sent([rows[0].id, rows[1].id])
-    outbox.mark_proven([rows[0].id, rows[1].id])
+    rows = _q(outbox).claim(max_items=3, max_bytes=10**9, lease_seconds=60)
+    _q(outbox).mark_sent([rows[0].id, rows[1].id])
+    _q(outbox).mark_proven([rows[0].id, rows[1].id])
     clock.advance(100)
     assert outbox.purge_sent_files(older_than_seconds=200) == 0
     assert outbox.purge_sent_files(older_than_seconds=50) == 2
@@ -199,9 +204,9 @@ def test_compact_deletes_old_sent_rows_but_never_the_newest(
     for i, f in enumerate(files):
         f.write_bytes(b"x")
         _add(outbox, f"1.{i}", f)
-    rows = outbox.claim(max_items=4, max_bytes=10**9, lease_seconds=60)
-    outbox.mark_sent([r.id for r in rows[:3]])
-    outbox.mark_proven([r.id for r in rows[:3]])
+    rows = _q(outbox).claim(max_items=4, max_bytes=10**9, lease_seconds=60)
+    _q(outbox).mark_sent([r.id for r in rows[:3]])
+    _q(outbox).mark_proven([r.id for r in rows[:3]])
     clock.advance(100)
     assert outbox.compact(older_than_seconds=50) == 0  # files not yet removed: kept
     outbox.purge_sent_files(older_than_seconds=50)
@@ -209,8 +214,8 @@ def test_compact_deletes_old_sent_rows_but_never_the_newest(
     assert outbox.compact(older_than_seconds=50) == 3
     assert outbox.counts() == {"queued": 0, "sending": 1, "sent": 0, "dead": 0}
     # The newest row is kept even when it qualifies, so ids never restart below a reader.
-    outbox.mark_sent([rows[3].id])
-    outbox.mark_proven([rows[3].id])
+    _q(outbox).mark_sent([rows[3].id])
+    _q(outbox).mark_proven([rows[3].id])
     clock.advance(100)
     outbox.purge_sent_files(older_than_seconds=50)
     assert outbox.compact(older_than_seconds=50) == 0
@@ -219,42 +224,42 @@ def test_compact_deletes_old_sent_rows_but_never_the_newest(
 
 
 def test_circuit_one_probe_at_a_time(outbox: Outbox, clock: FakeClock) -> None:
-    assert outbox.circuit_acquire(probe_lease=60) == (0.0, False)
+    assert _q(outbox).circuit_acquire(probe_lease=60) == (0.0, False)
     started = clock.now
     clock.advance(1)
-    assert outbox.circuit_failure("network_error", delay=10, started_at=started) is False
-    status = outbox.destination_status()
+    assert _q(outbox).circuit_failure("network_error", delay=10, started_at=started) is False
+    status = _q(outbox).destination_status()
     assert status["consecutive_failures"] == 1 and status["last_error"] == "network_error"
-    assert outbox.circuit_acquire(probe_lease=60) == (10.0, False)
+    assert _q(outbox).circuit_acquire(probe_lease=60) == (10.0, False)
     clock.advance(10)
-    assert outbox.circuit_acquire(probe_lease=60) == (0.0, True)  # this caller probes
-    assert outbox.circuit_acquire(probe_lease=60) == (60.0, False)  # the others wait
+    assert _q(outbox).circuit_acquire(probe_lease=60) == (0.0, True)  # this caller probes
+    assert _q(outbox).circuit_acquire(probe_lease=60) == (60.0, False)  # the others wait
     # a second request that started before the failure was recorded: known, not counted again
-    assert outbox.circuit_failure("network_error", delay=5, started_at=started, probing=True)
-    assert outbox.destination_status()["consecutive_failures"] == 1
+    assert _q(outbox).circuit_failure("network_error", delay=5, started_at=started, probing=True)
+    assert _q(outbox).destination_status()["consecutive_failures"] == 1
     clock.advance(5)
-    assert outbox.circuit_acquire(probe_lease=60) == (0.0, True)
-    outbox.circuit_release_probe()
-    assert outbox.circuit_acquire(probe_lease=60) == (0.0, True)
-    assert outbox.circuit_failure("http_401", delay=2, started_at=clock.now, auth=True)
-    assert outbox.destination_status()["auth_failing"] is True
-    assert outbox.destination_status()["consecutive_failures"] == 2
-    assert outbox.circuit_success() is True
-    status = outbox.destination_status()
+    assert _q(outbox).circuit_acquire(probe_lease=60) == (0.0, True)
+    _q(outbox).circuit_release_probe()
+    assert _q(outbox).circuit_acquire(probe_lease=60) == (0.0, True)
+    assert _q(outbox).circuit_failure("http_401", delay=2, started_at=clock.now, auth=True)
+    assert _q(outbox).destination_status()["auth_failing"] is True
+    assert _q(outbox).destination_status()["consecutive_failures"] == 2
+    assert _q(outbox).circuit_success() is True
+    status = _q(outbox).destination_status()
     assert status["consecutive_failures"] == 0 and status["auth_failing"] is False
     # The circuit closed, but nothing was delivered: the last delivery is still unknown.
     assert status["last_success_at"] is None and status["blocked_until"] is None
-    assert outbox.circuit_success() is False
+    assert _q(outbox).circuit_success() is False
 
 
 def test_retry_now_makes_waiting_rows_due(outbox: Outbox, clock: FakeClock, tmp_path: Path) -> None:
     _add(outbox, "1.1", tmp_path / "a")
-    (row,) = outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=60)
-    outbox.mark_retry([row.id], error="http_401", delay=300)
-    outbox.circuit_failure("http_401", delay=300, started_at=clock.now, auth=True)
+    (row,) = _q(outbox).claim(max_items=1, max_bytes=10**9, lease_seconds=60)
+    _q(outbox).mark_retry([row.id], error="http_401", delay=300)
+    _q(outbox).circuit_failure("http_401", delay=300, started_at=clock.now, auth=True)
     assert outbox.retry_now() == 1
-    assert outbox.circuit_acquire(probe_lease=60) == (0.0, True)
-    assert len(outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=60)) == 1
+    assert _q(outbox).circuit_acquire(probe_lease=60) == (0.0, True)
+    assert len(_q(outbox).claim(max_items=1, max_bytes=10**9, lease_seconds=60)) == 1
 
 
 def test_reconcile_files_and_rows(outbox: Outbox, tmp_path: Path) -> None:
@@ -267,7 +272,7 @@ def test_reconcile_files_and_rows(outbox: Outbox, tmp_path: Path) -> None:
     result = outbox.reconcile(files_dir)
     assert result == {"added": 2, "missing": 1, "unreadable": 1, "temp": 1}
     assert outbox.counts() == {"queued": 3, "sending": 0, "sent": 0, "dead": 1}
-    dead = outbox.get("1.9.9")
+    dead = outbox.get("1.9.9", "default")
     assert dead is not None and dead.last_error == "file_missing"
     again = outbox.reconcile(files_dir)
     assert again["added"] == 0 and again["missing"] == 0
@@ -299,7 +304,7 @@ def test_two_connections_never_claim_the_same_row(tmp_path: Path) -> None:
     got: list[list[int]] = [[], [], [], []]
 
     def worker(ob: Outbox, k: int) -> None:
-        while rows := ob.claim(max_items=3, max_bytes=10**9, lease_seconds=60):
+        while rows := _q(ob).claim(max_items=3, max_bytes=10**9, lease_seconds=60):
             got[k].extend(r.id for r in rows)
 
     threads = [threading.Thread(target=worker, args=(ob, k)) for k, ob in enumerate((a, b, a, b))]
@@ -315,9 +320,9 @@ def test_two_connections_never_claim_the_same_row(tmp_path: Path) -> None:
 
 _CRASH_SCRIPT = """
 import os, sys
-from gateway_agent.agent.outbox.store import Outbox
+from gateway_agent.agent.outbox.store import DestinationQueue, Outbox
 ob = Outbox(sys.argv[1])
-rows = ob.claim(max_items=10, max_bytes=10**9, lease_seconds=3600)
+rows = ob.queue("default").claim(max_items=10, max_bytes=10**9, lease_seconds=3600)
 print(len(rows), flush=True)
 os.kill(os.getpid(), 9)   # die in the middle of the upload, lease held
 """
@@ -341,6 +346,6 @@ def test_crash_mid_upload_row_comes_back(tmp_path: Path) -> None:
     restarted = Outbox(db)
     assert restarted.counts()["sending"] == 4
     assert restarted.requeue_stale() == 4
-    rows = restarted.claim(max_items=10, max_bytes=10**9, lease_seconds=60)
+    rows = _q(restarted).claim(max_items=10, max_bytes=10**9, lease_seconds=60)
     assert sorted(r.sop_instance_uid for r in rows) == sorted(uids)
     restarted.close()

@@ -131,10 +131,12 @@ def test_started_agent_logs_and_records_what_it_uses(
     started = next(e for e in logs if e["event"] == "agent_started")
     assert started["inbox"] == str((tmp_path / "inbox").resolve())
     assert started["state_dir"] == str((tmp_path / "state").resolve())
-    assert started["destination"] == "dicomweb https://127.0.0.1:1/dicom-web"
+    assert started["destinations"] == ["default: dicomweb https://127.0.0.1:1/dicom-web"]
     assert SECRET not in record_text
     record = json.loads(record_text)
-    assert record["destination"] == "dicomweb https://127.0.0.1:1/dicom-web"
+    assert record["destinations"] == [
+        {"name": "default", "target": "dicomweb https://127.0.0.1:1/dicom-web"}
+    ]
     assert record["settings"]["destination"]["auth"] == "bearer"
     assert record["pid"] == os.getpid()
 
@@ -149,8 +151,10 @@ def test_status_shows_the_destination_the_agent_uses(tmp_path: Path) -> None:
         st = collect_status(configured)
     finally:
         daemon.stop()
-    assert st["destination"]["target"] == f"folder {(tmp_path / 'from-flag').resolve()}"
-    assert st["destination"]["configured"] == f"folder {(tmp_path / 'destination').resolve()}"
+    (dest,) = st["destinations"]
+    assert dest["name"] == "default"
+    assert dest["target"] == f"folder {(tmp_path / 'from-flag').resolve()}"
+    assert dest["configured"] == f"folder {(tmp_path / 'destination').resolve()}"
     assert st["agent"]["pid"] == os.getpid() and st["agent"]["running"]
 
 
@@ -163,5 +167,5 @@ def test_status_command_prints_the_running_agents_destination(
     daemon.stop()
     assert main(["status", "--state-dir", str(tmp_path / "state")]) == 0
     out = capsys.readouterr().out
-    assert f"destination: folder {(tmp_path / 'from-flag').resolve()}" in out
+    assert f"destination default: folder {(tmp_path / 'from-flag').resolve()}" in out
     assert "restart the agent to use it" in out

@@ -82,10 +82,10 @@ def test_add_many_is_all_or_nothing(tmp_path: Path, outbox: Outbox) -> None:
 
 def test_due_summary_counts_due_rows_and_bytes(tmp_path: Path, outbox: Outbox) -> None:
     outbox.add_many([_item(f"1.7.{i}", tmp_path / f"{i}", size=100) for i in range(4)])
-    assert outbox.due_summary(10) == (4, 400)
-    assert outbox.due_summary(3) == (3, 300)
-    outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=60)
-    assert outbox.due_summary(10) == (3, 300)
+    assert outbox.queue("default").due_summary(10) == (4, 400)
+    assert outbox.queue("default").due_summary(3) == (3, 300)
+    outbox.queue("default").claim(max_items=1, max_bytes=10**9, lease_seconds=60)
+    assert outbox.queue("default").due_summary(10) == (3, 300)
 
 
 # -- intake group commit ------------------------------------------------------------------------

@@ -79,17 +79,19 @@ def test_loop_once_drains_to_folder_and_counts_metrics(tmp_path: Path, outbox: O
     uids = add_files(outbox, make_files(tmp_path / "files", 12))
     dest = FolderDestination(tmp_path / "dest")
     up = Uploader(outbox, dest, _settings(kind="folder", batch_max_instances=5))
-    sent_before = _sample(metrics.UPLOAD_ATTEMPTS, result="sent")
-    bytes_before = _sample(metrics.BYTES_SENT)
+    sent_before = _sample(metrics.UPLOAD_ATTEMPTS, destination="default", result="sent")
+    bytes_before = _sample(metrics.BYTES_SENT, destination="default")
     handled = [up.loop_once() for _ in range(5)]
     assert handled == [5, 5, 2, 12, 0]  # three batches, then their proof of storage (one page)
     assert outbox.counts() == {"queued": 0, "sending": 0, "sent": 12, "dead": 0}
     assert outbox.proof_summary()["pending"] == (0, 0)
     assert {p.stem for p in (tmp_path / "dest").rglob("*.dcm")} == set(uids)
-    assert _sample(metrics.UPLOAD_ATTEMPTS, result="sent") - sent_before == 12
+    assert (
+        _sample(metrics.UPLOAD_ATTEMPTS, destination="default", result="sent") - sent_before == 12
+    )
     total = sum(r.size for r in outbox.rows("sent"))
-    assert _sample(metrics.BYTES_SENT) - bytes_before == total
-    assert metrics.LAST_UPLOAD_SUCCESS._value.get() > 0
+    assert _sample(metrics.BYTES_SENT, destination="default") - bytes_before == total
+    assert metrics.LAST_UPLOAD_SUCCESS.labels(destination="default")._value.get() > 0
 
 
 def test_batch_respects_max_mb(tmp_path: Path, outbox: Outbox) -> None:
@@ -157,11 +159,13 @@ def test_wrong_credentials_wait_then_fixed_credentials_deliver(
     with capture_logs() as logs:
         up.start()
         try:
-            assert wait_for(lambda: outbox.destination_status()["auth_failing"], 10)
+            assert wait_for(
+                lambda: outbox.queue("default").destination_status()["auth_failing"], 10
+            )
             time.sleep(1.5)
         finally:
             up.stop(time.monotonic() + 5)
-    status = outbox.destination_status()
+    status = outbox.queue("default").destination_status()
     assert status["auth_failing"] and status["last_error"].startswith("http_401")
     counts = outbox.counts()
     assert counts["dead"] == 0 and counts["queued"] == 20  # waiting, not dead
@@ -181,7 +185,7 @@ def test_wrong_credentials_wait_then_fixed_credentials_deliver(
         assert _drain(up2, outbox, 20)["sent"] == 20
     finally:
         up2.stop(time.monotonic() + 5)
-    assert not outbox.destination_status()["auth_failing"]
+    assert not outbox.queue("default").destination_status()["auth_failing"]
     assert sorted(orthanc.sop_uids()) == sorted(uids)
     good_client.close()
 
@@ -199,7 +203,9 @@ def test_orthanc_down_at_start_then_up_everything_arrives_at_bounded_rate(
     up = Uploader(outbox, dest, settings, rng=random.Random(4))
     up.start()
     try:
-        assert wait_for(lambda: outbox.destination_status()["consecutive_failures"] >= 3, 10)
+        assert wait_for(
+            lambda: outbox.queue("default").destination_status()["consecutive_failures"] >= 3, 10
+        )
         time.sleep(1.5)
         outage = list(transport.spans)
         orthanc.start()
@@ -250,7 +256,7 @@ def test_503_with_retry_after_is_honoured(
     dest, client = _via_proxy(proxy, orthanc)
     up = Uploader(outbox, dest, _settings(proxy.url))
     assert up.loop_once() == 5
-    status = outbox.destination_status()
+    status = outbox.queue("default").destination_status()
     assert status["last_error"] == "http_503 service_unavailable"
     assert status["blocked_until"] - status["last_error_at"] == pytest.approx(1.0)
     row = outbox.rows("queued")[0]
@@ -274,7 +280,7 @@ def test_faults_deliver_exactly_once(
     up = Uploader(outbox, dest, _settings(proxy.url, timeout_seconds=1.0), rng=random.Random(5))
     _step_until_done(up, outbox, 8)
     assert outbox.counts()["sent"] == 8
-    assert outbox.destination_status()["consecutive_failures"] == 0
+    assert outbox.queue("default").destination_status()["consecutive_failures"] == 0
     if fault.startswith("delay"):
         wait_for(lambda: orthanc.count_instances() == 8, 5)  # the stalled copy lands later
     stored = orthanc.sop_uids()
@@ -356,11 +362,11 @@ def test_auth_failure_backs_off_and_never_kills_quickly(tmp_path: Path) -> None:
     waits = []
     for _ in range(12):
         up.loop_once()
-        st = ob.destination_status()
+        st = ob.queue("default").destination_status()
         waits.append(st["blocked_until"] - clock.now)
         clock.advance(waits[-1])
     assert ob.counts()["dead"] == 0
-    st = ob.destination_status()
+    st = ob.queue("default").destination_status()
     assert st["auth_failing"] and st["consecutive_failures"] == 12
     assert all(0 <= w <= 100 for w in waits) and sum(waits) > 100  # grows towards the cap
 
@@ -394,17 +400,19 @@ def test_per_instance_transient_failure_exhausts_attempts(tmp_path: Path) -> Non
         dead.attempts == 3
         and dead.last_error == "gave_up after 3 attempts: http_200 failure_reason_0xa700"
     )
-    assert ob.destination_status()["consecutive_failures"] == 0  # the server was fine
+    assert (
+        ob.queue("default").destination_status()["consecutive_failures"] == 0
+    )  # the server was fine
 
 
 def test_permanent_request_error_goes_dead_with_reason(tmp_path: Path) -> None:
     ob = Outbox(":memory:")
     add_files(ob, make_files(tmp_path / "f", 3))
     up = Uploader(ob, _mock_dest(lambda r: httpx.Response(415)), _settings())
-    dead_before = _sample(metrics.UPLOAD_ATTEMPTS, result="dead")
+    dead_before = _sample(metrics.UPLOAD_ATTEMPTS, destination="default", result="dead")
     assert up.loop_once() == 3
     assert [r.last_error for r in ob.rows("dead")] == ["http_415 unsupported_media_type"] * 3
-    assert _sample(metrics.UPLOAD_ATTEMPTS, result="dead") - dead_before == 3
+    assert _sample(metrics.UPLOAD_ATTEMPTS, destination="default", result="dead") - dead_before == 3
     assert ob.retry_dead() == 3  # `gateway-agent retry`
 
 
@@ -465,9 +473,9 @@ def test_full_jitter_is_bounded() -> None:
 
 def test_claimed_rows_are_sent_even_if_released_meanwhile(outbox: Outbox, tmp_path: Path) -> None:
     add_files(outbox, make_files(tmp_path / "f", 1))
-    (row,) = outbox.claim(max_items=1, max_bytes=10**9, lease_seconds=60)
-    outbox.release([row.id])
-    outbox.mark_sent([row.id])  # the destination's acknowledgement is a fact
+    (row,) = outbox.queue("default").claim(max_items=1, max_bytes=10**9, lease_seconds=60)
+    outbox.queue("default").release([row.id])
+    outbox.queue("default").mark_sent([row.id])  # the destination's acknowledgement is a fact
     sent: list[OutboxRow] = outbox.rows("sent")
     assert [r.id for r in sent] == [row.id]
 
@@ -489,15 +497,15 @@ def test_a_probe_whose_claim_fails_frees_the_circuit_at_once(
     )
     up.loop_once()  # the outage is detected: the circuit opens
     clock.advance(61)  # past the backoff: the next worker becomes the probe
-    real_claim = ob.claim
+    real_claim = up.outbox.claim
 
     def locked(**kwargs: Any) -> Any:
         raise sqlite3.OperationalError("database is locked")
 
-    monkeypatch.setattr(ob, "claim", locked)
+    monkeypatch.setattr(up.outbox, "claim", locked)
     with pytest.raises(sqlite3.OperationalError):
         up.loop_once()
-    monkeypatch.setattr(ob, "claim", real_claim)
-    wait, probing = ob.circuit_acquire(probe_lease=300)
+    monkeypatch.setattr(up.outbox, "claim", real_claim)
+    wait, probing = ob.queue("default").circuit_acquire(probe_lease=300)
     assert (wait, probing) == (0, True)  # the next worker probes now, not in 300 s
     assert ob.counts()["queued"] == 2  # nothing was claimed, nothing lost

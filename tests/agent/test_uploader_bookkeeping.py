@@ -17,11 +17,12 @@ from ._uploadkit import add_files, make_files, wait_for
 
 
 class _FullDiskOutbox:
-    """The real Outbox whose ``mark_sent`` and ``circuit_success`` fail with SQLite's disk-full
-    error while ``full`` is set (other writes, e.g. ``claim``, work)."""
+    """The real Outbox whose destination's ``mark_sent`` and ``circuit_success`` fail with
+    SQLite's disk-full error while ``full`` is set (other writes, e.g. ``claim``, work)."""
 
     def __init__(self, inner: Outbox) -> None:
-        self._inner = inner
+        self._outbox = inner
+        self._inner = inner.queue("default")
         self.full = True
         self.failures = 0
         self.calls: list[str] = []
@@ -38,6 +39,10 @@ class _FullDiskOutbox:
 
     def circuit_success(self) -> Any:
         return self._write("circuit_success")
+
+    def queue(self, name: str) -> Any:
+        assert name == "default"
+        return self
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

@@ -149,21 +149,38 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def write_config(path: Path, settings: dict[str, Any]) -> Path:
-    """Write a TOML config from a nested dict of plain values (str, int, float, bool)."""
+    """Write a TOML config from a nested dict of plain values (str, int, float, bool, lists of
+    them), sections (dicts, one level of sub-tables) and arrays of tables (lists of dicts)."""
 
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, int | float):
             return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
         return json.dumps(str(v))
 
-    top = [f"{k} = {value(v)}" for k, v in settings.items() if not isinstance(v, dict)]
-    lines = [*top]
+    def plain(v: Any) -> bool:
+        return not isinstance(v, dict) and not (
+            isinstance(v, list) and v and isinstance(v[0], dict)
+        )
+
+    def table(header: str, name: str, body: dict[str, Any]) -> list[str]:
+        out = [f"\n{header}"] + [f"{k} = {value(v)}" for k, v in body.items() if plain(v)]
+        for sub, inner in body.items():
+            if isinstance(inner, dict):
+                out.append(f"[{name}.{sub}]")
+                out += [f"{k} = {value(v)}" for k, v in inner.items()]
+        return out
+
+    lines = [f"{k} = {value(v)}" for k, v in settings.items() if plain(v)]
     for section, body in settings.items():
         if isinstance(body, dict):
-            lines.append(f"\n[{section}]")
-            lines += [f"{k} = {value(v)}" for k, v in body.items()]
+            lines += table(f"[{section}]", section, body)
+        elif not plain(body):
+            for item in body:
+                lines += table(f"[[{section}]]", section, item)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -440,6 +457,7 @@ class AgentRun:
         root: Path,
         *,
         destination: dict[str, Any] | None = None,
+        destinations: list[dict[str, Any]] | None = None,
         overrides: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         argv_prefix: list[str] | None = None,
@@ -457,12 +475,15 @@ class AgentRun:
             "state_dir": str(self.state),
             "settle_seconds": 0.3,
             "intake_workers": 2,
-            "destination": destination or {"kind": "folder", "folder": str(self.dest)},
             "qc": {"enabled": False},
             "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
             "disk": {"min_free_mb": 0},
             "log": {"level": "info", "format": "json"},
         }
+        if destinations is not None:
+            settings["destinations"] = destinations
+        else:
+            settings["destination"] = destination or {"kind": "folder", "folder": str(self.dest)}
         for key, value in (overrides or {}).items():
             if isinstance(value, dict):
                 settings.setdefault(key, {}).update(value)
@@ -529,7 +550,11 @@ class AgentRun:
 
     # -- state ---------------------------------------------------------------------------------
     def outbox_rows(self) -> list[tuple[str, str, str, int]]:
-        """``(sop_instance_uid, state, path, size)`` of every row (read-only connection)."""
+        """``(sop_instance_uid, state, path, size)`` of every delivery (read-only connection)."""
+        return [(sop, state, path, size) for sop, state, path, size, _ in self.delivery_rows()]
+
+    def delivery_rows(self) -> list[tuple[str, str, str, int, str]]:
+        """``(sop_instance_uid, state, path, size, destination)`` of every delivery."""
         import sqlite3
 
         db = self.state / "outbox.db"
@@ -537,8 +562,11 @@ class AgentRun:
             return []
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
         try:
-            rows = conn.execute("select sop_instance_uid, state, path, size from outbox")
-            return [(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+            rows = conn.execute(
+                "select i.sop_instance_uid, d.state, i.path, i.size, d.destination"
+                " from deliveries d join instances i on i.id = d.instance_id"
+            )
+            return [(str(r[0]), str(r[1]), str(r[2]), int(r[3]), str(r[4])) for r in rows]
         except sqlite3.OperationalError as exc:
             # The agent creates the file (mode 0600) before its schema: caught (or killed) in
             # its first start-up, the database has no table yet, which means no rows.
@@ -565,11 +593,13 @@ class AgentRun:
                     out[sha256_file(original)] = entry
         return out
 
-    def delivered_uids(self) -> set[str]:
-        """SOP Instance UIDs in the folder destination (``<study>/<series>/<sop>.dcm``)."""
-        if not self.dest.is_dir():
+    def delivered_uids(self, folder: Path | None = None) -> set[str]:
+        """SOP Instance UIDs in a folder destination (``<study>/<series>/<sop>.dcm``; default:
+        ``destination/``)."""
+        folder = self.dest if folder is None else folder
+        if not folder.is_dir():
             return set()
-        return {p.stem for p in self.dest.rglob("*.dcm") if not p.name.startswith(".")}
+        return {p.stem for p in folder.rglob("*.dcm") if not p.name.startswith(".")}
 
     def metrics_port(self, timeout: float = 30.0) -> int | None:
         """The current incarnation's metrics port (from its ``service_ready`` log line)."""

@@ -269,8 +269,8 @@ def test_hostile_server(tmp_path: Path, orthanc: OrthancServer, agent_run, case:
     record_figures("hostile_server", figures)
     assert said and not_ready, figures
     assert ready_body.get("reasons"), ready_body
-    assert status["destination"]["problems"], status["destination"]
-    assert status["destination"]["hint"], status["destination"]
+    assert status["destinations"][0]["problems"], status["destinations"][0]
+    assert status["destinations"][0]["hint"], status["destinations"][0]
     assert figures["dead"] == 0, figures
     assert rps < 5, figures  # backoff: one probe at a time, not a request per row
     assert drained and figures["lost"] == 0 and figures["duplicated"] == 0, figures
@@ -330,8 +330,8 @@ def test_a_name_that_does_not_resolve(tmp_path: Path, orthanc: OrthancServer, ag
     }
     record_figures("hostile_server", figures)
     assert said and not_ready, figures
-    assert status["destination"]["problems"] and status["destination"]["hint"], status
-    assert "cannot be reached" in status["destination"]["hint"]
+    assert status["destinations"][0]["problems"] and status["destinations"][0]["hint"], status
+    assert "cannot be reached" in status["destinations"][0]["hint"]
     assert figures["dead"] == 0, figures
     assert drained and figures["lost"] == 0 and figures["duplicated"] == 0, figures
     assert rc == 0
@@ -388,7 +388,7 @@ def test_proper_answers_of_other_shapes(  # type: ignore[no-untyped-def]
     }
     record_figures("proper_answers", figures)
     assert settled, figures
-    assert not status["destination"]["problems"], status["destination"]
+    assert not status["destinations"][0]["problems"], status["destinations"][0]
     assert ready == 200
     if case == "xml_200":
         assert figures["proven"] == n and not dead, figures

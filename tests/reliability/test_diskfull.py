@@ -265,16 +265,31 @@ def test_injected_enospc_keeps_originals_and_recovers(tmp_path: Path, agent_run:
 
 
 class _FlakyOutbox:
-    """The real Outbox, whose ``mark_sent`` fails once with SQLite's disk-full error (what a full
-    state disk does to the uploader's bookkeeping after the destination acknowledged)."""
+    """The real Outbox, whose destination queues' ``mark_sent`` fails once with SQLite's
+    disk-full error (what a full state disk does to the uploader's bookkeeping after the
+    destination acknowledged)."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
         self.failed = False
 
+    def queue(self, name: str) -> Any:
+        return _FlakyQueue(self._inner.queue(name), self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _FlakyQueue:
+    """One destination's queue of a :class:`_FlakyOutbox`."""
+
+    def __init__(self, inner: Any, owner: _FlakyOutbox) -> None:
+        self._inner = inner
+        self._owner = owner
+
     def mark_sent(self, ids: Any, **kwargs: Any) -> None:
-        if not self.failed:
-            self.failed = True
+        if not self._owner.failed:
+            self._owner.failed = True
             raise sqlite3.OperationalError("database or disk is full")
         self._inner.mark_sent(ids, **kwargs)
 

@@ -39,8 +39,8 @@ def server(registry: CollectorRegistry) -> Iterator[HealthServer]:
     alive = {"watcher": True, "uploader": True}
     ready = {"outbox": True}
 
-    def broken() -> float | None:
-        raise RuntimeError("no outbox")
+    def broken() -> int | None:
+        raise RuntimeError("no statvfs")
 
     srv = HealthServer(
         "127.0.0.1",
@@ -50,9 +50,21 @@ def server(registry: CollectorRegistry) -> Iterator[HealthServer]:
             "outbox": lambda: CheckResult(ready["outbox"], "x"),
             "other": lambda: CheckResult(True, "fine"),
         },
-        outbox_counts=lambda: {"queued": 2, "sending": 1, "sent": 7, "dead": 0},
-        oldest_age=broken,
-        disk_free=lambda: 123456789,
+        destination_report=lambda: {
+            "pacs": {
+                "counts": {"queued": 2, "sending": 1, "sent": 7, "dead": 0},
+                "oldest_waiting_seconds": 12.5,
+                "consecutive_failures": 0,
+                "auth_failing": False,
+            },
+            "research": {
+                "counts": {"queued": 0, "sending": 0, "sent": 9, "dead": 1},
+                "oldest_waiting_seconds": None,
+                "consecutive_failures": 3,
+                "auth_failing": False,
+            },
+        },
+        disk_free=broken,
         registry=registry,
     )
     srv.alive_map = alive  # type: ignore[attr-defined]
@@ -74,10 +86,16 @@ def test_metrics_text(server: HealthServer) -> None:
     s = samples(r.text)
     assert s[("gateway_files_received_total", ())] == 3
     for state, n in {"queued": 2, "sending": 1, "sent": 7, "dead": 0}.items():
-        assert s[("gateway_outbox_depth", (("state", state),))] == n
-    assert s[("gateway_state_disk_free_bytes", ())] == 123456789
-    # The probe that raises leaves its gauge at 0 and the scrape intact.
-    assert s[("gateway_outbox_oldest_waiting_age_seconds", ())] == 0
+        assert s[("gateway_outbox_depth", (("destination", "pacs"), ("state", state)))] == n
+    assert s[("gateway_outbox_depth", (("destination", "research"), ("state", "dead")))] == 1
+    pacs, research = (("destination", "pacs"),), (("destination", "research"),)
+    assert s[("gateway_outbox_oldest_waiting_age_seconds", pacs)] == 12.5
+    assert s[("gateway_outbox_oldest_waiting_age_seconds", research)] == 0
+    assert s[("gateway_destination_up", pacs)] == 1
+    assert s[("gateway_destination_up", research)] == 0
+    assert s[("gateway_destination_consecutive_failures", research)] == 3
+    # The probe that raises leaves its gauge out and the scrape intact.
+    assert not any(name == "gateway_state_disk_free_bytes" for name, _ in s)
     assert ("process_cpu_seconds_total", ()) in s
 
 
@@ -168,8 +186,7 @@ def test_plumbing_readyz_reflects_disk_and_destination(tmp_path: Path) -> None:
     intake: dict[str, str | None] = {"problem": None}
     plumbing = start_service_plumbing(
         settings,
-        outbox_counts=lambda: counts,
-        oldest_age=lambda: None,
+        destination_report=lambda: {"default": {"counts": counts}},
         threads_alive=lambda: {"watcher": True},
         outbox_db=db,
         intake_problem=lambda: intake["problem"],
@@ -180,7 +197,7 @@ def test_plumbing_readyz_reflects_disk_and_destination(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{plumbing.port}"
         r = httpx.get(url + "/readyz")
         assert r.status_code == 200, r.text
-        assert set(r.json()["checks"]) == {"outbox", "intake", "disk", "destination"}
+        assert set(r.json()["checks"]) == {"outbox", "intake", "disk", "destination:default"}
 
         intake["problem"] = "cannot remove originals from the inbox (PermissionError EACCES)"
         r = httpx.get(url + "/readyz")
@@ -203,7 +220,7 @@ def test_plumbing_readyz_reflects_disk_and_destination(tmp_path: Path) -> None:
         counts["queued"] = 6  # destination never reached and the backlog is over its limit
         r = httpx.get(url + "/readyz")
         assert r.status_code == 503
-        assert "6 waiting (max 5)" in r.json()["checks"]["destination"]["detail"]
+        assert "6 waiting (max 5)" in r.json()["checks"]["destination:default"]["detail"]
         counts["queued"] = 0
         assert httpx.get(url + "/healthz").json()["threads"] == {"watcher": True}
     finally:
@@ -214,8 +231,7 @@ def test_plumbing_metrics_disabled(tmp_path: Path) -> None:
     settings = _settings(tmp_path, **{"metrics.enabled": False})
     plumbing = start_service_plumbing(
         settings,
-        outbox_counts=dict,
-        oldest_age=lambda: None,
+        destination_report=dict,
         threads_alive=dict,
         env={},
     )

@@ -148,7 +148,7 @@ def test_agent_runs_like_a_service(agent: Agent, tmp_path: Path) -> None:
 
     health = httpx.get(url + "/healthz", timeout=10)
     assert health.status_code == 200, health.text
-    assert set(health.json()["threads"]) >= {"watcher", "intake", "uploader"}
+    assert set(health.json()["threads"]) >= {"watcher", "intake", "uploader:default"}
     assert all(health.json()["threads"].values())
     before = scrape(url)
     assert before.get(("gateway_files_received_total", ()), 0) == 0
@@ -163,7 +163,7 @@ def test_agent_runs_like_a_service(agent: Agent, tmp_path: Path) -> None:
 
     def done() -> bool:
         m = scrape(url)
-        sent = m.get(("gateway_outbox_depth", (("state", "sent"),)), 0)
+        sent = m.get(("gateway_outbox_depth", (("destination", "default"), ("state", "sent"))), 0)
         quarantined = sum(v for (n, _), v in m.items() if n == "gateway_quarantined_total")
         return sent == N_GOOD and quarantined == 1
 
@@ -172,13 +172,15 @@ def test_agent_runs_like_a_service(agent: Agent, tmp_path: Path) -> None:
     assert m[("gateway_files_received_total", ())] == N_GOOD + 1
     assert m[("gateway_deidentified_total", ())] == N_GOOD
     assert m[("gateway_quarantined_total", (("reason", "not_dicom"),))] == 1
-    assert m[("gateway_upload_attempts_total", (("result", "sent"),))] == N_GOOD
-    assert m[("gateway_bytes_sent_total", ())] > 0
-    assert m[("gateway_outbox_depth", (("state", "queued"),))] == 0
-    assert m[("gateway_outbox_oldest_waiting_age_seconds", ())] == 0
+    dest = (("destination", "default"),)
+    assert m[("gateway_upload_attempts_total", (*dest, ("result", "sent")))] == N_GOOD
+    assert m[("gateway_bytes_sent_total", dest)] > 0
+    assert m[("gateway_outbox_depth", (*dest, ("state", "queued")))] == 0
+    assert m[("gateway_outbox_oldest_waiting_age_seconds", dest)] == 0
+    assert m[("gateway_destination_up", dest)] == 1
     assert m[("gateway_state_disk_free_bytes", ())] > 0
     assert m[("gateway_intake_paused", ())] == 0
-    assert m[("gateway_last_upload_success_timestamp_seconds", ())] > 0
+    assert m[("gateway_last_upload_success_timestamp_seconds", dest)] > 0
     assert len(list(agent.dest.rglob("*.dcm"))) == N_GOOD
     assert not list(agent.inbox.iterdir())  # originals removed after commit
 

@@ -22,7 +22,7 @@ from .originals import Originals
 from .quarantine import Quarantine
 from .worker import JobResult
 
-__all__ = ["GroupCommit", "Job", "OutboxSink"]
+__all__ = ["GroupCommit", "Job", "OutboxSink", "inbox_folder"]
 
 log = get_logger()
 
@@ -50,6 +50,8 @@ class OutboxSink(Protocol):
         scanner: str | None = None,
         source: str = "inbox",
         calling_ae: str | None = None,
+        modality: str = "",
+        inbox_folder: str | None = None,
     ) -> bool: ...
 
 
@@ -70,6 +72,13 @@ class Job:
     def source(self) -> str:
         """``"listener"`` for an instance received over C-STORE, else ``"inbox"``."""
         return "inbox" if self.calling_ae is None else "listener"
+
+
+def inbox_folder(rel: str) -> str:
+    """The sub-folder of the inbox a file was dropped into (its first folder), ``""`` for the
+    inbox itself: what routing rules on ``inbox_folder`` match."""
+    head, sep, _ = rel.partition("/")
+    return head if sep else ""
 
 
 class GroupCommit:
@@ -218,6 +227,8 @@ class GroupCommit:
                 "scanner": getattr(r, "scanner", None) or None,
                 "source": job.source,
                 "calling_ae": job.calling_ae,
+                "modality": r.modality,
+                "inbox_folder": inbox_folder(job.rel),
             }
             for job, r in done
         ]

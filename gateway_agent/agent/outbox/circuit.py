@@ -1,20 +1,21 @@
 """The destination circuit: an outage is detected once and probed by one worker at a time.
 
-The ``destination_state`` table holds it: consecutive failures, ``blocked_until``, the probe's
-lease, the last error and success, and whether the destination rejects the agent's credentials.
+The ``destinations`` table holds one per destination: consecutive failures, ``blocked_until``,
+the probe's lease, the last error and success, and whether the destination rejects the agent's
+credentials. One destination's circuit never holds back another's deliveries.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .db import AWAITING_PROOF, OutboxDB
+from .db import AWAITING_PROOF, DestinationView
 
 __all__ = ["Circuit"]
 
 
-class Circuit(OutboxDB):
-    """May a worker send now, and what the destination last said (``destination_state``)."""
+class Circuit(DestinationView):
+    """May a worker send now, and what the destination last said (its ``destinations`` row)."""
 
     def circuit_acquire(self, probe_lease: float) -> tuple[float, bool]:
         """May a worker send now? Returns ``(wait_seconds, probing)``.
@@ -25,14 +26,16 @@ class Circuit(OutboxDB):
         """
         now = self._clock()
         failures, blocked_until = self._query(
-            "select consecutive_failures, blocked_until from destination_state where id = 1"
+            "select consecutive_failures, blocked_until from destinations where name = ?",
+            (self.name,),
         )[0]
         if failures == 0 and blocked_until <= now:
             return 0.0, False
         with self._tx() as c:
             failures, blocked_until, probe_until = c.execute(
                 "select consecutive_failures, blocked_until, probe_until"
-                " from destination_state where id = 1"
+                " from destinations where name = ?",
+                (self.name,),
             ).fetchone()
             if failures == 0 and blocked_until <= now:
                 return 0.0, False
@@ -40,14 +43,15 @@ class Circuit(OutboxDB):
             if wait_until > now:
                 return wait_until - now, False
             c.execute(
-                "update destination_state set probe_until = ? where id = 1", (now + probe_lease,)
+                "update destinations set probe_until = ? where name = ?",
+                (now + probe_lease, self.name),
             )
             return 0.0, True
 
     def circuit_release_probe(self) -> None:
         """The probe found nothing to send: let the next worker probe at once."""
         with self._tx() as c:
-            c.execute("update destination_state set probe_until = 0 where id = 1")
+            c.execute("update destinations set probe_until = 0 where name = ?", (self.name,))
 
     def circuit_failure(
         self,
@@ -67,58 +71,75 @@ class Circuit(OutboxDB):
         now = self._clock()
         with self._tx() as c:
             failures, last_error_at = c.execute(
-                "select consecutive_failures, last_error_at from destination_state where id = 1"
+                "select consecutive_failures, last_error_at from destinations where name = ?",
+                (self.name,),
             ).fetchone()
             concurrent = failures > 0 and (last_error_at or 0) >= started_at
             c.execute(
-                "update destination_state set consecutive_failures = consecutive_failures + ?,"
+                "update destinations set consecutive_failures = consecutive_failures + ?,"
                 " blocked_until = max(blocked_until, ?), last_error = ?, last_error_at = ?,"
                 " auth_failing = ?, probe_until = case when ? then 0 else probe_until end"
-                " where id = 1",
-                (0 if concurrent else 1, now + delay, error[:500], now, int(auth), int(probing)),
+                " where name = ?",
+                (
+                    0 if concurrent else 1,
+                    now + delay,
+                    error[:500],
+                    now,
+                    int(auth),
+                    int(probing),
+                    self.name,
+                ),
             )
             return bool(failures > 0)
 
     def circuit_success(self) -> bool:
         """The destination answered. Returns True if that closed an open circuit."""
         failures, auth = self._query(
-            "select consecutive_failures, auth_failing from destination_state where id = 1"
+            "select consecutive_failures, auth_failing from destinations where name = ?",
+            (self.name,),
         )[0]
         if not (failures or auth):
             return False  # healthy already: no write
         with self._tx() as c:
             c.execute(
-                "update destination_state set consecutive_failures = 0, blocked_until = 0,"
-                " probe_until = 0, auth_failing = 0 where id = 1"
+                "update destinations set consecutive_failures = 0, blocked_until = 0,"
+                " probe_until = 0, auth_failing = 0 where name = ?",
+                (self.name,),
             )
-        return bool(failures or auth)  # last_success_at: set by mark_sent, a delivery
+        return bool(failures or auth)  # last_success_at: set by mark_proven, a delivery
 
     def circuit_note(self, error: str) -> None:
         """Record what the destination did wrong without opening the circuit (it answers, but,
         for example, does not hold what it acknowledged): ``status`` shows it as the last error."""
         with self._tx() as c:
             c.execute(
-                "update destination_state set last_error = ?, last_error_at = ? where id = 1",
-                (error[:500], self._clock()),
+                "update destinations set last_error = ?, last_error_at = ? where name = ?",
+                (error[:500], self._clock(), self.name),
             )
 
     def consecutive_failures(self) -> int:
         return int(
-            self._query("select consecutive_failures from destination_state where id = 1")[0][0]
+            self._query(
+                "select consecutive_failures from destinations where name = ?", (self.name,)
+            )[0][0]
         )
 
     def destination_status(self) -> dict[str, Any]:
         """``last_error``, ``last_error_at``, ``last_success_at`` (the last delivery: storage
         proven, or acknowledged where it cannot be), ``consecutive_failures``, ``blocked_until``
-        and ``auth_failing`` of the (single) destination; ``awaiting_proof`` rows acknowledged
+        and ``auth_failing`` of this destination; ``awaiting_proof`` deliveries acknowledged
         whose storage is not proven yet, the longest-waiting acknowledged at
         ``proof_pending_since``."""
         r = self._query(
             "select last_error, last_error_at, last_success_at, consecutive_failures,"
-            " blocked_until, auth_failing from destination_state where id = 1"
+            " blocked_until, auth_failing from destinations where name = ?",
+            (self.name,),
         )[0]
         pending, since = self._query(
-            "select count(*), min(sent_at) from outbox where " + AWAITING_PROOF  # noqa: S608 (a constant)
+            "select count(*), min(d.sent_at) from deliveries d"  # noqa: S608 (a constant)
+            " join instances i on i.id = d.instance_id where d.destination = ? and "
+            + AWAITING_PROOF,
+            (self.name,),
         )[0]
         return {
             "last_error": r[0],

@@ -1,10 +1,14 @@
-"""The outbox database: schema, the one connection, rows in (intake) and rows out (reads).
+"""The outbox database: the one connection, rows in (intake, routed) and rows out (reads).
 
 Plumbing in the style of huey's ``BaseSqlStorage``: the schema as ``create table if not exists``
-strings, one connection guarded by a lock in autocommit mode, WAL, ``synchronous=FULL`` and a busy
-timeout set explicitly, and one ``_tx()`` context manager (``BEGIN IMMEDIATE``/commit/rollback).
-:class:`OutboxDB` is the base the outbox's other parts (``delivery``, ``circuit``, ``upkeep``)
-build on; :class:`~gateway_agent.agent.outbox.store.Outbox` joins them.
+strings (:mod:`.schema`, which also upgrades older outboxes), one connection guarded by a lock in
+autocommit mode, WAL, ``synchronous=FULL`` and a busy timeout set explicitly, and one ``_tx()``
+context manager (``BEGIN IMMEDIATE``/commit/rollback). :class:`OutboxDB` is the base the outbox's
+other parts (``upkeep``; ``delivery`` and ``circuit`` per destination) build on;
+:class:`~gateway_agent.agent.outbox.store.Outbox` joins them.
+
+An instance is a row of ``instances``; each destination it goes to (its :mod:`.routing`, decided
+when the row is added) has a row in ``deliveries`` with that delivery's state.
 """
 
 from __future__ import annotations
@@ -21,79 +25,55 @@ from typing import Any
 
 import sqlite_utils
 
+from ...logs import get_logger
 from ._sqlite import connect, query, transaction
+from .routing import DEFAULT_ROUTES, Route
+from .schema import prepare
 
-__all__ = ["AWAITING_PROOF", "SOURCES", "STATES", "OutboxDB", "OutboxRow"]
+__all__ = ["AWAITING_PROOF", "SOURCES", "STATES", "DestinationView", "OutboxDB", "OutboxRow"]
+
+log = get_logger()
 
 STATES = ("queued", "sending", "sent", "dead")
 #: Where an instance came from: the watched inbox, or the C-STORE listener.
 SOURCES = ("inbox", "listener")
 
-_SCHEMA = (
-    """
-    create table if not exists outbox (
-        id integer primary key,
-        sop_instance_uid text not null unique,
-        study_instance_uid text not null,
-        series_instance_uid text not null,
-        sop_class_uid text not null,
-        path text not null,
-        size integer not null,
-        state text not null default 'queued'
-            check (state in ('queued', 'sending', 'sent', 'dead')),
-        attempts integer not null default 0,
-        next_attempt_at real not null default 0,
-        lease_until real,
-        last_error text,
-        created_at real not null,
-        sent_at real,
-        file_gone integer not null default 0,
-        audit text not null default '{}',
-        scanner text,
-        source text not null default 'inbox',
-        calling_ae text,
-        confirmed integer
-    )
-    """,
-    "create index if not exists outbox_due on outbox (state, next_attempt_at)",
-    "create index if not exists outbox_sent on outbox (state, file_gone, sent_at)",
-    """
-    create table if not exists destination_state (
-        id integer primary key check (id = 1),
-        consecutive_failures integer not null default 0,
-        blocked_until real not null default 0,
-        probe_until real not null default 0,
-        last_error text,
-        last_error_at real,
-        last_success_at real,
-        auth_failing integer not null default 0
-    )
-    """,
-    "insert or ignore into destination_state (id) values (1)",
-)
-
-#: Sent rows whose storage the destination has yet to prove (``confirmed`` NULL, file kept).
-AWAITING_PROOF = "state = 'sent' and confirmed is null and file_gone = 0"
-_PROOF_INDEX = f"create index if not exists outbox_proof on outbox (sent_at) where {AWAITING_PROOF}"
-
-_OLDEST_WAITING = (
-    "select min(created_at) from (select min(created_at) as created_at from outbox"
-    " where state in ('queued', 'sending') union all select min(created_at) from outbox"
-    " where state = 'sent' and confirmed is null and file_gone = 0)"
-)
+#: Sent deliveries whose storage the destination has yet to prove (``confirmed`` NULL), their
+#: instance's file kept; ``d`` is the delivery, ``i`` its instance.
+AWAITING_PROOF = "d.state = 'sent' and d.confirmed is null and i.file_gone = 0"
 
 _WHERE_IDS = " where id in (select value from json_each(?)) order by id"
+#: One delivery (an instance at one destination), in the column order :func:`_row` reads.
 _SELECT_ROWS = (
-    "select id, sop_instance_uid, study_instance_uid, series_instance_uid, sop_class_uid, path,"
-    " size, state, attempts, next_attempt_at, last_error, created_at, sent_at, scanner,"
-    " source, calling_ae"
-    " from outbox"
+    "select i.id, i.sop_instance_uid, i.study_instance_uid, i.series_instance_uid,"
+    " i.sop_class_uid, i.path, i.size, d.state, d.attempts, d.next_attempt_at, d.last_error,"
+    " d.created_at, d.sent_at, d.destination, i.modality, i.source, i.inbox_folder, i.calling_ae,"
+    " i.scanner from deliveries d join instances i on i.id = d.instance_id"
+)
+#: One instance, its state summed up over its deliveries (see :meth:`OutboxDB.rows_since`).
+_SELECT_INSTANCES = (
+    "select i.id, i.sop_instance_uid, i.study_instance_uid, i.series_instance_uid,"
+    " i.sop_class_uid, i.path, i.size,"
+    " coalesce((select case"
+    "   when sum(d.state = 'sending') then 'sending' when sum(d.state = 'queued') then 'queued'"
+    "   when sum(d.state = 'dead') then 'dead' else 'sent' end"
+    "   from deliveries d where d.instance_id = i.id), 'sent'),"
+    " coalesce((select max(d.attempts) from deliveries d where d.instance_id = i.id), 0),"
+    " 0, null, i.created_at,"
+    " (select max(d.sent_at) from deliveries d where d.instance_id = i.id), null,"
+    " i.modality, i.source, i.inbox_folder, i.calling_ae, i.scanner from instances i"
 )
 
 
 @dataclass(frozen=True)
 class OutboxRow:
-    """One de-identified instance waiting for (or done with) upload."""
+    """One de-identified instance and its delivery to one destination.
+
+    ``state``, ``attempts``, ``next_attempt_at``, ``last_error`` and ``sent_at`` are the
+    delivery's. Rows read per instance (``destination`` None, from :meth:`OutboxDB.rows_since`)
+    sum up its deliveries: ``sending`` or ``queued`` while any waits, else ``dead`` if any is
+    dead, else ``sent``.
+    """
 
     id: int
     sop_instance_uid: str
@@ -106,14 +86,22 @@ class OutboxRow:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+    #: When the instance was added; for a delivery, when it was queued (or queued again by
+    #: ``retry``): its age counts from then.
     created_at: float
     sent_at: float | None
-    #: the keyed scanner pseudonym of the instance (None for rows written before it was kept)
-    scanner: str | None = None
+    #: The destination of this delivery (None: the instance across its deliveries).
+    destination: str | None = None
+    #: The output's Modality ("" when absent or not recorded).
+    modality: str = ""
     #: ``"inbox"`` or ``"listener"`` (received over C-STORE).
     source: str = "inbox"
+    #: The inbox sub-folder it came from, recorded only when a routing rule names that folder.
+    inbox_folder: str | None = None
     #: The calling AE title of the association that brought it (``source == "listener"``).
     calling_ae: str | None = None
+    #: The keyed scanner pseudonym of the instance (None for rows written before it was kept).
+    scanner: str | None = None
 
 
 def _row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
@@ -131,9 +119,12 @@ def _row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
         last_error=r[10],
         created_at=float(r[11]),
         sent_at=None if r[12] is None else float(r[12]),
-        scanner=r[13],
-        source=str(r[14]),
-        calling_ae=r[15],
+        destination=r[13],
+        modality=str(r[14] or ""),
+        source=str(r[15] or "inbox"),
+        inbox_folder=r[16],
+        calling_ae=r[17],
+        scanner=r[18],
     )
 
 
@@ -148,35 +139,61 @@ class OutboxDB:
     Parameters
     ----------
     db_path
-        SQLite file; created with mode 0600 (its WAL and SHM files inherit that mode).
+        SQLite file; created with mode 0600 (its WAL and SHM files inherit that mode). An outbox
+        written by an earlier version is upgraded in place (see :mod:`.schema`).
     clock
         Wall-clock source for every timestamp (injected by tests).
+    routes
+        The destinations and what each receives, in configuration order (default: one
+        destination named ``default`` taking everything). A version-1 outbox's rows go to the
+        route named ``default``, else to the first. None (operator commands): the destinations
+        the outbox already knows, and nothing can be added.
+    upgrade
+        Upgrade an outbox written by an earlier version (the daemon); False refuses it with an
+        :class:`OutboxSchemaError` instead (operator commands, which may run beside an older
+        agent).
+
+    Raises
+    ------
+    OutboxSchemaError
+        The database was written by a newer version, or upgrading it failed (it is unchanged).
     """
 
-    def __init__(self, db_path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db_path: Path | str,
+        *,
+        clock: Callable[[], float] = time.time,
+        routes: Sequence[Route] | None = DEFAULT_ROUTES,
+        upgrade: bool = True,
+    ) -> None:
+        if routes is not None and not routes:
+            raise ValueError('Argument "routes" must name at least one destination.')
+        self._configured = routes is not None
         self.db_path = Path(db_path) if str(db_path) != ":memory:" else None
         self._clock = clock
         self._lock = threading.RLock()
+        self.routes = tuple(routes or ())
+        self._folders = frozenset().union(*(r.names_folders for r in self.routes))
+        self._upgrade = upgrade
         self._conn = connect(self.db_path)
         self.db = sqlite_utils.Database(self._conn)
-        with self._lock:
-            self.initialize_schema()
+        try:
+            with self._lock:
+                self.initialize_schema()
+        except BaseException:
+            self._conn.close()
+            raise
 
     def initialize_schema(self) -> None:
+        """Create the schema, or upgrade an older one (see :func:`.schema.prepare`)."""
+        names = [r.name for r in self.routes]
+        heir = "default" if "default" in names or not names else names[0]
+        prepare(self._conn, destination=heir, upgrade=self._upgrade)
         with self._tx() as c:
-            for ddl in _SCHEMA:
-                c.execute(ddl)
-            columns = {str(r[1]) for r in c.execute("pragma table_info(outbox)")}
-            if "scanner" not in columns:  # a database from before the column
-                c.execute("alter table outbox add column scanner text")
-            if "source" not in columns:  # a database from before the C-STORE listener
-                c.execute("alter table outbox add column source text not null default 'inbox'")
-                c.execute("alter table outbox add column calling_ae text")
-            if "confirmed" not in columns:
-                # An outbox of 0.1.0: its sent rows were acknowledged, never proven stored; as
-                # NULL (proof pending) the uploader asks the destination about them.
-                c.execute("alter table outbox add column confirmed integer")
-            c.execute(_PROOF_INDEX)
+            c.executemany(
+                "insert or ignore into destinations (name) values (?)", [(n,) for n in names]
+            )
 
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … commit, or rollback and re-raise; holds the connection lock."""
@@ -205,14 +222,20 @@ class OutboxDB:
         path: Path,
         size: int,
         audit: dict[str, Any],
-        scanner: str | None = None,
+        modality: str = "",
         source: str = "inbox",
+        inbox_folder: str | None = None,
         calling_ae: str | None = None,
+        scanner: str | None = None,
     ) -> bool:
-        """Insert a queued row, durable on return; False if the SOP UID was already there.
+        """Insert an instance and its deliveries, durable on return; False if the SOP UID was
+        already there.
 
-        ``source`` says where the instance came from (``"inbox"``, ``"listener"``) and
-        ``calling_ae`` which scanner sent it over C-STORE; routing may match on them.
+        ``modality`` (the output's), ``source`` (``"inbox"`` or ``"listener"``), ``inbox_folder``
+        (the sub-folder of the inbox it was dropped into, ``""`` for the inbox itself) and
+        ``calling_ae`` (the scanner that sent it over C-STORE) decide where it goes (its
+        routes). The folder is recorded only when a route names it: a folder name may be a
+        patient's. ``scanner`` is the keyed scanner pseudonym (QC groups by it).
         """
         return self.add_many(
             [
@@ -224,19 +247,24 @@ class OutboxDB:
                     "path": path,
                     "size": size,
                     "audit": audit,
-                    "scanner": scanner,
+                    "modality": modality,
                     "source": source,
+                    "inbox_folder": inbox_folder,
                     "calling_ae": calling_ae,
+                    "scanner": scanner,
                 }
             ]
         )[0]
 
     def add_many(self, items: Sequence[Mapping[str, Any]]) -> list[bool]:
-        """Insert queued rows in ONE transaction (a group commit: one WAL sync for the group).
+        """Insert instances and their deliveries in ONE transaction (a group commit: one WAL sync
+        for the group).
 
-        Each item holds the keyword arguments of :meth:`add` (``scanner`` optional). All or
+        Each item holds the keyword arguments of :meth:`add` (the routing ones and ``scanner``
+        optional). All or
         nothing: either every row is committed and durable on return, or (an exception) none is.
-        Returns, per item, False if its SOP UID was already there (or earlier in ``items``).
+        Returns, per item, False if its SOP UID was already there (or earlier in ``items``). An
+        instance no route matches is kept without deliveries (``unrouted``) and logged.
         """
         params = []
         for item in items:
@@ -248,81 +276,238 @@ class OutboxDB:
             source = str(item.get("source") or "inbox")
             if source not in SOURCES:
                 raise ValueError(f'Argument "source" must be one of {SOURCES}, not {source!r}.')
+            folder = item.get("inbox_folder")
+            attrs = {
+                "modality": str(item.get("modality") or ""),
+                "sop_class_uid": str(item["sop_class_uid"]),
+                "inbox_folder": folder if source == "inbox" else None,
+                "calling_ae": item.get("calling_ae"),
+            }
+            targets = [r.name for r in self.routes if r.matches(attrs)]
             params.append(
                 (
-                    uid,
-                    item["study_instance_uid"],
-                    item["series_instance_uid"],
-                    item["sop_class_uid"],
-                    str(item["path"]),
-                    int(item["size"]),
-                    json.dumps(item.get("audit") or {}, sort_keys=True, default=str),
-                    item.get("scanner") or None,
-                    source,
-                    item.get("calling_ae"),
+                    (
+                        uid,
+                        item["study_instance_uid"],
+                        item["series_instance_uid"],
+                        item["sop_class_uid"],
+                        attrs["modality"],
+                        source,
+                        folder if folder in self._folders else None,
+                        attrs["calling_ae"],
+                        item.get("scanner") or None,
+                        str(item["path"]),
+                        int(item["size"]),
+                        json.dumps(item.get("audit") or {}, sort_keys=True, default=str),
+                    ),
+                    targets,
                 )
             )
         if not params:
             return []
         now = self._clock()
         added: list[bool] = []
+        unrouted: list[str] = []
         with self._tx() as c:
-            for p in params:
+            for values, targets in params:
                 cur = c.execute(
-                    "insert or ignore into outbox (sop_instance_uid, study_instance_uid,"
-                    " series_instance_uid, sop_class_uid, path, size, state, attempts,"
-                    " next_attempt_at, created_at, audit, scanner, source, calling_ae)"
-                    " values (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?)",
-                    (*p[:6], now, now, *p[6:]),
+                    "insert or ignore into instances (sop_instance_uid, study_instance_uid,"
+                    " series_instance_uid, sop_class_uid, modality, source, inbox_folder,"
+                    " calling_ae, scanner, path, size, audit, created_at)"
+                    " values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*values, now),
                 )
-                added.append(cur.rowcount == 1)
+                new = cur.rowcount == 1
+                added.append(new)
+                if not new:
+                    self._route_reconciled(c, values, targets, now)
+                    continue
+                instance_id = cur.lastrowid
+                c.executemany(
+                    "insert into deliveries (instance_id, destination, next_attempt_at, created_at)"
+                    " values (?, ?, ?, ?)",
+                    [(instance_id, name, now, now) for name in targets],
+                )
+                if not targets:
+                    unrouted.append(values[0])
+        if unrouted:
+            log.warning("instance_unrouted", rows=len(unrouted), sop_uids=unrouted[:5])
         return added
 
-    def get(self, sop_instance_uid: str) -> OutboxRow | None:
-        rows = self._query(_SELECT_ROWS + " where sop_instance_uid = ?", (sop_instance_uid,))
+    @staticmethod
+    def _route_reconciled(
+        c: sqlite3.Connection, values: tuple[Any, ...], targets: list[str], now: float
+    ) -> None:
+        """An instance re-added from its outbox file at start-up (a kill between writing the
+        file and committing its row) was routed by its header alone. Its original, taken again,
+        says where it came from: the destinations whose rules need that get their deliveries."""
+        row = c.execute(
+            "select id from instances where sop_instance_uid = ? and file_gone = 0"
+            " and json_extract(audit, '$.reconciled') = 1",
+            (values[0],),
+        ).fetchone()
+        if row is None:
+            return
+        c.executemany(
+            "insert or ignore into deliveries (instance_id, destination, next_attempt_at,"
+            " created_at) values (?, ?, ?, ?)",
+            [(row[0], name, now, now) for name in targets],
+        )
+        c.execute(
+            "update instances set source = ?, inbox_folder = ?, calling_ae = ?,"
+            " audit = json_remove(audit, '$.reconciled') where id = ?",
+            (values[5], values[6], values[7], row[0]),
+        )
+
+    def get(self, sop_instance_uid: str, destination: str | None = None) -> OutboxRow | None:
+        """The instance with this SOP UID at ``destination`` (default: summed up over all)."""
+        if destination is None:
+            rows = self._query(
+                _SELECT_INSTANCES + " where i.sop_instance_uid = ?", (sop_instance_uid,)
+            )
+        else:
+            rows = self._query(
+                _SELECT_ROWS + " where i.sop_instance_uid = ? and d.destination = ?",
+                (sop_instance_uid, destination),
+            )
         return _row(rows[0]) if rows else None
 
+    def deliveries_of(self, sop_instance_uid: str) -> dict[str, OutboxRow]:
+        """The instance's delivery to each destination it goes to, by destination name."""
+        rows = self._query(
+            _SELECT_ROWS + " where i.sop_instance_uid = ? order by d.destination",
+            (sop_instance_uid,),
+        )
+        return {str(r[13]): _row(r) for r in rows}
+
     def audit(self, row_id: int) -> dict[str, Any]:
-        rows = self._query("select audit from outbox where id = ?", (row_id,))
+        rows = self._query("select audit from instances where id = ?", (row_id,))
         return dict(json.loads(rows[0][0])) if rows else {}
 
     # -- rows out (status, QC) ----------------------------------------------------------------
-    def counts(self) -> dict[str, int]:
+    def destination_names(self) -> list[str]:
+        """Every destination the outbox knows: the configured ones first, then any other that
+        still has deliveries (a destination removed from the configuration)."""
+        names = [r.name for r in self.routes]
+        known = "select distinct destination from deliveries"
+        if not self._configured:
+            known += " union select name from destinations"
+        for (name,) in self._query(known + " order by 1"):
+            if name not in names:
+                names.append(str(name))
+        return names
+
+    def has_rows(self) -> bool:
+        """True if the outbox holds any instance."""
+        return bool(self._query("select exists (select 1 from instances)")[0][0])
+
+    def counts(self, destination: str | None = None) -> dict[str, int]:
+        """Deliveries by state (of every destination, or of one)."""
         out = dict.fromkeys(STATES, 0)
-        for state, n in self._query("select state, count(*) from outbox group by state"):
+        rows = self._query(
+            "select state, count(*) from deliveries where ?1 is null or destination = ?1"
+            " group by state",
+            (destination,),
+        )
+        for state, n in rows:
             out[str(state)] = int(n)
         return out
 
-    def proof_summary(self) -> dict[str, tuple[int, int]]:
-        """``{"pending": (rows, bytes), "unproven": (rows, bytes)}`` of sent rows whose files are
-        kept: proof pending, or acknowledged by a destination that could not prove storage."""
+    def proof_summary(self, destination: str | None = None) -> dict[str, tuple[int, int]]:
+        """``{"pending": (deliveries, bytes), "unproven": (deliveries, bytes)}`` of sent
+        deliveries (to every destination, or to one) whose files are kept: proof pending, or
+        acknowledged by a destination that could not prove storage."""
         out = {"pending": (0, 0), "unproven": (0, 0)}
         for confirmed, n, size in self._query(
-            "select confirmed, count(*), coalesce(sum(size), 0) from outbox"
-            " where state = 'sent' and file_gone = 0 and (confirmed is null or confirmed = 0)"
-            " group by confirmed"
+            "select d.confirmed, count(*), coalesce(sum(i.size), 0) from deliveries d"
+            " join instances i on i.id = d.instance_id"
+            " where d.state = 'sent' and i.file_gone = 0"
+            " and (d.confirmed is null or d.confirmed = 0) and (?1 is null or d.destination = ?1)"
+            " group by d.confirmed",
+            (destination,),
         ):
             out["pending" if confirmed is None else "unproven"] = (int(n), int(size))
         return out
 
-    def oldest_waiting_age(self) -> float | None:
-        """Seconds since the oldest row not yet delivered (queued, sending, or sent with its
-        proof of storage pending) was added; None: nothing waits."""
-        rows = self._query(_OLDEST_WAITING)
+    def counts_by_destination(self) -> dict[str, dict[str, int]]:
+        """``{destination: {state: deliveries}}`` for every destination the outbox knows."""
+        out = {name: dict.fromkeys(STATES, 0) for name in self.destination_names()}
+        for name, state, n in self._query(
+            "select destination, state, count(*) from deliveries group by destination, state"
+        ):
+            out.setdefault(str(name), dict.fromkeys(STATES, 0))[str(state)] = int(n)
+        return out
+
+    def instance_count(self) -> int:
+        return int(self._query("select count(*) from instances")[0][0])
+
+    def unrouted_count(self) -> int:
+        """Instances no destination's rule matched (kept without deliveries)."""
+        return int(
+            self._query(
+                "select count(*) from instances i"
+                " where not exists (select 1 from deliveries d where d.instance_id = i.id)"
+            )[0][0]
+        )
+
+    def oldest_waiting_age(self, destination: str | None = None) -> float | None:
+        """Seconds since the oldest instance not yet delivered to a destination (of any, or this
+        one) was added: its delivery queued, sending, or sent with its proof of storage pending;
+        None: nothing waits."""
+        rows = self._query(
+            "select min(created_at) from (select min(created_at) as created_at from deliveries"  # noqa: S608
+            " where state in ('queued', 'sending') and (?1 is null or destination = ?1)"
+            " union all select min(d.created_at) from deliveries d"
+            " join instances i on i.id = d.instance_id"
+            " where " + AWAITING_PROOF + " and (?1 is null or d.destination = ?1))",
+            (destination,),
+        )
         return None if rows[0][0] is None else max(0.0, self._clock() - float(rows[0][0]))
 
-    def rows(self, state: str | None = None, limit: int = 1000) -> list[OutboxRow]:
+    def rows(
+        self, state: str | None = None, limit: int = 1000, *, destination: str | None = None
+    ) -> list[OutboxRow]:
+        """Deliveries (of every destination, or of one), in the order instances were added."""
         if state is not None and state not in STATES:
             raise ValueError(f'Argument "state" must be one of {STATES}, not {state!r}.')
-        if state is None:
-            q = self._query(_SELECT_ROWS + " order by id limit ?", (limit,))
-        else:
-            q = self._query(
-                _SELECT_ROWS + " where state = ? order by id limit ?",
-                (state, limit),
-            )
+        q = self._query(
+            _SELECT_ROWS
+            + " where (?1 is null or d.state = ?1) and (?2 is null or d.destination = ?2)"
+            " order by d.instance_id, d.destination limit ?3",
+            (state, destination, limit),
+        )
         return [_row(r) for r in q]
 
     def rows_since(self, last_id: int, limit: int = 1000) -> list[OutboxRow]:
-        q = self._query(_SELECT_ROWS + " where id > ? order by id limit ?", (last_id, limit))
+        """Instances added after ``last_id`` (one row each, its deliveries summed up)."""
+        q = self._query(
+            _SELECT_INSTANCES + " where i.id > ? order by i.id limit ?", (last_id, limit)
+        )
         return [_row(r) for r in q]
+
+
+class DestinationView:
+    """The base of the per-destination parts (``delivery``, ``circuit``): one destination's
+    deliveries and circuit, over the outbox's connection and lock.
+
+    Parameters
+    ----------
+    db
+        The outbox.
+    name
+        The destination (a row of ``destinations`` is made for it if it has none).
+    """
+
+    def __init__(self, db: OutboxDB, name: str) -> None:
+        self.outbox_db = db
+        self.name = name
+        self._clock = db._clock
+        if not self._query("select 1 from destinations where name = ?", (name,)):
+            with self._tx() as c:
+                c.execute("insert or ignore into destinations (name) values (?)", (name,))
+
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self.outbox_db._tx()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.outbox_db._query(sql, params)

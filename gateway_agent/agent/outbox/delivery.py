@@ -1,7 +1,10 @@
-"""Delivery: lease due rows to the upload workers and record what became of them.
+"""Delivery: lease one destination's due deliveries to its upload workers, record what became
+of them.
 
-Unlike huey, delivery is at-least-once: a claim only leases a row (``sending``); the row becomes
-``sent`` after the destination acknowledged it, and leases left by a crash are requeued.
+Unlike huey, delivery is at-least-once: a claim only leases a delivery (``sending``); it becomes
+``sent`` after the destination acknowledged it, and leases left by a crash are requeued. Each
+destination has its own deliveries: one destination's backlog, backoff or dead rows never hold
+another back.
 """
 
 from __future__ import annotations
@@ -9,20 +12,23 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from ...logs import get_logger
-from .db import _SELECT_ROWS, _WHERE_IDS, AWAITING_PROOF, OutboxDB, OutboxRow, _row, ids_param
+from .db import _SELECT_ROWS, AWAITING_PROOF, DestinationView, OutboxRow, _row, ids_param
 
 __all__ = ["Delivery"]
 
-log = get_logger()
+_WHERE_MINE = (
+    " where d.destination = ? and d.instance_id in (select value from json_each(?))"
+    " order by d.instance_id"
+)
 
 
-class Delivery(OutboxDB):
+class Delivery(DestinationView):
     """Claiming (``queued`` → ``sending``), outcomes (→ ``sent`` / ``queued`` / ``dead``), and the
-    operator's ``retry``."""
+    operator's ``retry``, for one destination. Row ids are the instances' ids."""
 
     def claim(self, *, max_items: int, max_bytes: int, lease_seconds: float) -> list[OutboxRow]:
-        """Lease due rows (queued and due, or ``sending`` with an expired lease) in one transaction.
+        """Lease due deliveries (queued and due, or ``sending`` with an expired lease) in one
+        transaction.
 
         At least one row is returned when one is due, even if it alone exceeds ``max_bytes``.
         ``attempts`` is counted here.
@@ -32,11 +38,12 @@ class Delivery(OutboxDB):
         now = self._clock()
         with self._tx() as c:
             candidates = c.execute(
-                "select id, size from outbox where state = 'queued' and next_attempt_at <= ?"
-                " union all"
-                " select id, size from outbox where state = 'sending' and lease_until < ?"
-                " order by id limit ?",
-                (now, now, max_items),
+                "select d.instance_id, i.size from deliveries d"
+                " join instances i on i.id = d.instance_id"
+                " where d.destination = ?1 and ((d.state = 'queued' and d.next_attempt_at <= ?2)"
+                " or (d.state = 'sending' and d.lease_until < ?2))"
+                " order by d.instance_id limit ?3",
+                (self.name, now, max_items),
             ).fetchall()
             ids: list[int] = []
             total = 0
@@ -48,13 +55,14 @@ class Delivery(OutboxDB):
             if not ids:
                 return []
             c.execute(
-                "update outbox set state = 'sending', attempts = attempts + 1, lease_until = ?"
-                " where id in (select value from json_each(?))",
-                (now + lease_seconds, json.dumps(ids)),
+                "update deliveries set state = 'sending', attempts = attempts + 1,"
+                " lease_until = ? where destination = ?"
+                " and instance_id in (select value from json_each(?))",
+                (now + lease_seconds, self.name, json.dumps(ids)),
             )
             rows = c.execute(
-                _SELECT_ROWS + _WHERE_IDS,
-                (json.dumps(ids),),
+                _SELECT_ROWS + _WHERE_MINE,
+                (self.name, json.dumps(ids)),
             ).fetchall()
         return [_row(r) for r in rows]
 
@@ -63,63 +71,72 @@ class Delivery(OutboxDB):
         their proof of storage is pending (see :meth:`mark_proven`).
 
         ``warning``: the destination stored them with a warning (a C-STORE 0xB000 coercion, for
-        one); it stays in ``last_error`` of the sent rows.
+        one); it stays in ``last_error`` of the sent deliveries.
         """
         note = f"warning: {warning}" if warning else None
         with self._tx() as c:
             c.execute(
-                "update outbox set state = 'sent', sent_at = ?, lease_until = null,"
-                " last_error = ?, confirmed = null"
-                " where id in (select value from json_each(?))",
-                (self._clock(), note, ids_param(ids)),
+                "update deliveries set state = 'sent', sent_at = ?, lease_until = null,"
+                " last_error = ?, confirmed = null where destination = ?"
+                " and instance_id in (select value from json_each(?))",
+                (self._clock(), note, self.name, ids_param(ids)),
             )
 
     def awaiting_proof(self, limit: int) -> list[OutboxRow]:
-        """Sent rows whose storage is yet to be proven, the longest-waiting first."""
+        """Sent deliveries whose storage is yet to be proven, the longest-waiting first."""
         q = self._query(
-            _SELECT_ROWS + " where " + AWAITING_PROOF + " order by sent_at, id limit ?",
-            (int(limit),),
+            _SELECT_ROWS
+            + " where d.destination = ? and "
+            + AWAITING_PROOF
+            + " order by d.sent_at, d.instance_id limit ?",
+            (self.name, int(limit)),
         )
         return [_row(r) for r in q]
 
     def oldest_proof_pending_at(self) -> float | None:
-        """When the longest-waiting row awaiting proof was acknowledged (None: none waits)."""
-        rows = self._query("select min(sent_at) from outbox where " + AWAITING_PROOF)  # noqa: S608
+        """When the longest-waiting delivery awaiting proof was acknowledged (None: none)."""
+        rows = self._query(
+            "select min(d.sent_at) from deliveries d join instances i on i.id = d.instance_id"  # noqa: S608
+            " where d.destination = ? and " + AWAITING_PROOF,
+            (self.name,),
+        )
         return None if rows[0][0] is None else float(rows[0][0])
 
     def mark_proven(self, ids: Sequence[int], *, proven: bool = True) -> None:
-        """The destination proved it holds these sent rows (``proven``), or said it cannot prove
-        it (``proven=False``: kept unless ``disk.keep_unconfirmed`` is off). Either way they
-        count as delivered (``last_success_at``)."""
+        """The destination proved it holds these sent deliveries (``proven``), or said it cannot
+        prove it (``proven=False``: files kept unless ``disk.keep_unconfirmed`` is off). Either
+        way they count as delivered (``last_success_at``)."""
         with self._tx() as c:
             c.execute(
-                "update destination_state set last_success_at = ? where id = 1", (self._clock(),)
+                "update destinations set last_success_at = ? where name = ?",
+                (self._clock(), self.name),
             )
             c.execute(
-                "update outbox set confirmed = ?"
-                " where state = 'sent' and confirmed is null"
-                " and id in (select value from json_each(?))",
-                (int(proven), ids_param(ids)),
+                "update deliveries set confirmed = ?"
+                " where destination = ? and state = 'sent' and confirmed is null"
+                " and instance_id in (select value from json_each(?))",
+                (int(proven), self.name, ids_param(ids)),
             )
 
     def mark_not_stored(
         self, retry: Sequence[tuple[int, float]], dead: Sequence[int], *, error: str
     ) -> None:
-        """Acknowledged rows the storage check did not find: ``retry`` ((id, delay) pairs) back
-        to ``queued``, due after their delay; ``dead`` to ``dead``. Both keep ``error``."""
+        """Acknowledged deliveries the storage check did not find: ``retry`` ((id, delay) pairs)
+        back to ``queued``, due after their delay; ``dead`` to ``dead``. Both keep ``error``."""
         now = self._clock()
         with self._tx() as c:
             for row_id, delay in retry:
                 c.execute(
-                    "update outbox set state = 'queued', next_attempt_at = ?, sent_at = null,"
-                    " last_error = ? where id = ? and state = 'sent' and confirmed is null",
-                    (now + max(0.0, delay), error[:500], int(row_id)),
+                    "update deliveries set state = 'queued', next_attempt_at = ?, sent_at = null,"
+                    " last_error = ? where destination = ? and instance_id = ?"
+                    " and state = 'sent' and confirmed is null",
+                    (now + max(0.0, delay), error[:500], self.name, int(row_id)),
                 )
             c.execute(
-                "update outbox set state = 'dead', sent_at = null, last_error = ?"
-                " where state = 'sent' and confirmed is null"
-                " and id in (select value from json_each(?))",
-                (error[:500], ids_param(dead)),
+                "update deliveries set state = 'dead', sent_at = null, last_error = ?"
+                " where destination = ? and state = 'sent' and confirmed is null"
+                " and instance_id in (select value from json_each(?))",
+                (error[:500], self.name, ids_param(dead)),
             )
 
     def mark_retry(
@@ -134,81 +151,87 @@ class Delivery(OutboxDB):
         refund = 1 if refund_attempt else 0
         with self._tx() as c:
             c.execute(
-                "update outbox set state = 'queued', next_attempt_at = ?, lease_until = null,"
-                " last_error = ?, attempts = max(0, attempts - ?)"
-                " where state = 'sending' and id in (select value from json_each(?))",
-                (due, error[:500], refund, ids_param(ids)),
+                "update deliveries set state = 'queued', next_attempt_at = ?, lease_until = null,"
+                " last_error = ?, attempts = max(0, attempts - ?) where destination = ?"
+                " and instance_id in (select value from json_each(?)) and state = 'sending'",
+                (due, error[:500], refund, self.name, ids_param(ids)),
             )
 
     def mark_dead(self, ids: Sequence[int], *, error: str) -> None:
         with self._tx() as c:
             c.execute(
-                "update outbox set state = 'dead', lease_until = null, last_error = ?"
-                " where state != 'sent' and id in (select value from json_each(?))",
-                (error[:500], ids_param(ids)),
+                "update deliveries set state = 'dead', lease_until = null, last_error = ?"
+                " where destination = ? and instance_id in (select value from json_each(?))"
+                " and state != 'sent'",
+                (error[:500], self.name, ids_param(ids)),
             )
 
     def release(self, ids: Sequence[int]) -> None:
         """``sending`` → ``queued`` without penalty (shutdown before the request was made)."""
         with self._tx() as c:
             c.execute(
-                "update outbox set state = 'queued', lease_until = null,"
-                " attempts = max(0, attempts - 1)"
-                " where state = 'sending' and id in (select value from json_each(?))",
-                (ids_param(ids),),
+                "update deliveries set state = 'queued', lease_until = null,"
+                " attempts = max(0, attempts - 1) where destination = ?"
+                " and instance_id in (select value from json_each(?)) and state = 'sending'",
+                (self.name, ids_param(ids)),
             )
-
-    def requeue_stale(self) -> int:
-        """At start-up: every ``sending`` row (left by a crash) goes back to ``queued``, due now."""
-        now = self._clock()
-        with self._tx() as c:
-            cur = c.execute(
-                "update outbox set state = 'queued', lease_until = null, next_attempt_at = ?"
-                " where state = 'sending'",
-                (now,),
-            )
-            n = cur.rowcount
-        if n:
-            log.info("outbox_requeued_stale", rows=n)
-        return n
 
     def retry_dead(self, ids: Sequence[int] | None = None) -> int:
-        """``dead`` → ``queued`` (all, or these ids) with attempts reset and due now."""
+        """``dead`` → ``queued`` (all, or these instance ids) with attempts reset and due now."""
         now = self._clock()
         selected = None if ids is None else ids_param(ids)
         with self._tx() as c:
             cur = c.execute(
-                "update outbox set state = 'queued', attempts = 0, next_attempt_at = ?1,"
-                " created_at = ?1, last_error = null where state = 'dead'"
-                " and (?2 is null or id in (select value from json_each(?2)))",
-                (now, selected),
+                "update deliveries set state = 'queued', attempts = 0, next_attempt_at = ?1,"
+                " created_at = ?1, last_error = null where destination = ?2 and state = 'dead'"
+                " and (?3 is null or instance_id in (select value from json_each(?3)))",
+                (now, self.name, selected),
             )
             return int(cur.rowcount)
 
     def retry_now(self) -> int:
-        """Make every waiting row due now and close the circuit (after fixing credentials/URL)."""
+        """Make every waiting delivery due now and close the circuit (after fixing credentials
+        or the address)."""
         now = self._clock()
         with self._tx() as c:
             n = c.execute(
-                "update outbox set next_attempt_at = ?"
-                " where state = 'queued' and next_attempt_at > ?",
-                (now, now),
+                "update deliveries set next_attempt_at = ?"
+                " where destination = ? and state = 'queued' and next_attempt_at > ?",
+                (now, self.name, now),
             ).rowcount
             c.execute(
-                "update destination_state set blocked_until = 0, probe_until = 0 where id = 1"
+                "update destinations set blocked_until = 0, probe_until = 0 where name = ?",
+                (self.name,),
             )
         return int(n)
 
     def due_summary(self, limit: int) -> tuple[int, int]:
-        """``(rows, bytes)`` of the first ``limit`` queued rows due now (a read, no write)."""
+        """``(rows, bytes)`` of the first ``limit`` queued deliveries due now (a read)."""
         rows = self._query(
-            "select count(*), coalesce(sum(size), 0) from (select size from outbox"
-            " where state = 'queued' and next_attempt_at <= ? order by id limit ?)",
-            (self._clock(), int(limit)),
+            "select count(*), coalesce(sum(i.size), 0) from (select instance_id from deliveries"
+            " where destination = ? and state = 'queued' and next_attempt_at <= ?"
+            " order by instance_id limit ?) d join instances i on i.id = d.instance_id",
+            (self.name, self._clock(), int(limit)),
         )
         return int(rows[0][0]), int(rows[0][1])
 
     def next_due_at(self) -> float | None:
-        """When the earliest queued row becomes due (None: nothing queued)."""
-        rows = self._query("select min(next_attempt_at) from outbox where state = 'queued'")
+        """When the earliest queued delivery becomes due (None: nothing queued)."""
+        rows = self._query(
+            "select min(next_attempt_at) from deliveries"
+            " where destination = ? and state = 'queued'",
+            (self.name,),
+        )
         return None if rows[0][0] is None else float(rows[0][0])
+
+    def counts(self) -> dict[str, int]:
+        """This destination's deliveries by state."""
+        return self.outbox_db.counts(self.name)
+
+    def oldest_waiting_age(self) -> float | None:
+        """Seconds since the oldest instance waiting for this destination was added."""
+        return self.outbox_db.oldest_waiting_age(self.name)
+
+    def rows(self, state: str | None = None, limit: int = 1000) -> list[OutboxRow]:
+        """This destination's deliveries, in the order instances were added."""
+        return self.outbox_db.rows(state, limit, destination=self.name)

@@ -1,4 +1,4 @@
-"""Upkeep: retention of sent files and rows, and the start-up reconcile of files and rows."""
+"""Upkeep: retention of delivered files and rows, and the start-up reconcile of files and rows."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def row_from_file(path: Path, audit: dict[str, Any]) -> dict[str, Any]:
         "study_instance_uid": str(ds.StudyInstanceUID),
         "series_instance_uid": str(ds.SeriesInstanceUID),
         "sop_class_uid": str(ds.SOPClassUID),
+        "modality": str(ds.get("Modality", "") or ""),
         "path": path,
         "size": path.stat().st_size,
         "audit": audit,
@@ -38,20 +39,28 @@ def row_from_file(path: Path, audit: dict[str, Any]) -> dict[str, Any]:
 
 
 class Upkeep(OutboxDB):
-    """What keeps the outbox bounded and true to its folder: retention, compaction, reconcile."""
+    """What keeps the outbox bounded and true to its folder: retention, compaction, reconcile.
+
+    An instance is *done* when every destination it goes to acknowledged it and proved it holds
+    it (an instance no destination matched is done when it is added); only then may its file go.
+    """
 
     def purge_sent_files(self, older_than_seconds: float, *, unconfirmed: bool = False) -> int:
-        """Retention: unlink files of rows sent over ``older_than_seconds`` ago; keep the rows.
+        """Retention: unlink the files of instances done over ``older_than_seconds`` ago (their
+        last delivery sent that long ago); keep the rows.
 
-        Only rows whose storage the destination proved (``confirmed`` = 1); with
-        ``unconfirmed``, also rows acknowledged by a destination that could not prove it
-        (``confirmed`` = 0). A row whose proof is pending is never purged: until then the outbox
-        file is the last copy the agent can vouch for.
+        Done means every delivery is sent and its destination proved it holds the instance
+        (``confirmed`` = 1); with ``unconfirmed``, a delivery to a destination that could not
+        prove it (``confirmed`` = 0) counts too. An instance with a delivery whose proof is
+        pending is never purged: until then the outbox file is the last copy the agent can
+        vouch for.
         """
         cutoff = self._clock() - older_than_seconds
         victims = self._query(
-            "select id, path from outbox where state = 'sent' and file_gone = 0 and sent_at <= ?"
-            " and (confirmed = 1 or (? and confirmed = 0))",
+            "select i.id, i.path from instances i where i.file_gone = 0 and i.created_at <= ?1"
+            " and not exists (select 1 from deliveries d where d.instance_id = i.id"
+            " and (d.state != 'sent' or d.sent_at > ?1 or d.confirmed is null"
+            " or (d.confirmed = 0 and not ?2)))",
             (cutoff, int(unconfirmed)),
         )
         for _, path in victims:
@@ -59,25 +68,54 @@ class Upkeep(OutboxDB):
         ids = [int(v[0]) for v in victims]
         with self._tx() as c:
             c.execute(
-                "update outbox set file_gone = 1 where id in (select value from json_each(?))",
+                "update instances set file_gone = 1 where id in (select value from json_each(?))",
                 (ids_param(ids),),
             )
         return len(ids)
 
     def compact(self, older_than_seconds: float) -> int:
-        """Audit retention: delete sent rows whose files are gone, sent over the age ago.
+        """Audit retention: delete done instances whose files are gone, done over the age ago
+        (and their deliveries).
 
-        This bounds the database (SQLite reuses the freed pages). The newest row is never
-        deleted, so row ids keep growing and ``rows_since`` readers (the QC job) stay correct.
+        This bounds the database (SQLite reuses the freed pages). The newest instance is never
+        deleted, so ids keep growing and ``rows_since`` readers (the QC job) stay correct.
         """
         cutoff = self._clock() - older_than_seconds
         with self._tx() as c:
-            cur = c.execute(
-                "delete from outbox where state = 'sent' and file_gone = 1 and sent_at <= ?"
-                " and id < (select max(id) from outbox)",
-                (cutoff,),
+            old = [
+                int(r[0])
+                for r in c.execute(
+                    "select i.id from instances i where i.file_gone = 1 and i.created_at <= ?1"
+                    " and i.id < (select max(id) from instances)"
+                    " and not exists (select 1 from deliveries d where d.instance_id = i.id"
+                    " and (d.state != 'sent' or d.sent_at > ?1))",
+                    (cutoff,),
+                )
+            ]
+            selected = ids_param(old)
+            c.execute(
+                "delete from deliveries where instance_id in (select value from json_each(?))",
+                (selected,),
             )
-            return int(cur.rowcount)
+            c.execute(
+                "delete from instances where id in (select value from json_each(?))", (selected,)
+            )
+            return len(old)
+
+    def requeue_stale(self) -> int:
+        """At start-up: every ``sending`` delivery (left by a crash) goes back to ``queued``, due
+        now, for every destination."""
+        now = self._clock()
+        with self._tx() as c:
+            cur = c.execute(
+                "update deliveries set state = 'queued', lease_until = null, next_attempt_at = ?"
+                " where state = 'sending'",
+                (now,),
+            )
+            n = cur.rowcount
+        if n:
+            log.info("outbox_requeued_stale", rows=n)
+        return n
 
     def add_file(self, path: Path, *, audit: dict[str, Any]) -> bool:
         """``add`` a de-identified file, its UIDs read from its header (see ``row_from_file``)."""
@@ -86,16 +124,18 @@ class Upkeep(OutboxDB):
     def reconcile(self, files_dir: Path) -> dict[str, int]:
         """Start-up check between ``files_dir`` and the rows.
 
-        * a ``*.dcm`` file without a row is re-added from its header (``added``), or counted as
+        * a ``*.dcm`` file without a row is re-added from its header (``added``) and routed by
+          it (where it came from is not known then: rules on the inbox folder or calling AE
+          match it only when its original is taken again, see ``add_many``), or counted as
           ``unreadable`` and left in place;
-        * a queued/sending row whose file is missing goes to ``dead`` with ``file_missing``
-          (``missing``).
+        * a waiting delivery whose file is missing goes to ``dead`` with ``file_missing``
+          (``missing``: instances).
         Hidden and temporary files (``.*``, ``*.tmp``, ``*.partial``) are counted as ``temp``.
         """
         from pydicom.errors import InvalidDicomError
 
         result = {"added": 0, "missing": 0, "unreadable": 0, "temp": 0}
-        known = {os.path.realpath(p) for (p,) in self._query("select path from outbox")}
+        known = {os.path.realpath(p) for (p,) in self._query("select path from instances")}
         if files_dir.is_dir():
             for dirpath, _dirs, names in os.walk(files_dir):
                 for name in names:
@@ -113,13 +153,15 @@ class Upkeep(OutboxDB):
                     if added:
                         result["added"] += 1
         waiting = self._query(
-            "select id, path from outbox where state in ('queued', 'sending') and file_gone = 0"
+            "select i.id, i.path from instances i where i.file_gone = 0 and exists (select 1"
+            " from deliveries d where d.instance_id = i.id and d.state in ('queued', 'sending'))"
         )
         missing = [int(i) for i, p in waiting if not Path(p).exists()]
         with self._tx() as c:
             c.execute(
-                "update outbox set state = 'dead', last_error = 'file_missing',"
-                " lease_until = null where id in (select value from json_each(?))",
+                "update deliveries set state = 'dead', last_error = 'file_missing',"
+                " lease_until = null where state in ('queued', 'sending')"
+                " and instance_id in (select value from json_each(?))",
                 (ids_param(missing),),
             )
         result["missing"] = len(missing)

@@ -22,8 +22,10 @@ from ..intake.listener import Listener
 from ..intake.pipeline import OUTBOX_DIR_MODE, Intake
 from ..intake.quarantine import Quarantine
 from ..intake.watcher import InboxWatcher
+from ..outbox.routing import routes_from_settings
+from ..outbox.schema import OutboxSchemaError
 from ..outbox.store import Outbox
-from ..upload.destinations import destination_from_settings
+from ..upload.destinations import Destination, destination_from_settings
 from ..upload.uploader import Uploader
 from .effective import write_effective_settings
 from .paths import StatePaths, check_layout
@@ -54,8 +56,9 @@ class Component(Protocol):
 class Daemon:
     """The long-running agent.
 
-    ``start()`` opens the outbox (``state_dir/outbox.db``), requeues rows left ``sending``,
-    reconciles files and rows, then starts the uploader, the intake pool and the inbox watcher
+    ``start()`` opens the outbox (``state_dir/outbox.db``; one written by an earlier version is
+    upgraded in place), requeues deliveries left ``sending``, reconciles files and rows, then
+    starts one uploader per destination, the intake pool and the inbox watcher
     (whose start-up scan takes files that arrived while the agent was down), then the service
     plumbing (health/metrics, disk guard, systemd notify) and any extra ``components``.
     ``stop()`` reverses that: no new files are taken, in-flight de-identifications commit,
@@ -89,7 +92,8 @@ class Daemon:
         self._want_service = service
         self.components: list[Component] = []
         self.outbox: Outbox | None = None
-        self.uploader: Uploader | None = None
+        #: One per destination, by name, in configuration order.
+        self.uploaders: dict[str, Uploader] = {}
         self.intake: Intake | None = None
         self.watcher: InboxWatcher | None = None
         self.listener: Listener | None = None
@@ -113,6 +117,8 @@ class Daemon:
         self._check_inbox()
         try:
             outbox = self._open_state()
+        except OutboxSchemaError as exc:
+            raise ConfigError(f"outbox {self.paths.outbox_db}: {exc}") from None
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(
                 f"state_dir {self.paths.root}: {_describe_os_error(exc)}: make it a folder this "
@@ -124,12 +130,24 @@ class Daemon:
             secret, DeidOptions.from_settings(s.deid), station_name=s.station_name
         )
 
-        if s.destination.kind == "folder":
-            self._remove_temp_files(Path(s.destination.folder))
-        destination = destination_from_settings(s.destination, calling_ae=s.calling_ae)
-        write_effective_settings(self.paths.root, s, s.destination.target)
-        self.uploader = Uploader(outbox, destination, s.destination)
-        self.uploader.start()
+        built: list[tuple[Any, Destination]] = []
+        try:
+            for d in s.all_destinations:
+                if d.kind == "folder":
+                    self._remove_temp_files(Path(d.folder))
+                built.append((d, destination_from_settings(d, calling_ae=s.calling_ae_for(d))))
+        except BaseException:
+            for _, dest in built:
+                with contextlib.suppress(Exception):
+                    dest.close()
+            raise
+        write_effective_settings(
+            self.paths.root, s, [{"name": d.name, "target": d.target} for d in s.all_destinations]
+        )
+        for d, dest in built:
+            self.uploaders[d.name] = Uploader(outbox, dest, d)
+        for uploader in self.uploaders.values():
+            uploader.start()
 
         if self._want_service:
             self.service = self._start_service()
@@ -144,7 +162,7 @@ class Daemon:
             originals=s.originals,
             archive_dir=s.archive_dir,
             workers=s.intake_workers,
-            on_committed=self.uploader.wake,
+            on_committed=self._wake_uploaders,
             gate=gate,
             state_dir=self.paths.root,
             resettle=self._resettle,
@@ -154,7 +172,8 @@ class Daemon:
         self.intake.start()
         intake = self.intake
         # Batches fill while intake is busy; a lone file is sent as soon as it is committed.
-        self.uploader.more_coming = lambda: not intake.idle()
+        for uploader in self.uploaders.values():
+            uploader.more_coming = lambda: not intake.idle()
         self.watcher = InboxWatcher(self.inbox, self.intake.submit, settle_seconds=s.settle_seconds)
         self.watcher.start()
         if s.listener.enabled:
@@ -176,7 +195,7 @@ class Daemon:
             "agent_started",
             inbox=str(self.inbox),
             state_dir=str(self.paths.root),
-            destination=s.destination.target,
+            destinations=[f"{d.name}: {d.target}" for d in s.all_destinations],
             workers=s.intake_workers,
             settle_seconds=s.settle_seconds,
             originals=s.originals,
@@ -210,7 +229,9 @@ class Daemon:
         for leftover in self.paths.root.glob(".tmp-*.part"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
-        self.outbox = outbox = Outbox(self.paths.outbox_db)
+        routes = routes_from_settings(self.settings.all_destinations)
+        self.outbox = outbox = Outbox(self.paths.outbox_db, routes=routes)
+        self._report_unconfigured(outbox)
         outbox.requeue_stale()
         self.paths.outbox_files.mkdir(mode=OUTBOX_DIR_MODE, parents=True, exist_ok=True)
         self.paths.outbox_files.chmod(OUTBOX_DIR_MODE)  # also for a folder made by older versions
@@ -225,10 +246,8 @@ class Daemon:
         assert outbox is not None
         return start_service_plumbing(
             self.settings,
-            outbox_counts=outbox.counts,
-            oldest_age=outbox.oldest_waiting_age,
+            destination_report=outbox.destination_report,
             threads_alive=self.threads_alive,
-            dest_status=outbox.destination_status,
             outbox_db=self.paths.outbox_db,
             on_disk_change=self._disk_changed,
             intake_problem=self._intake_problem,
@@ -259,6 +278,24 @@ class Daemon:
                 "(ports below 1024 need root) or stop what holds it"
             ) from None
         return listener
+
+    def _wake_uploaders(self) -> None:
+        for uploader in self.uploaders.values():
+            uploader.wake()
+
+    def _report_unconfigured(self, outbox: Outbox) -> None:
+        """Deliveries waiting for a destination no longer configured stay (their files too):
+        say so once at start-up (``status`` shows them)."""
+        configured = {d.name for d in self.settings.all_destinations}
+        for name, counts in outbox.counts_by_destination().items():
+            waiting = counts["queued"] + counts["sending"] + counts["dead"]
+            if name not in configured and waiting:
+                log.warning(
+                    "destination_not_configured",
+                    destination=name,
+                    waiting=counts["queued"] + counts["sending"],
+                    dead=counts["dead"],
+                )
 
     def _resettle(self, path: Path) -> None:
         if self.watcher is not None:
@@ -295,7 +332,7 @@ class Daemon:
         alive = {
             "watcher": bool(self.watcher and self.watcher.alive()),
             "intake": bool(self.intake and self.intake.alive()),
-            "uploader": bool(self.uploader and self.uploader.alive()),
+            **{f"uploader:{name}": uploader.alive() for name, uploader in self.uploaders.items()},
         }
         if self.settings.listener.enabled:
             alive["listener"] = bool(self.listener and self.listener.alive())
@@ -349,10 +386,20 @@ class Daemon:
             self.watcher = None
         if self.intake is not None:
             self.intake.stop(left())
-        if self.uploader is not None:
-            self.uploader.stop(max(deadline, time.monotonic() + 0.5))  # absolute monotonic
-            with contextlib.suppress(Exception):
-                self.uploader.destination.close()
+        if self.uploaders:
+            stops = [
+                threading.Thread(
+                    target=u.stop, args=(max(deadline, time.monotonic() + 0.5),), daemon=True
+                )
+                for u in self.uploaders.values()
+            ]  # in parallel: each within the same (absolute, monotonic) deadline
+            for t in stops:
+                t.start()
+            for t in stops:
+                t.join()
+            for uploader in self.uploaders.values():
+                with contextlib.suppress(Exception):
+                    uploader.destination.close()
         if self._housekeeping is not None:
             self._housekeeping.join(1.0)
             self._housekeeping = None
@@ -362,7 +409,7 @@ class Daemon:
             self.outbox.close()
             self.outbox = None
         self.intake = None
-        self.uploader = None
+        self.uploaders = {}
         self._started = False
         log.info("agent_stopped")
 

@@ -22,24 +22,26 @@ __all__ = ["EFFECTIVE_SETTINGS_FILE", "read_effective_settings", "write_effectiv
 EFFECTIVE_SETTINGS_FILE = "effective-settings.json"
 
 
-def effective_record(settings: Settings, destination: str) -> dict[str, Any]:
+def effective_record(settings: Settings, destinations: list[dict[str, str]]) -> dict[str, Any]:
     """Every setting in effect, JSON-ready: secrets (passwords, tokens) are masked by pydantic
     (``SecretStr``), and URLs carry no credentials (the settings refuse them).
 
-    ``destination`` is the destination's credential-free label.
+    ``destinations`` lists each destination's ``name`` and credential-free ``target``.
     """
     return {
         "version": __version__,
         "pid": os.getpid(),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "destination": destination,
+        "destinations": destinations,
         "settings": settings.model_dump(mode="json"),
     }
 
 
-def write_effective_settings(state_dir: Path, settings: Settings, destination: str) -> Path:
+def write_effective_settings(
+    state_dir: Path, settings: Settings, destinations: list[dict[str, str]]
+) -> Path:
     """Write the record atomically into ``state_dir`` (a 0700 folder); return its path."""
-    data = json.dumps(effective_record(settings, destination), indent=1, sort_keys=True)
+    data = json.dumps(effective_record(settings, destinations), indent=1, sort_keys=True)
     path = Path(state_dir) / EFFECTIVE_SETTINGS_FILE
 
     def write(fd: int) -> int:

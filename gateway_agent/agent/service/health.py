@@ -64,18 +64,19 @@ def sqlite_writable(db_path: Path, timeout: float = 2.0) -> CheckResult:
 class StateCollector(Collector):
     """Scrape-time gauges computed from the outbox and the disk, through the callables given.
 
-    A callable that raises leaves its metric out of that scrape (and is logged), never the scrape.
+    ``destination_report`` returns, per destination name, its deliveries by state (``counts``),
+    ``oldest_waiting_seconds``, ``consecutive_failures`` and ``auth_failing`` (see
+    ``Outbox.destination_report``). A callable that raises leaves its metrics out of that scrape
+    (and is logged), never the scrape.
     """
 
     def __init__(
         self,
         *,
-        outbox_counts: Callable[[], Mapping[str, int]] | None = None,
-        oldest_age: Callable[[], float | None] | None = None,
+        destination_report: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
         disk_free: Callable[[], int | None] | None = None,
     ) -> None:
-        self._counts = outbox_counts
-        self._oldest = oldest_age
+        self._report = destination_report
         self._disk = disk_free
 
     def _call(self, name: str, fn: Callable[[], Any] | None) -> Any:
@@ -88,21 +89,39 @@ class StateCollector(Collector):
             return None
 
     def collect(self) -> Iterator[Metric]:
-        counts = self._call("outbox_counts", self._counts)
-        if counts is not None:
+        report = self._call("destination_report", self._report)
+        if report is not None:
             depth = GaugeMetricFamily(
-                "gateway_outbox_depth", "Outbox rows by state.", labels=["state"]
+                "gateway_outbox_depth",
+                "Outbox deliveries by destination and state.",
+                labels=["destination", "state"],
             )
-            for state in sorted(counts):
-                depth.add_metric([str(state)], float(counts[state]))
-            yield depth
-        if self._oldest is not None:
-            age = self._call("oldest_age", self._oldest)
-            yield GaugeMetricFamily(
+            age = GaugeMetricFamily(
                 "gateway_outbox_oldest_waiting_age_seconds",
-                "Age of the oldest row still waiting to be sent (0 when none).",
-                value=float(age or 0.0),
+                "Age of the oldest instance still waiting for the destination (0 when none).",
+                labels=["destination"],
             )
+            up = GaugeMetricFamily(
+                "gateway_destination_up",
+                "1 while the destination accepts uploads (circuit closed, credentials accepted).",
+                labels=["destination"],
+            )
+            failures = GaugeMetricFamily(
+                "gateway_destination_consecutive_failures",
+                "Requests to the destination that failed in a row.",
+                labels=["destination"],
+            )
+            for name in sorted(report):
+                entry = report[name]
+                counts = entry.get("counts") or {}
+                for state in sorted(counts):
+                    depth.add_metric([name, str(state)], float(counts[state]))
+                age.add_metric([name], float(entry.get("oldest_waiting_seconds") or 0.0))
+                n = int(entry.get("consecutive_failures") or 0)
+                ok = not n and not entry.get("auth_failing")
+                up.add_metric([name], 1.0 if ok else 0.0)
+                failures.add_metric([name], float(n))
+            yield from (depth, age, up, failures)
         free = self._call("disk_free", self._disk)
         if free is not None:
             yield GaugeMetricFamily(
@@ -180,9 +199,9 @@ class HealthServer:
         ``() -> {thread name: alive}`` for ``/healthz`` (200 when all alive, else 503).
     checks:
         Named readiness checks for ``/readyz`` (200 when all pass, else 503).
-    outbox_counts, oldest_age, disk_free:
-        Scrape-time sources for the outbox depth by state, the oldest waiting age in seconds and
-        the free bytes of the state folder.
+    destination_report, disk_free:
+        Scrape-time sources for the outbox per destination (see :class:`StateCollector`) and the
+        free bytes of the state folder.
     registry:
         The registry of counters to serve (default: the agent's ``REGISTRY``).
     """
@@ -194,8 +213,7 @@ class HealthServer:
         *,
         threads_alive: Callable[[], Mapping[str, bool]] | None = None,
         checks: Mapping[str, Check] | None = None,
-        outbox_counts: Callable[[], Mapping[str, int]] | None = None,
-        oldest_age: Callable[[], float | None] | None = None,
+        destination_report: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
         disk_free: Callable[[], int | None] | None = None,
         registry: CollectorRegistry = REGISTRY,
     ) -> None:
@@ -205,7 +223,7 @@ class HealthServer:
         # Scrape-time gauges live in a private registry: nothing global to undo.
         self._scrape = CollectorRegistry(auto_describe=True)
         self._scrape.register(
-            StateCollector(outbox_counts=outbox_counts, oldest_age=oldest_age, disk_free=disk_free)
+            StateCollector(destination_report=destination_report, disk_free=disk_free)
         )
         ProcessCollector(registry=self._scrape)
         self._started = time.monotonic()

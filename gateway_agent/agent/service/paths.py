@@ -36,8 +36,10 @@ def check_layout(settings: Settings) -> None:
     """Refuse folder layouts where the agent would ingest its own output."""
     inbox = Path(settings.inbox).resolve()
     others = {"state_dir": Path(settings.state_dir).resolve()}
-    if settings.destination.kind == "folder":
-        others["destination.folder"] = Path(settings.destination.folder).resolve()
+    for d in settings.all_destinations:
+        if d.kind == "folder":
+            key = f"destinations.{d.name}.folder" if settings.destinations else "destination.folder"
+            others[key] = Path(d.folder).resolve()
     if settings.originals == "archive" and settings.archive_dir is not None:
         others["archive_dir"] = Path(settings.archive_dir).resolve()
     for name, path in others.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ _WAITING = ("queued", "sending")
 
 
 def status_line(counts: Mapping[str, int] | None, paused: bool = False) -> str:
-    """The one-line ``STATUS=`` text: outbox depth by state and whether intake runs."""
+    """The one-line ``STATUS=`` text: outbox deliveries by state (every destination's) and
+    whether intake runs."""
     parts = [f"{k}={counts[k]}" for k in sorted(counts)] if counts else []
     depth = " ".join(parts) if parts else "empty"
     return f"outbox {depth}; intake {'paused (low disk)' if paused else 'running'}"
@@ -38,10 +40,8 @@ class ServicePlumbing:
         self,
         settings: Settings,
         *,
-        outbox_counts: Callable[[], Mapping[str, int]],
-        oldest_age: Callable[[], float | None],
+        destination_report: Callable[[], Mapping[str, Mapping[str, Any]]],
         threads_alive: Callable[[], Mapping[str, bool]],
-        dest_status: Callable[[], Mapping[str, Any]] | None = None,
         outbox_db: Path | None = None,
         on_disk_change: Callable[[bool], None] | None = None,
         intake_problem: Callable[[], str | None] | None = None,
@@ -50,10 +50,8 @@ class ServicePlumbing:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self._counts = outbox_counts
-        self._oldest = oldest_age
+        self._report = destination_report
         self._threads_alive = threads_alive
-        self._dest_status = dest_status
         self._outbox_db = outbox_db
         self._clock = clock
         self._on_disk_change = on_disk_change
@@ -70,7 +68,7 @@ class ServicePlumbing:
         self.server: HealthServer | None = None
         if settings.metrics.enabled:
             try:
-                self.server = self._health_server(outbox_counts, oldest_age)
+                self.server = self._health_server()
             except OSError as exc:
                 m = settings.metrics
                 cause = "in use" if exc.errno == errno.EADDRINUSE else f"unusable ({exc.strerror})"
@@ -80,24 +78,21 @@ class ServicePlumbing:
                     "or metrics.enabled = false (--no-metrics)"
                 ) from None
 
-    def _health_server(
-        self,
-        outbox_counts: Callable[[], Mapping[str, int]],
-        oldest_age: Callable[[], float | None],
-    ) -> HealthServer:
+    def _health_server(self) -> HealthServer:
         settings = self.settings
+        checks = {
+            "outbox": self._check_outbox,
+            "intake": self._check_intake,
+            "disk": self._check_disk,
+        }
+        for d in settings.all_destinations:
+            checks[f"destination:{d.name}"] = partial(self._check_destination, d.name)
         return HealthServer(
             settings.metrics.host,
             settings.metrics.port,
             threads_alive=self._all_threads,
-            checks={
-                "outbox": self._check_outbox,
-                "intake": self._check_intake,
-                "disk": self._check_disk,
-                "destination": self._check_destination,
-            },
-            outbox_counts=outbox_counts,
-            oldest_age=oldest_age,
+            checks=checks,
+            destination_report=self._report,
             disk_free=self._disk_free,
         )
 
@@ -153,10 +148,15 @@ class ServicePlumbing:
         return all(threads.values())
 
     def _status_text(self) -> str:
+        counts: dict[str, int] | None = None
         try:
-            counts: Mapping[str, int] | None = self._counts()
+            report = self._report()
         except Exception:
-            counts = None
+            report = {}
+        for entry in report.values():
+            counts = counts or {}
+            for state, n in (entry.get("counts") or {}).items():
+                counts[state] = counts.get(state, 0) + int(n)
         return status_line(counts, self.disk_guard.paused)
 
     def _refresh_status(self) -> None:
@@ -178,7 +178,7 @@ class ServicePlumbing:
     def _check_outbox(self) -> CheckResult:
         if self._outbox_db is not None:
             return sqlite_writable(self._outbox_db)
-        self._counts()  # raises when the outbox cannot be read
+        self._report()  # raises when the outbox cannot be read
         return CheckResult(True, "outbox readable")
 
     def _check_intake(self) -> CheckResult:
@@ -196,20 +196,17 @@ class ServicePlumbing:
             return CheckResult(True, f"free {free_txt}, threshold {threshold}")
         return CheckResult(False, f"intake paused: free {free_txt}, threshold {threshold}")
 
-    def _check_destination(self) -> CheckResult:
-        """Refused, misaddressed or stalled (see :mod:`..upload.stall`), or the backlog over its
-        limits with nothing delivered lately: not ready. The outbox's persisted state is the
-        truth, not the process-global gauges (several agents, or tests, can share a process)."""
+    def _check_destination(self, name: str) -> CheckResult:
+        """One destination: refused, misaddressed or stalled (see :mod:`..upload.stall`), or its
+        backlog over the limits with nothing delivered lately: not ready. The outbox's persisted
+        state is the truth, not the process-global gauges (several agents, or tests, can share a
+        process)."""
         m = self.settings.metrics
-        status: dict[str, Any] = {}
-        if self._dest_status is not None:
-            try:
-                status = dict(self._dest_status())
-            except Exception:
-                status = {}
-        counts = self._counts()
+        status = dict(self._report().get(name) or {})
+        counts = status.get("counts") or {}
         waiting = sum(int(counts.get(s, 0)) for s in _WAITING)
-        oldest = self._oldest()
+        raw = status.get("oldest_waiting_seconds")
+        oldest = float(raw) if isinstance(raw, int | float) else None
         now = self._clock()
         window = m.ready_upload_window_seconds
         problems = destination_problems(
@@ -234,10 +231,8 @@ class ServicePlumbing:
 def start_service_plumbing(
     settings: Settings,
     *,
-    outbox_counts: Callable[[], Mapping[str, int]],
-    oldest_age: Callable[[], float | None],
+    destination_report: Callable[[], Mapping[str, Mapping[str, Any]]],
     threads_alive: Callable[[], Mapping[str, bool]],
-    dest_status: Callable[[], Mapping[str, Any]] | None = None,
     outbox_db: Path | None = None,
     on_disk_change: Callable[[bool], None] | None = None,
     intake_problem: Callable[[], str | None] | None = None,
@@ -254,10 +249,8 @@ def start_service_plumbing(
     """
     return ServicePlumbing(
         settings,
-        outbox_counts=outbox_counts,
-        oldest_age=oldest_age,
+        destination_report=destination_report,
         threads_alive=threads_alive,
-        dest_status=dest_status,
         outbox_db=outbox_db,
         on_disk_change=on_disk_change,
         intake_problem=intake_problem,

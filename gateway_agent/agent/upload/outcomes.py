@@ -10,9 +10,9 @@ The mapping follows the destination contract (``destinations/__init__.py``):
 * a per-instance transient failure → ``queued`` with the row's own backoff;
 * a whole-request retriable failure (network, timeout, 408, 429, 5xx, a reply that is not an
   answer), a refusal of the agent (401/403, a redirect), or a wrong address (404/405/501 to the
-  request) → the destination circuit opens: one
-  probe at a time, exponential backoff with full jitter (``Retry-After`` honoured); the rows wait
-  without burning their attempts once the outage is known (never, for a refusal or wrong address);
+  request: no such service or bucket) → the destination circuit opens: one probe at a time,
+  exponential backoff with full jitter (``Retry-After`` honoured); the rows wait without burning
+  their attempts once the outage is known (never, for a refusal or wrong address);
 * a whole-request permanent failure (400 for a single instance, 415, ...) → ``dead``.
 
 Rows whose attempts or age are exhausted go to ``dead``. Every outbox write goes through the
@@ -31,7 +31,7 @@ from ...config import DestinationSettings
 from ...logs import get_logger
 from .. import metrics
 from ..outbox.db import OutboxRow
-from ..outbox.store import Outbox
+from ..outbox.store import DestinationQueue
 from .destinations import (
     MISCONFIGURED_STATUSES,
     NOT_STORED_MAX_ATTEMPTS,
@@ -62,7 +62,9 @@ class Outcomes:
 
     Parameters
     ----------
-    outbox, destination, settings
+    outbox
+        The destination's deliveries and circuit.
+    destination, settings
         As the :class:`~gateway_agent.agent.upload.uploader.Uploader`'s.
     clock
         Wall clock (the outbox's).
@@ -74,7 +76,7 @@ class Outcomes:
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: DestinationQueue,
         destination: Destination,
         settings: DestinationSettings,
         *,
@@ -83,6 +85,7 @@ class Outcomes:
         on_recovered: Callable[[], None],
     ) -> None:
         self.outbox = outbox
+        self.name = outbox.name
         self.destination = destination
         self.settings = settings
         self._clock = clock
@@ -116,7 +119,7 @@ class Outcomes:
             self.retry(rows, j, f"internal_error: {type(exc).__name__}")
             return
         finally:
-            metrics.UPLOAD_SECONDS.observe(time.monotonic() - t0)
+            metrics.UPLOAD_SECONDS.labels(destination=self.name).observe(time.monotonic() - t0)
         self.record(rows, j, result)
 
     def request_failed(
@@ -152,10 +155,10 @@ class Outcomes:
             for note, ids in warned.items():
                 # Stored, with the destination's warning kept on the row (e.g. coercion).
                 j.call(self.outbox.mark_sent, ids, warning=note)
-                log.warning("upload_warning", rows=len(ids), warning=note)
-            metrics.UPLOAD_ATTEMPTS.labels(result="sent").inc(len(sent))
-            metrics.BYTES_SENT.inc(sum(r.size for r in sent))
-            metrics.LAST_UPLOAD_SUCCESS.set(time.time())
+                log.warning("upload_warning", destination=self.name, rows=len(ids), warning=note)
+            metrics.UPLOAD_ATTEMPTS.labels(destination=self.name, result="sent").inc(len(sent))
+            metrics.BYTES_SENT.labels(destination=self.name).inc(sum(r.size for r in sent))
+            metrics.LAST_UPLOAD_SUCCESS.labels(destination=self.name).set(time.time())
         dead: dict[str, list[OutboxRow]] = {}
         retry: dict[str, list[OutboxRow]] = {}
         sent_ids = {r.id for r in sent}
@@ -175,7 +178,7 @@ class Outcomes:
         self.healthy(j)
         log.info(
             "upload_batch",
-            destination=self.destination.label,
+            destination=self.name,
             rows=len(rows),
             sent=len(sent),
             dead=sum(len(g) for g in dead.values()),
@@ -206,7 +209,7 @@ class Outcomes:
             j.call(self.outbox.circuit_note, f"storage_check {exc}")
             log.warning(
                 "storage_check_failed",
-                destination=self.destination.label,
+                destination=self.name,
                 rows=len(rows),
                 error=str(exc)[:200],
                 retry_in=round(delay, 3),
@@ -220,7 +223,7 @@ class Outcomes:
                 self._unprovable_said = True
                 log.warning(
                     "storage_not_provable",
-                    destination=self.destination.label,
+                    destination=self.name,
                     detail="acknowledged instances count as delivered without proof; their "
                     "outbox files are kept unless disk.keep_unconfirmed is false",
                 )
@@ -229,12 +232,12 @@ class Outcomes:
         missing = [r for r in rows if r.sop_instance_uid not in proven]
         if found:
             j.call(self.outbox.mark_proven, [r.id for r in found])
-            metrics.UPLOAD_ATTEMPTS.labels(result="proven").inc(len(found))
+            metrics.UPLOAD_ATTEMPTS.labels(destination=self.name, result="proven").inc(len(found))
         if missing:
             self.not_stored(missing, j)
         log.info(
             "storage_proven",
-            destination=self.destination.label,
+            destination=self.name,
             rows=len(rows),
             proven=len(found),
             not_stored=len(missing),
@@ -253,14 +256,14 @@ class Outcomes:
                 with self._rng_lock:
                     again.append((r.id, NOT_STORED_RETRY_SECONDS * (1.0 + self._rng.random())))
         j.call(self.outbox.mark_not_stored, again, [r.id for r in gone], error=NOT_STORED)
-        metrics.UPLOAD_ATTEMPTS.labels(result="not_stored").inc(len(rows))
+        metrics.UPLOAD_ATTEMPTS.labels(destination=self.name, result="not_stored").inc(len(rows))
         j.call(
             self.outbox.circuit_note,
             f"{NOT_STORED}: acknowledged {len(rows)} instance(s) the storage check did not find",
         )
         log.warning(
             "upload_not_stored",
-            destination=self.destination.label,
+            destination=self.name,
             rows=len(rows),
             dead=len(gone),
             sop_uids=[r.sop_instance_uid for r in rows][:5],
@@ -270,7 +273,7 @@ class Outcomes:
 
     def healthy(self, j: Journal) -> None:
         if j.call(self.outbox.circuit_success):
-            log.info("destination_recovered", destination=self.destination.label)
+            log.info("destination_recovered", destination=self.name)
             self._on_recovered()
 
     def exhausted(self, row: OutboxRow, now: float) -> bool:
@@ -281,9 +284,10 @@ class Outcomes:
 
     def dead(self, rows: Sequence[OutboxRow], j: Journal, reason: str) -> None:
         j.call(self.outbox.mark_dead, [r.id for r in rows], error=reason)
-        metrics.UPLOAD_ATTEMPTS.labels(result="dead").inc(len(rows))
+        metrics.UPLOAD_ATTEMPTS.labels(destination=self.name, result="dead").inc(len(rows))
         log.warning(
             "upload_dead",
+            destination=self.name,
             rows=len(rows),
             reason=reason,
             sop_uids=[r.sop_instance_uid for r in rows][:5],
@@ -299,7 +303,9 @@ class Outcomes:
             if r not in gone:
                 j.call(self.outbox.mark_retry, [r.id], error=reason, delay=self.jitter(r.attempts))
         if len(gone) < len(rows):
-            metrics.UPLOAD_ATTEMPTS.labels(result="retry").inc(len(rows) - len(gone))
+            metrics.UPLOAD_ATTEMPTS.labels(destination=self.name, result="retry").inc(
+                len(rows) - len(gone)
+            )
 
     def outage(
         self,
@@ -352,10 +358,10 @@ class Outcomes:
             j.call(
                 self.outbox.mark_retry, waiting, error=reason, delay=delay, refund_attempt=refund
             )
-            metrics.UPLOAD_ATTEMPTS.labels(result="retry").inc(len(waiting))
+            metrics.UPLOAD_ATTEMPTS.labels(destination=self.name, result="retry").inc(len(waiting))
         log.warning(
             "destination_failing",
-            destination=self.destination.label,
+            destination=self.name,
             reason=reason,
             auth=auth,
             retry_in=round(delay, 3),

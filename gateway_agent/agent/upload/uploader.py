@@ -1,9 +1,12 @@
-"""The upload workers: claim due outbox rows, send them to the destination, record the outcome.
+"""The upload workers of one destination: claim its due deliveries, send them, record the outcome.
 
-Each worker repeats one step (:meth:`Uploader.loop_once`): ask the destination circuit whether it
-may send, claim a batch (``batch_max_instances`` / ``batch_max_mb``), then send it and record the
-outcome (:mod:`.outcomes` says what each result means). Workers sleep on an Event between due
-times (no busy polling); :meth:`wake` is called by intake after adding rows.
+The daemon runs one :class:`Uploader` per destination, each over that destination's deliveries
+and circuit in the outbox (:meth:`Outbox.queue`), so one destination's outage, backoff or dead
+rows never hold another back. Each worker repeats one step (:meth:`Uploader.loop_once`): ask
+the destination circuit whether it may send, claim a batch (``batch_max_instances`` /
+``batch_max_mb``), then send it and record the outcome (:mod:`.outcomes` says what each result
+means). Workers sleep on an Event between due times (no busy polling); :meth:`wake` is called by
+intake after adding rows.
 
 Acknowledged rows are ``sent`` with their proof of storage pending. A worker with nothing to send
 proves them, a page at a time (the destination's ``confirm``); while rows keep coming, a proof
@@ -27,7 +30,7 @@ from collections.abc import Callable
 from ...config import DestinationSettings
 from ...logs import get_logger
 from ..outbox.db import OutboxRow
-from ..outbox.store import Outbox
+from ..outbox.store import DestinationQueue, Outbox
 from .destinations import Destination
 from .journal import RECORD_RETRY_MAX_SECONDS, Journal
 from .outcomes import Outcomes
@@ -54,14 +57,16 @@ BATCH_LINGER_SECONDS = 0.1
 
 
 class Uploader:
-    """Upload workers over one outbox and one destination.
+    """Upload workers of one destination.
 
     Parameters
     ----------
     outbox, destination
-        Where rows come from and where they go.
+        Where rows come from (the deliveries of the destination named ``settings.name``) and
+        where they go.
     settings
-        Batch sizes, parallel requests, attempts, age and backoff (``DestinationSettings``).
+        The destination's name, batch sizes, parallel requests, attempts, age and backoff
+        (``DestinationSettings``).
     clock
         Wall clock (must be the outbox's clock too).
     rng
@@ -86,13 +91,15 @@ class Uploader:
         more_coming: Callable[[], bool] | None = None,
         linger_seconds: float = BATCH_LINGER_SECONDS,
     ) -> None:
-        self.outbox = outbox
+        #: This destination's deliveries and circuit.
+        self.outbox: DestinationQueue = outbox.queue(settings.name)
+        self.name = settings.name
         self.destination = destination
         self.settings = settings
         self._clock = clock
         self._wake = threading.Event()
         self.outcomes = Outcomes(
-            outbox,
+            self.outbox,
             destination,
             settings,
             clock=clock,
@@ -130,10 +137,15 @@ class Uploader:
             raise RuntimeError("Uploader already started")
         self._stopping.clear()
         for i in range(self.settings.parallel_requests):
-            t = threading.Thread(target=self._run, name=f"uploader-{i}", daemon=True)
+            t = threading.Thread(target=self._run, name=f"uploader-{self.name}-{i}", daemon=True)
             self._threads.append(t)
             t.start()
-        log.info("uploader_started", workers=len(self._threads), destination=self.destination.label)
+        log.info(
+            "uploader_started",
+            destination=self.name,
+            label=self.destination.label,
+            workers=len(self._threads),
+        )
 
     def wake(self) -> None:
         """New rows are due: wake idle workers (and a worker waiting for its batch to fill)."""
@@ -175,9 +187,9 @@ class Uploader:
                 log.warning("uploader_left_unrecorded", rows=len(journal.row_ids))
         if leftover:
             self.outbox.release(leftover)
-            log.warning("uploader_released_in_flight", rows=len(leftover))
+            log.warning("uploader_released_in_flight", destination=self.name, rows=len(leftover))
         self._threads = [t for t in self._threads if t.is_alive()]
-        log.info("uploader_stopped", still_running=len(self._threads))
+        log.info("uploader_stopped", destination=self.name, still_running=len(self._threads))
 
     # -- the worker loop ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -189,7 +201,7 @@ class Uploader:
                     continue
                 handled, wait = self._step()
             except Exception:  # never let a worker die: log and back off a little
-                log.exception("uploader_step_failed")
+                log.exception("uploader_step_failed", destination=self.name)
                 self._stopping.wait(1.0)
                 continue
             if handled:

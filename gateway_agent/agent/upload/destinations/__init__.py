@@ -1,8 +1,9 @@
 """The destination contract: what every destination kind implements, and the factory by kind.
 
 One module per kind sits beside this one: :mod:`.folder` (a local folder), :mod:`.dicomweb`
-(STOW-RS over httpx), :mod:`.dicom` (C-STORE over pynetdicom). The uploader knows only this
-contract; it never imports a kind.
+(STOW-RS over httpx), :mod:`.dicom` (C-STORE over pynetdicom), :mod:`.s3` (objects in an S3
+bucket, boto3). The uploader knows only this contract; it never imports a kind. The daemon
+builds one destination per ``[[destinations]]`` entry and runs one uploader for each.
 
 The contract
 ------------
@@ -46,8 +47,8 @@ A destination is any object with::
     in :data:`REFUSAL_STATUSES`                a redirect): as above, ``auth_failing`` is
                                                reported, attempts are never burned
     ``PermanentUploadError`` with ``status``   the address is wrong (404, 405, 501 to every
-    in :data:`MISCONFIGURED_STATUSES`          request: no such service there): as above,
-                                               attempts are never burned
+    in :data:`MISCONFIGURED_STATUSES`          request: no such service or bucket there): as
+                                               above, attempts are never burned
     ``PermanentUploadError``, other            these bytes will never be accepted: every row of
                                                the batch → ``dead``
     anything else                              a bug: logged with its traceback, rows retried
@@ -83,8 +84,8 @@ the uploader asks ``confirm`` (off the upload path, so a burst is uploaded at fu
 Each kind proves storage as cheaply as it can, batched: DICOMweb asks QIDO-RS for the
 acknowledged SOP Instance UIDs of each study in one query per 40; C-STORE asks C-FIND at IMAGE
 level in one query per series and 40; the folder reads back the size of each file as it writes
-it (in ``send``: a consumer may take files away later) and ``confirm`` returns them all; an
-object store would compare a HEAD's checksum.
+it (in ``send``: a consumer may take files away later) and ``confirm`` returns them all; S3
+asks a ``HEAD`` per object and compares its size and checksum with what was sent.
 
 Adding a kind
 -------------
@@ -121,8 +122,9 @@ __all__ = [
 #: ``PermanentUploadError.status`` values that mean "the destination refuses the agent" (bad
 #: credentials, a redirect never followed) rather than "this batch is bad".
 REFUSAL_STATUSES = frozenset({401, 403, 301, 302, 303, 307, 308})
-#: ``PermanentUploadError.status`` values that mean "the address is wrong": no such service there
-#: (a URL that answers 404 to every request is a misconfiguration, not a bad instance).
+#: ``PermanentUploadError.status`` values that mean "the address is wrong": no such service (or
+#: bucket) there (a URL that answers 404 to every request is a misconfiguration, not a bad
+#: instance).
 MISCONFIGURED_STATUSES = frozenset({404, 405, 501})
 #: An instance acknowledged but not found is sent again at most this many attempts in all ...
 NOT_STORED_MAX_ATTEMPTS = 3
@@ -177,4 +179,8 @@ def destination_from_settings(
         from .dicom import dicom_from_settings
 
         return dicom_from_settings(s, calling_ae=calling_ae)
+    if s.kind == "s3":
+        from .s3 import s3_from_settings
+
+        return s3_from_settings(s)
     raise ConfigError(f"destination.kind: unknown kind {s.kind!r}")
