@@ -15,6 +15,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from gateway_agent.agent.outbox.routing import Route
 from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.agent.upload.destinations import (
     NOT_STORED_MAX_ATTEMPTS,
@@ -350,6 +351,33 @@ def test_an_older_outbox_gets_the_column_and_its_sent_rows_await_proof(
         assert ob.proof_summary()["pending"] == (1, row.size)  # the uploader will ask
         assert ob.queue("default").awaiting_proof(10)[0].id == row.id
         assert ob.purge_sent_files(0) == 0 and path.exists()
+    finally:
+        ob.close()
+
+
+def test_a_file_goes_only_when_every_destination_proved_it_holds_the_instance(
+    tmp_path: Path,
+) -> None:
+    """The proof is per delivery: one destination's proof does not vouch for another's copy; a
+    destination that cannot prove storage keeps the file (unless told otherwise)."""
+    ob = Outbox(tmp_path / "outbox.db", routes=[Route("pacs"), Route("archive")])
+    try:
+        (path,) = make_files(tmp_path / "f", 1)
+        add_files(ob, [path])
+        pacs, archive = ob.queue("pacs"), ob.queue("archive")
+        for q in (pacs, archive):
+            q.mark_sent([r.id for r in q.claim(max_items=1, max_bytes=10**9, lease_seconds=60)])
+        (row,) = pacs.rows("sent")
+        assert [r.id for r in archive.awaiting_proof(10)] == [row.id]
+        pacs.mark_proven([row.id])
+        assert ob.proof_summary("pacs")["pending"] == (0, 0)
+        assert ob.proof_summary("archive")["pending"] == (1, row.size)
+        assert archive.destination_status()["awaiting_proof"] == 1
+        assert pacs.destination_status()["awaiting_proof"] == 0
+        assert ob.purge_sent_files(0) == 0 and path.exists()  # the archive has not proven it
+        archive.mark_proven([row.id], proven=False)  # it cannot: kept by default
+        assert ob.purge_sent_files(0) == 0 and path.exists()
+        assert ob.purge_sent_files(0, unconfirmed=True) == 1 and not path.exists()
     finally:
         ob.close()
 

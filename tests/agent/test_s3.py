@@ -264,6 +264,36 @@ def _uploader(ob: Outbox, s: DestinationSettings, clock: FakeClock | None = None
     return Uploader(ob, s3_from_settings(s), s, **kwargs)
 
 
+def test_the_uploader_proves_each_object_by_head_before_its_file_may_go(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """Acknowledged objects await their proof (a HEAD comparing size and checksum); an object
+    the store no longer holds is sent again, and only proven instances' files are removed."""
+    ob = Outbox(tmp_path / "outbox.db")
+    files = make_files(tmp_path / "files", 4)
+    add_files(ob, files)
+    s = settings(s3_server, tmp_path)
+    up = _uploader(ob, s)
+    try:
+        assert up.loop_once() == 4  # one batch, acknowledged
+        q = ob.queue("default")
+        assert ob.proof_summary()["pending"][0] == 4
+        assert ob.purge_sent_files(0) == 0 and all(p.exists() for p in files)
+        (lost,) = [r for r in q.rows("sent") if r.path == files[0]]
+        client = s3_server.client()
+        client.delete_object(Bucket="gateway", Key=_key(s, lost))  # the store lost it
+        client.close()
+        assert up.loop_once() == 4  # nothing to send: the four are checked
+        assert q.counts() == {"queued": 1, "sending": 0, "sent": 3, "dead": 0}
+        assert q.rows("queued")[0].last_error == "not_stored_after_ack"
+        assert ob.proof_summary()["pending"][0] == 0
+        assert ob.purge_sent_files(0) == 3
+        assert [p.exists() for p in files] == [True, False, False, False]
+    finally:
+        up.destination.close()
+        ob.close()
+
+
 def test_wrong_credentials_stop_the_destination_without_dead_rows(
     s3_server: S3Server, tmp_path: Path
 ) -> None:
