@@ -180,6 +180,7 @@ class AgentProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     argv_prefix: list[str] = field(default_factory=list)
+    run_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     peak_rss_mb: float = 0.0
@@ -200,6 +201,7 @@ class AgentProcess:
             "--log-format",
             "json",
             "run",
+            *self.run_args,
         ]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
