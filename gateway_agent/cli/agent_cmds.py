@@ -78,6 +78,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default=None, help="log level"
     )
+    run.add_argument(
+        "--new-secret",
+        action="store_true",
+        help="start although the site secret is not the one the state folder's instances were "
+        "made with (or is missing): instances from now on get new UIDs and pseudonyms",
+    )
     run.set_defaults(func=cmd_run)
 
     status = add_command(
@@ -139,10 +145,12 @@ def _stop_during_startup(signum: int, _frame: FrameType | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT."""
+    """Run the daemon in the foreground until SIGTERM/SIGINT; SIGHUP reloads the configuration
+    (the same flags, the configuration file and environment read again)."""
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _stop_during_startup)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload yet
     overrides: dict[str, Any] = {
         "inbox": args.inbox,
         "state_dir": args.state_dir,
@@ -187,11 +195,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, overrides)
     from ..logs import configure
 
-    # Logs of the service go to stdout (journald, docker logs); --log-format wins over config.
-    configure(args.log_format or settings.log.format, settings.log.level, stream=sys.stdout)
+    def configure_logs(s: Settings) -> None:
+        # Logs of the service go to stdout (journald, docker logs); --log-format wins.
+        configure(args.log_format or s.log.format, s.log.level, stream=sys.stdout)
+
+    def reload() -> Settings:
+        new = settings_from_args(args, overrides)
+        configure_logs(new)
+        return new
+
+    configure_logs(settings)
     from ..agent.service.daemon import Daemon
 
-    status: int = Daemon(settings).run_forever()
+    status: int = Daemon(settings, new_secret=args.new_secret).run_forever(reload)
     return status
 
 

@@ -28,9 +28,12 @@ from ._harness import AgentRun, assert_no_phi, phi_audit, record_figures, size, 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
-def _started(run: AgentRun, timeout: float = 60.0) -> None:
+def _start(run: AgentRun, timeout: float = 60.0) -> None:
+    """Start the agent and wait until this incarnation logged ``agent_started``."""
+    before = sum('"agent_started"' in ln for ln in run.agent.log_lines())
+    run.start()
     wait_until(
-        lambda: sum('"agent_started"' in ln for ln in run.agent.log_lines()) >= run.agent.starts,
+        lambda: sum('"agent_started"' in ln for ln in run.agent.log_lines()) > before,
         timeout,
         what="agent_started",
     )
@@ -77,8 +80,7 @@ def test_a_file_written_in_rounds_is_taken_once_complete(agent_run) -> None:  # 
     rng = random.Random(19)
     for i in range(n):
         inputs.add(f"PHIDOE_{i:03d}.dcm", ct_bytes(i, study="chunks", rows=64))
-    run.start()
-    _started(run)
+    _start(run)
     for name, data in inputs.data.items():
         target = run.inbox / name
         step = -(-len(data) // rounds)
@@ -135,8 +137,7 @@ def test_a_file_replaced_under_its_name_is_not_lost(agent_run) -> None:  # type:
         inputs.add(f"a{i}", a)
         inputs.add(f"b{i}", b)
     outbox = run.state / "outbox"
-    run.start()
-    _started(run)
+    _start(run)
     timed = 0
     for i in range(pairs):
         name = f"PHIDOE_{i:03d}.dcm"
@@ -189,8 +190,7 @@ def test_inbox_deleted_or_moved_and_recreated(agent_run) -> None:  # type: ignor
     for i in range(3):
         inputs.add(f"PHIDOE_{i}.dcm", ct_bytes(i, study="inbox"))
     names = sorted(inputs.data)
-    run.start()
-    _started(run)
+    _start(run)
     run.drop(names[0], inputs.data[names[0]])
     wait_until(lambda: inputs.expected[names[0]] in run.delivered_uids(), 30, what="first file")
     # 1. deleted; missing for a while (status and readiness say so); recreated.
@@ -248,8 +248,7 @@ def test_names_that_are_not_utf8(tmp_path: Path, agent_run, originals: str) -> N
     inputs = Inputs(run)
     for i, raw in enumerate(NON_UTF8):
         inputs.add(os.fsdecode(raw), ct_bytes(i, study=f"names-{originals}"))
-    run.start()
-    _started(run)
+    _start(run)
     inbox = os.fsencode(run.inbox)
     for raw in NON_UTF8:
         data = inputs.data[os.fsdecode(raw)]
@@ -265,8 +264,7 @@ def test_names_that_are_not_utf8(tmp_path: Path, agent_run, originals: str) -> N
         _reached(lambda: not run.inbox_files(), 10)
     # Restart: a kept original is not taken again.
     run.agent.stop()
-    run.start()
-    _started(run)
+    _start(run)
     time.sleep(1.5)
     run.agent.stop()
     stopped = [
@@ -323,8 +321,7 @@ def test_an_inbox_the_agent_cannot_delete_from(agent_run) -> None:  # type: igno
         require(False, "a read-only bind mount or chattr +i (root)")
         return
     try:
-        run.start()
-        _started(run)
+        _start(run)
         want = set(inputs.expected.values())
         wait_until(lambda: want <= run.delivered_uids(), 60, what="delivered")
         time.sleep(1.0)
@@ -333,8 +330,7 @@ def test_an_inbox_the_agent_cannot_delete_from(agent_run) -> None:  # type: igno
         status = status_json(run)["inbox"]
         for _ in range(restarts):
             run.agent.stop()
-            run.start()
-            _started(run)
+            _start(run)
             time.sleep(1.5)
         run.agent.stop()
     finally:
@@ -390,8 +386,7 @@ def test_long_names_and_deep_paths(tmp_path: Path, agent_run) -> None:  # type: 
         os.close(out)
     finally:
         os.close(fd)
-    run.start()
-    _started(run)
+    _start(run)
     # 1. a 255-byte name that is not DICOM: quarantined, released, quarantined again.
     run.drop(long_bad, b"not dicom at all" * 10)
     wait_until(lambda: len(_quarantine_reasons(run)) >= 1, 30, what="quarantined")

@@ -51,10 +51,12 @@ def _deleted_state_fds(pid: int, state_dir: Path) -> list[str]:
     return out
 
 
-def _started(run: AgentRun, timeout: float = 60.0) -> None:
-    """Until the current incarnation logged ``agent_started``."""
+def _start(run: AgentRun, timeout: float = 60.0) -> None:
+    """Start the agent and wait until this incarnation logged ``agent_started``."""
+    before = sum('"agent_started"' in ln for ln in run.agent.log_lines())
+    run.start()
     wait_until(
-        lambda: sum('"agent_started"' in ln for ln in run.agent.log_lines()) >= run.agent.starts,
+        lambda: sum('"agent_started"' in ln for ln in run.agent.log_lines()) > before,
         timeout,
         what="agent_started",
     )
@@ -83,8 +85,7 @@ def test_status_and_retry_beside_a_running_agent(agent_run) -> None:  # type: ig
             run.feed(name)
             time.sleep(0.01)
 
-    run.start()
-    _started(run)
+    _start(run)
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
     deleted: list[str] = []
@@ -138,8 +139,7 @@ def test_a_second_agent_is_refused(tmp_path: Path, agent_run) -> None:  # type: 
         for i in range(n):
             inputs.add(f"PHIDOE_{i:03d}.dcm", ct_bytes(i, study="two"))
         stow.uids = {u.encode() for u in inputs.expected.values()}
-        first.start()
-        _started(first)
+        _start(first)
         for name, data in inputs.data.items():
             first.drop(name, data)
         wait_until(lambda: first.outbox_counts().get("sending", 0) > 0, 60, what="rows sending")
@@ -210,8 +210,7 @@ def test_secret_replaced_or_missing_refuses_to_start(agent_run) -> None:  # type
         for i in range(n):
             inputs.add(f"PHIDOE_{i:03d}.dcm", ct_bytes(i, study="secret"))
         stow.uids = {u.encode() for u in inputs.expected.values()}
-        run.start()
-        _started(run)
+        _start(run)
         for name, data in inputs.data.items():
             run.drop(name, data)
         wait_until(lambda: len(run.outbox_rows()) == n, 60, what="rows queued")
@@ -240,22 +239,19 @@ def test_secret_replaced_or_missing_refuses_to_start(agent_run) -> None:  # type
         created_when_missing = secret_file.exists()
         secret_file.write_bytes(original)
         stow.down = False
-        run.start()
-        _started(run)
+        _start(run)
         want = set(inputs.expected.values())
         wait_until(lambda: set(stow.counts) >= want, 60, what="delivered with the restored secret")
         run.agent.stop()
         # Knowingly: a new secret with --new-secret starts (later instances get new UIDs).
         secret_file.write_text(secrets.token_hex(32) + "\n")
         run.agent.run_args = ["--new-secret"]
-        run.start()
-        _started(run)
+        _start(run)
         accepted = run.agent.alive()
         run.agent.stop()
         run.agent.run_args = []
         # ... and from then on the new secret is the recorded one.
-        run.start()
-        _started(run)
+        _start(run)
         remembered = run.agent.alive()
         run.agent.stop()
     figures = {
@@ -305,8 +301,7 @@ def test_damaged_database_is_rebuilt_from_the_outbox_files(agent_run, how: str) 
             inputs.add(f"PHIDOE_{i:04d}.dcm", ct_bytes(i, study=f"damage-{i % 3}"))
         stow.uids = {u.encode() for u in inputs.expected.values()}
         names = sorted(inputs.data)
-        run.start()
-        _started(run)
+        _start(run)
         for name in names[:sent_first]:
             run.drop(name, inputs.data[name])
         wait_until(lambda: len(stow.counts) == sent_first, 60, what="first part sent")
@@ -363,8 +358,7 @@ def test_sighup_reloads_the_configuration(tmp_path: Path, agent_run) -> None:  #
     for i in range(2 * n):
         inputs.add(f"PHIDOE_{i:03d}.dcm", ct_bytes(i, study="hup"))
     names = sorted(inputs.data)
-    run.start()
-    _started(run)
+    _start(run)
     for name in names[:n]:
         run.drop(name, inputs.data[name])
         if name == names[n // 2]:
@@ -424,8 +418,7 @@ def test_a_corrected_instance_is_sent_again(agent_run) -> None:  # type: ignore[
     uids = {name: inputs.add(name, data) for name, data in first.items()}
     assert all(inputs.add(name, data) == uids[name] for name, data in second.items())
     corrected = {uids[name]: inputs.output_of(data) for name, data in second.items()}
-    run.start()
-    _started(run)
+    _start(run)
     for name, data in first.items():
         run.drop(name, data)
     wait_until(lambda: run.delivered_uids() >= set(uids.values()), 60, what="first versions")

@@ -271,6 +271,10 @@ class OutboxDB:
         return dict(json.loads(rows[0][0])) if rows else {}
 
     # -- rows out (status, QC) ----------------------------------------------------------------
+    def has_rows(self) -> bool:
+        """True if the outbox holds any row (in any state)."""
+        return bool(self._query("select exists (select 1 from outbox)")[0][0])
+
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
         for state, n in self._query("select state, count(*) from outbox group by state"):

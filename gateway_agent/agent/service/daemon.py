@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from ..._exceptions import ConfigError
 from ...config import Settings
-from ...deid import Deidentifier, DeidOptions, load_or_create_secret
+from ...deid import Deidentifier, DeidOptions
 from ...logs import get_logger
 from ..intake.listener import Listener
 from ..intake.pipeline import OUTBOX_DIR_MODE, Intake
@@ -26,9 +26,11 @@ from ..outbox.store import Outbox
 from ..upload.destinations import destination_from_settings
 from ..upload.uploader import Uploader
 from .effective import write_effective_settings
+from .locks import FolderLock, StateLock
 from .paths import StatePaths, check_layout
 from .plumbing import start_service_plumbing
 from .qcjob import qc_component
+from .secretguard import load_guarded_secret
 
 __all__ = ["Component", "Daemon"]
 
@@ -70,6 +72,9 @@ class Daemon:
         :class:`Component` (started at once, stopped first on the way out).
     service
         Start the health/metrics server, disk guard and systemd notify (``agent.service``).
+    new_secret
+        Accept a site secret that differs from the one the state folder's instances were made
+        with (or a new one in place of a missing secret); see ``secretguard``.
     """
 
     def __init__(
@@ -79,10 +84,10 @@ class Daemon:
         components: list[Callable[[Daemon], Component]] | None = None,
         service: bool = True,
         stop_deadline: float = STOP_DEADLINE_SECONDS,
+        new_secret: bool = False,
     ) -> None:
-        self.settings = settings
-        self.paths = StatePaths(settings.state_dir)
-        self.inbox = Path(settings.inbox).resolve()
+        self._configure(settings)
+        self.new_secret = new_secret
         self.stop_deadline = stop_deadline
         # Periodic QC runs alongside by default (it does nothing when qc.enabled is false).
         self._factories = [qc_component] if components is None else list(components)
@@ -93,33 +98,63 @@ class Daemon:
         self.intake: Intake | None = None
         self.watcher: InboxWatcher | None = None
         self.listener: Listener | None = None
-        self.quarantine = Quarantine(self.paths.quarantine)
         self.service: Any = None
         self._stop_event = threading.Event()
+        self._reload_requested = False
         self._hk_stop = threading.Event()
         self._started = False
         self._housekeeping: threading.Thread | None = None
+
+    def _configure(self, settings: Settings) -> None:
+        """What the daemon derives from its settings (again on a reload)."""
+        self.settings = settings
+        self.paths = StatePaths(settings.state_dir)
+        self.inbox = Path(settings.inbox).resolve()
+        self.quarantine = Quarantine(self.paths.quarantine)
+        self._state_lock = StateLock(self.paths.root)
+        self._inbox_lock = FolderLock(self.inbox, "inbox")
 
     # ----------------------------------------------------------------- start
     def start(self) -> None:
         """Open state, start every stage; raise ConfigError for unusable settings.
 
         Start-up problems of the machine (an inbox that is not there, a state folder that
-        cannot be written, a metrics port in use) are ConfigErrors too: one line naming the
-        problem and the fix, exit status 2 from the command line.
+        cannot be written, a metrics port in use, another agent on the same state folder or
+        inbox, a site secret that is not the state folder's) are ConfigErrors too: one line
+        naming the problem and the fix, exit status 2 from the command line. Whatever had
+        started is stopped again.
         """
+        try:
+            self._start()
+        except BaseException:
+            self.stop(quiet=True)
+            raise
+
+    def _start(self) -> None:
         s = self.settings
         check_layout(s)
         self._check_inbox()
         try:
-            outbox = self._open_state()
+            self._prepare_state_folder()
+        except OSError as exc:
+            raise _state_error(self.paths.root, exc) from None
+        # One agent per state folder and per inbox, before anything in them is touched.
+        self._state_lock.acquire()
+        self._inbox_lock.acquire()
+        try:
+            self.outbox = outbox = Outbox(self.paths.outbox_db)
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(
-                f"state_dir {self.paths.root}: {_describe_os_error(exc)}: make it a folder this "
-                "user can write (check the path, its owner and mount), or set state_dir "
-                "(--state-dir)"
-            ) from None
-        secret = load_or_create_secret(s.secret_file)
+            raise _state_error(self.paths.root, exc) from None
+        secret = load_guarded_secret(
+            s.secret_file,
+            self.paths.root,
+            holds_instances=lambda: outbox.has_rows() or _has_files(self.paths.outbox_files),
+            new_secret=self.new_secret,
+        )
+        try:
+            self._recover_state(outbox)
+        except (OSError, sqlite3.Error) as exc:
+            raise _state_error(self.paths.root, exc) from None
         engine = Deidentifier(
             secret, DeidOptions.from_settings(s.deid), station_name=s.station_name
         )
@@ -198,19 +233,22 @@ class Daemon:
             )
         self.inbox.mkdir(parents=True, exist_ok=True)
 
-    def _open_state(self) -> Outbox:
-        """The state folder (0700), the outbox and its files, the quarantine."""
+    def _prepare_state_folder(self) -> None:
+        """The state folder (0700), writable."""
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.paths.root.chmod(0o700)
         probe = self.paths.root / f".write-test-{os.getpid()}"
         probe.touch()  # a read-only folder (or mount) fails here, not in a worker later
         probe.unlink()
+
+    def _recover_state(self, outbox: Outbox) -> None:
+        """What a crash may have left: rows ``sending``, temporaries, files without rows and
+        rows without files, incomplete quarantine entries."""
         # Temporaries of the state files written atomically (effective settings, listener
         # counters) that a kill interrupted; the database files are never among them.
         for leftover in self.paths.root.glob(".tmp-*.part"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
-        self.outbox = outbox = Outbox(self.paths.outbox_db)
         outbox.requeue_stale()
         self.paths.outbox_files.mkdir(mode=OUTBOX_DIR_MODE, parents=True, exist_ok=True)
         self.paths.outbox_files.chmod(OUTBOX_DIR_MODE)  # also for a folder made by older versions
@@ -218,7 +256,6 @@ class Daemon:
         outbox.reconcile(self.paths.outbox_files)
         self.quarantine.ensure()
         self.quarantine.cleanup()
-        return outbox
 
     def _start_service(self) -> Any:
         outbox = self.outbox
@@ -315,8 +352,13 @@ class Daemon:
         """Ask :meth:`run_forever` to return (safe from signal handlers)."""
         self._stop_event.set()
 
-    def stop(self) -> None:
-        """Stop intake, let in-flight work finish or release it within the deadline."""
+    def stop(self, *, reloading: bool = False, quiet: bool = False) -> None:
+        """Stop intake, let in-flight work finish or release it within the deadline.
+
+        ``reloading``: the agent starts again at once (systemd is told ``RELOADING=1``, not
+        ``STOPPING=1``). ``quiet``: a start-up that failed is being undone (nothing is logged).
+        """
+        opened = self.outbox is not None and not quiet
         self._stop_event.set()
         self._hk_stop.set()
         deadline = time.monotonic() + self.stop_deadline
@@ -332,7 +374,7 @@ class Daemon:
         self.components.clear()
         if self.service is not None:
             try:
-                self.service.stop()
+                self.service.stop(reloading=reloading)
             except Exception:
                 log.exception("service_stop_failed")
             self.service = None
@@ -364,29 +406,71 @@ class Daemon:
         self.intake = None
         self.uploader = None
         self._started = False
-        log.info("agent_stopped")
+        self._release_locks()
+        if opened:
+            log.info("agent_stopped")
 
-    def run_forever(self) -> int:
-        """Start, serve until SIGTERM/SIGINT, stop gracefully; return the exit status (0)."""
+    def _release_locks(self) -> None:
+        self._inbox_lock.release()
+        self._state_lock.release()
+
+    def run_forever(self, reload: Callable[[], Settings] | None = None) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop gracefully; return the exit status (0).
+
+        SIGHUP reloads: ``reload()`` gives the new settings (None: the same again); the agent
+        stops gracefully (in-flight work commits or is released, as on SIGTERM) and starts again
+        with them. Settings that cannot be loaded, or that cannot start, are logged and the
+        agent goes on with the ones it had.
+        """
         previous: dict[int, Any] = {}
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("agent_signal", signal=signal.Signals(signum).name)
+            if signum == signal.SIGHUP:
+                self._reload_requested = True
             self._stop_event.set()
 
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 previous[sig] = signal.signal(sig, on_signal)
         try:
             self.start()
-            while not self._stop_event.wait(5.0):
-                pass
+            while True:
+                while not self._stop_event.wait(5.0):
+                    pass
+                if not self._reload_requested:
+                    break
+                self._reload(reload)
         finally:
             self.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return 0
+
+    def _reload(self, reload: Callable[[], Settings] | None) -> None:
+        """Stop gracefully and start again with the settings ``reload()`` gives."""
+        self._reload_requested = False
+        self._stop_event.clear()
+        settings = self.settings
+        if reload is not None:
+            try:
+                settings = reload()
+            except ConfigError as exc:
+                log.error("agent_reload_refused", error=str(exc))
+                return
+        log.info("agent_reloading")
+        previous = self.settings
+        self.stop(reloading=True)
+        self._stop_event.clear()
+        self._configure(settings)
+        try:
+            self.start()
+        except ConfigError as exc:
+            log.error("agent_reload_refused", error=str(exc))
+            self._configure(previous)
+            self.start()
+        log.info("agent_reloaded")
 
     # ----------------------------------------------------------------- housekeeping
     def _housekeeping_loop(self) -> None:
@@ -409,6 +493,22 @@ class Daemon:
                 if not ok and name not in reported:
                     log.error("thread_dead", thread=name)
                     reported.add(name)
+
+
+def _state_error(root: Path, exc: OSError | sqlite3.Error) -> ConfigError:
+    return ConfigError(
+        f"state_dir {root}: {_describe_os_error(exc)}: make it a folder this user can write "
+        "(check the path, its owner and mount), or set state_dir (--state-dir)"
+    )
+
+
+def _has_files(directory: Path) -> bool:
+    """True if ``directory`` holds an outbox file (``*.dcm``)."""
+    try:
+        with os.scandir(directory) as entries:
+            return any(e.name.endswith(".dcm") for e in entries)
+    except OSError:
+        return False
 
 
 def _describe_os_error(exc: OSError | sqlite3.Error) -> str:

@@ -132,9 +132,13 @@ class ServicePlumbing:
         """Per-file gate for intake: False while the disk guard has paused it."""
         return self.disk_guard.allow_intake()
 
-    def stop(self) -> None:
-        """``STOPPING=1``, then stop the watchdog, the disk guard and the HTTP server."""
-        self.notifier.stopping("stopping")
+    def stop(self, *, reloading: bool = False) -> None:
+        """``STOPPING=1`` (``RELOADING=1`` when the agent starts again at once), then stop the
+        watchdog, the disk guard and the HTTP server."""
+        if reloading:
+            self.notifier.reloading("reloading the configuration")
+        else:
+            self.notifier.stopping("stopping")
         self.notifier.close()
         self.disk_guard.stop()
         if self.server is not None:
