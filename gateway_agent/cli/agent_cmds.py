@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from ._help import add_command
 if TYPE_CHECKING:
     from types import FrameType
 
+    from ..agent.service.paths import StatePaths
     from ..config import Settings
 
 # The config (pydantic, ~0.1 s) and logs (structlog) are imported inside the handlers: the parser
@@ -265,13 +267,19 @@ def _qc_outliers(settings: Settings, latest: int) -> list[dict[str, Any]]:
     return latest_outliers(StatePaths(settings.state_dir).qc_report)[:latest]
 
 
-def _inbox_summary(inbox: Path, originals: str) -> dict[str, Any]:
+def _inbox_summary(inbox: Path, originals: str, state_dir: Path) -> dict[str, Any]:
     """Files in the inbox not taken yet, and the oldest one's age (not with ``keep``, where
-    processed originals stay)."""
+    processed originals stay); whether the inbox is there; originals it refused to give up."""
+    from ..agent.intake.originals import undeletable_count
     from ..agent.intake.watcher import inbox_backlog
 
-    summary: dict[str, Any] = {"path": str(inbox), "originals": originals}
-    if originals == "keep":
+    summary: dict[str, Any] = {
+        "path": str(inbox),
+        "originals": originals,
+        "missing": not inbox.is_dir(),
+        "undeletable": undeletable_count(state_dir),
+    }
+    if originals == "keep" or summary["missing"]:
         return summary
     count, oldest = inbox_backlog(inbox, INBOX_COUNT_LIMIT)
     summary["waiting"] = count
@@ -319,7 +327,8 @@ def _pid_alive(pid: object) -> bool:
 def collect_status(
     settings: Settings, latest: int = 5, *, inbox_given: bool = False
 ) -> dict[str, Any]:
-    """Everything ``status`` prints, as a dict (also used by tests).
+    """Everything ``status`` prints, as a dict (also used by tests). Nothing is written: the
+    outbox is read through a read-only connection.
 
     When an agent has started with this state folder, its recorded settings (flags and
     ``GATEWAY_*`` variables included) name the destination and the inbox, rather than the
@@ -354,7 +363,7 @@ def collect_status(
             "started_at": record.get("started_at"),
             "version": record.get("version"),
         },
-        "inbox": _inbox_summary(inbox, originals),
+        "inbox": _inbox_summary(inbox, originals, paths.root),
         "outbox": None,
         "destination": destination,
         "quarantine": Quarantine(paths.quarantine).summary(latest),
@@ -364,24 +373,40 @@ def collect_status(
         out["listener"] = _listener_summary(listener, unit_name, paths.root)
     if not paths.outbox_db.exists():
         return out
+    outbox = _outbox_summary(paths, latest)
+    out["destination"].update(outbox.pop("destination", {}))
+    out["outbox"] = outbox
+    return out
+
+
+def _outbox_summary(paths: StatePaths, latest: int) -> dict[str, Any]:
+    """Counts, throughput and the latest dead rows, read through a read-only connection (a
+    ``status`` writes nothing); outbox databases found damaged and kept aside."""
     from ..agent.outbox.store import Outbox
 
-    outbox = Outbox(paths.outbox_db)
+    damaged = [
+        {"file": p.name, "time": _when(p.stat().st_mtime)} for p in paths.damaged_databases()
+    ]
+    try:
+        outbox = Outbox(paths.outbox_db, read_only=True)
+    except sqlite3.DatabaseError:
+        return {"unreadable": True, "damaged": damaged}
     try:
         counts = outbox.counts()
-        out["outbox"] = {
+        return {
             "counts": counts,
             "waiting": counts.get("queued", 0) + counts.get("sending", 0),
             "oldest_waiting_seconds": outbox.oldest_waiting_age(),
             "sent_last_minute": _sent_since(paths.outbox_db, 60),
             "sent_last_hour": _sent_since(paths.outbox_db, 3600),
             "dead_latest": _dead_rows(outbox, latest),
+            "destination": dict(outbox.destination_status()),
+            "damaged": damaged,
         }
-        dest = dict(outbox.destination_status())
-        out["destination"].update(dest)
+    except sqlite3.DatabaseError:
+        return {"unreadable": True, "damaged": damaged}
     finally:
         outbox.close()
-    return out
 
 
 def _print_listener(ls: dict[str, Any]) -> None:
@@ -414,7 +439,9 @@ def _print_status(st: dict[str, Any]) -> None:
         state = "running" if agent["running"] else "not running"
         w(f"agent: {state} (pid {agent['pid']}, started {agent['started_at']})\n")
     inbox = st["inbox"]
-    if "waiting" not in inbox:
+    if inbox.get("missing"):
+        w(f"inbox: MISSING ({inbox['path']}): the agent waits for it to be back\n")
+    elif "waiting" not in inbox:
         w(f"inbox: {inbox['path']} (originals kept: not counted)\n")
     elif inbox["waiting"]:
         more = "+" if inbox["waiting_capped"] else ""
@@ -424,9 +451,21 @@ def _print_status(st: dict[str, Any]) -> None:
             w("  files that stay are deferred: see intake_deferred / intake_paused in the log\n")
     else:
         w("inbox: empty\n")
+    if inbox.get("undeletable"):
+        w(
+            f"  {inbox['undeletable']} original(s) could not be removed (read-only inbox?): "
+            'they stay and are not processed again; make it writable or set originals = "keep"\n'
+        )
     ob = st["outbox"]
+    for item in (ob or {}).get("damaged", []):
+        w(
+            f"outbox database found damaged ({item['time']}): kept as {item['file']}, rebuilt "
+            "from the outbox files (instances already sent may be sent again)\n"
+        )
     if ob is None:
         w("outbox: empty (the agent has not run with this state folder)\n")
+    elif ob.get("unreadable"):
+        w("outbox: UNREADABLE (damaged): the agent keeps it aside and rebuilds it when it starts\n")
     else:
         c = ob["counts"]
         w("outbox: " + ", ".join(f"{k} {c[k]}" for k in ("queued", "sending", "sent", "dead")))
@@ -565,6 +604,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
                 quarantine.release(e.id, inbox, allow_burned_in=args.allow_burned_in)
             except ValueError as exc:
                 print(f"not released: {exc}", file=sys.stderr)
+                status = 1
+                continue
+            except OSError as exc:
+                # Never the error's text: it names the original file (PHI).
+                reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+                print(f"quarantine entry {e.id} not released ({reason})", file=sys.stderr)
                 status = 1
                 continue
             released += 1

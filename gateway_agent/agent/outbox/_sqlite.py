@@ -13,13 +13,26 @@ from typing import Any
 __all__ = ["connect", "query", "transaction"]
 
 
-def connect(db_path: Path | None) -> sqlite3.Connection:
+def connect(db_path: Path | None, *, read_only: bool = False) -> sqlite3.Connection:
     """Open (created by SQLite, then made 0600) a database in autocommit mode; ``None``: in memory.
 
     WAL for files, ``synchronous=FULL`` (a committed row survives a power cut; NORMAL in WAL mode
     would not), a 30 s busy timeout. The connection may be used from several threads, always
-    under the caller's lock.
+    under the caller's lock. ``read_only``: an existing database, opened for reading only (no
+    file is created, no mode changed, nothing written: what ``status`` uses).
     """
+    if read_only:
+        if db_path is None:
+            raise ValueError('Argument "db_path" is required with "read_only".')
+        conn = sqlite3.connect(
+            f"{db_path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=30.0,
+        )
+        conn.execute("pragma busy_timeout = 30000")
+        return conn
     if db_path is not None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from ._sqlite import connect, query, transaction
 
 __all__ = ["SOURCES", "STATES", "OutboxDB", "OutboxRow"]
@@ -140,16 +138,24 @@ class OutboxDB:
         SQLite file; created with mode 0600 (its WAL and SHM files inherit that mode).
     clock
         Wall-clock source for every timestamp (injected by tests).
+    read_only
+        Open an existing database for reading only (``status``): nothing is created or written.
     """
 
-    def __init__(self, db_path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db_path: Path | str,
+        *,
+        clock: Callable[[], float] = time.time,
+        read_only: bool = False,
+    ) -> None:
         self.db_path = Path(db_path) if str(db_path) != ":memory:" else None
         self._clock = clock
         self._lock = threading.RLock()
-        self._conn = connect(self.db_path)
-        self.db = sqlite_utils.Database(self._conn)
-        with self._lock:
-            self.initialize_schema()
+        self._conn = connect(self.db_path, read_only=read_only)
+        if not read_only:
+            with self._lock:
+                self.initialize_schema()
 
     def initialize_schema(self) -> None:
         with self._tx() as c:

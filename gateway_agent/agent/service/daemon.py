@@ -26,6 +26,7 @@ from ..outbox.store import Outbox
 from ..upload.destinations import destination_from_settings
 from ..upload.uploader import Uploader
 from .effective import write_effective_settings
+from .health import CheckResult
 from .locks import FolderLock, StateLock
 from .paths import StatePaths, check_layout
 from .plumbing import start_service_plumbing
@@ -184,13 +185,21 @@ class Daemon:
             state_dir=self.paths.root,
             resettle=self._resettle,
             retry_later=self._retry_later,
+            settle_seconds=s.settle_seconds,
             received=self.paths.received if s.listener.enabled else None,
         )
         self.intake.start()
         intake = self.intake
         # Batches fill while intake is busy; a lone file is sent as soon as it is committed.
         self.uploader.more_coming = lambda: not intake.idle()
-        self.watcher = InboxWatcher(self.inbox, self.intake.submit, settle_seconds=s.settle_seconds)
+        self.watcher = InboxWatcher(
+            self.inbox,
+            self.intake.submit,
+            settle_seconds=s.settle_seconds,
+            on_deep=self.intake.quarantine_deep,
+            on_inbox_back=self._inbox_back,
+        )
+        self.intake.on_room = self.watcher.room
         self.watcher.start()
         if s.listener.enabled:
             self.listener = self._start_listener(gate)
@@ -269,6 +278,7 @@ class Daemon:
             outbox_db=self.paths.outbox_db,
             on_disk_change=self._disk_changed,
             intake_problem=self._intake_problem,
+            checks={"inbox": self._inbox_readiness},
         )
 
     def _intake_problem(self) -> str | None:
@@ -296,6 +306,27 @@ class Daemon:
                 "(ports below 1024 need root) or stop what holds it"
             ) from None
         return listener
+
+    def _inbox_readiness(self) -> CheckResult:
+        """Readiness of the inbox: there, and its originals removable (if they are to be)."""
+        watcher, intake = self.watcher, self.intake
+        if watcher is not None and watcher.missing:
+            return CheckResult(False, f"inbox missing: {self.inbox}")
+        stuck = intake.undeletable_originals() if intake is not None else 0
+        if stuck:
+            return CheckResult(
+                False,
+                f"{stuck} original(s) cannot be removed from the inbox (read-only?); they stay "
+                'and are not processed again: make it writable, or set originals = "keep"',
+            )
+        return CheckResult(True, "inbox watched")
+
+    def _inbox_back(self) -> None:
+        """The inbox folder was replaced (recreated, moved back, remounted): lock the new one."""
+        try:
+            self._inbox_lock.acquire()
+        except ConfigError as exc:
+            log.error("inbox_lock_failed", error=str(exc))
 
     def _resettle(self, path: Path) -> None:
         if self.watcher is not None:

@@ -12,7 +12,7 @@ from ..._exceptions import ConfigError
 from ...config import Settings
 from ...logs import get_logger
 from .diskguard import DiskGuard, free_bytes
-from .health import CheckResult, HealthServer, sqlite_writable
+from .health import Check, CheckResult, HealthServer, sqlite_writable
 from .notify import Notifier
 
 __all__ = ["ServicePlumbing", "start_service_plumbing", "status_line"]
@@ -47,7 +47,9 @@ class ServicePlumbing:
         free: Callable[[Path], int] = free_bytes,
         env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        checks: Mapping[str, Check] | None = None,
     ) -> None:
+        self._extra_checks = dict(checks or {})
         self.settings = settings
         self._counts = outbox_counts
         self._oldest = oldest_age
@@ -94,6 +96,7 @@ class ServicePlumbing:
                 "intake": self._check_intake,
                 "disk": self._check_disk,
                 "destination": self._check_destination,
+                **self._extra_checks,
             },
             outbox_counts=outbox_counts,
             oldest_age=oldest_age,
@@ -241,6 +244,7 @@ def start_service_plumbing(
     intake_problem: Callable[[], str | None] | None = None,
     free: Callable[[Path], int] = free_bytes,
     env: Mapping[str, str] | None = None,
+    checks: Mapping[str, Check] | None = None,
 ) -> ServicePlumbing:
     """Start the health/metrics server and the disk guard; return the handle the daemon keeps.
 
@@ -248,7 +252,7 @@ def start_service_plumbing(
     ``plumbing.intake_allowed()`` before taking each file, and ``plumbing.stop()`` on shutdown.
     ``on_disk_change(paused)`` lets it rescan the inbox when intake resumes;
     ``intake_problem()`` (why the latest file could not be committed, or None) makes ``/readyz``
-    report intake.
+    report intake; ``checks`` are more named readiness checks for ``/readyz``.
     """
     return ServicePlumbing(
         settings,
@@ -261,4 +265,5 @@ def start_service_plumbing(
         intake_problem=intake_problem,
         free=free,
         env=env,
+        checks=checks,
     ).start()
