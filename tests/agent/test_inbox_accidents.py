@@ -95,7 +95,7 @@ def test_a_file_replaced_while_processed_is_not_deleted(
     size = max(len(first), len(second)) + 64
     first, second = _pad(first, size), _pad(second, size)
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
+    inbox.mkdir(exist_ok=True)
     swapping = SwappingEngine(engine, inbox, "PHIDOE.dcm", second)
     swapping.in_place = in_place
     it = start_intake(tmp_path, swapping, outbox)
@@ -183,7 +183,7 @@ def test_names_that_are_not_utf8_are_processed(
     tmp_path: Path, engine: Deidentifier, outbox: Outbox, originals: Any
 ) -> None:
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
+    inbox.mkdir(exist_ok=True)
     raw = os.path.join(os.fsencode(inbox), b"M\xfcller\xff\xfe.dcm")
     with open(raw, "wb") as fh:
         fh.write(_ct(4))
@@ -267,12 +267,12 @@ def test_fit_name_keeps_names_within_255_bytes() -> None:
 
 def test_archive_collision_of_255_byte_names(tmp_path: Path) -> None:
     inbox, archive = tmp_path / "inbox", tmp_path / "archive"
-    inbox.mkdir()
+    inbox.mkdir(exist_ok=True)
     name = "PHIDOE_" + "z" * 244 + ".dcm"
     originals = Originals("archive", archive_dir=archive, state_dir=tmp_path)
     for content in (b"one", b"two"):
         (inbox / name).write_bytes(content)
-        assert originals.dispose(inbox / name, name, None)
+        assert originals.dispose(inbox / name, name, None) == "done"
         assert not (inbox / name).exists()
     originals.close()
     assert sorted(p.read_bytes() for p in archive.iterdir()) == [b"one", b"two"]
@@ -283,7 +283,7 @@ def test_release_of_a_255_byte_name_from_quarantine(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
+    inbox.mkdir(exist_ok=True)
     name = "PHIDOE_" + "q" * 244 + ".dcm"
     (inbox / name).write_bytes(b"junk")
     q = Quarantine(tmp_path / "state" / "quarantine")
@@ -299,7 +299,7 @@ def test_retry_that_cannot_release_says_so_without_the_name(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
+    inbox.mkdir(exist_ok=True)
     (inbox / "PHIDOE.dcm").write_bytes(b"junk")
     q = Quarantine(tmp_path / "state" / "quarantine")
     entry = q.put(inbox / "PHIDOE.dcm", "not_dicom")
@@ -332,7 +332,7 @@ def _deep_file(inbox: Path, data: bytes) -> None:
 
 def test_a_file_deeper_than_path_max_is_seen_and_quarantined(tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
+    inbox.mkdir(exist_ok=True)
     _deep_file(inbox, b"deep data")
     count, oldest = inbox_backlog(inbox)
     assert count == 1 and oldest is not None
@@ -361,7 +361,7 @@ def test_a_file_deeper_than_path_max_is_seen_and_quarantined(tmp_path: Path) -> 
 
 def test_watcher_follows_an_inbox_deleted_and_recreated(tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
+    inbox.mkdir(exist_ok=True)
     got: list[str] = []
     back: list[int] = []
     w = InboxWatcher(
@@ -400,7 +400,7 @@ def test_a_full_intake_parks_the_scan_and_it_resumes_where_it_was(tmp_path: Path
     from where it was (every file offered once, none walked again), and events that come while
     intake is full are offered when there is room."""
     inbox = tmp_path / "inbox"
-    inbox.mkdir()
+    inbox.mkdir(exist_ok=True)
     for i in range(300):
         (inbox / f"f{i:04d}.dcm").write_bytes(b"x")
         os.utime(inbox / f"f{i:04d}.dcm", (time.time() - 60, time.time() - 60))

@@ -349,8 +349,8 @@ def test_an_inbox_the_agent_cannot_delete_from(agent_run) -> None:  # type: igno
     }
     record_figures("readonly_inbox", figures)
     assert redone == 0 and errors == [], (figures, errors[:3])
-    assert ready["checks"]["inbox"]["ok"] is False, ready
-    assert "cannot be removed" in ready["checks"]["inbox"]["detail"], ready
+    assert ready["checks"]["intake"]["ok"] is False, ready
+    assert "cannot remove originals" in ready["checks"]["intake"]["detail"], ready
     assert status.get("undeletable") == n, status
 
 

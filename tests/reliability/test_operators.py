@@ -143,6 +143,7 @@ def test_a_second_agent_is_refused(tmp_path: Path, agent_run) -> None:  # type: 
         for name, data in inputs.data.items():
             first.drop(name, data)
         wait_until(lambda: first.outbox_counts().get("sending", 0) > 0, 60, what="rows sending")
+        (tmp_path / "b" / "inbox2").mkdir(parents=True)
         same_state = agent_run(
             tmp_path / "b",
             destination=_stow_destination(stow),

@@ -132,6 +132,9 @@ class GroupCommit:
         #: Why the latest file could not be committed, or None when the latest file went through
         #: (committed, or quarantined). Free of paths and PHI; ``/readyz`` reports it.
         self.problem: str | None = None
+        #: The ``problem`` set when the inbox refused to give up originals (it clears once they
+        #: are removed).
+        self.refusal_problem: str | None = None
 
     def finish(self, jobs: list[Job]) -> list[Job]:
         """Classify completed jobs; commit the good ones in ONE outbox transaction; dispose of
@@ -176,8 +179,18 @@ class GroupCommit:
                     f"({describe_error(exc)}): check the inbox's owner and mode"
                 )
                 continue
-            self.problem = None
-            if not disposed:
+            if disposed == "refused":
+                # Committed, but the inbox keeps the original (read-only, permissions): it is
+                # remembered and not processed again; not ready until removals work again.
+                self.problem = (
+                    f"cannot {_DISPOSE_VERB[self._originals.policy]} "
+                    f"({self._originals.refusal}): check the inbox's owner, mode and mount; "
+                    "the originals stay and are not processed again"
+                )
+                self.refusal_problem = self.problem
+            else:
+                self.problem = None
+            if disposed == "changed":
                 # Its name now holds another file (replaced while this one was committed): that
                 # one is offered again; the one processed is committed.
                 self._offer_again(job.path)

@@ -18,13 +18,18 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from ...logs import get_logger
+from ...logs import describe_error, get_logger
 from .quarantine import move_file
 from .worker import FileIdentity, identity_of
 
-__all__ = ["INTAKE_DB", "NAME_MAX", "Originals", "fit_name", "undeletable_count"]
+__all__ = ["INTAKE_DB", "NAME_MAX", "Disposal", "Originals", "fit_name", "undeletable_count"]
 
 log = get_logger()
+
+#: What :meth:`Originals.dispose` did: ``done`` (removed, archived or recorded as kept),
+#: ``changed`` (the name holds another file now: nothing done), ``refused`` (the inbox refused
+#: the removal: the original stays, remembered).
+Disposal = Literal["done", "changed", "refused"]
 
 #: In the state folder: originals kept, and originals that could not be removed.
 INTAKE_DB = "intake.db"
@@ -152,6 +157,8 @@ class Originals:
         self._index: _Index | None = None
         self._undeletable = 0
         self._warned = False
+        #: Why the inbox refused the latest removal (type and errno name), for readiness.
+        self.refusal: str | None = None
         self._lock = threading.Lock()
         if policy == "keep" or self._db_path.exists():
             self._index = _Index(self._db_path)
@@ -203,13 +210,13 @@ class Originals:
 
     def dispose(
         self, src: Path, rel: str, identity: FileIdentity | None, *, own: bool = False
-    ) -> bool:
+    ) -> Disposal:
         """Apply the policy to ``src`` (inbox-relative name ``rel``), whose row is committed.
 
         ``identity`` is that of the file that was processed: if ``src`` now names another file
-        (replaced, or rewritten in place, since), nothing is done and False is returned (the
-        caller offers it again). True otherwise, also when the inbox refused the removal (then
-        the original is remembered and not processed again).
+        (replaced, or rewritten in place, since), nothing is done: ``changed`` (the caller
+        offers it again). ``refused``: the inbox refused the removal; the original is remembered
+        and not processed again (:attr:`refusal` says why).
 
         ``own``: the agent's own copy (received over C-STORE): ``keep`` deletes it too (keeping
         is for read-only inboxes; the listener's spool is not an archive).
@@ -219,33 +226,35 @@ class Originals:
             try:
                 now = identity_of(os.lstat(src))
             except FileNotFoundError:
-                return True  # gone already (removed by someone else): nothing to do
+                return "done"  # gone already (removed by someone else): nothing to do
             if now != identity:
-                return False
+                return "changed"
         else:
             try:
                 st = os.lstat(src)
             except FileNotFoundError:
-                return True
+                return "done"
             identity = identity_of(st)
         key = _key(rel, identity[1], identity[2], identity[3])
         if policy == "keep":
             self._ensure_index().add_kept(key)
-            return True
+            return "done"
         try:
             if policy == "delete":
                 src.unlink()
             else:
                 self._archive(src, rel)
         except FileNotFoundError:
-            return True
+            return "done"
         except _CopiedNotRemovedError as exc:
             self._remember_undeletable(key, "unlink", exc)
+            return "refused"
         except OSError as exc:
             if exc.errno not in _CANNOT_REMOVE:
                 raise
             self._remember_undeletable(key, "move" if policy == "archive" else "unlink", exc)
-        return True
+            return "refused"
+        return "done"
 
     def _archive(self, src: Path, rel: str) -> None:
         assert self._archive_dir is not None
@@ -268,6 +277,7 @@ class Originals:
             raise
 
     def _remember_undeletable(self, key: str, how: str, exc: OSError) -> None:
+        self.refusal = describe_error(exc)
         self._ensure_index().add_undeletable(key, how)
         with self._lock:
             self._undeletable += 1

@@ -209,8 +209,14 @@ class Intake:
     @property
     def commit_problem(self) -> str | None:
         """Why the latest file could not be committed (EACCES on the inbox, an outbox folder
-        that cannot be written...), or None when the latest file went through."""
-        return self._commit.problem
+        that cannot be written...), or None when the latest file went through. Originals the
+        inbox refused to give up count until they are removed (the next file's removal, or a
+        scan once the inbox allows it)."""
+        problem = self._commit.problem
+        refused = problem is not None and problem is self._commit.refusal_problem
+        if refused and not self._originals.undeletable():
+            self._commit.problem = problem = None  # removed since, by a later pass
+        return problem
 
     @property
     def quarantined(self) -> int:

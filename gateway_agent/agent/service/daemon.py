@@ -308,17 +308,10 @@ class Daemon:
         return listener
 
     def _inbox_readiness(self) -> CheckResult:
-        """Readiness of the inbox: there, and its originals removable (if they are to be)."""
-        watcher, intake = self.watcher, self.intake
+        """Readiness of the inbox: there (an inbox that refuses removals is intake's problem)."""
+        watcher = self.watcher
         if watcher is not None and watcher.missing:
             return CheckResult(False, f"inbox missing: {self.inbox}")
-        stuck = intake.undeletable_originals() if intake is not None else 0
-        if stuck:
-            return CheckResult(
-                False,
-                f"{stuck} original(s) cannot be removed from the inbox (read-only?); they stay "
-                'and are not processed again: make it writable, or set originals = "keep"',
-            )
         return CheckResult(True, "inbox watched")
 
     def _inbox_back(self) -> None:
