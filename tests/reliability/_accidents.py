@@ -118,7 +118,8 @@ def status_json(run: AgentRun) -> dict[str, Any]:
 
 class CountingStow:
     """A STOW-RS stand-in on 127.0.0.1 that counts, per expected SOP Instance UID, how many
-    requests carried it. ``down`` answers 503; ``delay`` holds every reply that long."""
+    requests carried it. ``down`` answers 503; ``delay`` holds replies that long (only those of
+    requests carrying a UID of ``hold``, when it is set), or until ``release`` is set."""
 
     def __init__(self, uids: set[str]) -> None:
         self.uids = {u.encode() for u in uids}
@@ -126,9 +127,11 @@ class CountingStow:
         self.requests = 0
         self.down = False
         self.delay = 0.0
+        self.hold: set[str] = set()
+        self.held = 0
         self.lock = threading.Lock()
+        #: Set to let held requests (``delay``) go at once.
         self.release = threading.Event()
-        self.release.set()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -139,8 +142,10 @@ class CountingStow:
                 body = self.rfile.read(length)
                 with owner.lock:
                     owner.requests += 1
-                    down, delay = owner.down, owner.delay
-                if delay:
+                    down, delay, hold = owner.down, owner.delay, set(owner.hold)
+                if delay and (not hold or any(u.encode() in body for u in hold)):
+                    with owner.lock:
+                        owner.held += 1
                     owner.release.wait(delay)
                 if down:
                     self._reply(503, b"{}")
@@ -183,13 +188,13 @@ class CountingStow:
 # --------------------------------------------------------------------------- a movable wall clock
 
 _SITECUSTOMIZE = '''\
-"""Test clock: time.time() and time.time_ns() plus the offset (seconds) in $GATEWAY_TEST_CLOCK;
-the monotonic clock is untouched, as when an operator or NTP sets the system clock."""
+"""Test clock: time.time() and time.time_ns() plus the offset (seconds) in the file named by
+$TEST_WALL_CLOCK_OFFSET_FILE; the monotonic clock is untouched, as when the system clock is set."""
 import os
 import threading
 import time
 
-_path = os.environ.get("GATEWAY_TEST_CLOCK")
+_path = os.environ.get("TEST_WALL_CLOCK_OFFSET_FILE")
 if _path:
     _real_time, _real_time_ns = time.time, time.time_ns
     _offset = [0.0]
@@ -227,7 +232,7 @@ class MovableClock:
 
     def env(self) -> dict[str, str]:
         path = os.pathsep.join(p for p in (str(self.directory), os.environ.get("PYTHONPATH")) if p)
-        return {"PYTHONPATH": path, "GATEWAY_TEST_CLOCK": str(self.file)}
+        return {"PYTHONPATH": path, "TEST_WALL_CLOCK_OFFSET_FILE": str(self.file)}
 
     def jump(self, seconds: float) -> None:
         self.offset += seconds

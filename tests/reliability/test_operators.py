@@ -435,7 +435,7 @@ def test_a_corrected_instance_is_sent_again(agent_run) -> None:  # type: ignore[
         return got
 
     reached = wait_until_ok(lambda: delivered_corrected() == n, 30)
-    logged = sum('"outbox_new_version"' in ln for ln in run.agent.log_lines())
+    logged = sum('"outbox_received_again"' in ln for ln in run.agent.log_lines())
     run.agent.stop()
     figures = {"instances": n, "corrected_delivered": delivered_corrected(), "logged": logged}
     record_figures("corrected", figures)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from ...logs import describe_error, get_logger
+from ..outbox._sqlite import is_damage, keep_aside
 from .quarantine import move_file
 from .worker import FileIdentity, identity_of
 
@@ -89,9 +90,13 @@ class _Index:
 
     def __init__(self, db_path: Path) -> None:
         self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("pragma journal_mode=wal")
-        for ddl in _SCHEMA:
-            self._conn.execute(ddl)
+        try:
+            self._conn.execute("pragma journal_mode=wal")
+            for ddl in _SCHEMA:
+                self._conn.execute(ddl)
+        except BaseException:
+            self._conn.close()
+            raise
         self._lock = threading.Lock()
 
     def has_kept(self, key: str | None) -> bool:
@@ -161,7 +166,7 @@ class Originals:
         self.refusal: str | None = None
         self._lock = threading.Lock()
         if policy == "keep" or self._db_path.exists():
-            self._index = _Index(self._db_path)
+            self._index = self._open_index()
             self._undeletable = self._index.count_undeletable()
 
     def undeletable(self) -> int:
@@ -293,8 +298,28 @@ class Originals:
 
     def _ensure_index(self) -> _Index:
         if self._index is None:
-            self._index = _Index(self._db_path)
+            self._index = self._open_index()
         return self._index
+
+    def _open_index(self) -> _Index:
+        """``intake.db``; a damaged one is kept aside and started anew (originals kept or
+        refused before are then processed once more: their rows exist, nothing is lost)."""
+        try:
+            index = _Index(self._db_path)
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise
+        else:
+            try:
+                index.count_undeletable()
+                return index
+            except sqlite3.DatabaseError as exc:
+                index.close()
+                if not is_damage(exc):
+                    raise
+        kept = keep_aside(self._db_path, time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
+        log.error("intake_index_damaged", kept_as=kept.name)
+        return _Index(self._db_path)
 
     def close(self) -> None:
         if self._index is not None:

@@ -10,7 +10,32 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["connect", "query", "transaction"]
+__all__ = ["connect", "is_damage", "keep_aside", "query", "transaction"]
+
+#: SQLite's answers that mean "this file is damaged" (not "busy", "locked" or "cannot open").
+_DAMAGE = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def is_damage(exc: BaseException) -> bool:
+    """True if ``exc`` says the database file is damaged (SQLITE_CORRUPT, SQLITE_NOTADB)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in _DAMAGE
+
+
+def keep_aside(db_path: Path, stamp: str) -> Path:
+    """Rename a damaged database (and its ``-wal`` and ``-shm``) to ``<name>.damaged-<stamp>``
+    (``-2``, ``-3``... if taken); return the new path. Nothing is deleted."""
+    target = db_path.with_name(f"{db_path.name}.damaged-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = db_path.with_name(f"{db_path.name}.damaged-{stamp}-{n}")
+    for suffix in ("-wal", "-shm"):
+        side = db_path.with_name(db_path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    db_path.rename(target)
+    return target
 
 
 def connect(db_path: Path | None, *, read_only: bool = False) -> sqlite3.Connection:

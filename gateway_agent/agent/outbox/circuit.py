@@ -23,13 +23,14 @@ class Circuit(OutboxDB):
         write). After a failure, the first worker past ``blocked_until`` becomes the single probe
         (``(0, True)``) for up to ``probe_lease`` seconds; everybody else waits.
         """
-        now = self._clock()
+        now = self.now()
         failures, blocked_until = self._query(
             "select consecutive_failures, blocked_until from destination_state where id = 1"
         )[0]
         if failures == 0 and blocked_until <= now:
             return 0.0, False
         with self._tx() as c:
+            now = self._now_tx(c)
             failures, blocked_until, probe_until = c.execute(
                 "select consecutive_failures, blocked_until, probe_until"
                 " from destination_state where id = 1"
@@ -64,8 +65,8 @@ class Circuit(OutboxDB):
         recorded the failure while this one was in flight): the caller then refunds the rows'
         attempts, so an outage burns attempts once, not per request.
         """
-        now = self._clock()
         with self._tx() as c:
+            now = self._now_tx(c)
             failures, last_error_at = c.execute(
                 "select consecutive_failures, last_error_at from destination_state where id = 1"
             ).fetchone()
@@ -81,13 +82,13 @@ class Circuit(OutboxDB):
 
     def circuit_success(self) -> bool:
         """The destination answered. Returns True if that closed an open circuit."""
-        now = self._clock()
         failures, auth = self._query(
             "select consecutive_failures, auth_failing from destination_state where id = 1"
         )[0]
         if not (failures or auth):
             return False  # healthy already: no write (mark_sent records last_success_at)
         with self._tx() as c:
+            now = self._now_tx(c)
             c.execute(
                 "update destination_state set consecutive_failures = 0, blocked_until = 0,"
                 " probe_until = 0, last_success_at = ?, auth_failing = 0 where id = 1",

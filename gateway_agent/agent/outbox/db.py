@@ -19,9 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...logs import get_logger
 from ._sqlite import connect, query, transaction
 
-__all__ = ["SOURCES", "STATES", "OutboxDB", "OutboxRow"]
+__all__ = ["JUMP_TOLERANCE_SECONDS", "SOURCES", "STATES", "OutboxDB", "OutboxRow"]
+
+log = get_logger()
+
+#: The wall clock is taken as set (a jump) when it moved this much more, or less, than the
+#: monotonic clock between two readings.
+JUMP_TOLERANCE_SECONDS = 2.0
 
 STATES = ("queued", "sending", "sent", "dead")
 #: Where an instance came from: the watched inbox, or the C-STORE listener.
@@ -138,6 +145,12 @@ class OutboxDB:
         SQLite file; created with mode 0600 (its WAL and SHM files inherit that mode).
     clock
         Wall-clock source for every timestamp (injected by tests).
+    monotonic
+        With a monotonic clock, the wall clock is watched: when it jumps (set by hand, or by NTP
+        on a box that booted at an old date), the waiting rows' times (next attempt, lease,
+        age) and the destination circuit's move with it, so a jump neither delays delivery by
+        its size, nor expires every lease at once, nor makes rows too old (see :meth:`now`).
+        None (the default): no watching.
     read_only
         Open an existing database for reading only (``status``): nothing is created or written.
     """
@@ -147,15 +160,24 @@ class OutboxDB:
         db_path: Path | str,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] | None = None,
         read_only: bool = False,
     ) -> None:
         self.db_path = Path(db_path) if str(db_path) != ":memory:" else None
         self._clock = clock
+        self._monotonic = monotonic
+        self._anchor: tuple[float, float] | None = None
         self._lock = threading.RLock()
+        # Rows in ``sending`` whose instance arrived again meanwhile (a new version): their
+        # outcome is not the new version's (see add_many, mark_sent). Rows in ``sending`` never
+        # outlive the process (requeued at start-up), so memory is the right place.
+        self._superseded: set[int] = set()
         self._conn = connect(self.db_path, read_only=read_only)
+        self._first_id = 0
         if not read_only:
             with self._lock:
                 self.initialize_schema()
+            self._first_id = int(self._query("select coalesce(max(id), 0) from outbox")[0][0])
 
     def initialize_schema(self) -> None:
         with self._tx() as c:
@@ -174,6 +196,97 @@ class OutboxDB:
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return query(self._conn, self._lock, sql, params)
+
+    # -- the wall clock -----------------------------------------------------------------------
+    def now(self) -> float:
+        """The wall clock, watched for jumps (see ``monotonic``): when it was set since the
+        last reading, the stored times are moved by as much, in one transaction, before this
+        returns. Every decision of the outbox reads the time this way."""
+        with self._lock:
+            now, jump = self._read_clock()
+            if jump:
+                with self._tx() as c:
+                    self._shift(c, jump)
+            return now
+
+    def _now_tx(self, c: sqlite3.Connection) -> float:
+        """:meth:`now` inside a transaction (the lock held): the shift joins that transaction."""
+        now, jump = self._read_clock()
+        if jump:
+            self._shift(c, jump)
+        return now
+
+    def _read_clock(self) -> tuple[float, float]:
+        """``(now, jump)``; the caller holds the lock."""
+        now = self._clock()
+        if self._monotonic is None:
+            return now, 0.0
+        mono = self._monotonic()
+        jump = 0.0
+        if self._anchor is not None:
+            jump = now - (self._anchor[0] + (mono - self._anchor[1]))
+            if abs(jump) <= JUMP_TOLERANCE_SECONDS:
+                jump = 0.0
+        self._anchor = (now, mono)
+        return now, jump
+
+    def _shift(self, c: sqlite3.Connection, jump: float) -> None:
+        """Move what measures time still to come, or time waited, by ``jump`` seconds: the
+        waiting rows' next attempt and lease, the age of those added since this outbox was
+        opened, and the destination circuit's times."""
+        c.execute(
+            "update outbox set next_attempt_at = next_attempt_at + ?1,"
+            " lease_until = lease_until + ?1,"
+            " created_at = case when id > ?2 then created_at + ?1 else created_at end"
+            " where state in ('queued', 'sending')",
+            (jump, self._first_id),
+        )
+        c.execute(
+            "update destination_state set"
+            " blocked_until = case when blocked_until > 0 then blocked_until + ?1 else 0 end,"
+            " probe_until = case when probe_until > 0 then probe_until + ?1 else 0 end,"
+            " last_error_at = last_error_at + ?1, last_success_at = last_success_at + ?1"
+            " where id = 1",
+            (jump,),
+        )
+        log.warning("clock_jumped", seconds=round(jump, 1))
+
+    def clamp_future(self, *, longest: float, cap: float) -> int:
+        """At start-up: a next attempt (or a closed circuit) further away than ``longest``
+        seconds can only come from a clock set back while the agent was down: it becomes
+        ``cap`` seconds away. Returns the rows moved."""
+        with self._tx() as c:
+            now = self._now_tx(c)
+            n = c.execute(
+                "update outbox set next_attempt_at = ?1 where state = 'queued'"
+                " and next_attempt_at > ?2",
+                (now + cap, now + longest),
+            ).rowcount
+            c.execute(
+                "update destination_state set blocked_until = min(blocked_until, ?1),"
+                " probe_until = 0 where id = 1 and blocked_until > ?2",
+                (now + cap, now + longest),
+            )
+        if n:
+            log.warning("outbox_far_future_clamped", rows=n)
+        return int(n)
+
+    def aged_out(self, ids: Sequence[int], max_age: float) -> set[int]:
+        """The rows among ``ids`` waiting for ``max_age`` seconds or more (by :meth:`now`)."""
+        with self._lock:
+            now = self.now()
+            rows = self._query(
+                "select id from outbox where id in (select value from json_each(?))"
+                " and ? - created_at >= ?",
+                (ids_param(ids), now, max_age),
+            )
+        return {int(r[0]) for r in rows}
+
+    def integrity_problem(self) -> str | None:
+        """SQLite's ``quick_check``: None when the database is sound, else its first finding."""
+        rows = self._query("pragma quick_check(1)")
+        first = str(rows[0][0]) if rows else "no answer"
+        return None if first == "ok" else first[:200]
 
     def close(self) -> None:
         with self._lock:
@@ -254,9 +367,10 @@ class OutboxDB:
             )
         if not params:
             return []
-        now = self._clock()
         added: list[bool] = []
+        again: list[tuple[str, str]] = []
         with self._tx() as c:
+            now = self._now_tx(c)
             for p in params:
                 cur = c.execute(
                     "insert or ignore into outbox (sop_instance_uid, study_instance_uid,"
@@ -266,7 +380,41 @@ class OutboxDB:
                     (*p[:6], now, now, *p[6:]),
                 )
                 added.append(cur.rowcount == 1)
+                if cur.rowcount != 1:
+                    state = self._received_again(c, p, now)
+                    if state is not None:
+                        again.append((p[0], state))
+        for uid, state in again:
+            log.info("outbox_received_again", sop_instance_uid=uid, previous_state=state)
         return added
+
+    def _received_again(self, c: sqlite3.Connection, p: tuple[Any, ...], now: float) -> str | None:
+        """An instance already in the outbox arrived again (a corrected version, a resend by
+        the modality, or the same file after a crash): its file was just rewritten under the
+        row, so the row follows it. Delivered or dead, it is queued again (the destination is
+        idempotent per SOP Instance UID; a new version must not stay unsent); being sent, its
+        outcome will not count for the new version. Returns the previous state."""
+        row = c.execute(
+            "select id, state from outbox where sop_instance_uid = ?", (p[0],)
+        ).fetchone()
+        if row is None:
+            return None
+        row_id, state = int(row[0]), str(row[1])
+        if state in ("sent", "dead"):
+            c.execute(
+                "update outbox set state = 'queued', attempts = 0, next_attempt_at = ?,"
+                " created_at = ?, sent_at = null, lease_until = null, last_error = null,"
+                " file_gone = 0, size = ?, audit = ? where id = ?",
+                (now, now, p[5], p[6], row_id),
+            )
+        else:
+            c.execute(
+                "update outbox set size = ?, audit = ?, file_gone = 0 where id = ?",
+                (p[5], p[6], row_id),
+            )
+            if state == "sending":
+                self._superseded.add(row_id)
+        return state
 
     def get(self, sop_instance_uid: str) -> OutboxRow | None:
         rows = self._query(_SELECT_ROWS + " where sop_instance_uid = ?", (sop_instance_uid,))
@@ -292,7 +440,9 @@ class OutboxDB:
         rows = self._query(
             "select min(created_at) from outbox where state in ('queued', 'sending')"
         )
-        return None if rows[0][0] is None else max(0.0, self._clock() - float(rows[0][0]))
+        if rows[0][0] is None:
+            return None
+        return max(0.0, self.now() - float(rows[0][0]))
 
     def rows(self, state: str | None = None, limit: int = 1000) -> list[OutboxRow]:
         if state is not None and state not in STATES:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from ...logs import get_logger
 from .db import _SELECT_ROWS, _WHERE_IDS, OutboxDB, OutboxRow, _row, ids_param
@@ -29,8 +30,8 @@ class Delivery(OutboxDB):
         """
         if max_items < 1:
             raise ValueError('Argument "max_items" must be >= 1.')
-        now = self._clock()
         with self._tx() as c:
+            now = self._now_tx(c)
             candidates = c.execute(
                 "select id, size from outbox where state = 'queued' and next_attempt_at <= ?"
                 " union all"
@@ -62,16 +63,30 @@ class Delivery(OutboxDB):
         """The destination acknowledged these rows (whatever their state now: the ack is a fact).
 
         ``warning``: the destination stored them with a warning (a C-STORE 0xB000 coercion, for
-        one); it stays in ``last_error`` of the sent rows.
+        one); it stays in ``last_error`` of the sent rows. A row whose instance arrived again
+        while it was being sent (a new version) is queued again instead: the acknowledgement
+        may be of the previous version.
         """
-        now = self._clock()
         note = f"warning: {warning}" if warning else None
         with self._tx() as c:
+            now = self._now_tx(c)
+            superseded = [i for i in ids if i in self._superseded]
+            self._superseded.difference_update(superseded)
+            acked = [i for i in ids if i not in superseded]
             c.execute("update destination_state set last_success_at = ? where id = 1", (now,))
             c.execute(
                 "update outbox set state = 'sent', sent_at = ?, lease_until = null,"
                 " last_error = ? where id in (select value from json_each(?))",
-                (now, note, ids_param(ids)),
+                (now, note, ids_param(acked)),
+            )
+            self._requeue_superseded(c, superseded, now)
+
+    def _requeue_superseded(self, c: Any, ids: Sequence[int], now: float) -> None:
+        if ids:
+            c.execute(
+                "update outbox set state = 'queued', next_attempt_at = ?, lease_until = null"
+                " where id in (select value from json_each(?))",
+                (now, ids_param(ids)),
             )
 
     def mark_retry(
@@ -82,9 +97,10 @@ class Delivery(OutboxDB):
         ``refund_attempt`` gives the attempt back: used while the destination is known to be down,
         so an outage does not burn every row's attempts.
         """
-        due = self._clock() + max(0.0, delay)
         refund = 1 if refund_attempt else 0
         with self._tx() as c:
+            due = self._now_tx(c) + max(0.0, delay)
+            self._superseded.difference_update(ids)
             c.execute(
                 "update outbox set state = 'queued', next_attempt_at = ?, lease_until = null,"
                 " last_error = ?, attempts = max(0, attempts - ?)"
@@ -93,15 +109,22 @@ class Delivery(OutboxDB):
             )
 
     def mark_dead(self, ids: Sequence[int], *, error: str) -> None:
+        """These rows failed for good (a new version that arrived meanwhile is queued instead:
+        the refusal was of the previous one)."""
         with self._tx() as c:
+            now = self._now_tx(c)
+            superseded = [i for i in ids if i in self._superseded]
+            self._superseded.difference_update(superseded)
             c.execute(
                 "update outbox set state = 'dead', lease_until = null, last_error = ?"
                 " where state != 'sent' and id in (select value from json_each(?))",
-                (error[:500], ids_param(ids)),
+                (error[:500], ids_param([i for i in ids if i not in superseded])),
             )
+            self._requeue_superseded(c, superseded, now)
 
     def release(self, ids: Sequence[int]) -> None:
         """``sending`` → ``queued`` without penalty (shutdown before the request was made)."""
+        self._superseded.difference_update(ids)
         with self._tx() as c:
             c.execute(
                 "update outbox set state = 'queued', lease_until = null,"
@@ -112,8 +135,8 @@ class Delivery(OutboxDB):
 
     def requeue_stale(self) -> int:
         """At start-up: every ``sending`` row (left by a crash) goes back to ``queued``, due now."""
-        now = self._clock()
         with self._tx() as c:
+            now = self._now_tx(c)
             cur = c.execute(
                 "update outbox set state = 'queued', lease_until = null, next_attempt_at = ?"
                 " where state = 'sending'",
@@ -126,9 +149,9 @@ class Delivery(OutboxDB):
 
     def retry_dead(self, ids: Sequence[int] | None = None) -> int:
         """``dead`` → ``queued`` (all, or these ids) with attempts reset and due now."""
-        now = self._clock()
         selected = None if ids is None else ids_param(ids)
         with self._tx() as c:
+            now = self._now_tx(c)
             cur = c.execute(
                 "update outbox set state = 'queued', attempts = 0, next_attempt_at = ?1,"
                 " created_at = ?1, last_error = null where state = 'dead'"
@@ -139,8 +162,8 @@ class Delivery(OutboxDB):
 
     def retry_now(self) -> int:
         """Make every waiting row due now and close the circuit (after fixing credentials/URL)."""
-        now = self._clock()
         with self._tx() as c:
+            now = self._now_tx(c)
             n = c.execute(
                 "update outbox set next_attempt_at = ?"
                 " where state = 'queued' and next_attempt_at > ?",
@@ -156,7 +179,7 @@ class Delivery(OutboxDB):
         rows = self._query(
             "select count(*), coalesce(sum(size), 0) from (select size from outbox"
             " where state = 'queued' and next_attempt_at <= ? order by id limit ?)",
-            (self._clock(), int(limit)),
+            (self.now(), int(limit)),
         )
         return int(rows[0][0]), int(rows[0][1])
 

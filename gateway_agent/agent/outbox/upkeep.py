@@ -42,7 +42,7 @@ class Upkeep(OutboxDB):
 
     def purge_sent_files(self, older_than_seconds: float) -> int:
         """Retention: unlink files of rows sent over ``older_than_seconds`` ago; keep the rows."""
-        cutoff = self._clock() - older_than_seconds
+        cutoff = self.now() - older_than_seconds
         victims = self._query(
             "select id, path from outbox where state = 'sent' and file_gone = 0 and sent_at <= ?",
             (cutoff,),
@@ -63,7 +63,7 @@ class Upkeep(OutboxDB):
         This bounds the database (SQLite reuses the freed pages). The newest row is never
         deleted, so row ids keep growing and ``rows_since`` readers (the QC job) stay correct.
         """
-        cutoff = self._clock() - older_than_seconds
+        cutoff = self.now() - older_than_seconds
         with self._tx() as c:
             cur = c.execute(
                 "delete from outbox where state = 'sent' and file_gone = 1 and sent_at <= ?"

@@ -22,8 +22,10 @@ from ..intake.listener import Listener
 from ..intake.pipeline import OUTBOX_DIR_MODE, Intake
 from ..intake.quarantine import Quarantine
 from ..intake.watcher import InboxWatcher
+from ..outbox.repair import open_outbox
 from ..outbox.store import Outbox
 from ..upload.destinations import destination_from_settings
+from ..upload.outcomes import RETRY_AFTER_MAX_SECONDS
 from ..upload.uploader import Uploader
 from .effective import write_effective_settings
 from .health import CheckResult
@@ -143,9 +145,12 @@ class Daemon:
         self._state_lock.acquire()
         self._inbox_lock.acquire()
         try:
-            self.outbox = outbox = Outbox(self.paths.outbox_db)
+            # A damaged database is kept aside and a new one rebuilt from the outbox files
+            # (by the reconcile below); the wall clock is watched for jumps.
+            outbox, damaged = open_outbox(self.paths.outbox_db, monotonic=time.monotonic)
         except (OSError, sqlite3.Error) as exc:
             raise _state_error(self.paths.root, exc) from None
+        self.outbox = outbox
         secret = load_guarded_secret(
             s.secret_file,
             self.paths.root,
@@ -156,6 +161,8 @@ class Daemon:
             self._recover_state(outbox)
         except (OSError, sqlite3.Error) as exc:
             raise _state_error(self.paths.root, exc) from None
+        if damaged is not None:
+            log.error("outbox_rebuilt", rows=sum(outbox.counts().values()), kept_as=damaged.name)
         engine = Deidentifier(
             secret, DeidOptions.from_settings(s.deid), station_name=s.station_name
         )
@@ -164,7 +171,7 @@ class Daemon:
             self._remove_temp_files(Path(s.destination.folder))
         destination = destination_from_settings(s.destination, calling_ae=s.calling_ae)
         write_effective_settings(self.paths.root, s, s.destination.target)
-        self.uploader = Uploader(outbox, destination, s.destination)
+        self.uploader = Uploader(outbox, destination, s.destination, clock=outbox.now)
         self.uploader.start()
 
         if self._want_service:
@@ -259,6 +266,12 @@ class Daemon:
             with contextlib.suppress(OSError):
                 leftover.unlink()
         outbox.requeue_stale()
+        # A next attempt further away than any backoff or Retry-After: the clock was set back
+        # while the agent was down.
+        d = self.settings.destination
+        outbox.clamp_future(
+            longest=max(d.backoff_cap_seconds, RETRY_AFTER_MAX_SECONDS), cap=d.backoff_cap_seconds
+        )
         self.paths.outbox_files.mkdir(mode=OUTBOX_DIR_MODE, parents=True, exist_ok=True)
         self.paths.outbox_files.chmod(OUTBOX_DIR_MODE)  # also for a folder made by older versions
         self._remove_temp_files(self.paths.outbox_files)

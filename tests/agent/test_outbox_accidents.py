@@ -1,0 +1,228 @@
+"""The outbox under accidents, on a real SQLite file: an instance that arrives again (a corrected
+version), a wall clock that jumps (injected wall and monotonic clocks), a damaged database."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from gateway_agent.agent.outbox.repair import open_outbox
+from gateway_agent.agent.outbox.store import Outbox
+
+DAY = 86400.0
+
+
+class Clocks:
+    """A wall clock and a monotonic clock that tests move: ``advance`` moves both (time passes),
+    ``jump`` moves the wall clock alone (someone set it)."""
+
+    def __init__(self) -> None:
+        self.wall = 1_800_000_000.0
+        self.mono = 1000.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def jump(self, seconds: float) -> None:
+        self.wall += seconds
+
+
+@pytest.fixture
+def clocks() -> Clocks:
+    return Clocks()
+
+
+@pytest.fixture
+def outbox(tmp_path: Path, clocks: Clocks) -> Iterator[Outbox]:
+    ob = Outbox(tmp_path / "outbox.db", clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
+    yield ob
+    ob.close()
+
+
+def _add(outbox: Outbox, uid: str, tmp_path: Path, size: int = 10) -> bool:
+    return outbox.add(
+        sop_instance_uid=uid,
+        study_instance_uid="2.25.1",
+        series_instance_uid="2.25.2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        path=tmp_path / f"{uid}.dcm",
+        size=size,
+        audit={},
+    )
+
+
+def _claim(outbox: Outbox, lease: float = 600.0) -> list[int]:
+    return [r.id for r in outbox.claim(max_items=100, max_bytes=1 << 30, lease_seconds=lease)]
+
+
+# --------------------------------------------------------------------------- received again
+
+
+def test_a_delivered_instance_that_arrives_again_is_queued_again(
+    outbox: Outbox, tmp_path: Path
+) -> None:
+    assert _add(outbox, "2.25.10", tmp_path)
+    ids = _claim(outbox)
+    outbox.mark_sent(ids)
+    with capture_logs() as logs:
+        assert _add(outbox, "2.25.10", tmp_path, size=12) is False  # same row ...
+    row = outbox.get("2.25.10")
+    assert row is not None and (row.state, row.attempts, row.size) == ("queued", 0, 12)
+    assert [e["event"] for e in logs] == ["outbox_received_again"]
+    assert logs[0]["previous_state"] == "sent"
+    assert _claim(outbox) == ids  # ... due at once
+
+
+def test_an_ack_while_a_new_version_arrived_does_not_count_for_it(
+    outbox: Outbox, tmp_path: Path
+) -> None:
+    _add(outbox, "2.25.11", tmp_path)
+    _add(outbox, "2.25.12", tmp_path)
+    ids = _claim(outbox)
+    _add(outbox, "2.25.11", tmp_path, size=20)  # arrives again while being sent
+    outbox.mark_sent(ids)  # the ack is of the first version
+    assert outbox.get("2.25.11").state == "queued"  # type: ignore[union-attr]
+    assert outbox.get("2.25.12").state == "sent"  # type: ignore[union-attr]
+    again = _claim(outbox)
+    _add(outbox, "2.25.11", tmp_path, size=30)
+    outbox.mark_dead(again, error="http_400 rejected")  # a refusal of the previous version
+    assert outbox.get("2.25.11").state == "queued"  # type: ignore[union-attr]
+    outbox.mark_sent(_claim(outbox))
+    assert outbox.counts() == {"queued": 0, "sending": 0, "sent": 2, "dead": 0}
+
+
+def test_a_dead_instance_that_arrives_again_gets_a_new_chance(
+    outbox: Outbox, tmp_path: Path
+) -> None:
+    _add(outbox, "2.25.13", tmp_path)
+    outbox.mark_dead(_claim(outbox), error="http_400 rejected")
+    _add(outbox, "2.25.13", tmp_path)
+    row = outbox.get("2.25.13")
+    assert row is not None and row.state == "queued" and row.last_error is None
+
+
+# --------------------------------------------------------------------------- clock jumps
+
+
+def test_backward_jump_during_a_backoff_does_not_delay_delivery(
+    outbox: Outbox, clocks: Clocks, tmp_path: Path
+) -> None:
+    _add(outbox, "2.25.20", tmp_path)
+    outbox.mark_retry(_claim(outbox), error="503", delay=30.0)
+    outbox.circuit_failure("503", delay=30.0, started_at=clocks.wall)
+    clocks.jump(-DAY)  # the clock is set back a day
+    clocks.advance(31.0)  # ... and the backoff runs out
+    assert outbox.circuit_acquire(probe_lease=60)[0] == 0.0
+    assert _claim(outbox), "the row is due after its 30 s, not after a day"
+
+
+def test_forward_jump_does_not_expire_leases_in_flight(
+    outbox: Outbox, clocks: Clocks, tmp_path: Path
+) -> None:
+    for i in range(5):
+        _add(outbox, f"2.25.3{i}", tmp_path)
+    in_flight = _claim(outbox, lease=600.0)
+    clocks.jump(DAY)
+    assert _claim(outbox) == []  # nothing claimed twice
+    clocks.advance(601.0)  # the lease does run out after its time
+    assert sorted(_claim(outbox)) == sorted(in_flight)
+
+
+def test_forward_jump_during_an_outage_does_not_age_rows(
+    outbox: Outbox, clocks: Clocks, tmp_path: Path
+) -> None:
+    for i in range(3):
+        _add(outbox, f"2.25.4{i}", tmp_path)
+    ids = _claim(outbox)
+    clocks.advance(3600.0)
+    clocks.jump(4 * DAY)  # past a 72 h max_age, by the clock alone
+    assert outbox.aged_out(ids, 72 * 3600.0) == set()
+    assert outbox.oldest_waiting_age() == pytest.approx(3600.0, abs=5)
+    clocks.advance(72 * 3600.0)  # real time does age them
+    assert outbox.aged_out(ids, 72 * 3600.0) == set(ids)
+
+
+def test_a_jump_while_the_agent_was_down_is_clamped_at_start(
+    tmp_path: Path, clocks: Clocks
+) -> None:
+    """The clock was a day ahead when the rows were scheduled; the agent restarts with the right
+    time: the next attempts, a day away now, are brought back to the backoff cap."""
+    ob = Outbox(tmp_path / "outbox.db", clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
+    _add(ob, "2.25.50", tmp_path)
+    ob.mark_retry(_claim(ob), error="503", delay=60.0)
+    ob.circuit_failure("503", delay=60.0, started_at=clocks.wall)
+    ob.close()
+    clocks.wall -= DAY  # a new process: no earlier reading to compare with
+    ob = Outbox(tmp_path / "outbox.db", clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
+    try:
+        assert ob.clamp_future(longest=3600.0, cap=300.0) == 1
+        due = ob.next_due_at()
+        assert due is not None and due - clocks.wall == pytest.approx(300.0)
+        assert ob.circuit_acquire(probe_lease=60)[0] <= 300.0
+    finally:
+        ob.close()
+
+
+def test_small_steps_are_not_jumps(outbox: Outbox, clocks: Clocks, tmp_path: Path) -> None:
+    _add(outbox, "2.25.60", tmp_path)
+    with capture_logs() as logs:
+        for _ in range(100):
+            clocks.advance(10.0)
+            clocks.wall += 0.5  # NTP slewing, not a jump
+            outbox.now()
+    assert not [e for e in logs if e["event"] == "clock_jumped"]
+
+
+# --------------------------------------------------------------------------- a damaged database
+
+
+def _database_with_rows(db: Path, tmp_path: Path, n: int = 300) -> None:
+    ob = Outbox(db)
+    for i in range(n):
+        _add(ob, f"2.25.{1000 + i}", tmp_path)
+    ob.checkpoint()
+    ob.close()
+
+
+@pytest.mark.parametrize("how", ["truncated", "header", "pages"])
+def test_a_damaged_database_is_kept_aside_and_replaced(tmp_path: Path, how: str) -> None:
+    db = tmp_path / "outbox.db"
+    _database_with_rows(db, tmp_path)
+    data = bytearray(db.read_bytes())
+    rng = random.Random(how)
+    if how == "truncated":
+        data = data[: len(data) // 3]
+    elif how == "header":
+        data[:100] = rng.randbytes(100)
+    else:
+        for p in range(1, len(data) // 4096, 2):
+            data[p * 4096 : (p + 1) * 4096] = rng.randbytes(4096)
+    db.write_bytes(bytes(data))
+    with capture_logs() as logs:
+        ob, kept = open_outbox(db)
+    try:
+        assert kept is not None and kept.read_bytes() == bytes(data)  # kept as it was
+        assert ob.counts() == {"queued": 0, "sending": 0, "sent": 0, "dead": 0}
+        assert ob.integrity_problem() is None
+    finally:
+        ob.close()
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["outbox_damaged"]
+
+
+def test_a_sound_database_is_left_alone_and_other_errors_are_not_damage(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    _database_with_rows(db, tmp_path, 5)
+    ob, kept = open_outbox(db)
+    ob.close()
+    assert kept is None and not list(tmp_path.glob("*.damaged-*"))
+    folder = tmp_path / "not-a-file.db"
+    folder.mkdir()
+    with pytest.raises(sqlite3.OperationalError):
+        open_outbox(folder)
+    assert folder.is_dir()
