@@ -17,6 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
 from gateway_agent.synthetic import Patient, make_ct_slice
 
 from ._harness import AgentRun
@@ -27,6 +30,7 @@ __all__ = [
     "MovableClock",
     "cli",
     "ct_bytes",
+    "multiframe_file",
     "readonly_folder",
     "status_json",
 ]
@@ -276,3 +280,42 @@ def readonly_folder(path: Path) -> Iterator[str]:
         yield "chattr +i"
     finally:
         subprocess.run(["chattr", "-i", str(path)], capture_output=True, check=False, timeout=30)
+
+
+# --------------------------------------------------------------------------- a large object
+
+MB = 1024 * 1024
+
+
+def multiframe_file(path: Path, megabytes: int) -> str:
+    """An uncompressed 16-bit multi-frame CT (Enhanced CT Image Storage header essentials) of
+    about ``megabytes`` MB, written by streaming its frames: never whole in memory here either.
+    Returns its SOP Instance UID."""
+    rows = cols = 512
+    frame = rows * cols * 2
+    frames = max(2, megabytes * MB // frame)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID = "PHIDOE^PHIJANE", "PHIMRN4711"
+    ds.Modality, ds.Manufacturer, ds.StudyDate = "CT", "ACME Medical", "20240611"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
+    ds.PixelSpacing, ds.SliceThickness = ["0.5", "0.5"], "1"
+    with path.open("wb") as fh:
+        ds.save_as(fh, enforce_file_format=True)
+        fh.write(b"\xe0\x7f\x10\x00OW\x00\x00" + (frames * frame).to_bytes(4, "little"))
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        for _ in range(frames):
+            fh.write((1024 + rng.normal(0, 20, (rows, cols))).clip(0, 4095).astype("<u2").tobytes())
+    return uid

@@ -85,8 +85,6 @@ class Upkeep(OutboxDB):
           (``missing``).
         Hidden and temporary files (``.*``, ``*.tmp``, ``*.partial``) are counted as ``temp``.
         """
-        from pydicom.errors import InvalidDicomError
-
         result = {"added": 0, "missing": 0, "unreadable": 0, "temp": 0}
         known = {os.path.realpath(p) for (p,) in self._query("select path from outbox")}
         if files_dir.is_dir():
@@ -98,6 +96,9 @@ class Upkeep(OutboxDB):
                         continue
                     if os.path.realpath(path) in known or not path.is_file():
                         continue
+                    # pydicom (and NumPy with it) is loaded only when a file needs reading.
+                    from pydicom.errors import InvalidDicomError
+
                     try:
                         added = self.add_file(path, audit={"reconciled": True})
                     except (InvalidDicomError, AttributeError, OSError, ValueError):
