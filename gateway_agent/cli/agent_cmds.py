@@ -576,7 +576,15 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if paths.outbox_db.exists():
             from ..agent.outbox.store import Outbox
 
-            outbox = Outbox(paths.outbox_db)
+            try:
+                outbox = Outbox(paths.outbox_db)
+            except sqlite3.DatabaseError as exc:
+                print(
+                    f"outbox database unreadable ({type(exc).__name__}): the agent keeps a "
+                    "damaged one aside and rebuilds it from the outbox files when it starts",
+                    file=sys.stderr,
+                )
+                return 1
             try:
                 n = outbox.retry_dead(row_ids or None)
                 due = outbox.retry_now()

@@ -3,6 +3,7 @@ version), a wall clock that jumps (injected wall and monotonic clocks), a damage
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -226,3 +227,41 @@ def test_a_sound_database_is_left_alone_and_other_errors_are_not_damage(tmp_path
     with pytest.raises(sqlite3.OperationalError):
         open_outbox(folder)
     assert folder.is_dir()
+
+
+def test_retention_leaves_a_new_version_written_after_the_send(tmp_path: Path) -> None:
+    """Retention picks a row sent a day ago; meanwhile its instance arrived again and its file
+    was rewritten: that file is the new version's and stays."""
+    clocks = Clocks()
+    ob = Outbox(tmp_path / "outbox.db", clock=lambda: clocks.wall)
+    try:
+        for uid in ("2.25.70", "2.25.71"):
+            (tmp_path / f"{uid}.dcm").write_bytes(b"first")
+            _add(ob, uid, tmp_path)
+        ob.mark_sent(_claim(ob))
+        for uid in ("2.25.70", "2.25.71"):  # written before the send, as always
+            os.utime(tmp_path / f"{uid}.dcm", (clocks.wall - 10, clocks.wall - 10))
+        clocks.advance(DAY + 60)
+        (tmp_path / "2.25.71.dcm").write_bytes(b"second")  # a new version, written now
+        os.utime(tmp_path / "2.25.71.dcm", (clocks.wall, clocks.wall))
+        assert ob.purge_sent_files(DAY) == 1
+        assert not (tmp_path / "2.25.70.dcm").exists()
+        assert (tmp_path / "2.25.71.dcm").read_bytes() == b"second"
+    finally:
+        ob.close()
+
+
+def test_retry_on_a_damaged_database_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway_agent.cli import main
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "outbox.db").write_bytes(b"this is not a database" * 100)
+    assert main(["retry", "--state-dir", str(state), "--inbox", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "outbox database unreadable" in err and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert main(["status", "--state-dir", str(state), "--inbox", str(tmp_path)]) == 0
+    assert "UNREADABLE" in capsys.readouterr().out

@@ -222,3 +222,28 @@ def test_sighup_reloads_in_process_and_keeps_going(tmp_path: Path) -> None:
         runner.join(60)
         signal.signal(signal.SIGHUP, previous)
     assert result == [0]
+
+
+def test_anonymize_does_not_replace_an_agents_lost_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway_agent.cli import main
+
+    state = tmp_path / "state"
+    _guard(state)  # an agent ran here: its secret and the fingerprint
+    (state / "secret.key").unlink()
+    src = tmp_path / "in"
+    write_synthetic(src, 1, seed="anon")
+    rc = main(
+        [
+            "anonymize",
+            str(src),
+            "-o",
+            str(tmp_path / "out"),
+            "--secret-file",
+            str(state / "secret.key"),
+        ]
+    )
+    assert rc == 2
+    assert "missing" in capsys.readouterr().err
+    assert not (state / "secret.key").exists()

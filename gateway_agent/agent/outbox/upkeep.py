@@ -15,6 +15,8 @@ __all__ = ["Upkeep", "row_from_file"]
 log = get_logger()
 
 _IGNORED_SUFFIXES = (".tmp", ".partial", ".part")
+#: A file whose mtime is this much later than its row's ``sent_at`` was written after it was sent.
+_MTIME_SLACK_SECONDS = 1.0
 
 
 def row_from_file(path: Path, audit: dict[str, Any]) -> dict[str, Any]:
@@ -41,21 +43,33 @@ class Upkeep(OutboxDB):
     """What keeps the outbox bounded and true to its folder: retention, compaction, reconcile."""
 
     def purge_sent_files(self, older_than_seconds: float) -> int:
-        """Retention: unlink files of rows sent over ``older_than_seconds`` ago; keep the rows."""
+        """Retention: unlink files of rows sent over ``older_than_seconds`` ago; keep the rows.
+
+        A file written after its row was sent is a new version of the instance that arrived
+        again (its row is being queued again by intake): it is left alone.
+        """
         cutoff = self.now() - older_than_seconds
         victims = self._query(
-            "select id, path from outbox where state = 'sent' and file_gone = 0 and sent_at <= ?",
+            "select id, path, sent_at from outbox"
+            " where state = 'sent' and file_gone = 0 and sent_at <= ?",
             (cutoff,),
         )
-        for _, path in victims:
-            Path(path).unlink(missing_ok=True)
-        ids = [int(v[0]) for v in victims]
+        gone: list[int] = []
+        for row_id, path, sent_at in victims:
+            try:
+                if Path(path).stat().st_mtime > float(sent_at) + _MTIME_SLACK_SECONDS:
+                    continue  # a new version, written since
+                Path(path).unlink()
+            except FileNotFoundError:
+                pass
+            gone.append(int(row_id))
         with self._tx() as c:
             c.execute(
-                "update outbox set file_gone = 1 where id in (select value from json_each(?))",
-                (ids_param(ids),),
+                "update outbox set file_gone = 1 where state = 'sent'"
+                " and id in (select value from json_each(?))",
+                (ids_param(gone),),
             )
-        return len(ids)
+        return len(gone)
 
     def compact(self, older_than_seconds: float) -> int:
         """Audit retention: delete sent rows whose files are gone, sent over the age ago.
