@@ -5,7 +5,7 @@
     uv run python benchmarks/reliability.py --full -k crash # one case
 
 Each test of ``tests/reliability`` appends its figures as a JSON line to the file named by
-``GATEWAY_RELIABILITY_FIGURES``; this script runs pytest once (sequentially, so the sizes do not
+``RELIABILITY_FIGURES``; this script runs pytest once (sequentially, so the sizes do not
 compete for the two cores), then prints one row per case.
 """
 
@@ -234,9 +234,9 @@ def main() -> int:
     args = p.parse_args()
     figures = args.figures or Path(tempfile.mkstemp(prefix="reliability-", suffix=".jsonl")[1])
     figures.write_text("")
-    env = dict(os.environ, GATEWAY_RELIABILITY_FIGURES=str(figures))
+    env = dict(os.environ, RELIABILITY_FIGURES=str(figures))
     if args.full:
-        env["GATEWAY_RELIABILITY_FULL"] = "1"
+        env["RELIABILITY_FULL"] = "1"
     cmd = [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q"]
     cmd += ["-m", "reliability", "-o", "timeout=14400", "tests/reliability"]
     if args.k:

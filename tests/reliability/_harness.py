@@ -39,19 +39,20 @@ __all__ = [
     "write_config",
 ]
 
-#: ``GATEWAY_RELIABILITY_FULL=1`` runs the full sizes (docs/reliability.md); otherwise CI sizes.
-FULL = os.environ.get("GATEWAY_RELIABILITY_FULL", "") not in ("", "0")
+#: ``RELIABILITY_FULL=1`` runs the full sizes (docs/reliability.md); otherwise CI sizes. (Not
+#: ``GATEWAY_*``: the agent refuses variables of its own prefix that are no setting.)
+FULL = os.environ.get("RELIABILITY_FULL", "") not in ("", "0")
 REPO = Path(__file__).resolve().parents[2]
-_FIGURES = os.environ.get("GATEWAY_RELIABILITY_FIGURES")
+_FIGURES = os.environ.get("RELIABILITY_FIGURES")
 
 
 def size(ci: int, full: int) -> int:
-    """The CI size, or the full size under ``GATEWAY_RELIABILITY_FULL=1``."""
+    """The CI size, or the full size under ``RELIABILITY_FULL=1``."""
     return full if FULL else ci
 
 
 def record_figures(case: str, figures: dict[str, Any]) -> None:
-    """Append one case's figures (JSON line) to ``$GATEWAY_RELIABILITY_FIGURES`` if set."""
+    """Append one case's figures (JSON line) to ``$RELIABILITY_FIGURES`` if set."""
     print(f"\nFIGURES {case}: {json.dumps(figures, sort_keys=True)}")
     if _FIGURES:
         with Path(_FIGURES).open("a", encoding="utf-8") as fh:

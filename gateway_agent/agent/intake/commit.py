@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..._exceptions import REASONS
 from ...logs import describe_error, get_logger, short_hash
 from ..metrics import DEID_SECONDS, DEIDENTIFIED
 from .originals import Originals
@@ -229,7 +230,7 @@ class GroupCommit:
                 folder_fd,
                 name,
                 "path_too_long",
-                "its path is longer than the system allows (4096 bytes)",
+                REASONS["path_too_long"],
                 original_name=rel,
             )
         except FileNotFoundError:
