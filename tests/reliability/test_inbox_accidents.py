@@ -75,7 +75,9 @@ def test_a_file_written_in_rounds_is_taken_once_complete(agent_run) -> None:  # 
     """Writers that open, append and close in rounds (``dd conv=notrunc`` in a loop, SMB copies):
     each file is delivered once, nothing quarantined, however the rounds fall."""
     n, rounds = size(6, 100), 9
-    run = agent_run()
+    # The default settle time: a writer that pauses longer than it between rounds is, by
+    # definition, done (the suite's 0.3 s would be shorter than a pause on a loaded machine).
+    run = agent_run(overrides={"settle_seconds": 2.0})
     inputs = Inputs(run)
     rng = random.Random(19)
     for i in range(n):
