@@ -546,9 +546,34 @@ def _existing_rows(db: Path, ids: list[int]) -> set[int]:
     return {int(r[0]) for r in found}
 
 
+def _retry_rows(db: Path, row_ids: list[int]) -> int:
+    """Requeue dead rows (these ids, or all) and make waiting rows due; the exit status.
+
+    Raises ``sqlite3.DatabaseError`` (a damaged database among them, see ``is_damage``).
+    """
+    if row_ids:
+        missing = sorted(set(row_ids) - _existing_rows(db, row_ids))
+        if missing:
+            return _fail_retry("no outbox row " + ", ".join(f"#{i}" for i in missing))
+    if not db.exists():
+        print("outbox: nothing to retry")
+        return 0
+    from ..agent.outbox.store import Outbox
+
+    outbox = Outbox(db)
+    try:
+        n = outbox.retry_dead(row_ids or None)
+        due = outbox.retry_now()
+    finally:
+        outbox.close()
+    print(f"requeued {n} dead row(s); {due} waiting row(s) due now")
+    return 0
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     """Requeue dead rows (and make waiting rows due), or release quarantined files."""
     from ..agent.intake.quarantine import Quarantine
+    from ..agent.outbox.repair import is_damage
     from ..agent.service.paths import StatePaths
 
     settings = _settings(args, inbox=args.inbox)
@@ -568,31 +593,20 @@ def cmd_retry(args: argparse.Namespace) -> int:
             "--allow-burned-in releases reviewed objects one by one: give --quarantine and "
             "their ids"
         )
-    if do_dead and row_ids:
-        missing = sorted(set(row_ids) - _existing_rows(paths.outbox_db, row_ids))
-        if missing:
-            return _fail_retry("no outbox row " + ", ".join(f"#{i}" for i in missing))
     if do_dead:
-        if paths.outbox_db.exists():
-            from ..agent.outbox.store import Outbox
-
-            try:
-                outbox = Outbox(paths.outbox_db)
-            except sqlite3.DatabaseError as exc:
-                print(
-                    f"outbox database unreadable ({type(exc).__name__}): the agent keeps a "
-                    "damaged one aside and rebuilds it from the outbox files when it starts",
-                    file=sys.stderr,
-                )
-                return 1
-            try:
-                n = outbox.retry_dead(row_ids or None)
-                due = outbox.retry_now()
-            finally:
-                outbox.close()
-            print(f"requeued {n} dead row(s); {due} waiting row(s) due now")
-        else:
-            print("outbox: nothing to retry")
+        try:
+            rc = _retry_rows(paths.outbox_db, row_ids)
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise
+            print(
+                f"gateway-agent retry: outbox database damaged ({type(exc).__name__}): the agent"
+                " keeps it aside and rebuilds the outbox from its files when it starts",
+                file=sys.stderr,
+            )
+            return 1
+        if rc:
+            return rc
     if quarantine_too:
         quarantine = Quarantine(paths.quarantine)
         entries = quarantine.entries()

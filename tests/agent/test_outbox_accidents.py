@@ -191,10 +191,8 @@ def _database_with_rows(db: Path, tmp_path: Path, n: int = 300) -> None:
     ob.close()
 
 
-@pytest.mark.parametrize("how", ["truncated", "header", "pages"])
-def test_a_damaged_database_is_kept_aside_and_replaced(tmp_path: Path, how: str) -> None:
-    db = tmp_path / "outbox.db"
-    _database_with_rows(db, tmp_path)
+def _damage(db: Path, how: str) -> bytes:
+    """Damage ``db`` as a bad disk or a bad copy would; return the damaged bytes."""
     data = bytearray(db.read_bytes())
     rng = random.Random(how)
     if how == "truncated":
@@ -205,6 +203,14 @@ def test_a_damaged_database_is_kept_aside_and_replaced(tmp_path: Path, how: str)
         for p in range(1, len(data) // 4096, 2):
             data[p * 4096 : (p + 1) * 4096] = rng.randbytes(4096)
     db.write_bytes(bytes(data))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("how", ["truncated", "header", "pages"])
+def test_a_damaged_database_is_kept_aside_and_replaced(tmp_path: Path, how: str) -> None:
+    db = tmp_path / "outbox.db"
+    _database_with_rows(db, tmp_path)
+    data = _damage(db, how)
     with capture_logs() as logs:
         ob, kept = open_outbox(db)
     try:
@@ -251,17 +257,24 @@ def test_retention_leaves_a_new_version_written_after_the_send(tmp_path: Path) -
         ob.close()
 
 
+@pytest.mark.parametrize("how", ["truncated", "header", "pages"])
+@pytest.mark.parametrize("ids", [[], ["5"], ["--dead", "7", "9"]], ids=["all", "one", "some"])
 def test_retry_on_a_damaged_database_says_so_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str, ids: list[str]
 ) -> None:
+    """``retry`` (all dead rows, or named ones) on a damaged outbox: one line, exit 1, the
+    database left as it is for the agent to keep aside; ``status`` still answers."""
     from gateway_agent.cli import main
 
     state = tmp_path / "state"
     state.mkdir()
-    (state / "outbox.db").write_bytes(b"this is not a database" * 100)
-    assert main(["retry", "--state-dir", str(state), "--inbox", str(tmp_path)]) == 1
+    db = state / "outbox.db"
+    _database_with_rows(db, tmp_path)
+    data = _damage(db, how)
+    assert main(["retry", "--state-dir", str(state), "--inbox", str(tmp_path), *ids]) == 1
     err = capsys.readouterr().err
-    assert "outbox database unreadable" in err and "Traceback" not in err
-    assert err.count("\n") == 1
+    assert err.startswith("gateway-agent retry: outbox database damaged"), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert db.read_bytes() == data
     assert main(["status", "--state-dir", str(state), "--inbox", str(tmp_path)]) == 0
-    assert "UNREADABLE" in capsys.readouterr().out
+    capsys.readouterr()

@@ -21,7 +21,7 @@ from ...logs import get_logger
 from ._sqlite import is_damage, keep_aside
 from .store import Outbox
 
-__all__ = ["open_outbox"]
+__all__ = ["is_damage", "open_outbox"]
 
 log = get_logger()
 
