@@ -8,6 +8,7 @@ import random
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -255,6 +256,86 @@ def test_retention_leaves_a_new_version_written_after_the_send(tmp_path: Path) -
         assert (tmp_path / "2.25.71.dcm").read_bytes() == b"second"
     finally:
         ob.close()
+
+
+_FS_CALLS = ("stat", "lstat", "rename", "replace", "unlink", "link")
+
+
+def _retention_with_a_new_version_at(
+    folder: Path, at: int, monkeypatch: pytest.MonkeyPatch
+) -> bool:
+    """One retention pass over a sent row whose instance arrives again (its new version renamed
+    onto the name) just before the pass's ``at``-th file-system call on the outbox folder; then
+    intake commits it. False if the pass made fewer calls (nothing arrived)."""
+    real = {fn: getattr(os, fn) for fn in _FS_CALLS}
+    clocks = Clocks()
+    ob = Outbox(folder / "outbox.db", clock=lambda: clocks.wall)
+    name = folder / "2.25.80.dcm"
+    name.write_bytes(b"first")
+    os.utime(name, (clocks.wall - 10, clocks.wall - 10))
+    _add(ob, "2.25.80", folder)
+    ob.mark_sent(_claim(ob))
+    clocks.advance(DAY + 60)
+    calls = 0
+
+    def arrive() -> None:
+        tmp = folder / "2.25.80.dcm.tmp"
+        tmp.write_bytes(b"second")
+        os.utime(tmp, (clocks.wall, clocks.wall))
+        real["replace"](tmp, name)
+
+    def hooked(fn: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            if args and str(args[0]).startswith(str(folder)) and ".db" not in str(args[0]):
+                calls += 1
+                if calls == at:
+                    arrive()
+            return real[fn](*args, **kwargs)
+
+        return call
+
+    try:
+        with monkeypatch.context() as m:
+            for fn in _FS_CALLS:
+                m.setattr(os, fn, hooked(fn))
+            ob.purge_sent_files(DAY)
+        if calls < at:
+            return False
+        assert _add(ob, "2.25.80", folder, size=6) is False  # intake commits the new version
+        row = ob.get("2.25.80")
+        assert row is not None and row.state == "queued", at
+        assert name.read_bytes() == b"second", at
+        ob.purge_sent_files(DAY)  # queued: nothing to do
+        assert name.read_bytes() == b"second", at
+        return True
+    finally:
+        ob.close()
+
+
+def test_retention_never_removes_a_version_that_takes_the_name_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new version of a sent instance is renamed onto its outbox name (as a worker does) at
+    every point of a retention pass in turn (before each file-system call it makes on the outbox
+    folder): once intake commits its row, the new version is there and queued, whatever the
+    instant; a file left aside by a stop is removed at the next start-up."""
+    instants = 0
+    for at in range(1, 20):
+        (tmp_path / str(at)).mkdir()
+        if not _retention_with_a_new_version_at(tmp_path / str(at), at, monkeypatch):
+            break  # every instant of the pass was tried
+        instants += 1
+    assert instants >= 2
+    left = tmp_path / "left"
+    left.mkdir()
+    (left / ".2.25.81.dcm.retention").write_bytes(b"sent")
+    ob = Outbox(left / "outbox.db")
+    try:
+        assert ob.reconcile(left)["temp"] == 1
+    finally:
+        ob.close()
+    assert not list(left.glob("*.retention"))
 
 
 @pytest.mark.parametrize("how", ["truncated", "header", "pages"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,32 @@ log = get_logger()
 _IGNORED_SUFFIXES = (".tmp", ".partial", ".part")
 #: A file whose mtime is this much later than its row's ``sent_at`` was written after it was sent.
 _MTIME_SLACK_SECONDS = 1.0
+#: Rows whose files retention removes in one transaction.
+_PURGE_BATCH = 256
+#: Suffix of a file retention moved aside (hidden: ``.<name>.retention``) before removing it.
+_ASIDE_SUFFIX = ".retention"
+
+
+def _remove_sent(path: Path, sent_at: float) -> bool:
+    """Remove the outbox file of a row sent at ``sent_at``; False if the name holds a version
+    written since (left in place, or put back). True also when the file was already gone.
+
+    The name is renamed aside first, so the file examined is the file removed, whatever a
+    worker renames onto the name meanwhile; a version put back never replaces a newer one.
+    """
+    aside = path.with_name(f".{path.name}{_ASIDE_SUFFIX}")
+    try:
+        path.rename(aside)
+    except FileNotFoundError:
+        return True
+    if aside.lstat().st_mtime > float(sent_at) + _MTIME_SLACK_SECONDS:
+        # A new version, written since: back under its name, unless a newer one took it.
+        with contextlib.suppress(FileExistsError):
+            path.hardlink_to(aside)
+        aside.unlink()
+        return False
+    aside.unlink()
+    return True
 
 
 def row_from_file(path: Path, audit: dict[str, Any]) -> dict[str, Any]:
@@ -46,30 +73,34 @@ class Upkeep(OutboxDB):
         """Retention: unlink files of rows sent over ``older_than_seconds`` ago; keep the rows.
 
         A file written after its row was sent is a new version of the instance that arrived
-        again (its row is being queued again by intake): it is left alone.
+        again (its row is being queued again by intake): it is left alone, also when it takes
+        the name while retention works on it. Each batch runs in one write transaction, so the
+        row of a new version cannot be committed in between (intake waits for it), and each
+        file is first moved aside by a rename (atomic: whatever the name holds at that instant
+        is what is examined) and removed only if it was written before its row was sent.
         """
         cutoff = self.now() - older_than_seconds
         victims = self._query(
-            "select id, path, sent_at from outbox"
-            " where state = 'sent' and file_gone = 0 and sent_at <= ?",
+            "select id from outbox where state = 'sent' and file_gone = 0 and sent_at <= ?",
             (cutoff,),
         )
-        gone: list[int] = []
-        for row_id, path, sent_at in victims:
-            try:
-                if Path(path).stat().st_mtime > float(sent_at) + _MTIME_SLACK_SECONDS:
-                    continue  # a new version, written since
-                Path(path).unlink()
-            except FileNotFoundError:
-                pass
-            gone.append(int(row_id))
-        with self._tx() as c:
-            c.execute(
-                "update outbox set file_gone = 1 where state = 'sent'"
-                " and id in (select value from json_each(?))",
-                (ids_param(gone),),
-            )
-        return len(gone)
+        ids = [int(v[0]) for v in victims]
+        gone = 0
+        for start in range(0, len(ids), _PURGE_BATCH):
+            batch = ids[start : start + _PURGE_BATCH]
+            with self._tx() as c:
+                rows = c.execute(
+                    "select id, path, sent_at from outbox where state = 'sent' and file_gone = 0"
+                    " and id in (select value from json_each(?))",
+                    (ids_param(batch),),
+                ).fetchall()
+                removed = [int(i) for i, path, sent_at in rows if _remove_sent(Path(path), sent_at)]
+                c.execute(
+                    "update outbox set file_gone = 1 where id in (select value from json_each(?))",
+                    (ids_param(removed),),
+                )
+            gone += len(removed)
+        return gone
 
     def compact(self, older_than_seconds: float) -> int:
         """Audit retention: delete sent rows whose files are gone, sent over the age ago.
@@ -97,7 +128,8 @@ class Upkeep(OutboxDB):
           ``unreadable`` and left in place;
         * a queued/sending row whose file is missing goes to ``dead`` with ``file_missing``
           (``missing``).
-        Hidden and temporary files (``.*``, ``*.tmp``, ``*.partial``) are counted as ``temp``.
+        Hidden and temporary files (``.*``, ``*.tmp``, ``*.partial``) are counted as ``temp``;
+        a file retention left aside (``.*.retention``, a stop in the middle) is removed.
         """
         result = {"added": 0, "missing": 0, "unreadable": 0, "temp": 0}
         known = {os.path.realpath(p) for (p,) in self._query("select path from outbox")}
@@ -107,6 +139,11 @@ class Upkeep(OutboxDB):
                     path = Path(dirpath) / name
                     if name.startswith(".") or name.endswith(_IGNORED_SUFFIXES):
                         result["temp"] += 1
+                        if name.endswith(_ASIDE_SUFFIX):
+                            # Retention stopped between moving a file aside and removing it: a
+                            # sent version (a newer one's row was not committed, so its
+                            # original is still in the inbox).
+                            path.unlink(missing_ok=True)
                         continue
                     if os.path.realpath(path) in known or not path.is_file():
                         continue
