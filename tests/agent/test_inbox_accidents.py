@@ -151,13 +151,25 @@ def test_a_bad_file_that_stays_bad_is_quarantined_once(
     tmp_path: Path, engine: Deidentifier, outbox: Outbox
 ) -> None:
     offered: list[Path] = []
-    it = start_intake(tmp_path, engine, outbox, resettle=offered.append, settle_seconds=5.0)
+    mono = [0.0]
+    it = start_intake(
+        tmp_path,
+        engine,
+        outbox,
+        resettle=offered.append,
+        settle_seconds=5.0,
+        monotonic=lambda: mono[0],
+    )
     target = tmp_path / "inbox" / "PHIDOE_bad.dcm"
     try:
         target.write_bytes(b"not dicom" * 50)
         it.submit(target)
         assert wait_until(lambda: len(offered) == 1 and it.idle(), timeout=60)
         assert target.exists()  # fresh: offered again first
+        it.submit(target)  # back unchanged at once (a second event): not yet
+        assert wait_until(lambda: len(offered) == 2 and it.idle(), timeout=60)
+        assert target.exists()
+        mono[0] += 5.0
         it.submit(target)  # back unchanged after the settle time: still bad
         assert wait_until(lambda: not target.exists(), timeout=60)
         # An old bad file (unchanged for longer than the settle time) goes at once.
@@ -172,7 +184,43 @@ def test_a_bad_file_that_stays_bad_is_quarantined_once(
         json.loads((e / "reason.json").read_text())["reason"]
         for e in (tmp_path / "state" / "quarantine").iterdir()
     ]
-    assert reasons == ["not_dicom", "not_dicom"] and len(offered) == 1
+    assert reasons == ["not_dicom", "not_dicom"] and len(offered) == 2
+
+
+def test_a_bad_file_written_on_since_it_was_read_is_not_quarantined(tmp_path: Path) -> None:
+    """A writer in rounds whose file was read bad (truncated), then appended to before that
+    result is judged, with a read-time mtime older than the settle time (a slow machine, a
+    writer that kept the times): settled again, never quarantined from the stale reading."""
+    from concurrent.futures import Future
+
+    from gateway_agent.agent.intake.commit import GroupCommit, Job
+    from gateway_agent.agent.intake.worker import identity_of
+
+    offered: list[Path] = []
+    quarantine = Quarantine(tmp_path / "quarantine")
+    commit = GroupCommit(
+        outbox=Outbox(":memory:"),
+        quarantine=quarantine,
+        originals=Originals("delete", archive_dir=None, state_dir=tmp_path),
+        requeue=lambda _p: None,
+        defer=lambda _p: None,
+        resettle=offered.append,
+        settle_seconds=2.0,
+    )
+    target = tmp_path / "PHIDOE_rounds.dcm"
+    data = _ct(5, rows=64)
+    target.write_bytes(data[: len(data) // 3])
+    os.utime(target, (time.time() - 60, time.time() - 60))
+    st = os.lstat(target)
+    identity = identity_of(st)
+    future: Future[Any] = Future()
+    future.set_result(("error", "truncated", "ends inside an element", 0.01, identity))
+    job = Job(str(target), st.st_size, st.st_mtime_ns, target.name, future=future)
+    with target.open("ab") as fh:  # the writer went on after the worker's read
+        fh.write(data[len(data) // 3 :])
+    assert commit.finish([job]) == []
+    assert offered == [target] and target.exists()
+    assert quarantine.entries() == []
 
 
 # --------------------------------------------------------------------------- names

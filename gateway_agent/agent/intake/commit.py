@@ -102,9 +102,12 @@ class GroupCommit:
         still be written (the watcher settles it again); without it the file is requeued.
     settle_seconds
         A bad file modified less than this long ago may still be growing (a writer that appends
-        in rounds): it is settled again, and quarantined only if it comes back unchanged.
+        in rounds): it is settled again, and quarantined only if it comes back unchanged after
+        at least this long (or its modification time is that old).
     clock
         Wall clock, compared with the files' modification times.
+    monotonic
+        The clock the time between two readings of a suspect file is measured on.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class GroupCommit:
         resettle: Callable[[Path], None] | None = None,
         settle_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._outbox = outbox
         self._quarantine = quarantine
@@ -127,7 +131,9 @@ class GroupCommit:
         self._resettle = resettle
         self._settle = settle_seconds
         self._clock = clock
-        self._suspects: dict[str, FileIdentity] = {}
+        self._monotonic = monotonic
+        #: Bad files that may still be written: their identity, and when they were first found so.
+        self._suspects: dict[str, tuple[FileIdentity, float]] = {}
         self.committed = 0
         self.quarantined = 0
         #: Why the latest file could not be committed, or None when the latest file went through
@@ -289,18 +295,29 @@ class GroupCommit:
             Path(result.path).unlink()
 
     def _settled(self, job: Job) -> bool:
-        """True if a bad file may be quarantined: unchanged for the settle time (by its mtime),
-        or found bad before with this same identity; otherwise it is remembered as a suspect."""
+        """True if a bad file may be quarantined: unchanged for the settle time (by its mtime, or
+        found bad with this same identity at least the settle time before); otherwise it is
+        remembered as a suspect. Two readings of one state moments apart are common: the close
+        event of a writer's round can arrive after a read, started by the previous round's
+        event, already saw that round's bytes. (A file that changed since it was read is never
+        quarantined from that reading: ``to_quarantine`` checks.)"""
         identity = job.identity
         if identity is None:
             return True  # could not even be opened: nothing is being written into it
-        if self._suspects.pop(job.path, None) == identity:
+        now = self._monotonic()
+        seen = self._suspects.pop(job.path, None)
+        # Without a watcher to settle it again, a file is offered again at once: a second
+        # reading of the same state is all the evidence there will be.
+        waited = self._settle if self._resettle is not None else 0.0
+        if seen is not None and seen[0] == identity and now - seen[1] >= waited:
             return True
         if self._clock() - identity[3] / 1e9 >= self._settle:
             return True
         if len(self._suspects) >= MAX_SUSPECTS:
             self._suspects.pop(next(iter(self._suspects)))
-        self._suspects[job.path] = identity
+        self._suspects[job.path] = (
+            seen if seen is not None and seen[0] == identity else (identity, now)
+        )
         return False
 
     def _add_rows(self, done: list[tuple[Job, Any]]) -> list[bool]:

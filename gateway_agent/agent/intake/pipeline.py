@@ -93,6 +93,9 @@ class Intake:
     settle_seconds
         The watcher's settle time: a bad file younger than this is settled again before it is
         quarantined (it may still be written).
+    monotonic
+        The clock a bad file's settle time is measured on between two readings (tests inject
+        one).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class Intake:
         retry_later: Callable[[Path, float], None] | None = None,
         received: Path | None = None,
         settle_seconds: float = 2.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if workers < 1:
             raise ValueError('Argument "workers" must be at least 1.')
@@ -133,6 +137,7 @@ class Intake:
             defer=self._defer,
             resettle=resettle,
             settle_seconds=settle_seconds,
+            monotonic=monotonic,
         )
         self._workers = workers
         # A few per worker: workers stay busy while the dispatcher commits rows.
