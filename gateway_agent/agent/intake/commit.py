@@ -75,6 +75,7 @@ class Job:
     def source(self) -> str:
         """``"listener"`` for an instance received over C-STORE, else ``"inbox"``."""
         return "inbox" if self.calling_ae is None else "listener"
+
     #: Of the file the worker read (device, inode, size, mtime, ctime); set from its result.
     identity: FileIdentity | None = None
 

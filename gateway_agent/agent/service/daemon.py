@@ -301,13 +301,20 @@ class Daemon:
     def _start_listener(self, gate: Callable[[], bool] | None) -> Listener:
         """The C-STORE listener: one more inbox (its spool is under the state folder)."""
         s = self.settings
-        assert self.intake is not None
+        intake = self.intake
+        assert intake is not None
+
+        def submit(path: Path) -> None:
+            # Intake full (its hand-over is bounded): the listener offers the file again soon.
+            if not intake.submit(path):
+                listener.retry_later(path, 1.0)
+
         listener = Listener(
             s.listener,
             ae_title=s.listener_ae,
             spool=self.paths.received,
             state_dir=self.paths.root,
-            submit=self.intake.submit,
+            submit=submit,
             gate=gate,
         )
         try:

@@ -284,7 +284,7 @@ class QCJob:
             "select features, created_at from qc_features order by id desc limit ?",
             (MAX_FLEET_RECORDS,),
         )
-        from ...qc import ScanFeatures, analyse_fleet, scanner_states, write_report
+        from ...qc import ScanFeatures, analyse_fleet, write_report
 
         rows.reverse()
         records = [ScanFeatures.from_json(json.loads(r[0])) for r in rows]
@@ -311,6 +311,7 @@ class QCJob:
         self, records: Sequence[ScanFeatures], measured_at: Sequence[float]
     ) -> None:
         """Publish the per-scanner gauges of ``/metrics`` from the fitted records."""
+        from ...qc import scanner_states
         from ..metrics import SCANNER_QC
 
         SCANNER_QC.publish(
