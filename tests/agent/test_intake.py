@@ -39,8 +39,9 @@ class CrashingEngine:
     def __init__(self, engine: Deidentifier) -> None:
         self.engine = engine
 
-    def deidentify_file(self, src: str, out_dir: str) -> Any:
+    def deidentify_file(self, src: str | Path, out_dir: str | Path) -> Any:
         # The worker hands the engine its own descriptor (/proc/self/fd/N): the name is its target.
+        src = str(src)
         name = Path(os.readlink(src)).name if src.startswith("/proc/") else Path(src).name
         if "CRASH" in name:
             os._exit(3)
