@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
 
-from .._exceptions import QCError, codec_panics
+from .._exceptions import CodecPanicError, QCError, codec_panics
 from ..dicom.decoding import guard_pixel_decoding
 from .presets import WINDOW_PRESETS
 
@@ -227,9 +226,15 @@ def _stored_frame(
     index = frame if frame_count(ds) > 1 else None
     arr: np.ndarray | None = None
     if source is not None:
-        # The frame alone, from the file; should that fail, the data set is read below.
-        with contextlib.suppress(Exception), codec_panics():
-            arr = pixel_array(source, index=index)
+        # The frame alone, from the file; should that fail, the data set is read below (not
+        # after a codec's panic: the same bytes would make it panic again).
+        try:
+            with codec_panics():
+                arr = pixel_array(source, index=index)
+        except CodecPanicError:
+            raise QCError("cannot decode pixel data (CodecPanicError)") from None
+        except Exception:
+            arr = None
     try:
         with codec_panics():
             if arr is None or arr.ndim != 2:
