@@ -31,6 +31,7 @@ __all__ = [
     "copy_range",
     "encode_file_meta",
     "fsync_dir",
+    "parse_file_meta",
     "read_file_meta",
     "write_all",
     "write_part10",
@@ -285,19 +286,27 @@ class FileMeta:
 def read_file_meta(path: str | os.PathLike[str]) -> FileMeta:
     """The file meta information of a part-10 file, from one read of its first bytes.
 
-    Raises ``OSError`` (``FileNotFoundError`` for a missing file) and ``ValueError`` when the
-    file is not part 10 or has no Transfer Syntax UID. The SOP Class and Instance UIDs are
-    ``""`` when the meta group lacks them.
+    Raises ``OSError`` (``FileNotFoundError`` for a missing file) and ``ValueError`` as
+    :func:`parse_file_meta` does.
     """
     with open(path, "rb") as fh:
-        buf = fh.read(_META_READ)
-    if len(buf) < 140 or buf[128:132] != b"DICM":
+        return parse_file_meta(fh.read(_META_READ))
+
+
+def parse_file_meta(head: bytes) -> FileMeta:
+    """The file meta information from the first bytes of a part-10 file (64 KiB are plenty).
+
+    Raises ``ValueError`` when they are not part 10 or have no Transfer Syntax UID. The SOP
+    Class and Instance UIDs are ``""`` when the meta group lacks them.
+    """
+    size = min(len(head), _META_READ)
+    if size < 140 or head[128:132] != b"DICM":
         raise ValueError("not a part-10 file")
     try:
-        meta, end = _read_meta(buf, len(buf))
+        meta, end = _read_meta(head, size)
     except DeidError as exc:
         raise ValueError(f"file meta unreadable: {exc.reason}") from None
-    if end + 8 > len(buf) == _META_READ:
+    if end + 8 > size == _META_READ:
         raise ValueError("file meta unreadable: longer than 64 KiB")
     uids = {e.tag: e.raw.rstrip(b"\0 ").decode("ascii", "replace") for e in meta}
     syntax = uids.get(0x00020010, "")
