@@ -212,6 +212,8 @@ class StoreLink:
             fh = FileIO(data.path, "rb")
             try:
                 length = fh.seek(0, 2) - data.offset
+                if length < 0:
+                    raise OSError("file shorter than its meta information")
                 fh.seek(data.offset)
             except OSError:
                 fh.close()

@@ -115,16 +115,11 @@ class StoreResult:
 
 @dataclass
 class _Assoc:
-    assoc: Any
     link: StoreLink
     #: Accepted (SOP class, transfer syntax) -> presentation context ID.
     contexts: dict[tuple[str, str], int]
     idle_since: float = field(default_factory=time.monotonic)
     msg_id: int = 0
-
-    @property
-    def pairs(self) -> frozenset[tuple[str, str]]:
-        return frozenset(self.contexts)
 
     def next_id(self) -> int:
         self.msg_id = self.msg_id % 65535 + 1
@@ -311,7 +306,7 @@ class StoreSCU:
                 )
             except (RuntimeError, ValueError, OSError) as exc:
                 raise AssociationError(f"association unusable: {exc}") from None
-            return _Assoc(assoc, link, accepted)
+            return _Assoc(link, accepted)
         if rejected:
             raise AssociationError(rejected[0].describe(), rejection=rejected[0])
         if connected and assoc.rejected_contexts and not assoc.accepted_contexts:
@@ -352,12 +347,12 @@ class StoreSCU:
 
     @staticmethod
     def _covers(a: _Assoc, pairs: set[tuple[str, str]]) -> bool:
-        classes = {c for c, _ in a.pairs}
+        classes = {c for c, _ in a.contexts}
         for sop_class, syntax in pairs:
-            if (sop_class, syntax) in a.pairs:
+            if (sop_class, syntax) in a.contexts:
                 continue
             if syntax in (*_UNCOMPRESSED_LE, _DEFLATED_LE) and any(
-                (sop_class, s) in a.pairs for s in _UNCOMPRESSED_LE
+                (sop_class, s) in a.contexts for s in _UNCOMPRESSED_LE
             ):
                 continue
             if sop_class in classes:

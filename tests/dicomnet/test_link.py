@@ -409,3 +409,53 @@ def test_peer_aborting_in_the_middle_of_a_data_set(
         assert scp.files() == []
     assert info.value.results == []  # nothing acknowledged: nothing may count as sent
     assert info.value.reason.startswith("C-STORE: ")
+
+
+def test_a_file_shorter_than_its_meta_fails_alone_and_the_link_goes_on(
+    pair: Callable[..., tuple[StoreLink, Peer]], small: Path, tmp_path: Path
+) -> None:
+    """Cut between reading its meta and sending it: nothing sent, the association still usable."""
+    link, peer = pair()
+    meta = read_file_meta(small)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(small.read_bytes()[: meta.data_offset - 10])
+    with pytest.raises(OSError, match="shorter than its meta"):
+        link.store(1, CT, meta.sop_instance_uid, 1, FileSlice(cut, meta.data_offset))
+    assert link.alive and link.usable()
+    got: list[tuple[list[int], bytes, bytes]] = []
+
+    def serve() -> None:
+        got.append(peer.read_request())
+        peer.send_command(response_command(2, 0))
+
+    t = in_thread(serve)
+    assert link.store(1, CT, meta.sop_instance_uid, 2, FileSlice(small, meta.data_offset)) == 0
+    t.join(10)
+    assert got[0][2] == data_set(small)  # nothing of the cut file came first
+
+
+def test_a_file_cut_short_while_being_sent_aborts(
+    pair: Callable[..., tuple[StoreLink, Peer]], tmp_path: Path
+) -> None:
+    """The peer got part of a data set that will never be complete: only an A-ABORT ends it."""
+    link, peer = pair()
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\x5a" * (8 << 20))
+    kinds: list[int] = []
+
+    def serve() -> None:
+        kinds.append(peer.read_pdu()[0])  # the command set; the link is sending the data set
+        with big.open("r+b") as fh:
+            fh.truncate(1000)
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                kinds.append(peer.read_pdu()[0])
+                if kinds[-1] != P_DATA_TF:
+                    break
+
+    t = in_thread(serve)
+    with pytest.raises(LinkLostError, match="cut short"):
+        link.store(1, CT, "1.2.3", 1, FileSlice(big, 0))
+    t.join(10)
+    assert kinds[0] == P_DATA_TF and kinds[-1] == A_ABORT
+    assert not link.alive
