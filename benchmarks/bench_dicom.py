@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from gateway_agent.config import DeidSettings  # noqa: E402
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret  # noqa: E402
 from gateway_agent.dicom.files import read_file_meta  # noqa: E402
-from gateway_agent.dicom.scu import StoreItem, StoreSCU  # noqa: E402
+from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreSCU  # noqa: E402
 from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
 from tests._dcmtk import DCMTK_ENV, dcmtk_tool  # noqa: E402
 from tests._orthanc import OrthancServer, free_port  # noqa: E402
@@ -250,6 +250,7 @@ def send_bare(items: list[StoreItem], max_pdu: int, associations: int) -> dict[s
     turns = [items[i : i + 25] for i in range(0, len(items), 25)]
     lock = threading.Lock()
     failed: list[object] = []
+    lost: list[str] = []
 
     def worker() -> None:
         while True:
@@ -257,11 +258,15 @@ def send_bare(items: list[StoreItem], max_pdu: int, associations: int) -> dict[s
                 if not turns:
                     return
                 turn = turns.pop(0)
-            try:
-                results = scu.send(turn)
-            except Exception as exc:  # a lost association: the uploader would retry
-                failed.append(exc)
-                return
+            for attempt in range(3):
+                try:
+                    results = scu.send(turn)
+                    break
+                except AssociationError as exc:  # lost: the uploader would send them again
+                    lost.append(exc.reason)
+                    if attempt == 2:
+                        failed.append(exc)
+                        return
             failed.extend(r for r in results if r.status != 0)
 
     try:
@@ -278,6 +283,8 @@ def send_bare(items: list[StoreItem], max_pdu: int, associations: int) -> dict[s
         scu.close()
         assert not failed, failed[:3]
         assert pacs.count_instances() == len(items), pacs.count_instances()
+        if lost:
+            print(f"  ({len(lost)} association(s) lost and sent again: {lost[0]})", file=sys.stderr)
     finally:
         scu.close()
         pacs.close()
