@@ -413,15 +413,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         rows.setdefault(name, []).append(run(fn))
                 which = " (its default)" if max_pdu == ORTHANC_PDUS[0] else ""
                 print(f"Send to Orthanc over C-STORE, Orthanc MaximumPduLength {max_pdu}{which}")
-                print("| sender | files/s | ratio | sender CPU ms/file | Orthanc CPU ms/file "
-                      "| machine CPU ms/file |")  # fmt: skip
-                print("|---|---|---|---|---|---|")
-                base = n / med(rows[runs[0][0]], "seconds")
+                print("| sender | files/s | ratio | ratio in each round | sender CPU ms/file "
+                      "| Orthanc CPU ms/file | machine CPU ms/file |")  # fmt: skip
+                print("|---|---|---|---|---|---|---|")
+                first = rows[runs[0][0]]
+                base = n / med(first, "seconds")
                 for name, _fn in runs:
                     got = rows[name]
                     rate = n / med(got, "seconds")
+                    # Each round runs the senders one after the other: on a shared machine the
+                    # load moves between rounds, less within one.
+                    pairs = zip(first, got, strict=True)
+                    each = ", ".join(f"{a['seconds'] / b['seconds']:.2f}" for a, b in pairs)
                     print(
-                        f"| {name} | {rate:.1f} | {rate / base:.2f} x "
+                        f"| {name} | {rate:.1f} | {rate / base:.2f} x | {each} "
                         f"| {1000 * med(got, 'cpu') / n:.2f} "
                         f"| {1000 * med(got, 'orthanc') / n:.2f} "
                         f"| {1000 * med(got, 'machine') / n:.2f} |"
