@@ -5,7 +5,7 @@
     uv run python benchmarks/reliability.py --full -k crash # one case
 
 Each test of ``tests/reliability`` appends its figures as a JSON line to the file named by
-``GATEWAY_RELIABILITY_FIGURES``; this script runs pytest once (sequentially, so the sizes do not
+``RELIABILITY_FIGURES``; this script runs pytest once (sequentially, so the sizes do not
 compete for the two cores), then prints one row per case.
 """
 
@@ -72,6 +72,135 @@ CASES: dict[str, tuple[str, list[str], str]] = {
         ["method", "files", "paused_seen", "originals_lost", "corrupt_rows", "recovered"],
         "no loss, no corrupt row, recovery",
     ),
+    "operators": (
+        "status and retry run again and again beside a running agent, then kill -9",
+        [
+            "commands",
+            "files",
+            "failed_commands",
+            "deleted_fds",
+            "rows_before_kill",
+            "rows_after_kill",
+            "lost",
+            "command_s",
+        ],
+        "0 deleted descriptors, every row",
+    ),
+    "two_agents": (
+        "a second agent on the state folder in use, and one on the inbox in use",
+        ["files", "second_exit", "second_requeued", "duplicated", "lost"],
+        "exit 2, nothing requeued, 0 / 0",
+    ),
+    "secret": (
+        "the site secret replaced, then missing, with rows queued; restored; --new-secret",
+        [
+            "rows",
+            "exit_replaced",
+            "exit_missing",
+            "secret_created_when_missing",
+            "delivered_after_restore",
+            "new_secret_accepted",
+        ],
+        "exit 2 / exit 2 / no new secret / all",
+    ),
+    "damaged_db": (
+        "outbox.db truncated, header overwritten, random pages overwritten, between two runs",
+        ["damage", "rows", "lost", "resent", "kept_aside", "agent_alive"],
+        "0 lost, damaged file kept, agent runs",
+    ),
+    "sighup": (
+        "SIGHUP while files flow, and with a changed destination",
+        ["files", "alive_after_sighup", "lost", "exit"],
+        "alive, 0 lost",
+    ),
+    "corrected": (
+        "a second version of each delivered instance (same SOP Instance UID, corrected patient)",
+        ["instances", "corrected_delivered", "logged"],
+        "all corrected versions delivered",
+    ),
+    "chunked_writer": (
+        "files written in 9 open/append/close rounds",
+        ["files", "rounds", "delivered", "quarantined"],
+        "all delivered, 0 quarantined",
+    ),
+    "replaced_file": (
+        "a file replaced under its name (rsync-style or in place) while the agent commits it",
+        ["pairs", "replaced_while_committing", "lost", "first_versions_delivered"],
+        "0 lost",
+    ),
+    "inbox_recreated": (
+        "the inbox deleted and recreated, then moved away and a new one made",
+        [
+            "recreated_delivery_s",
+            "moved_delivery_s",
+            "readyz_while_missing",
+            "status_while_missing",
+        ],
+        "delivered in seconds, missing said",
+    ),
+    "names": (
+        "inbox names that are not UTF-8 (delete, keep, archive)",
+        ["originals", "names", "delivered", "taken_again", "errors_logged", "names_logged"],
+        "all, 0 / 0 / 0",
+    ),
+    "readonly_inbox": (
+        'a read-only inbox with originals = "delete", restarts',
+        ["method", "files", "restarts", "redone", "errors_logged", "readyz", "status_undeletable"],
+        "0 redone, said",
+    ),
+    "long_names": (
+        "255-byte names (quarantine, retry, archive collision) and a path past PATH_MAX",
+        [
+            "retry_exit",
+            "retry_traceback",
+            "name_on_terminal",
+            "archived",
+            "long_name_left_in_inbox",
+            "deep_file_accounted",
+        ],
+        "no traceback, no name, all taken",
+    ),
+    "clock": (
+        "the wall clock set back a day in a backoff, a day on in flight, 4 days on in an outage",
+        [
+            "jump",
+            "files",
+            "delivered",
+            "delivery_after_recovery_s",
+            "duplicated",
+            "dead",
+            "jumps_logged",
+        ],
+        "all delivered, 0 duplicated, 0 dead",
+    ),
+    "large_inbox": (
+        "an inbox full of small files when the agent starts",
+        [
+            "files",
+            "first_delivery_s",
+            "status_s",
+            "drain_s",
+            "files_per_s",
+            "peak_main_rss_mb",
+            "peak_tree_pss_mb",
+            "peak_tree_rss_mb",
+            "lost",
+        ],
+        "< 150 MB together, first delivery in 1-2 s, status < 1 s",
+    ),
+    "large_multiframe": (
+        "a large multi-frame CT in a memory cgroup, QC sampling it",
+        [
+            "megabytes",
+            "limit_mb",
+            "oom_kills",
+            "alive",
+            "tree_pss_before_mb",
+            "peak_tree_pss_after_mb",
+            "delivered",
+        ],
+        "0 OOM kills, delivered",
+    ),
     "phi": (
         "planted PHI in uploads, logs, metrics, names",
         ["runs", "uploaded_bytes_hits", "log_hits", "metrics_hits", "name_hits", "mode_problems"],
@@ -105,9 +234,9 @@ def main() -> int:
     args = p.parse_args()
     figures = args.figures or Path(tempfile.mkstemp(prefix="reliability-", suffix=".jsonl")[1])
     figures.write_text("")
-    env = dict(os.environ, GATEWAY_RELIABILITY_FIGURES=str(figures))
+    env = dict(os.environ, RELIABILITY_FIGURES=str(figures))
     if args.full:
-        env["GATEWAY_RELIABILITY_FULL"] = "1"
+        env["RELIABILITY_FULL"] = "1"
     cmd = [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q"]
     cmd += ["-m", "reliability", "-o", "timeout=14400", "tests/reliability"]
     if args.k:

@@ -39,19 +39,20 @@ __all__ = [
     "write_config",
 ]
 
-#: ``GATEWAY_RELIABILITY_FULL=1`` runs the full sizes (docs/reliability.md); otherwise CI sizes.
-FULL = os.environ.get("GATEWAY_RELIABILITY_FULL", "") not in ("", "0")
+#: ``RELIABILITY_FULL=1`` runs the full sizes (docs/reliability.md); otherwise CI sizes. (Not
+#: ``GATEWAY_*``: the agent refuses variables of its own prefix that are no setting.)
+FULL = os.environ.get("RELIABILITY_FULL", "") not in ("", "0")
 REPO = Path(__file__).resolve().parents[2]
-_FIGURES = os.environ.get("GATEWAY_RELIABILITY_FIGURES")
+_FIGURES = os.environ.get("RELIABILITY_FIGURES")
 
 
 def size(ci: int, full: int) -> int:
-    """The CI size, or the full size under ``GATEWAY_RELIABILITY_FULL=1``."""
+    """The CI size, or the full size under ``RELIABILITY_FULL=1``."""
     return full if FULL else ci
 
 
 def record_figures(case: str, figures: dict[str, Any]) -> None:
-    """Append one case's figures (JSON line) to ``$GATEWAY_RELIABILITY_FIGURES`` if set."""
+    """Append one case's figures (JSON line) to ``$RELIABILITY_FIGURES`` if set."""
     print(f"\nFIGURES {case}: {json.dumps(figures, sort_keys=True)}")
     if _FIGURES:
         with Path(_FIGURES).open("a", encoding="utf-8") as fh:
@@ -197,6 +198,7 @@ class AgentProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     argv_prefix: list[str] = field(default_factory=list)
+    run_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     peak_rss_mb: float = 0.0
@@ -217,6 +219,7 @@ class AgentProcess:
             "--log-format",
             "json",
             "run",
+            *self.run_args,
         ]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

@@ -24,7 +24,7 @@ class Circuit(DestinationView):
         write). After a failure, the first worker past ``blocked_until`` becomes the single probe
         (``(0, True)``) for up to ``probe_lease`` seconds; everybody else waits.
         """
-        now = self._clock()
+        now = self.now()
         failures, blocked_until = self._query(
             "select consecutive_failures, blocked_until from destinations where name = ?",
             (self.name,),
@@ -32,6 +32,7 @@ class Circuit(DestinationView):
         if failures == 0 and blocked_until <= now:
             return 0.0, False
         with self._tx() as c:
+            now = self._now_tx(c)
             failures, blocked_until, probe_until = c.execute(
                 "select consecutive_failures, blocked_until, probe_until"
                 " from destinations where name = ?",
@@ -68,8 +69,8 @@ class Circuit(DestinationView):
         recorded the failure while this one was in flight): the caller then refunds the rows'
         attempts, so an outage burns attempts once, not per request.
         """
-        now = self._clock()
         with self._tx() as c:
+            now = self._now_tx(c)
             failures, last_error_at = c.execute(
                 "select consecutive_failures, last_error_at from destinations where name = ?",
                 (self.name,),
@@ -94,7 +95,6 @@ class Circuit(DestinationView):
 
     def circuit_success(self) -> bool:
         """The destination answered. Returns True if that closed an open circuit."""
-        now = self._clock()
         failures, auth = self._query(
             "select consecutive_failures, auth_failing from destinations where name = ?",
             (self.name,),
@@ -102,6 +102,7 @@ class Circuit(DestinationView):
         if not (failures or auth):
             return False  # healthy already: no write (mark_sent records last_success_at)
         with self._tx() as c:
+            now = self._now_tx(c)
             c.execute(
                 "update destinations set consecutive_failures = 0, blocked_until = 0,"
                 " probe_until = 0, last_success_at = ?, auth_failing = 0 where name = ?",
@@ -119,11 +120,12 @@ class Circuit(DestinationView):
     def destination_status(self) -> dict[str, Any]:
         """``last_error``, ``last_error_at``, ``last_success_at``, ``consecutive_failures``,
         ``blocked_until`` and ``auth_failing`` of this destination."""
-        r = self._query(
+        found = self._query(
             "select last_error, last_error_at, last_success_at, consecutive_failures,"
             " blocked_until, auth_failing from destinations where name = ?",
             (self.name,),
-        )[0]
+        )
+        r = found[0] if found else (None, None, None, 0, 0, 0)
         return {
             "last_error": r[0],
             "last_error_at": r[1],
