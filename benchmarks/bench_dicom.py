@@ -1,12 +1,16 @@
 """DICOM C-STORE on loopback, side by side with dcmtk in one run: sending to a PACS, receiving.
 
-Send (N CT slices -> Orthanc's DICOM port, a fresh Orthanc for every run):
+Send (N CT slices -> Orthanc's DICOM port, a fresh Orthanc for every run), once with Orthanc's
+default maximum PDU length (16 kB, what most installations have) and once with 128 kB
+(``MaximumPduLength``); every sender meets the same Orthanc settings:
   * ``storescu``: dcmtk sends the already de-identified files directly (one association);
+  * the agent's sender alone (``StoreSCU``, in this process) sends the same files over one
+    association, and over four (the agent's default ``parallel_requests``), 25 files a turn;
   * the agent: the original files are renamed into its inbox; it de-identifies them, commits
     them to its durable outbox and sends them over C-STORE (``run --destination-dicom``); timed
     from the drop until Orthanc holds all N. The ratio agent/storescu is the figure (target
-    >= 0.8), with the CPU seconds per file of the sender's processes (storescu, or the agent and
-    its workers) and of the whole machine (Orthanc included).
+    >= 0.8), with the CPU seconds per file of the sender's processes (storescu, the sender's
+    threads, or the agent and its workers), of Orthanc, and of the whole machine.
 
 Receive (``storescu`` sends the N original files):
   * ``storescp`` with fsync: each file written, then ``sync -d`` on it before the response
@@ -18,7 +22,8 @@ Receive (``storescu`` sends the N original files):
 
 Usage (from the repository root)::
 
-    uv run python benchmarks/bench_dicom.py                 # 1000 x 512x512, 3 pairs
+    uv run python benchmarks/bench_dicom.py                 # 1000 x 512x512, 3 rounds
+    uv run python benchmarks/bench_dicom.py --only send --orthanc-pdu 16384   # default Orthanc
     uv run python benchmarks/bench_dicom.py --files 200 --pairs 1   # quick
 """
 
@@ -34,8 +39,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 from gateway_agent.config import DeidSettings  # noqa: E402
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret  # noqa: E402
+from gateway_agent.dicom.files import read_file_meta  # noqa: E402
+from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreSCU  # noqa: E402
 from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
 from tests._dcmtk import DCMTK_ENV, dcmtk_tool  # noqa: E402
 from tests._orthanc import OrthancServer, free_port  # noqa: E402
@@ -50,6 +59,8 @@ from tests._orthanc import OrthancServer, free_port  # noqa: E402
 CLK = os.sysconf("SC_CLK_TCK")
 UNIT = "EDGE01"
 SCANNER = "SCANNER"
+#: Orthanc's default maximum PDU length, and the largest it (dcmtk) takes.
+ORTHANC_PDUS = (16384, 131072)
 
 
 def machine_busy() -> float:
@@ -57,6 +68,12 @@ def machine_busy() -> float:
     with open("/proc/stat") as fh:
         ticks = [int(x) for x in fh.readline().split()[1:]]
     return (sum(ticks) - ticks[3] - ticks[4]) / CLK
+
+
+def pid_cpu(pid: int | None) -> float:
+    """CPU seconds of one process so far."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / CLK
 
 
 def children_cpu() -> float:
@@ -88,8 +105,11 @@ def deidentify_all(paths: Sequence[Path], secret: bytes, out: Path) -> list[Path
     return [engine.deidentify_file(p, out).path for p in paths]
 
 
-def new_orthanc() -> OrthancServer:
-    server = OrthancServer(auth=False, dicom=True, dicom_peers={UNIT: ("127.0.0.1", 11112)})
+def new_orthanc(max_pdu: int | None = None) -> OrthancServer:
+    extra = {"MaximumPduLength": max_pdu} if max_pdu else None
+    server = OrthancServer(
+        auth=False, dicom=True, dicom_peers={UNIT: ("127.0.0.1", 11112)}, extra_config=extra
+    )
     server.start()
     return server
 
@@ -219,7 +239,7 @@ class Agent:
         c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         try:
             row = c.execute(
-                "select count(*) from outbox where state = 'sent' and confirmed = 1"
+                "select count(*) from deliveries where state = 'sent' and confirmed = 1"
             ).fetchone()
             return int(row[0])
         finally:
@@ -232,28 +252,79 @@ class Agent:
 
 
 # ----------------------------------------------------------------------------- runs
-def send_storescu(deid_dir: Path, n: int) -> dict[str, float]:
-    pacs = new_orthanc()
+def send_storescu(deid_dir: Path, n: int, max_pdu: int) -> dict[str, float]:
+    pacs = new_orthanc(max_pdu)
     try:
-        busy0 = machine_busy()
+        busy0, orthanc0 = machine_busy(), pid_cpu(pacs.pid)
         wall, cpu = storescu(pacs.dicom_port, deid_dir, pacs.dicom_aet, aet=UNIT)
-        busy = machine_busy() - busy0
+        busy, orthanc = machine_busy() - busy0, pid_cpu(pacs.pid) - orthanc0
         assert pacs.count_instances() == n, pacs.count_instances()
     finally:
         pacs.close()
-    return {"seconds": wall, "cpu": cpu, "machine": busy}
+    return {"seconds": wall, "cpu": cpu, "orthanc": orthanc, "machine": busy}
 
 
-def send_agent(src_dir: Path, work: Path, n: int, confirm: bool = True) -> dict[str, float]:
+def send_bare(items: list[StoreItem], max_pdu: int, associations: int) -> dict[str, float]:
+    """The agent's sender alone: ``associations`` threads, each sending 25 files a turn."""
+    pacs = new_orthanc(max_pdu)
+    scu = StoreSCU("127.0.0.1", pacs.dicom_port, pacs.dicom_aet, UNIT, idle_release=30)
+    turns = [items[i : i + 25] for i in range(0, len(items), 25)]
+    lock = threading.Lock()
+    failed: list[object] = []
+    lost: list[str] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not turns:
+                    return
+                turn = turns.pop(0)
+            for attempt in range(3):
+                try:
+                    results = scu.send(turn)
+                    break
+                except AssociationError as exc:  # lost: the uploader would send them again
+                    lost.append(exc.reason)
+                    if attempt == 2:
+                        failed.append(exc)
+                        return
+            failed.extend(r for r in results if r.status != 0)
+
+    try:
+        cpu0, busy0, orthanc0 = time.process_time(), machine_busy(), pid_cpu(pacs.pid)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=worker) for _ in range(associations)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        cpu, busy = time.process_time() - cpu0, machine_busy() - busy0
+        orthanc = pid_cpu(pacs.pid) - orthanc0
+        scu.close()
+        assert not failed, failed[:3]
+        assert pacs.count_instances() == len(items), pacs.count_instances()
+        if lost:
+            print(f"  ({len(lost)} association(s) lost and sent again: {lost[0]})", file=sys.stderr)
+    finally:
+        scu.close()
+        pacs.close()
+    return {"seconds": wall, "cpu": cpu, "orthanc": orthanc, "machine": busy}
+
+
+def send_agent(
+    src_dir: Path, work: Path, n: int, max_pdu: int, confirm: bool = True
+) -> dict[str, float]:
     """Timed until Orthanc holds all N; then, with ``confirm``, until the agent proved all N
-    stored (C-FIND), with the CPU of the agent and of the machine until then."""
-    pacs = new_orthanc()
+    stored (C-FIND), with the CPU of the agent, Orthanc and the machine until then."""
+    pacs = new_orthanc(max_pdu)
     agent = Agent(work, pacs, confirm=confirm)
     try:
         agent.wait_ready()
         staged = work / "staged"
         shutil.copytree(src_dir, staged)
         cpu0, busy0, t0 = agent.cpu_seconds(), machine_busy(), time.perf_counter()
+        orthanc0 = pid_cpu(pacs.pid)
         staged.rename(agent.inbox / "drop")
         wait(lambda: pacs.count_instances() >= n, 600, 0.05)
         wall = time.perf_counter() - t0
@@ -261,11 +332,12 @@ def send_agent(src_dir: Path, work: Path, n: int, confirm: bool = True) -> dict[
             wait(lambda: agent.proven() >= n, 600, 0.05)
         proven = time.perf_counter() - t0
         cpu, busy = agent.cpu_seconds() - cpu0, machine_busy() - busy0
+        orthanc = pid_cpu(pacs.pid) - orthanc0
         assert pacs.count_instances() == n
     finally:
         agent.stop()
         pacs.close()
-    return {"seconds": wall, "cpu": cpu, "machine": busy, "proven": proven}
+    return {"seconds": wall, "cpu": cpu, "orthanc": orthanc, "machine": busy, "proven": proven}
 
 
 def receive_storescp(src_dir: Path, work: Path, n: int, fsync: bool) -> dict[str, float]:
@@ -307,7 +379,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--pairs", type=int, default=3, help="alternating runs of each side")
+    ap.add_argument("--pairs", type=int, default=3, help="rounds: every sender once a round")
+    ap.add_argument(
+        "--orthanc-pdu",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=list(ORTHANC_PDUS),
+        help="Orthanc's MaximumPduLength for the send runs, comma-separated (default: "
+        "16384,131072)",
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--only", choices=["send", "receive"], default=None)
     args = ap.parse_args(argv)
@@ -323,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         deid = work / "deid"
         deidentify_all(sorted(src.rglob("*.dcm")), secret, deid)
         mb = sum(p.stat().st_size for p in src.rglob("*.dcm")) / 1e6
-        print(f"{n} CT slices {args.size}x{args.size} ({mb:.0f} MB), {args.pairs} pair(s),")
+        print(f"{n} CT slices {args.size}x{args.size} ({mb:.0f} MB), {args.pairs} round(s),")
         print(f"{os.cpu_count()} CPU(s); medians; every run against a fresh Orthanc / storescp.\n")
 
         def run(fn: Callable[[], dict[str, float]]) -> dict[str, float]:
@@ -336,36 +415,63 @@ def main(argv: Sequence[str] | None = None) -> int:
             return statistics.median(r[key] for r in rows)
 
         if args.only in (None, "send"):
-            dcm: list[dict[str, float]] = []
-            ours: list[dict[str, float]] = []
-            trusted: list[dict[str, float]] = []
-            for _ in range(args.pairs):
-                dcm.append(run(lambda: send_storescu(deid, n)))
-                ours.append(run(lambda: send_agent(src, work / "scratch", n)))
-                trusted.append(run(lambda: send_agent(src, work / "scratch", n, confirm=False)))
-            rate_d = n / med(dcm, "seconds")
-            print("Send to Orthanc over C-STORE (CPU until all stored; with the proof, until all")
-            print("proven by C-FIND)")
-            print(
-                "| sender | files/s | ratio | all proven after s | sender CPU ms/file "
-                "| machine CPU ms/file |"
-            )
-            print("|---|---|---|---|---|---|")
-            print(
-                f"| storescu (de-identified files) | {rate_d:.1f} | 1.00 x | - "
-                f"| {1000 * med(dcm, 'cpu') / n:.2f} | {1000 * med(dcm, 'machine') / n:.2f} |"
-            )
-            for name, rows, proof in (
-                ("gateway-agent (inbox -> de-id -> outbox -> C-STORE)", ours, True),
-                ("gateway-agent, confirm_storage = false", trusted, False),
-            ):
-                rate = n / med(rows, "seconds")
-                proven = f"{med(rows, 'proven'):.1f}" if proof else "-"
+            items = [
+                StoreItem(i, p, read_file_meta(p).sop_class_uid)
+                for i, p in enumerate(sorted(deid.rglob("*.dcm")))
+            ]
+            for max_pdu in args.orthanc_pdu:
+                rows: dict[str, list[dict[str, float]]] = {}
+                runs: list[tuple[str, Callable[[], dict[str, float]]]] = [
+                    ("storescu (de-identified files)", partial(send_storescu, deid, n, max_pdu)),
+                    (
+                        "agent's sender alone (de-identified files, 1 association)",
+                        partial(send_bare, items, max_pdu, 1),
+                    ),
+                    (
+                        "agent's sender alone (de-identified files, 4 associations)",
+                        partial(send_bare, items, max_pdu, 4),
+                    ),
+                    (
+                        "gateway-agent (inbox -> de-id -> outbox -> C-STORE)",
+                        partial(send_agent, src, work / "scratch", n, max_pdu),
+                    ),
+                    (
+                        "gateway-agent, confirm_storage = false",
+                        partial(send_agent, src, work / "scratch", n, max_pdu, False),
+                    ),
+                ]
+                for _ in range(args.pairs):
+                    for name, fn in runs:
+                        rows.setdefault(name, []).append(run(fn))
+                which = " (its default)" if max_pdu == ORTHANC_PDUS[0] else ""
+                print(f"Send to Orthanc over C-STORE, Orthanc MaximumPduLength {max_pdu}{which}")
                 print(
-                    f"| {name} | {rate:.1f} | {rate / rate_d:.2f} x | {proven} "
-                    f"| {1000 * med(rows, 'cpu') / n:.2f} | {1000 * med(rows, 'machine') / n:.2f} |"
+                    "(the agent's CPU until all are stored, and with the proof of storage on, until"
                 )
-            print()
+                print("all are proven by C-FIND, shown in its own column)")
+                print("| sender | files/s | ratio | ratio in each round | all proven after s "
+                      "| sender CPU ms/file | Orthanc CPU ms/file "
+                      "| machine CPU ms/file |")  # fmt: skip
+                print("|---|---|---|---|---|---|---|---|")
+                first = rows[runs[0][0]]
+                base = n / med(first, "seconds")
+                for name, _fn in runs:
+                    got = rows[name]
+                    rate = n / med(got, "seconds")
+                    # Each round runs the senders one after the other: on a shared machine the
+                    # load moves between rounds, less within one.
+                    pairs = zip(first, got, strict=True)
+                    each = ", ".join(f"{a['seconds'] / b['seconds']:.2f}" for a, b in pairs)
+                    proven = "-"
+                    if "proven" in got[0] and "confirm_storage = false" not in name:
+                        proven = f"{med(got, 'proven'):.1f}"
+                    print(
+                        f"| {name} | {rate:.1f} | {rate / base:.2f} x | {each} | {proven} "
+                        f"| {1000 * med(got, 'cpu') / n:.2f} "
+                        f"| {1000 * med(got, 'orthanc') / n:.2f} "
+                        f"| {1000 * med(got, 'machine') / n:.2f} |"
+                    )
+                print()
 
         if args.only in (None, "receive"):
             sync: list[dict[str, float]] = []

@@ -63,6 +63,7 @@ REASONS: dict[str, str] = {
     "burned_in_text_remaining": "identity still readable after Clean Pixel Data",
     "burned_in_undecodable": "the pixels of an object at risk cannot be decoded or re-encoded",
     "dicomdir": "a DICOMDIR media index, not an instance",
+    "path_too_long": "its path is longer than the system allows (4096 bytes)",
     "too_large": "too large to process in memory",
     "internal_error": "de-identification failed unexpectedly",
 }

@@ -267,6 +267,15 @@ class OrthancServer:
         r.raise_for_status()
         return [str(i["MainDicomTags"]["SOPInstanceUID"]) for i in r.json()]
 
+    def instance_file(self, sop_uid: str) -> bytes:
+        """The part-10 file Orthanc stored for this SOP Instance UID."""
+        r = self._client.post(self.base_url + "/tools/lookup", content=sop_uid.encode())
+        r.raise_for_status()
+        [found] = [item for item in r.json() if item.get("Type") == "Instance"]
+        r = self._client.get(f"{self.base_url}/instances/{found['ID']}/file")
+        r.raise_for_status()
+        return r.content
+
     def __enter__(self) -> OrthancServer:
         self.start()
         return self

@@ -149,9 +149,9 @@ def test_bench_dicom_send_and_receive(tmp_path: Path) -> None:
     )  # fmt: skip
     ours = _row(out, "gateway-agent (inbox -> de-id -> outbox -> C-STORE)")
     assert float(ours[1]) > 0 and ours[2].endswith("x"), ours
-    assert float(ours[3]) > 0, ours  # all proven (C-FIND) after that many seconds
+    assert float(ours[4]) > 0, ours  # all proven (C-FIND) after that many seconds
     trusted = _row(out, "gateway-agent, confirm_storage = false")
-    assert float(trusted[1]) > 0 and trusted[3] == "-", trusted
+    assert float(trusted[1]) > 0 and trusted[4] == "-", trusted
     listener = _row(out, "gateway-agent listener (destination: Orthanc, C-STORE)")
     assert float(listener[1]) > 0 and listener[4].endswith(" s"), listener
     assert float(_row(out, "storescp + fsync (sync -d per file)")[1]) > 0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from ._help import add_command
 if TYPE_CHECKING:
     from types import FrameType
 
+    from ..agent.service.paths import StatePaths
     from ..config import Settings
 
 # The config (pydantic, ~0.1 s) and logs (structlog) are imported inside the handlers: the parser
@@ -90,6 +92,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default=None, help="log level"
     )
+    run.add_argument(
+        "--new-secret",
+        action="store_true",
+        help="start although the site secret is not the one the state folder's instances were "
+        "made with (or is missing): instances from now on get new UIDs and pseudonyms",
+    )
     run.set_defaults(func=cmd_run)
 
     status = add_command(
@@ -156,10 +164,12 @@ def _stop_during_startup(signum: int, _frame: FrameType | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT."""
+    """Run the daemon in the foreground until SIGTERM/SIGINT; SIGHUP reloads the configuration
+    (the same flags, the configuration file and environment read again)."""
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _stop_during_startup)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload yet
     overrides: dict[str, Any] = {
         "inbox": args.inbox,
         "state_dir": args.state_dir,
@@ -216,11 +226,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, overrides)
     from ..logs import configure
 
-    # Logs of the service go to stdout (journald, docker logs); --log-format wins over config.
-    configure(args.log_format or settings.log.format, settings.log.level, stream=sys.stdout)
+    def configure_logs(s: Settings) -> None:
+        # Logs of the service go to stdout (journald, docker logs); --log-format wins.
+        configure(args.log_format or s.log.format, s.log.level, stream=sys.stdout)
+
+    def reload() -> Settings:
+        new = settings_from_args(args, overrides)
+        configure_logs(new)
+        return new
+
+    configure_logs(settings)
     from ..agent.service.daemon import Daemon
 
-    status: int = Daemon(settings).run_forever()
+    status: int = Daemon(settings, new_secret=args.new_secret).run_forever(reload)
     return status
 
 
@@ -283,13 +301,19 @@ def _qc_outliers(settings: Settings, latest: int) -> list[dict[str, Any]]:
     return latest_outliers(StatePaths(settings.state_dir).qc_report)[:latest]
 
 
-def _inbox_summary(inbox: Path, originals: str) -> dict[str, Any]:
+def _inbox_summary(inbox: Path, originals: str, state_dir: Path) -> dict[str, Any]:
     """Files in the inbox not taken yet, and the oldest one's age (not with ``keep``, where
-    processed originals stay)."""
+    processed originals stay); whether the inbox is there; originals it refused to give up."""
+    from ..agent.intake.originals import undeletable_count
     from ..agent.intake.watcher import inbox_backlog
 
-    summary: dict[str, Any] = {"path": str(inbox), "originals": originals}
-    if originals == "keep":
+    summary: dict[str, Any] = {
+        "path": str(inbox),
+        "originals": originals,
+        "missing": not inbox.is_dir(),
+        "undeletable": undeletable_count(state_dir),
+    }
+    if originals == "keep" or summary["missing"]:
         return summary
     count, oldest = inbox_backlog(inbox, INBOX_COUNT_LIMIT)
     summary["waiting"] = count
@@ -349,7 +373,8 @@ def _recorded_destinations(record: dict[str, Any] | None) -> list[dict[str, str]
 def collect_status(
     settings: Settings, latest: int = 5, *, inbox_given: bool = False
 ) -> dict[str, Any]:
-    """Everything ``status`` prints, as a dict (also used by tests).
+    """Everything ``status`` prints, as a dict (also used by tests). Nothing is written: the
+    outbox is read through a read-only connection.
 
     When an agent has started with this state folder, its recorded settings (flags and
     ``GATEWAY_*`` variables included) name the destinations and the inbox, rather than the
@@ -400,7 +425,7 @@ def collect_status(
             "started_at": record.get("started_at"),
             "version": record.get("version"),
         },
-        "inbox": _inbox_summary(inbox, originals),
+        "inbox": _inbox_summary(inbox, originals, paths.root),
         "outbox": None,
         "destinations": list(destinations.values()),
         "quarantine": Quarantine(paths.quarantine).summary(latest),
@@ -410,52 +435,72 @@ def collect_status(
         out["listener"] = _listener_summary(listener, unit_name, paths.root)
     if not paths.outbox_db.exists():
         return out
+    out["outbox"] = _outbox_summary(paths, latest, used, destinations)
+    at = time.time()
+    for name, entry in destinations.items():
+        if name in kinds:
+            entry["proof"] = _proof_label(kinds[name])
+        if "counts" in entry:  # its deliveries were read
+            entry["problems"] = destination_problems(
+                entry,
+                waiting=int(entry["waiting"]),
+                oldest_waiting=entry["oldest_waiting_seconds"],
+                now=at,
+                window=window,
+            )
+            entry["hint"] = hint(entry.get("last_error"))
+    out["destinations"] = list(destinations.values())
+    return out
+
+
+def _outbox_summary(
+    paths: StatePaths,
+    latest: int,
+    used: list[dict[str, Any]],
+    destinations: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Counts, throughput and the latest dead deliveries, read through a read-only connection
+    (a ``status`` writes nothing); each destination's report joins its entry in
+    ``destinations``; outbox databases found damaged and kept aside."""
     from ..agent.outbox.routing import Route
     from ..agent.outbox.schema import OutboxSchemaError
     from ..agent.outbox.store import Outbox
 
+    damaged = [
+        {"file": p.name, "time": _when(p.stat().st_mtime)} for p in paths.damaged_databases()
+    ]
     try:
-        outbox = Outbox(paths.outbox_db, routes=[Route(d["name"]) for d in used], upgrade=False)
+        outbox = Outbox(paths.outbox_db, routes=[Route(d["name"]) for d in used], read_only=True)
     except OutboxSchemaError as exc:
-        out["outbox"] = {"error": str(exc)}
-        return out
+        return {"error": str(exc), "damaged": damaged}
+    except sqlite3.DatabaseError:
+        return {"unreadable": True, "damaged": damaged}
     try:
         counts = outbox.counts()
-        waiting = counts.get("queued", 0) + counts.get("sending", 0)
-        oldest = outbox.oldest_waiting_age()
         proof = outbox.proof_summary()
-        out["outbox"] = {
+        summary = {
             "instances": outbox.instance_count(),
             "counts": counts,
-            "waiting": waiting,
-            "oldest_waiting_seconds": oldest,
+            "waiting": counts.get("queued", 0) + counts.get("sending", 0),
+            "oldest_waiting_seconds": outbox.oldest_waiting_age(),
             "sent_last_minute": _sent_since(paths.outbox_db, 60),
             "sent_last_hour": _sent_since(paths.outbox_db, 3600),
             "proof_pending": {"rows": proof["pending"][0], "bytes": proof["pending"][1]},
             "unproven": {"rows": proof["unproven"][0], "bytes": proof["unproven"][1]},
             "unrouted": outbox.unrouted_count(),
             "dead_latest": _dead_rows(outbox, latest),
+            "damaged": damaged,
         }
-        at = time.time()
         for name, report in outbox.destination_report().items():
             entry = destinations.setdefault(
                 name, {"name": name, "target": "(not configured: its deliveries wait)"}
             )
             entry.update(report)
-            if name in kinds:
-                entry["proof"] = _proof_label(kinds[name])
-            entry["problems"] = destination_problems(
-                report,
-                waiting=int(report["waiting"]),
-                oldest_waiting=report["oldest_waiting_seconds"],
-                now=at,
-                window=window,
-            )
-            entry["hint"] = hint(report.get("last_error"))
-        out["destinations"] = list(destinations.values())
+        return summary
+    except sqlite3.DatabaseError:
+        return {"unreadable": True, "damaged": damaged}
     finally:
         outbox.close()
-    return out
 
 
 def _proof_label(destination: dict[str, Any]) -> str:
@@ -565,7 +610,9 @@ def _print_status(st: dict[str, Any]) -> None:
         state = "running" if agent["running"] else "not running"
         w(f"agent: {state} (pid {agent['pid']}, started {agent['started_at']})\n")
     inbox = st["inbox"]
-    if "waiting" not in inbox:
+    if inbox.get("missing"):
+        w(f"inbox: MISSING ({inbox['path']}): the agent waits for it to be back\n")
+    elif "waiting" not in inbox:
         w(f"inbox: {inbox['path']} (originals kept: not counted)\n")
     elif inbox["waiting"]:
         more = "+" if inbox["waiting_capped"] else ""
@@ -575,11 +622,23 @@ def _print_status(st: dict[str, Any]) -> None:
             w("  files that stay are deferred: see intake_deferred / intake_paused in the log\n")
     else:
         w("inbox: empty\n")
+    if inbox.get("undeletable"):
+        w(
+            f"  {inbox['undeletable']} original(s) could not be removed (read-only inbox?): "
+            'they stay and are not processed again; make it writable or set originals = "keep"\n'
+        )
     ob = st["outbox"]
+    for item in (ob or {}).get("damaged", []):
+        w(
+            f"outbox database found damaged ({item['time']}): kept as {item['file']}, rebuilt "
+            "from the outbox files (instances already sent may be sent again)\n"
+        )
     if ob is None:
         w("outbox: empty (the agent has not run with this state folder)\n")
     elif "error" in ob:
         w(f"outbox: {ob['error']}\n")
+    elif ob.get("unreadable"):
+        w("outbox: UNREADABLE (damaged): the agent keeps it aside and rebuilds it when it starts\n")
     else:
         c = ob["counts"]
         w(f"outbox: {ob['instances']} instance(s); deliveries: ")
@@ -657,9 +716,43 @@ def _existing_rows(db: Path, ids: list[int]) -> set[int]:
     return {int(r[0]) for r in found}
 
 
+def _retry_rows(db: Path, row_ids: list[int], destination: str | None) -> int:
+    """Requeue dead deliveries (of these instance ids, or all; of one destination, or of
+    every one) and make waiting ones due; the exit status.
+
+    Raises ``sqlite3.DatabaseError`` (a damaged database among them, see ``is_damage``).
+    """
+    if row_ids:
+        missing = sorted(set(row_ids) - _existing_rows(db, row_ids))
+        if missing:
+            return _fail_retry("no outbox row " + ", ".join(f"#{i}" for i in missing))
+    if not db.exists():
+        print("outbox: nothing to retry")
+        return 0
+    from ..agent.outbox.schema import OutboxSchemaError
+    from ..agent.outbox.store import Outbox
+
+    try:
+        outbox = Outbox(db, routes=None, upgrade=False)
+    except OutboxSchemaError as exc:
+        return _fail_retry(str(exc))
+    try:
+        names = outbox.destination_names()
+        if destination is not None and destination not in names:
+            return _fail_retry(f"no destination {destination!r} (known: {', '.join(names)})")
+        n = outbox.retry_dead(row_ids or None, destination=destination)
+        due = outbox.retry_now(destination=destination)
+    finally:
+        outbox.close()
+    where = f" of {destination}" if destination else ""
+    print(f"requeued {n} dead {_deliveries(n)}{where}; {due} waiting {_deliveries(due)} due now")
+    return 0
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     """Requeue dead deliveries (and make waiting ones due), or release quarantined files."""
     from ..agent.intake.quarantine import Quarantine
+    from ..agent.outbox.repair import is_damage
     from ..agent.service.paths import StatePaths
 
     settings = _settings(args, inbox=args.inbox)
@@ -679,36 +772,20 @@ def cmd_retry(args: argparse.Namespace) -> int:
             "--allow-burned-in releases reviewed objects one by one: give --quarantine and "
             "their ids"
         )
-    if do_dead and row_ids:
-        missing = sorted(set(row_ids) - _existing_rows(paths.outbox_db, row_ids))
-        if missing:
-            return _fail_retry("no outbox row " + ", ".join(f"#{i}" for i in missing))
     if do_dead:
-        if paths.outbox_db.exists():
-            from ..agent.outbox.schema import OutboxSchemaError
-            from ..agent.outbox.store import Outbox
-
-            try:
-                outbox = Outbox(paths.outbox_db, routes=None, upgrade=False)
-            except OutboxSchemaError as exc:
-                return _fail_retry(str(exc))
-            try:
-                names = outbox.destination_names()
-                if args.destination is not None and args.destination not in names:
-                    return _fail_retry(
-                        f"no destination {args.destination!r} (known: {', '.join(names)})"
-                    )
-                n = outbox.retry_dead(row_ids or None, destination=args.destination)
-                due = outbox.retry_now(destination=args.destination)
-            finally:
-                outbox.close()
-            where = f" of {args.destination}" if args.destination else ""
+        try:
+            rc = _retry_rows(paths.outbox_db, row_ids, args.destination)
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise
             print(
-                f"requeued {n} dead {_deliveries(n)}{where}; {due} waiting {_deliveries(due)} "
-                "due now"
+                f"gateway-agent retry: outbox database damaged ({type(exc).__name__}): the agent"
+                " keeps it aside and rebuilds the outbox from its files when it starts",
+                file=sys.stderr,
             )
-        else:
-            print("outbox: nothing to retry")
+            return 1
+        if rc:
+            return rc
     if quarantine_too:
         quarantine = Quarantine(paths.quarantine)
         entries = quarantine.entries()
@@ -728,6 +805,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
                 quarantine.release(e.id, inbox, allow_burned_in=args.allow_burned_in)
             except ValueError as exc:
                 print(f"not released: {exc}", file=sys.stderr)
+                status = 1
+                continue
+            except OSError as exc:
+                # Never the error's text: it names the original file (PHI).
+                reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+                print(f"quarantine entry {e.id} not released ({reason})", file=sys.stderr)
                 status = 1
                 continue
             released += 1

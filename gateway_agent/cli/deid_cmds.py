@@ -345,11 +345,27 @@ def _write_report(path: Path, results: list[_Result]) -> None:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def _refuse_to_replace_an_agents_secret(secret_file: Path) -> None:
+    """A missing secret beside an agent's record of it was lost, not never made: creating a new
+    one would make this run's outputs (and the agent's, next) unlinkable to the earlier ones."""
+    from .._exceptions import ConfigError
+    from ..agent.service.secretguard import FINGERPRINT_NAME
+
+    if (secret_file.parent / FINGERPRINT_NAME).exists():
+        raise ConfigError(
+            f"the site secret {secret_file} is missing, but the agent's state folder beside it "
+            "holds instances made with one: restore it from your backup (see "
+            "docs/operations.md), or give another --secret-file"
+        )
+
+
 def _anonymize(args: argparse.Namespace) -> int:
     from ..deid import Deidentifier, load_or_create_secret
 
     options, secret_file, station_name = _settings_for(args, _overrides(args))
     existed = secret_file.exists()
+    if not existed:
+        _refuse_to_replace_an_agents_secret(secret_file)
     secret = load_or_create_secret(secret_file)
     if not existed:
         print(

@@ -16,6 +16,9 @@ __all__ = ["Keys", "load_or_create_secret", "shift_da", "shift_dt"]
 
 _MIN_SECRET = 16
 _BLOCK = 64  # SHA-256 block size, for HMAC (RFC 2104)
+#: UIDs mapped are remembered up to this many (then forgotten at once): the study and series
+#: UIDs of a series repeat; instance UIDs never do, and must not fill a worker's memory.
+_MAX_CACHED_UIDS = 8192
 
 
 def load_or_create_secret(path: str | os.PathLike[str]) -> bytes:
@@ -155,7 +158,7 @@ class Keys:
         if found is None:
             number = int.from_bytes(self.digest(b"uid", uid.encode("ascii", "replace"))[:24], "big")
             found = f"2.25.{number}"
-            if len(self._uids) > 100_000:
+            if len(self._uids) > _MAX_CACHED_UIDS:
                 self._uids.clear()
             self._uids[uid] = found
         return found

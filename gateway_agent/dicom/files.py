@@ -23,6 +23,7 @@ from .codec import (
 )
 
 __all__ = [
+    "FileMeta",
     "Header",
     "PixelRange",
     "SourceFile",
@@ -30,6 +31,8 @@ __all__ = [
     "copy_range",
     "encode_file_meta",
     "fsync_dir",
+    "parse_file_meta",
+    "read_file_meta",
     "write_all",
     "write_part10",
 ]
@@ -257,6 +260,59 @@ def _read_meta(buf: bytes | mmap.mmap, size: int) -> tuple[list[Element], int]:
     if not meta:
         raise DeidError("unreadable_header", "no file meta information")
     return meta, pos
+
+
+#: Bytes read for :func:`read_file_meta`: a file meta group is a few hundred bytes.
+_META_READ = 64 << 10
+
+
+class FileMeta:
+    """What a sender needs of a part-10 file: the meta group's UIDs, where the data set starts."""
+
+    __slots__ = ("data_offset", "sop_class_uid", "sop_instance_uid", "transfer_syntax")
+
+    def __init__(
+        self, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str, data_offset: int
+    ) -> None:
+        self.transfer_syntax = transfer_syntax
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.data_offset = data_offset
+
+    def __repr__(self) -> str:
+        return f"FileMeta({self.transfer_syntax}, {self.sop_class_uid}, offset={self.data_offset})"
+
+
+def read_file_meta(path: str | os.PathLike[str]) -> FileMeta:
+    """The file meta information of a part-10 file, from one read of its first bytes.
+
+    Raises ``OSError`` (``FileNotFoundError`` for a missing file) and ``ValueError`` as
+    :func:`parse_file_meta` does.
+    """
+    with open(path, "rb") as fh:
+        return parse_file_meta(fh.read(_META_READ))
+
+
+def parse_file_meta(head: bytes) -> FileMeta:
+    """The file meta information from the first bytes of a part-10 file (64 KiB are plenty).
+
+    Raises ``ValueError`` when they are not part 10 or have no Transfer Syntax UID. The SOP
+    Class and Instance UIDs are ``""`` when the meta group lacks them.
+    """
+    size = min(len(head), _META_READ)
+    if size < 140 or head[128:132] != b"DICM":
+        raise ValueError("not a part-10 file")
+    try:
+        meta, end = _read_meta(head, size)
+    except DeidError as exc:
+        raise ValueError(f"file meta unreadable: {exc.reason}") from None
+    if end + 8 > size == _META_READ:
+        raise ValueError("file meta unreadable: longer than 64 KiB")
+    uids = {e.tag: e.raw.rstrip(b"\0 ").decode("ascii", "replace") for e in meta}
+    syntax = uids.get(0x00020010, "")
+    if not syntax:
+        raise ValueError("no transfer syntax in the file meta")
+    return FileMeta(syntax, uids.get(0x00020002, ""), uids.get(0x00020003, ""), end)
 
 
 def encode_file_meta(elements: list[Element]) -> bytes:

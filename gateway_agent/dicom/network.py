@@ -12,6 +12,8 @@ theirs.
   by default.
 * :func:`set_nodelay`: an ``EVT_CONN_OPEN`` handler. pynetdicom leaves Nagle's algorithm on, and
   with the peer's delayed ACK each small PDU (a C-STORE response, a command set) may wait for it.
+* :func:`detach_socket`: stop pynetdicom's threads of an established association and take its
+  connection, for the C-STORE sender's own data transfer phase (:mod:`.link`).
 * :func:`receive_into`: where pynetdicom's chunked C-STORE receipt
   (``_config.STORE_RECV_CHUNKED_DATASET``) puts its temporary files for one AE, so the listener
   renames a received instance into place instead of copying it across file systems.
@@ -40,6 +42,7 @@ __all__ = [
     "Rejection",
     "classify_store_status",
     "client_ssl_context",
+    "detach_socket",
     "receive_error",
     "receive_into",
     "server_ssl_context",
@@ -216,6 +219,53 @@ def _shutdown_socket(self: transport.AssociationSocket) -> None:
 
 
 transport.AssociationSocket._shutdown_socket = _shutdown_socket  # type: ignore[method-assign]
+
+
+#: A-ABORT PDU: from the service user, no reason given (PS3.8 9.3.8).
+_A_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+
+def detach_socket(assoc: Any, timeout: float = 5.0) -> socket.socket:
+    """Stop the two threads of an established requestor association; return its socket.
+
+    pynetdicom runs an association with a DUL reactor (reads and writes the socket, polls its
+    queues every millisecond) and an association reactor (serves incoming requests). A
+    C-STORE requestor that sends one request at a time needs neither once the association is
+    established: :class:`~gateway_agent.dicom.link.StoreLink` then reads and writes the socket
+    itself. Relies on pynetdicom 3.0's internals (``Association._kill`` and
+    ``_reactor_checkpoint``, ``DULServiceProvider._kill_thread``, ``.socket.socket``), hence
+    the ``<3.1`` pin; ``tests/dicomnet/test_link.py`` checks it. Both reactors end at the top
+    of their loops, so the stream is at a PDU boundary. Raises ``RuntimeError`` when the
+    threads do not stop within ``timeout`` or a PDU from the peer had already arrived (an abort
+    right after the association was accepted), after sending an A-ABORT and closing.
+    """
+    dul = assoc.dul
+    assoc._kill = True
+    assoc._reactor_checkpoint.set()
+    dul._kill_thread = True
+    problem = ""
+    for thread in (assoc, dul):
+        if thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout)
+        if thread.is_alive():
+            problem = "pynetdicom's association threads did not stop"
+    if not problem and (not dul.to_user_queue.empty() or not dul.event_queue.empty()):
+        problem = "the peer sent a PDU before the first request"
+    sock = getattr(dul.socket, "socket", None)
+    if not isinstance(sock, socket.socket):
+        raise RuntimeError("the association has no connected socket")
+    # pynetdicom no longer owns the connection: nothing of it may close or use it.
+    dul.socket.socket = None
+    assoc.is_established = False
+    assoc.is_released = True
+    if problem:
+        with contextlib.suppress(OSError):
+            sock.settimeout(1.0)
+            sock.sendall(_A_ABORT)
+        with contextlib.suppress(OSError):
+            sock.close()
+        raise RuntimeError(problem)
+    return sock
 
 
 # -- chunked receipt --------------------------------------------------------------------------

@@ -14,21 +14,22 @@ association.
 * **Transfer syntaxes**: each (SOP class, stored syntax) is proposed as it is, and a second
   context offers the other uncompressed little-endian syntaxes (an acceptor picks one syntax
   per context: offered together, it might pick one that needs a conversion). A file goes as
-  stored when its syntax was accepted: streamed from disk without
-  decoding (``_config.STORE_SEND_CHUNKED_DATASET``), in PDUs no larger than
-  :data:`MAX_SEND_PDU` with at most :data:`SEND_QUEUE_BYTES` of them queued, so memory stays
-  bounded (about 10 MB) for a 1 GB multi-frame. Otherwise it is
-  converted where that is lossless: between Implicit and Explicit VR Little Endian, and from
-  Deflated Explicit VR Little Endian (the data set is decoded in memory then). Compressed pixel
-  data is never decompressed: such a file whose syntax was refused fails as
-  ``presentation context refused``.
+  stored when its syntax was accepted: its data set streamed from disk without decoding, in
+  P-DATA PDUs of the peer's maximum length (at most :data:`~.link.MAX_SEND_PDU`), through one
+  reused buffer per association, so memory stays bounded (about 1 MB per association) for a
+  1 GB multi-frame. Otherwise it is converted where that is lossless: between Implicit and
+  Explicit VR Little Endian, and from Deflated Explicit VR Little Endian (the data set is
+  decoded in memory then). Compressed pixel data is never decompressed: such a file whose
+  syntax was refused fails as ``presentation context refused``.
+* **pynetdicom** negotiates each association (contexts, maximum lengths, TLS, rejections);
+  the C-STORE requests and responses on it then run in the sending thread
+  (:class:`~.link.StoreLink`), without pynetdicom's per-association reactor threads.
 * **Statuses** are classified by :func:`~gateway_agent.dicom.network.classify_store_status`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
 import ssl
 import threading
 import time
@@ -38,17 +39,19 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 
+from .files import FileMeta, read_file_meta
+from .link import MAX_SEND_PDU, FileSlice, LinkLostError, StoreLink
 from .network import (
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
     Outcome,
     Rejection,
     classify_store_status,
+    detach_socket,
     set_nodelay,
 )
 
@@ -60,12 +63,6 @@ __all__ = [
     "StoreSCU",
 ]
 
-#: Largest P-DATA PDU we send, whatever the peer allows (a peer may say "unlimited": 0).
-MAX_SEND_PDU = 1 << 20
-#: Bytes of P-DATA PDUs queued ahead of the socket. Enough for a whole CT slice in the peer's
-#: usual 16 kB PDUs: pynetdicom's reactor sleeps 1 ms whenever it finds the queue empty, so a
-#: queue that runs dry between PDUs would cost a millisecond per PDU.
-SEND_QUEUE_BYTES = 4 << 20
 #: Most presentation contexts one association may propose (PS3.8: odd IDs 1..255).
 MAX_CONTEXTS = 128
 #: How many (SOP class, transfer syntax) pairs are remembered for the next association.
@@ -118,46 +115,15 @@ class StoreResult:
 
 @dataclass
 class _Assoc:
-    assoc: Any
-    pairs: frozenset[tuple[str, str]]
+    link: StoreLink
+    #: Accepted (SOP class, transfer syntax) -> presentation context ID.
+    contexts: dict[tuple[str, str], int]
     idle_since: float = field(default_factory=time.monotonic)
     msg_id: int = 0
 
     def next_id(self) -> int:
         self.msg_id = self.msg_id % 65535 + 1
         return self.msg_id
-
-
-class _BoundedQueue(queue.Queue[Any]):
-    """pynetdicom's DUL send queue, bounded: C-STORE of a file queues all its P-DATA PDUs at once
-    (the whole file in memory); with a bound the sender waits for the socket instead. While the
-    queue is full and the DUL reactor is gone (connection lost), PDUs are dropped: the C-STORE
-    then ends without a response, which the caller treats as a lost association."""
-
-    def __init__(self, dul: Any, maxsize: int) -> None:
-        super().__init__(maxsize)
-        self._dul = dul
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        while True:
-            try:
-                super().put(item, block, 0.5 if block else timeout)
-                return
-            except queue.Full:
-                if not block or not self._dul.is_alive() or self._dul._kill_thread:
-                    return
-
-
-def _bound_send_queue(assoc: Any, pdus: int) -> None:
-    dul = assoc.dul
-    old = dul.to_provider_queue
-    new = _BoundedQueue(dul, pdus)
-    while True:
-        try:
-            new.queue.append(old.get_nowait())  # none expected once established
-        except queue.Empty:
-            break
-    dul.to_provider_queue = new
 
 
 def _recording_ssl_socket(errors: list[str]) -> type[ssl.SSLSocket]:
@@ -174,15 +140,6 @@ def _recording_ssl_socket(errors: list[str]) -> type[ssl.SSLSocket]:
                 raise
 
     return _Recording
-
-
-def _cap_send_pdu(assoc: Any, cap: int) -> None:
-    """Send P-DATA PDUs of at most ``cap`` bytes, even to a peer that accepts any length (0)."""
-    for item in assoc.acceptor.user_information:
-        if type(item).__name__ == "MaximumLengthNotification":
-            value = item.maximum_length_received
-            if not value or value > cap:
-                item.maximum_length_received = cap
 
 
 class StoreSCU:
@@ -238,10 +195,6 @@ class StoreSCU:
         self.server_hostname = server_hostname or host
         self.idle_release = idle_release
         self.max_pdu = max_pdu
-        # File paths are streamed, never decoded, when their syntax was accepted as stored.
-        # (A pynetdicom-wide setting: other senders in this process must then pass data sets,
-        # or files whose exact transfer syntax was accepted.)
-        _config.STORE_SEND_CHUNKED_DATASET = True
         self._lock = threading.Condition()
         self._idle: list[_Assoc] = []
         self._recent: dict[tuple[str, str], None] = {}
@@ -342,14 +295,18 @@ class StoreSCU:
         except (OSError, ssl.SSLError) as exc:  # TLS handshake failures surface here
             raise AssociationError(f"connection failed: {type(exc).__name__}") from None
         if assoc.is_established:
-            _cap_send_pdu(assoc, MAX_SEND_PDU)
-            pdu = assoc.acceptor.maximum_length or MAX_SEND_PDU
-            _bound_send_queue(assoc, max(4, SEND_QUEUE_BYTES // pdu))
-            accepted = frozenset(
-                (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                for cx in assoc.accepted_contexts
-            )
-            return _Assoc(assoc, accepted)
+            accepted: dict[tuple[str, str], int] = {}
+            for cx in assoc.accepted_contexts:
+                key = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                accepted.setdefault(key, int(cx.context_id or 0))
+            try:
+                sock = detach_socket(assoc)
+                link = StoreLink(
+                    sock, send_pdu=int(assoc.acceptor.maximum_length or 0), timeout=self.timeout
+                )
+            except (RuntimeError, ValueError, OSError) as exc:
+                raise AssociationError(f"association unusable: {exc}") from None
+            return _Assoc(link, accepted)
         if rejected:
             raise AssociationError(rejected[0].describe(), rejection=rejected[0])
         if connected and assoc.rejected_contexts and not assoc.accepted_contexts:
@@ -377,20 +334,25 @@ class StoreSCU:
                 self._recent[p] = None
             while len(self._recent) > RECENT_PAIRS:
                 del self._recent[next(iter(self._recent))]
-            for a in reversed(self._idle):
-                if a.assoc.is_established and self._covers(a, pairs):
-                    self._idle.remove(a)
-                    return a, True
-        return self._associate(pairs), False
+        while True:
+            with self._lock:
+                found = next((a for a in reversed(self._idle) if self._covers(a, pairs)), None)
+                if found is not None:
+                    self._idle.remove(found)
+            if found is None:
+                return self._associate(pairs), False
+            # Outside the lock: reads the peer's A-ABORT or close of an association it dropped.
+            if found.link.usable():
+                return found, True
 
     @staticmethod
     def _covers(a: _Assoc, pairs: set[tuple[str, str]]) -> bool:
-        classes = {c for c, _ in a.pairs}
+        classes = {c for c, _ in a.contexts}
         for sop_class, syntax in pairs:
-            if (sop_class, syntax) in a.pairs:
+            if (sop_class, syntax) in a.contexts:
                 continue
             if syntax in (*_UNCOMPRESSED_LE, _DEFLATED_LE) and any(
-                (sop_class, s) in a.pairs for s in _UNCOMPRESSED_LE
+                (sop_class, s) in a.contexts for s in _UNCOMPRESSED_LE
             ):
                 continue
             if sop_class in classes:
@@ -399,7 +361,7 @@ class StoreSCU:
         return True
 
     def _checkin(self, a: _Assoc) -> None:
-        if not a.assoc.is_established:
+        if not a.link.alive:
             return
         if self.idle_release <= 0:
             self._release(a)
@@ -423,10 +385,7 @@ class StoreSCU:
     @staticmethod
     def _release(a: _Assoc) -> None:
         with contextlib.suppress(Exception):
-            if a.assoc.is_established:
-                a.assoc.release()
-            else:
-                a.assoc.abort()
+            a.link.release()
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, items: Sequence[StoreItem]) -> list[StoreResult]:
@@ -438,33 +397,31 @@ class StoreSCU:
         settled by then (answered by the peer, or failed on their own).
         """
         results: dict[Hashable, StoreResult] = {}
-        todo: list[tuple[StoreItem, str]] = []
+        todo: list[_Todo] = []
         for item in items:
             try:
-                meta = read_file_meta_info(item.path)
-                syntax = str(meta.TransferSyntaxUID)
+                meta = read_file_meta(item.path)
             except FileNotFoundError:
                 results[item.key] = StoreResult(item.key, Outcome.FAILURE, "file missing")
                 continue
-            except Exception as exc:  # OSError, InvalidDicomError, AttributeError
+            except (OSError, ValueError) as exc:
                 results[item.key] = StoreResult(
                     item.key, Outcome.RETRY, f"file unreadable: {type(exc).__name__}"
                 )
                 continue
-            todo.append((item, syntax))
+            todo.append(_Todo(item, meta, meta.sop_class_uid or item.sop_class_uid))
         if todo:
-            pairs = {(item.sop_class_uid, syntax) for item, syntax in todo}
+            pairs = {(t.sop_class, t.meta.transfer_syntax) for t in todo}
             a: _Assoc | None = None
             try:
                 try:
                     a, reused = self._checkout(pairs)
                 except _NoContextsError:
-                    for item, _syntax in todo:
-                        results[item.key] = StoreResult(
-                            item.key,
+                    for t in todo:
+                        results[t.item.key] = StoreResult(
+                            t.item.key,
                             Outcome.FAILURE,
-                            f"presentation context refused: SOP class {item.sop_class_uid}"
-                            " not accepted",
+                            f"presentation context refused: SOP class {t.sop_class} not accepted",
                         )
                     return [results[i.key] for i in items]
                 try:
@@ -487,57 +444,47 @@ class StoreSCU:
                     self._checkin(a)
         return [results[i.key] for i in items]
 
-    def _send_on(
-        self,
-        a: _Assoc,
-        todo: list[tuple[StoreItem, str]],
-        results: dict[Hashable, StoreResult],
-    ) -> None:
+    def _send_on(self, a: _Assoc, todo: list[_Todo], results: dict[Hashable, StoreResult]) -> None:
         """Send what is not settled yet; raise :class:`_LostError` when the association is lost."""
         answered = 0
-        for item, syntax in todo:
-            if item.key in results:
+        for t in todo:
+            key = t.item.key
+            if key in results:
                 continue
             try:
-                payload = self._payload(a, item, syntax)
+                context_id, instance, data = self._payload(a, t)
             except _UnsendableError as exc:
-                results[item.key] = StoreResult(item.key, Outcome.FAILURE, str(exc))
+                results[key] = StoreResult(key, Outcome.FAILURE, str(exc))
                 continue
-            reason = ""
             try:
-                rsp = a.assoc.send_c_store(payload, msg_id=a.next_id())
-                status = getattr(rsp, "Status", None)
-            except (RuntimeError, OSError) as exc:
-                status, reason = None, f"association lost: {type(exc).__name__}"
-            except (ValueError, AttributeError, TypeError) as exc:
-                # pynetdicom refuses this data set (no usable context, inconsistent meta ...).
-                results[item.key] = StoreResult(
-                    item.key, Outcome.FAILURE, f"cannot send: {str(exc)[:160]}"
+                status = a.link.store(context_id, t.sop_class, instance, a.next_id(), data)
+            except LinkLostError as exc:
+                raise _LostError(f"C-STORE: {exc.reason}", answered) from None
+            except FileNotFoundError:
+                results[key] = StoreResult(key, Outcome.FAILURE, "file missing")
+                continue
+            except OSError as exc:  # opening the file; nothing was sent
+                results[key] = StoreResult(
+                    key, Outcome.RETRY, f"file unreadable: {type(exc).__name__}"
                 )
                 continue
-            if status is None:
-                if not reason:
-                    reason = (
-                        "association aborted during C-STORE (by the peer, or a timeout)"
-                        if a.assoc.is_aborted
-                        else "no C-STORE response (association aborted, connection lost or timeout)"
-                    )
-                with contextlib.suppress(Exception):
-                    a.assoc.abort()
-                raise _LostError(reason, answered)
             answered += 1
-            outcome, why = classify_store_status(int(status))
-            results[item.key] = StoreResult(item.key, outcome, why, int(status))
+            outcome, why = classify_store_status(status)
+            results[key] = StoreResult(key, outcome, why, status)
 
     @staticmethod
-    def _payload(a: _Assoc, item: StoreItem, syntax: str) -> Path | Any:
-        """The file itself when its syntax was accepted, else a losslessly converted data set."""
-        cls = item.sop_class_uid
-        if (cls, syntax) in a.pairs:
-            return item.path
-        target = next((s for s in _UNCOMPRESSED_LE if (cls, s) in a.pairs), None)
+    def _payload(a: _Assoc, t: _Todo) -> tuple[int, str, FileSlice | bytes]:
+        """(context ID, SOP Instance UID, data set): the file's own data set when its syntax was
+        accepted, else a losslessly converted one."""
+        cls, syntax = t.sop_class, t.meta.transfer_syntax
+        context_id = a.contexts.get((cls, syntax))
+        if context_id is not None:
+            if not t.meta.sop_instance_uid:
+                raise _UnsendableError("cannot send: no SOP Instance UID in the file meta")
+            return context_id, t.meta.sop_instance_uid, FileSlice(t.item.path, t.meta.data_offset)
+        target = next((s for s in _UNCOMPRESSED_LE if (cls, s) in a.contexts), None)
         if target is None:
-            accepted = sorted(s for c, s in a.pairs if c == cls)
+            accepted = sorted(s for c, s in a.contexts if c == cls)
             if not accepted:
                 raise _UnsendableError(
                     f"presentation context refused: SOP class {cls} not accepted"
@@ -551,11 +498,23 @@ class StoreSCU:
                 f"presentation context refused: transfer syntax {syntax} not accepted for {cls}"
                 " and not converted (compressed pixel data)"
             )
-        ds = dcmread(item.path)
-        if syntax == _DEFLATED_LE:
-            # Decoded now; pynetdicom encodes it for the accepted (uncompressed) context.
-            ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_VR_LE)
-        return ds
+        try:
+            ds = dcmread(t.item.path)
+            instance = str(ds.SOPInstanceUID)
+            data = encode(ds, target == IMPLICIT_VR_LE, True)
+        except Exception as exc:  # unreadable, or pydicom cannot encode it that way
+            raise _UnsendableError(f"cannot send: {type(exc).__name__}") from None
+        if data is None:
+            raise _UnsendableError("cannot send: the data set could not be encoded")
+        return a.contexts[(cls, target)], instance, data
+
+
+@dataclass(frozen=True)
+class _Todo:
+    item: StoreItem
+    meta: FileMeta
+    #: The file meta's SOP Class UID (the item's when the meta lacks it).
+    sop_class: str
 
 
 class _UnsendableError(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
 
-from .._exceptions import QCError, codec_panics
+from .._exceptions import CodecPanicError, QCError, codec_panics
 from ..dicom.decoding import guard_pixel_decoding
 from .presets import WINDOW_PRESETS
 
@@ -209,7 +210,9 @@ def dataset_window(ds: Dataset, frame: int = 0) -> tuple[float, float, VOIFuncti
     return None
 
 
-def _stored_frame(ds: Dataset, frame: int) -> np.ndarray:
+def _stored_frame(
+    ds: Dataset, frame: int, source: str | os.PathLike[str] | None = None
+) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise QCError("dataset has no pixel data")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
@@ -220,9 +223,22 @@ def _stored_frame(ds: Dataset, frame: int) -> np.ndarray:
     }:
         raise QCError(f"windowing needs MONOCHROME1/2, not {ds.PhotometricInterpretation}")
     guard_pixel_decoding()
+    index = frame if frame_count(ds) > 1 else None
+    arr: np.ndarray | None = None
+    if source is not None:
+        # The frame alone, from the file; should that fail, the data set is read below (not
+        # after a codec's panic: the same bytes would make it panic again).
+        try:
+            with codec_panics():
+                arr = pixel_array(source, index=index)
+        except CodecPanicError:
+            raise QCError("cannot decode pixel data (CodecPanicError)") from None
+        except Exception:
+            arr = None
     try:
         with codec_panics():
-            arr = pixel_array(ds, index=frame if frame_count(ds) > 1 else None)
+            if arr is None or arr.ndim != 2:
+                arr = pixel_array(ds, index=index)
     except QCError:
         raise
     except Exception as exc:  # pydicom raises many types for unreadable pixel data
@@ -241,7 +257,9 @@ def _frames(ds: Dataset, frame: int | None) -> list[int]:
     return [frame]
 
 
-def hu_from_dataset(ds: Dataset, frame: int | None = None) -> np.ndarray:
+def hu_from_dataset(
+    ds: Dataset, frame: int | None = None, *, source: str | os.PathLike[str] | None = None
+) -> np.ndarray:
     """Modality values of ``ds`` (HU for CT): the stored values through the modality LUT.
 
     Rescale Slope/Intercept or the Modality LUT Sequence, per frame for enhanced multi-frame
@@ -253,6 +271,9 @@ def hu_from_dataset(ds: Dataset, frame: int | None = None) -> np.ndarray:
         A grayscale image dataset.
     frame
         The frame of a multi-frame image (0-based); all frames when None.
+    source
+        The file ``ds`` was read from (with its pixel data deferred or left out): each frame
+        is read from it alone, so a large multi-frame object is never whole in memory.
 
     Returns
     -------
@@ -268,7 +289,7 @@ def hu_from_dataset(ds: Dataset, frame: int | None = None) -> np.ndarray:
         The dataset has no grayscale pixel data that can be decoded.
     """
     frames = _frames(ds, frame)
-    out = [modality_lut(_stored_frame(ds, i), ds, frame=i) for i in frames]
+    out = [modality_lut(_stored_frame(ds, i, source), ds, frame=i) for i in frames]
     if frame is not None or frame_count(ds) == 1:
         return out[0]
     return np.stack(out)
@@ -315,6 +336,9 @@ def window_from_dataset(
         The VOI LUT function: ``LINEAR`` (default), ``LINEAR_EXACT`` or ``SIGMOID``.
     frame
         The frame of a multi-frame image (0-based); all frames when None.
+    source
+        The file ``ds`` was read from (with its pixel data deferred or left out): each frame
+        is read from it alone, so a large multi-frame object is never whole in memory.
 
     Returns
     -------

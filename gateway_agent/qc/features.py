@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -325,10 +326,14 @@ def _quantum(ds: Dataset) -> float | None:
     return abs(slope) if slope else 1.0
 
 
-def features_from_dataset(ds: Dataset, file: str = "") -> ScanFeatures:
+def features_from_dataset(
+    ds: Dataset, file: str = "", *, source: str | os.PathLike[str] | None = None
+) -> ScanFeatures:
     """Features of one image (the middle frame of a multi-frame dataset).
 
     Works without Modality, without rescale attributes (identity LUT) and on tiny images.
+    ``source``: the file ``ds`` was read from, with its pixel data deferred; only the frame
+    measured is read from it.
 
     Raises
     ------
@@ -337,7 +342,7 @@ def features_from_dataset(ds: Dataset, file: str = "") -> ScanFeatures:
     """
     frames = frame_count(ds)
     hu = is_hu(ds)
-    image = hu_from_dataset(ds, frame=frames // 2)
+    image = hu_from_dataset(ds, frame=frames // 2, source=source)
     spacing = _number(ds, "PixelSpacing")
     if spacing is None:
         spacing = _number(ds, "ImagerPixelSpacing")
@@ -371,6 +376,12 @@ def features_from_dataset(ds: Dataset, file: str = "") -> ScanFeatures:
     return record
 
 
+#: Element values larger than this are left on disk by ``features_from_file`` until used ...
+_DEFER_BYTES = 1 << 20
+#: ... and pixel data this large are read one frame at a time.
+_FRAMEWISE_BYTES = 32 << 20
+
+
 def features_from_file(path: Path, *, root: Path | None = None) -> ScanFeatures:
     """Read ``path`` and compute its features; ``file`` is the path relative to ``root``.
 
@@ -380,18 +391,26 @@ def features_from_file(path: Path, *, root: Path | None = None) -> ScanFeatures:
         Not a readable DICOM image (the message names no file).
     """
     try:
-        ds = pydicom.dcmread(path, force=True)
+        # The pixel data stay on disk (deferred): the frame measured is read alone.
+        ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_BYTES)
     except Exception as exc:  # pydicom raises many types for malformed input
         raise QCError(f"unreadable DICOM ({type(exc).__name__})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise QCError("no pixel data")
-    if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
+    # Large pixel data are read frame by frame from the file; small ones through the data set
+    # (which also copes with a meta that misstates the body's encoding).
+    source: Path | None = None
+    pixels = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
+    length = getattr(pixels, "length", 0) or 0
+    meta = getattr(ds, "file_meta", Dataset())
+    if "TransferSyntaxUID" in meta and (length >= _FRAMEWISE_BYTES or length == 0xFFFFFFFF):
+        source = path
         # Files without meta (raw datasets) are implicit VR little endian by default.
         ds.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     name = str(path.relative_to(root)) if root is not None else path.name
     try:
-        return features_from_dataset(ds, file=name)
+        return features_from_dataset(ds, file=name, source=source)
     except QCError:
         raise
     except Exception as exc:  # malformed attributes (e.g. a non-numeric RescaleSlope)

@@ -39,10 +39,13 @@ class CrashingEngine:
     def __init__(self, engine: Deidentifier) -> None:
         self.engine = engine
 
-    def deidentify_file(self, src: Path, out_dir: Path) -> Any:
-        if "CRASH" in src.name:
+    def deidentify_file(self, src: str | Path, out_dir: str | Path) -> Any:
+        # The worker hands the engine its own descriptor (/proc/self/fd/N): the name is its target.
+        src = str(src)
+        name = Path(os.readlink(src)).name if src.startswith("/proc/") else Path(src).name
+        if "CRASH" in name:
             os._exit(3)
-        if "BUG" in src.name:
+        if "BUG" in name:
             raise RuntimeError("engine bug")
         return self.engine.deidentify_file(src, out_dir)
 

@@ -185,6 +185,7 @@ def test_purge_sent_files_keeps_rows(outbox: Outbox, clock: FakeClock, tmp_path:
     files = [tmp_path / f"{i}.dcm" for i in range(3)]
     for i, f in enumerate(files):
         f.write_bytes(b"x")
+        os.utime(f, (clock.now, clock.now))  # written before it is sent, by the same clock
         _add(outbox, f"1.{i}", f)
     rows = _q(outbox).claim(max_items=3, max_bytes=10**9, lease_seconds=60)
     _q(outbox).mark_sent([rows[0].id, rows[1].id])
@@ -203,6 +204,7 @@ def test_compact_deletes_old_sent_rows_but_never_the_newest(
     files = [tmp_path / f"{i}.dcm" for i in range(4)]
     for i, f in enumerate(files):
         f.write_bytes(b"x")
+        os.utime(f, (clock.now, clock.now))  # written before it is sent, by the same clock
         _add(outbox, f"1.{i}", f)
     rows = _q(outbox).claim(max_items=4, max_bytes=10**9, lease_seconds=60)
     _q(outbox).mark_sent([r.id for r in rows[:3]])

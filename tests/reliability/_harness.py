@@ -39,7 +39,8 @@ __all__ = [
     "write_config",
 ]
 
-#: ``RELIABILITY_FULL=1`` runs the full sizes (docs/reliability.md); otherwise CI sizes.
+#: ``RELIABILITY_FULL=1`` runs the full sizes (docs/reliability.md); otherwise CI sizes. (Not
+#: ``GATEWAY_*``: the agent refuses variables of its own prefix that are no setting.)
 FULL = os.environ.get("RELIABILITY_FULL", "") not in ("", "0")
 REPO = Path(__file__).resolve().parents[2]
 _FIGURES = os.environ.get("RELIABILITY_FIGURES")
@@ -197,6 +198,7 @@ class AgentProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     argv_prefix: list[str] = field(default_factory=list)
+    run_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     peak_rss_mb: float = 0.0
@@ -217,6 +219,7 @@ class AgentProcess:
             "--log-format",
             "json",
             "run",
+            *self.run_args,
         ]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(

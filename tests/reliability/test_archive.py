@@ -68,11 +68,11 @@ def _state(run: AgentRun) -> dict[str, Any]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
         for state, confirmed, n in conn.execute(
-            "select state, confirmed, count(*) from outbox group by state, confirmed"
+            "select state, confirmed, count(*) from deliveries group by state, confirmed"
         ):
             key = "proven" if (state, confirmed) == ("sent", 1) else str(state)
             out["rows"][key] += int(n)
-        row = conn.execute("select last_error from destination_state where id = 1").fetchone()
+        row = conn.execute("select last_error from destinations order by name").fetchone()
         out["last_error"] = row[0] if row else None
     except sqlite3.OperationalError:
         pass
@@ -367,7 +367,10 @@ def test_proper_answers_of_other_shapes(  # type: ignore[no-untyped-def]
         status = json.loads(_cli(run, "status", "--json"))
         db = sqlite3.connect(f"file:{run.state / 'outbox.db'}?mode=ro", uri=True)
         dead = dict(
-            db.execute("select sop_instance_uid, last_error from outbox where state='dead'")
+            db.execute(
+                "select i.sop_instance_uid, d.last_error from deliveries d"
+                " join instances i on i.id = d.instance_id where d.state = 'dead'"
+            )
         )
         db.close()
         _retention_now(run)

@@ -49,6 +49,9 @@ GROUP_MAX = 64
 DEFER_FIRST_SECONDS = 2.0
 DEFER_MAX_SECONDS = 60.0
 MAX_DEFERRALS_TRACKED = 100_000
+#: Files queued at most besides those in flight: past that :meth:`Intake.submit` refuses, and
+#: calls ``on_room`` once the queue is down to a quarter (memory stays bounded, whatever waits).
+MAX_QUEUED = 2048
 
 
 class Intake:
@@ -87,6 +90,12 @@ class Intake:
         and the calling AE title (from the file's folder); their quarantine entries are named
         ``received/<folder>/<file>``. They are deleted after the commit (or archived under
         ``archive_dir/received/``); ``originals = "keep"`` applies to the inbox only.
+    settle_seconds
+        The watcher's settle time: a bad file younger than this is settled again before it is
+        quarantined (it may still be written).
+    monotonic
+        The clock a bad file's settle time is measured on between two readings (tests inject
+        one).
     """
 
     def __init__(
@@ -106,6 +115,8 @@ class Intake:
         resettle: Callable[[Path], None] | None = None,
         retry_later: Callable[[Path, float], None] | None = None,
         received: Path | None = None,
+        settle_seconds: float = 2.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if workers < 1:
             raise ValueError('Argument "workers" must be at least 1.')
@@ -125,6 +136,8 @@ class Intake:
             requeue=self._requeue,
             defer=self._defer,
             resettle=resettle,
+            settle_seconds=settle_seconds,
+            monotonic=monotonic,
         )
         self._workers = workers
         # A few per worker: workers stay busy while the dispatcher commits rows.
@@ -142,6 +155,9 @@ class Intake:
         self._stopping = False
         self._pool: ProcessPoolExecutor | None = None
         self._thread: threading.Thread | None = None
+        self._refusing = False
+        #: Called (from the dispatcher thread) when the queue has room again after a refusal.
+        self.on_room: Callable[[], None] | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -191,11 +207,21 @@ class Intake:
         """Rows committed (and originals disposed of) since the start."""
         return self._commit.committed
 
+    def undeletable_originals(self) -> int:
+        """Committed originals the inbox did not let intake remove (they stay, remembered)."""
+        return self._originals.undeletable()
+
     @property
     def commit_problem(self) -> str | None:
         """Why the latest file could not be committed (EACCES on the inbox, an outbox folder
-        that cannot be written...), or None when the latest file went through."""
-        return self._commit.problem
+        that cannot be written...), or None when the latest file went through. Originals the
+        inbox refused to give up count until they are removed (the next file's removal, or a
+        scan once the inbox allows it)."""
+        problem = self._commit.problem
+        refused = problem is not None and problem is self._commit.refusal_problem
+        if refused and not self._originals.undeletable():
+            self._commit.problem = problem = None  # removed since, by a later pass
+        return problem
 
     @property
     def quarantined(self) -> int:
@@ -207,14 +233,28 @@ class Intake:
         return self._thread is not None and self._thread.is_alive()
 
     # ----------------------------------------------------------------- control
-    def submit(self, path: Path) -> None:
-        """Queue a complete inbox file (non-blocking; duplicates are ignored)."""
+    def submit(self, path: Path) -> bool:
+        """Queue a complete inbox file (non-blocking; duplicates are ignored).
+
+        Returns False when the queue is full (``MAX_QUEUED``): the caller offers it again after
+        ``on_room`` is called.
+        """
         key = str(path)
         with self._cond:
             if self._stopping or key in self._queue or key in self._inflight:
-                return
+                return True
+            if len(self._queue) >= MAX_QUEUED:
+                self._refusing = True
+                return False
             self._queue[key] = None
             self._cond.notify_all()
+        return True
+
+    def quarantine_deep(self, folder_fd: int, name: str, rel: str) -> None:
+        """Quarantine a file whose path is too long to open by name (``path_too_long``), given
+        as an open descriptor of its folder and its name (the watcher's ``on_deep``)."""
+        FILES_RECEIVED.inc()
+        self._commit.quarantine_at(folder_fd, name, rel)
 
     def set_paused(self, paused: bool) -> None:
         """Pause or resume taking new files (in-flight ones complete)."""
@@ -269,6 +309,14 @@ class Intake:
                 self._done.clear()
                 if not self._stopping and self._gate_open():
                     launch = self._take_batch()
+                room = self._refusing and len(self._queue) <= MAX_QUEUED // 4
+                if room:
+                    self._refusing = False
+            if room and self.on_room is not None:
+                try:
+                    self.on_room()
+                except Exception as exc:
+                    log.error("intake_on_room_failed", error=describe_error(exc))
             # Keep the workers busy first; then commit everything that completed as one group.
             for path in launch:
                 try:
@@ -315,7 +363,7 @@ class Intake:
             return
         rel, calling_ae = origin
         own = calling_ae is not None
-        if not own and self._originals.already_kept(rel, st.st_size, st.st_mtime_ns):
+        if not own and self._originals.already_done(Path(path), rel, st):
             return
         FILES_RECEIVED.inc()
         if Path(path).name.upper() == DICOMDIR_NAME:

@@ -96,6 +96,18 @@ def move_file(src: Path, dst: Path, *, mode: int | None = None) -> None:
         dst.chmod(mode)
 
 
+def _copy_at(folder_fd: int, name: str, dst: Path) -> None:
+    """Copy ``name`` of the folder ``folder_fd`` to ``dst`` durably (temp, fsync, rename)."""
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
+    src_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+    with os.fdopen(src_fd, "rb") as fin, tmp.open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 1024 * 1024)
+        fout.flush()
+        os.fsync(fout.fileno())
+    tmp.replace(dst)
+    _fsync_dir(dst.parent)
+
+
 class Quarantine:
     """``root/<id>/`` folders, each holding ``original`` and ``reason.json``; never uploaded."""
 
@@ -123,11 +135,42 @@ class Quarantine:
         leaves an entry without ``original`` (removed by :meth:`cleanup`) and the input still
         in the inbox, so nothing is lost.
         """
-        self.ensure()
         try:
             size: int | None = src.lstat().st_size
         except OSError:
             size = None
+        name = original_name if original_name is not None else src.name
+        entry = self._new_entry(reason, detail, size, name)
+        move_file(src, entry / ORIGINAL_NAME, mode=0o600)
+        return self._done(entry, reason, size)
+
+    def put_at(
+        self, folder_fd: int, name: str, reason: str, detail: str = "", *, original_name: str
+    ) -> str:
+        """:meth:`put` for a file given by its folder's descriptor and its name (a path too long
+        to be opened by name)."""
+        try:
+            size: int | None = os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            raise
+        except OSError:
+            size = None
+        entry = self._new_entry(reason, detail, size, original_name)
+        dst = entry / ORIGINAL_NAME
+        try:
+            os.rename(name, dst, src_dir_fd=folder_fd)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                shutil.rmtree(entry, ignore_errors=True)
+                raise
+            _copy_at(folder_fd, name, dst)
+            os.unlink(name, dir_fd=folder_fd)
+        dst.chmod(0o600)
+        return self._done(entry, reason, size)
+
+    def _new_entry(self, reason: str, detail: str, size: int | None, original_name: str) -> Path:
+        """A new entry folder holding its (flushed) ``reason.json``; the original comes next."""
+        self.ensure()
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         entry_id = f"{stamp}-{secrets.token_hex(4)}"
         entry = self.root / entry_id
@@ -139,7 +182,7 @@ class Quarantine:
             "detail": detail,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "original_size": size,
-            "original_name": original_name if original_name is not None else src.name,
+            "original_name": original_name,
         }
         tmp = entry / f".{REASON_FILE}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -148,11 +191,13 @@ class Quarantine:
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(entry / REASON_FILE)
-        move_file(src, entry / ORIGINAL_NAME, mode=0o600)
+        return entry
+
+    def _done(self, entry: Path, reason: str, size: int | None) -> str:
         _fsync_dir(entry)
         QUARANTINED.labels(reason=reason).inc()
-        log.warning("quarantined", id=entry_id, reason=reason, size=size)
-        return entry_id
+        log.warning("quarantined", id=entry.name, reason=reason, size=size)
+        return entry.name
 
     def _read(self, entry: Path) -> QuarantineEntry | None:
         try:
@@ -245,11 +290,13 @@ class Quarantine:
                 raise ValueError(f"entry {entry_id} was not quarantined for its pixels")
             self._record_release(entry / ORIGINAL_NAME, info)
         name = Path(info.original_name or "").name if info else ""
-        if not name or name.startswith(".") or name == "..":
+        if not name or name.startswith(".") or name == ".." or len(os.fsencode(name)) > 255:
             name = f"{entry_id}.dcm"
         target_dir = Path(inbox) / f"retry-{entry_id}"
         target_dir.mkdir(parents=True, exist_ok=True)
-        staged = target_dir / f".{name}.partial"
+        # Staged under a name of our own (never the original's: it may be PHI, and as long as
+        # the longest name a file system takes, leaving no room for a prefix or a suffix).
+        staged = target_dir / f".{entry_id}.partial"
         move_file(entry / ORIGINAL_NAME, staged)
         target = target_dir / name
         staged.replace(target)  # the rename is what makes the watcher take it

@@ -6,6 +6,7 @@ import errno
 import os
 import select
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -13,14 +14,41 @@ from typing import Any, Literal
 
 from ..._exceptions import IngestError, codec_panics
 
-__all__ = ["OUTBOX_FILE_MODE", "JobResult", "deid_job", "init_worker", "warm_up"]
+__all__ = [
+    "OUTBOX_FILE_MODE",
+    "FileIdentity",
+    "JobResult",
+    "deid_job",
+    "identity_of",
+    "init_worker",
+    "warm_up",
+]
 
 #: Mode of the de-identified copies in the outbox folder (the folder itself: ``OUTBOX_DIR_MODE``).
 OUTBOX_FILE_MODE = 0o600
 
 _ENGINE: Any = None
 
-JobResult = tuple[Literal["ok", "error", "transient"], Any, str, float]
+#: What says "the same file, unchanged": device, inode, size, mtime and ctime (nanoseconds).
+FileIdentity = tuple[int, int, int, int, int]
+
+#: ``(kind, payload, detail, seconds, identity)``. ``kind``: ``ok`` (payload: the DeidResult),
+#: ``error`` (payload: the reason; the input is bad), ``transient`` (the output side failed),
+#: ``changed`` (the file was replaced, or changed while it was read: offer it again).
+#: ``identity``: of the file the worker read (None when it could not be opened).
+JobResult = tuple[
+    Literal["ok", "error", "transient", "changed"], Any, str, float, FileIdentity | None
+]
+
+#: Where a process sees its own descriptors by path: the engine reads the very file the worker
+#: opened (and checked) even if the name is given to another file meanwhile.
+_FD_DIR = "/proc/self/fd"
+_HAVE_FD_DIR = Path(_FD_DIR).is_dir()
+
+
+def identity_of(st: os.stat_result) -> FileIdentity:
+    """The identity of a file from its ``stat``."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def init_worker(engine: Any, agent_pid: int) -> None:
@@ -87,14 +115,58 @@ def warm_up() -> None:
     """A no-op job: makes the pool start its worker processes ahead of the first file."""
 
 
+def _written(before: os.stat_result, after: os.stat_result) -> bool:
+    """True if the file's content may have changed between two ``fstat`` of one descriptor: its
+    size or mtime moved, or its ctime did while its link count did not (a rewrite with the mtime
+    put back). A rename over it, or its removal, changes only the ctime and the link count."""
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        return True
+    return before.st_ctime_ns != after.st_ctime_ns and before.st_nlink == after.st_nlink
+
+
 def deid_job(src: str, out_dir: str, released_dir: str | None = None) -> JobResult:
     """Run in a worker: de-identify one file. Never raises; errors come back as data.
 
-    (IngestError carries ``reason`` outside ``args``, so it does not survive pickling as is.)
-    A file refused for its pixels that an operator released with ``--allow-burned-in`` (its
-    digest recorded in ``released_dir``) is de-identified under the ``allow`` policy instead.
+    The file is opened once (never through a symbolic link) and the engine reads that descriptor;
+    the identity of what was read comes back with the result, so the parent removes the
+    original only if its name still points at that same, unchanged file. A file that changed
+    while it was read is ``changed``. (IngestError carries ``reason`` outside ``args``, so it
+    does not survive pickling as is.) A file refused for its pixels that an operator released
+    with ``--allow-burned-in`` (its digest recorded in ``released_dir``) is de-identified under
+    the ``allow`` policy instead.
     """
     t0 = time.perf_counter()
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            # Gone, or a link swapped in since it was listed: the watcher decides again.
+            return "changed", None, "", time.perf_counter() - t0, None
+        name = errno.errorcode.get(exc.errno or 0, "OSError")
+        return "error", "unreadable", name, time.perf_counter() - t0, None
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            return "changed", None, "", time.perf_counter() - t0, None
+        identity = identity_of(before)
+        source = f"{_FD_DIR}/{fd}" if _HAVE_FD_DIR else src
+        kind, payload, detail = _run(source, out_dir, released_dir)
+        if _written(before, os.fstat(fd)):
+            # Written to while we read it: whatever came out may mix two versions (the output,
+            # if any, comes back for the parent to discard).
+            result = payload if kind == "ok" else None
+            return "changed", result, "", time.perf_counter() - t0, identity
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, "OSError")
+        return "error", "unreadable", name, time.perf_counter() - t0, None
+    finally:
+        os.close(fd)
+    return kind, payload, detail, time.perf_counter() - t0, identity
+
+
+def _run(
+    src: str, out_dir: str, released_dir: str | None = None
+) -> tuple[Literal["ok", "error", "transient"], Any, str]:
     try:
         try:
             with codec_panics():  # a codec's panic must not end the worker (or the dispatcher)
@@ -107,14 +179,13 @@ def deid_job(src: str, out_dir: str, released_dir: str | None = None) -> JobResu
         # copies are the agent's own: 0600 (in a 0700 folder), before the row is committed.
         Path(result.path).chmod(OUTBOX_FILE_MODE)
     except IngestError as exc:
-        return "error", exc.reason, exc.detail, time.perf_counter() - t0
+        return "error", exc.reason, exc.detail
     except MemoryError:
-        return "error", "too_large", "out of memory", time.perf_counter() - t0
+        return "error", "too_large", "out of memory"
     except OSError as exc:
         # The engine reports input problems as DeidError; an OSError is the output side (disk
         # full, quota, permissions): not the input's fault, so the original stays for later.
-        name = errno.errorcode.get(exc.errno or 0, "OSError")
-        return "transient", "resource", name, time.perf_counter() - t0
+        return "transient", "resource", errno.errorcode.get(exc.errno or 0, "OSError")
     except Exception as exc:  # a bug in the engine must not stop the daemon
-        return "error", "internal_error", type(exc).__name__, time.perf_counter() - t0
-    return "ok", result, "", time.perf_counter() - t0
+        return "error", "internal_error", type(exc).__name__
+    return "ok", result, ""

@@ -24,7 +24,7 @@ class Circuit(DestinationView):
         write). After a failure, the first worker past ``blocked_until`` becomes the single probe
         (``(0, True)``) for up to ``probe_lease`` seconds; everybody else waits.
         """
-        now = self._clock()
+        now = self.now()
         failures, blocked_until = self._query(
             "select consecutive_failures, blocked_until from destinations where name = ?",
             (self.name,),
@@ -32,6 +32,7 @@ class Circuit(DestinationView):
         if failures == 0 and blocked_until <= now:
             return 0.0, False
         with self._tx() as c:
+            now = self._now_tx(c)
             failures, blocked_until, probe_until = c.execute(
                 "select consecutive_failures, blocked_until, probe_until"
                 " from destinations where name = ?",
@@ -68,8 +69,8 @@ class Circuit(DestinationView):
         recorded the failure while this one was in flight): the caller then refunds the rows'
         attempts, so an outage burns attempts once, not per request.
         """
-        now = self._clock()
         with self._tx() as c:
+            now = self._now_tx(c)
             failures, last_error_at = c.execute(
                 "select consecutive_failures, last_error_at from destinations where name = ?",
                 (self.name,),
@@ -114,7 +115,7 @@ class Circuit(DestinationView):
         with self._tx() as c:
             c.execute(
                 "update destinations set last_error = ?, last_error_at = ? where name = ?",
-                (error[:500], self._clock(), self.name),
+                (error[:500], self._now_tx(c), self.name),
             )
 
     def consecutive_failures(self) -> int:
@@ -130,11 +131,12 @@ class Circuit(DestinationView):
         and ``auth_failing`` of this destination; ``awaiting_proof`` deliveries acknowledged
         whose storage is not proven yet, the longest-waiting acknowledged at
         ``proof_pending_since``."""
-        r = self._query(
+        found = self._query(
             "select last_error, last_error_at, last_success_at, consecutive_failures,"
             " blocked_until, auth_failing from destinations where name = ?",
             (self.name,),
-        )[0]
+        )
+        r = found[0] if found else (None, None, None, 0, 0, 0)
         pending, since = self._query(
             "select count(*), min(d.sent_at) from deliveries d"  # noqa: S608 (a constant)
             " join instances i on i.id = d.instance_id where d.destination = ? and "

@@ -23,16 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from ...logs import get_logger
 from ._sqlite import connect, query, transaction
 from .routing import DEFAULT_ROUTES, Route
-from .schema import prepare
+from .schema import SCHEMA_VERSION, prepare, schema_version
 
-__all__ = ["AWAITING_PROOF", "SOURCES", "STATES", "DestinationView", "OutboxDB", "OutboxRow"]
+__all__ = [
+    "AWAITING_PROOF",
+    "JUMP_TOLERANCE_SECONDS",
+    "SOURCES",
+    "STATES",
+    "DestinationView",
+    "OutboxDB",
+    "OutboxRow",
+]
 
 log = get_logger()
+
+#: The wall clock is taken as set (a jump) when it moved this much more, or less, than the
+#: monotonic clock between two readings.
+JUMP_TOLERANCE_SECONDS = 2.0
 
 STATES = ("queued", "sending", "sent", "dead")
 #: Where an instance came from: the watched inbox, or the C-STORE listener.
@@ -157,6 +167,15 @@ class OutboxDB:
     ------
     OutboxSchemaError
         The database was written by a newer version, or upgrading it failed (it is unchanged).
+    monotonic
+        With a monotonic clock, the wall clock is watched: when it jumps (set by hand, or by NTP
+        on a box that booted at an old date), the waiting rows' times (next attempt, lease,
+        age) and the destination circuit's move with it, so a jump neither delays delivery by
+        its size, nor expires every lease at once, nor makes rows too old (see :meth:`now`).
+        None (the default): no watching.
+    read_only
+        Open an existing database for reading only (``status``): nothing is created, written or
+        upgraded (an older schema is refused like with ``upgrade=False``).
     """
 
     def __init__(
@@ -166,21 +185,35 @@ class OutboxDB:
         clock: Callable[[], float] = time.time,
         routes: Sequence[Route] | None = DEFAULT_ROUTES,
         upgrade: bool = True,
+        monotonic: Callable[[], float] | None = None,
+        read_only: bool = False,
     ) -> None:
         if routes is not None and not routes:
             raise ValueError('Argument "routes" must name at least one destination.')
         self._configured = routes is not None
         self.db_path = Path(db_path) if str(db_path) != ":memory:" else None
         self._clock = clock
+        self._monotonic = monotonic
+        self._anchor: tuple[float, float] | None = None
         self._lock = threading.RLock()
         self.routes = tuple(routes or ())
         self._folders = frozenset().union(*(r.names_folders for r in self.routes))
-        self._upgrade = upgrade
-        self._conn = connect(self.db_path)
-        self.db = sqlite_utils.Database(self._conn)
+        self._upgrade = upgrade and not read_only
+        self.read_only = read_only
+        # Deliveries ``(destination, instance id)`` in ``sending`` whose instance arrived again
+        # meanwhile (a new version): their outcome is not the new version's (see add_many,
+        # mark_sent). Deliveries in ``sending`` never outlive the process (requeued at
+        # start-up), so memory is the right place.
+        self._superseded: set[tuple[str, int]] = set()
+        self._conn = connect(self.db_path, read_only=read_only)
+        self._first_id = 0
         try:
             with self._lock:
-                self.initialize_schema()
+                if read_only:
+                    self._check_readable()
+                else:
+                    self.initialize_schema()
+            self._first_id = int(self._query("select coalesce(max(id), 0) from instances")[0][0])
         except BaseException:
             self._conn.close()
             raise
@@ -195,12 +228,118 @@ class OutboxDB:
                 "insert or ignore into destinations (name) values (?)", [(n,) for n in names]
             )
 
+    def _check_readable(self) -> None:
+        """A read-only open: the schema must be this version's (nothing is created)."""
+        found = schema_version(self._conn)
+        if found != SCHEMA_VERSION:
+            prepare(self._conn, destination="default", upgrade=False)
+
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … commit, or rollback and re-raise; holds the connection lock."""
         return transaction(self._conn, self._lock)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return query(self._conn, self._lock, sql, params)
+
+    # -- the wall clock -----------------------------------------------------------------------
+    def now(self) -> float:
+        """The wall clock, watched for jumps (see ``monotonic``): when it was set since the
+        last reading, the stored times are moved by as much, in one transaction, before this
+        returns. Every decision of the outbox reads the time this way."""
+        with self._lock:
+            now, jump = self._read_clock()
+            if jump:
+                with self._tx() as c:
+                    self._shift(c, jump)
+            return now
+
+    def _now_tx(self, c: sqlite3.Connection) -> float:
+        """:meth:`now` inside a transaction (the lock held): the shift joins that transaction."""
+        now, jump = self._read_clock()
+        if jump:
+            self._shift(c, jump)
+        return now
+
+    def _read_clock(self) -> tuple[float, float]:
+        """``(now, jump)``; the caller holds the lock."""
+        now = self._clock()
+        if self._monotonic is None:
+            return now, 0.0
+        mono = self._monotonic()
+        jump = 0.0
+        if self._anchor is not None:
+            jump = now - (self._anchor[0] + (mono - self._anchor[1]))
+            if abs(jump) <= JUMP_TOLERANCE_SECONDS:
+                jump = 0.0
+        self._anchor = (now, mono)
+        return now, jump
+
+    def _shift(self, c: sqlite3.Connection, jump: float) -> None:
+        """Move what measures time still to come, or time waited, by ``jump`` seconds: the
+        waiting rows' next attempt and lease, the age of those added since this outbox was
+        opened, and the destination circuit's times."""
+        c.execute(
+            "update deliveries set next_attempt_at = next_attempt_at + ?1,"
+            " lease_until = lease_until + ?1,"
+            " created_at = case when instance_id > ?2 then created_at + ?1 else created_at end"
+            " where state in ('queued', 'sending')",
+            (jump, self._first_id),
+        )
+        c.execute(
+            "update instances set created_at = created_at + ?1 where id > ?2"
+            " and exists (select 1 from deliveries d where d.instance_id = instances.id"
+            " and d.state in ('queued', 'sending'))",
+            (jump, self._first_id),
+        )
+        c.execute(
+            "update destinations set"
+            " blocked_until = case when blocked_until > 0 then blocked_until + ?1 else 0 end,"
+            " probe_until = case when probe_until > 0 then probe_until + ?1 else 0 end,"
+            " last_error_at = last_error_at + ?1, last_success_at = last_success_at + ?1",
+            (jump,),
+        )
+        log.warning("clock_jumped", seconds=round(jump, 1))
+
+    def clamp_future(self, *, longest: float, cap: float) -> int:
+        """At start-up: a next attempt (or a closed circuit) further away than ``longest``
+        seconds can only come from a clock set back while the agent was down: it becomes
+        ``cap`` seconds away. Returns the rows moved."""
+        with self._tx() as c:
+            now = self._now_tx(c)
+            n = c.execute(
+                "update deliveries set next_attempt_at = ?1 where state = 'queued'"
+                " and next_attempt_at > ?2",
+                (now + cap, now + longest),
+            ).rowcount
+            c.execute(
+                "update destinations set blocked_until = min(blocked_until, ?1),"
+                " probe_until = 0 where blocked_until > ?2",
+                (now + cap, now + longest),
+            )
+        if n:
+            log.warning("outbox_far_future_clamped", rows=n)
+        return int(n)
+
+    def aged_out(
+        self, ids: Sequence[int], max_age: float, *, destination: str | None = None
+    ) -> set[int]:
+        """The instances among ``ids`` whose delivery (to ``destination``, or to any) has
+        waited for ``max_age`` seconds or more (by :meth:`now`)."""
+        with self._lock:
+            now = self.now()
+            rows = self._query(
+                "select distinct instance_id from deliveries"
+                " where instance_id in (select value from json_each(?1))"
+                " and (?2 is null or destination = ?2) and ?3 - created_at >= ?4",
+                (ids_param(ids), destination, now, max_age),
+            )
+        return {int(r[0]) for r in rows}
+
+    def integrity_problem(self) -> str | None:
+        """SQLite's ``quick_check``: None when the database is sound, else its first finding."""
+        rows = self._query("pragma quick_check(1)")
+        first = str(rows[0][0]) if rows else "no answer"
+        return None if first == "ok" else first[:200]
 
     def close(self) -> None:
         with self._lock:
@@ -305,10 +444,11 @@ class OutboxDB:
             )
         if not params:
             return []
-        now = self._clock()
         added: list[bool] = []
         unrouted: list[str] = []
+        again: list[tuple[str, str]] = []
         with self._tx() as c:
+            now = self._now_tx(c)
             for values, targets in params:
                 cur = c.execute(
                     "insert or ignore into instances (sop_instance_uid, study_instance_uid,"
@@ -320,7 +460,9 @@ class OutboxDB:
                 new = cur.rowcount == 1
                 added.append(new)
                 if not new:
-                    self._route_reconciled(c, values, targets, now)
+                    state = self._received_again(c, values, targets, now)
+                    if state is not None:
+                        again.append((values[0], state))
                     continue
                 instance_id = cur.lastrowid
                 c.executemany(
@@ -332,32 +474,56 @@ class OutboxDB:
                     unrouted.append(values[0])
         if unrouted:
             log.warning("instance_unrouted", rows=len(unrouted), sop_uids=unrouted[:5])
+        for uid, state in again:
+            log.info("outbox_received_again", sop_instance_uid=uid, previous_state=state)
         return added
 
-    @staticmethod
-    def _route_reconciled(
-        c: sqlite3.Connection, values: tuple[Any, ...], targets: list[str], now: float
-    ) -> None:
-        """An instance re-added from its outbox file at start-up (a kill between writing the
-        file and committing its row) was routed by its header alone. Its original, taken again,
-        says where it came from: the destinations whose rules need that get their deliveries."""
+    def _received_again(
+        self, c: sqlite3.Connection, values: tuple[Any, ...], targets: list[str], now: float
+    ) -> str | None:
+        """An instance already in the outbox arrived again (a corrected version, a resend by
+        the modality, the same file after a crash, or its original taken again after the
+        instance was re-added from its outbox file at start-up): its file was just rewritten
+        under the row, so the row follows it.
+
+        Where it came from (source, inbox folder, calling AE) is recorded anew, and every
+        destination it matches now gets a delivery (an instance re-added by reconcile was
+        routed by its header alone). Each delivery delivered or dead is queued again (a
+        destination is idempotent per SOP Instance UID; a new version must not stay unsent);
+        one being sent will not count its outcome for the new version. Returns the instance's
+        previous state (summed up over its deliveries).
+        """
         row = c.execute(
-            "select id from instances where sop_instance_uid = ? and file_gone = 0"
-            " and json_extract(audit, '$.reconciled') = 1",
-            (values[0],),
+            "select id from instances where sop_instance_uid = ?", (values[0],)
         ).fetchone()
         if row is None:
-            return
+            return None
+        instance_id = int(row[0])
+        deliveries = c.execute(
+            "select destination, state from deliveries where instance_id = ?", (instance_id,)
+        ).fetchall()
+        states = {str(s) for _, s in deliveries}
+        previous = next((s for s in ("sending", "queued", "dead") if s in states), "sent")
+        c.execute(
+            "update instances set source = ?, inbox_folder = ?, calling_ae = ?, size = ?,"
+            " audit = ?, file_gone = 0 where id = ?",
+            (values[5], values[6], values[7], values[10], values[11], instance_id),
+        )
         c.executemany(
             "insert or ignore into deliveries (instance_id, destination, next_attempt_at,"
             " created_at) values (?, ?, ?, ?)",
-            [(row[0], name, now, now) for name in targets],
+            [(instance_id, name, now, now) for name in targets],
         )
         c.execute(
-            "update instances set source = ?, inbox_folder = ?, calling_ae = ?,"
-            " audit = json_remove(audit, '$.reconciled') where id = ?",
-            (values[5], values[6], values[7], row[0]),
+            "update deliveries set state = 'queued', attempts = 0, next_attempt_at = ?1,"
+            " created_at = ?1, sent_at = null, lease_until = null, last_error = null"
+            " where instance_id = ?2 and state in ('sent', 'dead')",
+            (now, instance_id),
         )
+        self._superseded.update(
+            (str(name), instance_id) for name, state in deliveries if state == "sending"
+        )
+        return previous
 
     def get(self, sop_instance_uid: str, destination: str | None = None) -> OutboxRow | None:
         """The instance with this SOP UID at ``destination`` (default: summed up over all)."""
@@ -462,7 +628,9 @@ class OutboxDB:
             " where " + AWAITING_PROOF + " and (?1 is null or d.destination = ?1))",
             (destination,),
         )
-        return None if rows[0][0] is None else max(0.0, self._clock() - float(rows[0][0]))
+        if rows[0][0] is None:
+            return None
+        return max(0.0, self.now() - float(rows[0][0]))
 
     def rows(
         self, state: str | None = None, limit: int = 1000, *, destination: str | None = None
@@ -502,12 +670,25 @@ class DestinationView:
         self.outbox_db = db
         self.name = name
         self._clock = db._clock
-        if not self._query("select 1 from destinations where name = ?", (name,)):
+        if not db.read_only and not self._query(
+            "select 1 from destinations where name = ?", (name,)
+        ):
             with self._tx() as c:
                 c.execute("insert or ignore into destinations (name) values (?)", (name,))
 
+    @property
+    def _superseded(self) -> set[tuple[str, int]]:
+        return self.outbox_db._superseded
+
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         return self.outbox_db._tx()
+
+    def now(self) -> float:
+        """The outbox's wall clock, watched for jumps (see :meth:`OutboxDB.now`)."""
+        return self.outbox_db.now()
+
+    def _now_tx(self, c: sqlite3.Connection) -> float:
+        return self.outbox_db._now_tx(c)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self.outbox_db._query(sql, params)

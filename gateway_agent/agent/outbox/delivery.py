@@ -10,6 +10,7 @@ another back.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Sequence
 
 from .db import _SELECT_ROWS, AWAITING_PROOF, DestinationView, OutboxRow, _row, ids_param
@@ -35,8 +36,8 @@ class Delivery(DestinationView):
         """
         if max_items < 1:
             raise ValueError('Argument "max_items" must be >= 1.')
-        now = self._clock()
         with self._tx() as c:
+            now = self._now_tx(c)
             candidates = c.execute(
                 "select d.instance_id, i.size from deliveries d"
                 " join instances i on i.id = d.instance_id"
@@ -71,15 +72,30 @@ class Delivery(DestinationView):
         their proof of storage is pending (see :meth:`mark_proven`).
 
         ``warning``: the destination stored them with a warning (a C-STORE 0xB000 coercion, for
-        one); it stays in ``last_error`` of the sent deliveries.
+        one); it stays in ``last_error`` of the sent deliveries. A delivery whose instance arrived
+        again while it was being sent (a new version) is queued again instead: the
+        acknowledgement may be of the previous version.
         """
         note = f"warning: {warning}" if warning else None
         with self._tx() as c:
+            now = self._now_tx(c)
+            superseded = [i for i in ids if (self.name, i) in self._superseded]
+            self._superseded.difference_update((self.name, i) for i in superseded)
+            acked = [i for i in ids if i not in superseded]
             c.execute(
                 "update deliveries set state = 'sent', sent_at = ?, lease_until = null,"
                 " last_error = ?, confirmed = null where destination = ?"
                 " and instance_id in (select value from json_each(?))",
-                (self._clock(), note, self.name, ids_param(ids)),
+                (now, note, self.name, ids_param(acked)),
+            )
+            self._requeue_superseded(c, superseded, now)
+
+    def _requeue_superseded(self, c: sqlite3.Connection, ids: Sequence[int], now: float) -> None:
+        if ids:
+            c.execute(
+                "update deliveries set state = 'queued', next_attempt_at = ?, lease_until = null"
+                " where destination = ? and instance_id in (select value from json_each(?))",
+                (now, self.name, ids_param(ids)),
             )
 
     def awaiting_proof(self, limit: int) -> list[OutboxRow]:
@@ -109,7 +125,7 @@ class Delivery(DestinationView):
         with self._tx() as c:
             c.execute(
                 "update destinations set last_success_at = ? where name = ?",
-                (self._clock(), self.name),
+                (self._now_tx(c), self.name),
             )
             c.execute(
                 "update deliveries set confirmed = ?"
@@ -123,8 +139,8 @@ class Delivery(DestinationView):
     ) -> None:
         """Acknowledged deliveries the storage check did not find: ``retry`` ((id, delay) pairs)
         back to ``queued``, due after their delay; ``dead`` to ``dead``. Both keep ``error``."""
-        now = self._clock()
         with self._tx() as c:
+            now = self._now_tx(c)
             for row_id, delay in retry:
                 c.execute(
                     "update deliveries set state = 'queued', next_attempt_at = ?, sent_at = null,"
@@ -147,9 +163,10 @@ class Delivery(DestinationView):
         ``refund_attempt`` gives the attempt back: used while the destination is known to be down,
         so an outage does not burn every row's attempts.
         """
-        due = self._clock() + max(0.0, delay)
         refund = 1 if refund_attempt else 0
         with self._tx() as c:
+            due = self._now_tx(c) + max(0.0, delay)
+            self._superseded.difference_update((self.name, i) for i in ids)
             c.execute(
                 "update deliveries set state = 'queued', next_attempt_at = ?, lease_until = null,"
                 " last_error = ?, attempts = max(0, attempts - ?) where destination = ?"
@@ -158,16 +175,23 @@ class Delivery(DestinationView):
             )
 
     def mark_dead(self, ids: Sequence[int], *, error: str) -> None:
+        """These rows failed for good (a new version that arrived meanwhile is queued instead:
+        the refusal was of the previous one)."""
         with self._tx() as c:
+            now = self._now_tx(c)
+            superseded = [i for i in ids if (self.name, i) in self._superseded]
+            self._superseded.difference_update((self.name, i) for i in superseded)
             c.execute(
                 "update deliveries set state = 'dead', lease_until = null, last_error = ?"
                 " where destination = ? and instance_id in (select value from json_each(?))"
                 " and state != 'sent'",
-                (error[:500], self.name, ids_param(ids)),
+                (error[:500], self.name, ids_param([i for i in ids if i not in superseded])),
             )
+            self._requeue_superseded(c, superseded, now)
 
     def release(self, ids: Sequence[int]) -> None:
         """``sending`` → ``queued`` without penalty (shutdown before the request was made)."""
+        self._superseded.difference_update((self.name, i) for i in ids)
         with self._tx() as c:
             c.execute(
                 "update deliveries set state = 'queued', lease_until = null,"
@@ -178,9 +202,9 @@ class Delivery(DestinationView):
 
     def retry_dead(self, ids: Sequence[int] | None = None) -> int:
         """``dead`` → ``queued`` (all, or these instance ids) with attempts reset and due now."""
-        now = self._clock()
         selected = None if ids is None else ids_param(ids)
         with self._tx() as c:
+            now = self._now_tx(c)
             cur = c.execute(
                 "update deliveries set state = 'queued', attempts = 0, next_attempt_at = ?1,"
                 " created_at = ?1, last_error = null where destination = ?2 and state = 'dead'"
@@ -192,8 +216,8 @@ class Delivery(DestinationView):
     def retry_now(self) -> int:
         """Make every waiting delivery due now and close the circuit (after fixing credentials
         or the address)."""
-        now = self._clock()
         with self._tx() as c:
+            now = self._now_tx(c)
             n = c.execute(
                 "update deliveries set next_attempt_at = ?"
                 " where destination = ? and state = 'queued' and next_attempt_at > ?",
@@ -211,7 +235,7 @@ class Delivery(DestinationView):
             "select count(*), coalesce(sum(i.size), 0) from (select instance_id from deliveries"
             " where destination = ? and state = 'queued' and next_attempt_at <= ?"
             " order by instance_id limit ?) d join instances i on i.id = d.instance_id",
-            (self.name, self._clock(), int(limit)),
+            (self.name, self.now(), int(limit)),
         )
         return int(rows[0][0]), int(rows[0][1])
 
@@ -223,6 +247,10 @@ class Delivery(DestinationView):
             (self.name,),
         )
         return None if rows[0][0] is None else float(rows[0][0])
+
+    def aged_out(self, ids: Sequence[int], max_age: float) -> set[int]:
+        """The instances among ``ids`` whose delivery here has waited ``max_age`` s or more."""
+        return self.outbox_db.aged_out(ids, max_age, destination=self.name)
 
     def counts(self) -> dict[str, int]:
         """This destination's deliveries by state."""

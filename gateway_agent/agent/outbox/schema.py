@@ -222,8 +222,9 @@ def prepare(conn: sqlite3.Connection, *, destination: str, upgrade: bool = True)
         for version in range(max(found, 1), SCHEMA_VERSION):
             if found:
                 rows += MIGRATIONS[version](conn, destination)
-        _columns(conn)
-        conn.execute(f"pragma user_version = {SCHEMA_VERSION}")
+        _columns(conn)  # no write when the columns are there
+        if found != SCHEMA_VERSION:  # nothing is written to a current outbox's database
+            conn.execute(f"pragma user_version = {SCHEMA_VERSION}")
     except BaseException as exc:
         if conn.in_transaction:  # SQLite rolls back by itself on a full disk or an I/O error
             conn.execute("rollback")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,34 @@ __all__ = ["Upkeep", "row_from_file"]
 log = get_logger()
 
 _IGNORED_SUFFIXES = (".tmp", ".partial", ".part")
+#: A file whose mtime is this much later than its row's ``sent_at`` was written after it was sent.
+_MTIME_SLACK_SECONDS = 1.0
+#: Rows whose files retention removes in one transaction.
+_PURGE_BATCH = 256
+#: Suffix of a file retention moved aside (hidden: ``.<name>.retention``) before removing it.
+_ASIDE_SUFFIX = ".retention"
+
+
+def _remove_sent(path: Path, sent_at: float) -> bool:
+    """Remove the outbox file of a row sent at ``sent_at``; False if the name holds a version
+    written since (left in place, or put back). True also when the file was already gone.
+
+    The name is renamed aside first, so the file examined is the file removed, whatever a
+    worker renames onto the name meanwhile; a version put back never replaces a newer one.
+    """
+    aside = path.with_name(f".{path.name}{_ASIDE_SUFFIX}")
+    try:
+        path.rename(aside)
+    except FileNotFoundError:
+        return True
+    if aside.lstat().st_mtime > float(sent_at) + _MTIME_SLACK_SECONDS:
+        # A new version, written since: back under its name, unless a newer one took it.
+        with contextlib.suppress(FileExistsError):
+            path.hardlink_to(aside)
+        aside.unlink()
+        return False
+    aside.unlink()
+    return True
 
 
 def row_from_file(path: Path, audit: dict[str, Any]) -> dict[str, Any]:
@@ -46,32 +75,54 @@ class Upkeep(OutboxDB):
     """
 
     def purge_sent_files(self, older_than_seconds: float, *, unconfirmed: bool = False) -> int:
-        """Retention: unlink the files of instances done over ``older_than_seconds`` ago (their
-        last delivery sent that long ago); keep the rows.
+        """Retention: unlink the files of instances done over ``older_than_seconds`` ago (every
+        delivery sent that long ago; an instance no destination matched, added that long ago);
+        keep the rows.
 
         Done means every delivery is sent and its destination proved it holds the instance
         (``confirmed`` = 1); with ``unconfirmed``, a delivery to a destination that could not
         prove it (``confirmed`` = 0) counts too. An instance with a delivery whose proof is
         pending is never purged: until then the outbox file is the last copy the agent can
         vouch for.
+
+        A file written after its instance was first sent is a new version of the instance that
+        arrived again (its deliveries are being queued again by intake): it is left alone, also
+        when it takes the name while retention works on it. Each batch runs in one write
+        transaction, so the row of a new version cannot be committed in between (intake waits
+        for it), and each file is first moved aside by a rename (atomic: whatever the name holds
+        at that instant is what is examined) and removed only if it was written before the
+        first of its deliveries was sent (before its instance was added, when it has none).
         """
-        cutoff = self._clock() - older_than_seconds
+        cutoff = self.now() - older_than_seconds
         victims = self._query(
-            "select i.id, i.path from instances i where i.file_gone = 0 and i.created_at <= ?1"
+            "select i.id from instances i where i.file_gone = 0 and i.created_at <= ?1"
             " and not exists (select 1 from deliveries d where d.instance_id = i.id"
             " and (d.state != 'sent' or d.sent_at > ?1 or d.confirmed is null"
             " or (d.confirmed = 0 and not ?2)))",
             (cutoff, int(unconfirmed)),
         )
-        for _, path in victims:
-            Path(path).unlink(missing_ok=True)
         ids = [int(v[0]) for v in victims]
-        with self._tx() as c:
-            c.execute(
-                "update instances set file_gone = 1 where id in (select value from json_each(?))",
-                (ids_param(ids),),
-            )
-        return len(ids)
+        gone = 0
+        for start in range(0, len(ids), _PURGE_BATCH):
+            batch = ids[start : start + _PURGE_BATCH]
+            with self._tx() as c:
+                rows = c.execute(
+                    "select i.id, i.path, coalesce((select min(d.sent_at) from deliveries d"
+                    " where d.instance_id = i.id), i.created_at) from instances i"
+                    " where i.file_gone = 0 and i.id in (select value from json_each(?1))"
+                    " and not exists (select 1 from deliveries d where d.instance_id = i.id"
+                    " and (d.state != 'sent' or d.confirmed is null"
+                    " or (d.confirmed = 0 and not ?2)))",
+                    (ids_param(batch), int(unconfirmed)),
+                ).fetchall()
+                removed = [int(i) for i, path, sent_at in rows if _remove_sent(Path(path), sent_at)]
+                c.execute(
+                    "update instances set file_gone = 1"
+                    " where id in (select value from json_each(?))",
+                    (ids_param(removed),),
+                )
+            gone += len(removed)
+        return gone
 
     def compact(self, older_than_seconds: float) -> int:
         """Audit retention: delete done instances whose files are gone, done over the age ago
@@ -80,7 +131,7 @@ class Upkeep(OutboxDB):
         This bounds the database (SQLite reuses the freed pages). The newest instance is never
         deleted, so ids keep growing and ``rows_since`` readers (the QC job) stay correct.
         """
-        cutoff = self._clock() - older_than_seconds
+        cutoff = self.now() - older_than_seconds
         with self._tx() as c:
             old = [
                 int(r[0])
@@ -105,8 +156,8 @@ class Upkeep(OutboxDB):
     def requeue_stale(self) -> int:
         """At start-up: every ``sending`` delivery (left by a crash) goes back to ``queued``, due
         now, for every destination."""
-        now = self._clock()
         with self._tx() as c:
+            now = self._now_tx(c)
             cur = c.execute(
                 "update deliveries set state = 'queued', lease_until = null, next_attempt_at = ?"
                 " where state = 'sending'",
@@ -130,10 +181,9 @@ class Upkeep(OutboxDB):
           ``unreadable`` and left in place;
         * a waiting delivery whose file is missing goes to ``dead`` with ``file_missing``
           (``missing``: instances).
-        Hidden and temporary files (``.*``, ``*.tmp``, ``*.partial``) are counted as ``temp``.
+        Hidden and temporary files (``.*``, ``*.tmp``, ``*.partial``) are counted as ``temp``;
+        a file retention left aside (``.*.retention``, a stop in the middle) is removed.
         """
-        from pydicom.errors import InvalidDicomError
-
         result = {"added": 0, "missing": 0, "unreadable": 0, "temp": 0}
         known = {os.path.realpath(p) for (p,) in self._query("select path from instances")}
         if files_dir.is_dir():
@@ -142,9 +192,17 @@ class Upkeep(OutboxDB):
                     path = Path(dirpath) / name
                     if name.startswith(".") or name.endswith(_IGNORED_SUFFIXES):
                         result["temp"] += 1
+                        if name.endswith(_ASIDE_SUFFIX):
+                            # Retention stopped between moving a file aside and removing it: a
+                            # sent version (a newer one's row was not committed, so its
+                            # original is still in the inbox).
+                            path.unlink(missing_ok=True)
                         continue
                     if os.path.realpath(path) in known or not path.is_file():
                         continue
+                    # pydicom (and NumPy with it) is loaded only when a file needs reading.
+                    from pydicom.errors import InvalidDicomError
+
                     try:
                         added = self.add_file(path, audit={"reconciled": True})
                     except (InvalidDicomError, AttributeError, OSError, ValueError):

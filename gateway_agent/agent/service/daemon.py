@@ -16,21 +16,26 @@ from typing import Any, Protocol
 
 from ..._exceptions import ConfigError
 from ...config import Settings
-from ...deid import Deidentifier, DeidOptions, load_or_create_secret
+from ...deid import Deidentifier, DeidOptions
 from ...logs import get_logger
 from ..intake.listener import Listener
 from ..intake.pipeline import OUTBOX_DIR_MODE, Intake
 from ..intake.quarantine import Quarantine
 from ..intake.watcher import InboxWatcher
+from ..outbox.repair import open_outbox
 from ..outbox.routing import routes_from_settings
 from ..outbox.schema import OutboxSchemaError
 from ..outbox.store import Outbox
 from ..upload.destinations import Destination, destination_from_settings
+from ..upload.outcomes import RETRY_AFTER_MAX_SECONDS
 from ..upload.uploader import Uploader
 from .effective import write_effective_settings
+from .health import CheckResult
+from .locks import FolderLock, StateLock
 from .paths import StatePaths, check_layout
 from .plumbing import start_service_plumbing
 from .qcjob import qc_component
+from .secretguard import load_guarded_secret
 
 __all__ = ["Component", "Daemon"]
 
@@ -73,6 +78,9 @@ class Daemon:
         :class:`Component` (started at once, stopped first on the way out).
     service
         Start the health/metrics server, disk guard and systemd notify (``agent.service``).
+    new_secret
+        Accept a site secret that differs from the one the state folder's instances were made
+        with (or a new one in place of a missing secret); see ``secretguard``.
     """
 
     def __init__(
@@ -82,10 +90,10 @@ class Daemon:
         components: list[Callable[[Daemon], Component]] | None = None,
         service: bool = True,
         stop_deadline: float = STOP_DEADLINE_SECONDS,
+        new_secret: bool = False,
     ) -> None:
-        self.settings = settings
-        self.paths = StatePaths(settings.state_dir)
-        self.inbox = Path(settings.inbox).resolve()
+        self._configure(settings)
+        self.new_secret = new_secret
         self.stop_deadline = stop_deadline
         # Periodic QC runs alongside by default (it does nothing when qc.enabled is false).
         self._factories = [qc_component] if components is None else list(components)
@@ -97,35 +105,74 @@ class Daemon:
         self.intake: Intake | None = None
         self.watcher: InboxWatcher | None = None
         self.listener: Listener | None = None
-        self.quarantine = Quarantine(self.paths.quarantine)
         self.service: Any = None
         self._stop_event = threading.Event()
+        self._reload_requested = False
         self._hk_stop = threading.Event()
         self._started = False
         self._housekeeping: threading.Thread | None = None
+
+    def _configure(self, settings: Settings) -> None:
+        """What the daemon derives from its settings (again on a reload)."""
+        self.settings = settings
+        self.paths = StatePaths(settings.state_dir)
+        self.inbox = Path(settings.inbox).resolve()
+        self.quarantine = Quarantine(self.paths.quarantine)
+        self._state_lock = StateLock(self.paths.root)
+        self._inbox_lock = FolderLock(self.inbox, "inbox")
 
     # ----------------------------------------------------------------- start
     def start(self) -> None:
         """Open state, start every stage; raise ConfigError for unusable settings.
 
         Start-up problems of the machine (an inbox that is not there, a state folder that
-        cannot be written, a metrics port in use) are ConfigErrors too: one line naming the
-        problem and the fix, exit status 2 from the command line.
+        cannot be written, a metrics port in use, another agent on the same state folder or
+        inbox, a site secret that is not the state folder's) are ConfigErrors too: one line
+        naming the problem and the fix, exit status 2 from the command line. Whatever had
+        started is stopped again.
         """
+        try:
+            self._start()
+        except BaseException:
+            self.stop(quiet=True)
+            raise
+
+    def _start(self) -> None:
         s = self.settings
         check_layout(s)
         self._check_inbox()
         try:
-            outbox = self._open_state()
+            self._prepare_state_folder()
+        except OSError as exc:
+            raise _state_error(self.paths.root, exc) from None
+        # One agent per state folder and per inbox, before anything in them is touched.
+        self._state_lock.acquire()
+        self._inbox_lock.acquire()
+        try:
+            # A damaged database is kept aside and a new one rebuilt from the outbox files
+            # (by the reconcile below); the wall clock is watched for jumps.
+            outbox, damaged = open_outbox(
+                self.paths.outbox_db,
+                routes=routes_from_settings(s.all_destinations),
+                monotonic=time.monotonic,
+            )
         except OutboxSchemaError as exc:
             raise ConfigError(f"outbox {self.paths.outbox_db}: {exc}") from None
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(
-                f"state_dir {self.paths.root}: {_describe_os_error(exc)}: make it a folder this "
-                "user can write (check the path, its owner and mount), or set state_dir "
-                "(--state-dir)"
-            ) from None
-        secret = load_or_create_secret(s.secret_file)
+            raise _state_error(self.paths.root, exc) from None
+        self.outbox = outbox
+        secret = load_guarded_secret(
+            s.secret_file,
+            self.paths.root,
+            holds_instances=lambda: outbox.has_rows() or _has_files(self.paths.outbox_files),
+            new_secret=self.new_secret,
+        )
+        try:
+            self._recover_state(outbox)
+        except (OSError, sqlite3.Error) as exc:
+            raise _state_error(self.paths.root, exc) from None
+        if damaged is not None:
+            log.error("outbox_rebuilt", rows=sum(outbox.counts().values()), kept_as=damaged.name)
         engine = Deidentifier(
             secret, DeidOptions.from_settings(s.deid), station_name=s.station_name
         )
@@ -145,7 +192,7 @@ class Daemon:
             self.paths.root, s, [{"name": d.name, "target": d.target} for d in s.all_destinations]
         )
         for d, dest in built:
-            self.uploaders[d.name] = Uploader(outbox, dest, d)
+            self.uploaders[d.name] = Uploader(outbox, dest, d, clock=outbox.now)
         for uploader in self.uploaders.values():
             uploader.start()
 
@@ -167,6 +214,7 @@ class Daemon:
             state_dir=self.paths.root,
             resettle=self._resettle,
             retry_later=self._retry_later,
+            settle_seconds=s.settle_seconds,
             received=self.paths.received if s.listener.enabled else None,
         )
         self.intake.start()
@@ -174,7 +222,14 @@ class Daemon:
         # Batches fill while intake is busy; a lone file is sent as soon as it is committed.
         for uploader in self.uploaders.values():
             uploader.more_coming = lambda: not intake.idle()
-        self.watcher = InboxWatcher(self.inbox, self.intake.submit, settle_seconds=s.settle_seconds)
+        self.watcher = InboxWatcher(
+            self.inbox,
+            self.intake.submit,
+            settle_seconds=s.settle_seconds,
+            on_deep=self.intake.quarantine_deep,
+            on_inbox_back=self._inbox_back,
+        )
+        self.intake.on_room = self.watcher.room
         self.watcher.start()
         if s.listener.enabled:
             self.listener = self._start_listener(gate)
@@ -217,29 +272,34 @@ class Daemon:
             )
         self.inbox.mkdir(parents=True, exist_ok=True)
 
-    def _open_state(self) -> Outbox:
-        """The state folder (0700), the outbox and its files, the quarantine."""
+    def _prepare_state_folder(self) -> None:
+        """The state folder (0700), writable."""
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.paths.root.chmod(0o700)
         probe = self.paths.root / f".write-test-{os.getpid()}"
         probe.touch()  # a read-only folder (or mount) fails here, not in a worker later
         probe.unlink()
+
+    def _recover_state(self, outbox: Outbox) -> None:
+        """What a crash may have left: rows ``sending``, temporaries, files without rows and
+        rows without files, incomplete quarantine entries."""
         # Temporaries of the state files written atomically (effective settings, listener
         # counters) that a kill interrupted; the database files are never among them.
         for leftover in self.paths.root.glob(".tmp-*.part"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
-        routes = routes_from_settings(self.settings.all_destinations)
-        self.outbox = outbox = Outbox(self.paths.outbox_db, routes=routes)
         self._report_unconfigured(outbox)
         outbox.requeue_stale()
+        # A next attempt further away than any backoff or Retry-After: the clock was set back
+        # while the agent was down.
+        cap = max(d.backoff_cap_seconds for d in self.settings.all_destinations)
+        outbox.clamp_future(longest=max(cap, RETRY_AFTER_MAX_SECONDS), cap=cap)
         self.paths.outbox_files.mkdir(mode=OUTBOX_DIR_MODE, parents=True, exist_ok=True)
         self.paths.outbox_files.chmod(OUTBOX_DIR_MODE)  # also for a folder made by older versions
         self._remove_temp_files(self.paths.outbox_files)
         outbox.reconcile(self.paths.outbox_files)
         self.quarantine.ensure()
         self.quarantine.cleanup()
-        return outbox
 
     def _start_service(self) -> Any:
         outbox = self.outbox
@@ -251,6 +311,7 @@ class Daemon:
             outbox_db=self.paths.outbox_db,
             on_disk_change=self._disk_changed,
             intake_problem=self._intake_problem,
+            checks={"inbox": self._inbox_readiness},
         )
 
     def _intake_problem(self) -> str | None:
@@ -260,13 +321,20 @@ class Daemon:
     def _start_listener(self, gate: Callable[[], bool] | None) -> Listener:
         """The C-STORE listener: one more inbox (its spool is under the state folder)."""
         s = self.settings
-        assert self.intake is not None
+        intake = self.intake
+        assert intake is not None
+
+        def submit(path: Path) -> None:
+            # Intake full (its hand-over is bounded): the listener offers the file again soon.
+            if not intake.submit(path):
+                listener.retry_later(path, 1.0)
+
         listener = Listener(
             s.listener,
             ae_title=s.listener_ae,
             spool=self.paths.received,
             state_dir=self.paths.root,
-            submit=self.intake.submit,
+            submit=submit,
             gate=gate,
         )
         try:
@@ -296,6 +364,20 @@ class Daemon:
                     waiting=counts["queued"] + counts["sending"],
                     dead=counts["dead"],
                 )
+
+    def _inbox_readiness(self) -> CheckResult:
+        """Readiness of the inbox: there (an inbox that refuses removals is intake's problem)."""
+        watcher = self.watcher
+        if watcher is not None and watcher.missing:
+            return CheckResult(False, f"inbox missing: {self.inbox}")
+        return CheckResult(True, "inbox watched")
+
+    def _inbox_back(self) -> None:
+        """The inbox folder was replaced (recreated, moved back, remounted): lock the new one."""
+        try:
+            self._inbox_lock.acquire()
+        except ConfigError as exc:
+            log.error("inbox_lock_failed", error=str(exc))
 
     def _resettle(self, path: Path) -> None:
         if self.watcher is not None:
@@ -352,8 +434,13 @@ class Daemon:
         """Ask :meth:`run_forever` to return (safe from signal handlers)."""
         self._stop_event.set()
 
-    def stop(self) -> None:
-        """Stop intake, let in-flight work finish or release it within the deadline."""
+    def stop(self, *, reloading: bool = False, quiet: bool = False) -> None:
+        """Stop intake, let in-flight work finish or release it within the deadline.
+
+        ``reloading``: the agent starts again at once (systemd is told ``RELOADING=1``, not
+        ``STOPPING=1``). ``quiet``: a start-up that failed is being undone (nothing is logged).
+        """
+        opened = self.outbox is not None and not quiet
         self._stop_event.set()
         self._hk_stop.set()
         deadline = time.monotonic() + self.stop_deadline
@@ -369,7 +456,7 @@ class Daemon:
         self.components.clear()
         if self.service is not None:
             try:
-                self.service.stop()
+                self.service.stop(reloading=reloading)
             except Exception:
                 log.exception("service_stop_failed")
             self.service = None
@@ -411,29 +498,71 @@ class Daemon:
         self.intake = None
         self.uploaders = {}
         self._started = False
-        log.info("agent_stopped")
+        self._release_locks()
+        if opened:
+            log.info("agent_stopped")
 
-    def run_forever(self) -> int:
-        """Start, serve until SIGTERM/SIGINT, stop gracefully; return the exit status (0)."""
+    def _release_locks(self) -> None:
+        self._inbox_lock.release()
+        self._state_lock.release()
+
+    def run_forever(self, reload: Callable[[], Settings] | None = None) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop gracefully; return the exit status (0).
+
+        SIGHUP reloads: ``reload()`` gives the new settings (None: the same again); the agent
+        stops gracefully (in-flight work commits or is released, as on SIGTERM) and starts again
+        with them. Settings that cannot be loaded, or that cannot start, are logged and the
+        agent goes on with the ones it had.
+        """
         previous: dict[int, Any] = {}
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("agent_signal", signal=signal.Signals(signum).name)
+            if signum == signal.SIGHUP:
+                self._reload_requested = True
             self._stop_event.set()
 
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 previous[sig] = signal.signal(sig, on_signal)
         try:
             self.start()
-            while not self._stop_event.wait(5.0):
-                pass
+            while True:
+                while not self._stop_event.wait(5.0):
+                    pass
+                if not self._reload_requested:
+                    break
+                self._reload(reload)
         finally:
             self.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return 0
+
+    def _reload(self, reload: Callable[[], Settings] | None) -> None:
+        """Stop gracefully and start again with the settings ``reload()`` gives."""
+        self._reload_requested = False
+        self._stop_event.clear()
+        settings = self.settings
+        if reload is not None:
+            try:
+                settings = reload()
+            except ConfigError as exc:
+                log.error("agent_reload_refused", error=str(exc))
+                return
+        log.info("agent_reloading")
+        previous = self.settings
+        self.stop(reloading=True)
+        self._stop_event.clear()
+        self._configure(settings)
+        try:
+            self.start()
+        except ConfigError as exc:
+            log.error("agent_reload_refused", error=str(exc))
+            self._configure(previous)
+            self.start()
+        log.info("agent_reloaded")
 
     # ----------------------------------------------------------------- housekeeping
     def _housekeeping_loop(self) -> None:
@@ -458,6 +587,22 @@ class Daemon:
                 if not ok and name not in reported:
                     log.error("thread_dead", thread=name)
                     reported.add(name)
+
+
+def _state_error(root: Path, exc: OSError | sqlite3.Error) -> ConfigError:
+    return ConfigError(
+        f"state_dir {root}: {_describe_os_error(exc)}: make it a folder this user can write "
+        "(check the path, its owner and mount), or set state_dir (--state-dir)"
+    )
+
+
+def _has_files(directory: Path) -> bool:
+    """True if ``directory`` holds an outbox file (``*.dcm``)."""
+    try:
+        with os.scandir(directory) as entries:
+            return any(e.name.endswith(".dcm") for e in entries)
+    except OSError:
+        return False
 
 
 def _describe_os_error(exc: OSError | sqlite3.Error) -> str:

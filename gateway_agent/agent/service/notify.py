@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 from ...logs import get_logger
@@ -105,6 +106,12 @@ class Notifier:
     def stopping(self, status: str | None = None) -> bool:
         """``STOPPING=1``: shutdown has begun."""
         return self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
+
+    def reloading(self, status: str | None = None) -> bool:
+        """``RELOADING=1``: the configuration is being reloaded; ``READY=1`` follows."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        fields = ["RELOADING=1", f"MONOTONIC_USEC={usec}"]
+        return self.send(*fields, *([f"STATUS={status}"] if status else []))
 
     def watchdog(self) -> bool:
         """One ``WATCHDOG=1`` keep-alive ping."""

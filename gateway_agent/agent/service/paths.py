@@ -22,6 +22,13 @@ class StatePaths:
         #: The C-STORE listener's spool: instances received, not yet committed to the outbox.
         self.received = self.root / "received"
 
+    def damaged_databases(self) -> list[Path]:
+        """Outbox databases found damaged and moved aside (kept, oldest first)."""
+        try:
+            return sorted(self.root.glob(f"{self.outbox_db.name}.damaged-*[0-9]"))
+        except OSError:
+            return []
+
 
 def _inside(a: Path, b: Path) -> bool:
     """True if ``a`` is ``b`` or below it."""

@@ -14,7 +14,7 @@ from ...config import Settings
 from ...logs import get_logger
 from ..upload.stall import destination_problems
 from .diskguard import DiskGuard, free_bytes
-from .health import CheckResult, HealthServer, sqlite_writable
+from .health import Check, CheckResult, HealthServer, sqlite_writable
 from .notify import Notifier
 
 __all__ = ["ServicePlumbing", "start_service_plumbing", "status_line"]
@@ -48,7 +48,9 @@ class ServicePlumbing:
         free: Callable[[Path], int] = free_bytes,
         env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        checks: Mapping[str, Check] | None = None,
     ) -> None:
+        self._extra_checks = dict(checks or {})
         self.settings = settings
         self._report = destination_report
         self._threads_alive = threads_alive
@@ -91,7 +93,7 @@ class ServicePlumbing:
             settings.metrics.host,
             settings.metrics.port,
             threads_alive=self._all_threads,
-            checks=checks,
+            checks={**checks, **self._extra_checks},
             destination_report=self._report,
             disk_free=self._disk_free,
         )
@@ -128,9 +130,13 @@ class ServicePlumbing:
         """Per-file gate for intake: False while the disk guard has paused it."""
         return self.disk_guard.allow_intake()
 
-    def stop(self) -> None:
-        """``STOPPING=1``, then stop the watchdog, the disk guard and the HTTP server."""
-        self.notifier.stopping("stopping")
+    def stop(self, *, reloading: bool = False) -> None:
+        """``STOPPING=1`` (``RELOADING=1`` when the agent starts again at once), then stop the
+        watchdog, the disk guard and the HTTP server."""
+        if reloading:
+            self.notifier.reloading("reloading the configuration")
+        else:
+            self.notifier.stopping("stopping")
         self.notifier.close()
         self.disk_guard.stop()
         if self.server is not None:
@@ -238,6 +244,7 @@ def start_service_plumbing(
     intake_problem: Callable[[], str | None] | None = None,
     free: Callable[[Path], int] = free_bytes,
     env: Mapping[str, str] | None = None,
+    checks: Mapping[str, Check] | None = None,
 ) -> ServicePlumbing:
     """Start the health/metrics server and the disk guard; return the handle the daemon keeps.
 
@@ -245,7 +252,7 @@ def start_service_plumbing(
     ``plumbing.intake_allowed()`` before taking each file, and ``plumbing.stop()`` on shutdown.
     ``on_disk_change(paused)`` lets it rescan the inbox when intake resumes;
     ``intake_problem()`` (why the latest file could not be committed, or None) makes ``/readyz``
-    report intake.
+    report intake; ``checks`` are more named readiness checks for ``/readyz``.
     """
     return ServicePlumbing(
         settings,
@@ -256,4 +263,5 @@ def start_service_plumbing(
         intake_problem=intake_problem,
         free=free,
         env=env,
+        checks=checks,
     ).start()

@@ -15,22 +15,20 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..._exceptions import QCError
 from ...config import QCSettings
 from ...logs import get_logger
-from ...qc import (
-    ScanFeatures,
-    analyse_fleet,
-    features_from_file,
-    pick_spread,
-    scanner_states,
-    write_report,
-)
 from ...qc.report_file import latest_outliers as _outliers_in
 from ..outbox._sqlite import connect, query, transaction
 from .paths import StatePaths
+
+if TYPE_CHECKING:
+    from ...qc import ScanFeatures
+
+# The QC code (NumPy, pydicom, matplotlib, scikit-learn) is imported by the first pass, not with
+# the daemon: an agent with QC disabled never loads it.
 
 __all__ = ["QCJob", "latest_outliers", "qc_component", "qc_report_dir"]
 
@@ -201,6 +199,8 @@ class QCJob:
         return summary
 
     def _ingest(self, summary: dict[str, Any], cpu0: float) -> None:
+        from ...qc import pick_spread  # QC's libraries load with the first pass
+
         budget = self.settings.max_cpu_fraction * self.settings.interval_seconds
         last = self.last_outbox_id
         while not self._stop.is_set() and summary["rows"] < MAX_ROWS_PER_RUN:
@@ -264,6 +264,8 @@ class QCJob:
 
     def _measure(self, row: _Row) -> ScanFeatures | None:
         path = Path(row.path)
+        from ...qc import features_from_file
+
         try:
             record = features_from_file(path)
         except Exception as exc:  # QCError, OSError (file gone), anything else: skip the row
@@ -282,6 +284,8 @@ class QCJob:
             "select features, created_at from qc_features order by id desc limit ?",
             (MAX_FLEET_RECORDS,),
         )
+        from ...qc import ScanFeatures, analyse_fleet, write_report
+
         rows.reverse()
         records = [ScanFeatures.from_json(json.loads(r[0])) for r in rows]
         if not records:
@@ -307,6 +311,7 @@ class QCJob:
         self, records: Sequence[ScanFeatures], measured_at: Sequence[float]
     ) -> None:
         """Publish the per-scanner gauges of ``/metrics`` from the fitted records."""
+        from ...qc import scanner_states
         from ..metrics import SCANNER_QC
 
         SCANNER_QC.publish(

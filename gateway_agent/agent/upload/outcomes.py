@@ -247,9 +247,9 @@ class Outcomes:
     def not_stored(self, rows: Sequence[OutboxRow], j: Journal) -> None:
         """Acknowledged, yet the storage check did not find them: send again a few times (at
         least :data:`NOT_STORED_RETRY_SECONDS` apart), then ``dead``; ``status`` shows it."""
-        now = self._clock()
         limit = min(NOT_STORED_MAX_ATTEMPTS, self.settings.max_attempts)
-        gone = [r for r in rows if r.attempts >= limit or self.exhausted(r, now)]
+        aged = self.aged_out(rows)
+        gone = [r for r in rows if r.attempts >= limit or r.id in aged]
         again = []
         for r in rows:
             if r not in gone:
@@ -276,11 +276,16 @@ class Outcomes:
             log.info("destination_recovered", destination=self.name)
             self._on_recovered()
 
-    def exhausted(self, row: OutboxRow, now: float) -> bool:
-        return (
-            row.attempts >= self.settings.max_attempts
-            or now - row.created_at >= self.settings.max_age_hours * 3600.0
-        )
+    def aged_out(self, rows: Sequence[OutboxRow]) -> set[int]:
+        """The rows waiting for ``max_age_hours`` or more, asked of the outbox (whose clock
+        follows a wall clock that was set: a jump never makes rows old); from the rows as
+        claimed when the outbox cannot answer."""
+        max_age = self.settings.max_age_hours * 3600.0
+        try:
+            return self.outbox.aged_out([r.id for r in rows], max_age)
+        except STORAGE_ERRORS:
+            now = self._clock()
+            return {r.id for r in rows if now - r.created_at >= max_age}
 
     def dead(self, rows: Sequence[OutboxRow], j: Journal, reason: str) -> None:
         j.call(self.outbox.mark_dead, [r.id for r in rows], error=reason)
@@ -295,8 +300,8 @@ class Outcomes:
 
     def retry(self, rows: Sequence[OutboxRow], j: Journal, reason: str) -> None:
         """Per-row backoff (a transient failure of these instances, not of the destination)."""
-        now = self._clock()
-        gone = [r for r in rows if self.exhausted(r, now)]
+        aged = self.aged_out(rows)
+        gone = [r for r in rows if r.attempts >= self.settings.max_attempts or r.id in aged]
         if gone:
             self.dead(gone, j, f"gave_up after {max(r.attempts for r in gone)} attempts: {reason}")
         for r in rows:
@@ -344,12 +349,11 @@ class Outcomes:
         # Attempts count only for the request that found an outage; credentials/redirect
         # problems never burn them (they are not the rows' fault). Age always applies.
         refund = probing or known or auth or refund_always
-        now = self._clock()
-        max_age = self.settings.max_age_hours * 3600.0
+        aged = self.aged_out(rows)
         gone = [
             r
             for r in rows
-            if (not refund and self.exhausted(r, now)) or now - r.created_at >= max_age
+            if (not refund and r.attempts >= self.settings.max_attempts) or r.id in aged
         ]
         if gone:
             self.dead(gone, j, f"gave_up: {reason}")

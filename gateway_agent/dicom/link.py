@@ -1,0 +1,409 @@
+"""C-STORE on an established association, in the sending thread: P-DATA framing, the response.
+
+pynetdicom negotiates the association (A-ASSOCIATE, presentation contexts, maximum lengths);
+:func:`~gateway_agent.dicom.network.detach_socket` then stops its two threads and hands the
+connection to a :class:`StoreLink`, which runs the data transfer phase (PS3.8 9.3.5, PS3.7
+9.3.1) in the caller's thread:
+
+* :meth:`StoreLink.store` encodes the C-STORE-RQ command set (implicit VR little endian), then
+  streams the data set from the file into P-DATA-TF PDUs of the peer's maximum length: a reused
+  buffer, each PDU header packed in place, the file read straight into it, one ``sendall`` per
+  :data:`SEND_BYTES`. Memory per association is one such buffer (at most ``MAX_SEND_PDU`` plus
+  headers), whatever the file's size. It then reads PDUs until the C-STORE-RSP and returns its
+  status.
+* A peer's A-ABORT, A-RELEASE-RQ, closed connection, a timeout, or anything that is not the
+  response to our request ends the association: :class:`LinkLostError` with a short reason.
+* :meth:`StoreLink.release` (A-RELEASE-RQ, wait for A-RELEASE-RP) and :meth:`StoreLink.abort`.
+
+Why not pynetdicom's own ``send_c_store``: it passes every PDU through a queue to a reactor
+thread that polls the socket and its queues every millisecond (two such threads per
+association), so a 525 kB CT slice in a peer's usual 16 kB PDUs costs about 2.5 ms of CPU and
+the idle associations a few percent of a core; this path costs a tenth of that
+(``docs/performance.md``). A requestor that sends one request at a time and waits for its
+answer needs no reactor: nothing else can arrive but the response, an abort or a close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+from io import FileIO
+from pathlib import Path
+
+__all__ = [
+    "MAX_SEND_PDU",
+    "SEND_BYTES",
+    "FileSlice",
+    "LinkLostError",
+    "StoreLink",
+    "encode_store_rq",
+]
+
+#: Largest P-DATA PDU we send, whatever the peer allows (a peer may say "unlimited": 0).
+MAX_SEND_PDU = 1 << 20
+#: Bytes of PDUs handed to the socket in one ``sendall`` (several PDUs of a peer's usual 16 kB).
+SEND_BYTES = 256 << 10
+#: Longest PDU accepted from the peer: a C-STORE peer sends responses of a few hundred bytes.
+MAX_RECV_PDU = 16 << 20
+
+P_DATA_TF = 0x04
+A_RELEASE_RQ = 0x05
+A_RELEASE_RP = 0x06
+A_ABORT = 0x07
+#: Message control header bits of a PDV (PS3.8 E.2).
+_COMMAND = 0x01
+_LAST = 0x02
+#: Command Field values (PS3.7 E.1).
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+#: Priority MEDIUM, as dcmtk's storescu sends it (PS3.7 9.3.1.1).
+PRIORITY_MEDIUM = 0x0000
+#: Command Data Set Type: anything but 0x0101 says a data set follows.
+DATA_SET_PRESENT = 0x0001
+
+_PDU = struct.Struct(">BxI")  # PDU type, reserved, PDU length
+_PDATA = struct.Struct(">BxIIBB")  # P-DATA-TF header and its one PDV: length, context, control
+_PDV = struct.Struct(">IBB")  # PDV item length, presentation context ID, control header
+_ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
+_US = struct.Struct("<HHIH")
+_UL = struct.Struct("<HHII")
+_RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+#: A-ABORT from the service user, no reason given.
+_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+_HEAD = _PDATA.size  # 12 bytes of headers per P-DATA-TF PDU of one PDV
+
+
+class LinkLostError(Exception):
+    """The association is over: aborted, released or closed by the peer, a timeout, a protocol
+    error. ``reason`` is short and names no file or patient."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class FileSlice:
+    """The data set of a part-10 file: ``path`` from byte ``offset`` to its end."""
+
+    __slots__ = ("offset", "path")
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path = path
+        self.offset = offset
+
+
+def _uid(tag: int, value: str) -> bytes:
+    raw = value.encode("ascii")
+    if len(raw) % 2:
+        raw += b"\0"
+    return _ELEMENT.pack(tag >> 16, tag & 0xFFFF, len(raw)) + raw
+
+
+def encode_store_rq(sop_class: str, sop_instance: str, message_id: int) -> bytes:
+    """The command set of a C-STORE-RQ (PS3.7 9.3.1.1), implicit VR little endian, elements in
+    ascending order and a correct Command Group Length."""
+    body = b"".join(
+        (
+            _uid(0x00000002, sop_class),
+            _US.pack(0x0000, 0x0100, 2, C_STORE_RQ),
+            _US.pack(0x0000, 0x0110, 2, message_id),
+            _US.pack(0x0000, 0x0700, 2, PRIORITY_MEDIUM),
+            _US.pack(0x0000, 0x0800, 2, DATA_SET_PRESENT),
+            _uid(0x00001000, sop_instance),
+        )
+    )
+    return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
+
+
+def _command_fields(command: bytes | bytearray) -> dict[int, int]:
+    """The US elements of a command set (implicit VR LE), by element number."""
+    fields: dict[int, int] = {}
+    pos, end = 0, len(command)
+    while pos + 8 <= end:
+        group, element, length = _ELEMENT.unpack_from(command, pos)
+        pos += 8
+        if group != 0x0000 or pos + length > end:
+            break
+        if length == 2:
+            fields[element] = int.from_bytes(command[pos : pos + 2], "little")
+        pos += length
+    return fields
+
+
+class _Source:
+    """Fills views from a file (``readinto``) or from bytes; a file cut short raises."""
+
+    def __init__(self, fh: FileIO | None, data: bytes | None = None) -> None:
+        self._fh = fh
+        self._data = memoryview(data) if data is not None else None
+        self._pos = 0
+
+    def fill(self, view: memoryview) -> None:
+        n = len(view)
+        if self._data is not None:
+            view[:] = self._data[self._pos : self._pos + n]
+            self._pos += n
+            return
+        assert self._fh is not None
+        got = 0
+        while got < n:
+            k = self._fh.readinto(view[got:])
+            if not k:
+                raise _SourceShortError
+            got += k
+
+
+class _SourceShortError(Exception):
+    """The file ended before its announced length (it changed while being sent)."""
+
+
+class StoreLink:
+    """The data transfer phase of one established association; one thread at a time.
+
+    Parameters
+    ----------
+    sock
+        The association's connected socket (TLS or not), taken from pynetdicom.
+    send_pdu
+        The peer's Maximum Length (of the PDVs in one P-DATA-TF PDU); 0 means no limit, and
+        :data:`MAX_SEND_PDU` is used then, as it is for any larger value.
+    timeout
+        Seconds to wait for the peer: a response, a send making no progress, a release.
+    """
+
+    def __init__(self, sock: socket.socket, *, send_pdu: int, timeout: float) -> None:
+        if not send_pdu or send_pdu > MAX_SEND_PDU:
+            send_pdu = MAX_SEND_PDU
+        if send_pdu < 8:
+            raise ValueError(f"peer's maximum PDU length {send_pdu} is unusable")
+        self.send_pdu = send_pdu
+        self._chunk = send_pdu - 6  # data bytes per PDV: item length (4), context, control
+        self._sock = sock
+        self._timeout = timeout
+        sock.settimeout(timeout)
+        self._buf = bytearray(max(SEND_BYTES, _HEAD + self._chunk))
+        self._view = memoryview(self._buf)
+        self._fill = 0
+        self.alive = True
+
+    # -- C-STORE ---------------------------------------------------------------------------
+    def store(
+        self,
+        context_id: int,
+        sop_class: str,
+        sop_instance: str,
+        message_id: int,
+        data: FileSlice | bytes,
+    ) -> int:
+        """Send one C-STORE-RQ and its data set; the status of the peer's C-STORE-RSP.
+
+        Raises :class:`LinkLostError` when the association ends before the response (the link is
+        closed then); ``OSError`` when the file cannot be opened (the link is still usable).
+        """
+        if not self.alive:
+            raise LinkLostError("association already closed")
+        fh: FileIO | None = None
+        if isinstance(data, FileSlice):
+            fh = FileIO(data.path, "rb")
+            try:
+                length = fh.seek(0, 2) - data.offset
+                if length < 0:
+                    raise OSError("file shorter than its meta information")
+                fh.seek(data.offset)
+            except OSError:
+                fh.close()
+                raise
+            source = _Source(fh)
+        else:
+            length, source = len(data), _Source(None, data)
+        try:
+            command = encode_store_rq(sop_class, sop_instance, message_id)
+            self._fill = 0
+            self._frame(context_id, _COMMAND, _Source(None, command).fill, len(command))
+            self._frame(context_id, 0, source.fill, length)
+            self._flush()
+        except _SourceShortError:
+            self.abort()
+            raise LinkLostError("file cut short while being sent") from None
+        finally:
+            if fh is not None:
+                fh.close()
+        return self._response(message_id)
+
+    def _frame(
+        self, context_id: int, control: int, fill: Callable[[memoryview], None], length: int
+    ) -> None:
+        """Append a message (command or data set) as P-DATA-TF PDUs of one PDV each."""
+        buf, view, chunk, pack = self._buf, self._view, self._chunk, _PDATA.pack_into
+        size = len(buf)
+        left = length
+        while True:
+            n = chunk if left > chunk else left
+            if self._fill + _HEAD + n > size:
+                self._flush()
+            pos = self._fill
+            left -= n
+            flags = control | (_LAST if left == 0 else 0)
+            pack(buf, pos, P_DATA_TF, n + 6, n + 2, context_id, flags)
+            fill(view[pos + _HEAD : pos + _HEAD + n])
+            self._fill = pos + _HEAD + n
+            if left == 0:
+                return
+
+    def _flush(self) -> None:
+        if not self._fill:
+            return
+        try:
+            self._sock.sendall(self._view[: self._fill])
+        except TimeoutError:
+            self.abort()
+            raise LinkLostError("the peer stopped reading (timeout)") from None
+        except OSError as exc:
+            raise self._lost_while_sending(exc) from None
+        self._fill = 0
+
+    def _lost_while_sending(self, exc: OSError) -> LinkLostError:
+        """Why a send failed: an A-ABORT the peer sent before closing, when it is still there."""
+        reason = f"connection lost: {type(exc).__name__}"
+        with contextlib.suppress(LinkLostError, OSError):
+            self._sock.settimeout(0.2)
+            kind, _ = self._read_pdu()
+            if kind == A_ABORT:
+                reason = "association aborted by the peer"
+        self._close()
+        return LinkLostError(reason)
+
+    def _response(self, message_id: int) -> int:
+        command = bytearray()
+        while True:
+            kind, body = self._read_pdu()
+            if kind == P_DATA_TF:
+                for control, fragment in self._pdvs(body):
+                    if not control & _COMMAND:
+                        continue  # a data set: a C-STORE-RSP has none
+                    command += fragment
+                    if control & _LAST:
+                        fields = _command_fields(command)
+                        if (
+                            fields.get(0x0100) != C_STORE_RSP
+                            or fields.get(0x0120) != message_id
+                            or 0x0900 not in fields
+                        ):
+                            self.abort()
+                            raise LinkLostError("unexpected message instead of the C-STORE-RSP")
+                        return fields[0x0900]
+            else:
+                self._other_pdu(kind)
+
+    def _pdvs(self, body: bytes) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        pos, end = 0, len(body)
+        while pos < end:
+            if pos + 6 > end:
+                break
+            length, _context, control = _PDV.unpack_from(body, pos)
+            if length < 2 or pos + 4 + length > end:
+                break
+            out.append((control, body[pos + 6 : pos + 4 + length]))
+            pos += 4 + length
+        else:
+            return out
+        self.abort()
+        raise LinkLostError("malformed P-DATA-TF PDU from the peer")
+
+    def _other_pdu(self, kind: int) -> None:
+        """A PDU other than P-DATA-TF during the data transfer phase: the association ends."""
+        if kind == A_ABORT:
+            self._close()
+            raise LinkLostError("association aborted by the peer")
+        if kind == A_RELEASE_RQ:
+            with contextlib.suppress(OSError):
+                self._sock.sendall(_RELEASE_RP)
+            self._close()
+            raise LinkLostError("association released by the peer")
+        self.abort()
+        raise LinkLostError(f"unexpected PDU type 0x{kind:02X} from the peer")
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read_pdu(self) -> tuple[int, bytes]:
+        kind, length = _PDU.unpack(self._recv_exact(6))
+        if length > MAX_RECV_PDU:
+            self.abort()
+            raise LinkLostError(f"PDU of {length} bytes from the peer")
+        return kind, self._recv_exact(length)
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = self._sock.recv_into(view[got:])
+            except TimeoutError:
+                self.abort()
+                raise LinkLostError("no answer from the peer (timeout)") from None
+            except OSError as exc:
+                self._close()
+                raise LinkLostError(f"connection lost: {type(exc).__name__}") from None
+            if not k:
+                self._close()
+                raise LinkLostError("connection closed by the peer")
+            got += k
+        return bytes(buf)
+
+    # -- life cycle --------------------------------------------------------------------------
+    def usable(self) -> bool:
+        """False when the peer has closed, aborted or released the idle association (the link is
+        closed then); checked before reusing it."""
+        if not self.alive:
+            return False
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            pending = isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() > 0
+        except (OSError, ValueError):
+            self._close()
+            return False
+        if not readable and not pending:
+            return True
+        # An idle association gets nothing but its end (an A-ABORT, an A-RELEASE-RQ, a close).
+        try:
+            kind, _ = self._read_pdu()
+            self._other_pdu(kind if kind != P_DATA_TF else 0)
+        except LinkLostError:
+            pass
+        self._close()
+        return False
+
+    def release(self) -> None:
+        """A-RELEASE-RQ, then wait (``timeout``) for the A-RELEASE-RP; the connection is closed."""
+        if not self.alive:
+            return
+        try:
+            self._sock.sendall(_RELEASE_RQ)
+            while self.alive:
+                kind, _ = self._read_pdu()
+                if kind in (A_RELEASE_RP, A_ABORT, A_RELEASE_RQ):
+                    break  # released; aborted; or both sides asked at once (a collision)
+        except (LinkLostError, OSError):
+            pass
+        self._close()
+
+    def abort(self) -> None:
+        """Send an A-ABORT (best effort, without waiting long) and close the connection."""
+        if self.alive:
+            with contextlib.suppress(OSError):
+                self._sock.settimeout(min(1.0, self._timeout))
+                self._sock.sendall(_ABORT)
+        self._close()
+
+    def _close(self) -> None:
+        self.alive = False
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._sock.close()
