@@ -429,7 +429,7 @@ def test_c_store_is_proven_with_c_find(tmp_path: Path, lies: bool) -> None:
     server = start_orthanc(
         dicom=True, dicom_peers={"EDGE01": ("127.0.0.1", 11112)}, extra_config=extra
     )
-    clock = FakeClock()
+    clock = FakeClock(time.time())  # sent after the files were written
     ob = Outbox(tmp_path / "outbox.db", clock=clock)
     try:
         files = make_files(tmp_path / "a", 45, seed="study-a") + make_files(tmp_path / "b", 3)
