@@ -2,7 +2,8 @@
 
 Run::
 
-    uv run python benchmarks/bench_pixels.py [--frames 60] [--cine-frames 200]
+    uv run python benchmarks/bench_pixels.py [--frames 60] [--cine-frames 200] \
+        [--presidio /tmp/presidio-venv/bin/python]
 
 What it does, in one run on the same frames:
 
@@ -17,8 +18,17 @@ What it does, in one run on the same frames:
 3. **CTP signatures**: the regions of CTP's DicomPixelAnonymizer list as written (first match:
    the corpus devices match none) and, to be generous, every US region of the list whose Rows
    and Columns condition fits the frame.
-4. **Presidio**: its DICOM image redactor is listed but not run (see the row for why); it is
-   not a project dependency.
+4. **Presidio** (only with ``--presidio PYTHON``, the python of a separate venv with
+   ``presidio-image-redactor``; it is not a project dependency): its DICOM image redactor on the
+   same object files, in a child process (``presidio_child.py``; inside a network namespace
+   without interfaces when ``unshare -n`` works, so nothing can be downloaded), with its NLP
+   engine set up offline (a blank spaCy pipeline: its pattern recognizers and the deny list it
+   builds from the header); its reported boxes are the painted area, its output objects are read
+   back (delivered = written and decodable at the same size). Without the option the row says how
+   to measure it. Make the venv once (Debian ``tesseract-ocr`` provides its OCR program)::
+
+       uv venv /tmp/presidio-venv --python 3.11
+       uv pip install --no-config --python /tmp/presidio-venv/bin/python presidio-image-redactor
 5. Measures on each approach's cleaned frames, with two readers that are not the detector:
    Tesseract on the whole frame upscaled 2x, and PaddleOCR's PP-OCRv4 recogniser on every
    ground-truth line box: PHI lines masked (>= 95 % of the line's drawn pixels painted), PHI
@@ -51,6 +61,13 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = HERE / ".bench-work" / "pixels"
 SYNTAX_CYCLE = ("native", "rle", "jpeg")
 GNU_TIME = "/usr/bin/time" if Path("/usr/bin/time").exists() else None
+PRESIDIO_NAME = "Presidio DICOM image redactor"
+PRESIDIO_HOWTO = (
+    f"| {PRESIDIO_NAME} | not measured: add `--presidio /tmp/presidio-venv/bin/python` "
+    "(a venv with presidio-image-redactor, and the Debian tesseract-ocr program; see "
+    "docs/performance.md) "
+    "| | | | | | |"
+)
 
 
 @dataclass
@@ -138,7 +155,9 @@ def _ctp_boxes(rows: int, cols: int) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-def run_corpus(n: int, workdir: Path, readers: Any) -> tuple[list[Approach], dict[str, Any]]:
+def run_corpus(
+    n: int, workdir: Path, readers: Any, presidio: str | None = None
+) -> tuple[list[Approach], dict[str, Any]]:
     from gateway_agent.deid import Deidentifier, DeidOptions
 
     deid = Deidentifier(b"bench-pixels-secret-0123456789ab", DeidOptions())
@@ -155,11 +174,17 @@ def run_corpus(n: int, workdir: Path, readers: Any) -> tuple[list[Approach], dic
 
     engines()
     spy = _BoxSpy()
+    kept: list[tuple[Path, Any, Any]] | None = [] if presidio else None
     try:
-        _corpus_loop(n, deid, inputs, outputs, ga, ctp, ctp_size, sizes, readers, spy)
+        _corpus_loop(n, deid, inputs, outputs, ga, ctp, ctp_size, sizes, readers, spy, kept)
     finally:
         spy.close()
-    return [ga, ctp, ctp_size], {"output_bytes_by_input_syntax": sizes}
+    approaches = [ga, ctp, ctp_size]
+    extra: dict[str, Any] = {"output_bytes_by_input_syntax": sizes}
+    if presidio and kept is not None:
+        pres, extra["presidio"] = run_presidio(presidio, workdir, kept, readers)
+        approaches.append(pres)
+    return approaches, extra
 
 
 def _corpus_loop(
@@ -173,6 +198,7 @@ def _corpus_loop(
     sizes: dict[str, int],
     readers: Any,
     spy: _BoxSpy,
+    kept: list[tuple[Path, Any, Any]] | None,
 ) -> None:
     from gateway_agent._exceptions import DeidError
     from gateway_agent.synthetic_pixels import corpus_specs, make_object, write_object
@@ -183,6 +209,8 @@ def _corpus_loop(
         src = write_object(obj, inputs / f"{i:03d}_{syntax}.dcm")
         frame = obj.frames[0]
         rows, cols = frame.pixels.shape[:2]
+        if kept is not None:
+            kept.append((src, frame, obj.identity))
         spy.boxes = []
         started = time.process_time()
         delivered = True
@@ -204,6 +232,68 @@ def _corpus_loop(
             approach.objects += 1
             approach.delivered += 1
             _score(approach, frame, obj.identity, _mask((rows, cols), boxes), True, readers)
+
+
+def run_presidio(
+    python: str, workdir: Path, kept: list[tuple[Path, Any, Any]], readers: Any
+) -> tuple[Approach, dict[str, Any]]:
+    """Presidio's DICOM image redactor on the same object files (child process, offline)."""
+    import pydicom
+
+    outdir = workdir / "presidio_out"
+    shutil.rmtree(outdir, ignore_errors=True)
+    command = [python, str(HERE / "presidio_child.py"), str(workdir), str(outdir)]
+    command += [str(src) for src, _, _ in kept]
+    isolated = shutil.which("unshare") is not None and (
+        subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False).returncode == 0
+    )
+    if isolated:  # no network interface at all: a download attempt fails instead of happening
+        command = ["unshare", "-n", *command]
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    head = next((x for x in lines if "versions" in x), {})
+    records = {x["name"]: x for x in lines if "name" in x}
+    if not records:
+        raise RuntimeError(f"Presidio child failed ({done.returncode}): {done.stderr[-2000:]}")
+    version = head.get("versions", {}).get("presidio-image-redactor", "?")
+    a = Approach(f"{PRESIDIO_NAME} {version} (offline: blank spaCy, patterns, header deny list)")
+    altered: list[str] = []
+    for src, frame, identity in kept:
+        rows, cols = frame.pixels.shape[:2]
+        record = records.get(src.name, {"boxes": [], "error": "no result", "cpu_s": None})
+        boxes = [(x, y, x + w, y + h) for x, y, w, h in record["boxes"]]
+        painted = _mask((rows, cols), boxes)
+        if record["error"] is None:
+            try:
+                after = pydicom.dcmread(outdir / src.name).pixel_array
+            except Exception as exc:  # an unreadable output is not delivered
+                record["error"] = f"unreadable output: {type(exc).__name__}"
+            else:
+                if after.shape[:2] != (rows, cols):
+                    record["error"] = f"output of another size: {after.shape}"
+                elif _changed_outside(pydicom.dcmread(src).pixel_array, after, painted) > 0.005:
+                    altered.append(src.name)
+        delivered = record["error"] is None
+        if not delivered:
+            reason = str(record["error"]).split(":")[0]
+            a.reasons[reason] = a.reasons.get(reason, 0) + 1
+        if record.get("cpu_s") is not None:
+            a.cpu.setdefault(f"{cols}x{rows}", []).append(float(record["cpu_s"]))
+        a.objects += 1
+        a.delivered += delivered
+        _score(a, frame, identity, painted, delivered, readers)
+    return a, {"versions": head.get("versions"), "network_namespace": isolated,
+               "altered_outside_boxes": altered, "stderr_tail": done.stderr[-500:]}  # fmt: skip
+
+
+def _changed_outside(before: np.ndarray, after: np.ndarray, painted: np.ndarray) -> float:
+    """Share of the pixels outside ``painted`` that differ (by more than 8) after the redactor."""
+    if before.shape != after.shape:
+        return 1.0
+    diff = np.abs(before.astype(np.int32) - after.astype(np.int32))
+    changed = diff.reshape(*diff.shape[:2], -1).max(axis=-1) > 8
+    return float((changed & ~painted).sum() / max(1, (~painted).sum()))
 
 
 class _BoxSpy:
@@ -279,7 +369,9 @@ def _pct(a: int, b: int) -> str:
     return f"{100 * a / b:.1f} %" if b else "n/a"
 
 
-def print_table(approaches: list[Approach], cine: dict[str, Any] | None) -> None:
+def print_table(
+    approaches: list[Approach], cine: dict[str, Any] | None, extra: dict[str, Any] | None = None
+) -> None:
     print(
         "| approach | PHI lines masked | PHI readable after (Tesseract 2x / PP-OCRv4 rec) "
         "| same, delivered objects | text over the image masked | clinical area painted "
@@ -301,11 +393,17 @@ def print_table(approaches: list[Approach], cine: dict[str, Any] | None) -> None
             f"| {a.delivered}/{a.objects}{' (' + quarantined + ')' if quarantined else ''} "
             f"| {cpu} |"
         )
-    print(
-        "| Presidio DICOM image redactor | not measured: presidio-image-redactor 0.0.62 "
-        "brings 635 MB (spaCy, OpenCV, python-gdcm), its OCR needs the tesseract program and "
-        "its default NLP engine downloads a spaCy model (none on PyPI) | | | | | | |"
-    )
+    if not any(a.name.startswith(PRESIDIO_NAME) for a in approaches):
+        print(PRESIDIO_HOWTO)
+    presidio = (extra or {}).get("presidio")
+    if presidio:
+        altered = presidio["altered_outside_boxes"]
+        print()
+        print(
+            f"Presidio: {len(altered)} delivered objects with > 0.5 % of the pixels outside "
+            f"its boxes changed ({', '.join(altered) or 'none'}); child in a network namespace "
+            f"without interfaces: {presidio['network_namespace']}; {presidio['versions']}"
+        )
     if cine:
         print()
         print(
@@ -321,14 +419,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cine-frames", type=int, default=200, help="0: skip the cine run")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--no-readers", action="store_true", help="skip the readers (fast)")
+    parser.add_argument(
+        "--presidio",
+        metavar="PYTHON",
+        help="python of a venv with presidio-image-redactor: measure its DICOM redactor too",
+    )
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     from gateway_agent.synthetic_pixels import RecogniserReader, TesseractReader
 
     readers = (None, None) if args.no_readers else (TesseractReader(), RecogniserReader())
-    approaches, extra = run_corpus(args.frames, args.workdir, readers)
+    approaches, extra = run_corpus(args.frames, args.workdir, readers, args.presidio)
     cine = run_cine(args.cine_frames, args.workdir) if args.cine_frames else None
-    print_table(approaches, cine)
+    print_table(approaches, cine, extra)
     results = {
         "approaches": [a.__dict__ for a in approaches],
         "cine": cine,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
-__all__ = ["alive", "descendants"]
+__all__ = ["alive", "deleted_fds", "descendants"]
 
 
 def descendants(pid: int) -> set[int]:
@@ -32,3 +33,16 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def deleted_fds(pid: int, under: Path) -> list[str]:
+    """Targets of ``pid``'s descriptors that point at a deleted file below ``under``."""
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(under)) and target.endswith(" (deleted)"):
+            out.append(target)
+    return out

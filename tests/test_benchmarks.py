@@ -171,6 +171,8 @@ def test_bench_pixels_table(tmp_path: Path) -> None:
     ctp = _row(out, "CTP signatures as written")
     assert ctp[1].startswith("0/"), ctp
     assert "cine: 4 frames" in out and "delivered=True" in out
+    presidio = _row(out, "Presidio DICOM image redactor")
+    assert "--presidio" in presidio[1], presidio  # not measured: says how to measure it
 
 
 @pytest.mark.slow

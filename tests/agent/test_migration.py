@@ -18,6 +18,7 @@ from gateway_agent.agent.outbox.routing import Route
 from gateway_agent.agent.outbox.schema import SCHEMA_VERSION, OutboxSchemaError
 from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.cli import main
+from gateway_agent.deid.keys import load_or_create_secret
 from tests.conftest import require
 
 from ._agent_util import agent_settings, files_under, running_daemon, wait_until
@@ -74,6 +75,7 @@ def v1_state(tmp_path: Path) -> Path:
     shutil.copy2(FIXTURE / "outbox.db", state / "outbox.db")
     shutil.copytree(FIXTURE / "outbox", state / "outbox")
     shutil.copy2(FIXTURE / "effective-settings.json", state / "effective-settings.json")
+    load_or_create_secret(state / "secret.key")  # its site secret (not kept with the fixture)
     conn = sqlite3.connect(state / "outbox.db")
     with conn:
         conn.execute("update outbox set path = replace(path, ?, ?)", (FIXTURE_STATE, str(state)))

@@ -7,7 +7,6 @@ to a file nobody else sees), and after kill -9 every row it committed must still
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway_agent.agent.outbox.store import Outbox
+from tests._procs import deleted_fds
 
 from ._agent_util import agent_settings, files_under, wait_until, write_synthetic
 from .test_crash import Agent, _cli_args, _env
@@ -25,20 +25,6 @@ from .test_crash import Agent, _cli_args, _env
 WAVES = 6
 PER_WAVE = 25
 COMMANDS = 12
-
-
-def _deleted_state_fds(pid: int, state_dir: Path) -> list[str]:
-    """Targets of the process's descriptors that point at a deleted file of the state folder."""
-    out = []
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith(str(state_dir)) and target.endswith(" (deleted)"):
-            out.append(target)
-    return out
 
 
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -85,13 +71,13 @@ def test_status_and_retry_beside_a_running_agent_keep_its_wal(tmp_path: Path) ->
             assert done.returncode == 0, done.stderr
             done = _cli(tmp_path, "retry", *state_args)
             assert done.returncode == 0, done.stderr
-            assert _deleted_state_fds(agent.proc.pid, state) == [], f"after command round {i}"
+            assert deleted_fds(agent.proc.pid, state) == [], f"after command round {i}"
         feeder.join()
         total = WAVES * PER_WAVE
         assert wait_until(lambda: not files_under(settings.inbox), timeout=120)
         # Every original is gone, so every row was committed; one more status, then kill -9.
         assert _cli(tmp_path, "status", *state_args).returncode == 0
-        assert _deleted_state_fds(agent.proc.pid, state) == []
+        assert deleted_fds(agent.proc.pid, state) == []
         agent.kill9()
     finally:
         agent.kill_if_running()

@@ -73,6 +73,8 @@ def test_rules_are_checked_when_the_configuration_is_read() -> None:
 # -- the outbox: deliveries per destination -----------------------------------------------------
 def _add(ob: Outbox, uid: str, path: Path, **attrs: Any) -> bool:
     path.write_bytes(b"x" * 10)
+    written = ob.now()
+    os.utime(path, (written, written))  # written before it is sent, by the outbox's clock
     return ob.add(
         sop_instance_uid=uid,
         study_instance_uid="1.2.3",

@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from gateway_agent.synthetic import Patient, make_ct_slice
 
-from ._harness import AgentRun
+from ._harness import AgentRun, wait_until
 
 __all__ = [
     "CountingStow",
@@ -107,6 +107,17 @@ def cli(run: AgentRun, *args: str, timeout: float = 120.0) -> subprocess.Complet
         text=True,
         timeout=timeout,
         check=False,
+    )
+
+
+def start_agent(run: AgentRun, timeout: float = 60.0) -> None:
+    """Start the agent and wait until this incarnation logged ``agent_started``."""
+    before = sum('"agent_started"' in ln for ln in run.agent.log_lines())
+    run.start()
+    wait_until(
+        lambda: sum('"agent_started"' in ln for ln in run.agent.log_lines()) > before,
+        timeout,
+        what="agent_started",
     )
 
 

@@ -16,22 +16,12 @@ from typing import Any
 
 import pytest
 
-from ._accidents import CountingStow, Inputs, MovableClock, ct_bytes
+from ._accidents import CountingStow, Inputs, MovableClock, ct_bytes, start_agent
 from ._harness import AgentRun, record_figures, size, wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 DAY = 86400.0
-
-
-def _start(run: AgentRun, timeout: float = 60.0) -> None:
-    before = sum('"agent_started"' in ln for ln in run.agent.log_lines())
-    run.start()
-    wait_until(
-        lambda: sum('"agent_started"' in ln for ln in run.agent.log_lines()) > before,
-        timeout,
-        what="agent_started",
-    )
 
 
 def _reached(predicate: Any, timeout: float) -> float | None:
@@ -76,7 +66,7 @@ def test_clock_jumps(tmp_path: Path, agent_run: Any, case: str) -> None:
             stow.delay = 20.0
         else:
             stow.down = True
-        _start(run)
+        start_agent(run)
         for name, data in inputs.data.items():
             run.drop(name, data)
         if case == "forward_in_flight":

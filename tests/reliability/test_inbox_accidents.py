@@ -22,21 +22,10 @@ import pytest
 
 from tests.conftest import require
 
-from ._accidents import Inputs, cli, ct_bytes, readonly_folder, status_json
+from ._accidents import Inputs, cli, ct_bytes, readonly_folder, start_agent, status_json
 from ._harness import AgentRun, assert_no_phi, phi_audit, record_figures, size, wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
-
-
-def _start(run: AgentRun, timeout: float = 60.0) -> None:
-    """Start the agent and wait until this incarnation logged ``agent_started``."""
-    before = sum('"agent_started"' in ln for ln in run.agent.log_lines())
-    run.start()
-    wait_until(
-        lambda: sum('"agent_started"' in ln for ln in run.agent.log_lines()) > before,
-        timeout,
-        what="agent_started",
-    )
 
 
 def _reached(predicate: Any, timeout: float, *, interval: float = 0.1) -> bool:
@@ -82,7 +71,7 @@ def test_a_file_written_in_rounds_is_taken_once_complete(agent_run) -> None:  # 
     rng = random.Random(19)
     for i in range(n):
         inputs.add(f"PHIDOE_{i:03d}.dcm", ct_bytes(i, study="chunks", rows=64))
-    _start(run)
+    start_agent(run)
     for name, data in inputs.data.items():
         target = run.inbox / name
         step = -(-len(data) // rounds)
@@ -139,7 +128,7 @@ def test_a_file_replaced_under_its_name_is_not_lost(agent_run) -> None:  # type:
         inputs.add(f"a{i}", a)
         inputs.add(f"b{i}", b)
     outbox = run.state / "outbox"
-    _start(run)
+    start_agent(run)
     timed = 0
     for i in range(pairs):
         name = f"PHIDOE_{i:03d}.dcm"
@@ -195,7 +184,7 @@ def test_inbox_deleted_or_moved_and_recreated(agent_run) -> None:  # type: ignor
     for i in range(3):
         inputs.add(f"PHIDOE_{i}.dcm", ct_bytes(i, study="inbox"))
     names = sorted(inputs.data)
-    _start(run)
+    start_agent(run)
     run.drop(names[0], inputs.data[names[0]])
     wait_until(lambda: inputs.expected[names[0]] in run.delivered_uids(), 30, what="first file")
     # 1. deleted; missing for a while (status and readiness say so); recreated.
@@ -253,7 +242,7 @@ def test_names_that_are_not_utf8(tmp_path: Path, agent_run, originals: str) -> N
     inputs = Inputs(run)
     for i, raw in enumerate(NON_UTF8):
         inputs.add(os.fsdecode(raw), ct_bytes(i, study=f"names-{originals}"))
-    _start(run)
+    start_agent(run)
     inbox = os.fsencode(run.inbox)
     for raw in NON_UTF8:
         data = inputs.data[os.fsdecode(raw)]
@@ -269,7 +258,7 @@ def test_names_that_are_not_utf8(tmp_path: Path, agent_run, originals: str) -> N
         _reached(lambda: not run.inbox_files(), 10)
     # Restart: a kept original is not taken again.
     run.agent.stop()
-    _start(run)
+    start_agent(run)
     time.sleep(1.5)
     run.agent.stop()
     stopped = [
@@ -326,7 +315,7 @@ def test_an_inbox_the_agent_cannot_delete_from(agent_run) -> None:  # type: igno
         require(False, "a read-only bind mount or chattr +i (root)")
         return
     try:
-        _start(run)
+        start_agent(run)
         want = set(inputs.expected.values())
         wait_until(lambda: want <= run.delivered_uids(), 60, what="delivered")
         time.sleep(1.0)
@@ -335,7 +324,7 @@ def test_an_inbox_the_agent_cannot_delete_from(agent_run) -> None:  # type: igno
         status = status_json(run)["inbox"]
         for _ in range(restarts):
             run.agent.stop()
-            _start(run)
+            start_agent(run)
             time.sleep(1.5)
         run.agent.stop()
     finally:
@@ -391,7 +380,7 @@ def test_long_names_and_deep_paths(tmp_path: Path, agent_run) -> None:  # type: 
         os.close(out)
     finally:
         os.close(fd)
-    _start(run)
+    start_agent(run)
     # 1. a 255-byte name that is not DICOM: quarantined, released, quarantined again.
     run.drop(long_bad, b"not dicom at all" * 10)
     wait_until(

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 
 from gateway_agent.synthetic import Patient
+from tests._procs import deleted_fds
 
-from ._accidents import CountingStow, Inputs, cli, ct_bytes, status_json
-from ._harness import AgentRun, assert_no_phi, phi_audit, record_figures, size, wait_until
+from ._accidents import CountingStow, Inputs, cli, ct_bytes, start_agent, status_json
+from ._harness import assert_no_phi, phi_audit, record_figures, size, wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -36,30 +37,6 @@ def _stow_destination(stow: CountingStow, **extra: Any) -> dict[str, Any]:
         "backoff_cap_seconds": 1.0,
         **extra,
     }
-
-
-def _deleted_state_fds(pid: int, state_dir: Path) -> list[str]:
-    """Descriptors of ``pid`` that point at a deleted file of the state folder."""
-    out = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith(str(state_dir)) and target.endswith(" (deleted)"):
-            out.append(target)
-    return out
-
-
-def _start(run: AgentRun, timeout: float = 60.0) -> None:
-    """Start the agent and wait until this incarnation logged ``agent_started``."""
-    before = sum('"agent_started"' in ln for ln in run.agent.log_lines())
-    run.start()
-    wait_until(
-        lambda: sum('"agent_started"' in ln for ln in run.agent.log_lines()) > before,
-        timeout,
-        what="agent_started",
-    )
 
 
 # --------------------------------------------------------------------------- status and retry
@@ -85,7 +62,7 @@ def test_status_and_retry_beside_a_running_agent(agent_run) -> None:  # type: ig
             run.feed(name)
             time.sleep(0.01)
 
-    _start(run)
+    start_agent(run)
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
     deleted: list[str] = []
@@ -96,11 +73,11 @@ def test_status_and_retry_beside_a_running_agent(agent_run) -> None:  # type: ig
             for command in ("status", "retry"):
                 done = cli(run, command)
                 failures += done.returncode != 0
-            deleted += _deleted_state_fds(run.agent.pid, run.state)
+            deleted += deleted_fds(run.agent.pid, run.state)
         seconds = time.monotonic() - t0
         feeder.join(120)
         wait_until(lambda: not run.inbox_files(), 120, what="inbox drained")
-        deleted += _deleted_state_fds(run.agent.pid, run.state)
+        deleted += deleted_fds(run.agent.pid, run.state)
         rows_before = len(run.outbox_rows())
         run.agent.kill9()
     finally:
@@ -139,7 +116,7 @@ def test_a_second_agent_is_refused(tmp_path: Path, agent_run) -> None:  # type: 
         for i in range(n):
             inputs.add(f"PHIDOE_{i:03d}.dcm", ct_bytes(i, study="two"))
         stow.uids = {u.encode() for u in inputs.expected.values()}
-        _start(first)
+        start_agent(first)
         for name, data in inputs.data.items():
             first.drop(name, data)
         wait_until(lambda: first.outbox_counts().get("sending", 0) > 0, 60, what="rows sending")
@@ -211,7 +188,7 @@ def test_secret_replaced_or_missing_refuses_to_start(agent_run) -> None:  # type
         for i in range(n):
             inputs.add(f"PHIDOE_{i:03d}.dcm", ct_bytes(i, study="secret"))
         stow.uids = {u.encode() for u in inputs.expected.values()}
-        _start(run)
+        start_agent(run)
         for name, data in inputs.data.items():
             run.drop(name, data)
         wait_until(lambda: len(run.outbox_rows()) == n, 60, what="rows queued")
@@ -240,19 +217,19 @@ def test_secret_replaced_or_missing_refuses_to_start(agent_run) -> None:  # type
         created_when_missing = secret_file.exists()
         secret_file.write_bytes(original)
         stow.down = False
-        _start(run)
+        start_agent(run)
         want = set(inputs.expected.values())
         wait_until(lambda: set(stow.counts) >= want, 60, what="delivered with the restored secret")
         run.agent.stop()
         # Knowingly: a new secret with --new-secret starts (later instances get new UIDs).
         secret_file.write_text(secrets.token_hex(32) + "\n")
         run.agent.run_args = ["--new-secret"]
-        _start(run)
+        start_agent(run)
         accepted = run.agent.alive()
         run.agent.stop()
         run.agent.run_args = []
         # ... and from then on the new secret is the recorded one.
-        _start(run)
+        start_agent(run)
         remembered = run.agent.alive()
         run.agent.stop()
     figures = {
@@ -302,7 +279,7 @@ def test_damaged_database_is_rebuilt_from_the_outbox_files(agent_run, how: str) 
             inputs.add(f"PHIDOE_{i:04d}.dcm", ct_bytes(i, study=f"damage-{i % 3}"))
         stow.uids = {u.encode() for u in inputs.expected.values()}
         names = sorted(inputs.data)
-        _start(run)
+        start_agent(run)
         for name in names[:sent_first]:
             run.drop(name, inputs.data[name])
         wait_until(lambda: len(stow.counts) == sent_first, 60, what="first part sent")
@@ -359,7 +336,7 @@ def test_sighup_reloads_the_configuration(tmp_path: Path, agent_run) -> None:  #
     for i in range(2 * n):
         inputs.add(f"PHIDOE_{i:03d}.dcm", ct_bytes(i, study="hup"))
     names = sorted(inputs.data)
-    _start(run)
+    start_agent(run)
     for name in names[:n]:
         run.drop(name, inputs.data[name])
         if name == names[n // 2]:
@@ -419,7 +396,7 @@ def test_a_corrected_instance_is_sent_again(agent_run) -> None:  # type: ignore[
     uids = {name: inputs.add(name, data) for name, data in first.items()}
     assert all(inputs.add(name, data) == uids[name] for name, data in second.items())
     corrected = {uids[name]: inputs.output_of(data) for name, data in second.items()}
-    _start(run)
+    start_agent(run)
     for name, data in first.items():
         run.drop(name, data)
     wait_until(lambda: run.delivered_uids() >= set(uids.values()), 60, what="first versions")

@@ -502,5 +502,10 @@ class Intake:
             self._requeue(job.path)
             return True
         self._crashes.pop(job.path, None)
-        self._commit.to_quarantine(job.path, job.rel, "internal_error", "worker process died")
+        self._commit.to_quarantine(
+            job.path,
+            job.rel,
+            "internal_error",
+            "worker process died (a crash, or over the CPU time allowed per file)",
+        )
         return True

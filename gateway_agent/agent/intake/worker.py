@@ -16,6 +16,8 @@ from ..._exceptions import IngestError, codec_panics
 
 __all__ = [
     "OUTBOX_FILE_MODE",
+    "FILE_CPU_SECONDS",
+    "FILE_CPU_SECONDS_PER_MB",
     "FileIdentity",
     "JobResult",
     "deid_job",
@@ -39,6 +41,14 @@ FileIdentity = tuple[int, int, int, int, int]
 JobResult = tuple[
     Literal["ok", "error", "transient", "changed"], Any, str, float, FileIdentity | None
 ]
+
+#: CPU time a worker may spend on one file before the kernel ends it (SIGPROF): this many
+#: seconds, plus ``FILE_CPU_SECONDS_PER_MB`` per MB of input. A file that makes a library loop
+#: forever (Python or compiled code) then costs a worker restart, not a worker; the pipeline
+#: runs it again alone and quarantines it after ``MAX_WORKER_CRASHES`` deaths. The allowance is
+#: far above any real file (a 200-frame ultrasound cine cleaned: about 30 s).
+FILE_CPU_SECONDS = 600.0
+FILE_CPU_SECONDS_PER_MB = 1.0
 
 #: Where a process sees its own descriptors by path: the engine reads the very file the worker
 #: opened (and checked) even if the name is given to another file meanwhile.
@@ -150,7 +160,13 @@ def deid_job(src: str, out_dir: str, released_dir: str | None = None) -> JobResu
             return "changed", None, "", time.perf_counter() - t0, None
         identity = identity_of(before)
         source = f"{_FD_DIR}/{fd}" if _HAVE_FD_DIR else src
-        kind, payload, detail = _run(source, out_dir, released_dir)
+        limit = FILE_CPU_SECONDS + FILE_CPU_SECONDS_PER_MB * before.st_size / 1e6
+        # SIGPROF's default action ends the process, even inside a codec's compiled loop.
+        signal.setitimer(signal.ITIMER_PROF, limit)
+        try:
+            kind, payload, detail = _run(source, out_dir, released_dir)
+        finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
         if _written(before, os.fstat(fd)):
             # Written to while we read it: whatever came out may mix two versions (the output,
             # if any, comes back for the parent to discard).

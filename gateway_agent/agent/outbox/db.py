@@ -482,37 +482,42 @@ class OutboxDB:
         self, c: sqlite3.Connection, values: tuple[Any, ...], targets: list[str], now: float
     ) -> str | None:
         """An instance already in the outbox arrived again (a corrected version, a resend by
-        the modality, the same file after a crash, or its original taken again after the
-        instance was re-added from its outbox file at start-up): its file was just rewritten
-        under the row, so the row follows it.
-
-        Where it came from (source, inbox folder, calling AE) is recorded anew, and every
-        destination it matches now gets a delivery (an instance re-added by reconcile was
-        routed by its header alone). Each delivery delivered or dead is queued again (a
+        the modality, or the same file after a crash): its file was just rewritten under the
+        row, so the row follows it. Each of its deliveries delivered or dead is queued again (a
         destination is idempotent per SOP Instance UID; a new version must not stay unsent);
-        one being sent will not count its outcome for the new version. Returns the instance's
+        one being sent will not count its outcome for the new version. Routing stays as it was
+        decided when the instance was added, except for an instance re-added from its outbox
+        file at start-up (a kill between writing the file and committing its row), routed by
+        its header alone: its original, taken again, says where it came from, and the
+        destinations whose rules need that get their deliveries. Returns the instance's
         previous state (summed up over its deliveries).
         """
         row = c.execute(
-            "select id from instances where sop_instance_uid = ?", (values[0],)
+            "select id, json_extract(audit, '$.reconciled') = 1 and file_gone = 0"
+            " from instances where sop_instance_uid = ?",
+            (values[0],),
         ).fetchone()
         if row is None:
             return None
-        instance_id = int(row[0])
+        instance_id, reconciled = int(row[0]), bool(row[1])
         deliveries = c.execute(
             "select destination, state from deliveries where instance_id = ?", (instance_id,)
         ).fetchall()
         states = {str(s) for _, s in deliveries}
         previous = next((s for s in ("sending", "queued", "dead") if s in states), "sent")
+        if reconciled:
+            c.executemany(
+                "insert or ignore into deliveries (instance_id, destination, next_attempt_at,"
+                " created_at) values (?, ?, ?, ?)",
+                [(instance_id, name, now, now) for name in targets],
+            )
+            c.execute(
+                "update instances set source = ?, inbox_folder = ?, calling_ae = ? where id = ?",
+                (values[5], values[6], values[7], instance_id),
+            )
         c.execute(
-            "update instances set source = ?, inbox_folder = ?, calling_ae = ?, size = ?,"
-            " audit = ?, file_gone = 0 where id = ?",
-            (values[5], values[6], values[7], values[10], values[11], instance_id),
-        )
-        c.executemany(
-            "insert or ignore into deliveries (instance_id, destination, next_attempt_at,"
-            " created_at) values (?, ?, ?, ?)",
-            [(instance_id, name, now, now) for name in targets],
+            "update instances set size = ?, audit = ?, file_gone = 0 where id = ?",
+            (values[10], values[11], instance_id),
         )
         c.execute(
             "update deliveries set state = 'queued', attempts = 0, next_attempt_at = ?1,"
