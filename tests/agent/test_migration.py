@@ -4,6 +4,7 @@ upgrade leaves them untouched and the agent refuses to start with one line (exit
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -146,6 +147,9 @@ def test_sent_rows_of_a_010_outbox_keep_their_files_until_proven(tmp_path: Path)
         assert [r.id for r in q.awaiting_proof(100)] == sent
         assert ob.proof_summary()["pending"][0] == 6
         files = [r.path for r in ob.rows("sent")]
+        for r in ob.rows("sent"):  # written before their send (a checkout dates them now)
+            assert r.sent_at is not None
+            os.utime(r.path, (r.sent_at - 10, r.sent_at - 10))
         assert ob.purge_sent_files(0) == 0 and all(p.exists() for p in files)
         q.mark_proven(sent[:4])
         assert ob.purge_sent_files(0) == 4

@@ -154,26 +154,34 @@ def test_age_is_per_destination(outbox: Outbox, clocks: Clocks, tmp_path: Path) 
     assert outbox.queue("archive").aged_out(ids, 1800.0) == set()
 
 
+def _deliver(outbox: Outbox, name: str) -> None:
+    """The destination's due deliveries acknowledged, and their storage proven."""
+    ids = _claim(outbox, name)
+    outbox.queue(name).mark_sent(ids)
+    outbox.queue(name).mark_proven(ids)
+
+
 def test_retention_keeps_a_file_written_after_its_first_delivery(
     outbox: Outbox, clocks: Clocks, tmp_path: Path
 ) -> None:
-    """Delivered to the PACS, then a new version is written under the name (its row not
-    committed yet), then the archive acknowledges: retention must not take the new version."""
+    """Delivered to the PACS (acknowledged and proven), then a new version is written under the
+    name (its row not committed yet), then the archive acknowledges: retention must not take the
+    new version."""
     _add(outbox, "2.25.50", tmp_path)
-    outbox.queue("pacs").mark_sent(_claim(outbox, "pacs"))
+    _deliver(outbox, "pacs")
     clocks.advance(60)
     name = tmp_path / "2.25.50.dcm"
     name.write_bytes(b"second")
     os.utime(name, (clocks.wall, clocks.wall))
     clocks.advance(60)
-    outbox.queue("archive").mark_sent(_claim(outbox, "archive"))
+    _deliver(outbox, "archive")
     clocks.advance(DAY + 1)
     assert outbox.purge_sent_files(DAY) == 0
     assert name.read_bytes() == b"second"
     assert _add(outbox, "2.25.50", tmp_path, size=6) is False  # its row, at last
     assert _states(outbox, "2.25.50") == {"archive": "queued", "pacs": "queued"}
     for q in ("pacs", "archive"):
-        outbox.queue(q).mark_sent(_claim(outbox, q))
+        _deliver(outbox, q)
     clocks.advance(DAY + 1)
     assert outbox.purge_sent_files(DAY) == 1 and not name.exists()
 

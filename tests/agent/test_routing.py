@@ -340,7 +340,8 @@ def test_three_destinations_one_down_for_a_minute(
         metrics = httpx.get(url + "/metrics", timeout=10).text
         assert 'gateway_outbox_depth{destination="pacs",state="queued"} 10.0' in metrics
         assert 'gateway_destination_up{destination="copy"} 1.0' in metrics
-        # Files wanted by the PACS stay; the others' may go.
+        # Files wanted by the PACS stay; the others' may go once proven (sizes read back, HEAD).
+        assert wait_until(lambda: d.outbox.proof_summary()["pending"][0] == 0, 60)
         d.outbox.purge_sent_files(0)
         kept = {p.name for p in (settings.state_dir / "outbox").iterdir()}
         assert len(kept) == 10
@@ -348,6 +349,7 @@ def test_three_destinations_one_down_for_a_minute(
         assert report()["pacs"]["counts"]["dead"] == 0  # a minute down burns no instance
         orthanc.start()
         assert wait_until(lambda: report()["pacs"]["counts"]["sent"] == 10, 90), report()
+        assert wait_until(lambda: d.outbox.proof_summary()["pending"][0] == 0, 60)  # C-FIND
         d.outbox.purge_sent_files(0)
         assert not list((settings.state_dir / "outbox").iterdir())
     # Exactly once at every destination it matches, and nowhere else.
