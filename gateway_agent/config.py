@@ -423,7 +423,8 @@ class DestinationSettings(_Section):
     confirm_storage: bool = Field(
         default=True,
         description="Prove that the server holds each acknowledged instance (DICOMweb: QIDO-RS; "
-        "DICOM: C-FIND at IMAGE level; batched) before counting it sent. Off: acknowledgements "
+        "DICOM: C-FIND at IMAGE level; S3: a HEAD comparing size and checksum; batched) before "
+        "counting it sent. Off: acknowledgements "
         "are trusted, and the outbox files of such instances are kept (see disk.keep_unconfirmed).",
     )
 
