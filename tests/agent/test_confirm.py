@@ -16,6 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from gateway_agent.agent.outbox.routing import Route
+from gateway_agent.agent.outbox.schema import OutboxSchemaError
 from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.agent.upload.destinations import (
     NOT_STORED_MAX_ATTEMPTS,
@@ -346,6 +347,8 @@ def test_an_older_outbox_gets_the_column_and_its_sent_rows_await_proof(
     con.execute("alter table deliveries drop column confirmed")
     con.commit()
     con.close()
+    with pytest.raises(OutboxSchemaError, match="restart it"):  # status, before the restart
+        Outbox(db, read_only=True)
     ob = Outbox(db)
     try:
         assert ob.proof_summary()["pending"] == (1, row.size)  # the uploader will ask

@@ -26,7 +26,13 @@ from typing import Any
 from ...logs import get_logger
 from ._sqlite import connect, query, transaction
 from .routing import DEFAULT_ROUTES, Route
-from .schema import SCHEMA_VERSION, prepare, schema_version
+from .schema import (
+    SCHEMA_VERSION,
+    OutboxSchemaError,
+    lacks_columns,
+    prepare,
+    schema_version,
+)
 
 __all__ = [
     "AWAITING_PROOF",
@@ -233,6 +239,12 @@ class OutboxDB:
         found = schema_version(self._conn)
         if found != SCHEMA_VERSION:
             prepare(self._conn, destination="default", upgrade=False)
+        elif lacks_columns(self._conn):
+            raise OutboxSchemaError(
+                "the outbox database was written by an earlier build of this version (its "
+                "deliveries have no proof of storage yet); the agent adds it when it starts: "
+                "restart it (systemctl restart gateway-agent), then try again"
+            )
 
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … commit, or rollback and re-raise; holds the connection lock."""

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from ..._exceptions import GatewayError
 from ...logs import get_logger
 
-__all__ = ["SCHEMA_VERSION", "OutboxSchemaError", "prepare", "schema_version"]
+__all__ = ["SCHEMA_VERSION", "OutboxSchemaError", "lacks_columns", "prepare", "schema_version"]
 
 log = get_logger()
 
@@ -97,10 +97,16 @@ PROOF_INDEX = (
 )
 
 
+def lacks_columns(conn: sqlite3.Connection) -> bool:
+    """Whether a version-2 database lacks a column added since it was first written (read-only
+    opens cannot add it: the agent does at its next start)."""
+    columns = {str(r[1]) for r in conn.execute("pragma table_info(deliveries)")}
+    return "confirmed" not in columns
+
+
 def _columns(conn: sqlite3.Connection) -> None:
     """Columns added to version 2 since it was first written: added where missing, idempotent."""
-    columns = {str(r[1]) for r in conn.execute("pragma table_info(deliveries)")}
-    if "confirmed" not in columns:
+    if lacks_columns(conn):
         # NULL: proof pending; the uploader asks the destination, the files are kept till then.
         conn.execute("alter table deliveries add column confirmed integer")
     conn.execute(PROOF_INDEX)
