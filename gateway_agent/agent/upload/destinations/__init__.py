@@ -98,9 +98,10 @@ kinds never pay for it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from ...._exceptions import ConfigError
 from ....config import DestinationSettings
@@ -117,6 +118,7 @@ __all__ = [
     "Destination",
     "SendResult",
     "destination_from_settings",
+    "open_row",
 ]
 
 #: ``PermanentUploadError.status`` values that mean "the destination refuses the agent" (bad
@@ -140,6 +142,28 @@ class SendResult:
     sent: list[str] = field(default_factory=list)
     failed: dict[str, tuple[bool, str]] = field(default_factory=dict)
     warnings: dict[str, str] = field(default_factory=dict)
+
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def open_row(row: OutboxRow, result: SendResult, *, uids_name_it: bool = False) -> BinaryIO | None:
+    """The outbox file of ``row``, open for reading; None with the failure recorded in
+    ``result``: ``file_missing`` (permanent), ``file_unreadable`` (retried later), and, where the
+    UIDs name the stored object (``uids_name_it``: a path, a key), ``invalid_uid`` for UIDs that
+    are not plain dotted numbers of at most 64 characters."""
+    if uids_name_it:
+        uids = (row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid)
+        if not all(_UID_RE.match(u) and len(u) <= 64 for u in uids):
+            result.failed[row.sop_instance_uid] = (True, "invalid_uid")
+            return None
+    try:
+        return row.path.open("rb")
+    except FileNotFoundError:
+        result.failed[row.sop_instance_uid] = (True, "file_missing")
+    except OSError as exc:
+        result.failed[row.sop_instance_uid] = (False, f"file_unreadable: {exc.strerror}")
+    return None
 
 
 class Destination(Protocol):

@@ -43,7 +43,7 @@ from ...._exceptions import ConfigError, PermanentUploadError, RetryableUploadEr
 from ....config import DestinationSettings
 from ....logs import get_logger
 from ...outbox.db import OutboxRow
-from . import SendResult
+from . import SendResult, open_row
 from .deadline import CONNECTING, SENDING, Deadlines, Slot, install
 
 __all__ = [
@@ -468,16 +468,8 @@ class DicomWebDestination:
         parts: list[_Part] = []
         try:
             for row in items:
-                try:
-                    fh = row.path.open("rb")
-                except FileNotFoundError:
-                    result.failed[row.sop_instance_uid] = (True, "file_missing")
-                    continue
-                except OSError as exc:
-                    result.failed[row.sop_instance_uid] = (
-                        False,
-                        f"file_unreadable: {exc.strerror}",
-                    )
+                fh = open_row(row, result)
+                if fh is None:
                     continue
                 parts.append(_Part(row, fh, os.fstat(fh.fileno()).st_size))
             if parts:

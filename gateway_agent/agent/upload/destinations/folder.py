@@ -4,19 +4,17 @@ back (its size) before it is acknowledged."""
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
 from ...._exceptions import RetryableUploadError
 from ...outbox.db import OutboxRow
-from . import SendResult
+from . import SendResult, open_row
 
 __all__ = ["FolderDestination"]
 
 _CHUNK = 1 << 20
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class FolderDestination:
@@ -39,17 +37,8 @@ class FolderDestination:
         touched: set[Path] = set()
         written: list[tuple[OutboxRow, int]] = []
         for row in items:
-            uids = (row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid)
-            if not all(_UID_RE.match(u) and len(u) <= 64 for u in uids):
-                result.failed[row.sop_instance_uid] = (True, "invalid_uid")
-                continue
-            try:
-                src = row.path.open("rb")
-            except FileNotFoundError:
-                result.failed[row.sop_instance_uid] = (True, "file_missing")
-                continue
-            except OSError as exc:
-                result.failed[row.sop_instance_uid] = (False, f"file_unreadable: {exc.strerror}")
+            src = open_row(row, result, uids_name_it=True)
+            if src is None:
                 continue
             target = self.target(row)
             try:

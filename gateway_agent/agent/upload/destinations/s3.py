@@ -27,7 +27,6 @@ import base64
 import hashlib
 import io
 import os
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from ...._exceptions import ConfigError, PermanentUploadError, RetryableUploadEr
 from ....config import DestinationSettings
 from ....logs import get_logger
 from ...outbox.db import OutboxRow
-from . import SendResult
+from . import SendResult, open_row
 
 if TYPE_CHECKING:
     from types_boto3_s3.client import S3Client
@@ -49,7 +48,6 @@ log = get_logger()
 
 _MB = 1024 * 1024
 _READ = 1 << 20
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: How many objects' expected checksums are kept between ``send`` and ``confirm``.
 _EXPECTED_MAX = 10_000
 
@@ -292,17 +290,8 @@ class S3Destination:
     def send(self, items: Sequence[OutboxRow]) -> SendResult:
         result = SendResult()
         for row in items:
-            uids = (row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid)
-            if not all(_UID_RE.match(u) and len(u) <= 64 for u in uids):
-                result.failed[row.sop_instance_uid] = (True, "invalid_uid")
-                continue
-            try:
-                fh = row.path.open("rb")
-            except FileNotFoundError:
-                result.failed[row.sop_instance_uid] = (True, "file_missing")
-                continue
-            except OSError as exc:
-                result.failed[row.sop_instance_uid] = (False, f"file_unreadable: {exc.strerror}")
+            fh = open_row(row, result, uids_name_it=True)
+            if fh is None:
                 continue
             with fh:
                 try:
