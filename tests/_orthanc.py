@@ -250,29 +250,37 @@ class OrthancServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- what arrived ------------------------------------------------------------------------
+    def _ask(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A read of Orthanc's REST API, asked again once if Orthanc closed the kept-alive
+        connection just as the request went out (busy machines: "Server disconnected")."""
+        try:
+            return self._client.request(method, self.base_url + path, **kwargs)
+        except httpx.RemoteProtocolError:
+            return self._client.request(method, self.base_url + path, **kwargs)
+
     def lookup(self, sop_uid: str) -> bool:
         """True if an instance with this SOP Instance UID is stored (``POST /tools/lookup``)."""
-        r = self._client.post(self.base_url + "/tools/lookup", content=sop_uid.encode())
+        r = self._ask("POST", "/tools/lookup", content=sop_uid.encode())
         r.raise_for_status()
         return any(item.get("Type") == "Instance" for item in r.json())
 
     def count_instances(self) -> int:
-        r = self._client.get(self.base_url + "/statistics")
+        r = self._ask("GET", "/statistics")
         r.raise_for_status()
         return int(r.json()["CountInstances"])
 
     def sop_uids(self) -> list[str]:
         """SOP Instance UIDs of every stored instance (a list: duplicates would show twice)."""
-        r = self._client.get(self.base_url + "/instances", params={"expand": ""})
+        r = self._ask("GET", "/instances", params={"expand": ""})
         r.raise_for_status()
         return [str(i["MainDicomTags"]["SOPInstanceUID"]) for i in r.json()]
 
     def instance_file(self, sop_uid: str) -> bytes:
         """The part-10 file Orthanc stored for this SOP Instance UID."""
-        r = self._client.post(self.base_url + "/tools/lookup", content=sop_uid.encode())
+        r = self._ask("POST", "/tools/lookup", content=sop_uid.encode())
         r.raise_for_status()
         [found] = [item for item in r.json() if item.get("Type") == "Instance"]
-        r = self._client.get(f"{self.base_url}/instances/{found['ID']}/file")
+        r = self._ask("GET", f"/instances/{found['ID']}/file")
         r.raise_for_status()
         return r.content
 
