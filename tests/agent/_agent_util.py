@@ -86,10 +86,22 @@ def write_synthetic(
     )
 
 
-def copy_pydicom_test_files(directory: Path) -> list[Path]:
+def copy_pydicom_test_files(directory: Path, *, one_per_instance: bool = False) -> list[Path]:
+    """pydicom's test files; ``one_per_instance``: only the first file of each SOP Instance UID
+    (several are one instance in other encodings: which copy ends up where depends on the order
+    they are taken in)."""
     directory.mkdir(parents=True, exist_ok=True)
     out = []
+    seen: set[str] = set()
     for src in sorted(PYDICOM_TEST_FILES.glob("*.dcm")):
+        if one_per_instance:
+            try:
+                uid = str(pydicom.dcmread(src, stop_before_pixels=True, force=True).SOPInstanceUID)
+            except Exception:
+                uid = src.name
+            if uid in seen:
+                continue
+            seen.add(uid)
         dst = directory / src.name
         shutil.copyfile(src, dst)
         out.append(dst)

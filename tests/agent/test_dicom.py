@@ -106,7 +106,7 @@ def _status_text(settings: Any, capsys: pytest.CaptureFixture[str]) -> str:
 def test_inbox_to_orthanc_over_c_store(tmp_path: Path, pacs: OrthancServer) -> None:
     corpus = tmp_path / "corpus"
     inputs = write_synthetic(corpus / "series", 50)
-    inputs += copy_pydicom_test_files(corpus / "pydicom")
+    inputs += copy_pydicom_test_files(corpus / "pydicom", one_per_instance=True)
     settings = agent_settings(
         tmp_path, **dicom_overrides("127.0.0.1", pacs.dicom_port, pacs.dicom_aet)
     )
