@@ -55,6 +55,7 @@ from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreSCU  # noq
 from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
 from tests._dcmtk import DCMTK_ENV, dcmtk_tool  # noqa: E402
 from tests._orthanc import OrthancServer, free_port  # noqa: E402
+from tests._procs import descendants  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 UNIT = "EDGE01"
@@ -199,20 +200,7 @@ class Agent:
         time.sleep(1.0)
 
     def family(self) -> list[int]:
-        kids: dict[int, list[int]] = {}
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                kids.setdefault(ppid, []).append(int(d.name))
-        out, stack = [self.proc.pid], [self.proc.pid]
-        while stack:
-            for c in kids.get(stack.pop(), []):
-                out.append(c)
-                stack.append(c)
-        return out
+        return [self.proc.pid, *descendants(self.proc.pid)]
 
     def cpu_seconds(self) -> float:
         total = 0
