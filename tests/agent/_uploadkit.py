@@ -15,6 +15,7 @@ from gateway_agent.agent.outbox.upkeep import row_from_file
 from gateway_agent.synthetic import make_ct_series, write_series
 
 __all__ = [
+    "Clocks",
     "CountingTransport",
     "FakeClock",
     "add_files",
@@ -34,6 +35,22 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class Clocks:
+    """A wall clock and a monotonic clock that tests move: ``advance`` moves both (time passes),
+    ``jump`` moves the wall clock alone (someone set it)."""
+
+    def __init__(self) -> None:
+        self.wall = 1_800_000_000.0
+        self.mono = 1000.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def jump(self, seconds: float) -> None:
+        self.wall += seconds
 
 
 def make_files(directory: Path, n: int, *, seed: str = "study-1") -> list[Path]:

@@ -8,12 +8,10 @@ deeper than PATH_MAX, and a bounded hand-over however many files wait.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +22,12 @@ from gateway_agent.agent.intake.quarantine import Quarantine
 from gateway_agent.agent.intake.watcher import InboxWatcher, inbox_backlog
 from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.cli import main
-from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret
+from gateway_agent.deid import Deidentifier
 from gateway_agent.synthetic import make_ct_slice
 from tests.conftest import require
 from tests.reliability._accidents import readonly_folder
 
-from ._agent_util import agent_settings, start_intake, wait_until, write_synthetic
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Deidentifier:
-    secret = load_or_create_secret(tmp_path / "secret.key")
-    return Deidentifier(secret, DeidOptions.from_settings(agent_settings(tmp_path).deid))
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[Outbox]:
-    ob = Outbox(tmp_path / "state" / "outbox.db")
-    yield ob
-    with contextlib.suppress(Exception):
-        ob.close()
+from ._agent_util import start_intake, wait_until, write_synthetic
 
 
 def _ct(i: int, rows: int = 32) -> bytes:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from gateway_agent.agent.intake.pipeline import Intake
 from gateway_agent.agent.intake.quarantine import ORIGINAL_NAME, REASON_FILE, Quarantine
 from gateway_agent.agent.intake.watcher import InboxWatcher
 from gateway_agent.agent.outbox.store import Outbox
-from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret
+from gateway_agent.deid import Deidentifier
 from gateway_agent.synthetic import make_ct_slice
 
 from ._agent_util import (
@@ -48,20 +46,6 @@ class CrashingEngine:
         if "BUG" in name:
             raise RuntimeError("engine bug")
         return self.engine.deidentify_file(src, out_dir)
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Deidentifier:
-    secret = load_or_create_secret(tmp_path / "secret.key")
-    return Deidentifier(secret, DeidOptions.from_settings(agent_settings(tmp_path).deid))
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[Outbox]:
-    ob = Outbox(tmp_path / "state" / "outbox.db")
-    yield ob
-    with contextlib.suppress(Exception):
-        ob.close()
 
 
 def _run(it: Intake, paths: list[Path], timeout: float = 60) -> None:

@@ -16,28 +16,9 @@ from structlog.testing import capture_logs
 from gateway_agent.agent.outbox.repair import open_outbox
 from gateway_agent.agent.outbox.store import Outbox
 
+from ._uploadkit import Clocks
+
 DAY = 86400.0
-
-
-class Clocks:
-    """A wall clock and a monotonic clock that tests move: ``advance`` moves both (time passes),
-    ``jump`` moves the wall clock alone (someone set it)."""
-
-    def __init__(self) -> None:
-        self.wall = 1_800_000_000.0
-        self.mono = 1000.0
-
-    def advance(self, seconds: float) -> None:
-        self.wall += seconds
-        self.mono += seconds
-
-    def jump(self, seconds: float) -> None:
-        self.wall += seconds
-
-
-@pytest.fixture
-def clocks() -> Clocks:
-    return Clocks()
 
 
 @pytest.fixture

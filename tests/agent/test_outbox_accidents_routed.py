@@ -16,30 +16,10 @@ from gateway_agent.agent.outbox.routing import Route
 from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.config import MatchSettings
 
-from ._uploadkit import make_files
+from ._uploadkit import Clocks, make_files
 
 DAY = 86400.0
 ROUTES = [Route("pacs", MatchSettings(modality=["CT"])), Route("archive")]
-
-
-class Clocks:
-    """A wall clock and a monotonic clock: ``advance`` moves both, ``jump`` the wall clock."""
-
-    def __init__(self) -> None:
-        self.wall = 1_800_000_000.0
-        self.mono = 1000.0
-
-    def advance(self, seconds: float) -> None:
-        self.wall += seconds
-        self.mono += seconds
-
-    def jump(self, seconds: float) -> None:
-        self.wall += seconds
-
-
-@pytest.fixture
-def clocks() -> Clocks:
-    return Clocks()
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,6 @@ from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret
 
 from ._agent_util import agent_settings, start_intake, wait_until, write_synthetic
 from ._uploadkit import make_files, wait_for
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[Outbox]:
-    ob = Outbox(tmp_path / "state" / "outbox.db")
-    yield ob
-    ob.close()
 
 
 def _item(uid: str, path: Path, size: int = 10) -> dict[str, Any]:

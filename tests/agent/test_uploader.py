@@ -58,13 +58,6 @@ def _dicomweb(
     return dest, client
 
 
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[Outbox]:
-    ob = Outbox(tmp_path / "state" / "outbox.db")
-    yield ob
-    ob.close()
-
-
 def _drain(up: Uploader, outbox: Outbox, n: int, timeout: float = 45.0) -> dict[str, int]:
     wait_for(lambda: outbox.counts()["sent"] + outbox.counts()["dead"] >= n, timeout)
     return outbox.counts()
