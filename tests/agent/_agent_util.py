@@ -1,4 +1,5 @@
-"""Helpers for the agent tests: settings in tmp_path, an in-process daemon, expected outputs."""
+"""Helpers for the agent tests: settings in tmp_path, an in-process daemon, expected outputs,
+the outbox schema of 0.1.0."""
 
 from __future__ import annotations
 
@@ -19,6 +20,49 @@ from gateway_agent.synthetic import PHI_MARKERS, Patient, make_ct_series, write_
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 #: Inbox names carry a planted marker: no log line, output name or status line may show it.
 NAME_MARKER = PHI_MARKERS[0]
+
+
+#: The outbox table of gateway-agent 0.1.0 (schema 1), before it kept the scanner.
+V1_OUTBOX_TABLE = """
+create table outbox (
+    id integer primary key,
+    sop_instance_uid text not null unique,
+    study_instance_uid text not null,
+    series_instance_uid text not null,
+    sop_class_uid text not null,
+    path text not null,
+    size integer not null,
+    state text not null default 'queued'
+        check (state in ('queued', 'sending', 'sent', 'dead')),
+    attempts integer not null default 0,
+    next_attempt_at real not null default 0,
+    lease_until real,
+    last_error text,
+    created_at real not null,
+    sent_at real,
+    file_gone integer not null default 0,
+    audit text not null default '{}'
+)
+"""
+#: The whole schema of 0.1.0, for outboxes made in a test (an upgraded box opens such a file).
+V1_DDL = (
+    V1_OUTBOX_TABLE,
+    "create index outbox_due on outbox (state, next_attempt_at)",
+    "create index outbox_sent on outbox (state, file_gone, sent_at)",
+    """
+    create table destination_state (
+        id integer primary key check (id = 1),
+        consecutive_failures integer not null default 0,
+        blocked_until real not null default 0,
+        probe_until real not null default 0,
+        last_error text,
+        last_error_at real,
+        last_success_at real,
+        auth_failing integer not null default 0
+    )
+    """,
+    "insert into destination_state (id) values (1)",
+)
 
 
 def agent_settings(tmp_path: Path, **overrides: Any) -> Settings:

@@ -22,51 +22,11 @@ from gateway_agent.cli import main
 from gateway_agent.deid.keys import load_or_create_secret
 from tests.conftest import require
 
-from ._agent_util import agent_settings, files_under, running_daemon, wait_until
+from ._agent_util import V1_DDL, agent_settings, files_under, running_daemon, wait_until
 
 FIXTURE = Path(__file__).parent / "data" / "outbox-v1"
 #: Where 0.1.0 wrote the fixture's state folder (the rows' paths start with it).
 FIXTURE_STATE = "/tmp/gateway-outbox-v1/state"
-
-#: The schema of 0.1.0, for outboxes made in a test (large ones, on a small file system).
-V1_DDL = (
-    """
-    create table outbox (
-        id integer primary key,
-        sop_instance_uid text not null unique,
-        study_instance_uid text not null,
-        series_instance_uid text not null,
-        sop_class_uid text not null,
-        path text not null,
-        size integer not null,
-        state text not null default 'queued'
-            check (state in ('queued', 'sending', 'sent', 'dead')),
-        attempts integer not null default 0,
-        next_attempt_at real not null default 0,
-        lease_until real,
-        last_error text,
-        created_at real not null,
-        sent_at real,
-        file_gone integer not null default 0,
-        audit text not null default '{}'
-    )
-    """,
-    "create index outbox_due on outbox (state, next_attempt_at)",
-    "create index outbox_sent on outbox (state, file_gone, sent_at)",
-    """
-    create table destination_state (
-        id integer primary key check (id = 1),
-        consecutive_failures integer not null default 0,
-        blocked_until real not null default 0,
-        probe_until real not null default 0,
-        last_error text,
-        last_error_at real,
-        last_success_at real,
-        auth_failing integer not null default 0
-    )
-    """,
-    "insert into destination_state (id) values (1)",
-)
 
 
 def v1_state(tmp_path: Path) -> Path:

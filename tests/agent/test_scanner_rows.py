@@ -11,30 +11,7 @@ from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.dicom.scanner import is_scanner_pseudonym
 from gateway_agent.synthetic import make_ct_series, write_series
 
-from ._agent_util import agent_settings, running_daemon, wait_until
-
-#: The outbox table as it was before it kept the scanner (an upgraded box opens such a file).
-OLD_SCHEMA = """
-create table outbox (
-    id integer primary key,
-    sop_instance_uid text not null unique,
-    study_instance_uid text not null,
-    series_instance_uid text not null,
-    sop_class_uid text not null,
-    path text not null,
-    size integer not null,
-    state text not null default 'queued'
-        check (state in ('queued', 'sending', 'sent', 'dead')),
-    attempts integer not null default 0,
-    next_attempt_at real not null default 0,
-    lease_until real,
-    last_error text,
-    created_at real not null,
-    sent_at real,
-    file_gone integer not null default 0,
-    audit text not null default '{}'
-)
-"""
+from ._agent_util import V1_OUTBOX_TABLE, agent_settings, running_daemon, wait_until
 
 
 def _row(uid: str, path: Path, scanner: str | None) -> dict[str, object]:
@@ -67,7 +44,7 @@ def test_rows_keep_the_scanner(tmp_path: Path) -> None:
 def test_a_database_from_before_the_column_gets_it(tmp_path: Path) -> None:
     db = tmp_path / "outbox.db"
     with sqlite3.connect(db) as conn:
-        conn.execute(OLD_SCHEMA)
+        conn.execute(V1_OUTBOX_TABLE)
         conn.execute(
             "insert into outbox (sop_instance_uid, study_instance_uid, series_instance_uid,"
             " sop_class_uid, path, size, created_at) values ('9.9', '1', '1.1', '1.2', 'x', 1, 0)"
