@@ -1,24 +1,25 @@
-"""dcmtk on loopback for tests: a ``storescp`` receiver with its fault switches, ``storescu``."""
+"""DICOM peers on loopback for tests: a dcmtk ``storescp`` receiver with its fault switches,
+``storescu``, and a pynetdicom scanner sending CT images."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
 
-from tests._orthanc import free_port
+from tests._procs import free_port, log_tail, port_open, stop_process, wait_ready
 
 __all__ = [
     "Storescp",
+    "send_ct",
     "dcmtk_available",
     "dcmtk_tool",
     "echoscu",
@@ -50,10 +51,17 @@ def dcmtk_available() -> bool:
     return all(os.access(dcmtk_tool(t), os.X_OK) for t in ("storescp", "storescu", "echoscu"))
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+def send_ct(port: int, paths: Sequence[Path], *, calling: str, called: str = "EDGE01") -> list[int]:
+    """C-STORE each CT file over one association to 127.0.0.1:``port``, as a scanner would; the
+    status of each."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(p).Status) for p in paths]
+    finally:
+        assoc.release()
 
 
 def write_profile(path: Path, sop_classes: Sequence[str], syntaxes: Sequence[str]) -> Path:
@@ -105,22 +113,14 @@ class Storescp:
                 self.proc = subprocess.Popen(
                     cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=DCMTK_ENV
                 )
-            end = time.monotonic() + timeout
-            while time.monotonic() < end and self.proc.poll() is None:
-                if _port_open(self.port):
-                    return self
-                time.sleep(0.02)
+            if wait_ready(self.proc, lambda: port_open(self.port), timeout, step=0.02):
+                return self
             self.stop()
-        raise RuntimeError(f"storescp did not start: {self.log.read_text(errors='replace')[-800:]}")
+        raise RuntimeError(f"storescp did not start: {log_tail(self.log)}")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        stop_process(proc)
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.out.rglob("*") if p.is_file())

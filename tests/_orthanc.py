@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests._procs import alive, free_port, log_tail, port_open, started, stop_process, wait_ready
 
 __all__ = [
     "DICOMWEB_PLUGIN",
@@ -26,6 +25,7 @@ __all__ = [
     "free_port",
     "orthanc",
     "orthanc_available",
+    "pacs",
     "start_orthanc",
 ]
 
@@ -38,28 +38,6 @@ USER, PASSWORD = "edge", "edge-secret"
 
 def orthanc_available() -> bool:
     return os.access(ORTHANC_BIN, os.X_OK) and Path(DICOMWEB_PLUGIN).is_file()
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (the kernel picks it; races are retried by start())."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _pid_alive(pid: int) -> bool:
-    """True unless the process is gone or a zombie (``kill -0`` succeeds on zombies)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 class OrthancServer:
@@ -170,7 +148,7 @@ class OrthancServer:
         if self.running():
             return
         for attempt in range(5):
-            if _port_in_use(self.port) or (self.dicom and _port_in_use(self.dicom_port)):
+            if port_open(self.port) or (self.dicom and port_open(self.dicom_port)):
                 if self._fixed_port or attempt == 4:
                     raise RuntimeError(f"port {self.port} or {self.dicom_port} is in use")
                 self.port = free_port()
@@ -189,7 +167,7 @@ class OrthancServer:
                 start_new_session=True,
             )
             (self.workdir / "orthanc.pid").write_text(str(self._proc.pid))
-            if self._wait_ready(timeout):
+            if wait_ready(self._proc, self._answers, timeout):
                 return
             self.stop()
             if self._fixed_port:
@@ -197,50 +175,26 @@ class OrthancServer:
             self.port = free_port()  # lost a port race with another test worker: try another
             if self.dicom:
                 self.dicom_port = free_port()
-        tail = ""
-        with_log = self.workdir / "orthanc.log"
-        if with_log.exists():
-            tail = "\n".join(with_log.read_text(errors="replace").splitlines()[-20:])
+        tail = log_tail(self.workdir / "orthanc.log")
         raise RuntimeError(f"Orthanc did not start on port {self.port}:\n{tail}")
 
-    def _wait_ready(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                return False
-            try:
-                r = self._client.get(self.base_url + "/system", timeout=1.0)
-                ours = r.status_code == 200 and r.json().get("Name") == self.name
-                if ours and (not self.dicom or _port_in_use(self.dicom_port)):
-                    return True
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        return False
+    def _answers(self) -> bool:
+        """*This* instance answers ``/system`` (and its DICOM port is open when it has one)."""
+        try:
+            r = self._client.get(self.base_url + "/system", timeout=1.0)
+        except httpx.HTTPError:
+            return False
+        ours = r.status_code == 200 and r.json().get("Name") == self.name
+        return ours and (not self.dicom or port_open(self.dicom_port))
 
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None and _pid_alive(self._proc.pid)
+        return self._proc is not None and self._proc.poll() is None and alive(self._proc.pid)
 
     def stop(self, *, kill: bool = True) -> None:
         """Stop by the recorded PID (SIGKILL by default: storage is throw-away); reap it."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        # Wait until the ports are really free, so a restart on the same ports works at once.
-        end = time.monotonic() + 5
-        while time.monotonic() < end and (
-            _port_in_use(self.port) or (self.dicom and _port_in_use(self.dicom_port))
-        ):
-            time.sleep(0.02)
+        sig = signal.SIGKILL if kill else signal.SIGTERM
+        stop_process(proc, sig=sig, ports=(self.port, self.dicom_port if self.dicom else 0))
 
     def close(self) -> None:
         """Stop and remove the throw-away storage."""
@@ -297,20 +251,18 @@ def start_orthanc(**kwargs: Any) -> OrthancServer:
     from tests.conftest import require  # late: conftest imports this module
 
     require(orthanc_available(), "Orthanc with the DICOMweb plugin")
-    server = OrthancServer(**kwargs)
-    try:
-        server.start()
-    except BaseException:
-        server.close()
-        raise
-    return server
+    return started(OrthancServer(**kwargs))
 
 
 @pytest.fixture
 def orthanc() -> Iterator[OrthancServer]:
     """A fresh Orthanc, Basic auth ``edge``/``edge-secret``, on a free port; removed afterwards."""
-    server = start_orthanc()
-    try:
+    with start_orthanc() as server:
         yield server
-    finally:
-        server.close()
+
+
+@pytest.fixture
+def pacs() -> Iterator[OrthancServer]:
+    """A fresh Orthanc with its DICOM port open, taking C-STORE from ``EDGE01`` on 127.0.0.1."""
+    with start_orthanc(dicom=True, dicom_peers={"EDGE01": ("127.0.0.1", 11112)}) as server:
+        yield server

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests._orthanc import free_port
+from tests._procs import free_port, log_tail, stop_process, wait_ready
 
 __all__ = [
     "PROMETHEUS_BIN",
@@ -114,26 +111,21 @@ class PrometheusServer:
             start_new_session=True,
         )
         log.close()
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self._proc.poll() is not None:
-                break
-            with contextlib.suppress(httpx.HTTPError):
-                if self.client.get("/-/ready").status_code == 200:
-                    return self
-            time.sleep(0.1)
-        tail = (self.workdir / "prometheus.log").read_text(errors="replace")[-2000:]
+        if wait_ready(self._proc, self._ready, timeout, step=0.1):
+            return self
+        tail = log_tail(self.workdir / "prometheus.log")
         self.stop()
         raise RuntimeError(f"Prometheus did not start on port {self.port}:\n{tail}")
 
+    def _ready(self) -> bool:
+        try:
+            return self.client.get("/-/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        stop_process(proc, timeout=30)
 
     def close(self) -> None:
         self.stop()

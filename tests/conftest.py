@@ -11,7 +11,7 @@ from pydicom import config as pydicom_config
 
 from gateway_agent.synthetic import make_ct_series, write_series
 from tests._dcmtk import storescp  # noqa: F401
-from tests._orthanc import orthanc  # noqa: F401
+from tests._orthanc import orthanc, pacs  # noqa: F401
 
 IN_CI = bool(os.environ.get("CI"))
 

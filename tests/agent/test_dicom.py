@@ -6,21 +6,18 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 from structlog.testing import capture_logs
 
 from gateway_agent.cli.agent_cmds import _print_status, collect_status
 from gateway_agent.synthetic import PHI_MARKERS
-from tests._dcmtk import Storescp, storescu, write_profile
-from tests._orthanc import OrthancServer, free_port, start_orthanc
+from tests._dcmtk import Storescp, send_ct, storescu, write_profile
+from tests._orthanc import OrthancServer, free_port
 
 from ._agent_util import (
     agent_settings,
@@ -33,15 +30,6 @@ from ._agent_util import (
 )
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
-
-
-@pytest.fixture
-def pacs() -> Iterator[OrthancServer]:
-    server = start_orthanc(dicom=True, dicom_peers={"EDGE01": ("127.0.0.1", 11112)})
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def _circuit(daemon: Any) -> dict[str, Any]:
@@ -81,17 +69,6 @@ def _drop(src: Path, inbox: Path) -> None:
 def _done(daemon: Any, inbox: Path) -> bool:
     """Every inbox file taken, and nothing waiting in intake or the outbox."""
     return not [p for p in inbox.rglob("*") if p.is_file()] and bool(daemon.drained())
-
-
-def _send(port: int, paths: list[Path], calling: str = "CT1") -> list[int]:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE01")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(p).Status) for p in paths]
-    finally:
-        assoc.release()
 
 
 def _status_text(settings: Any, capsys: pytest.CaptureFixture[str]) -> str:
@@ -263,11 +240,11 @@ def test_listener_refuses_with_a700_while_intake_is_paused_and_loses_nothing(
     full = agent_settings(tmp_path, **listener_overrides(port), **{"disk.min_free_mb": 1e12})
     with running_daemon(full) as daemon:
         assert wait_until(lambda: daemon.listener is not None and daemon.listener.alive(), 30)
-        assert _send(port, inputs) == [0xA700] * 4  # the scanner keeps them
+        assert send_ct(port, inputs, calling="CT1") == [0xA700] * 4  # the scanner keeps them
         assert not list((full.state_dir / "received").rglob("*.dcm"))
     ok = agent_settings(tmp_path, **listener_overrides(port))
     with running_daemon(ok) as daemon:
-        assert _send(port, inputs) == [0] * 4  # sent again later: now taken
+        assert send_ct(port, inputs, calling="CT1") == [0] * 4  # sent again later: now taken
         assert wait_until(daemon.drained, timeout=60)
         assert daemon.outbox.counts()["sent"] == 4
     uids, _ = expected_outputs(ok.secret_file, ok, inputs, tmp_path / "direct")

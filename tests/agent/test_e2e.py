@@ -8,7 +8,6 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from structlog.testing import capture_logs
 from gateway_agent.agent.intake.quarantine import ORIGINAL_NAME, REASON_FILE
 from gateway_agent.cli.agent_cmds import collect_status
 from gateway_agent.synthetic import PHI_MARKERS, make_ct_slice
-from tests._orthanc import OrthancServer, start_orthanc
+from tests._orthanc import OrthancServer
 
 from ._agent_util import (
     NAME_MARKER,
@@ -34,15 +33,6 @@ from ._agent_util import (
     wait_until,
     write_synthetic,
 )
-
-
-@pytest.fixture
-def orthanc_server() -> Iterator[OrthancServer]:
-    server = start_orthanc()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def _sha(p: Path) -> str:
@@ -131,10 +121,10 @@ def test_folder_destination_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.orthanc
 @pytest.mark.slow
-def test_orthanc_end_to_end(tmp_path: Path, orthanc_server: OrthancServer) -> None:
+def test_orthanc_end_to_end(tmp_path: Path, orthanc: OrthancServer) -> None:
     corpus = tmp_path / "corpus"
     inputs = _corpus(corpus)
-    settings = agent_settings(tmp_path, **dicomweb_overrides(orthanc_server))
+    settings = agent_settings(tmp_path, **dicomweb_overrides(orthanc))
     with running_daemon(settings) as daemon:
         _drop(corpus, settings.inbox)
         assert wait_until(
@@ -143,13 +133,13 @@ def test_orthanc_end_to_end(tmp_path: Path, orthanc_server: OrthancServer) -> No
         dead = {r.sop_instance_uid: r.last_error for r in daemon.outbox.rows("dead")}
 
     uids, refused = expected_outputs(settings.secret_file, settings, inputs, tmp_path / "direct")
-    stored = orthanc_server.sop_uids()
+    stored = orthanc.sop_uids()
     assert len(stored) == len(set(stored)), "duplicate instance in Orthanc"
     # Everything the engine produced is in Orthanc, or dead with the server's reason.
     assert set(stored) | set(dead) == uids
     assert not set(stored) & set(dead)
     assert all(dead.values())
-    synthetic = {u for u in uids if orthanc_server.lookup(u)}
+    synthetic = {u for u in uids if orthanc.lookup(u)}
     assert len(synthetic) >= 50
     _check_quarantine(settings.state_dir / "quarantine", refused)
 

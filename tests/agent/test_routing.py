@@ -247,15 +247,8 @@ DOWN_SECONDS = float(os.environ.get("GW_TEST_PACS_DOWN_SECONDS", "60"))
 
 @pytest.fixture
 def servers() -> Iterator[tuple[OrthancServer, S3Server]]:
-    orthanc = start_orthanc()
-    try:
-        s3 = start_s3()
-        try:
-            yield orthanc, s3
-        finally:
-            s3.close()
-    finally:
-        orthanc.close()
+    with start_orthanc() as orthanc, start_s3() as s3:
+        yield orthanc, s3
 
 
 def _settings(tmp_path: Path, orthanc: OrthancServer, s3: S3Server) -> Settings:
@@ -390,19 +383,13 @@ def test_config_show_and_check_list_every_destination(
 
 
 # -- rules on where an instance came from, end to end -------------------------------------------
-def test_rules_on_calling_ae_and_inbox_folder_route_real_deliveries(tmp_path: Path) -> None:
-    """Scanners pushing over C-STORE (two calling AE titles) and files dropped into two inbox
-    folders: each folder destination gets exactly what its rule names, the catch-all everything."""
-    from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
-
-    from tests._orthanc import free_port
-
-    port = free_port()
-    dest = tmp_path / "out"
+def _routed_settings(
+    tmp_path: Path, destinations: list[dict[str, Any]], **overrides: Any
+) -> Settings:
+    """A unit ``EDGE01`` with these ``[[destinations]]``, everything under ``tmp_path`` (its inbox
+    made), fast settle, two workers, no metrics port, no QC."""
     (tmp_path / "inbox").mkdir()
-    settings = load_settings(
+    return load_settings(
         None,
         {
             "inbox": tmp_path / "inbox",
@@ -413,17 +400,30 @@ def test_rules_on_calling_ae_and_inbox_folder_route_real_deliveries(tmp_path: Pa
             "metrics.enabled": False,
             "disk.min_free_mb": 1.0,
             "qc.enabled": False,
-            "listener.enabled": True,
-            "listener.host": "127.0.0.1",
-            "listener.port": port,
-            "destinations": [
-                {"name": "room1", "kind": "folder", "folder": dest / "room1",
-                 "match": {"calling_ae": ["CT_ROOM1"]}},
-                {"name": "ward", "kind": "folder", "folder": dest / "ward",
-                 "match": {"inbox_folder": ["ward"], "modality": ["CT"]}},
-                {"name": "all", "kind": "folder", "folder": dest / "all"},
-            ],
+            "destinations": destinations,
+            **overrides,
         },
+    )
+
+
+def test_rules_on_calling_ae_and_inbox_folder_route_real_deliveries(tmp_path: Path) -> None:
+    """Scanners pushing over C-STORE (two calling AE titles) and files dropped into two inbox
+    folders: each folder destination gets exactly what its rule names, the catch-all everything."""
+    from tests._dcmtk import send_ct
+    from tests._orthanc import free_port
+
+    port = free_port()
+    dest = tmp_path / "out"
+    settings = _routed_settings(
+        tmp_path,
+        [
+            {"name": "room1", "kind": "folder", "folder": dest / "room1",
+             "match": {"calling_ae": ["CT_ROOM1"]}},
+            {"name": "ward", "kind": "folder", "folder": dest / "ward",
+             "match": {"inbox_folder": ["ward"], "modality": ["CT"]}},
+            {"name": "all", "kind": "folder", "folder": dest / "all"},
+        ],
+        **{"listener.enabled": True, "listener.host": "127.0.0.1", "listener.port": port},
     )  # fmt: skip
     pushed = {
         "CT_ROOM1": write_synthetic(tmp_path / "room1", 3, seed="room1"),
@@ -439,14 +439,7 @@ def test_rules_on_calling_ae_and_inbox_folder_route_real_deliveries(tmp_path: Pa
     with running_daemon(settings, components=[]) as d:
         assert wait_until(lambda: d.listener is not None and d.listener.alive(), 30)
         for calling, paths in pushed.items():
-            ae = AE(ae_title=calling)
-            ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-            assoc = ae.associate("127.0.0.1", port, ae_title="EDGE01")
-            assert assoc.is_established
-            try:
-                assert [int(assoc.send_c_store(p).Status) for p in paths] == [0] * len(paths)
-            finally:
-                assoc.release()
+            assert send_ct(port, paths, calling=calling) == [0] * len(paths)
         for folder in ("ward", "other"):
             (stage / folder).rename(settings.inbox / folder)
         assert wait_until(lambda: len(outputs("all")) == 11, 120), outputs("all")
@@ -459,44 +452,29 @@ def test_rules_on_calling_ae_and_inbox_folder_route_real_deliveries(tmp_path: Pa
 
 
 @pytest.mark.orthanc
-def test_a_pacs_over_c_store_among_the_destinations(tmp_path: Path) -> None:
+def test_a_pacs_over_c_store_among_the_destinations(tmp_path: Path, pacs: OrthancServer) -> None:
     """A ``dicom`` destination in ``[[destinations]]`` (our AE title: the unit name) beside a
     folder: the PACS gets what its rule matches, the folder everything, each exactly once."""
-    pacs = start_orthanc(dicom=True, dicom_peers={"EDGE01": ("127.0.0.1", 11112)})
-    try:
-        (tmp_path / "inbox").mkdir()
-        settings = load_settings(
-            None,
-            {
-                "inbox": tmp_path / "inbox",
-                "state_dir": tmp_path / "state",
-                "unit_name": "EDGE01",
-                "settle_seconds": 0.3,
-                "intake_workers": 2,
-                "metrics.enabled": False,
-                "disk.min_free_mb": 1.0,
-                "qc.enabled": False,
-                "destinations": [
-                    {"name": "pacs", "kind": "dicom", "host": "127.0.0.1",
-                     "port": pacs.dicom_port, "called_ae": pacs.dicom_aet,
-                     "match": {"inbox_folder": ["clinical"]}},
-                    {"name": "copy", "kind": "folder", "folder": tmp_path / "copy"},
-                ],
-            },
-        )  # fmt: skip
-        stage = tmp_path / "stage"
-        write_synthetic(stage / "clinical", 5, seed="clinical")
-        write_synthetic(stage / "other", 3, seed="other")
-        with running_daemon(settings, components=[]) as d:
-            assert d.outbox is not None
-            for folder in ("clinical", "other"):
-                (stage / folder).rename(settings.inbox / folder)
-            report = d.outbox.destination_report
-            assert wait_until(lambda: report()["copy"]["counts"]["sent"] == 8, 120), report()
-            assert wait_until(lambda: report()["pacs"]["counts"]["sent"] == 5, 120), report()
-        stored = collections.Counter(pacs.sop_uids())
-        copies = {p.stem for p in (tmp_path / "copy").rglob("*.dcm")}
-        assert len(stored) == 5 and set(stored.values()) == {1}
-        assert len(copies) == 8 and set(stored) < copies
-    finally:
-        pacs.close()
+    settings = _routed_settings(
+        tmp_path,
+        [
+            {"name": "pacs", "kind": "dicom", "host": "127.0.0.1",
+             "port": pacs.dicom_port, "called_ae": pacs.dicom_aet,
+             "match": {"inbox_folder": ["clinical"]}},
+            {"name": "copy", "kind": "folder", "folder": tmp_path / "copy"},
+        ],
+    )  # fmt: skip
+    stage = tmp_path / "stage"
+    write_synthetic(stage / "clinical", 5, seed="clinical")
+    write_synthetic(stage / "other", 3, seed="other")
+    with running_daemon(settings, components=[]) as d:
+        assert d.outbox is not None
+        for folder in ("clinical", "other"):
+            (stage / folder).rename(settings.inbox / folder)
+        report = d.outbox.destination_report
+        assert wait_until(lambda: report()["copy"]["counts"]["sent"] == 8, 120), report()
+        assert wait_until(lambda: report()["pacs"]["counts"]["sent"] == 5, 120), report()
+    stored = collections.Counter(pacs.sop_uids())
+    copies = {p.stem for p in (tmp_path / "copy").rglob("*.dcm")}
+    assert len(stored) == 5 and set(stored.values()) == {1}
+    assert len(copies) == 8 and set(stored) < copies

@@ -12,13 +12,10 @@ from urllib.parse import quote
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
 from gateway_agent.dicom.scp import INCOMING_DIR, ListenerEvent, StoreSCP, received_files, source_of
 from gateway_agent.synthetic import make_ct_series, write_series
-from tests._dcmtk import Storescp, echoscu, storescu
+from tests._dcmtk import Storescp, echoscu, send_ct, storescu
 from tests.conftest import require
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -63,17 +60,6 @@ def listen(tmp_path: Path) -> Iterator[type[Listener]]:
         listener.scp.stop()
 
 
-def _send(port: int, paths: list[Path], calling: str = "SCANNER") -> list[int]:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE01")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(p).Status) for p in paths]
-    finally:
-        assoc.release()
-
-
 def test_storescu_series_is_kept_durably_per_source(
     listen: type[Listener], storescp: type[Storescp], series: list[Path]
 ) -> None:
@@ -113,11 +99,11 @@ def test_calling_ae_not_allowed_is_rejected(
 def test_closed_gate_answers_out_of_resources(listen: type[Listener], series: list[Path]) -> None:
     gate = {"open": False}
     lst = listen(accept=lambda: gate["open"])
-    assert _send(lst.scp.port, series[:3]) == [0xA700] * 3
+    assert send_ct(lst.scp.port, series[:3], calling="SCANNER") == [0xA700] * 3
     assert list(received_files(lst.scp.spool)) == []
     assert not list((lst.scp.spool / INCOMING_DIR).iterdir())
     gate["open"] = True
-    assert _send(lst.scp.port, series[:3]) == [0] * 3
+    assert send_ct(lst.scp.port, series[:3], calling="SCANNER") == [0] * 3
     assert lst.kinds()[("refused", "intake_paused")] == 3
 
 
@@ -137,7 +123,7 @@ def test_write_failure_answers_out_of_resources_and_keeps_the_association(
         big_path = tmp_path / "big.dcm"
         big.save_as(big_path, enforce_file_format=True)
         lst = listen(spool=spool)
-        statuses = _send(lst.scp.port, [big_path, series[0]])
+        statuses = send_ct(lst.scp.port, [big_path, series[0]], calling="SCANNER")
         assert statuses == [0xA700, 0]  # the association went on after the failed write
         assert [p.parent.name for p in received_files(spool)] == ["ae-SCANNER"]
         assert lst.kinds()[("refused", "write_failed: ENOSPC")] == 1

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from gateway_agent.dicom.network import (
 from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreResult, StoreSCU
 from gateway_agent.synthetic import make_ct_series, write_series
 from tests._dcmtk import Storescp, write_profile
-from tests._orthanc import OrthancServer, free_port, start_orthanc
+from tests._orthanc import OrthancServer, free_port
 from tests.conftest import require
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -40,15 +39,6 @@ def _items(paths: list[Path]) -> list[StoreItem]:
 @pytest.fixture(scope="module")
 def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return write_series(make_ct_series(12, rows=64, cols=64), tmp_path_factory.mktemp("s"))
-
-
-@pytest.fixture
-def pacs() -> Iterator[OrthancServer]:
-    server = start_orthanc(dicom=True, dicom_peers={"EDGE01": ("127.0.0.1", 11112)})
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 # -- statuses ---------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from gateway_agent.synthetic import Patient, make_ct_slice
 from tests._faultproxy import FaultProxy
 from tests._s3 import ACCESS_KEY, SECRET_KEY, S3Server, start_s3
 
@@ -34,11 +33,8 @@ SEED = 20261205
 
 @pytest.fixture
 def s3() -> Iterator[S3Server]:
-    server = start_s3()
-    try:
+    with start_s3() as server:
         yield server
-    finally:
-        server.close()
 
 
 def _credentials(run_root: Path) -> Path:
@@ -65,19 +61,8 @@ def make_inputs(run: AgentRun, n: int, *, rows: int = 48) -> dict[str, tuple[str
     scratch.mkdir()
     expected: dict[str, tuple[str, str]] = {}
     for i in range(n):
-        patient = Patient(name=f"PHIDOE^PHIJANE{i // 100}", patient_id=f"PHIMRN4711-{i // 100}")
-        ds = make_ct_slice(
-            patient=patient,
-            study_seed=f"routes-study-{i // 40}",
-            instance_number=i + 1,
-            rows=rows,
-            cols=rows,
-            seed=i,
-        )
         name = f"s{i // 40:03d}/PHIDOE_IMG{i:05d}.dcm"
-        path = run.staging / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
+        path = run.stage_ct(name, i, study=f"routes-study-{i // 40}", rows=rows)
         out = engine.deidentify_file(path, scratch)
         expected[name] = (
             out.sop_instance_uid,
