@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -96,6 +97,27 @@ def dicomweb_overrides(server: Any) -> dict[str, Any]:
         "destination.backoff_cap_seconds": 2.0,
         "destination.timeout_seconds": 10.0,
     }
+
+
+def agent_command(inbox: Path, state_dir: Path, *flags: str) -> list[str]:
+    """``python -m gateway_agent --log-format json run`` on ``inbox`` and ``state_dir``, settling
+    after 0.2 s, without a metrics port, then ``flags`` (its destination)."""
+    return [
+        sys.executable,
+        "-m",
+        "gateway_agent",
+        "--log-format",
+        "json",
+        "run",
+        "--inbox",
+        str(inbox),
+        "--state-dir",
+        str(state_dir),
+        "--settle-seconds",
+        "0.2",
+        "--no-metrics",
+        *flags,
+    ]
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 60.0, step: float = 0.1) -> bool:

@@ -33,6 +33,7 @@ from gateway_agent.config import DestinationSettings
 from tests._faultproxy import FaultProxy
 from tests._s3 import ACCESS_KEY, SECRET_KEY, S3Server, s3_server, start_s3
 
+from ._agent_util import agent_command
 from ._uploadkit import FakeClock, add_files, make_files, wait_for
 
 __all__ = ["s3_server"]  # the module-scoped store fixture
@@ -568,25 +569,14 @@ def test_run_with_the_destination_s3_flag(s3_server: S3Server, tmp_path: Path) -
     write_series(make_ct_series(3, rows=32, cols=32), inbox)
     prefix = f"flag/{tmp_path.name}"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway_agent",
-            "--log-format",
-            "json",
-            "run",
-            "--inbox",
-            str(inbox),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--settle-seconds",
-            "0.2",
-            "--no-metrics",
+        agent_command(
+            inbox,
+            tmp_path / "state",
             "--destination-s3",
             f"s3://gateway/{prefix}/",
             "--s3-endpoint",
             s3_server.endpoint,
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

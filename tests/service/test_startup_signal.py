@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from gateway_agent.synthetic import make_ct_series, write_series
+from tests.agent._agent_util import agent_command
 
 # Start-up made slow at a known point: settings_from_args (the first thing `run` does after
 # parsing) announces itself, then takes 60 s, as a slow disk or a loaded box might.
@@ -80,23 +81,9 @@ def test_sigterm_with_uploads_hanging_exits_0_before_a_container_runtime_kills_i
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["GATEWAY_DESTINATION__TIMEOUT_SECONDS"] = "120"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway_agent",
-            "--log-format",
-            "json",
-            "run",
-            "--inbox",
-            str(inbox),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--settle-seconds",
-            "0.2",
-            "--no-metrics",
-            "--destination-url",
-            f"http://127.0.0.1:{port}/dicom-web",
-        ],
+        agent_command(
+            inbox, tmp_path / "state", "--destination-url", f"http://127.0.0.1:{port}/dicom-web"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
