@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,41 @@ def _retention_now(run: AgentRun) -> int:
         ob.close()
 
 
+def _when(t0: float, predicate: Callable[[], bool], timeout: float) -> float | None:
+    """Seconds from ``t0`` until ``predicate`` held (waiting ``timeout`` at most); None if never."""
+    return round(time.monotonic() - t0, 1) if reached(predicate, timeout) else None
+
+
+def _says(run: AgentRun, error: str) -> Callable[[], bool]:
+    """Whether the destination's last error, as ``status`` shows it, starts with ``error``."""
+    return lambda: str(_state(run)["last_error"] or "").startswith(error)
+
+
+def _outage_seen(run: AgentRun, t0: float, error: str, fault_s: float) -> dict[str, float | None]:
+    """Seconds from ``t0`` until `status` shows ``error``, then until /readyz answers 503 (None:
+    not within the ``fault_s`` seconds of the fault)."""
+    return {
+        "status_after_s": _when(t0, _says(run, error), fault_s),
+        "not_ready_after_s": _when(
+            t0, lambda: _ready(run)[0] == 503, max(1.0, t0 + fault_s - time.monotonic())
+        ),
+    }
+
+
+def _drained(run: AgentRun, n: int) -> Callable[[], bool]:
+    """Whether all ``n`` instances are delivered and proven, and the agent is ready again."""
+    return lambda: _state(run)["rows"].get("proven", 0) == n and _ready(run)[0] == 200
+
+
+def _delivery(want: set[str], stored: collections.Counter[str]) -> dict[str, int]:
+    """What the archive holds of ``want``: delivered, lost and duplicated instances."""
+    return {
+        "delivered": len(want & set(stored)),
+        "lost": len(want - set(stored)),
+        "duplicated": sum(c - 1 for c in stored.values()),
+    }
+
+
 def _outbox_files(run: AgentRun) -> int:
     root = run.state / "outbox"
     return sum(1 for p in root.rglob("*.dcm")) if root.exists() else 0
@@ -142,13 +178,8 @@ def test_lying_archive_loses_nothing(tmp_path: Path, agent_run) -> None:  # type
         run.start()
         t0 = time.monotonic()
         _feed(run, sorted(expected))
-        said = reached(
-            lambda: str(_state(run)["last_error"] or "").startswith("not_stored_after_ack"),
-            lie_s,
-        )
-        status_after = round(time.monotonic() - t0, 1) if said else None
-        not_ready = reached(lambda: _ready(run)[0] == 503, window + lie_s)
-        not_ready_after = round(time.monotonic() - t0, 1) if not_ready else None
+        status_after = _when(t0, _says(run, "not_stored_after_ack"), lie_s)
+        not_ready_after = _when(t0, lambda: _ready(run)[0] == 503, window + lie_s)
         _, ready_body = _ready(run)
         time.sleep(max(0.0, t0 + lie_s - time.monotonic()))
         during = _state(run)
@@ -163,13 +194,12 @@ def test_lying_archive_loses_nothing(tmp_path: Path, agent_run) -> None:  # type
         server.extra_config = {}
         server.start()
         _cli(run, "retry")
-        t_fix = time.monotonic()
         want = set(expected.values())
-        drained = reached(
+        drain_s = _when(
+            time.monotonic(),
             lambda: _state(run)["rows"].get("proven", 0) == n and set(server.sop_uids()) >= want,
             size(120, 600),
         )
-        drain_s = round(time.monotonic() - t_fix, 1)
         after = _state(run)
         metrics = run.metrics_text()
         rc = run.agent.stop()
@@ -184,18 +214,16 @@ def test_lying_archive_loses_nothing(tmp_path: Path, agent_run) -> None:  # type
             "status_after_s": status_after,
             "not_ready_after_s": not_ready_after,
             "window_s": window,
-            "drain_after_retry_s": drain_s if drained else None,
-            "delivered": len(want & set(stored)),
-            "lost": len(want - set(stored)),
-            "duplicated": sum(c - 1 for c in stored.values()),
+            "drain_after_retry_s": drain_s,
+            **_delivery(want, stored),
         }
         record_figures("lying_archive", figures)
         assert figures["counted_delivered_during_lie"] == 0 and stored_during == 0, figures
         assert files_during == n, figures  # every local copy kept
-        assert said and not_ready, figures
+        assert status_after is not None and not_ready_after is not None, figures
         assert any("stalled" in r for r in ready_body.get("reasons", [])), ready_body
         assert "not_stored_after_ack" in status_text and "does not hold" in status_text
-        assert drained and figures["lost"] == 0 and figures["duplicated"] == 0, figures
+        assert drain_s is not None and figures["lost"] == 0 and figures["duplicated"] == 0, figures
         assert after["rows"].get("dead", 0) == 0, after
         assert rc == 0
         assert_no_phi("lying_archive", phi_audit(run, metrics=metrics))
@@ -214,6 +242,34 @@ MISBEHAVIOURS = {
 }
 
 
+def _hostile_figures(
+    server: str,
+    n: int,
+    fault_s: float,
+    window: float,
+    seen: dict[str, float | None],
+    rps: float | None,
+    during: dict[str, Any],
+    drain_s: float | None,
+    want: set[str],
+    stored: list[str],
+) -> dict[str, Any]:
+    """One row of the ``hostile_server`` table, recorded (the same columns for every server)."""
+    figures = {
+        "server": server,
+        "files": n,
+        "fault_s": fault_s,
+        "window_s": window,
+        **seen,
+        "requests_per_s": rps,
+        "dead": during["rows"].get("dead", 0),
+        "drain_s": drain_s,
+        **_delivery(want, collections.Counter(stored)),
+    }
+    record_figures("hostile_server", figures)
+    return figures
+
+
 @pytest.mark.parametrize("case", list(MISBEHAVIOURS))
 def test_hostile_server(tmp_path: Path, orthanc: OrthancServer, agent_run, case: str) -> None:  # type: ignore[no-untyped-def]
     action, error = MISBEHAVIOURS[case]
@@ -229,12 +285,7 @@ def test_hostile_server(tmp_path: Path, orthanc: OrthancServer, agent_run, case:
         assert run.metrics_port() is not None
         t0 = time.monotonic()
         _feed(run, sorted(expected))
-        said = reached(lambda: str(_state(run)["last_error"] or "").startswith(error), fault_s)
-        status_after = round(time.monotonic() - t0, 1) if said else None
-        not_ready = reached(
-            lambda: _ready(run)[0] == 503, max(1.0, t0 + fault_s - time.monotonic())
-        )
-        not_ready_after = round(time.monotonic() - t0, 1) if not_ready else None
+        seen = _outage_seen(run, t0, error, fault_s)
         _, ready_body = _ready(run)
         time.sleep(max(0.0, t0 + fault_s - time.monotonic()))
         t_end = time.monotonic()
@@ -243,37 +294,19 @@ def test_hostile_server(tmp_path: Path, orthanc: OrthancServer, agent_run, case:
         status = json.loads(_cli(run, "status", "--json"))
 
         proxy.set_plan([], default="ok")
-        t_ok = time.monotonic()
         want = set(expected.values())
-        drained = reached(
-            lambda: _state(run)["rows"].get("proven", 0) == n and _ready(run)[0] == 200,
-            size(120, 600),
-        )
-        drain_s = round(time.monotonic() - t_ok, 1)
+        drain_s = _when(time.monotonic(), _drained(run, n), size(120, 600))
         rc = run.agent.stop()
-    stored = collections.Counter(orthanc.sop_uids())
-    figures = {
-        "server": case,
-        "files": n,
-        "fault_s": fault_s,
-        "window_s": window,
-        "status_after_s": status_after,
-        "not_ready_after_s": not_ready_after,
-        "requests_per_s": rps,
-        "dead": during["rows"].get("dead", 0),
-        "drain_s": drain_s if drained else None,
-        "delivered": len(want & set(stored)),
-        "lost": len(want - set(stored)),
-        "duplicated": sum(c - 1 for c in stored.values()),
-    }
-    record_figures("hostile_server", figures)
-    assert said and not_ready, figures
+    figures = _hostile_figures(
+        case, n, fault_s, window, seen, rps, during, drain_s, want, orthanc.sop_uids()
+    )
+    assert None not in seen.values(), figures
     assert ready_body.get("reasons"), ready_body
     assert status["destinations"][0]["problems"], status["destinations"][0]
     assert status["destinations"][0]["hint"], status["destinations"][0]
     assert figures["dead"] == 0, figures
     assert rps < 5, figures  # backoff: one probe at a time, not a request per row
-    assert drained and figures["lost"] == 0 and figures["duplicated"] == 0, figures
+    assert drain_s is not None and figures["lost"] == 0 and figures["duplicated"] == 0, figures
     assert rc == 0
 
 
@@ -291,12 +324,7 @@ def test_a_name_that_does_not_resolve(tmp_path: Path, orthanc: OrthancServer, ag
     run.start()
     t0 = time.monotonic()
     _feed(run, sorted(expected))
-    said = reached(
-        lambda: str(_state(run)["last_error"] or "").startswith("network_error"), fault_s
-    )
-    status_after = round(time.monotonic() - t0, 1) if said else None
-    not_ready = reached(lambda: _ready(run)[0] == 503, max(1.0, t0 + fault_s - time.monotonic()))
-    not_ready_after = round(time.monotonic() - t0, 1) if not_ready else None
+    seen = _outage_seen(run, t0, "network_error", fault_s)
     time.sleep(max(0.0, t0 + fault_s - time.monotonic()))
     during = _state(run)
     status = json.loads(_cli(run, "status", "--json"))
@@ -305,35 +333,18 @@ def test_a_name_that_does_not_resolve(tmp_path: Path, orthanc: OrthancServer, ag
     run.settings["destination"]["url"] = orthanc.dicomweb_url  # the operator fixes the URL
     write_config(run.config, run.settings)
     run.start()
-    t_ok = time.monotonic()
     want = set(expected.values())
-    drained = reached(
-        lambda: _state(run)["rows"].get("proven", 0) == n and _ready(run)[0] == 200,
-        size(120, 600),
-    )
-    drain_s = round(time.monotonic() - t_ok, 1)
+    drain_s = _when(time.monotonic(), _drained(run, n), size(120, 600))
     rc = run.agent.stop()
-    stored = collections.Counter(orthanc.sop_uids())
-    figures = {
-        "server": "name_not_resolved",
-        "files": n,
-        "fault_s": fault_s,
-        "window_s": window,
-        "status_after_s": status_after,
-        "not_ready_after_s": not_ready_after,
-        "requests_per_s": None,
-        "dead": during["rows"].get("dead", 0),
-        "drain_s": drain_s if drained else None,
-        "delivered": len(want & set(stored)),
-        "lost": len(want - set(stored)),
-        "duplicated": sum(c - 1 for c in stored.values()),
-    }
-    record_figures("hostile_server", figures)
-    assert said and not_ready, figures
+    figures = _hostile_figures(
+        "name_not_resolved", n, fault_s, window, seen, None, during, drain_s, want,
+        orthanc.sop_uids(),
+    )  # fmt: skip
+    assert None not in seen.values(), figures
     assert status["destinations"][0]["problems"] and status["destinations"][0]["hint"], status
     assert "cannot be reached" in status["destinations"][0]["hint"]
     assert figures["dead"] == 0, figures
-    assert drained and figures["lost"] == 0 and figures["duplicated"] == 0, figures
+    assert drain_s is not None and figures["lost"] == 0 and figures["duplicated"] == 0, figures
     assert rc == 0
 
 
