@@ -535,6 +535,36 @@ class AgentRun:
         return Deidentifier(secret, DeidOptions.from_settings(s.deid), station_name=s.station_name)
 
     # -- inputs --------------------------------------------------------------------------------
+    def stage_ct(
+        self,
+        name: str,
+        i: int,
+        *,
+        study: str,
+        rows: int = 48,
+        patients_every: int = 100,
+        mrn: str = "PHIMRN4711",
+        **slice_args: Any,
+    ) -> Path:
+        """Write synthetic CT slice ``i`` as ``staging/name``: instance ``i + 1`` of ``study``,
+        ``rows`` x ``rows``, a new patient (planted PHI, ID ``mrn-K``) every ``patients_every``."""
+        from gateway_agent.synthetic import Patient, make_ct_slice
+
+        k = i // patients_every
+        ds = make_ct_slice(
+            patient=Patient(name=f"PHIDOE^PHIJANE{k}", patient_id=f"{mrn}-{k}"),
+            study_seed=study,
+            instance_number=i + 1,
+            rows=rows,
+            cols=rows,
+            seed=i,
+            **slice_args,
+        )
+        path = self.staging / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
     def drop(self, name: str, data: bytes) -> Path:
         """Make ``inbox/name`` appear atomically with ``data`` (written in staging, renamed)."""
         (self.staging / name).parent.mkdir(parents=True, exist_ok=True)

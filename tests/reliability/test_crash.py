@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from gateway_agent.synthetic import Patient, make_ct_slice
-
 from ._harness import (
     AgentRun,
     assert_no_phi,
@@ -43,21 +41,11 @@ def make_inputs(run: AgentRun, n: int, *, rows: int = 48) -> dict[str, str]:
     scratch.mkdir()
     expected: dict[str, str] = {}
     for i in range(n):
-        patient = Patient(name=f"PHIDOE^PHIJANE{i // 100}", patient_id=f"PHIMRN4711-{i // 100}")
-        ds = make_ct_slice(
-            patient=patient,
-            study_seed=f"crash-study-{i // 40}",
-            series_number=1 + (i // 20) % 2,
-            instance_number=i + 1,
-            rows=rows,
-            cols=rows,
-            seed=i,
-        )
         # Inbox names carry a planted marker: no log line or output name may show it.
         name = f"s{i // 40:03d}/PHIDOE_IMG{i:05d}.dcm"
-        path = run.staging / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
+        path = run.stage_ct(
+            name, i, study=f"crash-study-{i // 40}", rows=rows, series_number=1 + (i // 20) % 2
+        )
         expected[name] = engine.deidentify_file(path, scratch).sop_instance_uid
     shutil.rmtree(scratch)
     return expected

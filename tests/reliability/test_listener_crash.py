@@ -21,7 +21,6 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 import gateway_agent.dicom.network  # noqa: F401  (pynetdicom closes refused sockets)
-from gateway_agent.synthetic import Patient, make_ct_slice
 from tests._orthanc import start_orthanc
 
 from ._harness import AgentRun, free_port, reached, record_figures, size
@@ -107,17 +106,13 @@ def test_kill9_while_receiving_every_acknowledged_instance_is_delivered_once(
         expected: set[str] = set()
         scratch = tmp_path / "expected"
         for i in range(n):
-            patient = Patient(name=f"PHIDOE^PHIJANE{i // 30}", patient_id=f"PHIMRN-{i // 30}")
-            ds = make_ct_slice(
-                patient=patient,
-                study_seed=f"listener-crash-{i // 30}",
-                instance_number=i + 1,
-                rows=48,
-                cols=48,
-                seed=i,
+            path = run.stage_ct(
+                f"{i:05d}.dcm",
+                i,
+                study=f"listener-crash-{i // 30}",
+                patients_every=30,
+                mrn="PHIMRN",
             )
-            path = run.staging / f"{i:05d}.dcm"
-            ds.save_as(path, enforce_file_format=True)
             files.append(path)
             expected.add(engine.deidentify_file(path, scratch).sop_instance_uid)
         assert len(expected) == n
