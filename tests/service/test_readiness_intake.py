@@ -15,8 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,18 +24,10 @@ import pytest
 from gateway_agent.synthetic import make_ct_series, write_series
 from tests._orthanc import free_port
 from tests.conftest import require
+from tests.reliability._harness import wait_until
 
 NOBODY = 65534
 IS_ROOT = os.geteuid() == 0
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"waited {timeout:.0f} s for {what}")
 
 
 def lock(folder: Path) -> None:
@@ -92,7 +83,7 @@ class Agent:
             stderr=subprocess.STDOUT,
             env=env,
         )
-        wait_for(lambda: self.readyz()[0] == 200, 60, "the agent to be ready")
+        wait_until(lambda: self.readyz()[0] == 200, 60, what="the agent to be ready")
 
     def readyz(self) -> tuple[int, dict[str, object]]:
         try:
@@ -135,7 +126,7 @@ def test_an_inbox_the_agent_cannot_delete_from_makes_it_not_ready(agent: Agent) 
     for src in staged:  # the scanner's account can write there; the agent cannot delete
         shutil.copy(src, agent.inbox / src.name)
         (agent.inbox / src.name).chmod(0o644)
-    wait_for(lambda: agent.readyz()[0] == 503, 60, "/readyz 503")
+    wait_until(lambda: agent.readyz()[0] == 503, 60, what="/readyz 503")
     body = agent.readyz()[1]
     check = agent.intake_check()
     assert check["ok"] is False
@@ -149,9 +140,9 @@ def test_an_inbox_the_agent_cannot_delete_from_makes_it_not_ready(agent: Agent) 
     unlock(agent.inbox)
     more = write_series(make_ct_series(1, study_seed="after"), agent.inbox.parent / "more")
     shutil.copy(more[0], agent.inbox / "after.dcm")
-    wait_for(lambda: agent.readyz()[0] == 200, 60, "/readyz 200 again")
+    wait_until(lambda: agent.readyz()[0] == 200, 60, what="/readyz 200 again")
     assert agent.intake_check()["ok"] is True
-    wait_for(lambda: len(list(agent.dest.rglob("*.dcm"))) == 3, 60, "3 files delivered")
+    wait_until(lambda: len(list(agent.dest.rglob("*.dcm"))) == 3, 60, what="3 files delivered")
     assert not (agent.inbox / "after.dcm").exists()
     assert agent.stop() == 0
 
@@ -162,7 +153,7 @@ def test_an_outbox_folder_the_agent_cannot_write_makes_it_not_ready(agent: Agent
     for d in outputs:
         lock(d)
     write_series(make_ct_series(1), agent.inbox)
-    wait_for(lambda: agent.readyz()[0] == 503, 60, "/readyz 503")
+    wait_until(lambda: agent.readyz()[0] == 503, 60, what="/readyz 503")
     check = agent.intake_check()
     assert check["ok"] is False and "EACCES" in str(check["detail"]), check
     assert len(list(agent.inbox.iterdir())) == 1  # the original waits

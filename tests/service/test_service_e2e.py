@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway_agent.synthetic import PHI_MARKERS, make_ct_series, write_series
+from tests.reliability._harness import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -130,15 +131,6 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
         a.stop()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "it") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_agent_runs_like_a_service(agent: Agent, tmp_path: Path) -> None:
     ready = agent.wait_message("READY")
     assert ready["READY"] == "1"
@@ -167,7 +159,7 @@ def test_agent_runs_like_a_service(agent: Agent, tmp_path: Path) -> None:
         quarantined = sum(v for (n, _), v in m.items() if n == "gateway_quarantined_total")
         return sent == N_GOOD and quarantined == 1
 
-    wait_until(done, what="4 instances sent and 1 file quarantined")
+    wait_until(done, 60, what="4 instances sent and 1 file quarantined")
     m = scrape(url)
     assert m[("gateway_files_received_total", ())] == N_GOOD + 1
     assert m[("gateway_deidentified_total", ())] == N_GOOD
