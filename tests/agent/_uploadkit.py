@@ -19,7 +19,9 @@ __all__ = [
     "CountingTransport",
     "FakeClock",
     "add_files",
+    "hourly_passes",
     "make_files",
+    "queued_outbox",
     "wait_for",
 ]
 
@@ -66,6 +68,21 @@ def add_files(outbox: Outbox, paths: list[Path]) -> list[str]:
         outbox.add(**row)
         uids.append(row["sop_instance_uid"])
     return uids
+
+
+def hourly_passes(up: Any, clock: FakeClock, n: int) -> None:
+    """``n`` passes of the uploader ``up``, an hour of ``clock`` apart (every backoff over)."""
+    for _ in range(n):
+        up.loop_once()
+        clock.advance(3600)
+
+
+def queued_outbox(directory: Path, n: int) -> tuple[Outbox, FakeClock, list[str]]:
+    """An in-memory outbox on a :class:`FakeClock` with ``n`` small synthetic files queued in
+    ``directory``: the outbox, its clock and the rows' SOP Instance UIDs."""
+    clock = FakeClock()
+    ob = Outbox(":memory:", clock=clock)
+    return ob, clock, add_files(ob, make_files(directory, n))
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 30.0, step: float = 0.05) -> Any:

@@ -34,7 +34,14 @@ from gateway_agent.agent.upload.uploader import Uploader
 from gateway_agent.config import DestinationSettings
 from tests._orthanc import OrthancServer, start_orthanc
 
-from ._uploadkit import CountingTransport, FakeClock, add_files, make_files
+from ._uploadkit import (
+    CountingTransport,
+    FakeClock,
+    add_files,
+    hourly_passes,
+    make_files,
+    queued_outbox,
+)
 
 DROP_ALL = "function ReceivedInstanceFilter(dicom, origin, info)\n  return false\nend\n"
 
@@ -140,9 +147,7 @@ def test_an_archive_that_acknowledges_and_stores_nothing_loses_nothing_by_defaul
         )
         dest = destination_from_settings(settings)  # default settings: confirm_storage on
         up = Uploader(ob, dest, settings, clock=clock, rng=random.Random(1))
-        for _ in range(2 * NOT_STORED_MAX_ATTEMPTS + 2):  # send, prove, send again, ...
-            up.loop_once()
-            clock.advance(3600)
+        hourly_passes(up, clock, 2 * NOT_STORED_MAX_ATTEMPTS + 2)  # send, prove, send again, ...
         dest.close()
         counts = ob.counts()
         assert counts["sent"] == 0 and counts["dead"] == 20, counts
@@ -185,9 +190,7 @@ def test_look_ups_are_batched_per_study(tmp_path: Path, orthanc: OrthancServer) 
 def test_an_instance_found_on_a_later_attempt_is_sent(tmp_path: Path) -> None:
     """An archive that indexes late: not found after the first acknowledgement, sent again
     after the retry delay, found, `sent` and proven."""
-    clock = FakeClock()
-    ob = Outbox(":memory:", clock=clock)
-    (uid,) = add_files(ob, make_files(tmp_path / "f", 1))
+    ob, clock, (uid,) = queued_outbox(tmp_path / "f", 1)
     archive = Archive(store=False)
     up = Uploader(ob, _mock_dest(archive), _settings(), clock=clock, rng=random.Random(2))
     assert up.loop_once() == 1  # sent
@@ -231,14 +234,10 @@ def test_pages_of_uids(tmp_path: Path) -> None:
 def test_no_qido_at_the_url_keeps_the_copies_and_says_why(tmp_path: Path) -> None:
     """A STOW-only endpoint: storage cannot be proven as the server is set up. Uploads go on,
     the local copies stay, the check backs off, and `status` and /readyz say what to do."""
-    clock = FakeClock()
-    ob = Outbox(":memory:", clock=clock)
-    add_files(ob, make_files(tmp_path / "f", 3))
+    ob, clock, _ = queued_outbox(tmp_path / "f", 3)
     archive = Archive(qido_status=404)
     up = Uploader(ob, _mock_dest(archive), _settings(), clock=clock, rng=random.Random(3))
-    for _ in range(6):
-        up.loop_once()
-        clock.advance(3600)
+    hourly_passes(up, clock, 6)
     assert ob.counts()["sent"] == 3 and ob.counts()["dead"] == 0
     assert ob.proof_summary()["pending"][0] == 3 and ob.purge_sent_files(0) == 0
     assert len(archive.gets) == 1  # the next check waits for its backoff
@@ -484,9 +483,7 @@ def test_a_peer_that_refuses_c_find_keeps_the_copies_and_says_why(
         settings = _dicom_settings(scp.port, scp.aet)
         dest = destination_from_settings(settings, calling_ae="EDGE01")
         up = Uploader(ob, dest, settings, clock=clock, rng=random.Random(8))
-        for _ in range(4):
-            up.loop_once()
-            clock.advance(3600)
+        hourly_passes(up, clock, 4)
         dest.close()
         assert len(scp.files()) == 4
     counts = ob.counts()

@@ -30,7 +30,7 @@ from tests._faultproxy import FaultProxy
 from tests._orthanc import OrthancServer
 
 from ._agent_util import agent_settings, running_daemon, wait_until, write_synthetic
-from ._uploadkit import FakeClock, add_files, make_files
+from ._uploadkit import add_files, hourly_passes, make_files, queued_outbox
 
 NOWHERE = "http://127.0.0.1:9"  # the proxy's upstream when no action forwards anything
 
@@ -115,16 +115,12 @@ def test_a_reply_dripping_one_byte_a_second_is_cut_at_its_deadline(
 def test_a_server_that_never_answers_or_never_reads_is_an_outage(
     tmp_path: Path, action: str
 ) -> None:
-    clock = FakeClock()
-    ob = Outbox(":memory:", clock=clock)
-    add_files(ob, make_files(tmp_path / "f", 4))
+    ob, clock, _ = queued_outbox(tmp_path / "f", 4)
     with FaultProxy(NOWHERE, default=action, rcvbuf=4096) as proxy:
         s = _settings(proxy.url + "/dicom-web", timeout_seconds=1.0)
         dest = DicomWebDestination(s.url or "", timeout=httpx.Timeout(1.0))
         up = Uploader(ob, dest, s, clock=clock, rng=random.Random(4))
-        for _ in range(4):
-            up.loop_once()
-            clock.advance(3600)
+        hourly_passes(up, clock, 4)
         dest.close()
     counts = ob.counts()
     assert counts["queued"] == 4 and counts["dead"] == 0 and counts["sending"] == 0, counts
@@ -148,16 +144,12 @@ def test_a_reply_that_is_not_a_stow_response_is_a_destination_failure(
     """An empty 200 or a captive portal's page: the circuit opens, one probe at a time, the
     rows keep their attempts, and nothing is killed; once the real server answers again,
     everything is delivered."""
-    clock = FakeClock()
-    ob = Outbox(":memory:", clock=clock)
-    uids = add_files(ob, make_files(tmp_path / "f", 6))
+    ob, clock, uids = queued_outbox(tmp_path / "f", 6)
     with FaultProxy(orthanc.base_url, default=action) as proxy:
         s = _settings(proxy.url + "/dicom-web")
         dest = DicomWebDestination(s.url or "", auth=httpx.BasicAuth(*orthanc.auth))
         up = Uploader(ob, dest, s, clock=clock, rng=random.Random(5))
-        for _ in range(10):
-            up.loop_once()
-            clock.advance(3600)
+        hourly_passes(up, clock, 10)
         counts = ob.counts()
         assert counts["queued"] == 6 and counts["dead"] == 0, counts
         assert max(r.attempts for r in ob.rows("queued")) <= 1
@@ -175,16 +167,12 @@ def test_a_reply_that_is_not_a_stow_response_is_a_destination_failure(
 def test_404_to_every_request_is_a_misconfiguration_and_keeps_the_rows(tmp_path: Path) -> None:
     """A wrong URL (the DICOMweb root missing, a typo): back off like an outage, never use up
     the rows' attempts, say what to check."""
-    clock = FakeClock()
-    ob = Outbox(":memory:", clock=clock)
-    add_files(ob, make_files(tmp_path / "f", 5))
+    ob, clock, _ = queued_outbox(tmp_path / "f", 5)
     with FaultProxy(NOWHERE, default="status:404") as proxy:
         s = _settings(proxy.url + "/not-dicom-web", max_attempts=1)
         dest = DicomWebDestination(s.url or "")
         up = Uploader(ob, dest, s, clock=clock, rng=random.Random(6))
-        for _ in range(8):
-            up.loop_once()
-            clock.advance(3600)
+        hourly_passes(up, clock, 8)
         dest.close()
         requests = proxy.count()
     counts = ob.counts()

@@ -34,7 +34,7 @@ from tests._faultproxy import FaultProxy
 from tests._s3 import ACCESS_KEY, SECRET_KEY, S3Server, s3_server, start_s3
 
 from ._agent_util import agent_command
-from ._uploadkit import FakeClock, add_files, make_files, wait_for
+from ._uploadkit import FakeClock, add_files, make_files, queued_outbox, wait_for
 
 __all__ = ["s3_server"]  # the module-scoped store fixture
 
@@ -302,9 +302,7 @@ def test_wrong_credentials_stop_the_destination_without_dead_rows(
     s = settings(
         s3_server, tmp_path, aws_credentials_file=credentials_file(tmp_path, secret, name="wrong")
     )
-    clock = FakeClock()
-    ob = Outbox(":memory:", clock=clock)
-    add_files(ob, make_files(tmp_path / "files", 3))
+    ob, clock, _ = queued_outbox(tmp_path / "files", 3)
     up = _uploader(ob, s, clock)
     with capture_logs() as logs:
         for _ in range(5):
@@ -326,9 +324,7 @@ def test_wrong_credentials_stop_the_destination_without_dead_rows(
 def test_missing_bucket_stops_the_destination_with_its_reason(
     s3_server: S3Server, tmp_path: Path
 ) -> None:
-    clock = FakeClock()
-    ob = Outbox(":memory:", clock=clock)
-    add_files(ob, make_files(tmp_path / "files", 3))
+    ob, clock, _ = queued_outbox(tmp_path / "files", 3)
     s = settings(s3_server, tmp_path, bucket="no-such-bucket")
     up = _uploader(ob, s, clock)
     for _ in range(30):  # more than max_attempts would allow if they were burned
@@ -371,9 +367,7 @@ def test_store_down_then_up_delivers_everything(tmp_path: Path) -> None:
 def test_throttling_and_5xx_are_retried(s3_server: S3Server, tmp_path: Path) -> None:
     plan = ["503", "status:500", "status:429"]
     with FaultProxy(s3_server.endpoint, plan=plan, keep_host=True) as proxy:
-        clock = FakeClock()
-        ob = Outbox(":memory:", clock=clock)
-        uids = add_files(ob, make_files(tmp_path / "files", 2))
+        ob, clock, uids = queued_outbox(tmp_path / "files", 2)
         s = settings(s3_server, tmp_path, endpoint_url=proxy.url)
         up = _uploader(ob, s, clock)
         q = ob.queue("default")

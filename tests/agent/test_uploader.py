@@ -29,7 +29,7 @@ from gateway_agent.config import DestinationSettings
 from tests._faultproxy import FaultProxy, seeded_plan
 from tests._orthanc import OrthancServer
 
-from ._uploadkit import CountingTransport, FakeClock, add_files, make_files, wait_for
+from ._uploadkit import CountingTransport, add_files, make_files, queued_outbox, wait_for
 
 
 def _settings(url: str = "http://127.0.0.1:1/dicom-web", **kw: Any) -> DestinationSettings:
@@ -318,9 +318,7 @@ def _mock_dest(handler: Any) -> DicomWebDestination:
 
 
 def test_outage_kills_rows_only_by_age(tmp_path: Path) -> None:
-    clock = FakeClock()
-    ob = Outbox(":memory:", clock=clock)
-    add_files(ob, make_files(tmp_path / "f", 3))
+    ob, clock, _ = queued_outbox(tmp_path / "f", 3)
     calls: list[int] = []
 
     def down(request: httpx.Request) -> httpx.Response:
@@ -342,9 +340,7 @@ def test_outage_kills_rows_only_by_age(tmp_path: Path) -> None:
 
 
 def test_auth_failure_backs_off_and_never_kills_quickly(tmp_path: Path) -> None:
-    clock = FakeClock()
-    ob = Outbox(":memory:", clock=clock)
-    add_files(ob, make_files(tmp_path / "f", 2))
+    ob, clock, _ = queued_outbox(tmp_path / "f", 2)
     up = Uploader(
         ob,
         _mock_dest(lambda r: httpx.Response(401)),
@@ -365,9 +361,7 @@ def test_auth_failure_backs_off_and_never_kills_quickly(tmp_path: Path) -> None:
 
 
 def test_per_instance_transient_failure_exhausts_attempts(tmp_path: Path) -> None:
-    clock = FakeClock()
-    ob = Outbox(":memory:", clock=clock)
-    (uid,) = add_files(ob, make_files(tmp_path / "f", 1))
+    ob, clock, (uid,) = queued_outbox(tmp_path / "f", 1)
     body = {
         "00081198": {
             "vr": "SQ",
@@ -478,9 +472,7 @@ def test_a_probe_whose_claim_fails_frees_the_circuit_at_once(
 ) -> None:
     """After an outage, the one probe that fails to claim (database locked, disk full) must hand
     the probe back, not hold it for its lease while every worker waits."""
-    clock = FakeClock()
-    ob = Outbox(":memory:", clock=clock)
-    add_files(ob, make_files(tmp_path / "f", 2))
+    ob, clock, _ = queued_outbox(tmp_path / "f", 2)
     up = Uploader(
         ob,
         _mock_dest(lambda request: httpx.Response(503)),
