@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway_agent.agent.outbox.db import STATES
+from gateway_agent.agent.outbox.db import STATES, OutboxRow
 from gateway_agent.agent.outbox.store import DestinationQueue, Outbox
 
 from ._uploadkit import FakeClock, add_files, make_files
@@ -181,13 +181,21 @@ def test_oldest_waiting_age_and_rows_since(
         outbox.rows("lost")
 
 
-def test_purge_sent_files_keeps_rows(outbox: Outbox, clock: FakeClock, tmp_path: Path) -> None:
-    files = [tmp_path / f"{i}.dcm" for i in range(3)]
+def _claimed(
+    outbox: Outbox, clock: FakeClock, tmp_path: Path, n: int
+) -> tuple[list[Path], list[OutboxRow]]:
+    """``n`` one-byte files ``0.dcm``... (written now, by the outbox's clock) added as ``1.0``...
+    and claimed for sending: the files and the claimed rows."""
+    files = [tmp_path / f"{i}.dcm" for i in range(n)]
     for i, f in enumerate(files):
         f.write_bytes(b"x")
         os.utime(f, (clock.now, clock.now))  # written before it is sent, by the same clock
         _add(outbox, f"1.{i}", f)
-    rows = _q(outbox).claim(max_items=3, max_bytes=10**9, lease_seconds=60)
+    return files, _q(outbox).claim(max_items=n, max_bytes=10**9, lease_seconds=60)
+
+
+def test_purge_sent_files_keeps_rows(outbox: Outbox, clock: FakeClock, tmp_path: Path) -> None:
+    files, rows = _claimed(outbox, clock, tmp_path, 3)
     _q(outbox).mark_sent([rows[0].id, rows[1].id])
     _q(outbox).mark_proven([rows[0].id, rows[1].id])
     clock.advance(100)
@@ -201,12 +209,7 @@ def test_purge_sent_files_keeps_rows(outbox: Outbox, clock: FakeClock, tmp_path:
 def test_compact_deletes_old_sent_rows_but_never_the_newest(
     outbox: Outbox, clock: FakeClock, tmp_path: Path
 ) -> None:
-    files = [tmp_path / f"{i}.dcm" for i in range(4)]
-    for i, f in enumerate(files):
-        f.write_bytes(b"x")
-        os.utime(f, (clock.now, clock.now))  # written before it is sent, by the same clock
-        _add(outbox, f"1.{i}", f)
-    rows = _q(outbox).claim(max_items=4, max_bytes=10**9, lease_seconds=60)
+    _, rows = _claimed(outbox, clock, tmp_path, 4)
     _q(outbox).mark_sent([r.id for r in rows[:3]])
     _q(outbox).mark_proven([r.id for r in rows[:3]])
     clock.advance(100)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -16,6 +17,16 @@ from gateway_agent.synthetic_pixels import FrameSpec, make_object, write_object
 from ._agent_util import agent_settings, files_under, running_daemon, wait_until
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def _audit_of_the_one_sent(state_dir: Path) -> dict[str, Any]:
+    """The audit record of the outbox's one ``sent`` row (there must be exactly one)."""
+    outbox = Outbox(state_dir / "outbox.db")
+    try:
+        (row,) = outbox.rows("sent")
+        return outbox.audit(row.id)
+    finally:
+        outbox.close()
 
 
 def test_agent_delivers_a_cleaned_ultrasound_image(tmp_path: Path) -> None:
@@ -39,12 +50,7 @@ def test_agent_delivers_a_cleaned_ultrasound_image(tmp_path: Path) -> None:
     for value in (obj.identity.family, obj.identity.patient_id, obj.identity.accession):
         assert value.encode() not in raw
     assert not files_under(settings.state_dir / "quarantine")
-    outbox = Outbox(settings.state_dir / "outbox.db")
-    try:
-        (row,) = outbox.rows("sent")
-        audit = outbox.audit(row.id)
-    finally:
-        outbox.close()
+    audit = _audit_of_the_one_sent(settings.state_dir)
     assert audit["pixels"]["verified"] is True and audit["pixels"]["regions"] > 0
     assert np.isclose(sum(audit["pixels"]["detectors"].values()), audit["pixels"]["regions"])
 
@@ -78,12 +84,7 @@ def test_reviewed_object_is_released_once_with_allow_burned_in(
         assert wait_until(lambda: d.drained() and not files_under(settings.inbox), 60)
     (delivered,) = files_under(settings.destination.folder)
     assert pydicom.dcmread(delivered).PatientIdentityRemoved == "YES"
-    outbox = Outbox(settings.state_dir / "outbox.db")
-    try:
-        (row,) = outbox.rows("sent")
-        audit = outbox.audit(row.id)
-    finally:
-        outbox.close()
+    audit = _audit_of_the_one_sent(settings.state_dir)
     assert audit["burned_in_allowed"] is True
     assert audit["burned_in_released"] == {
         "quarantine_id": entry.id,

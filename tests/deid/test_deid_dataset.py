@@ -85,19 +85,31 @@ def test_every_refusal_has_a_detail(reason: str) -> None:
     assert DeidError(reason, "more").detail == "more"
 
 
+#: Python lines that write ``n`` small synthetic CT slices into a new temporary folder ``d``.
+_SERIES_IN_D = (
+    "from gateway_agent.synthetic import make_ct_series, write_series\n"
+    "import pathlib, tempfile\n"
+    "d = pathlib.Path(tempfile.mkdtemp())\n"
+    "write_series(make_ct_series({n}, rows=32, cols=32), d)\n"
+)
+
+
+def _in_a_fresh_interpreter(code: str) -> subprocess.CompletedProcess[str]:
+    """``python -c code`` in a new process; it must succeed (its output is returned)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_used_as_a_library_nothing_is_printed(tmp_path: object) -> None:
     """run_qc in a fresh interpreter (no logging configured): stdout and stderr stay empty."""
     code = (
         "from gateway_agent import run_qc, anonymize_dataset\n"
-        "from gateway_agent.synthetic import make_ct_series, write_series\n"
-        "import pathlib, tempfile\n"
-        "d = pathlib.Path(tempfile.mkdtemp())\n"
-        "write_series(make_ct_series(4, rows=32, cols=32), d)\n"
-        "records, matrix, labels, s = run_qc(d, n_clusters=2)\n"
+        + _SERIES_IN_D.format(n=4)
+        + "records, matrix, labels, s = run_qc(d, n_clusters=2)\n"
         "assert len(records) == 4\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = _in_a_fresh_interpreter(code)
     assert (done.stdout, done.stderr) == ("", "")
 
 
@@ -107,14 +119,10 @@ def test_library_events_go_to_the_standard_logging_tree(tmp_path: object) -> Non
         "import logging\n"
         "logging.basicConfig(level=logging.INFO, format='%(name)s %(levelname)s %(message)s')\n"
         "from gateway_agent import run_qc\n"
-        "from gateway_agent.synthetic import make_ct_series, write_series\n"
-        "import pathlib, tempfile\n"
-        "d = pathlib.Path(tempfile.mkdtemp())\n"
-        "write_series(make_ct_series(2, rows=32, cols=32), d)\n"
-        "run_qc(d, n_clusters=1)\n"
+        + _SERIES_IN_D.format(n=2)
+        + "run_qc(d, n_clusters=1)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = _in_a_fresh_interpreter(code)
     assert done.stdout == ""
     assert "gateway_agent INFO event='qc_scanned'" in done.stderr
     assert logging.getLogger("gateway_agent").level == logging.NOTSET  # nothing set on import
