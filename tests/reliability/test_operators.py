@@ -23,7 +23,7 @@ from gateway_agent.synthetic import Patient
 from tests._procs import deleted_fds
 
 from ._accidents import CountingStow, Inputs, cli, ct_bytes, start_agent, status_json
-from ._harness import assert_no_phi, phi_audit, record_figures, size, wait_until
+from ._harness import AgentRun, assert_no_phi, phi_audit, record_figures, size, wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -105,6 +105,19 @@ def test_status_and_retry_beside_a_running_agent(agent_run) -> None:  # type: ig
 # --------------------------------------------------------------------------- two agents
 
 
+def _start_and_drop(run: AgentRun, stow: CountingStow, n: int, study: str) -> Inputs:
+    """``n`` CT inputs of ``study`` (the STOW server told their output UIDs), the agent started,
+    then every input dropped into its inbox."""
+    inputs = Inputs(run)
+    for i in range(n):
+        inputs.add(f"PHIDOE_{i:03d}.dcm", ct_bytes(i, study=study))
+    stow.uids = {u.encode() for u in inputs.expected.values()}
+    start_agent(run)
+    for name, data in inputs.data.items():
+        run.drop(name, data)
+    return inputs
+
+
 def test_a_second_agent_is_refused(tmp_path: Path, agent_run) -> None:  # type: ignore[no-untyped-def]
     """A second agent on a state folder in use, or on an inbox in use with another state folder,
     exits 2 with one line before touching anything; the first agent sends each instance once."""
@@ -112,13 +125,7 @@ def test_a_second_agent_is_refused(tmp_path: Path, agent_run) -> None:  # type: 
     with CountingStow(set()) as stow:
         stow.delay = 3.0  # uploads stay in flight (rows in "sending") while the second starts
         first = agent_run(tmp_path / "a", destination=_stow_destination(stow))
-        inputs = Inputs(first)
-        for i in range(n):
-            inputs.add(f"PHIDOE_{i:03d}.dcm", ct_bytes(i, study="two"))
-        stow.uids = {u.encode() for u in inputs.expected.values()}
-        start_agent(first)
-        for name, data in inputs.data.items():
-            first.drop(name, data)
+        inputs = _start_and_drop(first, stow, n, "two")
         wait_until(lambda: first.outbox_counts().get("sending", 0) > 0, 60, what="rows sending")
         (tmp_path / "b" / "inbox2").mkdir(parents=True)
         same_state = agent_run(
@@ -184,13 +191,7 @@ def test_secret_replaced_or_missing_refuses_to_start(agent_run) -> None:  # type
     with CountingStow(set()) as stow:
         stow.down = True
         run = agent_run(destination=_stow_destination(stow))
-        inputs = Inputs(run)
-        for i in range(n):
-            inputs.add(f"PHIDOE_{i:03d}.dcm", ct_bytes(i, study="secret"))
-        stow.uids = {u.encode() for u in inputs.expected.values()}
-        start_agent(run)
-        for name, data in inputs.data.items():
-            run.drop(name, data)
+        inputs = _start_and_drop(run, stow, n, "secret")
         wait_until(lambda: len(run.outbox_rows()) == n, 60, what="rows queued")
         assert run.agent.stop() == 0
         secret_file = run.state / "secret.key"
