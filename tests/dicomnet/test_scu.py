@@ -155,15 +155,28 @@ def test_peer_aborts_mid_association(
     assert info.value.results == []  # nothing was acknowledged: nothing may count as sent
 
 
+def _send_to_profile(
+    storescp: type[Storescp],
+    tmp_path: Path,
+    sop_classes: list[str],
+    syntaxes: list[str],
+    paths: list[Path],
+) -> tuple[list[StoreResult], list[Path]]:
+    """Send ``paths`` (CT) to a storescp that accepts only ``sop_classes`` in ``syntaxes``: the
+    results, and the files the receiver wrote."""
+    profile = write_profile(tmp_path / "only.cfg", sop_classes, syntaxes)
+    with storescp(tmp_path / "out", args=["-xf", str(profile), "Only"]) as scp:
+        scu = StoreSCU("127.0.0.1", scp.port, scp.aet, "EDGE01")
+        results = scu.send(_items(paths))
+        scu.close()
+        return results, scp.files()
+
+
 def test_refused_sop_class_fails_per_instance(
     storescp: type[Storescp], tmp_path: Path, series: list[Path]
 ) -> None:
-    profile = write_profile(tmp_path / "mr-only.cfg", [MR], [ExplicitVRLittleEndian])
-    with storescp(tmp_path / "out", args=["-xf", str(profile), "Only"]) as scp:
-        scu = StoreSCU("127.0.0.1", scp.port, scp.aet, "EDGE01")
-        results = scu.send(_items(series[:2]))
-        scu.close()
-        assert scp.files() == []
+    results, got = _send_to_profile(storescp, tmp_path, [MR], [ExplicitVRLittleEndian], series[:2])
+    assert got == []
     assert [r.outcome for r in results] == [Outcome.FAILURE] * 2
     assert all("presentation context refused" in r.reason and CT in r.reason for r in results)
 
@@ -171,12 +184,7 @@ def test_refused_sop_class_fails_per_instance(
 def test_explicit_converted_to_implicit_when_only_that_is_accepted(
     storescp: type[Storescp], tmp_path: Path, series: list[Path]
 ) -> None:
-    profile = write_profile(tmp_path / "implicit.cfg", [CT], [ImplicitVRLittleEndian])
-    with storescp(tmp_path / "out", args=["-xf", str(profile), "Only"]) as scp:
-        scu = StoreSCU("127.0.0.1", scp.port, scp.aet, "EDGE01")
-        results = scu.send(_items(series[:2]))
-        scu.close()
-        got = scp.files()
+    results, got = _send_to_profile(storescp, tmp_path, [CT], [ImplicitVRLittleEndian], series[:2])
     assert [r.outcome for r in results] == [Outcome.SUCCESS] * 2
     assert len(got) == 2
     ds = pydicom.dcmread(got[0])
