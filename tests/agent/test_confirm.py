@@ -428,13 +428,15 @@ def test_c_store_is_proven_with_c_find(tmp_path: Path, lies: bool) -> None:
         lua = tmp_path / "drop.lua"
         lua.write_text(DROP_ALL)
         extra = {"LuaScripts": [str(lua)]}
+    # Written before the clock starts: sent after the files were written, however long 48 files
+    # take on a loaded machine (retention keeps a file written later than its row was sent).
+    files = make_files(tmp_path / "a", 45, seed="study-a") + make_files(tmp_path / "b", 3)
     server = start_orthanc(
         dicom=True, dicom_peers={"EDGE01": ("127.0.0.1", 11112)}, extra_config=extra
     )
-    clock = FakeClock(time.time())  # sent after the files were written
+    clock = FakeClock(time.time())
     ob = Outbox(tmp_path / "outbox.db", clock=clock)
     try:
-        files = make_files(tmp_path / "a", 45, seed="study-a") + make_files(tmp_path / "b", 3)
         uids = add_files(ob, files)
         settings = _dicom_settings(
             server.dicom_port, server.dicom_aet, batch_max_instances=50, timeout_seconds=30.0
