@@ -243,7 +243,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ status
-#: ``status`` stops counting inbox files here (a walk of the inbox, while the agent runs).
+#: ``status`` stops counting inbox files here (a walk of the inbox's folder listings, beside a
+#: running agent) and prints "more than" this.
 INBOX_COUNT_LIMIT = 100_000
 #: An inbox file older than this is worth a hint (the settle time is seconds).
 STALE_INBOX_SECONDS = 120.0
@@ -303,7 +304,11 @@ def _qc_outliers(settings: Settings, latest: int) -> list[dict[str, Any]]:
 
 def _inbox_summary(inbox: Path, originals: str, state_dir: Path) -> dict[str, Any]:
     """Files in the inbox not taken yet, and the oldest one's age (not with ``keep``, where
-    processed originals stay); whether the inbox is there; originals it refused to give up."""
+    processed originals stay); whether the inbox is there; originals it refused to give up.
+
+    The count stops at ``INBOX_COUNT_LIMIT`` (``waiting_capped``: more wait); the age is read of
+    the first ``BACKLOG_AGES`` files only (``oldest_exact`` false beyond: the oldest of those,
+    so the oldest of all is at least that old)."""
     from ..agent.intake.originals import undeletable_count
     from ..agent.intake.watcher import inbox_backlog
 
@@ -315,10 +320,12 @@ def _inbox_summary(inbox: Path, originals: str, state_dir: Path) -> dict[str, An
     }
     if originals == "keep" or summary["missing"]:
         return summary
-    count, oldest = inbox_backlog(inbox, INBOX_COUNT_LIMIT)
-    summary["waiting"] = count
-    summary["waiting_capped"] = count >= INBOX_COUNT_LIMIT
+    backlog = inbox_backlog(inbox, INBOX_COUNT_LIMIT)
+    summary["waiting"] = backlog.count
+    summary["waiting_capped"] = backlog.more
+    oldest = backlog.oldest
     summary["oldest_seconds"] = None if oldest is None else max(0.0, time.time() - oldest)
+    summary["oldest_exact"] = backlog.oldest_exact
     return summary
 
 
@@ -615,10 +622,13 @@ def _print_status(st: dict[str, Any]) -> None:
     elif "waiting" not in inbox:
         w(f"inbox: {inbox['path']} (originals kept: not counted)\n")
     elif inbox["waiting"]:
-        more = "+" if inbox["waiting_capped"] else ""
+        count = f"more than {inbox['waiting']}" if inbox["waiting_capped"] else inbox["waiting"]
         age = inbox["oldest_seconds"]
-        w(f"inbox: {inbox['waiting']}{more} file(s) not taken yet, oldest {_age(age)}\n")
-        if age > STALE_INBOX_SECONDS:
+        oldest = "" if age is None else f", oldest {_age(age)}"
+        if age is not None and not inbox.get("oldest_exact", True):
+            oldest = f", oldest at least {_age(age)}"
+        w(f"inbox: {count} file(s) not taken yet{oldest}\n")
+        if age is not None and age > STALE_INBOX_SECONDS:
             w("  files that stay are deferred: see intake_deferred / intake_paused in the log\n")
     else:
         w("inbox: empty\n")
