@@ -495,50 +495,59 @@ class OutboxDB:
     ) -> str | None:
         """An instance already in the outbox arrived again (a corrected version, a resend by
         the modality, or the same file after a crash): its file was just rewritten under the
-        row, so the row follows it. Each of its deliveries delivered or dead is queued again (a
-        destination is idempotent per SOP Instance UID; a new version must not stay unsent);
-        one being sent will not count its outcome for the new version. Routing stays as it was
-        decided when the instance was added, except for an instance re-added from its outbox
-        file at start-up (a kill between writing the file and committing its row), routed by
-        its header alone: its original, taken again, says where it came from, and the
-        destinations whose rules need that get their deliveries. Returns the instance's
-        previous state (summed up over its deliveries).
+        row (where the row says), so the row follows it: its header, where it came from and its
+        scanner become the new version's, and so does its routing. Each delivery the new
+        version goes to that was delivered or dead is queued again (a destination is idempotent
+        per SOP Instance UID; a new version must not stay unsent), a destination it goes to
+        newly gets a delivery, and one being sent will not count its outcome for the new
+        version. A configured destination whose rule does not match the new version loses its
+        delivery still waiting or dead (it was for the previous version); one that was sent the
+        previous version keeps that record. Returns the instance's previous state (summed up
+        over its deliveries).
         """
         row = c.execute(
-            "select id, json_extract(audit, '$.reconciled') = 1 and file_gone = 0"
-            " from instances where sop_instance_uid = ?",
-            (values[0],),
+            "select id from instances where sop_instance_uid = ?", (values[0],)
         ).fetchone()
         if row is None:
             return None
-        instance_id, reconciled = int(row[0]), bool(row[1])
+        instance_id = int(row[0])
         deliveries = c.execute(
             "select destination, state from deliveries where instance_id = ?", (instance_id,)
         ).fetchall()
         states = {str(s) for _, s in deliveries}
         previous = next((s for s in ("sending", "queued", "dead") if s in states), "sent")
-        if reconciled:
-            c.executemany(
-                "insert or ignore into deliveries (instance_id, destination, next_attempt_at,"
-                " created_at) values (?, ?, ?, ?)",
-                [(instance_id, name, now, now) for name in targets],
-            )
-            c.execute(
-                "update instances set source = ?, inbox_folder = ?, calling_ae = ? where id = ?",
-                (values[5], values[6], values[7], instance_id),
-            )
         c.execute(
-            "update instances set size = ?, audit = ?, file_gone = 0 where id = ?",
-            (values[10], values[11], instance_id),
+            "update instances set study_instance_uid = ?, series_instance_uid = ?,"
+            " sop_class_uid = ?, modality = ?, source = ?, inbox_folder = ?, calling_ae = ?,"
+            " scanner = ?, size = ?, audit = ?, file_gone = 0 where id = ?",
+            (*values[1:9], *values[10:], instance_id),
+        )
+        configured = {r.name for r in self.routes}
+        elsewhere = [
+            str(name)
+            for name, state in deliveries
+            if name in configured and name not in targets and state in ("queued", "dead")
+        ]
+        c.executemany(
+            "delete from deliveries where instance_id = ? and destination = ?",
+            [(instance_id, name) for name in elsewhere],
+        )
+        c.executemany(
+            "insert or ignore into deliveries (instance_id, destination, next_attempt_at,"
+            " created_at) values (?, ?, ?, ?)",
+            [(instance_id, name, now, now) for name in targets],
         )
         c.execute(
             "update deliveries set state = 'queued', attempts = 0, next_attempt_at = ?1,"
             " created_at = ?1, sent_at = null, lease_until = null, last_error = null"
-            " where instance_id = ?2 and state in ('sent', 'dead')",
-            (now, instance_id),
+            " where instance_id = ?2 and state in ('sent', 'dead')"
+            " and destination in (select value from json_each(?3))",
+            (now, instance_id, json.dumps(targets)),
         )
         self._superseded.update(
-            (str(name), instance_id) for name, state in deliveries if state == "sending"
+            (str(name), instance_id)
+            for name, state in deliveries
+            if state == "sending" and name in targets
         )
         return previous
 
