@@ -201,6 +201,8 @@ class OutboxDB:
         self._clock = clock
         self._monotonic = monotonic
         self._anchor: tuple[float, float] | None = None
+        # When this outbox was opened, by the wall clock (moved with it, see ``_shift``).
+        self._opened_at = clock()
         self._lock = threading.RLock()
         self.routes = tuple(routes or ())
         self._folders = frozenset().union(*(r.names_folders for r in self.routes))
@@ -289,7 +291,8 @@ class OutboxDB:
     def _shift(self, c: sqlite3.Connection, jump: float) -> None:
         """Move what measures time still to come, or time waited, by ``jump`` seconds: the
         waiting rows' next attempt and lease, the age of those added since this outbox was
-        opened, and the destination circuit's times."""
+        opened, when the deliveries sent since it was opened were sent (retention counts from
+        then), and the destination circuit's times."""
         c.execute(
             "update deliveries set next_attempt_at = next_attempt_at + ?1,"
             " lease_until = lease_until + ?1,"
@@ -303,6 +306,11 @@ class OutboxDB:
             " and d.state in ('queued', 'sending'))",
             (jump, self._first_id),
         )
+        c.execute(
+            "update deliveries set sent_at = sent_at + ?1 where state = 'sent' and sent_at >= ?2",
+            (jump, self._opened_at),
+        )
+        self._opened_at += jump
         c.execute(
             "update destinations set"
             " blocked_until = case when blocked_until > 0 then blocked_until + ?1 else 0 end,"
