@@ -102,7 +102,7 @@ class Backlog:
     count: int  # files counted (at most the limit)
     more: bool  # more files wait beyond ``count`` (the count stopped at its limit)
     oldest: float | None  # the oldest mtime among the files whose age was read (None: none)
-    oldest_exact: bool  # every counted file's age was read: ``oldest`` is the oldest of all
+    oldest_exact: bool  # every waiting file's age was read: ``oldest`` is the oldest of all
 
 
 def inbox_backlog(inbox: Path, limit: int = 100_000, ages: int = BACKLOG_AGES) -> Backlog:
@@ -142,7 +142,8 @@ def inbox_backlog(inbox: Path, limit: int = 100_000, ages: int = BACKLOG_AGES) -
             except OSError:
                 continue  # taken since the folder was listed
         seen(mtime)
-    return Backlog(min(count, limit), more or count > limit, oldest, count <= ages)
+    more = more or count > limit
+    return Backlog(min(count, limit), more, oldest, count <= ages and not more)
 
 
 def _inbox_files(

@@ -144,6 +144,15 @@ def _row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
     )
 
 
+def _of_destination(destination: str | None) -> tuple[str, tuple[str, ...]]:
+    """The condition (on deliveries ``d``) and its parameter for the deliveries of one
+    destination, or of every one: written out rather than ``? is null or ...``, so that SQLite
+    can use the destination's index."""
+    if destination is None:
+        return "", ()
+    return " and d.destination = ?", (destination,)
+
+
 def ids_param(ids: Sequence[int]) -> str:
     """A JSON array parameter for ``id in (select value from json_each(?))`` (no SQL building)."""
     return json.dumps([int(i) for i in ids])
@@ -618,13 +627,13 @@ class OutboxDB:
         deliveries (to every destination, or to one) whose files are kept: proof pending, or
         acknowledged by a destination that could not prove storage."""
         out = {"pending": (0, 0), "unproven": (0, 0)}
+        only, params = _of_destination(destination)
         for confirmed, n, size in self._query(
-            "select d.confirmed, count(*), coalesce(sum(i.size), 0) from deliveries d"
+            "select d.confirmed, count(*), coalesce(sum(i.size), 0) from deliveries d"  # noqa: S608
             " join instances i on i.id = d.instance_id"
             " where d.state = 'sent' and i.file_gone = 0"
-            " and (d.confirmed is null or d.confirmed = 0) and (?1 is null or d.destination = ?1)"
-            " group by d.confirmed",
-            (destination,),
+            " and (d.confirmed is null or d.confirmed = 0)" + only + " group by d.confirmed",
+            params,
         ):
             out["pending" if confirmed is None else "unproven"] = (int(n), int(size))
         return out
@@ -654,13 +663,13 @@ class OutboxDB:
         """Seconds since the oldest instance not yet delivered to a destination (of any, or this
         one) was added: its delivery queued, sending, or sent with its proof of storage pending;
         None: nothing waits."""
+        only, params = _of_destination(destination)
         rows = self._query(
-            "select min(created_at) from (select min(created_at) as created_at from deliveries"  # noqa: S608
-            " where state in ('queued', 'sending') and (?1 is null or destination = ?1)"
-            " union all select min(d.created_at) from deliveries d"
-            " join instances i on i.id = d.instance_id"
-            " where " + AWAITING_PROOF + " and (?1 is null or d.destination = ?1))",
-            (destination,),
+            "select min(created_at) from (select min(d.created_at) as created_at"  # noqa: S608
+            " from deliveries d where d.state in ('queued', 'sending')" + only + " union all"
+            " select min(d.created_at) from deliveries d join instances i on i.id = d.instance_id"
+            " where " + AWAITING_PROOF + only + ")",
+            params * 2,
         )
         if rows[0][0] is None:
             return None
