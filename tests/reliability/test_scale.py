@@ -146,7 +146,7 @@ def test_a_large_inbox_at_start_up(tmp_path: Path, agent_run: Any) -> None:
     try:
         wait_until(lambda: run.dest.exists() and any(run.dest.rglob("*.dcm")), 120, interval=0.02)
         first = time.monotonic() - t0
-        every = size(5, 30)  # seconds between two status while the agent drains the inbox
+        every = size(10, 30)  # seconds between two status while the agent drains the inbox
         end, last = time.monotonic() + size(600, 3600), 0.0
         while any(run.inbox.rglob("*.dcm")):
             assert time.monotonic() < end, "drain"
