@@ -220,7 +220,12 @@ CASES: dict[str, tuple[str, list[str], str]] = {
         [
             "files",
             "first_delivery_s",
-            "status_s",
+            "status_before_s",
+            "status_before_shows",
+            "status_drain_s",
+            "status_drain_median_s",
+            "status_drain_runs",
+            "status_drain_shows",
             "drain_s",
             "files_per_s",
             "peak_main_rss_mb",

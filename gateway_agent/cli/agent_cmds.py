@@ -243,8 +243,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ status
-#: ``status`` stops counting inbox files here (a walk of the inbox, while the agent runs).
-INBOX_COUNT_LIMIT = 100_000
+#: ``status`` stops counting inbox files here and prints "more than" this: a backlog this large
+#: is news enough, and the count (a walk of the inbox's folder listings, beside an agent draining
+#: it) stays a small part of a ``status`` that answers within a second.
+INBOX_COUNT_LIMIT = 10_000
+#: ``status`` stops counting instances received over C-STORE and not taken yet here.
+RECEIVED_COUNT_LIMIT = 100_000
 #: An inbox file older than this is worth a hint (the settle time is seconds).
 STALE_INBOX_SECONDS = 120.0
 
@@ -268,29 +272,37 @@ def _when(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def _sent_since(db: Path, seconds: float) -> int:
-    """Deliveries acknowledged in the last ``seconds`` (read-only query on the outbox file)."""
+def _read(db: Path, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """One query on the outbox file through a read-only connection."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)
     try:
-        row = conn.execute(
-            "select count(*) from deliveries where state = 'sent' and sent_at >= ?",
-            (time.time() - seconds,),
-        ).fetchone()
+        return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
-    return int(row[0])
 
 
-def _dead_rows(outbox: Any, limit: int) -> list[dict[str, Any]]:
-    rows = outbox.rows("dead", limit=100_000)
+def _sent_since(db: Path, seconds: float) -> int:
+    """Deliveries acknowledged in the last ``seconds`` (read-only query on the outbox file)."""
+    rows = _read(
+        db,
+        "select count(*) from deliveries where state = 'sent' and sent_at >= ?",
+        (time.time() - seconds,),
+    )
+    return int(rows[0][0])
+
+
+def _dead_rows(db: Path, limit: int) -> list[dict[str, Any]]:
+    """The ``limit`` latest dead deliveries (the newest instance first)."""
+    rows = _read(
+        db,
+        "select d.instance_id, d.destination, i.sop_instance_uid, d.last_error"
+        " from deliveries d join instances i on i.id = d.instance_id where d.state = 'dead'"
+        " order by d.instance_id desc, d.destination desc limit ?",
+        (limit,),
+    )
     return [
-        {
-            "id": r.id,
-            "destination": r.destination,
-            "sop_instance_uid": r.sop_instance_uid,
-            "last_error": r.last_error,
-        }
-        for r in rows[-limit:][::-1]
+        {"id": int(r[0]), "destination": r[1], "sop_instance_uid": r[2], "last_error": r[3]}
+        for r in rows
     ]
 
 
@@ -303,7 +315,11 @@ def _qc_outliers(settings: Settings, latest: int) -> list[dict[str, Any]]:
 
 def _inbox_summary(inbox: Path, originals: str, state_dir: Path) -> dict[str, Any]:
     """Files in the inbox not taken yet, and the oldest one's age (not with ``keep``, where
-    processed originals stay); whether the inbox is there; originals it refused to give up."""
+    processed originals stay); whether the inbox is there; originals it refused to give up.
+
+    The count stops at ``INBOX_COUNT_LIMIT`` (``waiting_capped``: more wait); the age is read of
+    the first ``BACKLOG_AGES`` files only (``oldest_exact`` false beyond: the oldest of those,
+    so the oldest of all is at least that old)."""
     from ..agent.intake.originals import undeletable_count
     from ..agent.intake.watcher import inbox_backlog
 
@@ -315,10 +331,12 @@ def _inbox_summary(inbox: Path, originals: str, state_dir: Path) -> dict[str, An
     }
     if originals == "keep" or summary["missing"]:
         return summary
-    count, oldest = inbox_backlog(inbox, INBOX_COUNT_LIMIT)
-    summary["waiting"] = count
-    summary["waiting_capped"] = count >= INBOX_COUNT_LIMIT
+    backlog = inbox_backlog(inbox, INBOX_COUNT_LIMIT)
+    summary["waiting"] = backlog.count
+    summary["waiting_capped"] = backlog.more
+    oldest = backlog.oldest
     summary["oldest_seconds"] = None if oldest is None else max(0.0, time.time() - oldest)
+    summary["oldest_exact"] = backlog.oldest_exact
     return summary
 
 
@@ -340,7 +358,7 @@ def _listener_summary(listener: dict[str, Any], unit_name: str, state_dir: Path)
     waiting = 0
     for _ in received_files(state_dir / "received"):
         waiting += 1
-        if waiting >= INBOX_COUNT_LIMIT:
+        if waiting >= RECEIVED_COUNT_LIMIT:
             break
     summary["received_waiting"] = waiting
     return summary
@@ -462,6 +480,7 @@ def _outbox_summary(
     """Counts, throughput and the latest dead deliveries, read through a read-only connection
     (a ``status`` writes nothing); each destination's report joins its entry in
     ``destinations``; outbox databases found damaged and kept aside."""
+    from ..agent.outbox.db import STATES
     from ..agent.outbox.routing import Route
     from ..agent.outbox.schema import OutboxSchemaError
     from ..agent.outbox.store import Outbox
@@ -476,22 +495,27 @@ def _outbox_summary(
     except sqlite3.DatabaseError:
         return {"unreadable": True, "damaged": damaged}
     try:
-        counts = outbox.counts()
-        proof = outbox.proof_summary()
+        reports = outbox.destination_report()
+        # The outbox's totals are the sums of its destinations' (each delivery is one
+        # destination's): read once, not again over every delivery.
+        counts = {state: sum(r["counts"][state] for r in reports.values()) for state in STATES}
+        ages = [r["oldest_waiting_seconds"] for r in reports.values()]
         summary = {
             "instances": outbox.instance_count(),
             "counts": counts,
-            "waiting": counts.get("queued", 0) + counts.get("sending", 0),
-            "oldest_waiting_seconds": outbox.oldest_waiting_age(),
+            "waiting": counts["queued"] + counts["sending"],
+            "oldest_waiting_seconds": max((a for a in ages if a is not None), default=None),
             "sent_last_minute": _sent_since(paths.outbox_db, 60),
             "sent_last_hour": _sent_since(paths.outbox_db, 3600),
-            "proof_pending": {"rows": proof["pending"][0], "bytes": proof["pending"][1]},
-            "unproven": {"rows": proof["unproven"][0], "bytes": proof["unproven"][1]},
             "unrouted": outbox.unrouted_count(),
-            "dead_latest": _dead_rows(outbox, latest),
+            "dead_latest": _dead_rows(paths.outbox_db, latest),
             "damaged": damaged,
         }
-        for name, report in outbox.destination_report().items():
+        for kind in ("proof_pending", "unproven"):
+            summary[kind] = {
+                key: sum(r[kind][key] for r in reports.values()) for key in ("rows", "bytes")
+            }
+        for name, report in reports.items():
             entry = destinations.setdefault(
                 name, {"name": name, "target": "(not configured: its deliveries wait)"}
             )
@@ -615,10 +639,13 @@ def _print_status(st: dict[str, Any]) -> None:
     elif "waiting" not in inbox:
         w(f"inbox: {inbox['path']} (originals kept: not counted)\n")
     elif inbox["waiting"]:
-        more = "+" if inbox["waiting_capped"] else ""
+        count = f"more than {inbox['waiting']}" if inbox["waiting_capped"] else inbox["waiting"]
         age = inbox["oldest_seconds"]
-        w(f"inbox: {inbox['waiting']}{more} file(s) not taken yet, oldest {_age(age)}\n")
-        if age > STALE_INBOX_SECONDS:
+        oldest = "" if age is None else f", oldest {_age(age)}"
+        if age is not None and not inbox.get("oldest_exact", True):
+            oldest = f", oldest at least {_age(age)}"
+        w(f"inbox: {count} file(s) not taken yet{oldest}\n")
+        if age is not None and age > STALE_INBOX_SECONDS:
             w("  files that stay are deferred: see intake_deferred / intake_paused in the log\n")
     else:
         w("inbox: empty\n")

@@ -366,8 +366,8 @@ def test_a_file_deeper_than_path_max_is_seen_and_quarantined(tmp_path: Path) -> 
     inbox = tmp_path / "inbox"
     inbox.mkdir(exist_ok=True)
     _deep_file(inbox, b"deep data")
-    count, oldest = inbox_backlog(inbox)
-    assert count == 1 and oldest is not None
+    backlog = inbox_backlog(inbox)
+    assert backlog.count == 1 and backlog.oldest is not None
     q = Quarantine(tmp_path / "quarantine")
     seen: list[str] = []
 
@@ -385,7 +385,7 @@ def test_a_file_deeper_than_path_max_is_seen_and_quarantined(tmp_path: Path) -> 
     assert (
         entry.reason == "path_too_long" and (entry.path / "original").read_bytes() == b"deep data"
     )
-    assert inbox_backlog(inbox)[0] == 0
+    assert inbox_backlog(inbox).count == 0
 
 
 # --------------------------------------------------------------------------- the inbox folder

@@ -36,6 +36,7 @@ __all__ = [
     "IGNORED_SUFFIXES",
     "PATH_MAX",
     "DeepFile",
+    "Backlog",
     "InboxWatcher",
     "inbox_backlog",
     "is_ignored",
@@ -89,29 +90,60 @@ def _ignored_name(name: str) -> bool:
     return name.startswith((".", "~$")) or low.endswith(IGNORED_SUFFIXES)
 
 
-def inbox_backlog(inbox: Path, limit: int = 100_000) -> tuple[int, float | None]:
+#: ``inbox_backlog`` reads the age of this many files at most (a read of each file's inode, on
+#: the disk the agent is draining; counting names needs no such read).
+BACKLOG_AGES = 1_000
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Files waiting in the inbox, as :func:`inbox_backlog` counted them."""
+
+    count: int  # files counted (at most the limit)
+    more: bool  # more files wait beyond ``count`` (the count stopped at its limit)
+    oldest: float | None  # the oldest mtime among the files whose age was read (None: none)
+    oldest_exact: bool  # every waiting file's age was read: ``oldest`` is the oldest of all
+
+
+def inbox_backlog(inbox: Path, limit: int = 100_000, ages: int = BACKLOG_AGES) -> Backlog:
     """Files in ``inbox`` the agent would take but has not (yet): their count (stopping at
-    ``limit``) and the oldest one's mtime (epoch seconds; None when there are none).
+    ``limit``) and the oldest mtime among the first ``ages`` of them (epoch seconds).
 
     Counts what the watcher hands over (regular files, not hidden or temporary, symlinks never
     followed, also below paths too long to open by name), so a file the agent cannot take shows
-    up here with its age.
+    up here with its age. Names are counted from the folder listings alone (the file type comes
+    with each name); only the ``ages`` files whose age is read cost a read of their inode, so a
+    count of 100,000 files stays cheap while the agent drains them.
     """
     count, oldest = 0, None
 
-    def deep(fd: int, name: str, _rel: str) -> None:
+    def seen(mtime: float | None) -> None:
         nonlocal count, oldest
-        with contextlib.suppress(OSError):
-            mtime = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime
-            count += 1
+        count += 1
+        if mtime is not None:
             oldest = mtime if oldest is None else min(oldest, mtime)
 
-    for _path, st in _inbox_files(Path(inbox), str(inbox), on_deep=deep):
-        count += 1
-        oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+    def deep(fd: int, name: str, _rel: str) -> None:
+        mtime = None
+        if count < ages:
+            with contextlib.suppress(OSError):
+                mtime = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime
+        seen(mtime)
+
+    more = False
+    for _path, entry in _inbox_entries(Path(inbox), str(inbox), on_deep=deep):
         if count >= limit:
+            more = True
             break
-    return count, oldest
+        mtime = None
+        if count < ages:
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue  # taken since the folder was listed
+        seen(mtime)
+    more = more or count > limit
+    return Backlog(min(count, limit), more, oldest, count <= ages and not more)
 
 
 def _inbox_files(
@@ -122,7 +154,27 @@ def _inbox_files(
     stopping: Callable[[], bool] | None = None,
     on_deep: DeepFile | None = None,
 ) -> Iterator[tuple[str, os.stat_result]]:
-    """``(path, lstat)`` of the files below ``start`` the watcher may take: regular files whose
+    """``(path, lstat)`` of the files :func:`_inbox_entries` finds (a file gone before its
+    ``lstat`` is left out)."""
+    for path, entry in _inbox_entries(
+        root, start, on_empty_dir=on_empty_dir, stopping=stopping, on_deep=on_deep
+    ):
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        yield path, st
+
+
+def _inbox_entries(
+    root: Path,
+    start: str,
+    *,
+    on_empty_dir: Callable[[str], None] | None = None,
+    stopping: Callable[[], bool] | None = None,
+    on_deep: DeepFile | None = None,
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """``(path, entry)`` of the files below ``start`` the watcher may take: regular files whose
     path relative to ``root`` is not hidden or temporary, depth first, symlinks never followed.
 
     Folders are read as they are walked (a folder of 200,000 files is never held in memory).
@@ -160,7 +212,7 @@ def _inbox_files(
                         else:
                             stack.append(entry.path)
                     elif entry.is_file(follow_symlinks=False):
-                        yield entry.path, entry.stat(follow_symlinks=False)
+                        yield entry.path, entry
                 except OSError:
                     continue
         if empty and current != root_s and on_empty_dir is not None:
@@ -176,8 +228,8 @@ def _deep_files(
     root: str,
     on_deep: DeepFile | None,
     stopping: Callable[[], bool] | None,
-) -> Iterator[tuple[str, os.stat_result]]:
-    """The walk below ``parent/name`` through folder descriptors (see :func:`_inbox_files`)."""
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """The walk below ``parent/name`` through folder descriptors (see :func:`_inbox_entries`)."""
     try:
         parent_fd = os.open(parent, _DIR_FLAGS)
     except OSError:
@@ -206,7 +258,7 @@ def _deep_files(
                                 stack.append((child, full))
                             elif entry.is_file(follow_symlinks=False):
                                 if len(os.fsencode(full)) < PATH_MAX:
-                                    yield full, entry.stat(follow_symlinks=False)
+                                    yield full, entry
                                 elif on_deep is not None:
                                     on_deep(fd, entry.name, full[len(root) + 1 :])
                         except OSError:

@@ -144,6 +144,15 @@ def _row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
     )
 
 
+def _of_destination(destination: str | None) -> tuple[str, tuple[str, ...]]:
+    """The condition (on deliveries ``d``) and its parameter for the deliveries of one
+    destination, or of every one: written out rather than ``? is null or ...``, so that SQLite
+    can use the destination's index."""
+    if destination is None:
+        return "", ()
+    return " and d.destination = ?", (destination,)
+
+
 def ids_param(ids: Sequence[int]) -> str:
     """A JSON array parameter for ``id in (select value from json_each(?))`` (no SQL building)."""
     return json.dumps([int(i) for i in ids])
@@ -201,6 +210,8 @@ class OutboxDB:
         self._clock = clock
         self._monotonic = monotonic
         self._anchor: tuple[float, float] | None = None
+        # When this outbox was opened, by the wall clock (moved with it, see ``_shift``).
+        self._opened_at = clock()
         self._lock = threading.RLock()
         self.routes = tuple(routes or ())
         self._folders = frozenset().union(*(r.names_folders for r in self.routes))
@@ -289,7 +300,8 @@ class OutboxDB:
     def _shift(self, c: sqlite3.Connection, jump: float) -> None:
         """Move what measures time still to come, or time waited, by ``jump`` seconds: the
         waiting rows' next attempt and lease, the age of those added since this outbox was
-        opened, and the destination circuit's times."""
+        opened, when the deliveries sent since it was opened were sent (retention counts from
+        then), and the destination circuit's times."""
         c.execute(
             "update deliveries set next_attempt_at = next_attempt_at + ?1,"
             " lease_until = lease_until + ?1,"
@@ -303,6 +315,11 @@ class OutboxDB:
             " and d.state in ('queued', 'sending'))",
             (jump, self._first_id),
         )
+        c.execute(
+            "update deliveries set sent_at = sent_at + ?1 where state = 'sent' and sent_at >= ?2",
+            (jump, self._opened_at),
+        )
+        self._opened_at += jump
         c.execute(
             "update destinations set"
             " blocked_until = case when blocked_until > 0 then blocked_until + ?1 else 0 end,"
@@ -495,50 +512,59 @@ class OutboxDB:
     ) -> str | None:
         """An instance already in the outbox arrived again (a corrected version, a resend by
         the modality, or the same file after a crash): its file was just rewritten under the
-        row, so the row follows it. Each of its deliveries delivered or dead is queued again (a
-        destination is idempotent per SOP Instance UID; a new version must not stay unsent);
-        one being sent will not count its outcome for the new version. Routing stays as it was
-        decided when the instance was added, except for an instance re-added from its outbox
-        file at start-up (a kill between writing the file and committing its row), routed by
-        its header alone: its original, taken again, says where it came from, and the
-        destinations whose rules need that get their deliveries. Returns the instance's
-        previous state (summed up over its deliveries).
+        row (where the row says), so the row follows it: its header, where it came from and its
+        scanner become the new version's, and so does its routing. Each delivery the new
+        version goes to that was delivered or dead is queued again (a destination is idempotent
+        per SOP Instance UID; a new version must not stay unsent), a destination it goes to
+        newly gets a delivery, and one being sent will not count its outcome for the new
+        version. A configured destination whose rule does not match the new version loses its
+        delivery still waiting or dead (it was for the previous version); one that was sent the
+        previous version keeps that record. Returns the instance's previous state (summed up
+        over its deliveries).
         """
         row = c.execute(
-            "select id, json_extract(audit, '$.reconciled') = 1 and file_gone = 0"
-            " from instances where sop_instance_uid = ?",
-            (values[0],),
+            "select id from instances where sop_instance_uid = ?", (values[0],)
         ).fetchone()
         if row is None:
             return None
-        instance_id, reconciled = int(row[0]), bool(row[1])
+        instance_id = int(row[0])
         deliveries = c.execute(
             "select destination, state from deliveries where instance_id = ?", (instance_id,)
         ).fetchall()
         states = {str(s) for _, s in deliveries}
         previous = next((s for s in ("sending", "queued", "dead") if s in states), "sent")
-        if reconciled:
-            c.executemany(
-                "insert or ignore into deliveries (instance_id, destination, next_attempt_at,"
-                " created_at) values (?, ?, ?, ?)",
-                [(instance_id, name, now, now) for name in targets],
-            )
-            c.execute(
-                "update instances set source = ?, inbox_folder = ?, calling_ae = ? where id = ?",
-                (values[5], values[6], values[7], instance_id),
-            )
         c.execute(
-            "update instances set size = ?, audit = ?, file_gone = 0 where id = ?",
-            (values[10], values[11], instance_id),
+            "update instances set study_instance_uid = ?, series_instance_uid = ?,"
+            " sop_class_uid = ?, modality = ?, source = ?, inbox_folder = ?, calling_ae = ?,"
+            " scanner = ?, size = ?, audit = ?, file_gone = 0 where id = ?",
+            (*values[1:9], *values[10:], instance_id),
+        )
+        configured = {r.name for r in self.routes}
+        elsewhere = [
+            str(name)
+            for name, state in deliveries
+            if name in configured and name not in targets and state in ("queued", "dead")
+        ]
+        c.executemany(
+            "delete from deliveries where instance_id = ? and destination = ?",
+            [(instance_id, name) for name in elsewhere],
+        )
+        c.executemany(
+            "insert or ignore into deliveries (instance_id, destination, next_attempt_at,"
+            " created_at) values (?, ?, ?, ?)",
+            [(instance_id, name, now, now) for name in targets],
         )
         c.execute(
             "update deliveries set state = 'queued', attempts = 0, next_attempt_at = ?1,"
             " created_at = ?1, sent_at = null, lease_until = null, last_error = null"
-            " where instance_id = ?2 and state in ('sent', 'dead')",
-            (now, instance_id),
+            " where instance_id = ?2 and state in ('sent', 'dead')"
+            " and destination in (select value from json_each(?3))",
+            (now, instance_id, json.dumps(targets)),
         )
         self._superseded.update(
-            (str(name), instance_id) for name, state in deliveries if state == "sending"
+            (str(name), instance_id)
+            for name, state in deliveries
+            if state == "sending" and name in targets
         )
         return previous
 
@@ -601,13 +627,13 @@ class OutboxDB:
         deliveries (to every destination, or to one) whose files are kept: proof pending, or
         acknowledged by a destination that could not prove storage."""
         out = {"pending": (0, 0), "unproven": (0, 0)}
+        only, params = _of_destination(destination)
         for confirmed, n, size in self._query(
-            "select d.confirmed, count(*), coalesce(sum(i.size), 0) from deliveries d"
+            "select d.confirmed, count(*), coalesce(sum(i.size), 0) from deliveries d"  # noqa: S608
             " join instances i on i.id = d.instance_id"
             " where d.state = 'sent' and i.file_gone = 0"
-            " and (d.confirmed is null or d.confirmed = 0) and (?1 is null or d.destination = ?1)"
-            " group by d.confirmed",
-            (destination,),
+            " and (d.confirmed is null or d.confirmed = 0)" + only + " group by d.confirmed",
+            params,
         ):
             out["pending" if confirmed is None else "unproven"] = (int(n), int(size))
         return out
@@ -637,13 +663,13 @@ class OutboxDB:
         """Seconds since the oldest instance not yet delivered to a destination (of any, or this
         one) was added: its delivery queued, sending, or sent with its proof of storage pending;
         None: nothing waits."""
+        only, params = _of_destination(destination)
         rows = self._query(
-            "select min(created_at) from (select min(created_at) as created_at from deliveries"  # noqa: S608
-            " where state in ('queued', 'sending') and (?1 is null or destination = ?1)"
-            " union all select min(d.created_at) from deliveries d"
-            " join instances i on i.id = d.instance_id"
-            " where " + AWAITING_PROOF + " and (?1 is null or d.destination = ?1))",
-            (destination,),
+            "select min(created_at) from (select min(d.created_at) as created_at"  # noqa: S608
+            " from deliveries d where d.state in ('queued', 'sending')" + only + " union all"
+            " select min(d.created_at) from deliveries d join instances i on i.id = d.instance_id"
+            " where " + AWAITING_PROOF + only + ")",
+            params * 2,
         )
         if rows[0][0] is None:
             return None

@@ -1,4 +1,5 @@
-"""Routing: which destinations an instance goes to, decided once, when its row is committed.
+"""Routing: which destinations an instance goes to, decided when its row is committed (and again
+when a new version of the instance arrives).
 
 A :class:`Route` is a destination's name and its ``match`` rule (``[destinations.match]``): every
 key given must match, the values of one key are alternatives, and a rule without keys matches

@@ -18,15 +18,21 @@ log = get_logger()
 _IGNORED_SUFFIXES = (".tmp", ".partial", ".part")
 #: A file whose mtime is this much later than its row's ``sent_at`` was written after it was sent.
 _MTIME_SLACK_SECONDS = 1.0
+#: A file written after its instance was first sent (a new version whose row intake is about to
+#: commit) is left alone while it is younger than this, or than the retention period if longer,
+#: by the clock now: one written before the clock was set back is removed late, never kept for
+#: good.
+_NEW_VERSION_SECONDS = 3600.0
 #: Rows whose files retention removes in one transaction.
 _PURGE_BATCH = 256
 #: Suffix of a file retention moved aside (hidden: ``.<name>.retention``) before removing it.
 _ASIDE_SUFFIX = ".retention"
 
 
-def _remove_sent(path: Path, sent_at: float) -> bool:
+def _remove_sent(path: Path, sent_at: float, young_since: float) -> bool:
     """Remove the outbox file of a row sent at ``sent_at``; False if the name holds a version
-    written since (left in place, or put back). True also when the file was already gone.
+    written since and after ``young_since`` (left in place, or put back). True also when the
+    file was already gone.
 
     The name is renamed aside first, so the file examined is the file removed, whatever a
     worker renames onto the name meanwhile; a version put back never replaces a newer one.
@@ -36,7 +42,8 @@ def _remove_sent(path: Path, sent_at: float) -> bool:
         path.rename(aside)
     except FileNotFoundError:
         return True
-    if aside.lstat().st_mtime > float(sent_at) + _MTIME_SLACK_SECONDS:
+    mtime = aside.lstat().st_mtime
+    if mtime > float(sent_at) + _MTIME_SLACK_SECONDS and mtime > young_since:
         # A new version, written since: back under its name, unless a newer one took it.
         with contextlib.suppress(FileExistsError):
             path.hardlink_to(aside)
@@ -92,8 +99,17 @@ class Upkeep(OutboxDB):
         for it), and each file is first moved aside by a rename (atomic: whatever the name holds
         at that instant is what is examined) and removed only if it was written before the
         first of its deliveries was sent (before its instance was added, when it has none).
+
+        The wall clock may have been set since: every time is by the clock now. A delivery sent
+        while this outbox was open had its time moved with the clock (see ``now``), so a file
+        is never removed early because the clock was set forward. A file's own time is the
+        clock's when it was written: one written before the clock was set back may look
+        written after its send; it is treated as a new version only while it is younger than
+        the retention period (at least an hour), then removed.
         """
-        cutoff = self.now() - older_than_seconds
+        now = self.now()
+        cutoff = now - older_than_seconds
+        young_since = now - max(older_than_seconds, _NEW_VERSION_SECONDS)
         victims = self._query(
             "select i.id from instances i where i.file_gone = 0 and i.created_at <= ?1"
             " and not exists (select 1 from deliveries d where d.instance_id = i.id"
@@ -115,7 +131,11 @@ class Upkeep(OutboxDB):
                     " or (d.confirmed = 0 and not ?2)))",
                     (ids_param(batch), int(unconfirmed)),
                 ).fetchall()
-                removed = [int(i) for i, path, sent_at in rows if _remove_sent(Path(path), sent_at)]
+                removed = [
+                    int(i)
+                    for i, path, sent_at in rows
+                    if _remove_sent(Path(path), sent_at, young_since)
+                ]
                 c.execute(
                     "update instances set file_gone = 1"
                     " where id in (select value from json_each(?))",
