@@ -201,7 +201,7 @@ def test_pre_filter_never_hides_a_matching_signature(sig: Any) -> None:
 # -- whole files ----------------------------------------------------------------------------
 
 
-def _dose_screen(tmp_path: Path, seed: int = 31, **attrs: Any) -> tuple[SyntheticObject, Path]:
+def dose_screen(tmp_path: Path, seed: int = 31, **attrs: Any) -> tuple[SyntheticObject, Path]:
     """A CT Image Storage dose screen: 512x512, 16-bit monochrome, identity drawn as text."""
     obj = make_object(
         FrameSpec(seed=seed, kind="screen", rows=512, cols=512, rgb=False),
@@ -224,7 +224,7 @@ def _dose_screen(tmp_path: Path, seed: int = 31, **attrs: Any) -> tuple[Syntheti
 
 
 def test_ct_dose_screen_is_cleaned_and_verified(tmp_path: Path) -> None:
-    obj, src = _dose_screen(tmp_path)
+    obj, src = dose_screen(tmp_path)
     result = _deid("clean").deidentify_file(src, tmp_path / "out")
     ds = pydicom.dcmread(result.path)
     assert ds.SOPClassUID == CT_IMAGE and ds.BurnedInAnnotation == "NO"
@@ -252,7 +252,7 @@ def test_ct_dose_screen_is_cleaned_and_verified(tmp_path: Path) -> None:
 
 
 def test_screen_save_without_signature_is_cleaned_by_the_detectors(tmp_path: Path) -> None:
-    obj, src = _dose_screen(
+    obj, src = dose_screen(
         tmp_path, seed=32, Modality="MR", SOPClassUID=MR_IMAGE, SeriesDescription="Summary"
     )
     obj.dataset.Manufacturer = "ACME Medical"
@@ -268,7 +268,7 @@ def test_screen_save_without_signature_is_cleaned_by_the_detectors(tmp_path: Pat
 
 
 def test_ct_dose_screen_quarantine_and_allow(tmp_path: Path) -> None:
-    obj, src = _dose_screen(tmp_path, seed=33)
+    obj, src = dose_screen(tmp_path, seed=33)
     with pytest.raises(DeidError) as info:
         _deid("quarantine").deidentify_file(src, tmp_path / "out")
     assert info.value.reason == "burned_in_annotation"
@@ -293,9 +293,7 @@ def test_ct_dose_screen_quarantine_and_allow(tmp_path: Path) -> None:
         ("Philips", "iCT 256"),
     ],
 )
-def test_ordinary_ct_slices_stay_header_only(
-    tmp_path: Path, manufacturer: str, model: str
-) -> None:
+def test_ordinary_ct_slices_stay_header_only(tmp_path: Path, manufacturer: str, model: str) -> None:
     """An acquired slice (ORIGINAL\\PRIMARY\\AXIAL) of the signatures' vendors is rewritten
     header only under every policy: pixel data copied byte for byte, no pixel audit."""
     ds = make_ct_slice(rows=512, cols=512, manufacturer=manufacturer, model=model)
