@@ -302,3 +302,27 @@ def test_ordinary_ct_slices_stay_header_only(tmp_path: Path, manufacturer: str, 
         result = _deid(policy).deidentify_file(src, tmp_path / policy)
         assert "pixels" not in result.audit and result.audit["burned_in_allowed"] is False
         assert pydicom.dcmread(result.path).PixelData == ds.PixelData
+
+
+def test_preview_names_the_rule_and_the_signature(tmp_path: Path) -> None:
+    """``gateway-agent pixels`` says whether the policy holds the file at risk, by which rule
+    (the one the agent applies), and which signature it paints; no identity printed."""
+    import subprocess
+    import sys
+
+    obj, src = dose_screen(tmp_path, seed=34)
+    ordinary = write_series([make_ct_slice(rows=64, cols=64)], tmp_path / "ct")[0]
+    outputs = []
+    for path in (src, ordinary):
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway_agent", "pixels", str(path), "-o",
+             str(tmp_path / f"{path.stem}.png")],
+            capture_output=True, text=True, check=False, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs.append(done.stdout)
+    assert "device signature: GE / CT Dose Series" in outputs[0]
+    assert "burned-in policy: at risk (ImageType SCREEN SAVE)" in outputs[0]
+    assert "burned-in policy: not at risk" in outputs[1]
+    for value in (obj.identity.family, obj.identity.patient_id):
+        assert value not in outputs[0] and value.title() not in outputs[0]
