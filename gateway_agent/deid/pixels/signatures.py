@@ -14,7 +14,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from ...dicom.codec import Element, decode_text
@@ -43,6 +43,7 @@ SIGNATURE_TAGS = frozenset(
     }
 )
 
+_FILE = Path(__file__).resolve().parent.parent.parent / "data" / "pixel_signatures_ctp.json"
 _NUMERIC = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
 
 
@@ -59,7 +60,7 @@ class Signature:
 @cache
 def load_signatures() -> tuple[Signature, ...]:
     """The 52 signatures of the packaged ``pixel_signatures_ctp.json``, in file order."""
-    text = resources.files("gateway_agent").joinpath("data/pixel_signatures_ctp.json").read_text()
+    text = _FILE.read_text(encoding="utf-8")
     data = json.loads(text)
     return tuple(
         Signature(
