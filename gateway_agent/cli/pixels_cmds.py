@@ -54,5 +54,9 @@ def _pixels(args: argparse.Namespace) -> int:
     )
     if found.signature:
         print(f"device signature: {found.signature}")
+    if found.risk is not None:
+        print(f"burned-in policy: at risk ({found.risk})")
+    else:
+        print("burned-in policy: not at risk (its pixels are sent as they are)")
     print(f"preview written to {args.output}")
     return 1 if found.identity_frames else 0

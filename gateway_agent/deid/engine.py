@@ -13,7 +13,7 @@ from ..dicom.scanner import SCANNER_PRIVATE_CREATOR, SCANNER_PRIVATE_GROUP
 from . import conditions
 from .iso2022 import Iso2022, iso2022_for
 from .keys import Keys, shift_da, shift_dt
-from .pixels.policy import pixel_risk
+from .pixels.policy import HEADER_TAGS, header_risk
 from .profile import (
     BASIC_PROFILE_CODE,
     CID_7050,
@@ -504,6 +504,7 @@ _LOOKUPS = frozenset(
         0x00280301,  # BurnedInAnnotation
         0x00280302,  # RecognizableVisualFeatures
     }
+    | HEADER_TAGS  # the burned-in policy's (ImageType, Rows, the device signatures' tests)
     | conditions.LOOKUP_TAGS
     | conditions.SPECIES_TAGS
 )
@@ -697,11 +698,7 @@ class Engine:
         return outcome
 
     def _check_pixels(self, top: dict[int, Element], outcome: Outcome) -> None:
-        def get(tag: int) -> str:
-            el = top.get(tag)
-            return _ascii(el.raw) if el is not None else ""
-
-        risk = pixel_risk(get(0x00080060), get(0x00080016), get(0x00280301), get(0x00280302))
+        risk = header_risk(top, outcome.codec)
         if risk is None:
             return
         cleanable, detail = risk

@@ -12,8 +12,10 @@ import pytest
 from gateway_agent.agent.intake.quarantine import Quarantine
 from gateway_agent.agent.outbox.store import Outbox
 from gateway_agent.cli import main
+from gateway_agent.config import Settings
 from gateway_agent.synthetic_pixels import FrameSpec, make_object, write_object
 
+from ..deid.test_pixels_screens import dose_screen
 from ._agent_util import agent_settings, files_under, running_daemon, wait_until
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -53,6 +55,41 @@ def test_agent_delivers_a_cleaned_ultrasound_image(tmp_path: Path) -> None:
     audit = _audit_of_the_one_sent(settings.state_dir)
     assert audit["pixels"]["verified"] is True and audit["pixels"]["regions"] > 0
     assert np.isclose(sum(audit["pixels"]["detectors"].values()), audit["pixels"]["regions"])
+
+
+def _drain(settings: Settings) -> None:
+    with running_daemon(settings) as d:
+        assert wait_until(lambda: d.drained() and not files_under(settings.inbox), 120)
+
+
+def test_agent_cleans_or_quarantines_a_ct_dose_screen(tmp_path: Path) -> None:
+    """A dose screen saved as a CT image (GE "Dose Report", ImageType SCREEN SAVE, stating
+    BurnedInAnnotation NO) is delivered with its text painted out under "clean", and kept
+    in the quarantine with the rule that caught it under "quarantine"."""
+    for policy in ("clean", "quarantine"):
+        settings = agent_settings(tmp_path / policy, **{"deid.burned_in": policy})
+        obj, made = dose_screen(tmp_path / policy)
+        made.rename(settings.inbox / "IMG0001.dcm")
+        _drain(settings)
+        delivered = files_under(settings.destination.folder)
+        entries = Quarantine(settings.state_dir / "quarantine").entries()
+        if policy == "quarantine":
+            assert not delivered
+            (entry,) = entries
+            assert (entry.reason, entry.detail) == ("burned_in_annotation", "ImageType SCREEN SAVE")
+            continue
+        assert not entries
+        (path,) = delivered
+        ds = pydicom.dcmread(path)
+        assert ds.Modality == "CT" and ds.BurnedInAnnotation == "NO"
+        image = ds.pixel_array
+        for line in obj.frames[0].lines:
+            if line.phi and line.ink.any():
+                x0, y0, x1, y1 = line.box
+                assert (image[y0:y1, x0:x1][line.ink] == 0).mean() >= 0.99
+        raw = path.read_bytes()
+        for value in (obj.identity.family, obj.identity.patient_id, obj.identity.accession):
+            assert value.encode() not in raw
 
 
 def test_reviewed_object_is_released_once_with_allow_burned_in(

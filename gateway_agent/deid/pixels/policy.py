@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from ...dicom.codec import Element
+from .signatures import SIGNATURE_TAGS, match_header
+
 __all__ = [
     "CLEANABLE_MODALITIES",
     "CLEANABLE_SOP_CLASSES",
+    "HEADER_TAGS",
     "RISKY_MODALITIES",
     "RISKY_SOP_CLASSES",
+    "SCREEN_IMAGE_TYPES",
     "burned_in_risk",
+    "header_risk",
     "pixel_risk",
+    "screen_image_type",
 ]
 
 #: Modalities whose images routinely carry burned-in text or faces.
@@ -59,18 +68,55 @@ RISKY_SOP_CLASSES = frozenset(
 )
 _DOCUMENTS = frozenset({_P + "104.1", _P + "104.2"})
 
+#: ImageType values of screen captures and dose screens saved in an image class (CT, MR, PT,
+#: XA...). PS3.3 defines no term for them (Value 3 is modality specific, C.7.6.1.1.2); these
+#: are the vendors' own: GE's ``DERIVED\SECONDARY\SCREEN SAVE`` (any value containing
+#: ``SAVE`` counts, as in CTP's BurnedInPixelsFilter), and the dose pages of Philips, Toshiba
+#: and Canon (``DOSE_INFO``, ``DOSE``).
+SCREEN_IMAGE_TYPES = frozenset(
+    {"SCREEN SAVE", "DOSE", "DOSE INFO", "DOSE_INFO", "DOSE REPORT", "DOSE_REPORT"}
+)
+
+
+def screen_image_type(image_type: str) -> str | None:
+    """The :data:`SCREEN_IMAGE_TYPES` term an ImageType value (``\\``-separated) shows, or None."""
+    for value in image_type.upper().split("\\"):
+        term = value.strip(" \0")
+        if term in SCREEN_IMAGE_TYPES:
+            return term
+        if "SAVE" in term:
+            return "SCREEN SAVE"
+    return None
+
+
+def _signature_name(label: str) -> str:
+    """A signature's label without CTP's remarks (``"SIEMENS / CT Dose Series - This..."``)."""
+    return label.split(" - ", 1)[0].strip()[:64]
+
 
 def burned_in_risk(
-    modality: str, sop_class_uid: str, burned_in_annotation: str, recognizable_features: str
+    modality: str,
+    sop_class_uid: str,
+    burned_in_annotation: str,
+    recognizable_features: str,
+    *,
+    image_type: str = "",
+    signature: str | None = None,
 ) -> str | None:
     """Why an object may show identity in its pixels, or None.
 
     * BurnedInAnnotation = YES, or RecognizableVisualFeatures = YES: always a risk.
     * Documents (encapsulated PDF/CDA): always a risk (their content is free text).
+    * A screen capture saved in an image class (``image_type`` shows a
+      :data:`SCREEN_IMAGE_TYPES` term), or an image a CTP device signature matches
+      (``signature``, its label): always a risk, whatever BurnedInAnnotation says. A dose
+      screen exists to show text, and the signature list is field evidence that these
+      devices burn identity in; devices write BurnedInAnnotation NO on such pages too.
     * A risky modality or SOP class: a risk unless the device states BurnedInAnnotation = NO;
       that explicit statement is the "proof otherwise" the policy accepts (see deid.md).
 
-    The returned detail names the attribute or class, never a value from the patient.
+    The returned detail names the attribute, class or signature, never a value from the
+    patient.
     """
     burned = burned_in_annotation.strip().upper()
     if burned == "YES":
@@ -79,6 +125,11 @@ def burned_in_risk(
         return "RecognizableVisualFeatures is YES"
     if sop_class_uid in _DOCUMENTS:
         return f"document SOP class {sop_class_uid}"
+    term = screen_image_type(image_type) if image_type else None
+    if term is not None:
+        return f"ImageType {term}"
+    if signature is not None:
+        return f'device signature "{_signature_name(signature)}"'
     if burned == "NO":
         return None
     if sop_class_uid in RISKY_SOP_CLASSES:
@@ -109,15 +160,29 @@ CLEANABLE_SOP_CLASSES = frozenset(
 
 
 def pixel_risk(
-    modality: str, sop_class_uid: str, burned_in_annotation: str, recognizable_features: str
+    modality: str,
+    sop_class_uid: str,
+    burned_in_annotation: str,
+    recognizable_features: str,
+    *,
+    image_type: str = "",
+    signature: str | None = None,
 ) -> tuple[bool, str] | None:
     """``(cleanable, detail)`` when the object is at risk (see :func:`burned_in_risk`), else None.
 
     Cleanable: the risk is burned-in text on an image Clean Pixel Data can process (any image
-    stating BurnedInAnnotation YES, ultrasound, secondary captures, OT), and not recognizable
-    features, a document, or a photographic class or modality.
+    stating BurnedInAnnotation YES, screen captures and dose screens of any image class,
+    images a device signature matches, ultrasound, secondary captures, OT), and not
+    recognizable features, a document, or a photographic class or modality.
     """
-    detail = burned_in_risk(modality, sop_class_uid, burned_in_annotation, recognizable_features)
+    detail = burned_in_risk(
+        modality,
+        sop_class_uid,
+        burned_in_annotation,
+        recognizable_features,
+        image_type=image_type,
+        signature=signature,
+    )
     if detail is None:
         return None
     if recognizable_features.strip().upper() == "YES" or sop_class_uid in _DOCUMENTS:
@@ -127,3 +192,67 @@ def pixel_risk(
         sop_class_uid in RISKY_SOP_CLASSES and sop_class_uid not in CLEANABLE_SOP_CLASSES
     ) or (mod in RISKY_MODALITIES and mod not in CLEANABLE_MODALITIES)
     return not photographic, detail
+
+
+_MODALITY, _SOP_CLASS, _IMAGE_TYPE = 0x00080060, 0x00080016, 0x00080008
+_ROWS, _BURNED_IN, _RECOGNIZABLE = 0x00280010, 0x00280301, 0x00280302
+_OVERLAY_DESCRIPTION = 0x60000022
+#: The top-level attributes :func:`header_risk` reads: its own and the device signatures' tests,
+#: but OverlayDescription. Looking that one up means reading the header past every private
+#: group to group 6000 on every file; the one signature testing it (a Siemens overlay, which
+#: the profile removes unless the policy is "allow") still paints its regions on an object
+#: at risk for another reason (Clean Pixel Data matches signatures on the whole data set).
+HEADER_TAGS = frozenset({_MODALITY, _SOP_CLASS, _IMAGE_TYPE, _ROWS, _BURNED_IN, _RECOGNIZABLE}) | (
+    SIGNATURE_TAGS - {_OVERLAY_DESCRIPTION}
+)
+
+
+_KEY_TAGS = tuple(sorted(HEADER_TAGS))
+#: header_risk's answers by the raw values it reads: the slices of a series share them, so
+#: the signatures run once per series. Bounded; cleared when full.
+_memo: dict[tuple[object, ...], tuple[bool, str] | None] = {}
+_MEMO_SIZE = 512
+
+
+def header_risk(top: Mapping[int, Element], codec: str | None) -> tuple[bool, str] | None:
+    """:func:`pixel_risk` of a data set from its top-level elements (tag to element, at least
+    those of :data:`HEADER_TAGS` present): the one rule every path applies.
+
+    The ImageType and signature rules apply to images only (Rows present): a dose structured
+    report in a "Dose Report" series carries no pixels to clean.
+    """
+    key = (codec, *[None if el is None else el.value for el in map(top.get, _KEY_TAGS)])
+    try:
+        return _memo[key]
+    except KeyError:
+        pass
+    except TypeError:  # a sequence where a value belongs (malformed): not remembered
+        return _header_risk(top, codec)
+    risk = _header_risk(top, codec)
+    if len(_memo) >= _MEMO_SIZE:
+        _memo.clear()
+    _memo[key] = risk
+    return risk
+
+
+def _header_risk(top: Mapping[int, Element], codec: str | None) -> tuple[bool, str] | None:
+    def text(tag: int) -> str:
+        el = top.get(tag)
+        return el.raw.decode("latin-1").strip("\0 ") if el is not None else ""
+
+    burned = text(_BURNED_IN)
+    image_type = ""
+    signature = None
+    if _ROWS in top and burned.upper() != "YES":  # YES: at risk whatever else it shows
+        image_type = text(_IMAGE_TYPE)
+        if screen_image_type(image_type) is None:
+            found = match_header(top, codec)
+            signature = found.label if found is not None else None
+    return pixel_risk(
+        text(_MODALITY),
+        text(_SOP_CLASS),
+        burned,
+        text(_RECOGNIZABLE),
+        image_type=image_type,
+        signature=signature,
+    )

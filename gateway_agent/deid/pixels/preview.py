@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..._exceptions import DeidError
+from ...dicom.codec import Element
 from ..profile import DeidOptions
 from .clean import FrameResult, PixelJob
 
@@ -32,6 +33,7 @@ class PreviewResult:
     identity_lines: int  # lines where the reader found the object's identity after cleaning
     identity_frames: int
     signature: str | None
+    risk: str | None  # why the burned-in policy holds the object at risk; None: it does not
 
 
 def preview(
@@ -51,6 +53,7 @@ def preview(
     from ...dicom.codec import text_codec
     from ...dicom.files import SourceFile
     from .identity import identity_tokens
+    from .policy import header_risk
     from .signatures import match_signature
 
     options = options or DeidOptions()
@@ -62,6 +65,10 @@ def preview(
         codec = text_codec(charset.raw if charset is not None else None)
         identity = identity_tokens(header.elements, codec, options)
         signature = match_signature(header.elements, header.meta, codec)
+        top: dict[int, Element] = {}
+        for el in header.elements:
+            top.setdefault(el.tag, el)
+        risk = header_risk(top, codec)
         fileobj = os.fdopen(os.dup(source.fd), "rb")
         job = PixelJob(fileobj, header.transfer_syntax, identity, signature)
         try:
@@ -110,4 +117,5 @@ def preview(
         identity_lines=len(reading.identity) if reading is not None else 0,
         identity_frames=len(identity_frames),
         signature=signature.label if signature is not None else None,
+        risk=risk[1] if risk is not None else None,
     )
