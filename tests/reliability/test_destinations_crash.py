@@ -232,9 +232,16 @@ def test_kill9_during_multipart_uploads(tmp_path: Path, s3: S3Server, agent_run:
     run.start()
     try:
         for _ in range(n_kills):
-            # Kill while uploads are in flight: some delivery is leased ("sending").
-            reached(lambda: any(r[1] == "sending" for r in run.delivery_rows()), timeout=60)
-            time.sleep(rng.uniform(0.2, 1.2))
+            # Kill while a multipart upload is open: a part has just reached the proxy, which
+            # holds it 0.3 s (on a loaded machine a fixed delay after the lease may fall before
+            # the upload was created, or after it was completed).
+            seen = len(proxy.requests)
+
+            def part_sent(seen: int = seen) -> bool:
+                return any("partNumber=" in r.path for r in proxy.requests[seen:])
+
+            reached(part_sent, timeout=120, interval=0.02)
+            time.sleep(rng.uniform(0.0, 0.25))
             run.agent.kill9()
             run.start()
         drained = reached(lambda: _drained(run), timeout=size(300, 900))
