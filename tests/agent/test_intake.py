@@ -37,7 +37,7 @@ class CrashingEngine:
     def __init__(self, engine: Deidentifier) -> None:
         self.engine = engine
 
-    def deidentify_file(self, src: str | Path, out_dir: str | Path) -> Any:
+    def deidentify_file(self, src: str | Path, out_dir: str | Path, **kw: Any) -> Any:
         # The worker hands the engine its own descriptor (/proc/self/fd/N): the name is its target.
         src = str(src)
         name = Path(os.readlink(src)).name if src.startswith("/proc/") else Path(src).name
@@ -45,7 +45,7 @@ class CrashingEngine:
             os._exit(3)
         if "BUG" in name:
             raise RuntimeError("engine bug")
-        return self.engine.deidentify_file(src, out_dir)
+        return self.engine.deidentify_file(src, out_dir, **kw)
 
 
 def _run(it: Intake, paths: list[Path], timeout: float = 60) -> None:

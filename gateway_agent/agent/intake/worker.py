@@ -111,7 +111,9 @@ def _released(src: str, out_dir: str, released_dir: Path, refused: IngestError) 
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise refused from None
-    result = _ENGINE.with_burned_in("allow").deidentify_file(Path(src), Path(out_dir))
+    result = _ENGINE.with_burned_in("allow").deidentify_file(
+        Path(src), Path(out_dir), sync_folder=False
+    )
     result.audit["burned_in_released"] = {
         "quarantine_id": str(record.get("quarantine_id", "")),
         "reason": str(record.get("reason", "")),
@@ -186,7 +188,8 @@ def _run(
     try:
         try:
             with codec_panics():  # a codec's panic must not end the worker (or the dispatcher)
-                result = _ENGINE.deidentify_file(Path(src), Path(out_dir))
+                # The folder's fsync is the group commit's, once per group (commit.py).
+                result = _ENGINE.deidentify_file(Path(src), Path(out_dir), sync_folder=False)
         except IngestError as exc:
             if not exc.reason.startswith("burned_in_") or released_dir is None:
                 raise
