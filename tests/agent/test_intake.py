@@ -243,3 +243,41 @@ def test_deferral_backoff_stays_at_its_cap(
         it.stop()
     assert delays[:7] == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     assert len(delays) == 2000 and delays[-1] == 60.0
+
+
+def test_queued_files_go_to_the_workers_several_per_task_a_lone_file_alone(
+    tmp_path: Path, engine: Deidentifier, outbox: Outbox
+) -> None:
+    """A backlog is handed out a few files per task (one round trip to a worker process for
+    several files); a lone file, or a short queue, goes one file per task, spread over the free
+    tasks; a file that crashed a worker goes alone."""
+    from gateway_agent.agent.intake.pipeline import TASK_FILES, TASKS_PER_WORKER
+
+    it = Intake(
+        inbox=tmp_path / "inbox",
+        out_dir=tmp_path / "state" / "outbox",
+        engine=engine,
+        outbox=outbox,
+        quarantine=Quarantine(tmp_path / "state" / "quarantine"),
+        workers=2,
+        state_dir=tmp_path / "state",
+    )  # not started: only the dispatcher's bookkeeping is exercised
+    free = TASKS_PER_WORKER * 2
+
+    def take(paths: list[str]) -> list[list[str]]:
+        for p in paths:
+            it.submit(Path(p))
+        with it._cond:
+            chunks = it._take_batch()
+            it._tasks = 0  # as if they completed
+        return chunks
+
+    assert take(["a"]) == [["a"]]
+    assert take(["b", "c"]) == [["b"], ["c"]]
+    names = [f"f{i:02d}" for i in range(free * TASK_FILES + 3)]
+    chunks = take(names)
+    assert chunks == [names[i : i + TASK_FILES] for i in range(0, free * TASK_FILES, TASK_FILES)]
+    assert list(it._queue) == names[free * TASK_FILES :]  # the rest waits for a free task
+    it._queue.clear()
+    it._crashes["x"] = 1
+    assert take(["x", "y", "z"]) == [["x"]]

@@ -21,6 +21,7 @@ __all__ = [
     "FileIdentity",
     "JobResult",
     "deid_job",
+    "deid_jobs",
     "identity_of",
     "init_worker",
     "warm_up",
@@ -180,6 +181,11 @@ def deid_job(src: str, out_dir: str, released_dir: str | None = None) -> JobResu
     finally:
         os.close(fd)
     return kind, payload, detail, time.perf_counter() - t0, identity
+
+
+def deid_jobs(srcs: list[str], out_dir: str, released_dir: str | None = None) -> list[JobResult]:
+    """Run in a worker: :func:`deid_job` for each of ``srcs`` (one task, one round trip)."""
+    return [deid_job(src, out_dir, released_dir) for src in srcs]
 
 
 def _run(
