@@ -281,3 +281,36 @@ def test_queued_files_go_to_the_workers_several_per_task_a_lone_file_alone(
     it._queue.clear()
     it._crashes["x"] = 1
     assert take(["x", "y", "z"]) == [["x"]]
+
+
+def test_one_folder_fsync_per_task_and_a_failed_one_keeps_the_originals(
+    tmp_path: Path, engine: Deidentifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker fsyncs each output, renames it, and fsyncs the outbox folder once for the
+    task's outputs before answering. If that fsync fails (an I/O error cannot be had from a real
+    disk here: it is injected), the task's outputs count as not written: ``transient``, so their
+    originals stay in the inbox and are offered again."""
+    from gateway_agent.agent.intake import worker
+
+    srcs = [str(p) for p in write_synthetic(tmp_path / "inbox", 3)]
+    out = tmp_path / "outbox"
+    out.mkdir()
+    synced: list[str] = []
+    real = worker.fsync_dir
+
+    def counting(directory: str) -> None:
+        synced.append(str(directory))
+        real(directory)
+
+    monkeypatch.setattr(worker, "_ENGINE", engine)
+    monkeypatch.setattr(worker, "fsync_dir", counting)
+    results = worker.deid_jobs([*srcs, str(tmp_path / "gone.dcm")], str(out))
+    assert [r[0] for r in results] == ["ok", "ok", "ok", "changed"]
+    assert synced == [str(out)]  # one fsync of the folder for the three outputs
+
+    def failing(directory: str) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(worker, "fsync_dir", failing)
+    results = worker.deid_jobs(srcs, str(out))
+    assert [(r[0], r[1], r[2]) for r in results] == [("transient", "resource", "EIO")] * 3

@@ -1,10 +1,10 @@
 """The group commit: completed de-identifications become outbox rows, then their originals go.
 
-Invariant 1 holds per file: every output's bytes were made durable by its worker (temp, fsync,
-rename) before the job completed; the outbox folder is fsynced once for the group, which makes
-the group's new names durable; then the group's rows are committed (one ``BEGIN IMMEDIATE`` ...
-``COMMIT`` with ``synchronous=FULL``); only then is any original of the group removed, archived
-or remembered as kept. A failed folder fsync or commit keeps every original of the group.
+Invariant 1 holds per file: every output was made durable by its worker (temp, fsync, rename,
+and the folder's fsync once per task) before the job completed; the group's rows are committed
+(one ``BEGIN IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``) before any original of the
+group is removed, archived or remembered as kept. A failed commit keeps every original of the
+group.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..._exceptions import REASONS
-from ...dicom.files import fsync_dir
 from ...logs import describe_error, get_logger, short_hash
 from ..metrics import DEID_SECONDS, DEIDENTIFIED
 from .originals import Originals
@@ -184,10 +183,6 @@ class GroupCommit:
         if not ready:
             return []
         try:
-            # The workers fsynced each output and renamed it; one fsync of its folder makes the
-            # group's names durable, before the rows that point at them.
-            for folder in {os.path.dirname(result.path) for _, result, _ in ready}:  # noqa: PTH120
-                fsync_dir(folder)
             added = self._add_rows([(job, result) for job, result, _ in ready])
         except Exception as exc:
             for job, *_ in ready:

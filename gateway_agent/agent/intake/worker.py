@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..._exceptions import IngestError, codec_panics
+from ...dicom.files import fsync_dir
 
 __all__ = [
     "OUTBOX_FILE_MODE",
@@ -138,7 +139,8 @@ def _written(before: os.stat_result, after: os.stat_result) -> bool:
 
 
 def deid_job(src: str, out_dir: str, released_dir: str | None = None) -> JobResult:
-    """Run in a worker: de-identify one file. Never raises; errors come back as data.
+    """Run in a worker: de-identify one file. Never raises; errors come back as data. The output
+    is fsynced and renamed; its folder is fsynced by :func:`deid_jobs`, once per task.
 
     The file is opened once (never through a symbolic link) and the engine reads that descriptor;
     the identity of what was read comes back with the result, so the parent removes the
@@ -184,8 +186,20 @@ def deid_job(src: str, out_dir: str, released_dir: str | None = None) -> JobResu
 
 
 def deid_jobs(srcs: list[str], out_dir: str, released_dir: str | None = None) -> list[JobResult]:
-    """Run in a worker: :func:`deid_job` for each of ``srcs`` (one task, one round trip)."""
-    return [deid_job(src, out_dir, released_dir) for src in srcs]
+    """Run in a worker: :func:`deid_job` for each of ``srcs`` (one task, one round trip), then
+    one fsync of ``out_dir`` for all their outputs (each output file was fsynced before its
+    rename): every ``ok`` output is durable, name included, when the results go back. If that
+    fsync fails, the ``ok`` results become ``transient`` (their originals stay for later)."""
+    results = [deid_job(src, out_dir, released_dir) for src in srcs]
+    if any(kind == "ok" for kind, *_ in results):
+        try:
+            fsync_dir(out_dir)
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, "OSError")
+            results = [
+                ("transient", "resource", name, r[3], r[4]) if r[0] == "ok" else r for r in results
+            ]
+    return results
 
 
 def _run(
@@ -194,7 +208,7 @@ def _run(
     try:
         try:
             with codec_panics():  # a codec's panic must not end the worker (or the dispatcher)
-                # The folder's fsync is the group commit's, once per group (commit.py).
+                # The folder's fsync comes once per task (deid_jobs).
                 result = _ENGINE.deidentify_file(Path(src), Path(out_dir), sync_folder=False)
         except IngestError as exc:
             if not exc.reason.startswith("burned_in_") or released_dir is None:
