@@ -218,7 +218,12 @@ class Deidentifier:
 
     # -- files ------------------------------------------------------------------------------
     def deidentify_file(
-        self, src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, fsync: bool = True
+        self,
+        src: str | os.PathLike[str],
+        out_dir: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        sync_folder: bool = True,
     ) -> DeidResult:
         """De-identify one part-10 file into ``out_dir/<new SOP Instance UID>.dcm``.
 
@@ -235,6 +240,10 @@ class Deidentifier:
             The output folder (created when missing).
         fsync
             Make the output durable before returning (the agent needs it; a batch may not).
+        sync_folder
+            With ``fsync``, also fsync ``out_dir`` after the rename. ``False``: the file's bytes
+            are durable on return, its name only once the caller fsyncs ``out_dir`` (the agent
+            does so once for each group of files it commits to its outbox).
 
         Returns
         -------
@@ -290,14 +299,26 @@ class Deidentifier:
             try:
                 try:
                     size = write_part10(
-                        path, meta, body, pixels=pixels, pixel_writer=writer, fsync=fsync
+                        path,
+                        meta,
+                        body,
+                        pixels=pixels,
+                        pixel_writer=writer,
+                        fsync=fsync,
+                        sync_folder=sync_folder,
                     )
                 except (FileNotFoundError, NotADirectoryError):
                     # The folder is missing (first file) or not a folder: create it, or raise as
                     # makedirs does. Trying first saves two system calls on every other file.
                     Path(out_dir).mkdir(parents=True, exist_ok=True)
                     size = write_part10(
-                        path, meta, body, pixels=pixels, pixel_writer=writer, fsync=fsync
+                        path,
+                        meta,
+                        body,
+                        pixels=pixels,
+                        pixel_writer=writer,
+                        fsync=fsync,
+                        sync_folder=sync_folder,
                     )
             finally:
                 if job is not None:

@@ -424,12 +424,18 @@ def _temp_in(directory: str) -> Iterator[tuple[int, str]]:
 
 
 def atomic_write(
-    path: str | os.PathLike[str], write: Callable[[int], int | None], *, fsync: bool = True
+    path: str | os.PathLike[str],
+    write: Callable[[int], int | None],
+    *,
+    fsync: bool = True,
+    sync_folder: bool = True,
 ) -> int:
     """Write ``path`` through a temp file in its folder: ``write(fd)``, fsync, rename, fsync dir.
 
     ``write`` may return the number of bytes it wrote (saves a system call). No temp file
-    survives an exception. Returns the size written.
+    survives an exception. Returns the size written. ``sync_folder=False`` leaves out the
+    folder's fsync (with ``fsync``): the new name is durable only once the caller has fsynced
+    the folder, which it may do once for several files.
     """
     target = os.fspath(path)
     directory = os.path.dirname(target) or "."  # noqa: PTH120 - hot path
@@ -447,7 +453,7 @@ def atomic_write(
             with contextlib.suppress(OSError):
                 os.unlink(tmp_path)  # noqa: PTH108 - hot path
             raise
-    if fsync:
+    if fsync and sync_folder:
         fsync_dir(directory)
     return size
 
@@ -460,6 +466,7 @@ def write_part10(
     pixels: tuple[int, PixelRange] | None = None,
     pixel_writer: Callable[[int], int] | None = None,
     fsync: bool = True,
+    sync_folder: bool = True,
 ) -> int:
     """Write a part-10 file: zero preamble, ``DICM``, file meta, ``body``, then the raw pixel range.
 
@@ -483,4 +490,4 @@ def write_part10(
         copy_range(src_fd, fd, rng.start, rng.end)  # all of it, or it raises
         return size
 
-    return atomic_write(path, write, fsync=fsync)
+    return atomic_write(path, write, fsync=fsync, sync_folder=sync_folder)

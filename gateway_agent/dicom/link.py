@@ -1,4 +1,4 @@
-"""C-STORE on an established association, in the sending thread: P-DATA framing, the response.
+"""C-STORE and C-FIND on an established association, in the caller's thread: framing, answers.
 
 pynetdicom negotiates the association (A-ASSOCIATE, presentation contexts, maximum lengths);
 :func:`~gateway_agent.dicom.network.detach_socket` then stops its two threads and hands the
@@ -11,6 +11,9 @@ connection to a :class:`StoreLink`, which runs the data transfer phase (PS3.8 9.
   :data:`SEND_BYTES`. Memory per association is one such buffer (at most ``MAX_SEND_PDU`` plus
   headers), whatever the file's size. It then reads PDUs until the C-STORE-RSP and returns its
   status.
+* :meth:`StoreLink.find` sends a C-FIND-RQ and its identifier (bytes in the context's transfer
+  syntax) the same way, then reads the C-FIND-RSPs until the final one: the identifiers of the
+  pending answers and the final status.
 * A peer's A-ABORT, A-RELEASE-RQ, closed connection, a timeout, or anything that is not the
   response to our request ends the association: :class:`LinkLostError` with a short reason.
 * :meth:`StoreLink.release` (A-RELEASE-RQ, wait for A-RELEASE-RP) and :meth:`StoreLink.abort`.
@@ -20,7 +23,9 @@ thread that polls the socket and its queues every millisecond (two such threads 
 association), so a 525 kB CT slice in a peer's usual 16 kB PDUs costs about 2.5 ms of CPU and
 the idle associations a few percent of a core; this path costs a tenth of that
 (``docs/performance.md``). A requestor that sends one request at a time and waits for its
-answer needs no reactor: nothing else can arrive but the response, an abort or a close.
+answer needs no reactor: nothing else can arrive but the response, an abort or a close. The
+proof of storage's C-FIND queries go the same way (with the reactors, an association open for
+a page of queries polled for as long as the peer took to answer).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = [
     "FileSlice",
     "LinkLostError",
     "StoreLink",
+    "encode_find_rq",
     "encode_store_rq",
 ]
 
@@ -60,10 +66,17 @@ _LAST = 0x02
 #: Command Field values (PS3.7 E.1).
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+C_FIND_RQ = 0x0020
+C_FIND_RSP = 0x8020
+#: C-FIND-RSP statuses that announce an identifier and more answers (PS3.4 C.4.1.1.4).
+FIND_PENDING = (0xFF00, 0xFF01)
 #: Priority MEDIUM, as dcmtk's storescu sends it (PS3.7 9.3.1.1).
 PRIORITY_MEDIUM = 0x0000
 #: Command Data Set Type: anything but 0x0101 says a data set follows.
 DATA_SET_PRESENT = 0x0001
+NO_DATA_SET = 0x0101
+#: Pending answers kept from one C-FIND (the caller asks for a page of UIDs at a time).
+MAX_FIND_ANSWERS = 10_000
 
 _PDU = struct.Struct(">BxI")  # PDU type, reserved, PDU length
 _PDATA = struct.Struct(">BxIIBB")  # P-DATA-TF header and its one PDV: length, context, control
@@ -115,6 +128,20 @@ def encode_store_rq(sop_class: str, sop_instance: str, message_id: int) -> bytes
             _US.pack(0x0000, 0x0700, 2, PRIORITY_MEDIUM),
             _US.pack(0x0000, 0x0800, 2, DATA_SET_PRESENT),
             _uid(0x00001000, sop_instance),
+        )
+    )
+    return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
+
+
+def encode_find_rq(sop_class: str, message_id: int) -> bytes:
+    """The command set of a C-FIND-RQ (PS3.7 9.3.2.1), implicit VR little endian."""
+    body = b"".join(
+        (
+            _uid(0x00000002, sop_class),
+            _US.pack(0x0000, 0x0100, 2, C_FIND_RQ),
+            _US.pack(0x0000, 0x0110, 2, message_id),
+            _US.pack(0x0000, 0x0700, 2, PRIORITY_MEDIUM),
+            _US.pack(0x0000, 0x0800, 2, DATA_SET_PRESENT),
         )
     )
     return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
@@ -233,7 +260,37 @@ class StoreLink:
         finally:
             if fh is not None:
                 fh.close()
-        return self._response(message_id)
+        fields, _ = self._message(message_id, C_STORE_RSP)
+        return fields[0x0900]
+
+    # -- C-FIND ----------------------------------------------------------------------------
+    def find(
+        self, context_id: int, sop_class: str, identifier: bytes, message_id: int
+    ) -> tuple[int, list[bytes]]:
+        """Send one C-FIND-RQ with ``identifier``; ``(final status, identifiers of the pending
+        answers)`` once the peer gave its final C-FIND-RSP.
+
+        Raises :class:`LinkLostError` when the association ends before the final answer, or the
+        peer sends more than :data:`MAX_FIND_ANSWERS` answers (the link is closed then).
+        """
+        if not self.alive:
+            raise LinkLostError("association already closed")
+        command = encode_find_rq(sop_class, message_id)
+        self._fill = 0
+        self._frame(context_id, _COMMAND, _Source(None, command).fill, len(command))
+        self._frame(context_id, 0, _Source(None, identifier).fill, len(identifier))
+        self._flush()
+        found: list[bytes] = []
+        while True:
+            fields, data = self._message(message_id, C_FIND_RSP)
+            status = fields[0x0900]
+            if status not in FIND_PENDING:
+                return status, found
+            if data is not None:
+                if len(found) >= MAX_FIND_ANSWERS:
+                    self.abort()
+                    raise LinkLostError("too many C-FIND answers")
+                found.append(data)
 
     def _frame(
         self, context_id: int, control: int, fill: Callable[[memoryview], None], length: int
@@ -278,27 +335,41 @@ class StoreLink:
         self._close()
         return LinkLostError(reason)
 
-    def _response(self, message_id: int) -> int:
+    def _message(self, message_id: int, field: int) -> tuple[dict[int, int], bytes | None]:
+        """Read the peer's next message, which must be the ``field`` response to ``message_id``:
+        its command's US fields and its data set (None when it has none)."""
         command = bytearray()
+        data = bytearray()
+        fields: dict[int, int] | None = None
         while True:
             kind, body = self._read_pdu()
-            if kind == P_DATA_TF:
-                for control, fragment in self._pdvs(body):
-                    if not control & _COMMAND:
-                        continue  # a data set: a C-STORE-RSP has none
-                    command += fragment
-                    if control & _LAST:
-                        fields = _command_fields(command)
-                        if (
-                            fields.get(0x0100) != C_STORE_RSP
-                            or fields.get(0x0120) != message_id
-                            or 0x0900 not in fields
-                        ):
-                            self.abort()
-                            raise LinkLostError("unexpected message instead of the C-STORE-RSP")
-                        return fields[0x0900]
-            else:
+            if kind != P_DATA_TF:
                 self._other_pdu(kind)
+            for control, fragment in self._pdvs(body):
+                if fields is None:
+                    if not control & _COMMAND:
+                        continue  # a data set before its command: not for us
+                    command += fragment
+                    if not control & _LAST:
+                        continue
+                    fields = _command_fields(command)
+                    if (
+                        fields.get(0x0100) != field
+                        or fields.get(0x0120) != message_id
+                        or 0x0900 not in fields
+                    ):
+                        self.abort()
+                        name = "C-STORE-RSP" if field == C_STORE_RSP else "C-FIND-RSP"
+                        raise LinkLostError(f"unexpected message instead of the {name}")
+                    if fields.get(0x0800, NO_DATA_SET) == NO_DATA_SET:
+                        return fields, None
+                elif control & _COMMAND:
+                    self.abort()
+                    raise LinkLostError("a command where its data set was expected")
+                else:
+                    data += fragment
+                    if control & _LAST:
+                        return fields, bytes(data)
 
     def _pdvs(self, body: bytes) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []

@@ -11,22 +11,34 @@ title not allowed to query, the FIND context refused, a failure status).
 from __future__ import annotations
 
 import ssl
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
-from .network import Rejection, set_nodelay
+from .._exceptions import DeidError
+from .codec import parse_dataset
+from .link import LinkLostError, StoreLink
+from .network import Rejection, detach_socket, set_nodelay
 from .scu import AssociationError
 
-__all__ = ["FIND_PAGE", "STUDY_ROOT_FIND", "QueryRefusedError", "find_instances"]
+__all__ = [
+    "FIND_PAGE",
+    "STUDY_ROOT_FIND",
+    "QueryRefusedError",
+    "find_instances",
+    "identifier",
+    "listed_uid",
+]
 
 #: Study Root Query/Retrieve Information Model - FIND.
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 #: SOP Instance UIDs asked for in one C-FIND (List of UID Matching).
 FIND_PAGE = 40
-_PENDING = (0xFF00, 0xFF01)
+#: The identifiers go in the default transfer syntax, which every peer accepts.
+_IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+_ELEMENT = struct.Struct("<HHI")
 
 
 class QueryRefusedError(Exception):
@@ -56,7 +68,7 @@ def find_instances(
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     ae.connection_timeout = connect_timeout
-    ae.add_requested_context(STUDY_ROOT_FIND)
+    ae.add_requested_context(STUDY_ROOT_FIND, _IMPLICIT_VR_LE)
     rejected: list[Rejection] = []
     connected: list[bool] = []
 
@@ -92,44 +104,81 @@ def find_instances(
         if not connected:
             raise AssociationError("connection refused or timed out")
         raise AssociationError("association aborted or no answer (timeout)")
+    context_id = next(
+        int(cx.context_id or 0)
+        for cx in assoc.accepted_contexts
+        if str(cx.abstract_syntax) == STUDY_ROOT_FIND
+    )
+    try:
+        link = StoreLink(
+            detach_socket(assoc),
+            send_pdu=int(assoc.acceptor.maximum_length or 0),
+            timeout=timeout,
+        )
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise AssociationError(f"association unusable: {exc}") from None
     found: set[str] = set()
+    message_id = 0
     try:
         for study, series_uid, uids in series:
             for i in range(0, len(uids), FIND_PAGE):
                 chunk = list(uids[i : i + FIND_PAGE])
-                got = _find(assoc, study, series_uid, chunk)
+                message_id += 1
+                got = _find(link, context_id, message_id, study, series_uid, chunk)
                 if len(chunk) > 1:
                     for uid in chunk:
                         if uid not in got:
-                            got |= _find(assoc, study, series_uid, [uid])
+                            message_id += 1
+                            got |= _find(link, context_id, message_id, study, series_uid, [uid])
                 found |= got
+    except LinkLostError as exc:
+        raise AssociationError(f"c_find: {exc.reason}") from None
     finally:
-        if assoc.is_established:
-            assoc.release()
+        link.release()
     return found
 
 
-def _find(assoc: Any, study: str, series_uid: str, uids: list[str]) -> set[str]:
-    query = Dataset()
-    query.QueryRetrieveLevel = "IMAGE"
-    query.StudyInstanceUID = study
-    query.SeriesInstanceUID = series_uid
-    query.SOPInstanceUID = uids if len(uids) > 1 else uids[0]
-    wanted = set(uids)
-    listed: set[str] = set()
-    for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
-        code = getattr(status, "Status", None)
-        if code is None:
-            raise AssociationError("no answer to C-FIND (timeout or association lost)")
-        code = int(code)
-        if code in _PENDING:
-            uid = str(getattr(identifier, "SOPInstanceUID", "") or "")
-            if uid in wanted:
-                listed.add(uid)
-        elif code == 0x0000:
-            break
-        elif code & 0xFF00 == 0xA700:
-            raise AssociationError(f"c_find out of resources (0x{code:04x})")
-        else:
-            raise QueryRefusedError(f"c_find_failed: status 0x{code:04x}")
-    return listed
+def _value(tag: int, raw: bytes, pad: bytes) -> bytes:
+    if len(raw) % 2:
+        raw += pad
+    return _ELEMENT.pack(tag >> 16, tag & 0xFFFF, len(raw)) + raw
+
+
+def identifier(study: str, series_uid: str, uids: Sequence[str]) -> bytes:
+    """The C-FIND identifier (implicit VR little endian) asking which of ``uids`` (one series)
+    the peer holds: IMAGE level, List of UID Matching on SOP Instance UID."""
+    return b"".join(
+        (
+            _value(0x00080018, "\\".join(uids).encode("ascii"), b"\0"),  # SOPInstanceUID
+            _value(0x00080052, b"IMAGE", b" "),  # QueryRetrieveLevel
+            _value(0x0020000D, study.encode("ascii"), b"\0"),  # StudyInstanceUID
+            _value(0x0020000E, series_uid.encode("ascii"), b"\0"),  # SeriesInstanceUID
+        )
+    )
+
+
+def listed_uid(answer: bytes) -> str:
+    """The SOP Instance UID of one C-FIND answer's identifier ("" when it has none or cannot
+    be read)."""
+    try:
+        elements, _ = parse_dataset(answer, len(answer), 0, True, True)
+    except DeidError:
+        return ""
+    for el in elements:
+        if el.tag == 0x00080018:
+            return el.raw.decode("ascii", "replace").strip("\0 ")
+    return ""
+
+
+def _find(
+    link: StoreLink, context_id: int, message_id: int, study: str, series_uid: str, uids: list[str]
+) -> set[str]:
+    status, answers = link.find(
+        context_id, STUDY_ROOT_FIND, identifier(study, series_uid, uids), message_id
+    )
+    if status == 0x0000:
+        wanted = set(uids)
+        return {uid for uid in map(listed_uid, answers) if uid in wanted}
+    if status & 0xFF00 == 0xA700:
+        raise AssociationError(f"c_find out of resources (0x{status:04x})")
+    raise QueryRefusedError(f"c_find_failed: status 0x{status:04x}")

@@ -242,10 +242,10 @@ class EnospcEngine:
         self.inner = inner
         self.flag = flag
 
-    def deidentify_file(self, src: Path, out_dir: Path) -> Any:
+    def deidentify_file(self, src: Path, out_dir: Path, **kw: Any) -> Any:
         if self.flag.exists():
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self.inner.deidentify_file(src, out_dir)
+        return self.inner.deidentify_file(src, out_dir, **kw)
 
 
 def start_intake(tmp_path: Path, engine: Any, outbox: Any, **kw: Any) -> Any:

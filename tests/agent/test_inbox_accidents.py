@@ -48,8 +48,8 @@ class SwappingEngine:
         self.inner, self.inbox, self.swap_name, self.data = inner, inbox, swap_name, data
         self.in_place = False
 
-    def deidentify_file(self, src: str, out_dir: str) -> Any:
-        result = self.inner.deidentify_file(src, out_dir)
+    def deidentify_file(self, src: str, out_dir: str, **kw: Any) -> Any:
+        result = self.inner.deidentify_file(src, out_dir, **kw)
         target = self.inbox / self.swap_name
         flag = self.inbox.parent / "swapped"
         if os.readlink(src) == str(target) and not flag.exists():

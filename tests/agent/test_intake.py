@@ -37,7 +37,7 @@ class CrashingEngine:
     def __init__(self, engine: Deidentifier) -> None:
         self.engine = engine
 
-    def deidentify_file(self, src: str | Path, out_dir: str | Path) -> Any:
+    def deidentify_file(self, src: str | Path, out_dir: str | Path, **kw: Any) -> Any:
         # The worker hands the engine its own descriptor (/proc/self/fd/N): the name is its target.
         src = str(src)
         name = Path(os.readlink(src)).name if src.startswith("/proc/") else Path(src).name
@@ -45,7 +45,7 @@ class CrashingEngine:
             os._exit(3)
         if "BUG" in name:
             raise RuntimeError("engine bug")
-        return self.engine.deidentify_file(src, out_dir)
+        return self.engine.deidentify_file(src, out_dir, **kw)
 
 
 def _run(it: Intake, paths: list[Path], timeout: float = 60) -> None:
@@ -243,3 +243,74 @@ def test_deferral_backoff_stays_at_its_cap(
         it.stop()
     assert delays[:7] == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     assert len(delays) == 2000 and delays[-1] == 60.0
+
+
+def test_queued_files_go_to_the_workers_several_per_task_a_lone_file_alone(
+    tmp_path: Path, engine: Deidentifier, outbox: Outbox
+) -> None:
+    """A backlog is handed out a few files per task (one round trip to a worker process for
+    several files); a lone file, or a short queue, goes one file per task, spread over the free
+    tasks; a file that crashed a worker goes alone."""
+    from gateway_agent.agent.intake.pipeline import TASK_FILES, TASKS_PER_WORKER
+
+    it = Intake(
+        inbox=tmp_path / "inbox",
+        out_dir=tmp_path / "state" / "outbox",
+        engine=engine,
+        outbox=outbox,
+        quarantine=Quarantine(tmp_path / "state" / "quarantine"),
+        workers=2,
+        state_dir=tmp_path / "state",
+    )  # not started: only the dispatcher's bookkeeping is exercised
+    free = TASKS_PER_WORKER * 2
+
+    def take(paths: list[str]) -> list[list[str]]:
+        for p in paths:
+            it.submit(Path(p))
+        with it._cond:
+            chunks = it._take_batch()
+            it._tasks = 0  # as if they completed
+        return chunks
+
+    assert take(["a"]) == [["a"]]
+    assert take(["b", "c"]) == [["b"], ["c"]]
+    names = [f"f{i:02d}" for i in range(free * TASK_FILES + 3)]
+    chunks = take(names)
+    assert chunks == [names[i : i + TASK_FILES] for i in range(0, free * TASK_FILES, TASK_FILES)]
+    assert list(it._queue) == names[free * TASK_FILES :]  # the rest waits for a free task
+    it._queue.clear()
+    it._crashes["x"] = 1
+    assert take(["x", "y", "z"]) == [["x"]]
+
+
+def test_one_folder_fsync_per_task_and_a_failed_one_keeps_the_originals(
+    tmp_path: Path, engine: Deidentifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker fsyncs each output, renames it, and fsyncs the outbox folder once for the
+    task's outputs before answering. If that fsync fails (an I/O error cannot be had from a real
+    disk here: it is injected), the task's outputs count as not written: ``transient``, so their
+    originals stay in the inbox and are offered again."""
+    from gateway_agent.agent.intake import worker
+
+    srcs = [str(p) for p in write_synthetic(tmp_path / "inbox", 3)]
+    out = tmp_path / "outbox"
+    out.mkdir()
+    synced: list[str] = []
+    real = worker.fsync_dir
+
+    def counting(directory: str) -> None:
+        synced.append(str(directory))
+        real(directory)
+
+    monkeypatch.setattr(worker, "_ENGINE", engine)
+    monkeypatch.setattr(worker, "fsync_dir", counting)
+    results = worker.deid_jobs([*srcs, str(tmp_path / "gone.dcm")], str(out))
+    assert [r[0] for r in results] == ["ok", "ok", "ok", "changed"]
+    assert synced == [str(out)]  # one fsync of the folder for the three outputs
+
+    def failing(directory: str) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(worker, "fsync_dir", failing)
+    results = worker.deid_jobs(srcs, str(out))
+    assert [(r[0], r[1], r[2]) for r in results] == [("transient", "resource", "EIO")] * 3

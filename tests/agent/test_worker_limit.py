@@ -12,7 +12,7 @@ from gateway_agent.agent.intake import worker
 class _SpinningEngine:
     """An engine caught in an endless loop (as pydicom was on a JP2 box of length 0)."""
 
-    def deidentify_file(self, src: str | Path, out_dir: str | Path) -> None:
+    def deidentify_file(self, src: str | Path, out_dir: str | Path, **kw: object) -> None:
         n = 0
         while True:
             n += 1

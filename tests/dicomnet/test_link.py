@@ -1,4 +1,4 @@
-"""StoreLink, the C-STORE sender's own data transfer phase: framing, responses, ends, real peers.
+"""StoreLink, the sender's own data transfer phase (C-STORE, C-FIND): framing, answers, ends, peers.
 
 The first tests play the peer on the other end of a real socket pair (a misbehaving peer cannot
 be had from a real server); the others send to dcmtk's storescp, Orthanc and a pynetdicom
@@ -19,8 +19,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
-from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_FIND_RQ, C_FIND_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage
 
@@ -33,9 +33,11 @@ from gateway_agent.dicom.link import (
     FileSlice,
     LinkLostError,
     StoreLink,
+    encode_find_rq,
     encode_store_rq,
 )
 from gateway_agent.dicom.network import Outcome
+from gateway_agent.dicom.query import STUDY_ROOT_FIND, identifier, listed_uid
 from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreSCU
 from gateway_agent.synthetic import make_ct_series, write_series
 from tests._dcmtk import Storescp
@@ -80,6 +82,29 @@ def pynetdicom_command(sop_class: str, sop_instance: str, message_id: int) -> by
     return bytes(encode(msg.command_set, True, True) or b"")
 
 
+def find_command(message_id: int) -> bytes:
+    req = C_FIND()
+    req.MessageID = message_id
+    req.AffectedSOPClassUID = STUDY_ROOT_FIND
+    req.Priority = 0
+    req.Identifier = BytesIO(b"\0\0")
+    msg = C_FIND_RQ()
+    msg.primitive_to_message(req)
+    return bytes(encode(msg.command_set, True, True) or b"")
+
+
+def find_response(message_id: int, status: int, with_identifier: bool) -> bytes:
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = STUDY_ROOT_FIND
+    rsp.Status = status
+    if with_identifier:
+        rsp.Identifier = BytesIO(b"\0\0")
+    msg = C_FIND_RSP()
+    msg.primitive_to_message(rsp)
+    return bytes(encode(msg.command_set, True, True) or b"")
+
+
 def response_command(message_id: int, status: int) -> bytes:
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = message_id
@@ -95,6 +120,17 @@ def response_command(message_id: int, status: int) -> bytes:
 @pytest.mark.parametrize("instance", ["1.2.3.4", "1.2.3.45"])  # even and odd lengths (padding)
 def test_command_set_is_the_one_pynetdicom_encodes(instance: str) -> None:
     assert encode_store_rq(CT, instance, 7) == pynetdicom_command(CT, instance, 7)
+
+
+def test_c_find_command_and_identifier_are_the_ones_pynetdicom_reads() -> None:
+    assert encode_find_rq(STUDY_ROOT_FIND, 9) == find_command(9)
+    raw = identifier("1.2.3", "1.2.3.4", ["1.2.3.4.5", "1.2.3.4.66"])
+    ds = pydicom.dcmread(BytesIO(raw), force=True)  # implicit VR little endian, no meta
+    assert ds.QueryRetrieveLevel == "IMAGE"
+    assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == ("1.2.3", "1.2.3.4")
+    assert list(ds.SOPInstanceUID) == ["1.2.3.4.5", "1.2.3.4.66"]
+    assert listed_uid(identifier("1.2.3", "1.2.3.4", ["1.2.3.4.5"])) == "1.2.3.4.5"
+    assert listed_uid(b"\x08\x00") == ""  # cut short: no UID rather than an error
 
 
 # -- a peer played on the other end of a socket pair ---------------------------------------------
@@ -212,6 +248,50 @@ def test_a_data_set_in_memory_goes_the_same_way(
     lengths, _, body = got[0]
     assert body == payload
     assert lengths[1:] == [1 << 20, 1 << 20, len(payload) - 2 * ((1 << 20) - 6) + 6]
+
+
+def test_c_find_reads_pending_answers_until_the_final_status(
+    pair: Callable[..., tuple[StoreLink, Peer]],
+) -> None:
+    link, peer = pair(send_pdu=64)  # the identifier itself takes several PDUs
+    query = identifier("1.2.3", "1.2.3.4", [f"1.2.3.4.{i}" for i in range(10)])
+    seen: list[tuple[list[int], bytes, bytes]] = []
+
+    def serve() -> None:
+        seen.append(peer.read_request())
+        for uid in ("1.2.3.4.1", "1.2.3.4.7"):
+            peer.send_command(find_response(3, 0xFF00, True), fragments=2)
+            answer = identifier("1.2.3", "1.2.3.4", [uid])
+            for i, piece in enumerate((answer[:10], answer[10:])):  # a data set in two PDVs
+                control = 0x02 if i else 0x00
+                peer.send_pdu(P_DATA_TF, struct.pack(">IBB", len(piece) + 2, 1, control) + piece)
+        peer.send_command(find_response(3, 0x0000, False))
+
+    t = in_thread(serve)
+    status, answers = link.find(1, STUDY_ROOT_FIND, query, 3)
+    t.join(10)
+    assert status == 0 and [listed_uid(a) for a in answers] == ["1.2.3.4.1", "1.2.3.4.7"]
+    lengths, command, body = seen[0]
+    assert command == find_command(3) and body == query and max(lengths) == 64
+    assert link.alive
+
+
+def test_a_c_find_answer_to_another_message_aborts(
+    pair: Callable[..., tuple[StoreLink, Peer]],
+) -> None:
+    link, peer = pair()
+    after: list[int] = []
+
+    def serve() -> None:
+        peer.read_request()
+        peer.send_command(find_response(4, 0x0000, False))
+        after.append(peer.read_pdu()[0])
+
+    t = in_thread(serve)
+    with pytest.raises(LinkLostError, match="instead of the C-FIND-RSP"):
+        link.find(1, STUDY_ROOT_FIND, identifier("1.2", "1.2.3", ["1.2.3.4"]), 3)
+    t.join(10)
+    assert after == [A_ABORT] and not link.alive
 
 
 def test_a_response_to_another_message_aborts(

@@ -1,9 +1,10 @@
 """The group commit: completed de-identifications become outbox rows, then their originals go.
 
 Invariant 1 holds per file: every output was made durable by its worker (temp, fsync, rename,
-folder fsync) before the job completed; the group's rows are committed (one ``BEGIN IMMEDIATE``
-... ``COMMIT`` with ``synchronous=FULL``) before any original of the group is removed, archived or
-remembered as kept. A failed commit keeps every original of the group.
+and the folder's fsync once per task) before the job completed; the group's rows are committed
+(one ``BEGIN IMMEDIATE`` ... ``COMMIT`` with ``synchronous=FULL``) before any original of the
+group is removed, archived or remembered as kept. A failed commit keeps every original of the
+group.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Job:
     size: int
     mtime_ns: int
     rel: str
-    future: Future[JobResult] | None = None
+    future: Future[Any] | None = None
     started: float = field(default_factory=time.perf_counter)
     calling_ae: str | None = None
 
@@ -80,6 +81,16 @@ class Job:
 
     #: Of the file the worker read (device, inode, size, mtime, ctime); set from its result.
     identity: FileIdentity | None = None
+    #: Where this job's result is in its task's list of results (``future`` is the task's);
+    #: None when the future's result is this job's alone.
+    index: int | None = None
+
+    def result(self) -> JobResult:
+        """The worker's result for this file (the job must be done)."""
+        assert self.future is not None
+        got = self.future.result()
+        result: JobResult = got if self.index is None else got[self.index]
+        return result
 
 
 def inbox_folder(rel: str) -> str:
@@ -267,8 +278,7 @@ class GroupCommit:
     def _prepare(self, job: Job) -> tuple[Any, float] | None:
         """Deal with a completed job, except its commit: ``(result, seconds)`` when it is to be
         committed, None when it was handled here (error, deferred, changed)."""
-        assert job.future is not None
-        kind, payload, detail, seconds, identity = job.future.result()
+        kind, payload, detail, seconds, identity = job.result()
         job.identity = identity
         if kind == "transient":
             log.error("intake_deferred", file=short_hash(job.path), cause=detail)

@@ -27,7 +27,7 @@ from ..metrics import FILES_RECEIVED, INTAKE_PAUSED
 from .commit import GroupCommit, Job, OutboxSink
 from .originals import Originals
 from .quarantine import Quarantine
-from .worker import deid_job, init_worker, warm_up
+from .worker import deid_jobs, init_worker, warm_up
 
 __all__ = ["DICOMDIR_NAME", "OUTBOX_DIR_MODE", "Intake"]
 
@@ -40,6 +40,12 @@ MAX_WORKER_CRASHES = 2
 GATE_RECHECK_SECONDS = 5.0
 #: Mode of the outbox files folder (the copies in it: ``OUTBOX_FILE_MODE``, set by the workers).
 OUTBOX_DIR_MODE = 0o700
+#: Tasks (one or more files each) handed to the pool per worker process at most ...
+TASKS_PER_WORKER = 2
+#: ... and files in one task, when more are queued than free tasks can take one by one: one
+#: round trip to a worker process (the pool's threads, pickling, pipes) then serves several
+#: files, while a lone file still goes alone, at once.
+TASK_FILES = 4
 #: Group commit: completions arriving within this long share one outbox transaction ...
 GROUP_LINGER_SECONDS = 0.003
 #: ... up to this many rows.
@@ -70,7 +76,8 @@ class Intake:
     originals, archive_dir
         What to do with an original after its row is committed: ``delete``, ``archive``, ``keep``.
     workers
-        Worker processes; at most ``4 * workers`` files are in flight.
+        Worker processes; at most ``TASKS_PER_WORKER * workers`` tasks of at most
+        ``TASK_FILES`` files each are in flight.
     on_committed
         Called after each committed row (the daemon wakes the uploader).
     gate
@@ -140,8 +147,9 @@ class Intake:
             monotonic=monotonic,
         )
         self._workers = workers
-        # A few per worker: workers stay busy while the dispatcher commits rows.
-        self._max_inflight = 4 * workers
+        # Two tasks per worker: workers stay busy while the dispatcher commits rows.
+        self._max_tasks = TASKS_PER_WORKER * workers
+        self._tasks = 0  # tasks submitted and not completed
         self._on_committed = on_committed
         self._gate = gate
         self._retry_later = retry_later
@@ -291,7 +299,7 @@ class Intake:
 
     def _run(self) -> None:
         while True:
-            launch: list[str] = []
+            launch: list[list[str]] = []
             with self._cond:
                 while True:
                     if self._done:
@@ -299,7 +307,7 @@ class Intake:
                     if self._stopping:
                         if not self._inflight:
                             return
-                    elif self._queue and len(self._inflight) < self._max_inflight:
+                    elif self._queue and self._tasks < self._max_tasks:
                         if self._gate_open():
                             break
                         self._cond.wait(GATE_RECHECK_SECONDS)
@@ -318,13 +326,8 @@ class Intake:
                 except Exception as exc:
                     log.error("intake_on_room_failed", error=describe_error(exc))
             # Keep the workers busy first; then commit everything that completed as one group.
-            for path in launch:
-                try:
-                    self._launch(path)
-                except Exception as exc:
-                    log.error(
-                        "intake_launch_failed", file=short_hash(path), error=describe_error(exc)
-                    )
+            for chunk in launch:
+                self._launch(chunk)
             if done:
                 group = self._linger(done)
                 try:
@@ -334,65 +337,108 @@ class Intake:
                     self._commit.problem = f"cannot commit ({describe_error(exc)})"
                     self._release(group)
 
-    def _take_batch(self) -> list[str]:
-        """Dequeue what fits in the pool; a file that crashed a worker runs alone (caller locks)."""
-        batch: list[str] = []
-        room = self._max_inflight - len(self._inflight)
-        while self._queue and room > 0:
+    def _take_batch(self) -> list[list[str]]:
+        """Dequeue what the free tasks take, as one list of files per task (caller locks; the
+        tasks are counted as running from here). Files are spread over the free tasks, at most
+        ``TASK_FILES`` each; a file that crashed a worker runs alone, in a task of its own."""
+        free = self._max_tasks - self._tasks
+        if free <= 0 or not self._queue:
+            return []
+        per_task = min(TASK_FILES, max(1, -(-len(self._queue) // free)))
+        chunks: list[list[str]] = []
+        chunk: list[str] = []
+        while self._queue and len(chunks) < free:
             path = next(iter(self._queue))
             if path in self._crashes:
-                if self._inflight or batch:
+                if self._inflight or chunks or chunk:
                     break
                 del self._queue[path]
-                return [path]
+                chunks.append([path])
+                break
             del self._queue[path]
-            batch.append(path)
-            room -= 1
-        return batch
+            chunk.append(path)
+            if len(chunk) == per_task:
+                chunks.append(chunk)
+                chunk = []
+        if chunk:
+            chunks.append(chunk)
+        self._tasks += len(chunks)
+        return chunks
 
-    def _launch(self, path: str) -> None:
+    def _launch(self, paths: list[str]) -> None:
+        """Hand ``paths`` to a worker process as one task (those still to be processed)."""
+        jobs: list[Job] = []
+        for path in paths:
+            try:
+                job = self._job(path)
+            except Exception as exc:
+                log.error("intake_launch_failed", file=short_hash(path), error=describe_error(exc))
+                continue
+            if job is not None:
+                jobs.append(job)
+        if not jobs:
+            self._task_done()
+            return
+        assert self._pool is not None
+        args = ([job.path for job in jobs], str(self.out_dir), self._released)
+        try:
+            try:
+                future = self._pool.submit(deid_jobs, *args)
+            except BrokenProcessPool:
+                self._replace_pool()
+                future = self._pool.submit(deid_jobs, *args)
+        except Exception as exc:
+            # No worker took them (e.g. none could be started on a full disk): they must not
+            # stay "in flight", where every later offer of the same file would be ignored.
+            log.error("intake_launch_failed", files=len(jobs), error=describe_error(exc))
+            self._release(jobs)
+            self._task_done()
+            for job in jobs:
+                self._defer(job.path)
+            return
+        for index, job in enumerate(jobs):
+            job.future, job.index = future, index
+        future.add_done_callback(functools.partial(self._completed, jobs))
+
+    def _job(self, path: str) -> Job | None:
+        """The job for ``path``, registered in flight; None when there is nothing to process
+        (gone, not a regular file, already done) or it was dealt with here (DICOMDIR)."""
         try:
             st = os.lstat(path)
         except OSError:
-            return  # already gone (processed, moved away): nothing to do
+            return None  # already gone (processed, moved away): nothing to do
         if not stat.S_ISREG(st.st_mode):
-            return  # symlinks and specials are never taken
+            return None  # symlinks and specials are never taken
         origin = self._origin(path)
         if origin is None:
             log.warning("intake_outside_inbox", file=short_hash(path))
-            return
+            return None
         rel, calling_ae = origin
         own = calling_ae is not None
         if not own and self._originals.already_done(Path(path), rel, st):
-            return
+            return None
         FILES_RECEIVED.inc()
         if Path(path).name.upper() == DICOMDIR_NAME:
             # A media directory lists patients; it is not an instance to upload.
             self._commit.to_quarantine(
                 path, rel, "dicomdir", "DICOMDIR media index is not uploaded"
             )
-            return
+            return None
         job = Job(path, st.st_size, st.st_mtime_ns, rel=rel, calling_ae=calling_ae)
         with self._cond:
             self._inflight[path] = job
-        assert self._pool is not None
-        try:
-            try:
-                job.future = self._pool.submit(deid_job, path, str(self.out_dir), self._released)
-            except BrokenProcessPool:
-                self._replace_pool()
-                job.future = self._pool.submit(deid_job, path, str(self.out_dir), self._released)
-        except BaseException:
-            # No worker took it (e.g. none could be started on a full disk): it must not stay
-            # "in flight", where every later offer of the same file would be ignored.
-            self._release([job])
-            self._defer(path)
-            raise
-        job.future.add_done_callback(functools.partial(self._completed, job))
+        return job
 
-    def _completed(self, job: Job, _future: object = None) -> None:
+    def _completed(self, jobs: list[Job], _future: object = None) -> None:
         with self._cond:
-            self._done.append(job)
+            self._done.extend(jobs)
+            self._tasks -= 1
+            self._cond.notify_all()
+
+    def _task_done(self) -> None:
+        """A task counted as running that was not submitted after all."""
+        with self._cond:
+            self._tasks -= 1
             self._cond.notify_all()
 
     def _origin(self, path: str) -> tuple[str, str | None] | None:

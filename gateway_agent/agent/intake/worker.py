@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..._exceptions import IngestError, codec_panics
+from ...dicom.files import fsync_dir
 
 __all__ = [
     "OUTBOX_FILE_MODE",
@@ -21,6 +22,7 @@ __all__ = [
     "FileIdentity",
     "JobResult",
     "deid_job",
+    "deid_jobs",
     "identity_of",
     "init_worker",
     "warm_up",
@@ -111,7 +113,9 @@ def _released(src: str, out_dir: str, released_dir: Path, refused: IngestError) 
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise refused from None
-    result = _ENGINE.with_burned_in("allow").deidentify_file(Path(src), Path(out_dir))
+    result = _ENGINE.with_burned_in("allow").deidentify_file(
+        Path(src), Path(out_dir), sync_folder=False
+    )
     result.audit["burned_in_released"] = {
         "quarantine_id": str(record.get("quarantine_id", "")),
         "reason": str(record.get("reason", "")),
@@ -135,7 +139,8 @@ def _written(before: os.stat_result, after: os.stat_result) -> bool:
 
 
 def deid_job(src: str, out_dir: str, released_dir: str | None = None) -> JobResult:
-    """Run in a worker: de-identify one file. Never raises; errors come back as data.
+    """Run in a worker: de-identify one file. Never raises; errors come back as data. The output
+    is fsynced and renamed; its folder is fsynced by :func:`deid_jobs`, once per task.
 
     The file is opened once (never through a symbolic link) and the engine reads that descriptor;
     the identity of what was read comes back with the result, so the parent removes the
@@ -180,13 +185,31 @@ def deid_job(src: str, out_dir: str, released_dir: str | None = None) -> JobResu
     return kind, payload, detail, time.perf_counter() - t0, identity
 
 
+def deid_jobs(srcs: list[str], out_dir: str, released_dir: str | None = None) -> list[JobResult]:
+    """Run in a worker: :func:`deid_job` for each of ``srcs`` (one task, one round trip), then
+    one fsync of ``out_dir`` for all their outputs (each output file was fsynced before its
+    rename): every ``ok`` output is durable, name included, when the results go back. If that
+    fsync fails, the ``ok`` results become ``transient`` (their originals stay for later)."""
+    results = [deid_job(src, out_dir, released_dir) for src in srcs]
+    if any(kind == "ok" for kind, *_ in results):
+        try:
+            fsync_dir(out_dir)
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, "OSError")
+            results = [
+                ("transient", "resource", name, r[3], r[4]) if r[0] == "ok" else r for r in results
+            ]
+    return results
+
+
 def _run(
     src: str, out_dir: str, released_dir: str | None = None
 ) -> tuple[Literal["ok", "error", "transient"], Any, str]:
     try:
         try:
             with codec_panics():  # a codec's panic must not end the worker (or the dispatcher)
-                result = _ENGINE.deidentify_file(Path(src), Path(out_dir))
+                # The folder's fsync comes once per task (deid_jobs).
+                result = _ENGINE.deidentify_file(Path(src), Path(out_dir), sync_folder=False)
         except IngestError as exc:
             if not exc.reason.startswith("burned_in_") or released_dir is None:
                 raise
