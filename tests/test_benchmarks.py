@@ -81,6 +81,32 @@ def test_bench_e2e_pairs(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.orthanc
+def test_bench_e2e_agent_table(tmp_path: Path) -> None:
+    """The default mode (docs/performance.md, end to end): direct uploads, the durable floor,
+    the agent from drop to stored, its QC share, latencies, idle CPU and RSS with files queued."""
+    require(orthanc_available(), "Orthanc with the DICOMweb plugin")
+    out = _run(
+        "bench_e2e.py", "--files", "20", "--size", "64", "--queued", "30", "--queued-size", "32",
+        "--idle-seconds", "1", "--qc-interval", "2", "--workdir", str(tmp_path),
+    )  # fmt: skip
+    for measure in (
+        "direct STOW, 25 files/POST, 4 clients",
+        "durable floor: 4 threads copy + fsync, 4 clients post 25",
+        "agent: drop -> stored in Orthanc",
+        "latency, one file renamed in",
+        "latency, one file written in place",
+    ):
+        value = _row(out, measure)[1]
+        assert float(value.split()[0]) > 0, (measure, value)
+    assert "x best direct" in _row(out, "agent: drop -> stored in Orthanc")[2]
+    assert _row(out, "QC job CPU during ingest")[1].endswith("% of 1 core")
+    assert _row(out, "idle CPU over 1 s")[1].endswith(" %")
+    assert _row(out, "peak RSS, 30 files queued")[1].endswith(" MB agent")
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.orthanc
 def test_bench_upload_modes() -> None:
     require(orthanc_available(), "Orthanc with the DICOMweb plugin")
     out = _run("bench_upload.py", "--n", "20", "--reps", "1")
