@@ -55,26 +55,18 @@ from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreSCU  # noq
 from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
 from tests._dcmtk import DCMTK_ENV, dcmtk_tool  # noqa: E402
 from tests._orthanc import OrthancServer, free_port  # noqa: E402
-from tests._procs import descendants  # noqa: E402
+from tests._procs import cpu_seconds, descendants, machine_busy  # noqa: E402
 
-CLK = os.sysconf("SC_CLK_TCK")
 UNIT = "EDGE01"
 SCANNER = "SCANNER"
 #: Orthanc's default maximum PDU length, and the largest it (dcmtk) takes.
 ORTHANC_PDUS = (16384, 131072)
 
 
-def machine_busy() -> float:
-    """CPU seconds the whole machine has been busy (all cores), from ``/proc/stat``."""
-    with open("/proc/stat") as fh:
-        ticks = [int(x) for x in fh.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLK
-
-
 def pid_cpu(pid: int | None) -> float:
     """CPU seconds of one process so far."""
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / CLK
+    assert pid is not None, "the process has not started"
+    return cpu_seconds([pid])
 
 
 def children_cpu() -> float:
@@ -203,14 +195,7 @@ class Agent:
         return [self.proc.pid, *descendants(self.proc.pid)]
 
     def cpu_seconds(self) -> float:
-        total = 0
-        for pid in self.family():
-            try:
-                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(f[11]) + int(f[12])
-        return total / CLK
+        return cpu_seconds(self.family())
 
     def counts(self) -> dict[str, int]:
         db = self.state / "outbox.db"

@@ -53,17 +53,7 @@ from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret 
 from gateway_agent.dicom.files import atomic_write, copy_range  # noqa: E402
 from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
 from tests._orthanc import OrthancServer, orthanc_available  # noqa: E402
-from tests._procs import descendants  # noqa: E402
-
-CLK = os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine has been busy (all cores, every process and kernel thread:
-    Orthanc, the client or agent, write-back), from ``/proc/stat``."""
-    with open("/proc/stat") as fh:
-        ticks = [int(x) for x in fh.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLK  # minus idle and iowait
+from tests._procs import CLK, cpu_seconds, descendants, machine_busy  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -301,14 +291,7 @@ class AgentProc:
         return [self.proc.pid, *descendants(self.proc.pid)]
 
     def cpu_seconds(self) -> float:
-        total = 0
-        for pid in self.family():
-            try:
-                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(f[11]) + int(f[12])
-        return total / CLK
+        return cpu_seconds(self.family())
 
     def qc_cpu_seconds(self) -> float:
         """CPU seconds of the QC job: the agent's threads at nice +10 or more.

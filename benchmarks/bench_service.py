@@ -23,39 +23,11 @@ import time
 import uuid
 from pathlib import Path
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests._procs import cpu_seconds, descendants
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def tree(pid: int) -> list[int]:
-    """The process and all its descendants (from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += parents.get(p, [])
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
 
 
 def rss_mb(pids: list[int]) -> float:
@@ -117,10 +89,10 @@ def main() -> None:
                 stops.append(stop_agent(proc, sock))
         # The last one stays up: let start-up work settle, then measure an idle window.
         time.sleep(3)
-        pids = tree(proc.pid)
+        pids = [proc.pid, *descendants(proc.pid)]
         c0, w0 = cpu_seconds(pids), time.perf_counter()
         time.sleep(args.idle_seconds)
-        pids = tree(proc.pid)
+        pids = [proc.pid, *descendants(proc.pid)]
         c1, w1 = cpu_seconds(pids), time.perf_counter()
         idle = 100.0 * (c1 - c0) / (w1 - w0)
         rss = rss_mb(pids)

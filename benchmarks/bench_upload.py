@@ -13,7 +13,6 @@ cost of the proof.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import secrets
 import statistics
@@ -35,6 +34,7 @@ from gateway_agent.agent.upload.uploader import Uploader
 from gateway_agent.config import DestinationSettings
 from gateway_agent.synthetic import make_ct_slice
 from tests._orthanc import OrthancServer
+from tests._procs import cpu_seconds
 
 
 def make_corpus(directory: Path, n: int) -> list[Path]:
@@ -130,12 +130,6 @@ def uploader(
     return run
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (``/proc/PID/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_once(
     name: str, fn: Callable[..., object], paths: list[Path], work: Path
 ) -> tuple[float, float, float, float]:
@@ -143,14 +137,14 @@ def run_once(
     one mode on a fresh Orthanc (a direct upload proves nothing: both times are the same)."""
     with OrthancServer() as server:
         assert server.pid is not None
-        server_cpu = cpu_seconds(server.pid)
+        server_cpu = cpu_seconds([server.pid])
         client_cpu = time.process_time()
         t0 = time.perf_counter()
         got = fn(server, paths, work)
         elapsed = time.perf_counter() - t0
         acknowledged, proven = got if isinstance(got, tuple) else (elapsed, elapsed)
         client_cpu = time.process_time() - client_cpu
-        server_cpu = cpu_seconds(server.pid) - server_cpu
+        server_cpu = cpu_seconds([server.pid]) - server_cpu
         n = server.count_instances()
         if n != len(paths):
             raise SystemExit(f"{name}: Orthanc holds {n} instances, expected {len(paths)}")

@@ -1,4 +1,5 @@
-"""Process helpers for tests: servers started, waited for and stopped by PID; process trees."""
+"""Process helpers for tests and benchmarks: servers started, waited for and stopped by PID;
+process trees; the CPU time of processes and of the whole machine."""
 
 from __future__ import annotations
 
@@ -8,21 +9,26 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 __all__ = [
     "alive",
+    "cpu_seconds",
     "deleted_fds",
     "descendants",
     "free_port",
     "log_tail",
+    "machine_busy",
     "port_open",
     "started",
     "stop_process",
     "wait_ready",
 ]
+
+
+CLK = os.sysconf("SC_CLK_TCK")
 
 
 class _Server(Protocol):
@@ -145,3 +151,23 @@ def deleted_fds(pid: int, under: Path) -> list[str]:
         if target.startswith(str(under)) and target.endswith(" (deleted)"):
             out.append(target)
     return out
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds of the processes so far (those gone already count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all cores, every process and kernel thread),
+    from ``/proc/stat``."""
+    with open("/proc/stat") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK  # minus idle and iowait
