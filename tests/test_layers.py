@@ -1,8 +1,8 @@
 """Imports go down the layers only, and inside the agent down the flow (parsed with ``ast``).
 
-Package level: ``_exceptions``, ``_lazy``, ``dicom``, ``config`` and ``logs`` at the bottom;
-``deid`` and ``imaging`` on them; ``qc`` on ``imaging``; ``agent`` on all of those; ``cli`` on
-top. Inside ``agent``: intake and upload never import each other, the outbox imports neither, and
+Package level: ``_exceptions``, ``_lazy``, ``_runs``, ``dicom``, ``config`` and ``logs`` at the
+bottom; ``deid`` and ``imaging`` on them; ``qc`` on ``imaging``; ``agent`` on all of those; ``cli``
+on top. Inside ``agent``: intake and upload never import each other, the outbox imports neither, and
 nothing imports ``service`` (the wiring) but the command line. Every import counts: module level,
 inside functions, under ``TYPE_CHECKING``.
 """
@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "gateway_agent"
 
-BOTTOM = frozenset({"_exceptions", "_lazy", "_version", "dicom", "config", "logs"})
+BOTTOM = frozenset({"_exceptions", "_lazy", "_runs", "_version", "dicom", "config", "logs"})
 #: Package-level part -> the parts it may import (besides itself).
 PACKAGE_LAYERS: Mapping[str, frozenset[str]] = {
     **{part: BOTTOM for part in BOTTOM},

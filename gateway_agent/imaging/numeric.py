@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._runs import connected_runs
+
 __all__ = [
     "KMeansResult",
     "border_connected",
@@ -262,35 +264,11 @@ def border_connected(mask: np.ndarray) -> np.ndarray:
     rows, cols = m.shape
     if m.size == 0:
         return np.zeros_like(m)
-    edges = np.diff(np.pad(m, ((0, 0), (1, 1))).astype(np.int8), axis=1)
-    row, start = np.nonzero(edges == 1)
-    _, end = np.nonzero(edges == -1)  # exclusive; row-major order pairs ends with starts
-    # Keys that sort runs by (row, column) across the whole image.
-    width = cols + 2
-    start_key, end_key = row * width + start, row * width + end
-    # Runs of the next row overlapping run a: end_b > start_a and start_b < end_a.
-    below = (row + 1) * width
-    lo = np.searchsorted(end_key, below + start, side="right")
-    hi = np.searchsorted(start_key, below + end, side="left")
-    count = np.maximum(hi - lo, 0)
-    a = np.repeat(np.arange(row.size), count)
-    b = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count) + np.repeat(lo, count)
-    parent = np.arange(row.size)
-    while True:
-        pa, pb = parent[a], parent[b]
-        differ = pa != pb
-        if not differ.any():
-            break
-        np.minimum.at(parent, np.maximum(pa, pb)[differ], np.minimum(pa, pb)[differ])
-        while True:  # pointer jumping: every run points at its root again
-            jumped = parent[parent]
-            if np.array_equal(jumped, parent):
-                break
-            parent = jumped
+    row, start, end, root = connected_runs(m)
     on_border = (row == 0) | (row == rows - 1) | (start == 0) | (end == cols)
     outside = np.zeros(row.size, bool)
-    outside[parent[on_border]] = True
-    keep = outside[parent]
+    outside[root[on_border]] = True
+    keep = outside[root]
     # Paint the kept runs: +1 at each start, -1 at each end, running sum along the row.
     paint = np.zeros((rows, cols + 1), np.int32)
     np.add.at(paint, (row[keep], start[keep]), 1)

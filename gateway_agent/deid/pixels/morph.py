@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._runs import connected_runs
+
 __all__ = ["Components", "box_sum", "components", "max_filter", "min_filter"]
 
 
@@ -69,39 +71,15 @@ class Components:
     """
 
     def __init__(self, mask: np.ndarray) -> None:
-        m = np.asarray(mask, dtype=bool)
-        rows, cols = m.shape
-        edges = np.diff(np.pad(m, ((0, 0), (1, 1))).astype(np.int8), axis=1)
-        row, start = np.nonzero(edges == 1)
-        _, end = np.nonzero(edges == -1)
+        rows, cols = np.shape(mask)
+        row, start, end, root = connected_runs(mask)
         self._row, self._start, self._end = row, start, end
         if row.size == 0:
             self.boxes = np.zeros((0, 4), np.int64)
             self.sizes = np.zeros(0, np.int64)
             self._label = np.zeros(0, np.int64)
             return
-        width = cols + 2
-        start_key, end_key = row * width + start, row * width + end
-        below = (row + 1) * width
-        lo = np.searchsorted(end_key, below + start, side="right")
-        hi = np.searchsorted(start_key, below + end, side="left")
-        count = np.maximum(hi - lo, 0)
-        a = np.repeat(np.arange(row.size), count)
-        b = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-        b = b + np.repeat(lo, count)
-        parent = np.arange(row.size)
-        while True:
-            pa, pb = parent[a], parent[b]
-            differ = pa != pb
-            if not differ.any():
-                break
-            np.minimum.at(parent, np.maximum(pa, pb)[differ], np.minimum(pa, pb)[differ])
-            while True:
-                jumped = parent[parent]
-                if np.array_equal(jumped, parent):
-                    break
-                parent = jumped
-        roots, label = np.unique(parent, return_inverse=True)
+        roots, label = np.unique(root, return_inverse=True)
         n = roots.size
         self._label = label
         x0 = np.full(n, cols, np.int64)
