@@ -34,6 +34,7 @@ __all__ = [
     "Settings",
     "load_settings",
     "parse_dicom_address",
+    "read_secret_file",
     "validate_ae_title",
     "parse_s3_url",
 ]
@@ -463,13 +464,11 @@ class DestinationSettings(_Section):
             )
         self.prefix = self.prefix.strip("/")
         if self.endpoint_url is not None:
-            if not self.endpoint_url.startswith(("http://", "https://")):
-                raise ValueError("destination.endpoint_url must start with http:// or https://")
-            if "@" in self.endpoint_url.split("://", 1)[1].split("/", 1)[0]:
-                raise ValueError(
-                    "destination.endpoint_url must not carry credentials: use the AWS "
-                    "credential chain or destination.aws_credentials_file"
-                )
+            _check_http_url(
+                self.endpoint_url,
+                "destination.endpoint_url",
+                ": use the AWS credential chain or destination.aws_credentials_file",
+            )
         if self.sse_kms_key_id and self.server_side_encryption != "aws:kms":
             raise ValueError(
                 "destination.sse_kms_key_id is set but destination.server_side_encryption is not "
@@ -498,12 +497,11 @@ class DestinationSettings(_Section):
     def _url(self) -> DestinationSettings:
         if self.kind == "dicomweb" and not self.url:
             raise ValueError('destination.url is required when destination.kind = "dicomweb"')
-        if self.url and not self.url.startswith(("http://", "https://")):
-            raise ValueError("destination.url must start with http:// or https://")
-        if self.url and "@" in self.url.split("://", 1)[1].split("/", 1)[0]:
-            raise ValueError(
-                "destination.url must not carry credentials (user:password@): set "
-                'destination.auth = "basic" with username and password_file'
+        if self.url:
+            _check_http_url(
+                self.url,
+                "destination.url",
+                ' (user:password@): set destination.auth = "basic" with username and password_file',
             )
         return self
 
@@ -581,6 +579,15 @@ class ListenerSettings(_Section):
             validate_ae_title(ae, "listener.allowed_calling_aes") for ae in self.allowed_calling_aes
         ]
         return self
+
+
+def _check_http_url(url: str, key: str, instead: str) -> None:
+    """``url`` starts with http:// or https:// and names no user or password; ``instead`` ends
+    the error message with what to do instead."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{key} must start with http:// or https://")
+    if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError(f"{key} must not carry credentials{instead}")
 
 
 def _url_without_credentials(url: str) -> str:
@@ -982,6 +989,18 @@ def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
             )
             lines.append(f"{var}: unknown setting [from the environment] ({hint})")
     return lines
+
+
+def read_secret_file(path: Path, key: str) -> str:
+    """The secret held in a file (outer white space dropped), for the setting or flag ``key``
+    that names it; an unreadable or empty file is a ConfigError naming ``key``, never the value."""
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read the file ({exc.strerror})") from None
+    if not value:
+        raise ConfigError(f"{key}: the file is empty")
+    return value
 
 
 def _settings_error(exc: SettingsError) -> str:

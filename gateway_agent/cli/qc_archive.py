@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .._exceptions import ConfigError, QCError
+from ..config import read_secret_file
 
 __all__ = ["add_archive_arguments", "cmd_qc_archive"]
 
@@ -57,16 +58,6 @@ def add_archive_arguments(qc: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
 
 
-def _read_secret(path: Path, flag: str) -> str:
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{flag}: cannot read the file ({exc.strerror})") from None
-    if not value:
-        raise ConfigError(f"{flag}: the file is empty")
-    return value
-
-
 def _client(args: argparse.Namespace, workers: int) -> Any:
     """An httpx client with the archive's credentials and TLS settings, checked as for the
     DICOMweb destination (a problem is a :class:`ConfigError`)."""
@@ -88,11 +79,13 @@ def _client(args: argparse.Namespace, workers: int) -> Any:
     if args.auth == "basic":
         if not args.username or args.password_file is None:
             raise ConfigError("--auth basic needs --username and --password-file")
-        auth = httpx.BasicAuth(args.username, _read_secret(args.password_file, "--password-file"))
+        auth = httpx.BasicAuth(
+            args.username, read_secret_file(args.password_file, "--password-file")
+        )
     elif args.auth == "bearer":
         if args.token_file is None:
             raise ConfigError("--auth bearer needs --token-file")
-        headers["Authorization"] = "Bearer " + _read_secret(args.token_file, "--token-file")
+        headers["Authorization"] = "Bearer " + read_secret_file(args.token_file, "--token-file")
     elif args.username or args.password_file or args.token_file:
         raise ConfigError(
             "--username, --password-file and --token-file need --auth basic or bearer"

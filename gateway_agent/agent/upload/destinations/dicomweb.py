@@ -40,7 +40,7 @@ import httpx
 from pydantic import SecretStr
 
 from ...._exceptions import ConfigError, PermanentUploadError, RetryableUploadError, UploadError
-from ....config import DestinationSettings
+from ....config import DestinationSettings, read_secret_file
 from ....logs import get_logger
 from ...outbox.db import OutboxRow
 from . import SendResult, open_row
@@ -590,20 +590,10 @@ def _rejected_reason(response: httpx.Response) -> str:
 
 
 # -- from settings ------------------------------------------------------------------------------
-def _read_secret_file(path: Path, what: str) -> str:
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"destination.{what}: cannot read the file ({exc.strerror})") from None
-    if not value:
-        raise ConfigError(f"destination.{what}: the file is empty")
-    return value
-
-
 def _credential(value: SecretStr | None, file: Path | None, key: str) -> str:
     """A secret from ``destination.<key>_file`` (preferred) or ``destination.<key>``."""
     if file is not None:
-        return _read_secret_file(file, f"{key}_file")
+        return read_secret_file(file, f"destination.{key}_file")
     if value is not None:
         return value.get_secret_value()
     raise ConfigError(
