@@ -259,11 +259,9 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    from ..agent.upload.stall import format_age
+
+    return format_age(seconds)
 
 
 def _when(ts: float | None) -> str | None:

@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["destination_problems", "hint", "misconfigured", "proof_refused"]
+__all__ = ["destination_problems", "format_age", "hint", "misconfigured", "proof_refused"]
 
 _MISCONFIGURED = re.compile(r"^http_(404|405|501)\b")
 _PROOF_REFUSED = re.compile(
@@ -112,7 +112,8 @@ def proof_refused(status: Mapping[str, Any]) -> bool:
     return bool(status.get("awaiting_proof")) and newer and bool(_PROOF_REFUSED.match(error))
 
 
-def _age(seconds: float) -> str:
+def format_age(seconds: float) -> str:
+    """A duration for people: ``45 s``, ``12 min``, ``3.5 h``."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -147,9 +148,9 @@ def destination_problems(
     idle = None if not isinstance(last, int | float) or not last else max(0.0, now - last)
     oldest = oldest_waiting or 0.0
     if waiting and oldest >= window and (idle is None or idle >= window):
-        since = "yet" if idle is None else f"for {_age(idle)}"
+        since = "yet" if idle is None else f"for {format_age(idle)}"
         text = (
-            f"stalled: {waiting} row(s) waiting, the oldest for {_age(oldest)}, "
+            f"stalled: {waiting} row(s) waiting, the oldest for {format_age(oldest)}, "
             f"and nothing delivered {since}"
         )
         if error and not problems:
