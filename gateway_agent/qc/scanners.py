@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..dicom.scanner import is_scanner_pseudonym
+from .features import NUMERIC_FEATURES
 
 if TYPE_CHECKING:
     from .features import ScanFeatures
@@ -23,22 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["REASON_NAMES", "ScannerState", "reason_name", "scanner_states"]
 
 #: The values of the ``reason`` label: the feature (or parameter) an outlier reason is about.
-REASON_NAMES = frozenset(
-    {
-        "avg_density",
-        "contrast",
-        "noise",
-        "snr",
-        "air_mean",
-        "p05",
-        "p50",
-        "p95",
-        "kernel",
-        "kvp",
-        "isolation_forest",
-        "other",
-    }
-)
+REASON_NAMES = frozenset({*NUMERIC_FEATURES, "kernel", "kvp", "isolation_forest", "other"})
 #: Features published per scanner: gauge name suffix -> ScanFeatures field.
 PUBLISHED = {"noise": "noise", "air_mean": "air_mean", "snr": "snr", "density": "avg_density"}
 _MODALITY = re.compile(r"[^A-Z0-9_]")
