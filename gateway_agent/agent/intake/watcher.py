@@ -513,14 +513,9 @@ class InboxWatcher:
         rel = self._relative(path)
         if rel is None or is_ignored(rel):
             return
-        try:
-            st = os.lstat(path)
-        except OSError:
-            self._forget(path)
+        st = self._regular_file(path)
+        if st is None:
             return
-        if not stat.S_ISREG(st.st_mode):
-            self._forget(path)
-            return  # symlinks, fifos, devices: never taken, never followed
         if complete:
             self._forget(path)
             self._hand_over(path)
@@ -532,6 +527,18 @@ class InboxWatcher:
             obs = _Observation(st.st_size, st.st_mtime_ns, now, now + self._settle)
             self._pending[path] = obs
             self._push(obs.deadline, path)
+
+    def _regular_file(self, path: str) -> os.stat_result | None:
+        """``path``'s ``lstat`` when it is a regular file; else None, and it is forgotten (gone,
+        or a symlink, fifo or device: never taken, never followed)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            self._forget(path)
+            return None
+        return st
 
     def _forget(self, path: str) -> None:
         with self._cond:
@@ -663,13 +670,8 @@ class InboxWatcher:
             self._start_scan(str(self.inbox))
 
     def _check_settled(self, path: str) -> None:
-        try:
-            st = os.lstat(path)
-        except OSError:
-            self._forget(path)
-            return
-        if not stat.S_ISREG(st.st_mode):
-            self._forget(path)
+        st = self._regular_file(path)
+        if st is None:
             return
         now = self._clock()
         with self._cond:
