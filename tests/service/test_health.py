@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway_agent.agent.service.diskguard import MB
 from gateway_agent.agent.service.health import CheckResult, HealthServer, sqlite_writable
-from gateway_agent.agent.service.plumbing import start_service_plumbing, status_line
+from gateway_agent.agent.service.plumbing import ServicePlumbing, status_line
 from gateway_agent.config import load_settings
 
 
@@ -184,7 +184,7 @@ def test_plumbing_readyz_reflects_disk_and_destination(tmp_path: Path) -> None:
     free = {"bytes": 1000 * MB}
     counts = {"queued": 0, "sending": 0, "sent": 0, "dead": 0}
     intake: dict[str, str | None] = {"problem": None}
-    plumbing = start_service_plumbing(
+    plumbing = ServicePlumbing(
         settings,
         destination_report=lambda: {"default": {"counts": counts}},
         threads_alive=lambda: {"watcher": True},
@@ -192,7 +192,7 @@ def test_plumbing_readyz_reflects_disk_and_destination(tmp_path: Path) -> None:
         intake_problem=lambda: intake["problem"],
         free=lambda _p: free["bytes"],
         env={},
-    )
+    ).start()
     try:
         url = f"http://127.0.0.1:{plumbing.port}"
         r = httpx.get(url + "/readyz")
@@ -229,12 +229,12 @@ def test_plumbing_readyz_reflects_disk_and_destination(tmp_path: Path) -> None:
 
 def test_plumbing_metrics_disabled(tmp_path: Path) -> None:
     settings = _settings(tmp_path, **{"metrics.enabled": False})
-    plumbing = start_service_plumbing(
+    plumbing = ServicePlumbing(
         settings,
         destination_report=dict,
         threads_alive=dict,
         env={},
-    )
+    ).start()
     assert plumbing.port is None
     plumbing.ready()
     plumbing.stop()

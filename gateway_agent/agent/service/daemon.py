@@ -33,7 +33,7 @@ from .effective import write_effective_settings
 from .health import CheckResult
 from .locks import FolderLock, StateLock
 from .paths import StatePaths, check_layout
-from .plumbing import start_service_plumbing
+from .plumbing import ServicePlumbing
 from .qcjob import qc_component
 from .secretguard import load_guarded_secret
 
@@ -304,7 +304,7 @@ class Daemon:
     def _start_service(self) -> Any:
         outbox = self.outbox
         assert outbox is not None
-        return start_service_plumbing(
+        return ServicePlumbing(
             self.settings,
             destination_report=outbox.destination_report,
             threads_alive=self.threads_alive,
@@ -312,7 +312,7 @@ class Daemon:
             on_disk_change=self._disk_changed,
             intake_problem=self._intake_problem,
             checks={"inbox": self._inbox_readiness},
-        )
+        ).start()
 
     def _intake_problem(self) -> str | None:
         intake = self.intake

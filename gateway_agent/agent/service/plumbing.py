@@ -17,7 +17,7 @@ from .diskguard import DiskGuard, free_bytes
 from .health import Check, CheckResult, HealthServer, sqlite_writable
 from .notify import Notifier
 
-__all__ = ["ServicePlumbing", "start_service_plumbing", "status_line"]
+__all__ = ["ServicePlumbing", "status_line"]
 
 log = get_logger()
 
@@ -34,7 +34,14 @@ def status_line(counts: Mapping[str, int] | None, paused: bool = False) -> str:
 
 
 class ServicePlumbing:
-    """What the daemon holds: call :meth:`ready` once running, :meth:`stop` on the way out."""
+    """What the daemon holds: the health/metrics server and the disk guard.
+
+    The daemon calls :meth:`start`, then :meth:`ready` once the outbox is open and the watcher
+    runs, :meth:`intake_allowed` before taking each file, and :meth:`stop` on shutdown.
+    ``on_disk_change(paused)`` lets it rescan the inbox when intake resumes;
+    ``intake_problem()`` (why the latest file could not be committed, or None) makes ``/readyz``
+    report intake; ``checks`` are more named readiness checks for ``/readyz``.
+    """
 
     def __init__(
         self,
@@ -232,36 +239,3 @@ class ServicePlumbing:
             f"{waiting} waiting (max {m.ready_max_waiting}), oldest {age:.0f} s "
             f"(max {m.ready_max_waiting_age_seconds:.0f} s)",
         )
-
-
-def start_service_plumbing(
-    settings: Settings,
-    *,
-    destination_report: Callable[[], Mapping[str, Mapping[str, Any]]],
-    threads_alive: Callable[[], Mapping[str, bool]],
-    outbox_db: Path | None = None,
-    on_disk_change: Callable[[bool], None] | None = None,
-    intake_problem: Callable[[], str | None] | None = None,
-    free: Callable[[Path], int] = free_bytes,
-    env: Mapping[str, str] | None = None,
-    checks: Mapping[str, Check] | None = None,
-) -> ServicePlumbing:
-    """Start the health/metrics server and the disk guard; return the handle the daemon keeps.
-
-    The daemon calls ``plumbing.ready()`` once the outbox is open and the watcher runs,
-    ``plumbing.intake_allowed()`` before taking each file, and ``plumbing.stop()`` on shutdown.
-    ``on_disk_change(paused)`` lets it rescan the inbox when intake resumes;
-    ``intake_problem()`` (why the latest file could not be committed, or None) makes ``/readyz``
-    report intake; ``checks`` are more named readiness checks for ``/readyz``.
-    """
-    return ServicePlumbing(
-        settings,
-        destination_report=destination_report,
-        threads_alive=threads_alive,
-        outbox_db=outbox_db,
-        on_disk_change=on_disk_change,
-        intake_problem=intake_problem,
-        free=free,
-        env=env,
-        checks=checks,
-    ).start()
