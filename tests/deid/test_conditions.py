@@ -12,6 +12,7 @@ import pytest
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 
 from gateway_agent.deid import Deidentifier, DeidOptions
 from gateway_agent.deid.conditions import SPECIES_TAGS
@@ -120,28 +121,30 @@ def test_an_emptied_referenced_study_sequence_goes(tmp_path: Path, retain_uids: 
 #: The attributes with which dciodvfy takes the patient for an animal (each alone makes it
 #: require Responsible Person): species, breed and strain.
 ANIMAL = [
-    0x00100212,  # Strain Description
-    0x00100213,  # Strain Nomenclature
-    0x00100216,  # Strain Stock Sequence
-    0x00100218,  # Strain Additional Information
-    0x00100219,  # Strain Code Sequence
-    0x00102201,  # Patient Species Description
-    0x00102202,  # Patient Species Code Sequence
-    0x00102292,  # Patient Breed Description
-    0x00102293,  # Patient Breed Code Sequence
-    0x00102294,  # Breed Registration Sequence
+    "StrainDescription",
+    "StrainNomenclature",
+    "StrainStockSequence",
+    "StrainAdditionalInformation",
+    "StrainCodeSequence",
+    "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence",
+    "PatientBreedDescription",
+    "PatientBreedCodeSequence",
+    "BreedRegistrationSequence",
 ]
 
 
-@pytest.mark.parametrize("tag", ANIMAL, ids=lambda t: f"{t:08X}")
-def test_any_species_breed_or_strain_attribute_makes_an_animal(tmp_path: Path, tag: int) -> None:
+@pytest.mark.parametrize("keyword", ANIMAL)
+def test_any_species_breed_or_strain_attribute_makes_an_animal(
+    tmp_path: Path, keyword: str
+) -> None:
     """dciodvfy takes any of them for an animal, so the Type 2C attributes must stay."""
-    assert set(ANIMAL) == SPECIES_TAGS
+    assert {Tag(k) for k in ANIMAL} == SPECIES_TAGS
     require(shutil.which("dciodvfy") is not None, "dciodvfy")
     ds = make_ct_slice(rows=16, cols=16, subject="paediatric")
     ds.ResponsibleOrganization = "PHIINSTITUTE Kennel"
-    vr = dictionary_VR(tag)
-    ds.add_new(tag, vr, Sequence([Dataset()]) if vr == "SQ" else "X")
+    vr = dictionary_VR(keyword)
+    ds.add_new(keyword, vr, Sequence([Dataset()]) if vr == "SQ" else "X")
     (src,) = write_series([ds], tmp_path / "in")
     out = Deidentifier(SECRET).deidentify_file(src, tmp_path / "out").path
     after = pydicom.dcmread(out)
