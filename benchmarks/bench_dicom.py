@@ -48,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._agent import AgentProcess, wait  # noqa: E402
 from gateway_agent.config import DeidSettings  # noqa: E402
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret  # noqa: E402
 from gateway_agent.dicom.files import read_file_meta  # noqa: E402
@@ -55,7 +56,7 @@ from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreSCU  # noq
 from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
 from tests._dcmtk import DCMTK_ENV, dcmtk_tool  # noqa: E402
 from tests._orthanc import OrthancServer, free_port  # noqa: E402
-from tests._procs import cpu_seconds, descendants, machine_busy  # noqa: E402
+from tests._procs import cpu_seconds, machine_busy  # noqa: E402
 
 UNIT = "EDGE01"
 SCANNER = "SCANNER"
@@ -72,15 +73,6 @@ def pid_cpu(pid: int | None) -> float:
 def children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
-
-
-def wait(pred: Callable[[], bool], timeout: float, step: float = 0.02) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(step)
-    raise TimeoutError("condition not reached")
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -150,8 +142,8 @@ def _port_open(port: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- the agent
-class Agent:
-    """``gateway-agent run`` in a subprocess, with its state in ``work``."""
+class Agent(AgentProcess):
+    """The agent sending to ``pacs`` over C-STORE; with ``listen_port``, also listening."""
 
     def __init__(
         self,
@@ -161,50 +153,23 @@ class Agent:
         *,
         confirm: bool = True,
     ) -> None:
-        self.work = work
-        self.inbox = work / "inbox"
-        self.state = work / "state"
-        self.inbox.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(
-            {
-                "GATEWAY_UNIT_NAME": UNIT,
-                "GATEWAY_QC__ENABLED": "false",
-                "GATEWAY_DISK__MIN_FREE_MB": "1",
-                "GATEWAY_DESTINATION__BACKOFF_CAP_SECONDS": "5",
-                "GATEWAY_DESTINATION__CONFIRM_STORAGE": "true" if confirm else "false",
-            }
-        )
-        cmd = [sys.executable, "-m", "gateway_agent", "--log-format", "json", "run"]
-        cmd += ["--inbox", str(self.inbox), "--state-dir", str(self.state), "--no-metrics"]
-        cmd += ["--destination-dicom", f"{pacs.dicom_aet}@127.0.0.1:{pacs.dicom_port}"]
-        cmd += ["--log-level", "warning"]
+        env = {
+            "GATEWAY_UNIT_NAME": UNIT,
+            "GATEWAY_QC__ENABLED": "false",
+            "GATEWAY_DISK__MIN_FREE_MB": "1",
+            "GATEWAY_DESTINATION__BACKOFF_CAP_SECONDS": "5",
+            "GATEWAY_DESTINATION__CONFIRM_STORAGE": "true" if confirm else "false",
+        }
+        flags = ["--destination-dicom", f"{pacs.dicom_aet}@127.0.0.1:{pacs.dicom_port}"]
         self.listen_port = listen_port
         if listen_port is not None:
-            cmd += ["--listen-port", str(listen_port), "--listen-ae", UNIT]
-        self.log = (work / "agent.log").open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=self.log, stderr=self.log)
+            flags += ["--listen-port", str(listen_port), "--listen-ae", UNIT]
+        super().__init__(work, flags, env)
 
     def wait_ready(self) -> None:
-        wait(lambda: (self.state / "outbox.db").exists() and len(self.family()) >= 2, 60)
+        super().wait_ready()
         if self.listen_port is not None:
             wait(lambda: _port_open(self.listen_port or 0), 30)
-        time.sleep(1.0)
-
-    def family(self) -> list[int]:
-        return [self.proc.pid, *descendants(self.proc.pid)]
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.family())
-
-    def counts(self) -> dict[str, int]:
-        db = self.state / "outbox.db"
-        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = c.execute("select state, count(*) from deliveries group by state").fetchall()
-            return dict(rows)
-        finally:
-            c.close()
 
     def proven(self) -> int:
         """Sent rows whose storage the destination proved (C-FIND)."""
@@ -217,11 +182,6 @@ class Agent:
             return int(row[0])
         finally:
             c.close()
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=60)
-        self.log.close()
 
 
 # ----------------------------------------------------------------------------- runs

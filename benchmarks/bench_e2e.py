@@ -31,9 +31,7 @@ import json
 import os
 import queue
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,13 +45,14 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._agent import AgentProcess, wait  # noqa: E402
 from gateway_agent.agent.service.qcjob import NICE_INCREMENT  # noqa: E402
 from gateway_agent.config import DeidSettings  # noqa: E402
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret  # noqa: E402
 from gateway_agent.dicom.files import atomic_write, copy_range  # noqa: E402
 from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
 from tests._orthanc import OrthancServer, orthanc_available  # noqa: E402
-from tests._procs import CLK, cpu_seconds, descendants, machine_busy  # noqa: E402
+from tests._procs import CLK, machine_busy  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -244,54 +243,21 @@ def floor_pairs(
 
 
 # ----------------------------------------------------------------------------- the agent
-class AgentProc:
+class AgentProc(AgentProcess):
+    """The agent uploading to a DICOMweb server with basic authentication."""
+
     def __init__(
         self, work: Path, url: str, auth: tuple[str, str], env_extra: dict[str, str]
     ) -> None:
-        self.work = work
-        self.inbox = work / "inbox"
-        self.state = work / "state"
-        self.inbox.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        env.update(
-            {
-                "GATEWAY_DESTINATION__AUTH": "basic",
-                "GATEWAY_DESTINATION__USERNAME": auth[0],
-                "GATEWAY_DESTINATION__PASSWORD": auth[1],
-                "GATEWAY_DESTINATION__BACKOFF_CAP_SECONDS": "5",
-                "GATEWAY_DISK__MIN_FREE_MB": "1",
-                **env_extra,
-            }
-        )
-        cmd = [
-            sys.executable,
-            "-m",
-            "gateway_agent",
-            "--log-format",
-            "json",
-            "run",
-            "--inbox",
-            str(self.inbox),
-            "--state-dir",
-            str(self.state),
-            "--destination-url",
-            url,
-            "--no-metrics",
-            "--log-level",
-            "warning",
-        ]
-        self.log = (work / "agent.log").open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=self.log, stderr=self.log)
-
-    def wait_ready(self) -> None:
-        wait(lambda: (self.state / "outbox.db").exists() and len(self.family()) >= 2, 60)
-        time.sleep(1.0)
-
-    def family(self) -> list[int]:
-        return [self.proc.pid, *descendants(self.proc.pid)]
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.family())
+        env = {
+            "GATEWAY_DESTINATION__AUTH": "basic",
+            "GATEWAY_DESTINATION__USERNAME": auth[0],
+            "GATEWAY_DESTINATION__PASSWORD": auth[1],
+            "GATEWAY_DESTINATION__BACKOFF_CAP_SECONDS": "5",
+            "GATEWAY_DISK__MIN_FREE_MB": "1",
+            **env_extra,
+        }
+        super().__init__(work, ["--destination-url", url], env)
 
     def qc_cpu_seconds(self) -> float:
         """CPU seconds of the QC job: the agent's threads at nice +10 or more.
@@ -365,34 +331,6 @@ class AgentProc:
             except OSError:
                 continue
         return main, kids
-
-    def counts(self) -> dict[str, int]:
-        db = self.state / "outbox.db"
-        if not db.exists():
-            return {}
-        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = c.execute("select state, count(*) from deliveries group by state").fetchall()
-            return dict(rows)
-        except sqlite3.Error:
-            return {}
-        finally:
-            c.close()
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout=60)
-        self.log.close()
-        return rc
-
-
-def wait(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    raise TimeoutError("condition not reached")
 
 
 def drop(src_dir: Path, inbox: Path, name: str) -> None:
