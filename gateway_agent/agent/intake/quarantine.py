@@ -59,11 +59,8 @@ class QuarantineEntry:
 
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes (hex): how a release names the one file it allows."""
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
