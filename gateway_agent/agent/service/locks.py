@@ -47,18 +47,29 @@ class FolderLock:
         """Lock the folder as it is now (a folder replaced later is locked again by the caller)."""
         self.release()
         fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self._flock(fd):
+            self._fd = fd
+
+    def _flock(self, fd: int) -> bool:
+        """Lock ``fd``: True when locked; False (``fd`` closed, logged) on a file system without
+        ``flock``; ConfigError when another process holds the lock."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            holder = self._holder(fd)
             os.close(fd)
             if exc.errno in _BUSY:
                 raise ConfigError(
-                    f"another agent is running with this {self.what} ({self.folder}): stop it "
-                    f"first; each agent needs its own inbox and state folder"
+                    f"another agent is running with this {self.what} ({self.folder}{holder}): "
+                    "stop it first; each agent needs its own inbox and state folder"
                 ) from None
             log.warning("lock_unsupported", folder=self.what, errno=exc.errno)
-            return
-        self._fd = fd
+            return False
+        return True
+
+    def _holder(self, fd: int) -> str:
+        """What the error says of the process holding the lock, after the folder."""
+        return ""
 
     def release(self) -> None:
         if self._fd is not None:
@@ -77,23 +88,16 @@ class StateLock(FolderLock):
     def acquire(self) -> None:
         self.release()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_pid(fd)
-            os.close(fd)
-            if exc.errno in _BUSY:
-                pid = f", pid {holder}" if holder else ""
-                raise ConfigError(
-                    f"another agent is running with this state folder ({self.folder}{pid}): stop "
-                    f"it first; each agent needs its own inbox and state folder"
-                ) from None
-            log.warning("lock_unsupported", folder=self.what, errno=exc.errno)
+        if not self._flock(fd):
             return
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def _holder(self, fd: int) -> str:
+        holder = _read_pid(fd)
+        return f", pid {holder}" if holder else ""
 
 
 def _read_pid(fd: int) -> int | None:
