@@ -137,21 +137,12 @@ def _from_1(conn: sqlite3.Connection, destination: str) -> int:
     )
     old = {str(r[1]) for r in conn.execute("pragma table_info(outbox)")}
     # Columns other builds of 0.1 may have added: carried over when present.
-    if "source" in old:
-        conn.execute(
-            "update instances set source ="
-            " (select o.source from outbox o where o.id = instances.id)"
-        )
-    if "scanner" in old:
-        conn.execute(
-            "update instances set scanner ="
-            " (select o.scanner from outbox o where o.id = instances.id)"
-        )
-    if "calling_ae" in old:
-        conn.execute(
-            "update instances set calling_ae ="
-            " (select o.calling_ae from outbox o where o.id = instances.id)"
-        )
+    for column in ("source", "scanner", "calling_ae"):
+        if column in old:
+            conn.execute(
+                f"update instances set {column} ="  # noqa: S608 (a name from the tuple above)
+                f" (select o.{column} from outbox o where o.id = instances.id)"
+            )
     conn.execute(
         "insert into deliveries (instance_id, destination, state, attempts, next_attempt_at,"
         " lease_until, last_error, created_at, sent_at) select id, ?, state, attempts,"
