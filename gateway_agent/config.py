@@ -71,81 +71,50 @@ def parse_dicom_address(value: str) -> tuple[str, str, int]:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # A setting's description is the docstring under it (the configuration reference shows it).
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
 
 
 class DeidSettings(_Section):
     """De-identification options: the ten PS3.15 Annex E options plus the pixel policy."""
 
-    retain_safe_private: bool = Field(
-        default=False,
-        description="Retain Safe Private option: keep the private attributes of PS3.15 Table "
-        "E.3.10-1 (479 vendor attributes known to hold no identity; private pixel data "
-        "excepted); every other private attribute is removed.",
-    )
-    retain_uids: bool = Field(
-        default=False,
-        description="Retain UIDs option: keep the original UIDs instead of keyed 2.25.<hmac> UIDs.",
-    )
-    retain_device_identity: bool = Field(
-        default=False,
-        description="Retain Device Identity option: keep device serial numbers, station names "
-        "and the like.",
-    )
-    retain_institution_identity: bool = Field(
-        default=False,
-        description="Retain Institution Identity option: keep institution names and addresses.",
-    )
-    retain_patient_characteristics: bool = Field(
-        default=False,
-        description="Retain Patient Characteristics option: keep age, sex, size, weight and "
-        "similar.",
-    )
-    retain_long_full_dates: bool = Field(
-        default=False,
-        description="Retain Longitudinal Temporal Information with Full Dates: keep dates as "
-        "they are (wins over retain_long_modified_dates).",
-    )
-    retain_long_modified_dates: bool = Field(
-        default=True,
-        description="Retain Longitudinal Temporal Information with Modified Dates: keep dates, "
-        "shifted by a keyed per-patient offset of 1 to 365 days back.",
-    )
-    clean_descriptors: bool = Field(
-        default=True,
-        description="Clean Descriptors option: keep descriptions and comments, with identifying "
-        "words replaced by ***.",
-    )
-    clean_structured_content: bool = Field(
-        default=False,
-        description="Clean Structured Content option: keep structured report content, cleaned.",
-    )
-    clean_graphics: bool = Field(
-        default=False,
-        description="Clean Graphics option: keep curves and graphic annotations with their text "
-        'cleaned (overlay bitmaps only with burned_in = "allow").',
-    )
-    burned_in: Literal["clean", "quarantine", "allow"] = Field(
-        default="clean",
-        description="Images whose pixels may show patient data (BurnedInAnnotation YES, "
-        'ultrasound, secondary captures, photos, documents): "clean" paints burned-in text '
-        "out of ultrasound, secondary captures and images stating BurnedInAnnotation YES, "
-        "verifies that no identity is readable and quarantines what cannot be verified "
-        '(photos and documents stay quarantined); "quarantine" holds them all back; '
-        '"allow" sends them as they are.',
-    )
-    station_name: str | None = Field(
-        default=None,
-        max_length=16,
-        description="StationName written into every output (at most 16 characters). "
-        "Default: unit_name.",
-    )
-    secret_file: Path | None = Field(
-        default=None,
-        description="The site secret that keys UIDs, pseudonyms and date shifts; created with "
-        "mode 0600 on first use. Back it up: without it, re-sent studies get new UIDs. "
-        "Default: <state_dir>/secret.key.",
-    )
+    retain_safe_private: bool = False
+    """Retain Safe Private option: keep the private attributes of PS3.15 Table E.3.10-1 (479 vendor
+    attributes known to hold no identity; private pixel data excepted); every other private
+    attribute is removed."""
+    retain_uids: bool = False
+    """Retain UIDs option: keep the original UIDs instead of keyed 2.25.<hmac> UIDs."""
+    retain_device_identity: bool = False
+    """Retain Device Identity option: keep device serial numbers, station names and the like."""
+    retain_institution_identity: bool = False
+    """Retain Institution Identity option: keep institution names and addresses."""
+    retain_patient_characteristics: bool = False
+    """Retain Patient Characteristics option: keep age, sex, size, weight and similar."""
+    retain_long_full_dates: bool = False
+    """Retain Longitudinal Temporal Information with Full Dates: keep dates as they are (wins over
+    retain_long_modified_dates)."""
+    retain_long_modified_dates: bool = True
+    """Retain Longitudinal Temporal Information with Modified Dates: keep dates, shifted by a keyed
+    per-patient offset of 1 to 365 days back."""
+    clean_descriptors: bool = True
+    """Clean Descriptors option: keep descriptions and comments, with identifying words replaced by
+    ***."""
+    clean_structured_content: bool = False
+    """Clean Structured Content option: keep structured report content, cleaned."""
+    clean_graphics: bool = False
+    """Clean Graphics option: keep curves and graphic annotations with their text cleaned (overlay
+    bitmaps only with burned_in = "allow")."""
+    burned_in: Literal["clean", "quarantine", "allow"] = "clean"
+    """Images whose pixels may show patient data (BurnedInAnnotation YES, ultrasound, secondary
+    captures, photos, documents): "clean" paints burned-in text out of ultrasound, secondary
+    captures and images stating BurnedInAnnotation YES, verifies that no identity is readable and
+    quarantines what cannot be verified (photos and documents stay quarantined); "quarantine" holds
+    them all back; "allow" sends them as they are."""
+    station_name: str | None = Field(default=None, max_length=16)
+    """StationName written into every output (at most 16 characters). Default: unit_name."""
+    secret_file: Path | None = None
+    """The site secret that keys UIDs, pseudonyms and date shifts; created with mode 0600 on first
+    use. Back it up: without it, re-sent studies get new UIDs. Default: <state_dir>/secret.key."""
 
     @model_validator(mode="after")
     def _dates(self) -> DeidSettings:
@@ -180,24 +149,16 @@ class MatchSettings(_Section):
     """Which instances a destination receives; every key given must match (values of one key are
     alternatives). No key: every instance. Attributes are those of the de-identified output."""
 
-    modality: list[str] = Field(
-        default_factory=list,
-        description='Modality values (CT, MR, SR...), e.g. ["CT", "MR"].',
-    )
-    sop_class_uid: list[str] = Field(
-        default_factory=list,
-        description="SOP Class UIDs; a trailing .* matches a family, e.g. "
-        '"1.2.840.10008.5.1.4.1.1.88.*" for every structured report.',
-    )
-    inbox_folder: list[str] = Field(
-        default_factory=list,
-        description="Sub-folders of the inbox (the first folder under it) the file was dropped "
-        'into, e.g. ["ct-scanner-1"]; "" is the inbox itself.',
-    )
-    calling_ae: list[str] = Field(
-        default_factory=list,
-        description="Calling AE titles of the scanners that sent the instance over C-STORE.",
-    )
+    modality: list[str] = Field(default_factory=list)
+    """Modality values (CT, MR, SR...), e.g. ["CT", "MR"]."""
+    sop_class_uid: list[str] = Field(default_factory=list)
+    """SOP Class UIDs; a trailing .* matches a family, e.g. "1.2.840.10008.5.1.4.1.1.88.*" for every
+    structured report."""
+    inbox_folder: list[str] = Field(default_factory=list)
+    """Sub-folders of the inbox (the first folder under it) the file was dropped into, e.g.
+    ["ct-scanner-1"]; "" is the inbox itself."""
+    calling_ae: list[str] = Field(default_factory=list)
+    """Calling AE titles of the scanners that sent the instance over C-STORE."""
 
     @model_validator(mode="after")
     def _values(self) -> MatchSettings:
@@ -226,208 +187,121 @@ class MatchSettings(_Section):
 class DestinationSettings(_Section):
     """Where de-identified instances go."""
 
-    name: str = Field(
-        default=DEFAULT_DESTINATION,
-        description="The destination's name in status, metrics, logs and retry --destination "
-        "(lower-case letters, digits, - _ .; at most 32 characters). Required in "
-        "[[destinations]]; the single [destination] is named default.",
-    )
-    kind: Literal["folder", "dicomweb", "dicom", "s3"] = Field(
-        default="folder",
-        description='"folder": a local folder; "dicomweb": a DICOMweb server (STOW-RS), '
-        'such as Orthanc or a PACS; "dicom": a PACS or any DICOM node over C-STORE; "s3": an '
-        "S3 bucket (AWS or any S3-compatible store).",
-    )
-    match: MatchSettings = Field(
-        default_factory=MatchSettings,
-        description="Which instances this destination receives (see the match table); "
-        "none given: every instance.",
-    )
-    folder: Path = Field(
-        default=Path("destination"),
-        description='Where kind = "folder" writes <study>/<series>/<instance>.dcm.',
-    )
-    url: str | None = Field(
-        default=None,
-        description="DICOMweb base URL, e.g. http://127.0.0.1:8042/dicom-web; required when "
-        'kind = "dicomweb".',
-    )
-    auth: Literal["none", "basic", "bearer"] = Field(
-        default="none",
-        description='"basic" (username and password) or "bearer" (token).',
-    )
-    username: str | None = Field(default=None, description='User name for auth = "basic".')
-    password: SecretStr | None = Field(
-        default=None,
-        description='Password for auth = "basic"; prefer password_file or '
-        "GATEWAY_DESTINATION__PASSWORD to the TOML file.",
-    )
-    password_file: Path | None = Field(
-        default=None, description="File holding the password (mode 0600), read at start-up."
-    )
-    token: SecretStr | None = Field(
-        default=None,
-        description='Token for auth = "bearer"; prefer token_file or '
-        "GATEWAY_DESTINATION__TOKEN to the TOML file.",
-    )
-    token_file: Path | None = Field(
-        default=None, description="File holding the token (mode 0600), read at start-up."
-    )
-    host: str | None = Field(
-        default=None, description='The peer\'s host name or address (kind = "dicom").'
-    )
-    port: int = Field(
-        default=104,
-        ge=1,
-        le=65535,
-        description='The peer\'s DICOM port (kind = "dicom"; 2762 by convention with TLS).',
-    )
-    called_ae: str | None = Field(
-        default=None,
-        description='The peer\'s AE title (kind = "dicom"), as its administrator registered it.',
-    )
-    calling_ae: str | None = Field(
-        default=None,
-        description='Our AE title towards the peer (kind = "dicom", at most 16 characters); '
-        "default unit_name. The PACS must know it.",
-    )
-    tls: bool = Field(
-        default=False,
-        description='DICOM TLS (PS3.15 Annex B) to the peer (kind = "dicom"); verify_tls, '
-        "ca_bundle, client_cert and client_key apply as for HTTPS.",
-    )
-    idle_release_seconds: float = Field(
-        default=5.0,
-        ge=0,
-        description='kind = "dicom": an association is reused while work keeps coming and '
-        "released after this many seconds without any.",
-    )
-    bucket: str | None = Field(default=None, description='The bucket (kind = "s3"); it must exist.')
-    prefix: str = Field(
-        default="",
-        description='Key prefix (kind = "s3"): objects are stored as '
-        "<prefix>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm.",
-    )
-    endpoint_url: str | None = Field(
-        default=None,
-        description='An S3-compatible store\'s URL (kind = "s3"), e.g. http://127.0.0.1:8333 '
-        "for SeaweedFS or MinIO; unset: AWS.",
-    )
-    region: str | None = Field(
-        default=None,
-        description='The bucket\'s region (kind = "s3"); unset: from the AWS configuration '
-        "(AWS_REGION, ~/.aws/config), else us-east-1.",
-    )
-    aws_profile: str | None = Field(
-        default=None,
-        description='A named profile of the AWS shared files (kind = "s3"); unset: the '
-        "standard chain (AWS_* environment, ~/.aws/credentials, an instance role).",
-    )
-    aws_credentials_file: Path | None = Field(
-        default=None,
-        description="An AWS shared credentials file (INI, mode 0600) to read instead of "
-        '~/.aws/credentials (kind = "s3"); aws_profile picks the section.',
-    )
-    server_side_encryption: Literal["none", "AES256", "aws:kms"] = Field(
-        default="none",
-        description='Ask the store to encrypt objects at rest (kind = "s3"): "AES256" '
-        '(SSE-S3) or "aws:kms" (SSE-KMS, with sse_kms_key_id or the bucket\'s key).',
-    )
-    sse_kms_key_id: str | None = Field(
-        default=None, description='The KMS key for server_side_encryption = "aws:kms".'
-    )
-    storage_class: str | None = Field(
-        default=None,
-        description='S3 storage class of new objects (kind = "s3"), e.g. "STANDARD_IA"; '
-        "unset: the bucket's default.",
-    )
-    s3_checksum: Literal["sha256", "md5"] = Field(
-        default="sha256",
-        description='Integrity check of every upload (kind = "s3"): "sha256" sends '
-        'x-amz-checksum-sha256, which the store verifies and keeps; "md5" sends Content-MD5, '
-        "for stores without SHA-256 checksums.",
-    )
-    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
-        default="auto",
-        description='"path" (http://host/bucket/key) or "virtual" (http://bucket.host/key); '
-        '"auto": path with endpoint_url, virtual on AWS.',
-    )
-    multipart_threshold_mb: float = Field(
-        default=64.0,
-        ge=5,
-        description='Objects of this size or larger are uploaded in parts (kind = "s3").',
-    )
-    multipart_chunk_mb: float = Field(
-        default=16.0,
-        ge=5,
-        le=5120,
-        description='Size of each part (kind = "s3"); each part is streamed from the file, '
-        "never held in memory whole.",
-    )
-    verify_tls: bool = Field(
-        default=True, description="Verify the server's TLS certificate (against ca_bundle if set)."
-    )
-    ca_bundle: Path | None = Field(
-        default=None, description="CA certificates (PEM) to verify the server against."
-    )
-    client_cert: Path | None = Field(
-        default=None, description="Client certificate (PEM) for servers that require one."
-    )
-    client_key: Path | None = Field(default=None, description="The client certificate's key.")
-    timeout_seconds: float = Field(
-        default=30.0,
-        gt=0,
-        description="Deadline of a whole reply, counted from the moment the request is sent; a "
-        "server that does not answer completely by then counts as down (the request is retried "
-        "later).",
-    )
-    min_kb_per_second: float = Field(
-        default=64.0,
-        gt=0,
-        description="Slowest upload tolerated: sending a request may take timeout_seconds plus "
-        "its size at this speed (kB/s); a server that reads it more slowly counts as stalled.",
-    )
-    batch_max_instances: int = Field(
-        default=25,
-        ge=1,
-        le=1000,
-        description='Instances per STOW-RS request (kind = "dicom": per turn on an '
-        "association), at most.",
-    )
-    batch_max_mb: float = Field(
-        default=16.0, gt=0, description="Megabytes per STOW-RS request (or turn), at most."
-    )
-    parallel_requests: int = Field(
-        default=4,
-        ge=1,
-        le=32,
-        description='Requests in flight at once (kind = "dicom": associations in parallel).',
-    )
-    max_attempts: int = Field(
-        default=20,
-        ge=1,
-        description="An instance goes to dead after this many failed attempts (attempts made "
-        "while the server is down or refuses the credentials do not count).",
-    )
-    max_age_hours: float = Field(
-        default=72.0,
-        gt=0,
-        description="An instance still not delivered after this many hours goes to dead.",
-    )
-    backoff_base_seconds: float = Field(
-        default=1.0,
-        gt=0,
-        description="Retry delay: random up to min(backoff_cap_seconds, backoff_base_seconds "
-        "* 2^failures); a server's Retry-After is honoured.",
-    )
-    backoff_cap_seconds: float = Field(default=300.0, gt=0, description="The longest retry delay.")
-    confirm_storage: bool = Field(
-        default=True,
-        description="Prove that the server holds each acknowledged instance (DICOMweb: QIDO-RS; "
-        "DICOM: C-FIND at IMAGE level; S3: a HEAD comparing size and checksum; batched) before "
-        "counting it sent. Off: acknowledgements "
-        "are trusted, and the outbox files of such instances are kept (see disk.keep_unconfirmed).",
-    )
+    name: str = DEFAULT_DESTINATION
+    """The destination's name in status, metrics, logs and retry --destination (lower-case letters,
+    digits, - _ .; at most 32 characters). Required in [[destinations]]; the single [destination] is
+    named default."""
+    kind: Literal["folder", "dicomweb", "dicom", "s3"] = "folder"
+    """ "folder": a local folder; "dicomweb": a DICOMweb server (STOW-RS), such as Orthanc or a
+    PACS; "dicom": a PACS or any DICOM node over C-STORE; "s3": an S3 bucket (AWS or any
+    S3-compatible store)."""
+    match: MatchSettings = Field(default_factory=MatchSettings)
+    """Which instances this destination receives (see the match table); none given: every
+    instance."""
+    folder: Path = Path("destination")
+    """Where kind = "folder" writes <study>/<series>/<instance>.dcm."""
+    url: str | None = None
+    """DICOMweb base URL, e.g. http://127.0.0.1:8042/dicom-web; required when kind = "dicomweb"."""
+    auth: Literal["none", "basic", "bearer"] = "none"
+    """ "basic" (username and password) or "bearer" (token)."""
+    username: str | None = None
+    """User name for auth = "basic"."""
+    password: SecretStr | None = None
+    """Password for auth = "basic"; prefer password_file or GATEWAY_DESTINATION__PASSWORD to the
+    TOML file."""
+    password_file: Path | None = None
+    """File holding the password (mode 0600), read at start-up."""
+    token: SecretStr | None = None
+    """Token for auth = "bearer"; prefer token_file or GATEWAY_DESTINATION__TOKEN to the TOML
+    file."""
+    token_file: Path | None = None
+    """File holding the token (mode 0600), read at start-up."""
+    host: str | None = None
+    """The peer's host name or address (kind = "dicom")."""
+    port: int = Field(default=104, ge=1, le=65535)
+    """The peer's DICOM port (kind = "dicom"; 2762 by convention with TLS)."""
+    called_ae: str | None = None
+    """The peer's AE title (kind = "dicom"), as its administrator registered it."""
+    calling_ae: str | None = None
+    """Our AE title towards the peer (kind = "dicom", at most 16 characters); default unit_name. The
+    PACS must know it."""
+    tls: bool = False
+    """DICOM TLS (PS3.15 Annex B) to the peer (kind = "dicom"); verify_tls, ca_bundle, client_cert
+    and client_key apply as for HTTPS."""
+    idle_release_seconds: float = Field(default=5.0, ge=0)
+    """kind = "dicom": an association is reused while work keeps coming and released after this many
+    seconds without any."""
+    bucket: str | None = None
+    """The bucket (kind = "s3"); it must exist."""
+    prefix: str = ""
+    """Key prefix (kind = "s3"): objects are stored as
+    <prefix>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm."""
+    endpoint_url: str | None = None
+    """An S3-compatible store's URL (kind = "s3"), e.g. http://127.0.0.1:8333 for SeaweedFS or
+    MinIO; unset: AWS."""
+    region: str | None = None
+    """The bucket's region (kind = "s3"); unset: from the AWS configuration (AWS_REGION,
+    ~/.aws/config), else us-east-1."""
+    aws_profile: str | None = None
+    """A named profile of the AWS shared files (kind = "s3"); unset: the standard chain (AWS_*
+    environment, ~/.aws/credentials, an instance role)."""
+    aws_credentials_file: Path | None = None
+    """An AWS shared credentials file (INI, mode 0600) to read instead of ~/.aws/credentials (kind =
+    "s3"); aws_profile picks the section."""
+    server_side_encryption: Literal["none", "AES256", "aws:kms"] = "none"
+    """Ask the store to encrypt objects at rest (kind = "s3"): "AES256" (SSE-S3) or "aws:kms"
+    (SSE-KMS, with sse_kms_key_id or the bucket's key)."""
+    sse_kms_key_id: str | None = None
+    """The KMS key for server_side_encryption = "aws:kms"."""
+    storage_class: str | None = None
+    """S3 storage class of new objects (kind = "s3"), e.g. "STANDARD_IA"; unset: the bucket's
+    default."""
+    s3_checksum: Literal["sha256", "md5"] = "sha256"
+    """Integrity check of every upload (kind = "s3"): "sha256" sends x-amz-checksum-sha256, which
+    the store verifies and keeps; "md5" sends Content-MD5, for stores without SHA-256 checksums."""
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """ "path" (http://host/bucket/key) or "virtual" (http://bucket.host/key); "auto": path with
+    endpoint_url, virtual on AWS."""
+    multipart_threshold_mb: float = Field(default=64.0, ge=5)
+    """Objects of this size or larger are uploaded in parts (kind = "s3")."""
+    multipart_chunk_mb: float = Field(default=16.0, ge=5, le=5120)
+    """Size of each part (kind = "s3"); each part is streamed from the file, never held in memory
+    whole."""
+    verify_tls: bool = True
+    """Verify the server's TLS certificate (against ca_bundle if set)."""
+    ca_bundle: Path | None = None
+    """CA certificates (PEM) to verify the server against."""
+    client_cert: Path | None = None
+    """Client certificate (PEM) for servers that require one."""
+    client_key: Path | None = None
+    """The client certificate's key."""
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    """Deadline of a whole reply, counted from the moment the request is sent; a server that does
+    not answer completely by then counts as down (the request is retried later)."""
+    min_kb_per_second: float = Field(default=64.0, gt=0)
+    """Slowest upload tolerated: sending a request may take timeout_seconds plus its size at this
+    speed (kB/s); a server that reads it more slowly counts as stalled."""
+    batch_max_instances: int = Field(default=25, ge=1, le=1000)
+    """Instances per STOW-RS request (kind = "dicom": per turn on an association), at most."""
+    batch_max_mb: float = Field(default=16.0, gt=0)
+    """Megabytes per STOW-RS request (or turn), at most."""
+    parallel_requests: int = Field(default=4, ge=1, le=32)
+    """Requests in flight at once (kind = "dicom": associations in parallel)."""
+    max_attempts: int = Field(default=20, ge=1)
+    """An instance goes to dead after this many failed attempts (attempts made while the server is
+    down or refuses the credentials do not count)."""
+    max_age_hours: float = Field(default=72.0, gt=0)
+    """An instance still not delivered after this many hours goes to dead."""
+    backoff_base_seconds: float = Field(default=1.0, gt=0)
+    """Retry delay: random up to min(backoff_cap_seconds, backoff_base_seconds * 2^failures); a
+    server's Retry-After is honoured."""
+    backoff_cap_seconds: float = Field(default=300.0, gt=0)
+    """The longest retry delay."""
+    confirm_storage: bool = True
+    """Prove that the server holds each acknowledged instance (DICOMweb: QIDO-RS; DICOM: C-FIND at
+    IMAGE level; S3: a HEAD comparing size and checksum; batched) before counting it sent. Off:
+    acknowledgements are trusted, and the outbox files of such instances are kept (see
+    disk.keep_unconfirmed)."""
 
     @property
     def target(self) -> str:
@@ -534,42 +408,21 @@ class DestinationSettings(_Section):
 class ListenerSettings(_Section):
     """The C-STORE listener (DICOM Storage SCP): scanners push here; one more inbox when on."""
 
-    enabled: bool = Field(
-        default=False,
-        description="Receive instances over C-STORE (and answer C-ECHO); off by default.",
-    )
-    ae_title: str | None = Field(
-        default=None,
-        description="Our AE title as the scanners call it (at most 16 characters); default "
-        "unit_name. Associations calling another title are rejected.",
-    )
-    host: str = Field(
-        default="0.0.0.0",  # noqa: S104  (scanners on the network must reach it)
-        description="Address to listen on; 0.0.0.0 is every interface.",
-    )
-    port: int = Field(
-        default=11112,
-        ge=0,
-        le=65535,
-        description="TCP port (104 needs root; 11112 is the usual unprivileged one).",
-    )
-    allowed_calling_aes: list[str] = Field(
-        default_factory=list,
-        description="Calling AE titles accepted (empty: any); an association from any other "
-        "title is rejected.",
-    )
-    max_associations: int = Field(
-        default=10,
-        ge=1,
-        le=256,
-        description="Associations at once; more are rejected (transient, the sender retries).",
-    )
-    timeout_seconds: float = Field(
-        default=60.0,
-        gt=0,
-        description="A peer silent this long (during association, a message or between "
-        "messages) is dropped.",
-    )
+    enabled: bool = False
+    """Receive instances over C-STORE (and answer C-ECHO); off by default."""
+    ae_title: str | None = None
+    """Our AE title as the scanners call it (at most 16 characters); default unit_name. Associations
+    calling another title are rejected."""
+    host: str = "0.0.0.0"  # noqa: S104  (scanners on the network must reach it)
+    """Address to listen on; 0.0.0.0 is every interface."""
+    port: int = Field(default=11112, ge=0, le=65535)
+    """TCP port (104 needs root; 11112 is the usual unprivileged one)."""
+    allowed_calling_aes: list[str] = Field(default_factory=list)
+    """Calling AE titles accepted (empty: any); an association from any other title is rejected."""
+    max_associations: int = Field(default=10, ge=1, le=256)
+    """Associations at once; more are rejected (transient, the sender retries)."""
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    """A peer silent this long (during association, a message or between messages) is dropped."""
 
     @model_validator(mode="after")
     def _titles(self) -> ListenerSettings:
@@ -599,108 +452,70 @@ def _url_without_credentials(url: str) -> str:
 class QCSettings(_Section):
     """Periodic QC inside the agent."""
 
-    enabled: bool = Field(default=True, description="Run QC passes inside the agent.")
-    interval_seconds: float = Field(default=300.0, gt=0, description="Seconds between passes.")
-    slices_per_series: int = Field(
-        default=3, ge=1, description="Instances measured per series, spread over the series."
-    )
-    n_clusters: int = Field(
-        default=2, ge=1, le=20, description="Groups the fleet model sorts scans into."
-    )
-    max_cpu_fraction: float = Field(
-        default=0.05,
-        gt=0,
-        le=1,
-        description="CPU budget of one QC pass as a fraction of interval_seconds on one core; "
-        "instances beyond it are passed over (counted as skipped_budget).",
-    )
-    scanner_ttl_hours: float = Field(
-        default=168.0,
-        gt=0,
-        description="A scanner not measured for this long drops out of the per-scanner metrics.",
-    )
-    max_scanners: int = Field(
-        default=500,
-        ge=1,
-        description="At most this many scanners (the most recently measured) in the metrics.",
-    )
+    enabled: bool = True
+    """Run QC passes inside the agent."""
+    interval_seconds: float = Field(default=300.0, gt=0)
+    """Seconds between passes."""
+    slices_per_series: int = Field(default=3, ge=1)
+    """Instances measured per series, spread over the series."""
+    n_clusters: int = Field(default=2, ge=1, le=20)
+    """Groups the fleet model sorts scans into."""
+    max_cpu_fraction: float = Field(default=0.05, gt=0, le=1)
+    """CPU budget of one QC pass as a fraction of interval_seconds on one core; instances beyond it
+    are passed over (counted as skipped_budget)."""
+    scanner_ttl_hours: float = Field(default=168.0, gt=0)
+    """A scanner not measured for this long drops out of the per-scanner metrics."""
+    max_scanners: int = Field(default=500, ge=1)
+    """At most this many scanners (the most recently measured) in the metrics."""
 
 
 class MetricsSettings(_Section):
     """Prometheus metrics and health endpoints."""
 
-    enabled: bool = Field(
-        default=True, description="Serve /metrics, /healthz and /readyz over HTTP."
-    )
-    host: str = Field(
-        default="127.0.0.1",
-        description="Address to listen on; keep loopback unless a scraper elsewhere needs it.",
-    )
-    port: int = Field(default=9464, ge=0, le=65535, description="Port; 0 picks a free one.")
-    ready_upload_window_seconds: float = Field(
-        default=300.0,
-        gt=0,
-        description="/readyz and status report the upload as stalled when rows have waited this "
-        "many seconds and nothing was delivered within them.",
-    )
-    ready_max_waiting: int = Field(
-        default=10000,
-        ge=0,
-        description="With nothing delivered within ready_upload_window_seconds, /readyz is also "
-        "not ready once more than this many rows wait...",
-    )
-    ready_max_waiting_age_seconds: float = Field(
-        default=3600.0,
-        gt=0,
-        description="...or the oldest waiting row is older than this many seconds.",
-    )
+    enabled: bool = True
+    """Serve /metrics, /healthz and /readyz over HTTP."""
+    host: str = "127.0.0.1"
+    """Address to listen on; keep loopback unless a scraper elsewhere needs it."""
+    port: int = Field(default=9464, ge=0, le=65535)
+    """Port; 0 picks a free one."""
+    ready_upload_window_seconds: float = Field(default=300.0, gt=0)
+    """/readyz and status report the upload as stalled when rows have waited this many seconds and
+    nothing was delivered within them."""
+    ready_max_waiting: int = Field(default=10000, ge=0)
+    """With nothing delivered within ready_upload_window_seconds, /readyz is also not ready once
+    more than this many rows wait..."""
+    ready_max_waiting_age_seconds: float = Field(default=3600.0, gt=0)
+    """...or the oldest waiting row is older than this many seconds."""
 
 
 class DiskSettings(_Section):
     """Operating limits on the state folder."""
 
-    min_free_mb: float = Field(
-        default=500.0,
-        ge=0,
-        description="Intake pauses below this much free space on the state folder's file "
-        "system (originals wait in the inbox) and resumes 10 % above it; 0 turns the guard off.",
-    )
-    sent_retention_hours: float = Field(
-        default=24.0,
-        ge=0,
-        description="Outbox files of delivered instances are removed this many hours after the "
-        "destination proved it holds them.",
-    )
-    keep_unconfirmed: bool = Field(
-        default=True,
-        description="Keep the outbox files of instances the destination acknowledged without "
-        "proving it holds them (confirmation off, or a destination that cannot prove it); "
-        "false removes them after sent_retention_hours like proven ones.",
-    )
-    audit_retention_days: float = Field(
-        default=365.0,
-        gt=0,
-        description="Outbox rows of delivered instances (the audit trail) are kept this many days, "
-        "then deleted.",
-    )
-    check_interval_seconds: float = Field(
-        default=10.0,
-        gt=0,
-        description="How often the disk guard measures free space while nothing arrives (seconds).",
-    )
+    min_free_mb: float = Field(default=500.0, ge=0)
+    """Intake pauses below this much free space on the state folder's file system (originals wait in
+    the inbox) and resumes 10 % above it; 0 turns the guard off."""
+    sent_retention_hours: float = Field(default=24.0, ge=0)
+    """Outbox files of delivered instances are removed this many hours after the destination proved
+    it holds them."""
+    keep_unconfirmed: bool = True
+    """Keep the outbox files of instances the destination acknowledged without proving it holds them
+    (confirmation off, or a destination that cannot prove it); false removes them after
+    sent_retention_hours like proven ones."""
+    audit_retention_days: float = Field(default=365.0, gt=0)
+    """Outbox rows of delivered instances (the audit trail) are kept this many days, then
+    deleted."""
+    check_interval_seconds: float = Field(default=10.0, gt=0)
+    """How often the disk guard measures free space while nothing arrives (seconds)."""
 
 
 class LogSettings(_Section):
     """Logging: JSON when not on a terminal, console on a terminal."""
 
-    format: Literal["auto", "json", "console"] = Field(
-        default="auto",
-        description='"auto": JSON lines when stdout is not a terminal (journald, Docker), '
-        "colour on a terminal.",
-    )
-    level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="Least severe level written."
-    )
+    format: Literal["auto", "json", "console"] = "auto"
+    """ "auto": JSON lines when stdout is not a terminal (journald, Docker), colour on a
+    terminal."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Least severe level written."""
 
 
 class Settings(BaseSettings):
@@ -724,50 +539,33 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
+        use_attribute_docstrings=True,
     )
 
-    inbox: Path = Field(
-        default=Path("inbox"), description="The folder scanners drop DICOM files into."
-    )
-    state_dir: Path = Field(
-        default=Path("state"),
-        description="The agent's own state: outbox.db, outbox files, quarantine, QC reports and "
-        "the site secret (mode 0700).",
-    )
-    unit_name: str = Field(
-        default="EDGE01",
-        max_length=16,
-        description="Name of this edge box (at most 16 characters); the default StationName "
-        "and the default AE title of the DICOM destination and listener.",
-    )
-    settle_seconds: float = Field(
-        default=2.0,
-        ge=0,
-        description="A file whose writer did not signal its end counts as complete once its "
-        "size and modification time stayed unchanged this long.",
-    )
-    originals: Literal["delete", "archive", "keep"] = Field(
-        default="delete",
-        description="What happens to an original once its de-identified copy is safe: "
-        '"delete", "archive" (moved to archive_dir) or "keep" (left in place and '
-        "remembered, for read-only inboxes).",
-    )
-    archive_dir: Path | None = Field(
-        default=None, description='Where originals go with originals = "archive".'
-    )
-    intake_workers: int = Field(
-        default_factory=lambda: max(1, os.cpu_count() or 1),
-        ge=1,
-        description="De-identification processes. Default: the number of CPUs.",
-    )
+    inbox: Path = Path("inbox")
+    """The folder scanners drop DICOM files into."""
+    state_dir: Path = Path("state")
+    """The agent's own state: outbox.db, outbox files, quarantine, QC reports and the site secret
+    (mode 0700)."""
+    unit_name: str = Field(default="EDGE01", max_length=16)
+    """Name of this edge box (at most 16 characters); the default StationName and the default AE
+    title of the DICOM destination and listener."""
+    settle_seconds: float = Field(default=2.0, ge=0)
+    """A file whose writer did not signal its end counts as complete once its size and modification
+    time stayed unchanged this long."""
+    originals: Literal["delete", "archive", "keep"] = "delete"
+    """What happens to an original once its de-identified copy is safe: "delete", "archive" (moved
+    to archive_dir) or "keep" (left in place and remembered, for read-only inboxes)."""
+    archive_dir: Path | None = None
+    """Where originals go with originals = "archive"."""
+    intake_workers: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
+    """De-identification processes. Default: the number of CPUs."""
     deid: DeidSettings = DeidSettings()
     destination: DestinationSettings = DestinationSettings()
-    destinations: list[DestinationSettings] = Field(
-        default_factory=list,
-        description="Several destinations, each a [[destinations]] table with a name, a kind, "
-        "the kind's settings and an optional [destinations.match]; every instance goes to "
-        "every destination it matches. Replaces [destination].",
-    )
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    """Several destinations, each a [[destinations]] table with a name, a kind, the kind's settings
+    and an optional [destinations.match]; every instance goes to every destination it matches.
+    Replaces [destination]."""
     listener: ListenerSettings = ListenerSettings()
     qc: QCSettings = QCSettings()
     metrics: MetricsSettings = MetricsSettings()
