@@ -11,7 +11,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .._exceptions import ConfigError, QCError
-from ..config import read_secret_file
 
 __all__ = ["add_archive_arguments", "cmd_qc_archive"]
 
@@ -62,6 +61,8 @@ def _client(args: argparse.Namespace, workers: int) -> Any:
     """An httpx client with the archive's credentials and TLS settings, checked as for the
     DICOMweb destination (a problem is a :class:`ConfigError`)."""
     import httpx
+
+    from ..config import read_secret_file
 
     url: str = args.dicomweb
     parts = urlsplit(url)
