@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import pynetdicom
-from pynetdicom import dimse_messages, transport
+from pynetdicom import dimse_messages, evt, transport
 
 __all__ = [
     "EXPLICIT_VR_LE",
     "IMPLICIT_VR_LE",
     "Outcome",
     "Rejection",
+    "association_handlers",
     "classify_store_status",
     "client_ssl_context",
     "detach_socket",
@@ -169,6 +170,25 @@ def set_nodelay(event: Any) -> None:
         # Already closed by the peer? The association will notice by itself.
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def association_handlers(connected: list[bool], rejected: list[Rejection]) -> list[Any]:
+    """``evt_handlers`` for an association request that record what happened: ``True`` appended
+    to ``connected`` when the connection opens (with Nagle's algorithm disabled on it), and each
+    A-ASSOCIATE-RJ received appended to ``rejected``."""
+
+    def on_open(event: Any) -> None:
+        connected.append(True)
+        set_nodelay(event)
+
+    def on_pdu(event: Any) -> None:
+        # The PDU as decoded (the A-ASSOCIATE-RJ primitive may never reach the ACSE when
+        # the peer closes the connection right after it).
+        p = event.pdu
+        if type(p).__name__ == "A_ASSOCIATE_RJ":
+            rejected.append(Rejection(int(p.result), int(p.source), int(p.reason_diagnostic)))
+
+    return [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu)]
 
 
 def client_ssl_context(

@@ -15,12 +15,12 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE
 
 from .._exceptions import DeidError
 from .codec import parse_dataset
 from .link import LinkLostError, StoreLink
-from .network import Rejection, detach_socket, set_nodelay
+from .network import Rejection, association_handlers, detach_socket
 from .scu import AssociationError
 
 __all__ = [
@@ -71,16 +71,6 @@ def find_instances(
     ae.add_requested_context(STUDY_ROOT_FIND, _IMPLICIT_VR_LE)
     rejected: list[Rejection] = []
     connected: list[bool] = []
-
-    def on_open(event: Any) -> None:
-        connected.append(True)
-        set_nodelay(event)
-
-    def on_pdu(event: Any) -> None:
-        p = event.pdu
-        if type(p).__name__ == "A_ASSOCIATE_RJ":
-            rejected.append(Rejection(int(p.result), int(p.source), int(p.reason_diagnostic)))
-
     kwargs: dict[str, Any] = {}
     if ssl_context is not None:
         kwargs["tls_args"] = (ssl_context, server_hostname or host)
@@ -89,7 +79,7 @@ def find_instances(
             host,
             port,
             ae_title=called_ae,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu)],
+            evt_handlers=association_handlers(connected, rejected),
             **kwargs,
         )
     except (OSError, ssl.SSLError) as exc:

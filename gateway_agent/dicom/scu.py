@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 
@@ -50,9 +50,9 @@ from .network import (
     IMPLICIT_VR_LE,
     Outcome,
     Rejection,
+    association_handlers,
     classify_store_status,
     detach_socket,
-    set_nodelay,
 )
 
 __all__ = [
@@ -267,29 +267,16 @@ class StoreSCU:
         rejected: list[Rejection] = []
         connected: list[bool] = []
         self._tls_errors.clear()
-
-        def on_open(event: Any) -> None:
-            connected.append(True)
-            set_nodelay(event)
-
-        def on_pdu(event: Any) -> None:
-            # The PDU as decoded (the A-ASSOCIATE-RJ primitive may never reach the ACSE when
-            # the peer closes the connection right after it).
-            p = event.pdu
-            if type(p).__name__ == "A_ASSOCIATE_RJ":
-                rejected.append(Rejection(int(p.result), int(p.source), int(p.reason_diagnostic)))
-
         kwargs: dict[str, Any] = {}
         if self.ssl_context is not None:
             kwargs["tls_args"] = (self.ssl_context, self.server_hostname)
-        handlers: list[Any] = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu)]
         try:
             assoc = ae.associate(
                 self.host,
                 self.port,
                 contexts=contexts,
                 ae_title=self.called_ae,
-                evt_handlers=handlers,
+                evt_handlers=association_handlers(connected, rejected),
                 **kwargs,
             )
         except (OSError, ssl.SSLError) as exc:  # TLS handshake failures surface here
