@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ..._exceptions import REASONS
 from ...logs import describe_error, get_logger, short_hash
@@ -25,7 +25,10 @@ from .originals import Originals
 from .quarantine import Quarantine
 from .worker import FileIdentity, JobResult, identity_of
 
-__all__ = ["GroupCommit", "Job", "OutboxSink", "inbox_folder"]
+if TYPE_CHECKING:  # the outbox's imports are not loaded for the type alone
+    from ..outbox.store import Outbox
+
+__all__ = ["GroupCommit", "Job", "inbox_folder"]
 
 log = get_logger()
 
@@ -38,27 +41,6 @@ _DISPOSE_VERB = {
 #: Files found bad but possibly still being written, remembered to be quarantined only if they
 #: come back unchanged (bounded: past this many, the oldest are forgotten).
 MAX_SUSPECTS = 10_000
-
-
-class OutboxSink(Protocol):
-    """The part of the outbox intake needs (``gateway_agent.agent.outbox.store.Outbox``)."""
-
-    def add(
-        self,
-        *,
-        sop_instance_uid: str,
-        study_instance_uid: str,
-        series_instance_uid: str,
-        sop_class_uid: str,
-        path: Path,
-        size: int,
-        audit: dict[str, Any],
-        scanner: str | None = None,
-        source: str = "inbox",
-        calling_ae: str | None = None,
-        modality: str = "",
-        inbox_folder: str | None = None,
-    ) -> bool: ...
 
 
 @dataclass
@@ -134,7 +116,7 @@ class GroupCommit:
     def __init__(
         self,
         *,
-        outbox: OutboxSink,
+        outbox: Outbox,
         quarantine: Quarantine,
         originals: Originals,
         requeue: Callable[[str], None],

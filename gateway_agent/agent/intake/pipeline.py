@@ -19,15 +19,18 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ...dicom.spool import source_of
 from ...logs import describe_error, get_logger, short_hash
 from ..metrics import FILES_RECEIVED, INTAKE_PAUSED
-from .commit import GroupCommit, Job, OutboxSink
+from .commit import GroupCommit, Job
 from .originals import Originals
 from .quarantine import Quarantine
 from .worker import deid_jobs, init_worker, warm_up
+
+if TYPE_CHECKING:  # the outbox's imports are not loaded for the type alone
+    from ..outbox.store import Outbox
 
 __all__ = ["DICOMDIR_NAME", "OUTBOX_DIR_MODE", "Intake"]
 
@@ -111,7 +114,7 @@ class Intake:
         inbox: Path,
         out_dir: Path,
         engine: Any,
-        outbox: OutboxSink,
+        outbox: Outbox,
         quarantine: Quarantine,
         originals: Literal["delete", "archive", "keep"] = "delete",
         archive_dir: Path | None = None,
