@@ -6,6 +6,7 @@ with :mod:`gateway_agent.dicom`, rewrites it and copies the pixel data element b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -295,31 +296,24 @@ class Deidentifier:
             uids = outcome.uids
             path = Path(out_dir, f"{uids['sop_instance_uid']}.dcm")
             pixels = (source.fd, header.pixels) if header.pixels is not None else None
-            writer = job.write_element if job is not None else None
+            write = functools.partial(
+                write_part10,
+                path,
+                meta,
+                body,
+                pixels=pixels,
+                pixel_writer=job.write_element if job is not None else None,
+                fsync=fsync,
+                sync_folder=sync_folder,
+            )
             try:
                 try:
-                    size = write_part10(
-                        path,
-                        meta,
-                        body,
-                        pixels=pixels,
-                        pixel_writer=writer,
-                        fsync=fsync,
-                        sync_folder=sync_folder,
-                    )
+                    size = write()
                 except (FileNotFoundError, NotADirectoryError):
                     # The folder is missing (first file) or not a folder: create it, or raise as
                     # makedirs does. Trying first saves two system calls on every other file.
                     Path(out_dir).mkdir(parents=True, exist_ok=True)
-                    size = write_part10(
-                        path,
-                        meta,
-                        body,
-                        pixels=pixels,
-                        pixel_writer=writer,
-                        fsync=fsync,
-                        sync_folder=sync_folder,
-                    )
+                    size = write()
             finally:
                 if job is not None:
                     job.close()
