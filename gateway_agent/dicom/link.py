@@ -117,34 +117,32 @@ def _uid(tag: int, value: str) -> bytes:
     return _ELEMENT.pack(tag >> 16, tag & 0xFFFF, len(raw)) + raw
 
 
-def encode_store_rq(sop_class: str, sop_instance: str, message_id: int) -> bytes:
-    """The command set of a C-STORE-RQ (PS3.7 9.3.1.1), implicit VR little endian, elements in
-    ascending order and a correct Command Group Length."""
+def _request(sop_class: str, command_field: int, message_id: int, *more: bytes) -> bytes:
+    """A request command set, implicit VR little endian: Affected SOP Class UID, Command Field,
+    Message ID, Priority MEDIUM, a data set present, then the elements ``more`` (in ascending
+    order), after a correct Command Group Length."""
     body = b"".join(
         (
             _uid(0x00000002, sop_class),
-            _US.pack(0x0000, 0x0100, 2, C_STORE_RQ),
+            _US.pack(0x0000, 0x0100, 2, command_field),
             _US.pack(0x0000, 0x0110, 2, message_id),
             _US.pack(0x0000, 0x0700, 2, PRIORITY_MEDIUM),
             _US.pack(0x0000, 0x0800, 2, DATA_SET_PRESENT),
-            _uid(0x00001000, sop_instance),
+            *more,
         )
     )
     return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
+
+
+def encode_store_rq(sop_class: str, sop_instance: str, message_id: int) -> bytes:
+    """The command set of a C-STORE-RQ (PS3.7 9.3.1.1), implicit VR little endian, elements in
+    ascending order and a correct Command Group Length."""
+    return _request(sop_class, C_STORE_RQ, message_id, _uid(0x00001000, sop_instance))
 
 
 def encode_find_rq(sop_class: str, message_id: int) -> bytes:
     """The command set of a C-FIND-RQ (PS3.7 9.3.2.1), implicit VR little endian."""
-    body = b"".join(
-        (
-            _uid(0x00000002, sop_class),
-            _US.pack(0x0000, 0x0100, 2, C_FIND_RQ),
-            _US.pack(0x0000, 0x0110, 2, message_id),
-            _US.pack(0x0000, 0x0700, 2, PRIORITY_MEDIUM),
-            _US.pack(0x0000, 0x0800, 2, DATA_SET_PRESENT),
-        )
-    )
-    return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
+    return _request(sop_class, C_FIND_RQ, message_id)
 
 
 def _command_fields(command: bytes | bytearray) -> dict[int, int]:
