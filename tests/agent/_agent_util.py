@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import shutil
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,47 +24,26 @@ PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 NAME_MARKER = PHI_MARKERS[0]
 
 
-#: The outbox table of gateway-agent 0.1.0 (schema 1), before it kept the scanner.
-V1_OUTBOX_TABLE = """
-create table outbox (
-    id integer primary key,
-    sop_instance_uid text not null unique,
-    study_instance_uid text not null,
-    series_instance_uid text not null,
-    sop_class_uid text not null,
-    path text not null,
-    size integer not null,
-    state text not null default 'queued'
-        check (state in ('queued', 'sending', 'sent', 'dead')),
-    attempts integer not null default 0,
-    next_attempt_at real not null default 0,
-    lease_until real,
-    last_error text,
-    created_at real not null,
-    sent_at real,
-    file_gone integer not null default 0,
-    audit text not null default '{}'
-)
-"""
+#: An outbox written by gateway-agent 0.1.0 (schema 1), before it kept the scanner.
+V1_OUTBOX_DB = Path(__file__).parent / "data" / "outbox-v1" / "outbox.db"
+
+
+def _v1_schema() -> dict[str, str]:
+    """The ``create`` statements of :data:`V1_OUTBOX_DB` by name, in the order 0.1.0 ran them
+    (opened immutable: the committed file and its folder stay untouched)."""
+    uri = f"{V1_OUTBOX_DB.as_uri()}?immutable=1"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        rows = conn.execute(
+            "select name, sql from sqlite_master where sql is not null order by rowid"
+        )
+        return dict(rows.fetchall())
+
+
+_V1_SCHEMA = _v1_schema()
+#: The outbox table of 0.1.0.
+V1_OUTBOX_TABLE = _V1_SCHEMA["outbox"]
 #: The whole schema of 0.1.0, for outboxes made in a test (an upgraded box opens such a file).
-V1_DDL = (
-    V1_OUTBOX_TABLE,
-    "create index outbox_due on outbox (state, next_attempt_at)",
-    "create index outbox_sent on outbox (state, file_gone, sent_at)",
-    """
-    create table destination_state (
-        id integer primary key check (id = 1),
-        consecutive_failures integer not null default 0,
-        blocked_until real not null default 0,
-        probe_until real not null default 0,
-        last_error text,
-        last_error_at real,
-        last_success_at real,
-        auth_failing integer not null default 0
-    )
-    """,
-    "insert into destination_state (id) values (1)",
-)
+V1_DDL = (*_V1_SCHEMA.values(), "insert into destination_state (id) values (1)")
 
 
 def agent_settings(tmp_path: Path, **overrides: Any) -> Settings:
