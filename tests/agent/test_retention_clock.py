@@ -11,22 +11,9 @@ import pytest
 
 from gateway_agent.agent.outbox.store import Outbox
 
+from ._uploadkit import Clocks
+
 DAY = 86400.0
-
-
-class Clocks:
-    """A wall clock and a monotonic clock: ``advance`` moves both, ``jump`` the wall clock."""
-
-    def __init__(self) -> None:
-        self.wall = 1_800_000_000.0
-        self.mono = 1000.0
-
-    def advance(self, seconds: float) -> None:
-        self.wall += seconds
-        self.mono += seconds
-
-    def jump(self, seconds: float) -> None:
-        self.wall += seconds
 
 
 @pytest.fixture
