@@ -16,6 +16,9 @@ Receive (``storescu`` sends the N original files):
   * ``storescp`` with fsync: each file written, then ``sync -d`` on it before the response
     (``-xcr 'sync -d #p/#f' -xs``), i.e. as durable as the agent's listener;
   * ``storescp`` without fsync, for reference (a power cut may lose what it acknowledged);
+  * the agent's listener alone (``StoreSCP`` in this process, the same fsync, rename and folder
+    fsync before each response, nothing de-identified or forwarded meanwhile): what receiving
+    costs by itself, as ``storescp`` is measured;
   * the agent's listener (``run --listen-port``; destination: the same Orthanc over C-STORE):
     instances/s as ``storescu`` sees them, the ratio to storescp with fsync (target >= 0.8),
     and the time from the last C-STORE response to the last instance stored at Orthanc.
@@ -52,6 +55,7 @@ from benchmarks._agent import AgentProcess, wait  # noqa: E402
 from gateway_agent.config import DeidSettings  # noqa: E402
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret  # noqa: E402
 from gateway_agent.dicom.files import read_file_meta  # noqa: E402
+from gateway_agent.dicom.scp import StoreSCP, received_files  # noqa: E402
 from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreSCU  # noqa: E402
 from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
 from tests._dcmtk import DCMTK_ENV, dcmtk_tool  # noqa: E402
@@ -288,6 +292,24 @@ def receive_storescp(src_dir: Path, work: Path, n: int, fsync: bool) -> dict[str
     return {"seconds": wall, "machine": busy, "drain": 0.0}
 
 
+def receive_listener_alone(src_dir: Path, work: Path, n: int) -> dict[str, float]:
+    """The agent's listener (:class:`StoreSCP`) alone in this process: fsync, rename, folder
+    fsync before each response, nothing de-identified or forwarded meanwhile."""
+    spool = work / "spool"
+    scp = StoreSCP(spool, ae_title=UNIT, host="127.0.0.1", port=0)
+    scp.start()
+    try:
+        busy0 = machine_busy()
+        wall, _ = storescu(scp.port, src_dir, UNIT)
+        busy = machine_busy() - busy0
+    finally:
+        scp.stop()
+    got = sum(1 for _ in received_files(spool))
+    assert got == n, got
+    shutil.rmtree(spool)
+    return {"seconds": wall, "machine": busy, "drain": 0.0}
+
+
 def receive_agent(src_dir: Path, work: Path, n: int) -> dict[str, float]:
     pacs = new_orthanc()
     port = free_port()
@@ -409,10 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only in (None, "receive"):
             sync: list[dict[str, float]] = []
             plain: list[dict[str, float]] = []
+            alone: list[dict[str, float]] = []
             agent: list[dict[str, float]] = []
             for _ in range(args.pairs):
                 sync.append(run(lambda: receive_storescp(src, work / "scratch", n, True)))
                 plain.append(run(lambda: receive_storescp(src, work / "scratch", n, False)))
+                alone.append(run(lambda: receive_listener_alone(src, work / "scratch", n)))
                 agent.append(run(lambda: receive_agent(src, work / "scratch", n)))
             rate_s = n / med(sync, "seconds")
             print("Receive from storescu")
@@ -422,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, rows in (
                 ("storescp + fsync (sync -d per file)", sync),
                 ("storescp (no fsync)", plain),
+                ("agent's listener alone (fsync + rename, nothing forwarded)", alone),
                 ("gateway-agent listener (destination: Orthanc, C-STORE)", agent),
             ):
                 rate = n / med(rows, "seconds")

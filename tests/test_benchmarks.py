@@ -181,6 +181,7 @@ def test_bench_dicom_send_and_receive(tmp_path: Path) -> None:
     listener = _row(out, "gateway-agent listener (destination: Orthanc, C-STORE)")
     assert float(listener[1]) > 0 and listener[4].endswith(" s"), listener
     assert float(_row(out, "storescp + fsync (sync -d per file)")[1]) > 0
+    assert float(_row(out, "agent's listener alone (fsync + rename, nothing forwarded)")[1]) > 0
     assert not list(tmp_path.iterdir()), "the run's files must be removed"
 
 
