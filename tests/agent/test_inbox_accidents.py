@@ -197,8 +197,8 @@ def test_a_bad_file_written_on_since_it_was_read_is_not_quarantined(tmp_path: Pa
     os.utime(target, (time.time() - 60, time.time() - 60))
     st = os.lstat(target)
     identity = identity_of(st)
-    future: Future[Any] = Future()
-    future.set_result(("error", "truncated", "ends inside an element", 0.01, identity))
+    future: Future[Any] = Future()  # the worker's task of one file
+    future.set_result([("error", "truncated", "ends inside an element", 0.01, identity)])
     job = Job(str(target), st.st_size, st.st_mtime_ns, target.name, future=future)
     with target.open("ab") as fh:  # the writer went on after the worker's read
         fh.write(data[len(data) // 3 :])

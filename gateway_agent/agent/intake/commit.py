@@ -52,7 +52,7 @@ class Job:
     size: int
     mtime_ns: int
     rel: str
-    future: Future[Any] | None = None
+    future: Future[list[JobResult]] | None = None
     started: float = field(default_factory=time.perf_counter)
     calling_ae: str | None = None
 
@@ -63,16 +63,13 @@ class Job:
 
     #: Of the file the worker read (device, inode, size, mtime, ctime); set from its result.
     identity: FileIdentity | None = None
-    #: Where this job's result is in its task's list of results (``future`` is the task's);
-    #: None when the future's result is this job's alone.
-    index: int | None = None
+    #: Where this job's result is in its task's list of results (``future`` is the task's).
+    index: int = 0
 
     def result(self) -> JobResult:
         """The worker's result for this file (the job must be done)."""
         assert self.future is not None
-        got = self.future.result()
-        result: JobResult = got if self.index is None else got[self.index]
-        return result
+        return self.future.result()[self.index]
 
 
 def inbox_folder(rel: str) -> str:
