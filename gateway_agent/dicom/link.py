@@ -47,6 +47,7 @@ __all__ = [
     "StoreLink",
     "encode_find_rq",
     "encode_store_rq",
+    "implicit_element",
 ]
 
 #: Largest P-DATA PDU we send, whatever the peer allows (a peer may say "unlimited": 0).
@@ -110,11 +111,16 @@ class FileSlice:
         self.offset = offset
 
 
-def _uid(tag: int, value: str) -> bytes:
-    raw = value.encode("ascii")
+def implicit_element(tag: int, raw: bytes, pad: bytes = b"\0") -> bytes:
+    """One element in implicit VR little endian, its value padded to an even length with
+    ``pad`` (NUL for UIDs, a space for text)."""
     if len(raw) % 2:
-        raw += b"\0"
+        raw += pad
     return _ELEMENT.pack(tag >> 16, tag & 0xFFFF, len(raw)) + raw
+
+
+def _uid(tag: int, value: str) -> bytes:
+    return implicit_element(tag, value.encode("ascii"))
 
 
 def _request(sop_class: str, command_field: int, message_id: int, *more: bytes) -> bytes:

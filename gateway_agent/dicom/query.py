@@ -11,7 +11,6 @@ title not allowed to query, the FIND context refused, a failure status).
 from __future__ import annotations
 
 import ssl
-import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ from pynetdicom import AE
 
 from .._exceptions import DeidError
 from .codec import parse_dataset
-from .link import LinkLostError, StoreLink
+from .link import LinkLostError, StoreLink, implicit_element
 from .network import Rejection, association_handlers, detach_socket
 from .scu import AssociationError
 
@@ -38,7 +37,6 @@ STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 FIND_PAGE = 40
 #: The identifiers go in the default transfer syntax, which every peer accepts.
 _IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-_ELEMENT = struct.Struct("<HHI")
 
 
 class QueryRefusedError(Exception):
@@ -128,21 +126,15 @@ def find_instances(
     return found
 
 
-def _value(tag: int, raw: bytes, pad: bytes) -> bytes:
-    if len(raw) % 2:
-        raw += pad
-    return _ELEMENT.pack(tag >> 16, tag & 0xFFFF, len(raw)) + raw
-
-
 def identifier(study: str, series_uid: str, uids: Sequence[str]) -> bytes:
     """The C-FIND identifier (implicit VR little endian) asking which of ``uids`` (one series)
     the peer holds: IMAGE level, List of UID Matching on SOP Instance UID."""
     return b"".join(
         (
-            _value(0x00080018, "\\".join(uids).encode("ascii"), b"\0"),  # SOPInstanceUID
-            _value(0x00080052, b"IMAGE", b" "),  # QueryRetrieveLevel
-            _value(0x0020000D, study.encode("ascii"), b"\0"),  # StudyInstanceUID
-            _value(0x0020000E, series_uid.encode("ascii"), b"\0"),  # SeriesInstanceUID
+            implicit_element(0x00080018, "\\".join(uids).encode("ascii")),  # SOPInstanceUID
+            implicit_element(0x00080052, b"IMAGE", b" "),  # QueryRetrieveLevel
+            implicit_element(0x0020000D, study.encode("ascii")),  # StudyInstanceUID
+            implicit_element(0x0020000E, series_uid.encode("ascii")),  # SeriesInstanceUID
         )
     )
 
