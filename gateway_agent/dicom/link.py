@@ -45,6 +45,7 @@ __all__ = [
     "FileSlice",
     "LinkLostError",
     "StoreLink",
+    "command_values",
     "encode_find_rq",
     "encode_store_rq",
     "implicit_element",
@@ -151,19 +152,28 @@ def encode_find_rq(sop_class: str, message_id: int) -> bytes:
     return _request(sop_class, C_FIND_RQ, message_id)
 
 
-def _command_fields(command: bytes | bytearray) -> dict[int, int]:
-    """The US elements of a command set (implicit VR LE), by element number."""
-    fields: dict[int, int] = {}
+def command_values(command: bytes | bytearray) -> dict[int, bytes]:
+    """The elements of a command set (implicit VR little endian): raw values by element
+    number, up to the first element that is not of group 0000 or runs past the end."""
+    values: dict[int, bytes] = {}
     pos, end = 0, len(command)
     while pos + 8 <= end:
         group, element, length = _ELEMENT.unpack_from(command, pos)
         pos += 8
         if group != 0x0000 or pos + length > end:
             break
-        if length == 2:
-            fields[element] = int.from_bytes(command[pos : pos + 2], "little")
+        values[element] = bytes(command[pos : pos + length])
         pos += length
-    return fields
+    return values
+
+
+def _command_fields(command: bytes | bytearray) -> dict[int, int]:
+    """The US elements of a command set, by element number."""
+    return {
+        element: int.from_bytes(raw, "little")
+        for element, raw in command_values(command).items()
+        if len(raw) == 2
+    }
 
 
 class _Source:

@@ -12,11 +12,9 @@ theirs.
   by default.
 * :func:`set_nodelay`: an ``EVT_CONN_OPEN`` handler. pynetdicom leaves Nagle's algorithm on, and
   with the peer's delayed ACK each small PDU (a C-STORE response, a command set) may wait for it.
-* :func:`detach_socket`: stop pynetdicom's threads of an established association and take its
-  connection, for the C-STORE sender's own data transfer phase (:mod:`.link`).
-* :func:`receive_into`: where pynetdicom's chunked C-STORE receipt
-  (``_config.STORE_RECV_CHUNKED_DATASET``) puts its temporary files for one AE, so the listener
-  renames a received instance into place instead of copying it across file systems.
+* :func:`detach_socket` / :func:`detach_accepted`: stop pynetdicom's threads of an established
+  association and take its connection, for the data transfer phase of the C-STORE sender
+  (:mod:`.link`) and of the listener (:mod:`.receive`).
 """
 
 from __future__ import annotations
@@ -25,15 +23,15 @@ import contextlib
 import enum
 import socket
 import ssl
-import tempfile
 import threading
-import weakref
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pynetdicom
-from pynetdicom import dimse_messages, evt, transport
+from pynetdicom import evt, transport
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import A_RELEASE
 
 __all__ = [
     "EXPLICIT_VR_LE",
@@ -43,9 +41,9 @@ __all__ = [
     "association_handlers",
     "classify_store_status",
     "client_ssl_context",
+    "detach_accepted",
     "detach_socket",
-    "receive_error",
-    "receive_into",
+    "hold_data",
     "server_ssl_context",
     "set_nodelay",
     "status_meaning",
@@ -259,6 +257,61 @@ def detach_socket(assoc: Any, timeout: float = 5.0) -> socket.socket:
     threads do not stop within ``timeout`` or a PDU from the peer had already arrived (an abort
     right after the association was accepted), after sending an A-ABORT and closing.
     """
+    sock, problem = _take_socket(assoc, timeout)
+    dul = assoc.dul
+    if not problem and (not dul.to_user_queue.empty() or not dul.event_queue.empty()):
+        problem = "the peer sent a PDU before the first request"
+    if problem:
+        _abort_and_close(sock)
+        raise RuntimeError(problem)
+    return sock
+
+
+class _Held(list[Any]):
+    """The P-DATA primitives pynetdicom's DUL thread passed on, kept in order, undecoded."""
+
+    def __call__(self, primitive: Any) -> None:
+        self.append(primitive)
+
+
+def hold_data(assoc: Any) -> None:
+    """``EVT_CONN_OPEN`` (acceptor): keep the P-DATA this association receives undecoded
+    until :func:`detach_accepted` takes them, instead of pynetdicom's DIMSE decoding them.
+
+    The peer sends its first request as soon as it has the A-ASSOCIATE-AC, and pynetdicom's
+    DUL thread may read it before it is stopped; its DIMSE provider would decode it (and
+    write its data set to a file of its own) where the listener never sees it.
+    """
+    assoc.dimse.receive_primitive = _Held()
+
+
+def detach_accepted(assoc: Any, timeout: float = 5.0) -> tuple[socket.socket, bytes]:
+    """Stop the two threads of an association we just accepted; return its socket and the
+    PDUs pynetdicom already read from it (encoded again, in order), for
+    :class:`~gateway_agent.dicom.receive.ReceiveLink`.
+
+    Called from an ``EVT_ESTABLISHED`` handler, in the association's thread, on an
+    association :func:`hold_data` was applied to. It first waits for the DUL thread to have
+    sent the A-ASSOCIATE-AC. Same internals and ``RuntimeError`` as :func:`detach_socket`.
+    """
+    held = assoc.dimse.receive_primitive
+    if not isinstance(held, _Held):
+        raise RuntimeError("hold_data() was not applied to the association")
+    dul = assoc.dul
+    deadline = time.monotonic() + timeout
+    while (
+        dul.state_machine.current_state != "Sta6" and dul.is_alive() and time.monotonic() < deadline
+    ):
+        time.sleep(0.0002)  # the DUL thread sends the A-ASSOCIATE-AC within a loop or two
+    sock, problem = _take_socket(assoc, max(0.0, deadline - time.monotonic()))
+    if problem:
+        _abort_and_close(sock)
+        raise RuntimeError(problem)
+    return sock, _unread_pdus(held, dul)
+
+
+def _take_socket(assoc: Any, timeout: float) -> tuple[socket.socket, str]:
+    """Stop an association's reactors and take its socket; what went wrong, if anything."""
     dul = assoc.dul
     assoc._kill = True
     assoc._reactor_checkpoint.set()
@@ -267,10 +320,8 @@ def detach_socket(assoc: Any, timeout: float = 5.0) -> socket.socket:
     for thread in (assoc, dul):
         if thread.is_alive() and thread is not threading.current_thread():
             thread.join(timeout)
-        if thread.is_alive():
+        if thread.is_alive() and thread is not threading.current_thread():
             problem = "pynetdicom's association threads did not stop"
-    if not problem and (not dul.to_user_queue.empty() or not dul.event_queue.empty()):
-        problem = "the peer sent a PDU before the first request"
     sock = getattr(dul.socket, "socket", None)
     if not isinstance(sock, socket.socket):
         raise RuntimeError("the association has no connected socket")
@@ -278,92 +329,36 @@ def detach_socket(assoc: Any, timeout: float = 5.0) -> socket.socket:
     dul.socket.socket = None
     assoc.is_established = False
     assoc.is_released = True
-    if problem:
-        with contextlib.suppress(OSError):
-            sock.settimeout(1.0)
-            sock.sendall(_A_ABORT)
-        with contextlib.suppress(OSError):
-            sock.close()
-        raise RuntimeError(problem)
-    return sock
+    return sock, problem
 
 
-# -- chunked receipt --------------------------------------------------------------------------
-_RECEIVE_DIRS: weakref.WeakKeyDictionary[pynetdicom.AE, Path] = weakref.WeakKeyDictionary()
-_INSTALL_LOCK = threading.Lock()
-_original_ntf = tempfile.NamedTemporaryFile
+def _abort_and_close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.settimeout(1.0)
+        sock.sendall(_A_ABORT)
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
-class _SpoolFile:
-    """pynetdicom's temporary file for one received data set, failing softly.
-
-    A write error (disk full) in pynetdicom's reactor thread would abort the association; here
-    the error is recorded instead, the rest of the data set is read and dropped, and the store
-    handler answers 0xA700 (out of resources) so the sender keeps the instance and retries.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self._ntf = _original_ntf(mode="wb", suffix=".dcm", prefix=".recv-", dir=directory)
-        self.name: str = self._ntf.name
-        self.file = self  # pynetdicom calls ``.file.flush()``
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        if self.error is None:
-            try:
-                return int(self._ntf.write(data))
-            except OSError as exc:
-                self.error = exc
-                _FAILED[self.name] = exc
-        return len(data)
-
-    def flush(self) -> None:
-        if self.error is None:
-            try:
-                self._ntf.file.flush()
-            except OSError as exc:
-                self.error = exc
-                _FAILED[self.name] = exc
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._ntf.close()
+#: A-RELEASE-RQ PDU (PS3.8 9.3.6).
+_A_RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
 
-_FAILED: dict[str, OSError] = {}
-
-
-def _named_temporary_file(*args: Any, **kwargs: Any) -> Any:
-    """pynetdicom's temporary file for a C-STORE data set, in the receiving AE's folder.
-
-    pynetdicom creates it in the DUL reactor thread of the association, which knows its AE.
-    """
-    assoc = getattr(threading.current_thread(), "assoc", None)
-    ae = getattr(assoc, "ae", None)
-    directory = _RECEIVE_DIRS.get(ae) if ae is not None else None
-    if directory is not None and "dir" not in kwargs:
-        return _SpoolFile(directory)
-    return _original_ntf(*args, **kwargs)
-
-
-def receive_error(path: str | Path) -> OSError | None:
-    """The error that cut short the writing of a received data set (e.g. ENOSPC), once."""
-    return _FAILED.pop(str(path), None)
-
-
-def receive_into(ae: pynetdicom.AE, directory: Path) -> None:
-    """Have C-STORE data sets received by ``ae`` streamed to files in ``directory``.
-
-    Turns on ``_config.STORE_RECV_CHUNKED_DATASET`` (the data set goes to a file as its PDUs
-    arrive: memory stays bounded whatever the instance size) and places those files in
-    ``directory`` instead of the system's temporary folder. ``event.dataset_path`` then lies on
-    the listener's file system and can be renamed into place. pynetdicom removes the file after
-    the ``EVT_C_STORE`` handler unless the handler moved it; an association aborted in the
-    middle of a data set leaves its ``.recv-*`` file behind for the caller to clean up. A write
-    error does not abort the association: the handler must ask :func:`receive_error` first.
-    """
-    with _INSTALL_LOCK:
-        pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
-        if getattr(dimse_messages, "NamedTemporaryFile", None) is not _named_temporary_file:
-            setattr(dimse_messages, "NamedTemporaryFile", _named_temporary_file)  # noqa: B010
-        _RECEIVE_DIRS[ae] = Path(directory)
+def _unread_pdus(held: list[Any], dul: Any) -> bytes:
+    """The PDUs a stopped DUL thread read but nobody consumed, encoded again, oldest first:
+    those its state machine passed on (P-DATA held, then a release or an abort), then those
+    still waiting for it."""
+    out = bytearray()
+    for primitive in held:
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        out += pdu.encode()
+    while not dul.to_user_queue.empty():
+        primitive = dul.to_user_queue.get_nowait()
+        if isinstance(primitive, A_RELEASE):
+            out += _A_RELEASE_RQ
+        else:  # A-ABORT, A-P-ABORT: the peer is gone
+            out += _A_ABORT
+    while not dul._recv_pdu.empty():
+        out += dul._recv_pdu.get_nowait().encode()
+    return bytes(out)

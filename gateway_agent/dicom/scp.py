@@ -4,14 +4,16 @@
 syntax pynetdicom knows, C-ECHO) and writes each received data set, as the peer sent it, into
 ``spool/<source>/<time>-<n>.dcm``:
 
-1. pynetdicom streams the data set, as its PDUs arrive, into ``spool/.incoming/.recv-*``
-   (bounded memory whatever the size; :func:`~gateway_agent.dicom.network.receive_into`);
-2. the store handler fsyncs it, renames it into the source's folder and fsyncs that folder;
+1. pynetdicom negotiates the association; its data transfer phase runs on the project's own
+   :class:`~gateway_agent.dicom.receive.ReceiveLink`, which streams the data set, as its PDUs
+   arrive, into ``spool/.incoming/.recv-*`` (bounded memory whatever the size) and fsyncs it;
+2. the listener renames it into the source's folder and fsyncs that folder;
 3. only then is the response 0x0000 sent. A modality that received it may forget the instance.
 
-When ``accept()`` says no (the disk guard paused intake), or writing failed (disk full, I/O
-error), the response is 0xA700 (refused: out of resources) and nothing is kept: the modality
-keeps the instance and sends it again later. The ``source`` of an instance is the calling AE
+When ``accept()`` says no as a C-STORE-RQ arrives (the disk guard paused intake: its data set
+is read and dropped), or writing failed (disk full, I/O error), the response is 0xA700
+(refused: out of resources) and nothing is kept: the modality keeps the instance and sends it
+again later. The ``source`` of an instance is the calling AE
 title of its association; its folder name is that title percent-encoded (``ae-CT%201``), so
 :func:`source_of` gives it back from the path. File names carry no PHI (time and a counter).
 
@@ -36,7 +38,8 @@ from typing import Any
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
 from .files import fsync_dir
-from .network import Rejection, receive_error, receive_into, set_nodelay
+from .network import Rejection, detach_accepted, hold_data, set_nodelay
+from .receive import Receipt, ReceiveLink
 from .spool import INCOMING_DIR, folder_name, received_files, source_of
 
 __all__ = [
@@ -127,6 +130,7 @@ class StoreSCP:
         self._seq = itertools.count()
         self._folders: set[str] = set()
         self._lock = threading.Lock()
+        self._links: set[ReceiveLink] = set()
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,14 +150,10 @@ class StoreSCP:
         ae.dimse_timeout = self.timeout
         ae.network_timeout = self.timeout
         ae.maximum_pdu_size = 131072
-        receive_into(ae, self.incoming)
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_ACSE_SENT, self._on_acse_sent),
             (evt.EVT_ESTABLISHED, self._on_established),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         self._server = ae.start_server(
             (self.host, self.port),
@@ -169,6 +169,10 @@ class StoreSCP:
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
+        with self._lock:
+            links = list(self._links)
+        for link in links:
+            link.abort()
         if self._ae is not None:
             self._ae.shutdown()
             self._ae = None
@@ -191,7 +195,6 @@ class StoreSCP:
                 try:
                     if now - entry.stat().st_mtime >= max_age:
                         Path(entry.path).unlink()
-                        receive_error(entry.path)
                         removed += 1
                 except OSError:
                     continue
@@ -208,52 +211,64 @@ class StoreSCP:
             r = Rejection(int(p.result), int(p.result_source), int(p.diagnostic))
             self._emit("rejected", str(event.assoc.requestor.ae_title).strip(), r.reason)
 
+    def _on_open(self, event: Any) -> None:
+        set_nodelay(event)
+        hold_data(event.assoc)
+
     def _on_established(self, event: Any) -> None:
-        self._emit("association", str(event.assoc.requestor.ae_title).strip())
-
-    def _on_echo(self, event: Any) -> int:
-        self._emit("echo", str(event.assoc.requestor.ae_title).strip())
-        return 0x0000
-
-    def _on_close(self, event: Any) -> None:
-        # A data set cut off by an abort leaves its partial file; a receipt in progress writes
-        # at least every ``timeout`` s, or its association is dropped.
-        self.clean_incoming(max_age=2 * self.timeout)
-
-    def _on_store(self, event: Any) -> int:
+        """Serve the association, in its thread, until it ends."""
         calling = str(event.assoc.requestor.ae_title).strip()
-        tmp = Path(event.dataset_path)
-        error = receive_error(tmp)
-        if error is not None:
-            self._emit("refused", calling, f"write_failed: {_errno_name(error)}")
-            return OUT_OF_RESOURCES
+        self._emit("association", calling)
+        contexts = {
+            int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            for cx in event.assoc.accepted_contexts
+        }
         try:
-            allowed = self._accept() if self._accept is not None else True
+            sock, unread = detach_accepted(event.assoc)
+        except RuntimeError:
+            return  # aborted and closed: the sender sends again
+        link = ReceiveLink(
+            sock, unread=unread, contexts=contexts, incoming=self.incoming, timeout=self.timeout
+        )
+        with self._lock:
+            self._links.add(link)
+        try:
+            link.serve(
+                lambda receipt: self._store(receipt, calling),
+                wanted=self._wanted,
+                echoed=lambda: self._emit("echo", calling),
+            )
+        finally:
+            with self._lock:
+                self._links.discard(link)
+
+    def _wanted(self) -> bool:
+        try:
+            return self._accept() if self._accept is not None else True
         except Exception:
-            allowed = True  # a broken gate must not refuse everything; the write will tell
-        if not allowed:
+            return True  # a broken gate must not refuse everything; the write will tell
+
+    def _store(self, receipt: Receipt, calling: str) -> int:
+        if receipt.path is None:
             self._emit("refused", calling, "intake_paused")
             return OUT_OF_RESOURCES
+        if receipt.error is not None:
+            self._emit("refused", calling, f"write_failed: {_errno_name(receipt.error)}")
+            return OUT_OF_RESOURCES
         try:
-            path, size = self._keep(tmp, calling)
+            path = self._keep(receipt.path, calling)
         except OSError as exc:
             self._emit("refused", calling, f"write_failed: {_errno_name(exc)}")
             return OUT_OF_RESOURCES
-        self._emit("stored", calling, size=size)
+        self._emit("stored", calling, size=receipt.size)
         if self._on_stored is not None:
             # The instance is durable: whatever happens here, it is taken at the next start.
             with contextlib.suppress(Exception):
                 self._on_stored(path, calling)
         return 0x0000
 
-    def _keep(self, tmp: Path, calling: str) -> tuple[Path, int]:
-        """fsync the received file, rename it into its source's folder, fsync the folder."""
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+    def _keep(self, tmp: Path, calling: str) -> Path:
+        """Rename the received (fsynced) file into its source's folder, fsync the folder."""
         name = folder_name(calling)
         folder = self.spool / name
         if name not in self._folders:
@@ -265,7 +280,7 @@ class StoreSCP:
         dest = folder / f"{time.time_ns():020d}-{next(self._seq):08d}.dcm"
         tmp.rename(dest)
         fsync_dir(folder)
-        return dest, size
+        return dest
 
 
 def _errno_name(exc: OSError) -> str:

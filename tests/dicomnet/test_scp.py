@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import subprocess
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
 
+from gateway_agent.dicom import network
+from gateway_agent.dicom import scp as scp_module
+from gateway_agent.dicom.link import encode_find_rq, encode_store_rq
 from gateway_agent.dicom.scp import INCOMING_DIR, ListenerEvent, StoreSCP, received_files, source_of
 from gateway_agent.synthetic import make_ct_series, write_series
 from tests._dcmtk import Storescp, echoscu, send_ct, storescu
+from tests.agent._uploadkit import wait_for
 from tests.conftest import require
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -155,3 +165,94 @@ def test_source_of_round_trips_odd_titles(tmp_path: Path) -> None:
         folder = tmp_path / ("ae-" + quote(title, safe=""))
         assert source_of(folder / "1.dcm") == title
     assert source_of(tmp_path / "inbox" / "x.dcm") == ""
+
+
+# -- the listener's own data transfer phase ----------------------------------------------------
+def test_requests_pynetdicom_read_before_it_stopped_are_served(
+    listen: type[Listener], series: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender starts as soon as it has the A-ASSOCIATE-AC; pynetdicom's DUL thread reads
+    those PDUs before it is stopped. They must reach the listener, not pynetdicom's DIMSE."""
+    unread: list[int] = []
+
+    def late(assoc: object, timeout: float = 5.0) -> tuple[object, bytes]:
+        time.sleep(0.3)  # the sender's first PDUs arrive meanwhile
+        sock, data = network.detach_accepted(assoc, timeout)
+        unread.append(len(data))
+        return sock, data
+
+    monkeypatch.setattr(scp_module, "detach_accepted", late)
+    lst = listen()
+    assert send_ct(lst.scp.port, series, calling="SCANNER") == [0] * len(series)
+    done = storescu(lst.scp.port, series[0].parent, aet="CT1")
+    assert done.returncode == 0, done.stderr
+    assert len(unread) == 2 and all(n > 0 for n in unread), unread
+    kept = {pydicom.dcmread(p).SOPInstanceUID for p in received_files(lst.scp.spool)}
+    assert kept == {pydicom.dcmread(p).SOPInstanceUID for p in series}
+    assert lst.kinds()[("stored", "")] == 2 * len(series)
+
+
+def _raw_association(port: int) -> socket.socket:
+    """An association from pynetdicom whose socket the test then writes by hand."""
+    ae = AE(ae_title="RAW")
+    ae.add_requested_context(CT, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE01")
+    assert assoc.is_established
+    return network.detach_socket(assoc)
+
+
+def _pdata(context_id: int, control: int, fragment: bytes) -> bytes:
+    n = len(fragment)
+    return struct.pack(">BxIIBB", 0x04, n + 6, n + 2, context_id, control) + fragment
+
+
+def test_abort_in_the_middle_of_a_data_set_leaves_nothing(
+    listen: type[Listener], series: list[Path]
+) -> None:
+    lst = listen()
+    sock = _raw_association(lst.scp.port)
+    command = encode_store_rq(CT, "1.2.3.4", 1)
+    sock.sendall(_pdata(1, 0x03, command) + _pdata(1, 0x00, b"\x08\x00" * 500))
+    assert wait_for(lambda: list((lst.scp.spool / INCOMING_DIR).iterdir()), 10)  # partial
+    sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-ABORT
+    sock.close()
+    assert wait_for(lambda: not list((lst.scp.spool / INCOMING_DIR).iterdir()), 10)
+    assert list(received_files(lst.scp.spool)) == []
+    assert send_ct(lst.scp.port, series[:1], calling="SCANNER") == [0]  # the listener goes on
+
+
+def test_a_service_we_do_not_offer_aborts_the_association(
+    listen: type[Listener], series: list[Path]
+) -> None:
+    lst = listen()
+    sock = _raw_association(lst.scp.port)
+    sock.settimeout(10)
+    sock.sendall(_pdata(1, 0x03, encode_find_rq(CT, 7)) + _pdata(1, 0x02, b""))
+    assert sock.recv(10)[:1] == b"\x07"  # A-ABORT
+    sock.close()
+    assert send_ct(lst.scp.port, series[:1], calling="SCANNER") == [0]
+
+
+@pytest.mark.slow
+def test_large_instance_is_received_in_bounded_memory(
+    listen: type[Listener], tmp_path: Path
+) -> None:
+    frames, rows, cols = 512, 256, 256  # 64 MiB of pixel data
+    ds = make_ct_series(1, rows=rows, cols=cols)[0]
+    ds.NumberOfFrames = frames
+    ds.PixelData = np.zeros((frames, rows, cols), dtype=np.uint16).tobytes()
+    path = tmp_path / "big.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    del ds
+    lst = listen()
+    tracemalloc.start()
+    try:
+        done = storescu(lst.scp.port, [path], aet="CT1")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert done.returncode == 0, done.stderr
+    [kept] = received_files(lst.scp.spool)
+    assert kept.stat().st_size >= path.stat().st_size - 1024
+    # One read buffer and one write buffer of 256 KiB for the association.
+    assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB for a 64 MiB instance"

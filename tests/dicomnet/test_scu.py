@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pynetdicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -19,7 +20,6 @@ from gateway_agent.dicom.network import (
     Rejection,
     classify_store_status,
     client_ssl_context,
-    receive_into,
     status_meaning,
 )
 from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreResult, StoreSCU
@@ -238,7 +238,9 @@ def test_idle_association_is_released(
 
 # -- memory: a large instance to a peer that accepts PDUs of any length -----------------------
 @pytest.mark.slow
-def test_large_instance_is_streamed_in_bounded_memory(tmp_path: Path) -> None:
+def test_large_instance_is_streamed_in_bounded_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     frames, rows, cols = 512, 256, 256  # 64 MiB of pixel data
     ds = make_ct_series(1, rows=rows, cols=cols)[0]
     ds.NumberOfFrames = frames
@@ -247,8 +249,6 @@ def test_large_instance_is_streamed_in_bounded_memory(tmp_path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
     size = path.stat().st_size
 
-    spool = tmp_path / "spool"
-    spool.mkdir()
     received: list[int] = []
 
     def on_store(event: evt.Event) -> int:
@@ -258,7 +258,8 @@ def test_large_instance_is_streamed_in_bounded_memory(tmp_path: Path) -> None:
     ae = AE(ae_title="BIG")
     ae.supported_contexts = AllStoragePresentationContexts
     ae.maximum_pdu_size = 0  # "any length": a careless sender would send one 32 MiB PDU
-    receive_into(ae, spool)
+    # pynetdicom writes the data set to a temporary file as its PDUs arrive.
+    monkeypatch.setattr(pynetdicom._config, "STORE_RECV_CHUNKED_DATASET", True)
     port = free_port()
     server = ae.start_server(
         ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
