@@ -18,6 +18,9 @@ connection to a :class:`StoreLink`, which runs the data transfer phase (PS3.8 9.
   response to our request ends the association: :class:`LinkLostError` with a short reason.
 * :meth:`StoreLink.release` (A-RELEASE-RQ, wait for A-RELEASE-RP) and :meth:`StoreLink.abort`.
 
+The PDU constants, command encoders (:func:`encode_response` included) and
+:func:`command_values` serve the listener's side too (:mod:`.receive`).
+
 Why not pynetdicom's own ``send_c_store``: it passes every PDU through a queue to a reactor
 thread that polls the socket and its queues every millisecond (two such threads per
 association), so a 525 kB CT slice in a peer's usual 16 kB PDUs costs about 2.5 ms of CPU and
@@ -63,11 +66,13 @@ A_RELEASE_RQ = 0x05
 A_RELEASE_RP = 0x06
 A_ABORT = 0x07
 #: Message control header bits of a PDV (PS3.8 E.2).
-_COMMAND = 0x01
-_LAST = 0x02
+COMMAND_PDV = 0x01
+LAST_PDV = 0x02
 #: Command Field values (PS3.7 E.1).
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+C_ECHO_RQ = 0x0030
+C_ECHO_RSP = 0x8030
 C_FIND_RQ = 0x0020
 C_FIND_RSP = 0x8020
 #: C-FIND-RSP statuses that announce an identifier and more answers (PS3.4 C.4.1.1.4).
@@ -80,17 +85,18 @@ NO_DATA_SET = 0x0101
 #: Pending answers kept from one C-FIND (the caller asks for a page of UIDs at a time).
 MAX_FIND_ANSWERS = 10_000
 
-_PDU = struct.Struct(">BxI")  # PDU type, reserved, PDU length
-_PDATA = struct.Struct(">BxIIBB")  # P-DATA-TF header and its one PDV: length, context, control
-_PDV = struct.Struct(">IBB")  # PDV item length, presentation context ID, control header
+PDU_HEADER = struct.Struct(">BxI")  # PDU type, reserved, PDU length
+#: A P-DATA-TF PDU's header and its one PDV's: PDU type, PDU length, PDV length, context, control.
+PDATA_HEADER = struct.Struct(">BxIIBB")
+PDV_HEADER = struct.Struct(">IBB")  # PDV item length, presentation context ID, control header
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
 _US = struct.Struct("<HHIH")
 _UL = struct.Struct("<HHII")
-_RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+RELEASE_RQ_PDU = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+RELEASE_RP_PDU = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 #: A-ABORT from the service user, no reason given.
-_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-_HEAD = _PDATA.size  # 12 bytes of headers per P-DATA-TF PDU of one PDV
+ABORT_PDU = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+_HEAD = PDATA_HEADER.size  # 12 bytes of headers per P-DATA-TF PDU of one PDV
 
 
 class LinkLostError(Exception):
@@ -150,6 +156,24 @@ def encode_store_rq(sop_class: str, sop_instance: str, message_id: int) -> bytes
 def encode_find_rq(sop_class: str, message_id: int) -> bytes:
     """The command set of a C-FIND-RQ (PS3.7 9.3.2.1), implicit VR little endian."""
     return _request(sop_class, C_FIND_RQ, message_id)
+
+
+def encode_response(
+    command_field: int, sop_class: bytes, message_id: int, status: int, sop_instance: bytes = b""
+) -> bytes:
+    """The command set of a C-STORE-RSP or C-ECHO-RSP (PS3.7 9.3.1.2, 9.3.5.2), implicit VR
+    little endian, with its Command Group Length."""
+    body = b"".join(
+        (
+            implicit_element(0x00000002, sop_class),
+            _US.pack(0x0000, 0x0100, 2, command_field),
+            _US.pack(0x0000, 0x0120, 2, message_id),
+            _US.pack(0x0000, 0x0800, 2, NO_DATA_SET),
+            _US.pack(0x0000, 0x0900, 2, status),
+            implicit_element(0x00001000, sop_instance) if sop_instance else b"",
+        )
+    )
+    return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
 
 
 def command_values(command: bytes | bytearray) -> dict[int, bytes]:
@@ -265,7 +289,7 @@ class StoreLink:
         try:
             command = encode_store_rq(sop_class, sop_instance, message_id)
             self._fill = 0
-            self._frame(context_id, _COMMAND, _Source(None, command).fill, len(command))
+            self._frame(context_id, COMMAND_PDV, _Source(None, command).fill, len(command))
             self._frame(context_id, 0, source.fill, length)
             self._flush()
         except _SourceShortError:
@@ -291,7 +315,7 @@ class StoreLink:
             raise LinkLostError("association already closed")
         command = encode_find_rq(sop_class, message_id)
         self._fill = 0
-        self._frame(context_id, _COMMAND, _Source(None, command).fill, len(command))
+        self._frame(context_id, COMMAND_PDV, _Source(None, command).fill, len(command))
         self._frame(context_id, 0, _Source(None, identifier).fill, len(identifier))
         self._flush()
         found: list[bytes] = []
@@ -310,7 +334,7 @@ class StoreLink:
         self, context_id: int, control: int, fill: Callable[[memoryview], None], length: int
     ) -> None:
         """Append a message (command or data set) as P-DATA-TF PDUs of one PDV each."""
-        buf, view, chunk, pack = self._buf, self._view, self._chunk, _PDATA.pack_into
+        buf, view, chunk, pack = self._buf, self._view, self._chunk, PDATA_HEADER.pack_into
         size = len(buf)
         left = length
         while True:
@@ -319,7 +343,7 @@ class StoreLink:
                 self._flush()
             pos = self._fill
             left -= n
-            flags = control | (_LAST if left == 0 else 0)
+            flags = control | (LAST_PDV if left == 0 else 0)
             pack(buf, pos, P_DATA_TF, n + 6, n + 2, context_id, flags)
             fill(view[pos + _HEAD : pos + _HEAD + n])
             self._fill = pos + _HEAD + n
@@ -361,10 +385,10 @@ class StoreLink:
                 self._other_pdu(kind)
             for control, fragment in self._pdvs(body):
                 if fields is None:
-                    if not control & _COMMAND:
+                    if not control & COMMAND_PDV:
                         continue  # a data set before its command: not for us
                     command += fragment
-                    if not control & _LAST:
+                    if not control & LAST_PDV:
                         continue
                     fields = _command_fields(command)
                     if (
@@ -377,12 +401,12 @@ class StoreLink:
                         raise LinkLostError(f"unexpected message instead of the {name}")
                     if fields.get(0x0800, NO_DATA_SET) == NO_DATA_SET:
                         return fields, None
-                elif control & _COMMAND:
+                elif control & COMMAND_PDV:
                     self.abort()
                     raise LinkLostError("a command where its data set was expected")
                 else:
                     data += fragment
-                    if control & _LAST:
+                    if control & LAST_PDV:
                         return fields, bytes(data)
 
     def _pdvs(self, body: bytes) -> list[tuple[int, bytes]]:
@@ -391,7 +415,7 @@ class StoreLink:
         while pos < end:
             if pos + 6 > end:
                 break
-            length, _context, control = _PDV.unpack_from(body, pos)
+            length, _context, control = PDV_HEADER.unpack_from(body, pos)
             if length < 2 or pos + 4 + length > end:
                 break
             out.append((control, body[pos + 6 : pos + 4 + length]))
@@ -408,7 +432,7 @@ class StoreLink:
             raise LinkLostError("association aborted by the peer")
         if kind == A_RELEASE_RQ:
             with contextlib.suppress(OSError):
-                self._sock.sendall(_RELEASE_RP)
+                self._sock.sendall(RELEASE_RP_PDU)
             self._close()
             raise LinkLostError("association released by the peer")
         self.abort()
@@ -416,7 +440,7 @@ class StoreLink:
 
     # -- reading -----------------------------------------------------------------------------
     def _read_pdu(self) -> tuple[int, bytes]:
-        kind, length = _PDU.unpack(self._recv_exact(6))
+        kind, length = PDU_HEADER.unpack(self._recv_exact(6))
         if length > MAX_RECV_PDU:
             self.abort()
             raise LinkLostError(f"PDU of {length} bytes from the peer")
@@ -469,7 +493,7 @@ class StoreLink:
         if not self.alive:
             return
         try:
-            self._sock.sendall(_RELEASE_RQ)
+            self._sock.sendall(RELEASE_RQ_PDU)
             while self.alive:
                 kind, _ = self._read_pdu()
                 if kind in (A_RELEASE_RP, A_ABORT, A_RELEASE_RQ):
@@ -483,7 +507,7 @@ class StoreLink:
         if self.alive:
             with contextlib.suppress(OSError):
                 self._sock.settimeout(min(1.0, self._timeout))
-                self._sock.sendall(_ABORT)
+                self._sock.sendall(ABORT_PDU)
         self._close()
 
     def _close(self) -> None:

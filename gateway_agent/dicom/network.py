@@ -33,6 +33,8 @@ from pynetdicom import evt, transport
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import A_RELEASE
 
+from .link import ABORT_PDU, RELEASE_RQ_PDU
+
 __all__ = [
     "EXPLICIT_VR_LE",
     "IMPLICIT_VR_LE",
@@ -239,10 +241,6 @@ def _shutdown_socket(self: transport.AssociationSocket) -> None:
 transport.AssociationSocket._shutdown_socket = _shutdown_socket  # type: ignore[method-assign]
 
 
-#: A-ABORT PDU: from the service user, no reason given (PS3.8 9.3.8).
-_A_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-
-
 def detach_socket(assoc: Any, timeout: float = 5.0) -> socket.socket:
     """Stop the two threads of an established requestor association; return its socket.
 
@@ -335,13 +333,9 @@ def _take_socket(assoc: Any, timeout: float) -> tuple[socket.socket, str]:
 def _abort_and_close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.settimeout(1.0)
-        sock.sendall(_A_ABORT)
+        sock.sendall(ABORT_PDU)
     with contextlib.suppress(OSError):
         sock.close()
-
-
-#: A-RELEASE-RQ PDU (PS3.8 9.3.6).
-_A_RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
 
 def _unread_pdus(held: list[Any], dul: Any) -> bytes:
@@ -356,9 +350,9 @@ def _unread_pdus(held: list[Any], dul: Any) -> bytes:
     while not dul.to_user_queue.empty():
         primitive = dul.to_user_queue.get_nowait()
         if isinstance(primitive, A_RELEASE):
-            out += _A_RELEASE_RQ
+            out += RELEASE_RQ_PDU
         else:  # A-ABORT, A-P-ABORT: the peer is gone
-            out += _A_ABORT
+            out += ABORT_PDU
     while not dul._recv_pdu.empty():
         out += dul._recv_pdu.get_nowait().encode()
     return bytes(out)

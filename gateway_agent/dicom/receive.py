@@ -32,7 +32,6 @@ import contextlib
 import io
 import os
 import socket
-import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -45,13 +44,22 @@ from .files import encode_file_meta
 from .link import (
     A_ABORT,
     A_RELEASE_RQ,
+    ABORT_PDU,
+    C_ECHO_RQ,
+    C_ECHO_RSP,
     C_STORE_RQ,
     C_STORE_RSP,
+    COMMAND_PDV,
+    LAST_PDV,
     NO_DATA_SET,
     P_DATA_TF,
+    PDATA_HEADER,
+    PDU_HEADER,
+    PDV_HEADER,
+    RELEASE_RP_PDU,
     LinkLostError,
     command_values,
-    implicit_element,
+    encode_response,
 )
 
 __all__ = ["READ_BYTES", "Receipt", "ReceiveLink"]
@@ -61,17 +69,7 @@ READ_BYTES = 256 << 10
 #: Longest command set accepted (a C-STORE-RQ's is about 200 bytes).
 MAX_COMMAND = 64 << 10
 
-C_ECHO_RQ = 0x0030
-C_ECHO_RSP = 0x8030
 
-_PDU = struct.Struct(">BxI")
-_PDV = struct.Struct(">IBB")
-_US = struct.Struct("<HHIH")
-_UL = struct.Struct("<HHII")
-_COMMAND = 0x01
-_LAST = 0x02
-_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 _PREAMBLE = b"\0" * 128 + b"DICM"
 
 
@@ -96,24 +94,6 @@ class Receipt:
 
 def _ui(raw: bytes) -> bytes:
     return raw + b"\0" if len(raw) % 2 else raw
-
-
-def encode_response(
-    command_field: int, sop_class: bytes, message_id: int, status: int, sop_instance: bytes = b""
-) -> bytes:
-    """The command set of a C-STORE-RSP or C-ECHO-RSP (PS3.7 9.3.1.2, 9.3.5.2), implicit VR
-    little endian, with its Command Group Length."""
-    body = b"".join(
-        (
-            implicit_element(0x00000002, sop_class),
-            _US.pack(0x0000, 0x0100, 2, command_field),
-            _US.pack(0x0000, 0x0120, 2, message_id),
-            _US.pack(0x0000, 0x0800, 2, NO_DATA_SET),
-            _US.pack(0x0000, 0x0900, 2, status),
-            implicit_element(0x00001000, sop_instance) if sop_instance else b"",
-        )
-    )
-    return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
 
 
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
@@ -206,7 +186,7 @@ class ReceiveLink:
         if self.alive:
             with contextlib.suppress(OSError):
                 self._sock.settimeout(1.0)
-                self._sock.sendall(_ABORT)
+                self._sock.sendall(ABORT_PDU)
         self._close()
 
     # -- messages -----------------------------------------------------------------------------
@@ -214,12 +194,12 @@ class ReceiveLink:
         command = bytearray()
         while True:
             context_id, control, n = self._pdv()
-            if not control & _COMMAND:
+            if not control & COMMAND_PDV:
                 raise self._protocol_error("a data set where a command was expected")
             if len(command) + n > MAX_COMMAND:
                 raise self._protocol_error("command set too long")
             command += self._read(n)
-            if control & _LAST:
+            if control & LAST_PDV:
                 break
         if context_id not in self._contexts:
             raise self._protocol_error("a request on a presentation context not accepted")
@@ -279,7 +259,7 @@ class ReceiveLink:
         view, size = self._view, len(self._buf)
         while True:
             cx, control, n = self._pdv()
-            if control & _COMMAND or cx != context_id:
+            if control & COMMAND_PDV or cx != context_id:
                 raise self._protocol_error("a command where a data set was expected")
             receipt.size += n
             while n:
@@ -289,7 +269,7 @@ class ReceiveLink:
                 self._read_into(view[fill : fill + k])
                 fill += k
                 n -= k
-            if control & _LAST:
+            if control & LAST_PDV:
                 return fill
 
     def _write(self, fd: int, fill: int, receipt: Receipt) -> int:
@@ -305,7 +285,7 @@ class ReceiveLink:
 
     def _respond(self, context_id: int, command: bytes) -> None:
         n = len(command)
-        pdu = struct.pack(">BxIIBB", P_DATA_TF, n + 6, n + 2, context_id, _COMMAND | _LAST)
+        pdu = PDATA_HEADER.pack(P_DATA_TF, n + 6, n + 2, context_id, COMMAND_PDV | LAST_PDV)
         try:
             self._sock.sendall(pdu + command)
         except OSError as exc:
@@ -316,13 +296,13 @@ class ReceiveLink:
     def _pdv(self) -> tuple[int, int, int]:
         """The next PDV's header: ``(context ID, control, bytes of its fragment)``."""
         while not self._pdu_left:
-            kind, length = _PDU.unpack(self._read(6))
+            kind, length = PDU_HEADER.unpack(self._read(6))
             if kind != P_DATA_TF:
                 self._other_pdu(kind)
             self._pdu_left = length
         if self._pdu_left < 6:
             raise self._protocol_error("malformed P-DATA-TF PDU")
-        length, context_id, control = _PDV.unpack(self._read(6))
+        length, context_id, control = PDV_HEADER.unpack(self._read(6))
         if length < 2 or length + 4 > self._pdu_left:
             raise self._protocol_error("malformed P-DATA-TF PDU")
         self._pdu_left -= length + 4
@@ -331,7 +311,7 @@ class ReceiveLink:
     def _other_pdu(self, kind: int) -> None:
         if kind == A_RELEASE_RQ:
             with contextlib.suppress(OSError):
-                self._sock.sendall(_RELEASE_RP)
+                self._sock.sendall(RELEASE_RP_PDU)
             self._close()
             raise LinkLostError("released")
         if kind == A_ABORT:
