@@ -76,9 +76,9 @@ _PREAMBLE = b"\0" * 128 + b"DICM"
 class Receipt:
     """One C-STORE-RQ received: what it said, and where its data set is.
 
-    ``path`` is the fsynced part-10 file in ``incoming`` (None when ``wanted()`` said no and
-    nothing was written); ``error`` the ``OSError`` that cut writing short (the file is then
-    incomplete); ``size`` the bytes of the data set.
+    ``error`` is the ``OSError`` that cut writing short (the file, if any, is incomplete);
+    without one, ``path`` is the fsynced part-10 file in ``incoming``, or None when ``wanted()``
+    said no and nothing was written. ``size``: the bytes of the data set.
     """
 
     __slots__ = ("error", "path", "size", "sop_class", "sop_instance", "transfer_syntax")
@@ -96,13 +96,14 @@ def _ui(raw: bytes) -> bytes:
     return raw + b"\0" if len(raw) % 2 else raw
 
 
-def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
-    """Preamble, ``DICM`` and the file meta group of a received instance."""
+def file_meta(sop_class: bytes, sop_instance: bytes, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the file meta group of a received instance (the UIDs as the
+    C-STORE-RQ gave them)."""
     return _PREAMBLE + encode_file_meta(
         [
             Element(0x00020001, "OB", b"\x00\x01"),
-            Element(0x00020002, "UI", _ui(sop_class.encode("ascii"))),
-            Element(0x00020003, "UI", _ui(sop_instance.encode("ascii"))),
+            Element(0x00020002, "UI", _ui(sop_class)),
+            Element(0x00020003, "UI", _ui(sop_instance)),
             Element(0x00020010, "UI", _ui(transfer_syntax.encode("ascii"))),
             Element(0x00020012, "UI", _ui(str(PYNETDICOM_IMPLEMENTATION_UID).encode())),
             Element(0x00020013, "SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode().ljust(16)[:16]),
@@ -217,20 +218,25 @@ class ReceiveLink:
         message_id = int.from_bytes(values.get(0x0110, b"\0\0"), "little")
         if values.get(0x0800) == NO_DATA_SET.to_bytes(2, "little"):
             raise self._protocol_error("a C-STORE-RQ without a data set")
+        class_uid, instance_uid = sop_class.rstrip(b"\0 "), sop_instance.rstrip(b"\0 ")
         receipt = Receipt(
-            sop_class.rstrip(b"\0 ").decode("ascii", "replace"),
-            sop_instance.rstrip(b"\0 ").decode("ascii", "replace"),
+            class_uid.decode("ascii", "replace"),
+            instance_uid.decode("ascii", "replace"),
             self._contexts[context_id][1],
         )
         fd = -1
         fill = 0
         if wanted():
-            fd, name = tempfile.mkstemp(prefix=".recv-", suffix=".dcm", dir=self._incoming)
-            self._partial = name
-            receipt.path = Path(name)
-            head = file_meta(receipt.sop_class, receipt.sop_instance, receipt.transfer_syntax)
-            fill = len(head)
-            self._buf[:fill] = head
+            try:
+                fd, name = tempfile.mkstemp(prefix=".recv-", suffix=".dcm", dir=self._incoming)
+            except OSError as exc:
+                receipt.error = exc  # the data set is read and dropped
+            else:
+                self._partial = name
+                receipt.path = Path(name)
+                head = file_meta(class_uid, instance_uid, receipt.transfer_syntax)
+                fill = len(head)
+                self._buf[:fill] = head
         try:
             fill = self._data_set(context_id, fd, fill, receipt)
             self._write(fd, fill, receipt)

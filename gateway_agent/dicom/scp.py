@@ -13,9 +13,9 @@ syntax pynetdicom knows, C-ECHO) and writes each received data set, as the peer 
 When ``accept()`` says no as a C-STORE-RQ arrives (the disk guard paused intake: its data set
 is read and dropped), or writing failed (disk full, I/O error), the response is 0xA700
 (refused: out of resources) and nothing is kept: the modality keeps the instance and sends it
-again later. The ``source`` of an instance is the calling AE
-title of its association; its folder name is that title percent-encoded (``ae-CT%201``), so
-:func:`source_of` gives it back from the path. File names carry no PHI (time and a counter).
+again later. The ``source`` of an instance is the calling AE title of its association; its
+folder name is that title percent-encoded (``ae-CT%201``), so :func:`source_of` gives it back
+from the path. File names carry no PHI (time and a counter).
 
 Calling AE titles outside ``allowed_calling_aes`` (when given) are rejected at association
 (A-ASSOCIATE-RJ, "calling AE title not recognised"), as are called AE titles other than ours and
@@ -249,11 +249,11 @@ class StoreSCP:
             return True  # a broken gate must not refuse everything; the write will tell
 
     def _store(self, receipt: Receipt, calling: str) -> int:
-        if receipt.path is None:
-            self._emit("refused", calling, "intake_paused")
-            return OUT_OF_RESOURCES
         if receipt.error is not None:
             self._emit("refused", calling, f"write_failed: {_errno_name(receipt.error)}")
+            return OUT_OF_RESOURCES
+        if receipt.path is None:
+            self._emit("refused", calling, "intake_paused")
             return OUT_OF_RESOURCES
         try:
             path = self._keep(receipt.path, calling)
