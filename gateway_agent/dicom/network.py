@@ -290,7 +290,10 @@ def detach_accepted(assoc: Any, timeout: float = 5.0) -> tuple[socket.socket, by
 
     Called from an ``EVT_ESTABLISHED`` handler, in the association's thread, on an
     association :func:`hold_data` was applied to. It first waits for the DUL thread to have
-    sent the A-ASSOCIATE-AC. Same internals and ``RuntimeError`` as :func:`detach_socket`.
+    sent the A-ASSOCIATE-AC. Same internals and ``RuntimeError`` as :func:`detach_socket`, and
+    two more: the DUL's ``state_machine.current_state`` and ``_recv_pdu`` queue, and its state
+    machine handing P-DATA to ``assoc.dimse.receive_primitive`` (``tests/dicomnet/test_scp.py``
+    checks them).
     """
     held = assoc.dimse.receive_primitive
     if not isinstance(held, _Held):
