@@ -48,6 +48,10 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -55,6 +59,7 @@ from benchmarks._agent import AgentProcess, wait  # noqa: E402
 from gateway_agent.config import DeidSettings  # noqa: E402
 from gateway_agent.deid import Deidentifier, DeidOptions, load_or_create_secret  # noqa: E402
 from gateway_agent.dicom.files import read_file_meta  # noqa: E402
+from gateway_agent.dicom.network import detach_socket  # noqa: E402
 from gateway_agent.dicom.scp import StoreSCP, received_files  # noqa: E402
 from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreSCU  # noqa: E402
 from gateway_agent.synthetic import make_ct_series, write_series  # noqa: E402
@@ -72,6 +77,12 @@ def pid_cpu(pid: int | None) -> float:
     """CPU seconds of one process so far."""
     assert pid is not None, "the process has not started"
     return cpu_seconds([pid])
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process so far (all its threads)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def children_cpu() -> float:
@@ -310,6 +321,31 @@ def receive_listener_alone(src_dir: Path, work: Path, n: int) -> dict[str, float
     return {"seconds": wall, "machine": busy, "drain": 0.0}
 
 
+def idle_associations(work: Path, count: int = 3, seconds: float = 10.0) -> float:
+    """CPU of this process, in % of a core, while ``count`` associations to the listener
+    (:class:`StoreSCP`, in this process) stay open and idle; the requestors' own threads are
+    stopped first, so only the listener's side is counted."""
+    scp = StoreSCP(work / "idle-spool", ae_title=UNIT, host="127.0.0.1", port=0, timeout=120)
+    scp.start()
+    socks = []
+    try:
+        for i in range(count):
+            ae = AE(ae_title=f"IDLE{i}")
+            ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title=UNIT)
+            assert assoc.is_established
+            socks.append(detach_socket(assoc))
+        time.sleep(0.5)
+        cpu0, t0 = own_cpu(), time.perf_counter()
+        time.sleep(seconds)
+        cpu, wall = own_cpu() - cpu0, time.perf_counter() - t0
+    finally:
+        for sock in socks:
+            sock.close()
+        scp.stop()
+    return 100.0 * cpu / wall
+
+
 def receive_agent(src_dir: Path, work: Path, n: int) -> dict[str, float]:
     pacs = new_orthanc()
     port = free_port()
@@ -344,6 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--only", choices=["send", "receive"], default=None)
+    ap.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=10.0,
+        help="how long the listener's CPU is measured with idle associations open",
+    )
     args = ap.parse_args(argv)
 
     base = args.workdir or Path(tempfile.mkdtemp(prefix="bench-dicom-"))
@@ -455,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"| {name} | {rate:.1f} | {rate / rate_s:.2f} x "
                     f"| {1000 * med(rows, 'machine') / n:.2f} | {drain} |"
                 )
+            idle = idle_associations(work / "scratch", seconds=args.idle_seconds)
+            print(f"\nListener with 3 idle associations open: {idle:.3f} % of a core\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if args.workdir is None:

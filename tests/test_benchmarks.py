@@ -171,7 +171,7 @@ def test_bench_dicom_send_and_receive(tmp_path: Path) -> None:
     require(dcmtk_available(), "dcmtk (storescp, storescu)")
     out = _run(
         "bench_dicom.py", "--files", "20", "--size", "64", "--pairs", "1",
-        "--workdir", str(tmp_path),
+        "--idle-seconds", "1", "--workdir", str(tmp_path),
     )  # fmt: skip
     ours = _row(out, "gateway-agent (inbox -> de-id -> outbox -> C-STORE)")
     assert float(ours[1]) > 0 and ours[2].endswith("x"), ours
@@ -182,6 +182,7 @@ def test_bench_dicom_send_and_receive(tmp_path: Path) -> None:
     assert float(listener[1]) > 0 and listener[4].endswith(" s"), listener
     assert float(_row(out, "storescp + fsync (sync -d per file)")[1]) > 0
     assert float(_row(out, "agent's listener alone (fsync + rename, nothing forwarded)")[1]) > 0
+    assert "Listener with 3 idle associations open: " in out
     assert not list(tmp_path.iterdir()), "the run's files must be removed"
 
 
