@@ -6,9 +6,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
-import shutil
 import ssl
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ from gateway_agent.agent.upload.destinations.dicomweb import (
 from gateway_agent.agent.upload.destinations.folder import FolderDestination
 from gateway_agent.config import DestinationSettings, load_settings
 from tests._orthanc import OrthancServer, start_orthanc
+from tests._tls import self_signed
 
 from ._uploadkit import add_files, make_files
 
@@ -423,17 +422,7 @@ def test_redirect_to_another_host_never_carries_credentials(rows: list[OutboxRow
 
 @pytest.fixture(scope="module")
 def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not available")
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 def test_tls_verified_by_default_and_ca_bundle_accepted(

@@ -22,9 +22,12 @@ from pynetdicom import AE
 from gateway_agent.dicom import network
 from gateway_agent.dicom import scp as scp_module
 from gateway_agent.dicom.link import encode_find_rq, encode_store_rq
+from gateway_agent.dicom.network import Outcome, client_ssl_context, server_ssl_context
 from gateway_agent.dicom.scp import INCOMING_DIR, ListenerEvent, StoreSCP, received_files, source_of
+from gateway_agent.dicom.scu import StoreItem, StoreSCU
 from gateway_agent.synthetic import make_ct_series, write_series
 from tests._dcmtk import Storescp, echoscu, send_ct, storescu
+from tests._tls import self_signed
 from tests.agent._uploadkit import wait_for
 from tests.conftest import require
 
@@ -256,3 +259,20 @@ def test_large_instance_is_received_in_bounded_memory(
     assert kept.stat().st_size >= path.stat().st_size - 1024
     # One read buffer and one write buffer of 256 KiB for the association.
     assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB for a 64 MiB instance"
+
+
+def test_tls_listener_receives_from_a_verifying_sender(
+    listen: type[Listener], tmp_path: Path, series: list[Path]
+) -> None:
+    cert, key = self_signed(tmp_path)
+    lst = listen(ssl_context=server_ssl_context(cert, key))
+    scu = StoreSCU(
+        "127.0.0.1", lst.scp.port, "EDGE01", "CT1", ssl_context=client_ssl_context(ca_file=cert)
+    )
+    try:
+        results = scu.send([StoreItem(i, p, CT) for i, p in enumerate(series)])
+    finally:
+        scu.close()
+    assert [r.outcome for r in results] == [Outcome.SUCCESS] * len(series)
+    kept = {pydicom.dcmread(p).SOPInstanceUID for p in received_files(lst.scp.spool)}
+    assert kept == {pydicom.dcmread(p).SOPInstanceUID for p in series}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 import tracemalloc
 from pathlib import Path
@@ -26,7 +24,7 @@ from gateway_agent.dicom.scu import AssociationError, StoreItem, StoreResult, St
 from gateway_agent.synthetic import make_ct_series, write_series
 from tests._dcmtk import Storescp, write_profile
 from tests._orthanc import OrthancServer, free_port
-from tests.conftest import require
+from tests._tls import self_signed
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -284,25 +282,10 @@ def test_large_instance_is_streamed_in_bounded_memory(
 
 
 # -- DICOM TLS ----------------------------------------------------------------------------------
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    require(shutil.which("openssl") is not None, "openssl")
-    cert, key = directory / "peer.crt", directory / "peer.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-            "-addext", "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 def test_tls_peer_verified_with_its_ca(
     storescp: type[Storescp], tmp_path: Path, series: list[Path]
 ) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     with storescp(tmp_path / "out", args=["+tls", str(key), str(cert), "-ic"]) as scp:
         ok = StoreSCU(
             "127.0.0.1",

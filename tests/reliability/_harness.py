@@ -28,7 +28,6 @@ __all__ = [
     "Recorder",
     "free_port",
     "http_server",
-    "make_self_signed",
     "phi_hits",
     "reached",
     "scan_names",
@@ -412,22 +411,6 @@ def http_server(
         server.shutdown()
         server.server_close()
         thread.join(5)
-
-
-def make_self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
-    """A self-signed certificate for ``host`` (IP SAN) made with ``openssl``; ``(cert, key)``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    cert, key = directory / "server.crt", directory / "server.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={host}",
-            "-addext", f"subjectAltName=IP:{host}",
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 # --------------------------------------------------------------------------- one agent run

@@ -23,8 +23,9 @@ from gateway_agent.agent.outbox.db import OutboxRow
 from gateway_agent.agent.upload.destinations import destination_from_settings
 from gateway_agent.config import DestinationSettings
 from gateway_agent.synthetic import make_ct_slice
+from tests._tls import self_signed
 
-from ._harness import http_server, make_self_signed, record_figures, wait_until
+from ._harness import http_server, record_figures, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -74,7 +75,7 @@ def _loopback_alias_works(host: str) -> bool:
 
 
 def test_tls_self_signed_refused_by_default_then_accepted_with_ca_bundle(tmp_path: Path) -> None:
-    cert, key = make_self_signed(tmp_path / "tls")
+    cert, key = self_signed(tmp_path / "tls")
     row = _row(tmp_path)
     with http_server(tls=(cert, key)) as (url, rec), capture_logs() as logs:
         base = url + "/dicom-web"
@@ -114,7 +115,7 @@ def test_tls_self_signed_refused_by_default_then_accepted_with_ca_bundle(tmp_pat
 def test_tls_certificate_for_another_host_refused_even_with_ca(tmp_path: Path) -> None:
     if not _loopback_alias_works("127.0.0.2"):
         pytest.skip("127.0.0.2 is not routable here")
-    cert, key = make_self_signed(tmp_path / "tls", host="127.0.0.1")
+    cert, key = self_signed(tmp_path / "tls", host="127.0.0.1")
     with http_server("127.0.0.2", tls=(cert, key)) as (url, rec):
         dest = destination_from_settings(
             DestinationSettings(kind="dicomweb", url=url + "/dicom-web", ca_bundle=cert)
