@@ -130,21 +130,28 @@ def _uid(tag: int, value: str) -> bytes:
     return implicit_element(tag, value.encode("ascii"))
 
 
-def _request(sop_class: str, command_field: int, message_id: int, *more: bytes) -> bytes:
-    """A request command set, implicit VR little endian: Affected SOP Class UID, Command Field,
-    Message ID, Priority MEDIUM, a data set present, then the elements ``more`` (in ascending
-    order), after a correct Command Group Length."""
-    body = b"".join(
-        (
-            _uid(0x00000002, sop_class),
-            _US.pack(0x0000, 0x0100, 2, command_field),
-            _US.pack(0x0000, 0x0110, 2, message_id),
-            _US.pack(0x0000, 0x0700, 2, PRIORITY_MEDIUM),
-            _US.pack(0x0000, 0x0800, 2, DATA_SET_PRESENT),
-            *more,
-        )
-    )
+def _us(element: int, value: int) -> bytes:
+    return _US.pack(0x0000, element, 2, value)
+
+
+def _command_set(*elements: bytes) -> bytes:
+    """A command set (implicit VR little endian) of these elements, in ascending order, after
+    a correct Command Group Length."""
+    body = b"".join(elements)
     return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
+
+
+def _request(sop_class: str, command_field: int, message_id: int, *more: bytes) -> bytes:
+    """A request command set: Affected SOP Class UID, Command Field, Message ID, Priority
+    MEDIUM, a data set present, then the elements ``more`` (in ascending order)."""
+    return _command_set(
+        _uid(0x00000002, sop_class),
+        _us(0x0100, command_field),
+        _us(0x0110, message_id),
+        _us(0x0700, PRIORITY_MEDIUM),
+        _us(0x0800, DATA_SET_PRESENT),
+        *more,
+    )
 
 
 def encode_store_rq(sop_class: str, sop_instance: str, message_id: int) -> bytes:
@@ -162,18 +169,15 @@ def encode_response(
     command_field: int, sop_class: bytes, message_id: int, status: int, sop_instance: bytes = b""
 ) -> bytes:
     """The command set of a C-STORE-RSP or C-ECHO-RSP (PS3.7 9.3.1.2, 9.3.5.2), implicit VR
-    little endian, with its Command Group Length."""
-    body = b"".join(
-        (
-            implicit_element(0x00000002, sop_class),
-            _US.pack(0x0000, 0x0100, 2, command_field),
-            _US.pack(0x0000, 0x0120, 2, message_id),
-            _US.pack(0x0000, 0x0800, 2, NO_DATA_SET),
-            _US.pack(0x0000, 0x0900, 2, status),
-            implicit_element(0x00001000, sop_instance) if sop_instance else b"",
-        )
+    little endian; the Affected SOP Instance UID only when ``sop_instance`` is given."""
+    return _command_set(
+        implicit_element(0x00000002, sop_class),
+        _us(0x0100, command_field),
+        _us(0x0120, message_id),
+        _us(0x0800, NO_DATA_SET),
+        _us(0x0900, status),
+        *([implicit_element(0x00001000, sop_instance)] if sop_instance else []),
     )
-    return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
 
 
 def command_values(command: bytes | bytearray) -> dict[int, bytes]:

@@ -6,7 +6,6 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pynetdicom
 import pytest
@@ -237,14 +236,9 @@ def test_idle_association_is_released(
 # -- memory: a large instance to a peer that accepts PDUs of any length -----------------------
 @pytest.mark.slow
 def test_large_instance_is_streamed_in_bounded_memory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    big_ct: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    frames, rows, cols = 512, 256, 256  # 64 MiB of pixel data
-    ds = make_ct_series(1, rows=rows, cols=cols)[0]
-    ds.NumberOfFrames = frames
-    ds.PixelData = np.zeros((frames, rows, cols), dtype=np.uint16).tobytes()
-    path = tmp_path / "big.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    path = big_ct
     size = path.stat().st_size
 
     received: list[int] = []
