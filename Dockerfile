@@ -47,7 +47,8 @@ COPY gateway_agent ./gateway_agent
 #   use (PP-OCR recogniser and classifier, Tesseract's script detection);
 # - numpy's Fortran and distutils build helpers; matplotlib's Tk, Qt-editor and web-backend parts,
 #   toolbar icons, sample data and PostScript/PDF core fonts; fontTools except the glyph-name table matplotlib imports
-#   (font subsetting serves PDF/PS output; the agent writes PNG and JPEG); Pillow's AVIF codec.
+#   (font subsetting serves PDF/PS output; the agent writes PNG and JPEG); Pillow's AVIF codec;
+#   pydicom's code dictionaries for writing Structured Reports (pydicom.sr: the agent writes none).
 # The check at the end fails the build when a trimmed part turns out to be needed.
 RUN uv sync --frozen --no-dev --no-editable \
         --no-install-package pip --no-install-package protobuf --no-install-package flatbuffers \
@@ -72,7 +73,7 @@ RUN uv sync --frozen --no-dev --no-editable \
         "$site"/matplotlib/backends/web_backend "$site"/matplotlib/mpl-data/images \
         "$site"/matplotlib/mpl-data/sample_data "$site"/matplotlib/mpl-data/fonts/afm \
         "$site"/matplotlib/mpl-data/fonts/pdfcorefonts \
-        "$site"/PIL/_avif.*.so "$site"/pillow.libs/libavif-*.so* \
+        "$site"/PIL/_avif.*.so "$site"/pillow.libs/libavif-*.so* "$site"/pydicom/sr \
     && /opt/gateway-agent/bin/python -m compileall -q -j 0 \
         --invalidation-mode unchecked-hash /opt/gateway-agent/lib \
     && /opt/gateway-agent/bin/gateway-agent --help > /dev/null \
