@@ -49,7 +49,8 @@ COPY gateway_agent ./gateway_agent
 #   toolbar icons, sample data and PostScript/PDF core fonts; fontTools except the glyph-name table matplotlib imports
 #   (font subsetting serves PDF/PS output; the agent writes PNG and JPEG); Pillow's AVIF codec;
 #   pydicom's code dictionaries for writing Structured Reports (pydicom.sr: the agent writes none).
-# The check at the end fails the build when a trimmed part turns out to be needed.
+# The check at the end (imports, a plot saved, the boto3 clients made, the text detector's model
+# loaded) fails the build when a trimmed part turns out to be needed.
 RUN uv sync --frozen --no-dev --no-editable \
         --no-install-package pip --no-install-package protobuf --no-install-package flatbuffers \
     && site=$(/opt/gateway-agent/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
@@ -82,7 +83,9 @@ RUN uv sync --frozen --no-dev --no-editable \
         import matplotlib.pyplot as plt; fig = plt.figure(); fig.gca().set_title(r"$\sigma$ (HU)"); \
         fig.savefig("/tmp/check.png"); fig.savefig("/tmp/check.jpg"); \
         s = boto3.session.Session(aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"); \
-        [s.client(name) for name in ("s3", "sts", "sso", "sso-oidc", "signin")]' \
+        [s.client(name) for name in ("s3", "sts", "sso", "sso-oidc", "signin")]; \
+        import sys; onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])' \
+        "$site"/rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx \
     && rm -rf /tmp/mpl /tmp/check.png /tmp/check.jpg
 
 # ---- runtime: the slim base, one layer with the virtual environment, and nothing else -------
