@@ -37,6 +37,8 @@ from gateway_agent.synthetic_pixels import (
 SECRET = b"screens-test-secret-0123456789abcdef"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+XA_IMAGE = "1.2.840.10008.5.1.4.1.1.12.1"
+ENHANCED_XRF = "1.2.840.10008.5.1.4.1.1.12.2.1"
 RDSR = "1.2.840.10008.5.1.4.1.1.88.67"
 
 
@@ -64,6 +66,8 @@ def _top(**attrs: str) -> dict[int, Element]:
 
 
 _CT = {"SOPClassUID": CT_IMAGE, "Modality": "CT", "Rows": "512", "Columns": "512"}
+_XA = {"SOPClassUID": XA_IMAGE, "Modality": "XA"}
+_PRIMARY = {"ImageType": "ORIGINAL\\PRIMARY\\AXIAL"}
 
 
 @pytest.mark.parametrize(
@@ -110,6 +114,49 @@ _CT = {"SOPClassUID": CT_IMAGE, "Modality": "CT", "Rows": "512", "Columns": "512
             },
             'device signature "Toshiba Aquilion One CT Dose Series"',
         ),
+        # the SC Equipment module in an image class: a secondary capture
+        ({**_PRIMARY, "ConversionType": "WSD"}, "ConversionType WSD without BurnedInAnnotation NO"),
+        ({"ConversionType": "SI"}, "ConversionType SI without BurnedInAnnotation NO"),
+        (
+            {"ConversionType": "DOE JOHN"},  # not a defined term: not shown
+            "ConversionType (not a defined term) without BurnedInAnnotation NO",
+        ),
+        # screen saves and dose pages named only by their series, whatever BurnedInAnnotation
+        ({**_PRIMARY, "SeriesDescription": "Screen Save"}, 'SeriesDescription "SCREEN SAVE"'),
+        (
+            {**_PRIMARY, "SeriesDescription": "SCREENSAVE", "BurnedInAnnotation": "NO"},
+            'SeriesDescription "SCREEN SAVE"',
+        ),
+        (
+            {**_PRIMARY, "SeriesDescription": "screen_capture  2"},
+            'SeriesDescription "SCREEN CAPTURE"',
+        ),
+        ({**_PRIMARY, "SeriesDescription": "DOSE_INFO"}, 'SeriesDescription "DOSE INFO"'),
+        (
+            {**_PRIMARY, "SeriesDescription": "Patient Protocol", "Manufacturer": "SIEMENS"},
+            'SeriesDescription "PATIENT PROTOCOL"',
+        ),
+        (  # the raw description (here with a name in it) never reaches the detail
+            {**_PRIMARY, "SeriesDescription": "Screen Save DOE^JOHN 19450317"},
+            'SeriesDescription "SCREEN SAVE"',
+        ),
+        # derived and secondary X-ray angiography and fluoroscopy images
+        (
+            {**_XA, "ImageType": "DERIVED\\PRIMARY\\SINGLE PLANE"},
+            "XA ImageType DERIVED without BurnedInAnnotation NO",
+        ),
+        (
+            {**_XA, "ImageType": "DERIVED\\SECONDARY"},
+            "XA ImageType DERIVED\\SECONDARY without BurnedInAnnotation NO",
+        ),
+        (
+            {"Modality": "RF", "SOPClassUID": ENHANCED_XRF, "ImageType": "ORIGINAL\\SECONDARY"},
+            "RF ImageType SECONDARY without BurnedInAnnotation NO",
+        ),
+        (  # by modality alone (a secondary capture class is at risk by its class already)
+            {"Modality": "RF", "ImageType": "DERIVED\\PRIMARY", "BurnedInAnnotation": ""},
+            "RF ImageType DERIVED without BurnedInAnnotation NO",
+        ),
     ],
 )
 def test_screen_saves_and_signatures_are_at_risk_and_cleanable(
@@ -131,6 +178,20 @@ def test_screen_saves_and_signatures_are_at_risk_and_cleanable(
             "WindowWidth": "400\\1500",
         },
         {"ImageType": "ORIGINAL\\PRIMARY\\AXIAL", "Manufacturer": "Philips"},
+        # the device states there is no burned-in text: accepted for these three rules
+        {**_PRIMARY, "ConversionType": "WSD", "BurnedInAnnotation": "NO"},
+        {**_XA, "ImageType": "DERIVED\\SECONDARY", "BurnedInAnnotation": "NO"},
+        # an XA / RF acquisition (ORIGINAL\\PRIMARY) stays header-only (see deidentification.md)
+        {**_XA, "ImageType": "ORIGINAL\\PRIMARY\\SINGLE PLANE"},
+        {"Modality": "RF", "SOPClassUID": ENHANCED_XRF, "ImageType": "ORIGINAL\\PRIMARY"},
+        {"ImageType": "DERIVED\\SECONDARY\\MPR", "Modality": "CT"},  # not XA / RF
+        # "dose" or "screen" as a word of an ordinary series or protocol is not a screen save
+        {**_PRIMARY, "SeriesDescription": "Low dose CT chest"},
+        {**_PRIMARY, "SeriesDescription": "CHEST_LOW_DOSE 1.25mm"},
+        {**_PRIMARY, "SeriesDescription": "Lung screening"},
+        {**_PRIMARY, "SeriesDescription": "Screen"},
+        {**_PRIMARY, "SeriesDescription": "DoseReduction Info"},
+        {**_PRIMARY, "ProtocolName": "LOW DOSE REPORT PROTOCOL", "SeriesDescription": "Axial"},
         # a dose structured report in the "Dose Report" series has no pixels (no Rows)
         {"SOPClassUID": RDSR, "Modality": "SR", "Rows": "", "SeriesDescription": "Dose Report"},
     ],
@@ -140,6 +201,23 @@ def test_ordinary_objects_are_not_at_risk(attrs: dict[str, str]) -> None:
     if not values["Rows"]:
         del values["Rows"], values["Columns"]
     assert header_risk(_top(**values), None) is None
+
+
+def test_memo_key_holds_every_attribute_the_rules_read() -> None:
+    """Two headers equal but for SeriesDescription (or ConversionType) get their own answers:
+    the memo, keyed by HEADER_TAGS, does not give one series the answer of the other."""
+    assert {0x0008103E, 0x00080064} <= HEADER_TAGS
+    plain = _top(**_CT, **_PRIMARY, SeriesDescription="Axial 5mm", BurnedInAnnotation="NO")
+    screen = _top(**_CT, **_PRIMARY, SeriesDescription="Screen Save", BurnedInAnnotation="NO")
+    for first, second in ((plain, screen), (screen, plain)):
+        assert header_risk(first, None) != header_risk(second, None)
+        assert header_risk(first, None) != header_risk(second, None)  # both answers memoised
+    assert header_risk(screen, None) == (True, 'SeriesDescription "SCREEN SAVE"')
+    bare = _top(**_CT, **_PRIMARY)
+    captured = _top(**_CT, **_PRIMARY, ConversionType="WSD")
+    assert header_risk(bare, None) is None
+    assert header_risk(captured, None) == (True, "ConversionType WSD without BurnedInAnnotation NO")
+    assert header_risk(bare, None) is None
 
 
 def test_photographs_stay_uncleanable() -> None:
@@ -282,6 +360,78 @@ def test_ct_dose_screen_quarantine_and_allow(tmp_path: Path) -> None:
     allowed = _deid("allow").deidentify_file(src, tmp_path / "out")
     assert allowed.audit["burned_in_allowed"] is True and "pixels" not in allowed.audit
     assert pydicom.dcmread(allowed.path).PixelData == obj.dataset.PixelData
+
+
+def _workstation_capture(tmp_path: Path) -> tuple[SyntheticObject, Path, str]:
+    """A workstation's screen grab stored as a CT image: ConversionType WSD, ORIGINAL\\PRIMARY,
+    no BurnedInAnnotation."""
+    obj, src = dose_screen(
+        tmp_path,
+        seed=35,
+        ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
+        SeriesDescription="Summary",
+        Manufacturer="ACME Medical",
+        ConversionType="WSD",
+    )
+    del obj.dataset.BurnedInAnnotation
+    write_object(obj, src)
+    return obj, src, "ConversionType WSD without BurnedInAnnotation NO"
+
+
+def _series_screen_save(tmp_path: Path) -> tuple[SyntheticObject, Path, str]:
+    """A console's screen save named only by its series (with a name in it), stated NO."""
+    obj, src = dose_screen(
+        tmp_path, seed=36, ImageType=["ORIGINAL", "PRIMARY", "AXIAL"], Manufacturer="ACME Medical"
+    )
+    obj.dataset.SeriesDescription = f"Screen_Save {obj.identity.family}"
+    write_object(obj, src)
+    return obj, src, 'SeriesDescription "SCREEN SAVE"'
+
+
+def _xa_reference(tmp_path: Path) -> tuple[SyntheticObject, Path, str]:
+    """A derived XA reference frame (8-bit, the console's text on it), no BurnedInAnnotation."""
+    obj = make_object(
+        FrameSpec(seed=37, kind="screen", rows=512, cols=512, rgb=False), sop_class=XA_IMAGE
+    )
+    obj.dataset.Modality = "XA"
+    obj.dataset.ImageType = ["DERIVED", "PRIMARY", "SINGLE PLANE"]
+    obj.dataset.Manufacturer = "ACME Angio"
+    src = write_object(obj, tmp_path / "in" / "xa37.dcm")
+    return obj, src, "XA ImageType DERIVED without BurnedInAnnotation NO"
+
+
+@pytest.mark.parametrize("build", [_workstation_capture, _series_screen_save, _xa_reference])
+def test_rules_through_the_engine_and_the_preview(
+    tmp_path: Path, build: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each rule on a real file: quarantined under "quarantine" with the rule as detail,
+    cleaned and verified under "clean", named by ``gateway-agent pixels``; no identity in
+    the detail or the output."""
+    from gateway_agent.cli import main
+
+    obj, src, detail = build(tmp_path)
+    identity = (obj.identity.family, obj.identity.patient_id, obj.identity.accession)
+    with pytest.raises(DeidError) as info:
+        _deid("quarantine").deidentify_file(src, tmp_path / "out")
+    assert (info.value.reason, info.value.detail) == ("burned_in_annotation", detail)
+    assert not any(value in str(info.value) for value in identity)
+
+    result = _deid("clean").deidentify_file(src, tmp_path / "out")
+    pixels = result.audit["pixels"]
+    assert pixels["cleaned"] is True and pixels["verified"] is True and pixels["regions"] > 0
+    ds = pydicom.dcmread(result.path)
+    assert ds.BurnedInAnnotation == "NO"
+    image = ds.pixel_array
+    phi = [line for line in obj.frames[0].lines if line.phi and line.ink.any()]
+    assert phi
+    for line in phi:
+        x0, y0, x1, y1 = line.box
+        assert (image[y0:y1, x0:x1][line.ink] == 0).mean() >= 0.99, line.kind
+
+    assert main(["pixels", str(src), "-o", str(tmp_path / "preview.png")]) == 0
+    out = capsys.readouterr().out
+    assert f"burned-in policy: at risk ({detail})" in out
+    assert not any(value in out or value.title() in out for value in identity)
 
 
 @pytest.mark.parametrize(
