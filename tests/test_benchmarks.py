@@ -162,6 +162,12 @@ def test_bench_metrics() -> None:
     assert int(_row(out, "5")[5]) > int(_row(out, "0")[5])  # samples grow with the scanners
 
 
+def test_bench_policy() -> None:
+    out = _run("bench_policy.py", "--slices", "4", "--repeat", "1")
+    cells = _row(out, "GE MEDICAL SYSTEMS Revolution CT")
+    assert all(float(c) > 0 for c in cells[1:5]) and cells[5].endswith("x"), cells
+
+
 @pytest.mark.slow
 @pytest.mark.orthanc
 def test_bench_dicom_send_and_receive(tmp_path: Path) -> None:
