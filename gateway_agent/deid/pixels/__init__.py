@@ -14,25 +14,33 @@ from __future__ import annotations
 from .policy import (
     CLEANABLE_MODALITIES,
     CLEANABLE_SOP_CLASSES,
+    CONVERSION_TYPES,
     HEADER_TAGS,
     RISKY_MODALITIES,
     RISKY_SOP_CLASSES,
     SCREEN_IMAGE_TYPES,
+    SCREEN_SERIES_DESCRIPTIONS,
+    XRAY_SOP_CLASSES,
     burned_in_risk,
     header_risk,
     pixel_risk,
     screen_image_type,
+    screen_series_description,
 )
 
 __all__ = [
     "CLEANABLE_MODALITIES",
     "CLEANABLE_SOP_CLASSES",
+    "CONVERSION_TYPES",
     "HEADER_TAGS",
     "RISKY_MODALITIES",
     "RISKY_SOP_CLASSES",
     "SCREEN_IMAGE_TYPES",
+    "SCREEN_SERIES_DESCRIPTIONS",
+    "XRAY_SOP_CLASSES",
     "burned_in_risk",
     "header_risk",
     "pixel_risk",
     "screen_image_type",
+    "screen_series_description",
 ]
