@@ -315,8 +315,9 @@ def header_risk(top: Mapping[int, Element], codec: str | None) -> tuple[bool, st
     """:func:`pixel_risk` of a data set from its top-level elements (tag to element, at least
     those of :data:`HEADER_TAGS` present): the one rule every path applies.
 
-    The ImageType and signature rules apply to images only (Rows present): a dose structured
-    report in a "Dose Report" series carries no pixels to clean.
+    The ImageType, signature, SeriesDescription, ConversionType and XA/RF rules apply to images
+    only (Rows present): a dose structured report in a "Dose Report" series carries no pixels
+    to clean.
     """
     key = (codec, *[None if el is None else el.value for el in map(top.get, _KEY_TAGS)])
     try:
