@@ -106,10 +106,11 @@ class DeidSettings(_Section):
     bitmaps only with burned_in = "allow")."""
     burned_in: Literal["clean", "quarantine", "allow"] = "clean"
     """Images whose pixels may show patient data (BurnedInAnnotation YES, ultrasound, secondary
-    captures, photos, documents): "clean" paints burned-in text out of ultrasound, secondary
-    captures and images stating BurnedInAnnotation YES, verifies that no identity is readable and
-    quarantines what cannot be verified (photos and documents stay quarantined); "quarantine" holds
-    them all back; "allow" sends them as they are."""
+    captures and screen grabs, dose screens and screen saves, derived X-ray angiography and
+    fluoroscopy images, devices known to burn text in, photos, documents; the full list is in
+    docs/deidentification.md): "clean" paints burned-in text out of the images, verifies that no
+    identity is readable and quarantines what cannot be verified (photos and documents stay
+    quarantined); "quarantine" holds them all back; "allow" sends them as they are."""
     station_name: str | None = Field(default=None, max_length=16)
     """StationName written into every output (at most 16 characters). Default: unit_name."""
     secret_file: Path | None = None

@@ -82,7 +82,7 @@ OPTION_COLUMNS: dict[str, tuple[str, str, str]] = {
     "clean_graphics": ("cleanGraphOpt", "113103", "Clean Graphics Option"),
 }
 
-#: When several enabled options name the same row, the first in this order wins (see deid.md):
+#: When several enabled options name the same row, the first in this order wins (see the docs):
 #: the date options decide every date; then the retain options (the user asked to keep that
 #: category); then the clean options.
 PRECEDENCE: tuple[str, ...] = (
@@ -391,7 +391,7 @@ def profile_for(options: DeidOptions) -> Profile:
             curve_op = SEQ_CLEAN if letter == "C" else REMOVE
         elif row.id == "60XX3000":
             # Overlay bitmaps cannot be cleaned without looking at them: "C" keeps them only
-            # when the operator accepted pixel content (burned_in = "allow"); see deid.md.
+            # when the operator accepted pixel content (burned_in = "allow").
             overlay_op = KEEP if letter == "C" and options.burned_in == "allow" else REMOVE
         elif row.id == "60XX4000":
             overlay_comment_op = SCRUB if letter == "C" else REMOVE

@@ -173,7 +173,7 @@ def burned_in_risk(
       field evidence that these devices burn identity in; devices write BurnedInAnnotation NO
       on such pages too.
     * Unless the device states BurnedInAnnotation = NO (the "proof otherwise" the policy
-      accepts, see deid.md): a risky modality or SOP class; an image with a ConversionType
+      accepts, see the docs): a risky modality or SOP class; an image with a ConversionType
       (the SC Equipment module: a secondary capture whatever its SOP class says); an X-ray
       angiography or fluoroscopy image (modality XA/RF or one of :data:`XRAY_SOP_CLASSES`)
       that is DERIVED (ImageType Value 1) or SECONDARY (Value 2): reference frames and
