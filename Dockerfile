@@ -28,11 +28,11 @@ ENV UV_COMPILE_BYTECODE=0 \
     UV_PROJECT_ENVIRONMENT=/opt/gateway-agent
 WORKDIR /src
 # Dependencies first (a cached layer while only the code changes), then the project itself.
-# Left out: pip (a dependency of sqlite-utils' own plugin installer), protobuf and flatbuffers
-# (declared by onnxruntime for its model-conversion tools): the agent never imports them.
+# Left out: protobuf and flatbuffers (declared by onnxruntime for its model-conversion tools):
+# the agent never imports them.
 COPY pyproject.toml uv.lock ./
 RUN uv sync --frozen --no-dev --no-install-project \
-        --no-install-package pip --no-install-package protobuf --no-install-package flatbuffers
+        --no-install-package protobuf --no-install-package flatbuffers
 COPY README.md ./
 COPY gateway_agent ./gateway_agent
 # Trim what never runs in the agent, then byte-compile once (hash-checked .pyc: valid whatever
@@ -52,7 +52,7 @@ COPY gateway_agent ./gateway_agent
 # The check at the end (imports, a plot saved, the boto3 clients made, the text detector's model
 # loaded) fails the build when a trimmed part turns out to be needed.
 RUN uv sync --frozen --no-dev --no-editable \
-        --no-install-package pip --no-install-package protobuf --no-install-package flatbuffers \
+        --no-install-package protobuf --no-install-package flatbuffers \
     && site=$(/opt/gateway-agent/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
     && find "$site" -depth -type d \( -name tests -o -path '*/pydicom/data/test_files' \) -exec rm -rf {} + \
     && find "$site" -depth -type d -name __pycache__ -exec rm -rf {} + \
