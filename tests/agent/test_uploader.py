@@ -113,6 +113,51 @@ def test_wake_picks_up_new_rows_without_polling(tmp_path: Path, outbox: Outbox) 
     assert not up.alive()
 
 
+class _HeldFolder(FolderDestination):
+    """A folder destination whose ``send`` waits until the test lets it go."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def send(self, items: Any) -> SendResult:
+        self.entered.set()
+        self.go.wait(30)
+        return super().send(items)
+
+
+def test_a_worker_whose_request_outlives_the_stop_ends_quietly_when_the_outbox_closed(
+    tmp_path: Path,
+) -> None:
+    """The agent's stop waits for a request until its deadline, releases the rows and closes
+    the outbox; when that request returns, its worker ends without a word (no error, no
+    traceback): the rows are sent again after the next start."""
+    outbox = Outbox(tmp_path / "outbox.db")
+    add_files(outbox, make_files(tmp_path / "files", 2))
+    dest = _HeldFolder(tmp_path / "d")
+    up = Uploader(outbox, dest, _settings(kind="folder", parallel_requests=1))
+    with capture_logs() as logs:
+        up.start()
+        try:
+            assert dest.entered.wait(30)
+            up.stop(time.monotonic() + 0.1)
+            (worker,) = up._threads  # still in its request
+            outbox.close()
+        finally:
+            dest.go.set()
+        worker.join(30)
+    assert not worker.is_alive()
+    loud = [e for e in logs if e["log_level"] in ("error", "critical", "exception")]
+    assert loud == [], loud
+    assert not [e for e in logs if "exc_info" in e], "a traceback was logged"
+    reopened = Outbox(tmp_path / "outbox.db")
+    try:
+        assert reopened.counts()["queued"] == 2  # released at the stop, sent after a restart
+    finally:
+        reopened.close()
+
+
 # -- real Orthanc --------------------------------------------------------------------------------
 @pytest.mark.orthanc
 def test_series_arrives_in_orthanc_and_duplicates_are_fine(

@@ -17,12 +17,13 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..._exceptions import GatewayError
 from ...logs import get_logger
 from ._sqlite import connect, query, transaction
 from .routing import DEFAULT_ROUTES, Route
@@ -41,6 +42,7 @@ __all__ = [
     "SOURCES",
     "STATES",
     "DestinationView",
+    "OutboxClosedError",
     "OutboxDB",
     "OutboxRow",
 ]
@@ -176,6 +178,11 @@ _OLDEST = (
 )
 
 
+class OutboxClosedError(GatewayError):
+    """The outbox was closed (the agent stopped): a thread that outlived the stop (a request
+    still running at its deadline) meets this on its next read or write, and ends."""
+
+
 def ids_param(ids: Sequence[int]) -> str:
     """A JSON array parameter for ``id in (select value from json_each(?))`` (no SQL building)."""
     return json.dumps([int(i) for i in ids])
@@ -248,6 +255,8 @@ class OutboxDB:
         self._conn = connect(self.db_path, read_only=read_only)
         self._first_id = 0
         self._counted = False
+        #: True once :meth:`close` ran.
+        self.closed = False
         try:
             with self._lock:
                 if read_only:
@@ -282,12 +291,24 @@ class OutboxDB:
                 "restart it (systemctl restart gateway-agent), then try again"
             )
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … commit, or rollback and re-raise; holds the connection lock."""
-        return transaction(self._conn, self._lock)
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … commit, or rollback and re-raise; holds the connection lock.
+
+        Raises :class:`OutboxClosedError` once the outbox is closed."""
+        with self._lock:
+            self._check_open()
+            with transaction(self._conn, self._lock) as c:
+                yield c
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return query(self._conn, self._lock, sql, params)
+        with self._lock:
+            self._check_open()
+            return query(self._conn, self._lock, sql, params)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise OutboxClosedError("the outbox is closed (the agent stopped)")
 
     # -- the wall clock -----------------------------------------------------------------------
     def now(self) -> float:
@@ -396,7 +417,9 @@ class OutboxDB:
         return None if first == "ok" else first[:200]
 
     def close(self) -> None:
+        """Close the database: every later read or write raises :class:`OutboxClosedError`."""
         with self._lock:
+            self.closed = True
             self._conn.close()
 
     def checkpoint(self) -> None:

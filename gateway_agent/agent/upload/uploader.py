@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from ...config import DestinationSettings
 from ...logs import get_logger
-from ..outbox.db import OutboxRow
+from ..outbox.db import OutboxClosedError, OutboxRow
 from ..outbox.store import DestinationQueue, Outbox
 from .destinations import Destination
 from .journal import RECORD_RETRY_MAX_SECONDS, Journal
@@ -200,6 +200,11 @@ class Uploader:
                     self._stopping.wait(backoff)
                     continue
                 handled, wait = self._step()
+            except OutboxClosedError:
+                # The agent stopped while this worker's request ran past the deadline: its rows
+                # were released (sent again after the next start); nothing is left to record.
+                log.debug("uploader_worker_ended", destination=self.name, reason="outbox_closed")
+                return
             except Exception:  # never let a worker die: log and back off a little
                 log.exception("uploader_step_failed", destination=self.name)
                 self._stopping.wait(1.0)
