@@ -37,7 +37,7 @@ _handle_error = logging.Handler.handleError
 _WORKER_PREFIXES = ("uploader-",)
 #: How long a leftover worker may take to end after its test's teardown (one in a request when
 #: its agent stopped ends when the request does).
-_WORKER_GRACE_SECONDS = 10.0
+_WORKER_GRACE_SECONDS = float(os.environ.get("GATEWAY_TEST_WORKER_GRACE_SECONDS", "10"))
 
 
 def _record_logging_error(self: logging.Handler, record: logging.LogRecord) -> None:
