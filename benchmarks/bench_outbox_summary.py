@@ -11,8 +11,8 @@ gone, the rest waiting for proof, queued, sending or dead. The per-destination s
 side with the same summary read by counting the rows (the statements of gateway-agent 0.2.0, on
 a copy of the outbox without the kept counts and their indexes, as 0.2.0 wrote it): in process
 (median of ``--repeat`` calls) and as ``GET /metrics`` over HTTP (the agent's real metrics
-server). ``/readyz`` reads the summary once per destination plus once. Both ways must give the
-same answers (checked).
+server). ``/readyz`` reads the summary once per destination. Both ways must give the same
+answers (checked).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ _NEWER = (
     "drop trigger deliveries_count_removed",
     "drop trigger deliveries_count_moved",
     "drop table delivery_counts",
-    "drop index deliveries_age",
+    "drop index deliveries_waiting",
     "drop index deliveries_kept",
 )
 
@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{report_ms / base:.4f}x" if base else "-"
         print(f"| {label} | {report_ms:.2f} | {ratio} | {scrape_ms:.2f} |")
     print(
-        f"\n/readyz reads the summary {len(names) + 1} times (once per destination, once for "
-        "the outbox check)."
+        f"\n/readyz reads the summary once per destination ({len(names)} here): "
+        f"{results[0][1] * len(names):.1f} ms rows counted, "
+        f"{results[1][1] * len(names):.2f} ms kept counts + indexes."
     )
     return 0
 

@@ -111,7 +111,7 @@ def test_an_outbox_of_an_earlier_build_gets_its_counts_at_the_next_open(
         "drop trigger deliveries_count_removed",
         "drop trigger deliveries_count_moved",
         "drop table delivery_counts",
-        "drop index deliveries_age",
+        "drop index deliveries_waiting",
         "drop index deliveries_kept",
     ):
         con.execute(ddl)

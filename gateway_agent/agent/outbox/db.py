@@ -167,12 +167,13 @@ _KEPT = (
     " join instances i on i.id = d.instance_id"
     " where d.destination = ? and d.state = 'sent' and d.confirmed {proof} and i.file_gone = 0"
 )
-#: When the oldest delivery still waiting at one destination was queued: queued, sending (an
-#: index seek each), or sent with its proof pending (``+``: read through ``deliveries_kept``,
-#: the few pending entries, rather than every sent delivery in the order it was queued).
+#: When the oldest delivery still waiting at one destination was queued: queued or sending (one
+#: seek in ``deliveries_waiting``, whose condition this one is, word for word), or sent with its
+#: proof pending (``+``: read through ``deliveries_kept``, the few pending entries, rather than
+#: every sent delivery in the order it was queued).
 _OLDEST = (
-    "select (select min(created_at) from deliveries where destination = ?1 and state = 'queued'),"  # noqa: S608 (constants)
-    " (select min(created_at) from deliveries where destination = ?1 and state = 'sending'),"
+    "select (select min(created_at) from deliveries"  # noqa: S608 (constants)
+    " where destination = ?1 and state in ('queued', 'sending')),"
     " (select min(+d.created_at) from deliveries d join instances i on i.id = d.instance_id"
     " where d.destination = ?1 and " + AWAITING_PROOF + ")"
 )

@@ -110,15 +110,18 @@ PROOF_INDEX = (
 )
 
 #: What the per-destination summary reads (``/metrics``, ``/readyz``, ``status``), so that it
-#: reads index entries of the few rows it reports on, not every delivery the retention keeps:
-#: ``deliveries_age`` the oldest queued or sending delivery (one index seek);
-#: ``deliveries_kept`` the sent deliveries by proof of storage (pending, unproven), with when
-#: they were sent and queued.
+#: reads index entries of the few rows it reports on, not every delivery the retention keeps.
+#: Both are partial: a delivery is in them only while it waits (``deliveries_waiting``: the
+#: oldest queued or sending, one index seek) or while it is sent with its storage not proven
+#: (``deliveries_kept``: pending or unproven, with when it was sent and queued).
 SUMMARY_INDEXES = (
-    "create index if not exists deliveries_age on deliveries (destination, state, created_at)",
+    "create index if not exists deliveries_waiting on deliveries (destination, created_at)"
+    " where state in ('queued', 'sending')",
     "create index if not exists deliveries_kept"
-    " on deliveries (destination, state, confirmed, sent_at, created_at)",
+    " on deliveries (destination, state, confirmed, sent_at, created_at)"
+    " where state = 'sent' and (confirmed is null or confirmed = 0)",
 )
+
 
 #: Each destination's deliveries by state (``/metrics``, ``/readyz`` and ``status`` read these
 #: few rows instead of counting every delivery the retention keeps).
