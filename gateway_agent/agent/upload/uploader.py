@@ -164,10 +164,15 @@ class Uploader:
         recognised too). Released rows go back to ``queued`` without penalty.
         """
         self._stopping.set()
-        self.wake()
         for t in self._threads:
-            now_ref = time.time() if deadline > 1e9 else time.monotonic()
-            t.join(timeout=max(0.0, deadline - now_ref))
+            while t.is_alive():
+                now_ref = time.time() if deadline > 1e9 else time.monotonic()
+                if deadline <= now_ref:
+                    break
+                # Woken again and again: a worker that was busy when the first wake came (and
+                # another one took it) would otherwise sleep its whole idle wait.
+                self.wake()
+                t.join(timeout=min(0.5, deadline - now_ref))
         running = {t.ident for t in self._threads if t.is_alive()}
         with self._in_flight_lock:
             leftover = [i for ids in self._in_flight.values() for i in ids]
@@ -212,7 +217,8 @@ class Uploader:
             if handled:
                 continue
             self._wake.wait(wait)
-            self._wake.clear()
+            if not self._stopping.is_set():  # a stop's wake is for every worker: left set
+                self._wake.clear()
 
     def _idle_wait(self) -> float:
         due = self.outbox.next_due_at()
