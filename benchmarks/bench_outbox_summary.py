@@ -8,11 +8,15 @@ Builds a real SQLite outbox (a file, WAL) of ``--rows`` instances, each delivere
 destination, as retention keeps them for days: 99 % sent with their storage proven and files
 gone, the rest waiting for proof, queued, sending or dead. The per-destination summary that
 ``/metrics``, ``/readyz`` and ``status`` read (``Outbox.destination_report``) is timed side by
-side with the same summary read by counting the rows (the statements of gateway-agent 0.2.0, on
-a copy of the outbox without the kept counts and their indexes, as 0.2.0 wrote it): in process
-(median of ``--repeat`` calls) and as ``GET /metrics`` over HTTP (the agent's real metrics
-server). ``/readyz`` reads the summary once per destination. Both ways must give the same
-answers (checked).
+side with the same summary read by counting the rows (every delivery read, on a copy of the
+outbox without the kept counts and their indexes): in process (median of ``--repeat`` calls)
+and as ``GET /metrics`` over HTTP (the agent's real metrics server). ``/readyz`` reads the
+summary once per destination. Both ways must give the same answers (checked).
+
+What keeping them costs: the CPU time of ``--write-rows`` instances through the outbox (added
+50 at a time, claimed 10 at a time, sent, proven) with and without the counts and indexes,
+best of ``--write-rounds`` runs each, on a fresh outbox in a temporary folder; and the first
+open of the outbox without them (the agent counts the deliveries once and builds the indexes).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from gateway_agent.agent.service.health import HealthServer
 
 __all__ = ["main"]
 
-#: What 0.2.0 kept besides the rows: dropped from the copy read the previous way.
+#: The kept counts and the summary's indexes: dropped from the copy read by counting the rows.
 _NEWER = (
     "drop trigger deliveries_count_added",
     "drop trigger deliveries_count_removed",
@@ -95,7 +99,7 @@ def _build(db: Path, rows: int, names: list[str]) -> None:
 
 
 def _by_rows(db: Path, names: list[str]) -> Callable[[], dict[str, dict[str, Any]]]:
-    """The summary as 0.2.0 read it: every delivery counted, each destination's rows read."""
+    """The summary read from the rows: every delivery counted, each destination's rows read."""
     conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
 
     def one(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -151,6 +155,41 @@ def _by_rows(db: Path, names: list[str]) -> Callable[[], dict[str, dict[str, Any
     return report
 
 
+def _bookkeeping_cpu(rows: int, *, kept: bool) -> float:
+    """CPU seconds for ``rows`` instances through a fresh outbox: added, claimed, sent, proven."""
+    with tempfile.TemporaryDirectory(prefix="bench-summary-write-") as tmp:
+        outbox = Outbox(Path(tmp) / "outbox.db")
+        try:
+            if not kept:
+                for ddl in _NEWER:
+                    outbox._conn.execute(ddl)
+                outbox._counted = False
+            q = outbox.queue("default")
+            t0 = time.process_time()
+            for start in range(0, rows, 50):
+                outbox.add_many(
+                    [
+                        {
+                            "sop_instance_uid": f"2.25.{i}",
+                            "study_instance_uid": "2.25.1",
+                            "series_instance_uid": "2.25.2",
+                            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+                            "path": Path(tmp) / f"{i}.dcm",
+                            "size": 500_000,
+                            "audit": {},
+                        }
+                        for i in range(start, min(rows, start + 50))
+                    ]
+                )
+            while batch := q.claim(max_items=10, max_bytes=10**12, lease_seconds=60):
+                ids = [r.id for r in batch]
+                q.mark_sent(ids)
+                q.mark_proven(ids)
+            return time.process_time() - t0
+        finally:
+            outbox.close()
+
+
 def _comparable(report: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
     """The answers both ways give (the age rounded: the clock moves between the calls)."""
     out = {}
@@ -197,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=100_000, help="instances in the outbox")
     p.add_argument("--destinations", type=int, default=1, help="each instance goes to all")
     p.add_argument("--repeat", type=int, default=50, help="timed calls per way (median)")
+    p.add_argument("--write-rows", type=int, default=5000, help="instances for the write cost")
+    p.add_argument("--write-rounds", type=int, default=4, help="runs per way (best taken)")
     args = p.parse_args(argv)
     names = ["pacs", "archive", "research", "backup"][: max(1, args.destinations)]
     names += [f"dest{i}" for i in range(len(names), args.destinations)]
@@ -220,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             if _comparable(outbox.destination_report()) != _comparable(old_report()):
                 raise SystemExit("the two ways disagree")
             ways: list[tuple[str, Callable[[], dict[str, dict[str, Any]]]]] = [
-                ("rows counted (0.2.0)", old_report),
+                ("rows counted", old_report),
                 ("kept counts + indexes", outbox.destination_report),
             ]
             results = [
@@ -229,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             ]
         finally:
             outbox.close()
+        t0 = time.perf_counter()
+        Outbox(old_db, routes=[Route(n) for n in names]).close()  # counts once, builds indexes
+        first_open = time.perf_counter() - t0
+    cpu: dict[bool, float] = {}
+    for _ in range(args.write_rounds):  # alternated, so that both see the same load
+        for kept in (False, True):
+            spent = _bookkeeping_cpu(args.write_rows, kept=kept)
+            cpu[kept] = min(cpu.get(kept, spent), spent)
     deliveries = args.rows * len(names)
     print(
         f"Outbox of {args.rows} instances x {len(names)} destination(s) = {deliveries} "
@@ -246,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{results[0][1] * len(names):.1f} ms rows counted, "
         f"{results[1][1] * len(names):.2f} ms kept counts + indexes."
     )
+    print(f"First open of the outbox without them (counted, indexes built): {first_open:.2f} s")
+    per = {k: v / args.write_rows * 1e6 for k, v in cpu.items()}
+    print(
+        f"\nCPU per instance through the outbox (add, claim, sent, proven; {args.write_rows} "
+        f"instances, best of {args.write_rounds}):\n"
+    )
+    print("| outbox | µs CPU per instance |")
+    print("|---|---|")
+    print(f"| rows counted | {per[False]:.0f} |")
+    print(f"| kept counts + indexes | {per[True]:.0f} |")
     return 0
 
 
