@@ -62,6 +62,23 @@ def _logging_errors_recorded() -> Iterator[None]:
     logging.Handler.handleError = _handle_error  # type: ignore[method-assign]
 
 
+def _pytest_handler(handler: logging.Handler) -> bool:
+    return type(handler).__module__ == "_pytest.logging"
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """The root logger's handlers and level as they were before the test: a test that runs
+    ``logs.configure()`` (the CLI in process) binds a handler to its captured stderr, closed
+    after it, and every later record of the process (any thread) would fail to be written."""
+    root = logging.getLogger()
+    handlers = [h for h in root.handlers if not _pytest_handler(h)]
+    level = root.level
+    yield
+    root.handlers[:] = handlers + [h for h in root.handlers if _pytest_handler(h)]
+    root.setLevel(level)
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_workers(_logging_errors_recorded: None) -> Iterator[None]:
     """Fail the test (at teardown) that leaves an upload worker running, or during which a
