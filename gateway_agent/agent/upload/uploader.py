@@ -164,6 +164,7 @@ class Uploader:
         recognised too). Released rows go back to ``queued`` without penalty.
         """
         self._stopping.set()
+        self.wake()
         for t in self._threads:
             while t.is_alive():
                 now_ref = time.time() if deadline > 1e9 else time.monotonic()
