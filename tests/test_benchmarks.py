@@ -169,6 +169,17 @@ def test_bench_policy() -> None:
 
 
 @pytest.mark.slow
+def test_bench_outbox_summary() -> None:
+    out = _run(
+        "bench_outbox_summary.py", "--rows", "400", "--destinations", "2", "--repeat", "2",
+        "--write-rows", "100", "--write-rounds", "1",
+    )  # fmt: skip
+    for way in ("rows counted", "kept counts + indexes"):
+        assert float(_row(out, way)[1]) > 0, out
+    assert "800 deliveries" in out
+
+
+@pytest.mark.slow
 @pytest.mark.orthanc
 def test_bench_dicom_send_and_receive(tmp_path: Path) -> None:
     require(orthanc_available(), "Orthanc with the DICOMweb plugin")

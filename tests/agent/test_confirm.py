@@ -343,6 +343,7 @@ def test_an_older_outbox_gets_the_column_and_its_sent_rows_await_proof(
     ob.close()
     con = sqlite3.connect(db)  # what such a database looks like: no "confirmed" column
     con.execute("drop index deliveries_proof")
+    con.execute("drop index deliveries_kept")
     con.execute("alter table deliveries drop column confirmed")
     con.commit()
     con.close()

@@ -113,6 +113,93 @@ def test_wake_picks_up_new_rows_without_polling(tmp_path: Path, outbox: Outbox) 
     assert not up.alive()
 
 
+class _HeldFolder(FolderDestination):
+    """A folder destination whose ``send`` waits until the test lets it go."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def send(self, items: Any) -> SendResult:
+        self.entered.set()
+        self.go.wait(30)
+        return super().send(items)
+
+
+def test_a_worker_whose_request_outlives_the_stop_ends_quietly_when_the_outbox_closed(
+    tmp_path: Path,
+) -> None:
+    """The agent's stop waits for a request until its deadline, releases the rows and closes
+    the outbox; when that request returns, its worker ends without a word (no error, no
+    traceback): the rows are sent again after the next start."""
+    outbox = Outbox(tmp_path / "outbox.db")
+    add_files(outbox, make_files(tmp_path / "files", 2))
+    dest = _HeldFolder(tmp_path / "d")
+    up = Uploader(outbox, dest, _settings(kind="folder", parallel_requests=1))
+    with capture_logs() as logs:
+        up.start()
+        try:
+            assert dest.entered.wait(30)
+            up.stop(time.monotonic() + 0.1)
+            (worker,) = up._threads  # still in its request
+            outbox.close()
+        finally:
+            dest.go.set()
+        worker.join(30)
+    assert not worker.is_alive()
+    loud = [e for e in logs if e["log_level"] in ("error", "critical", "exception")]
+    assert loud == [], loud
+    assert not [e for e in logs if "exc_info" in e], "a traceback was logged"
+    reopened = Outbox(tmp_path / "outbox.db")
+    try:
+        assert reopened.counts()["queued"] == 2  # released at the stop, sent after a restart
+    finally:
+        reopened.close()
+
+
+def test_a_worker_busy_when_the_stop_came_does_not_sleep_through_it(tmp_path: Path) -> None:
+    """The stop wakes every worker: one that was between two waits (computing its next wait)
+    when another took the wake still ends at once, not after its idle sleep (the stop would
+    then wait its whole deadline, and the worker outlive it)."""
+    outbox = Outbox(tmp_path / "outbox.db")
+    add_files(outbox, make_files(tmp_path / "files", 1))
+    q = outbox.queue("default")
+    q.mark_retry([r.id for r in q.claim(max_items=1, max_bytes=10**9, lease_seconds=60)],
+                 error="busy", delay=10_000)  # fmt: skip
+    trap, release, trapped = threading.Event(), threading.Event(), threading.Event()
+    caught: list[str] = []
+
+    def clock() -> float:  # the worker that reads it first after ``trap`` waits for ``release``
+        if trap.is_set() and not trapped.is_set():
+            trapped.set()
+            caught.append(threading.current_thread().name)
+            release.wait(60)
+        return time.time()
+
+    up = Uploader(outbox, FolderDestination(tmp_path / "d"), _settings(kind="folder"), clock=clock)
+    up.start()
+    stopper: threading.Thread | None = None
+    try:
+        time.sleep(0.3)  # both workers idle, their next wait up to IDLE_MAX_SECONDS
+        trap.set()
+        up.wake()
+        assert trapped.wait(30)
+        others = [t for t in up._threads if t.name not in caught]
+        time.sleep(0.3)  # the other worker is back in its idle wait
+        stopper = threading.Thread(target=up.stop, args=(time.monotonic() + IDLE_MAX_SECONDS / 2,))
+        stopper.start()
+        for t in others:
+            t.join(30)
+            assert not t.is_alive()
+    finally:
+        release.set()
+    assert stopper is not None
+    stopper.join(IDLE_MAX_SECONDS)
+    assert not up.alive() and up._threads == [], "a worker slept through the stop"
+    outbox.close()
+
+
 # -- real Orthanc --------------------------------------------------------------------------------
 @pytest.mark.orthanc
 def test_series_arrives_in_orthanc_and_duplicates_are_fine(

@@ -324,6 +324,6 @@ def test_row_whose_outcome_could_not_be_recorded_is_retried_soon(tmp_path: Path)
         except AssertionError:
             ok = False
     finally:
-        uploader.stop(5.0)
+        uploader.stop(time.monotonic() + 5.0)  # an instant, not a duration: then joined
         real.close()
     assert ok, "the row stayed 'sending' (leased) after its outcome could not be recorded"

@@ -17,18 +17,20 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..._exceptions import GatewayError
 from ...logs import get_logger
 from ._sqlite import connect, query, transaction
 from .routing import DEFAULT_ROUTES, Route
 from .schema import (
     SCHEMA_VERSION,
     OutboxSchemaError,
+    has_counts,
     lacks_columns,
     prepare,
     schema_version,
@@ -40,6 +42,7 @@ __all__ = [
     "SOURCES",
     "STATES",
     "DestinationView",
+    "OutboxClosedError",
     "OutboxDB",
     "OutboxRow",
 ]
@@ -144,13 +147,41 @@ def _row(r: sqlite3.Row | tuple[Any, ...]) -> OutboxRow:
     )
 
 
-def _of_destination(destination: str | None) -> tuple[str, tuple[str, ...]]:
-    """The condition (on deliveries ``d``) and its parameter for the deliveries of one
-    destination, or of every one: written out rather than ``? is null or ...``, so that SQLite
-    can use the destination's index."""
-    if destination is None:
-        return "", ()
-    return " and d.destination = ?", (destination,)
+#: The destinations that have deliveries: one index seek per destination (the primary key leads
+#: with it), not a read of every delivery.
+_DELIVERY_DESTINATIONS = (
+    "with recursive known (name) as ("
+    " select min(destination) from deliveries union all"
+    " select (select min(destination) from deliveries where destination > known.name)"
+    " from known where known.name is not null)"
+    " select name from known where name is not null"
+)
+#: One destination's deliveries by state, as the triggers keep them (a few rows).
+_COUNTS = "select state, deliveries from delivery_counts where destination = ?"
+#: The same counted from the rows (a read-only open of an outbox of an earlier build).
+_COUNTS_OF_ROWS = "select state, count(*) from deliveries where destination = ? group by state"
+#: One destination's sent deliveries whose files are kept, by proof (``{proof}``: ``is null``
+#: pending, ``= 0`` unproven): ``count``, ``bytes``, from the ``deliveries_kept`` index.
+_KEPT = (
+    "select count(*), coalesce(sum(i.size), 0) from deliveries d"
+    " join instances i on i.id = d.instance_id"
+    " where d.destination = ? and d.state = 'sent' and d.confirmed {proof} and i.file_gone = 0"
+)
+#: When the oldest delivery still waiting at one destination was queued: queued or sending (one
+#: seek in ``deliveries_waiting``, whose condition this one is, word for word), or sent with its
+#: proof pending (``+``: read through ``deliveries_kept``, the few pending entries, rather than
+#: every sent delivery in the order it was queued).
+_OLDEST = (
+    "select (select min(created_at) from deliveries"  # noqa: S608 (constants)
+    " where destination = ?1 and state in ('queued', 'sending')),"
+    " (select min(+d.created_at) from deliveries d join instances i on i.id = d.instance_id"
+    " where d.destination = ?1 and " + AWAITING_PROOF + ")"
+)
+
+
+class OutboxClosedError(GatewayError):
+    """The outbox was closed (the agent stopped): a thread that outlived the stop (a request
+    still running at its deadline) meets this on its next read or write, and ends."""
 
 
 def ids_param(ids: Sequence[int]) -> str:
@@ -224,6 +255,9 @@ class OutboxDB:
         self._superseded: set[tuple[str, int]] = set()
         self._conn = connect(self.db_path, read_only=read_only)
         self._first_id = 0
+        self._counted = False
+        #: True once :meth:`close` ran.
+        self.closed = False
         try:
             with self._lock:
                 if read_only:
@@ -231,6 +265,7 @@ class OutboxDB:
                 else:
                     self.initialize_schema()
             self._first_id = int(self._query("select coalesce(max(id), 0) from instances")[0][0])
+            self._counted = has_counts(self._conn)
         except BaseException:
             self._conn.close()
             raise
@@ -257,12 +292,24 @@ class OutboxDB:
                 "restart it (systemctl restart gateway-agent), then try again"
             )
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … commit, or rollback and re-raise; holds the connection lock."""
-        return transaction(self._conn, self._lock)
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … commit, or rollback and re-raise; holds the connection lock.
+
+        Raises :class:`OutboxClosedError` once the outbox is closed."""
+        with self._lock:
+            self._check_open()
+            with transaction(self._conn, self._lock) as c:
+                yield c
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return query(self._conn, self._lock, sql, params)
+        with self._lock:
+            self._check_open()
+            return query(self._conn, self._lock, sql, params)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise OutboxClosedError("the outbox is closed (the agent stopped)")
 
     # -- the wall clock -----------------------------------------------------------------------
     def now(self) -> float:
@@ -371,7 +418,9 @@ class OutboxDB:
         return None if first == "ok" else first[:200]
 
     def close(self) -> None:
+        """Close the database: every later read or write raises :class:`OutboxClosedError`."""
         with self._lock:
+            self.closed = True
             self._conn.close()
 
     def checkpoint(self) -> None:
@@ -598,7 +647,7 @@ class OutboxDB:
         """Every destination the outbox knows: the configured ones first, then any other that
         still has deliveries (a destination removed from the configuration)."""
         names = [r.name for r in self.routes]
-        known = "select distinct destination from deliveries"
+        known = _DELIVERY_DESTINATIONS
         if not self._configured:
             known += " union select name from destinations"
         for (name,) in self._query(known + " order by 1"):
@@ -613,13 +662,10 @@ class OutboxDB:
     def counts(self, destination: str | None = None) -> dict[str, int]:
         """Deliveries by state (of every destination, or of one)."""
         out = dict.fromkeys(STATES, 0)
-        rows = self._query(
-            "select state, count(*) from deliveries where ?1 is null or destination = ?1"
-            " group by state",
-            (destination,),
-        )
-        for state, n in rows:
-            out[str(state)] = int(n)
+        names = self.destination_names() if destination is None else [destination]
+        for name in names:
+            for state, n in self._query(_COUNTS if self._counted else _COUNTS_OF_ROWS, (name,)):
+                out[str(state)] += int(n)
         return out
 
     def proof_summary(self, destination: str | None = None) -> dict[str, tuple[int, int]]:
@@ -627,25 +673,16 @@ class OutboxDB:
         deliveries (to every destination, or to one) whose files are kept: proof pending, or
         acknowledged by a destination that could not prove storage."""
         out = {"pending": (0, 0), "unproven": (0, 0)}
-        only, params = _of_destination(destination)
-        for confirmed, n, size in self._query(
-            "select d.confirmed, count(*), coalesce(sum(i.size), 0) from deliveries d"  # noqa: S608
-            " join instances i on i.id = d.instance_id"
-            " where d.state = 'sent' and i.file_gone = 0"
-            " and (d.confirmed is null or d.confirmed = 0)" + only + " group by d.confirmed",
-            params,
-        ):
-            out["pending" if confirmed is None else "unproven"] = (int(n), int(size))
+        names = self.destination_names() if destination is None else [destination]
+        for key, proof in (("pending", "is null"), ("unproven", "= 0")):
+            for name in names:
+                n, size = self._query(_KEPT.format(proof=proof), (name,))[0]
+                out[key] = (out[key][0] + int(n), out[key][1] + int(size))
         return out
 
     def counts_by_destination(self) -> dict[str, dict[str, int]]:
         """``{destination: {state: deliveries}}`` for every destination the outbox knows."""
-        out = {name: dict.fromkeys(STATES, 0) for name in self.destination_names()}
-        for name, state, n in self._query(
-            "select destination, state, count(*) from deliveries group by destination, state"
-        ):
-            out.setdefault(str(name), dict.fromkeys(STATES, 0))[str(state)] = int(n)
-        return out
+        return {name: self.counts(name) for name in self.destination_names()}
 
     def instance_count(self) -> int:
         return int(self._query("select count(*) from instances")[0][0])
@@ -663,17 +700,13 @@ class OutboxDB:
         """Seconds since the oldest instance not yet delivered to a destination (of any, or this
         one) was added: its delivery queued, sending, or sent with its proof of storage pending;
         None: nothing waits."""
-        only, params = _of_destination(destination)
-        rows = self._query(
-            "select min(created_at) from (select min(d.created_at) as created_at"  # noqa: S608
-            " from deliveries d where d.state in ('queued', 'sending')" + only + " union all"
-            " select min(d.created_at) from deliveries d join instances i on i.id = d.instance_id"
-            " where " + AWAITING_PROOF + only + ")",
-            params * 2,
-        )
-        if rows[0][0] is None:
+        names = self.destination_names() if destination is None else [destination]
+        found = [
+            float(t) for name in names for t in self._query(_OLDEST, (name,))[0] if t is not None
+        ]
+        if not found:
             return None
-        return max(0.0, self.now() - float(rows[0][0]))
+        return max(0.0, self.now() - min(found))
 
     def rows(
         self, state: str | None = None, limit: int = 1000, *, destination: str | None = None

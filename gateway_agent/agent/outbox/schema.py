@@ -10,7 +10,12 @@ Version history (recorded in SQLite's ``pragma user_version``):
   and ``destinations`` (each destination's circuit). A sent delivery's ``confirmed`` is its
   proof of storage: NULL pending, 1 proven, 0 acknowledged by a destination that cannot prove
   it. (An outbox of version 2 written before that column gets it, NULL: its sent deliveries are
-  then asked about, their files kept until proven.)
+  then asked about, their files kept until proven.) ``delivery_counts`` holds each
+  destination's deliveries by state, kept by triggers in the transaction that changes them, and
+  :data:`SUMMARY_INDEXES` the indexes the rest of the per-destination summary reads (``/metrics``,
+  ``/readyz``, ``status``): both are made where missing at the next open, the counts taken once
+  from the rows. Neither changes a delivery; an older build of this version reads and writes
+  the database as before (the triggers keep the counts for it too).
 
 :func:`prepare` runs at every open: it creates the current schema in an empty database, upgrades
 an older one in ONE transaction (all or nothing: a failure rolls back and leaves the database as
@@ -26,7 +31,15 @@ from collections.abc import Callable
 from ..._exceptions import GatewayError
 from ...logs import get_logger
 
-__all__ = ["SCHEMA_VERSION", "OutboxSchemaError", "lacks_columns", "prepare", "schema_version"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "SUMMARY_INDEXES",
+    "has_counts",
+    "OutboxSchemaError",
+    "lacks_columns",
+    "prepare",
+    "schema_version",
+]
 
 log = get_logger()
 
@@ -96,6 +109,79 @@ PROOF_INDEX = (
     " where state = 'sent' and confirmed is null"
 )
 
+#: What the per-destination summary reads (``/metrics``, ``/readyz``, ``status``), so that it
+#: reads index entries of the few rows it reports on, not every delivery the retention keeps.
+#: Both are partial: a delivery is in them only while it waits (``deliveries_waiting``: the
+#: oldest queued or sending, one index seek) or while it is sent with its storage not proven
+#: (``deliveries_kept``: pending or unproven, with when it was sent and queued).
+SUMMARY_INDEXES = (
+    "create index if not exists deliveries_waiting on deliveries (destination, created_at)"
+    " where state in ('queued', 'sending')",
+    "create index if not exists deliveries_kept"
+    " on deliveries (destination, state, confirmed, sent_at, created_at)"
+    " where state = 'sent' and (confirmed is null or confirmed = 0)",
+)
+
+
+#: Each destination's deliveries by state (``/metrics``, ``/readyz`` and ``status`` read these
+#: few rows instead of counting every delivery the retention keeps).
+COUNTS_TABLE = """
+    create table delivery_counts (
+        destination text not null,
+        state text not null,
+        deliveries integer not null,
+        primary key (destination, state)
+    ) without rowid
+"""
+#: ``delivery_counts`` follows every insert, delete and change of state of a delivery, in the
+#: statement's transaction (so a rollback undoes both).
+COUNT_TRIGGERS = (
+    """
+    create trigger if not exists deliveries_count_added after insert on deliveries begin
+        insert into delivery_counts values (new.destination, new.state, 1)
+        on conflict (destination, state) do update set deliveries = deliveries + 1;
+    end
+    """,
+    """
+    create trigger if not exists deliveries_count_removed after delete on deliveries begin
+        update delivery_counts set deliveries = deliveries - 1
+        where destination = old.destination and state = old.state;
+    end
+    """,
+    """
+    create trigger if not exists deliveries_count_moved after update of destination, state
+    on deliveries when old.destination is not new.destination or old.state is not new.state
+    begin
+        update delivery_counts set deliveries = deliveries - 1
+        where destination = old.destination and state = old.state;
+        insert into delivery_counts values (new.destination, new.state, 1)
+        on conflict (destination, state) do update set deliveries = deliveries + 1;
+    end
+    """,
+)
+
+
+def has_counts(conn: sqlite3.Connection) -> bool:
+    """Whether the database keeps ``delivery_counts`` (a read-only open of one written by an
+    earlier build of this version counts the rows instead)."""
+    found = conn.execute(
+        "select 1 from sqlite_master where type = 'table' and name = 'delivery_counts'"
+    ).fetchone()
+    return found is not None
+
+
+def _counts(conn: sqlite3.Connection) -> None:
+    """``delivery_counts`` and its triggers, made where missing (counted once from the rows, in
+    the caller's transaction); no write when they are there."""
+    if not has_counts(conn):
+        conn.execute(COUNTS_TABLE)
+        conn.execute(
+            "insert into delivery_counts (destination, state, deliveries)"
+            " select destination, state, count(*) from deliveries group by destination, state"
+        )
+    for ddl in COUNT_TRIGGERS:
+        conn.execute(ddl)
+
 
 def lacks_columns(conn: sqlite3.Connection) -> bool:
     """Whether a version-2 database lacks a column added since it was first written (read-only
@@ -105,11 +191,15 @@ def lacks_columns(conn: sqlite3.Connection) -> bool:
 
 
 def _columns(conn: sqlite3.Connection) -> None:
-    """Columns added to version 2 since it was first written: added where missing, idempotent."""
+    """Columns and indexes added to version 2 since it was first written: added where missing,
+    idempotent."""
     if lacks_columns(conn):
         # NULL: proof pending; the uploader asks the destination, the files are kept till then.
         conn.execute("alter table deliveries add column confirmed integer")
     conn.execute(PROOF_INDEX)
+    for ddl in SUMMARY_INDEXES:
+        conn.execute(ddl)
+    _counts(conn)
 
 
 class OutboxSchemaError(GatewayError):

@@ -22,6 +22,7 @@ from ..intake.listener import Listener
 from ..intake.pipeline import OUTBOX_DIR_MODE, Intake
 from ..intake.quarantine import Quarantine
 from ..intake.watcher import InboxWatcher
+from ..outbox.db import OutboxClosedError
 from ..outbox.repair import open_outbox
 from ..outbox.routing import routes_from_settings
 from ..outbox.schema import OutboxSchemaError
@@ -581,6 +582,8 @@ class Daemon:
                 if purged or compacted:
                     log.info("outbox_retention", files=purged, rows=compacted)
                 outbox.checkpoint()
+            except OutboxClosedError:
+                return  # the agent stopped while a purge ran past the stop's wait
             except Exception:
                 log.exception("housekeeping_failed")
             for name, ok in self.threads_alive().items():

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from ...config import DestinationSettings
 from ...logs import get_logger
-from ..outbox.db import OutboxRow
+from ..outbox.db import OutboxClosedError, OutboxRow
 from ..outbox.store import DestinationQueue, Outbox
 from .destinations import Destination
 from .journal import RECORD_RETRY_MAX_SECONDS, Journal
@@ -166,8 +166,14 @@ class Uploader:
         self._stopping.set()
         self.wake()
         for t in self._threads:
-            now_ref = time.time() if deadline > 1e9 else time.monotonic()
-            t.join(timeout=max(0.0, deadline - now_ref))
+            while t.is_alive():
+                now_ref = time.time() if deadline > 1e9 else time.monotonic()
+                if deadline <= now_ref:
+                    break
+                # Woken again and again: a worker that was busy when the first wake came (and
+                # another one took it) would otherwise sleep its whole idle wait.
+                self.wake()
+                t.join(timeout=min(0.5, deadline - now_ref))
         running = {t.ident for t in self._threads if t.is_alive()}
         with self._in_flight_lock:
             leftover = [i for ids in self._in_flight.values() for i in ids]
@@ -200,6 +206,11 @@ class Uploader:
                     self._stopping.wait(backoff)
                     continue
                 handled, wait = self._step()
+            except OutboxClosedError:
+                # The agent stopped while this worker's request ran past the deadline: its rows
+                # were released (sent again after the next start); nothing is left to record.
+                log.debug("uploader_worker_ended", destination=self.name, reason="outbox_closed")
+                return
             except Exception:  # never let a worker die: log and back off a little
                 log.exception("uploader_step_failed", destination=self.name)
                 self._stopping.wait(1.0)
@@ -207,7 +218,8 @@ class Uploader:
             if handled:
                 continue
             self._wake.wait(wait)
-            self._wake.clear()
+            if not self._stopping.is_set():  # a stop's wake is for every worker: left set
+                self._wake.clear()
 
     def _idle_wait(self) -> float:
         due = self.outbox.next_due_at()
