@@ -165,17 +165,16 @@ class ReceiveLink:
         try:
             while True:
                 context_id, values = self._command()
-                field = values.get(0x0100, b"")
-                if field == C_ECHO_RQ.to_bytes(2, "little"):
+                field = int.from_bytes(values.get(0x0100, b""), "little")
+                message_id = int.from_bytes(values.get(0x0110, b""), "little")
+                if field == C_ECHO_RQ:
                     sop_class = values.get(0x0002, b"")
-                    message_id = int.from_bytes(values.get(0x0110, b"\0\0"), "little")
                     self._respond(context_id, encode_response(C_ECHO_RSP, sop_class, message_id, 0))
                     echoed()
-                elif field == C_STORE_RQ.to_bytes(2, "little"):
-                    self._store(context_id, values, store, wanted)
+                elif field == C_STORE_RQ:
+                    self._store(context_id, message_id, values, store, wanted)
                 else:
-                    code = int.from_bytes(field or b"\0\0", "little")
-                    raise self._protocol_error(f"DIMSE command 0x{code:04X} not supported")
+                    raise self._protocol_error(f"DIMSE command 0x{field:04X} not supported")
         except LinkLostError as exc:
             return exc.reason
         finally:
@@ -209,13 +208,13 @@ class ReceiveLink:
     def _store(
         self,
         context_id: int,
+        message_id: int,
         values: dict[int, bytes],
         store: Callable[[Receipt], int],
         wanted: Callable[[], bool],
     ) -> None:
         sop_class = values.get(0x0002, b"")
         sop_instance = values.get(0x1000, b"")
-        message_id = int.from_bytes(values.get(0x0110, b"\0\0"), "little")
         if values.get(0x0800) == NO_DATA_SET.to_bytes(2, "little"):
             raise self._protocol_error("a C-STORE-RQ without a data set")
         class_uid, instance_uid = sop_class.rstrip(b"\0 "), sop_instance.rstrip(b"\0 ")
